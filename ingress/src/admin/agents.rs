@@ -1,0 +1,222 @@
+//! `PUT/GET /v1/agents/{agent_id}`, `GET /v1/agents`.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use shared::{
+    agent::{Agent, Backend},
+    crypto::SecretPurpose,
+    domain::AgentId,
+};
+use time::OffsetDateTime;
+
+use super::{ApiError, load_agent, parse_json, whatsapp::ChannelView};
+use crate::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentRequest {
+    name: Option<String>,
+    backend: BackendRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum BackendRequest {
+    Echo,
+    Openai {
+        base_url: String,
+        model: String,
+        api_key: Option<SecretString>,
+        system_prompt: Option<String>,
+        timeout_ms: Option<u64>,
+    },
+    Webhook {
+        url: String,
+        secret: Option<SecretString>,
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// An agent as the API shows it: secrets only as "is set".
+#[derive(Serialize)]
+pub struct AgentView {
+    id: AgentId,
+    name: String,
+    backend: serde_json::Value,
+    whatsapp: Option<ChannelView>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+}
+
+fn backend_view(b: &Backend) -> serde_json::Value {
+    match b {
+        Backend::Echo => serde_json::json!({"kind": "echo"}),
+        Backend::Openai {
+            base_url,
+            model,
+            api_key,
+            system_prompt,
+            timeout_ms,
+        } => serde_json::json!({
+            "kind": "openai", "base_url": base_url, "model": model, "api_key_set": api_key.is_some(),
+            "system_prompt": system_prompt, "timeout_ms": timeout_ms,
+        }),
+        Backend::Webhook {
+            url, timeout_ms, ..
+        } => serde_json::json!({
+            "kind": "webhook", "url": url, "secret_set": true, "timeout_ms": timeout_ms,
+        }),
+    }
+}
+
+async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
+    let channel = state
+        .store
+        .channel(&agent.id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(AgentView {
+        whatsapp: channel.map(|c| ChannelView::new(state, &agent.id, &c, None)),
+        backend: backend_view(&agent.backend),
+        id: agent.id,
+        name: agent.name,
+        created_at: agent.created_at,
+        updated_at: agent.updated_at,
+    })
+}
+
+fn check_url(field: &str, url: &str) -> Result<(), ApiError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() <= 2048
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("{field} must be an http(s) URL")))
+    }
+}
+
+fn check_timeout(t: Option<u64>) -> Result<(), ApiError> {
+    match t {
+        Some(ms) if !(100..=600_000).contains(&ms) => Err(ApiError::invalid(
+            "timeout_ms must be between 100 and 600000",
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<Json<AgentView>, ApiError> {
+    let id = AgentId::parse(&raw).map_err(|e| ApiError::invalid(e.0))?;
+    let req: AgentRequest = parse_json(&body)?;
+    let existing = state
+        .store
+        .agent(&id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let name = req
+        .name
+        .or_else(|| existing.as_ref().map(|a| a.name.clone()))
+        .unwrap_or_else(|| id.to_string());
+    if name.trim().is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name must be 1-200 characters"));
+    }
+    let previous = existing.as_ref().map(|a| &a.backend);
+    let backend = match req.backend {
+        BackendRequest::Echo => Backend::Echo,
+        BackendRequest::Openai {
+            base_url,
+            model,
+            api_key,
+            system_prompt,
+            timeout_ms,
+        } => {
+            check_url("base_url", &base_url)?;
+            if model.trim().is_empty() {
+                return Err(ApiError::invalid("model must not be empty"));
+            }
+            check_timeout(timeout_ms)?;
+            let api_key = match api_key {
+                Some(k) => Some(state.keyring.seal(&id, SecretPurpose::AgentApiKey, &k)),
+                None => match previous {
+                    Some(Backend::Openai { api_key, .. }) => api_key.clone(),
+                    _ => None,
+                },
+            };
+            Backend::Openai {
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                model,
+                api_key,
+                system_prompt,
+                timeout_ms,
+            }
+        }
+        BackendRequest::Webhook {
+            url,
+            secret,
+            timeout_ms,
+        } => {
+            check_url("url", &url)?;
+            check_timeout(timeout_ms)?;
+            let secret = match (secret, previous) {
+                (Some(s), _) => {
+                    use secrecy::ExposeSecret;
+                    if s.expose_secret().len() < 16 {
+                        return Err(ApiError::invalid("secret must be at least 16 characters"));
+                    }
+                    state.keyring.seal(&id, SecretPurpose::WebhookSecret, &s)
+                }
+                (None, Some(Backend::Webhook { secret, .. })) => secret.clone(),
+                (None, _) => return Err(ApiError::invalid("a webhook backend needs a secret")),
+            };
+            Backend::Webhook {
+                url,
+                secret,
+                timeout_ms,
+            }
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let agent = Agent {
+        id: id.clone(),
+        name,
+        backend,
+        created_at: existing.map_or(now, |a| a.created_at),
+        updated_at: now,
+    };
+    state
+        .store
+        .put_agent(&agent)
+        .await
+        .map_err(ApiError::unavailable)?;
+    state.directory.forget(&id);
+    tracing::info!(agent = %id, "agent saved");
+    Ok(Json(view(&state, agent).await?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    let agent = load_agent(&state, &raw).await?;
+    Ok(Json(view(&state, agent).await?))
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let agents = state.store.agents().await.map_err(ApiError::unavailable)?;
+    let mut out = Vec::with_capacity(agents.len());
+    for a in agents {
+        out.push(view(&state, a).await?);
+    }
+    Ok(Json(out))
+}

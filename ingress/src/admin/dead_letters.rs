@@ -1,0 +1,124 @@
+//! `GET /v1/dead-letters`, `POST /v1/dead-letters/{id}/replay`, `POST /v1/dead-letters/replay`.
+//! A replayed agent failure runs the agent again; a replayed send failure sends the stored
+//! reply again without the agent. The send guard still holds, so parts that did go out are not
+//! posted twice.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State},
+};
+use serde::Deserialize;
+use shared::{
+    bus::Topic,
+    envelope::{DeadLetter, DeadMessage, Stage},
+};
+use time::OffsetDateTime;
+
+use super::{ApiError, parse_json};
+use crate::AppState;
+
+/// Which dead letters a list or bulk replay takes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    agent: Option<String>,
+    stage: Option<Stage>,
+    /// A substring of the reason, e.g. a Twilio code.
+    reason: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    since: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    until: Option<OffsetDateTime>,
+}
+
+impl Filter {
+    fn matches(&self, d: &DeadLetter) -> bool {
+        self.agent.as_ref().is_none_or(|a| d.agent_id.as_str() == a)
+            && self.stage.is_none_or(|s| d.stage == s)
+            && self
+                .reason
+                .as_ref()
+                .is_none_or(|r| d.reason.contains(r.as_str()))
+            && self.since.is_none_or(|t| d.failed_at >= t)
+            && self.until.is_none_or(|t| d.failed_at <= t)
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(filter): Query<Filter>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    let all = state
+        .bus
+        .dead_letters()
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(Json(
+        all.into_iter().filter(|d| filter.matches(d)).collect(),
+    ))
+}
+
+/// Publishes a dead letter's message back into its stage, then removes the letter.
+async fn replay(state: &AppState, letter: &DeadLetter) -> Result<(), ApiError> {
+    let dedupe = format!(
+        "replay-{}-{}",
+        letter.id,
+        letter.failed_at.unix_timestamp_nanos()
+    );
+    let (topic, session, payload) = match &letter.message {
+        DeadMessage::Inbound(m) => (Topic::Inbound, m.session_id(), serde_json::to_vec(m)),
+        DeadMessage::Reply(r) => (Topic::Outbound, r.session_id(), serde_json::to_vec(r)),
+    };
+    let payload = payload.map_err(ApiError::unavailable)?;
+    let conversation = format!("{}.{}", letter.agent_id, session.subject_token());
+    state
+        .bus
+        .publish(topic, &conversation, &dedupe, payload.into())
+        .await
+        .map_err(ApiError::unavailable)?;
+    state
+        .bus
+        .remove_dead_letter(&letter.id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    tracing::info!(id = %letter.id, stage = letter.stage.as_str(), "dead letter replayed");
+    Ok(())
+}
+
+pub async fn replay_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let letter = state
+        .bus
+        .dead_letter(&id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| ApiError::not_found("no such dead letter"))?;
+    replay(&state, &letter).await?;
+    Ok(Json(serde_json::json!({ "replayed": [letter.id] })))
+}
+
+pub async fn replay_many(
+    State(state): State<AppState>,
+    Query(query): Query<Filter>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let filter = if body.iter().all(u8::is_ascii_whitespace) {
+        query
+    } else {
+        parse_json(&body)?
+    };
+    let all = state
+        .bus
+        .dead_letters()
+        .await
+        .map_err(ApiError::unavailable)?;
+    let mut replayed = Vec::new();
+    for letter in all.iter().filter(|d| filter.matches(d)) {
+        replay(&state, letter).await?;
+        replayed.push(letter.id.clone());
+    }
+    Ok(Json(serde_json::json!({ "replayed": replayed })))
+}

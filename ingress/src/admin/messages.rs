@@ -1,0 +1,120 @@
+//! `POST /v1/agents/{agent_id}/messages`: a business-initiated message. Free text only inside
+//! the 24-hour window (WhatsApp's rule; Twilio fails it with 63016 otherwise); a template
+//! (`content_sid`) at any time.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use serde::Deserialize;
+use shared::{
+    bus::Topic,
+    domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
+    envelope::{OutboundReply, ReplyContent},
+    text::{MAX_BODY_UTF16, split_reply},
+};
+use time::{Duration, OffsetDateTime};
+
+use super::{ApiError, load_agent, parse_json};
+use crate::AppState;
+
+/// WhatsApp's customer-service window.
+pub const WINDOW: Duration = Duration::hours(24);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    to: String,
+    body: Option<String>,
+    content_sid: Option<String>,
+    content_variables: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub async fn send(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let agent = load_agent(&state, &raw).await?;
+    let req: SendRequest = parse_json(&body)?;
+    let raw_to = req.to.strip_prefix("whatsapp:").unwrap_or(&req.to);
+    let to = PhoneNumber::parse(raw_to).map_err(|e| ApiError::invalid(format!("to: {}", e.0)))?;
+    let channel = state
+        .store
+        .channel(&agent.id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "this agent has no WhatsApp channel: PUT /v1/agents/{agent_id}/whatsapp first",
+            )
+        })?;
+    if !channel.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "WhatsApp not enabled: POST /v1/agents/{agent_id}/whatsapp/enable",
+        ));
+    }
+    let session = SessionId::for_phone(&agent.id, &to);
+    let content = match (req.body, req.content_sid) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give either body or content_sid, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "give body (free text) or content_sid (a template)",
+            ));
+        }
+        (Some(text), None) => {
+            if req.content_variables.is_some() {
+                return Err(ApiError::invalid("content_variables go with content_sid"));
+            }
+            let parts = split_reply(&text, MAX_BODY_UTF16);
+            if parts.is_empty() {
+                return Err(ApiError::invalid("body must not be empty"));
+            }
+            let last = state
+                .store
+                .last_inbound(&session)
+                .await
+                .map_err(ApiError::unavailable)?;
+            let open = last.is_some_and(|at| OffsetDateTime::now_utc() - at < WINDOW);
+            if !open {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "outside the 24-hour window: this user has not written in the last 24 hours, so WhatsApp only allows a template (send content_sid instead of body)",
+                ));
+            }
+            ReplyContent::Text { parts }
+        }
+        (None, Some(sid)) => ReplyContent::Template {
+            content_sid: ContentSid::parse(&sid).map_err(|e| ApiError::invalid(e.0))?,
+            variables: req.content_variables.unwrap_or_default(),
+        },
+    };
+    let reply = OutboundReply {
+        id: format!("api-{}", uuid::Uuid::new_v4().simple()),
+        agent_id: agent.id.clone(),
+        to: WhatsAppAddress::from_phone(&to),
+        content,
+        created_at: OffsetDateTime::now_utc(),
+    };
+    let payload = serde_json::to_vec(&reply).map_err(ApiError::unavailable)?;
+    let conversation = format!("{}.{}", agent.id, session.subject_token());
+    state
+        .bus
+        .publish(Topic::Outbound, &conversation, &reply.id, payload.into())
+        .await
+        .map_err(ApiError::unavailable)?;
+    tracing::info!(agent = %agent.id, id = %reply.id, parts = reply.content.part_count(), "message queued");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(
+            serde_json::json!({"id": reply.id, "status": "queued", "parts": reply.content.part_count()}),
+        ),
+    ))
+}

@@ -1,0 +1,147 @@
+//! The admin API: JSON in and out, `Authorization: Bearer $WAGATE_ADMIN_TOKEN` on every call,
+//! errors as `{"error": "…"}`. No answer ever carries an Auth Token, API key or secret.
+
+mod agents;
+mod dead_letters;
+mod leads;
+mod messages;
+mod sessions;
+mod whatsapp;
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+
+/// The `/v1` routes, behind the bearer check.
+pub fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents", get(agents::list))
+        .route("/v1/agents/{agent_id}", put(agents::put).get(agents::get))
+        .route(
+            "/v1/agents/{agent_id}/whatsapp",
+            put(whatsapp::put).get(whatsapp::get),
+        )
+        .route(
+            "/v1/agents/{agent_id}/whatsapp/enable",
+            post(whatsapp::enable),
+        )
+        .route(
+            "/v1/agents/{agent_id}/whatsapp/disable",
+            post(whatsapp::disable),
+        )
+        .route("/v1/agents/{agent_id}/leads", get(leads::list))
+        .route("/v1/agents/{agent_id}/sessions/{phone}", get(sessions::get))
+        .route("/v1/agents/{agent_id}/messages", post(messages::send))
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route("/v1/dead-letters/replay", post(dead_letters::replay_many))
+        .route(
+            "/v1/dead-letters/{id}/replay",
+            post(dead_letters::replay_one),
+        )
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .route_layer(middleware::from_fn_with_state(state, require_token))
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.admin_token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the admin API is disabled: set WAGATE_ADMIN_TOKEN",
+        )
+        .into_response();
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: send Authorization: Bearer $WAGATE_ADMIN_TOKEN",
+        )
+        .into_response()
+    }
+}
+
+/// An error answer: status and `{"error": "…"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// Any status.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// 422: well-formed JSON with a value that is not acceptable.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+
+    /// 503: a dependency failed; the details go to the log, not to the caller.
+    pub fn unavailable(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "admin call failed");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily unavailable, try again",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// Parses a JSON body; malformed JSON or a wrong shape is a 400 naming the problem.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+/// An agent id from the path of a call that reads (404 when invalid: it cannot exist).
+pub fn existing_agent_id(raw: &str) -> Result<shared::domain::AgentId, ApiError> {
+    shared::domain::AgentId::parse(raw).map_err(|_| ApiError::not_found("Unknown agent"))
+}
+
+/// The agent, or 404.
+pub async fn load_agent(state: &AppState, raw: &str) -> Result<shared::agent::Agent, ApiError> {
+    let id = existing_agent_id(raw)?;
+    state
+        .store
+        .agent(&id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| ApiError::not_found("Unknown agent"))
+}

@@ -1,0 +1,237 @@
+//! Twilio's webhooks. An inbound message is answered 200 only once JetStream (or the embedded
+//! bus) has stored it: a 200 means the message is safe. The agent never runs here.
+
+use std::time::{Duration, Instant};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, OriginalUri, Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use secrecy::ExposeSecret;
+use shared::{
+    directory::{Lookup, ResolvedChannel},
+    domain::AgentId,
+    twilio::{form, inbound::parse_inbound, signature, status::parse_status},
+};
+use time::OffsetDateTime;
+
+use crate::{AppState, signed_url::signed_url};
+
+/// Largest webhook body accepted; Twilio's forms are a few KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+/// How long ingress waits for the bus to store a message before answering 503 (Twilio retries).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
+
+/// The webhook routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks/twilio/whatsapp/{agent_id}", post(inbound))
+        .route("/webhooks/twilio/whatsapp/{agent_id}/status", post(status))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+fn plain(status: StatusCode, text: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text.into(),
+    )
+        .into_response()
+}
+
+fn outcome(kind: &'static str, result: &'static str) {
+    metrics::counter!("wagate_webhooks_total", "kind" => kind, "outcome" => result).increment(1);
+}
+
+/// What a verified webhook carries.
+struct Verified {
+    channel: std::sync::Arc<ResolvedChannel>,
+    agent_id: AgentId,
+    fields: Vec<(String, String)>,
+}
+
+/// The checks both webhooks share: known agent, parseable body, valid signature.
+async fn verify(
+    state: &AppState,
+    kind: &'static str,
+    raw_agent: &str,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    body: &[u8],
+) -> Result<Verified, Response> {
+    let Ok(agent_id) = AgentId::parse(raw_agent) else {
+        outcome(kind, "unknown_agent");
+        return Err(plain(StatusCode::NOT_FOUND, "Unknown agent"));
+    };
+    let channel = match state.directory.lookup(&agent_id).await {
+        Ok(Lookup::Found(c)) => c,
+        Ok(Lookup::UnknownAgent | Lookup::NoChannel) => {
+            outcome(kind, "unknown_agent");
+            return Err(plain(StatusCode::NOT_FOUND, "Unknown agent"));
+        }
+        Err(e) => {
+            tracing::error!(agent = %agent_id, error = %e, "cannot load the agent's channel");
+            outcome(kind, "unavailable");
+            return Err(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Temporarily unavailable",
+            ));
+        }
+    };
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    let fields = if is_json {
+        json_fields(body).ok_or_else(|| {
+            outcome(kind, "bad_request");
+            plain(
+                StatusCode::BAD_REQUEST,
+                "body is not a JSON object of strings",
+            )
+        })?
+    } else {
+        form::parse(body).map_err(|e| {
+            outcome(kind, "bad_request");
+            plain(StatusCode::BAD_REQUEST, format!("not a form body: {e}"))
+        })?
+    };
+    let Some(signature) = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
+        tracing::warn!(agent = %agent_id, "webhook without X-Twilio-Signature");
+        outcome(kind, "unauthorized");
+        return Err(plain(StatusCode::UNAUTHORIZED, "Unauthorized"));
+    };
+    let url = signed_url(state.public_url.as_deref(), headers, uri).unwrap_or_default();
+    let token = channel.auth_token.expose_secret().as_bytes();
+    let valid = if is_json {
+        signature::verify_json(token, &url, body, signature)
+    } else {
+        signature::verify_form(token, &url, &fields, signature)
+    };
+    if !valid {
+        tracing::warn!(
+            agent = %agent_id, signed_url = %url,
+            "X-Twilio-Signature does not match: check the Auth Token, and that WAGATE_PUBLIC_URL is the URL configured in Twilio"
+        );
+        outcome(kind, "unauthorized");
+        return Err(plain(StatusCode::UNAUTHORIZED, "Unauthorized"));
+    }
+    Ok(Verified {
+        channel,
+        agent_id,
+        fields,
+    })
+}
+
+fn json_fields(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    map.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some((k, s)),
+            serde_json::Value::Number(n) => Some((k, n.to_string())),
+            serde_json::Value::Bool(b) => Some((k, b.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tracing::instrument(name = "inbound_webhook", skip_all, fields(agent = %raw_agent))]
+async fn inbound(
+    State(state): State<AppState>,
+    Path(raw_agent): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let v = match verify(&state, "inbound", &raw_agent, &headers, &uri, &body).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if !v.channel.channel.enabled {
+        tracing::warn!(agent = %v.agent_id, "inbound message refused: the agent's WhatsApp channel is disabled");
+        outcome("inbound", "disabled");
+        return plain(StatusCode::FORBIDDEN, "WhatsApp not enabled");
+    }
+    let message = match parse_inbound(&v.agent_id, v.fields, OffsetDateTime::now_utc()) {
+        Ok(m) => m,
+        Err(e) => {
+            outcome("inbound", "bad_request");
+            return plain(StatusCode::BAD_REQUEST, e.0);
+        }
+    };
+    let payload = match serde_json::to_vec(&message) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an inbound message");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode message");
+        }
+    };
+    let conversation = format!("{}.{}", v.agent_id, message.session_id().subject_token());
+    let dedupe = format!("{}:{}", v.agent_id, message.message_sid);
+    let publish = state.bus.publish(
+        shared::bus::Topic::Inbound,
+        &conversation,
+        &dedupe,
+        payload.into(),
+    );
+    match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+        Ok(Ok(published)) => {
+            tracing::info!(sid = %message.message_sid, duplicate = matches!(published, shared::bus::Published::Duplicate), "inbound message accepted");
+            outcome("inbound", "accepted");
+            metrics::histogram!("wagate_webhook_seconds").record(started.elapsed().as_secs_f64());
+            ([(header::CONTENT_TYPE, "text/xml")], EMPTY_TWIML).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(sid = %message.message_sid, error = %e, "could not queue an inbound message; Twilio will retry");
+            outcome("inbound", "unavailable");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable")
+        }
+        Err(_) => {
+            tracing::error!(sid = %message.message_sid, "queueing an inbound message timed out; Twilio will retry");
+            outcome("inbound", "unavailable");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable")
+        }
+    }
+}
+
+#[tracing::instrument(name = "status_callback", skip_all, fields(agent = %raw_agent))]
+async fn status(
+    State(state): State<AppState>,
+    Path(raw_agent): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let v = match verify(&state, "status", &raw_agent, &headers, &uri, &body).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let update = match parse_status(&v.fields) {
+        Ok(u) => u,
+        Err(e) => {
+            outcome("status", "bad_request");
+            return plain(StatusCode::BAD_REQUEST, e.0);
+        }
+    };
+    match state.store.record_status(&update).await {
+        Ok(applied) => {
+            tracing::info!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");
+            outcome("status", "accepted");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not store a status callback; Twilio will retry");
+            outcome("status", "unavailable");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable")
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! One reply, start to finish. Parts go out in order, each behind a send guard keyed by the
+//! reply id and part index, so a redelivered reply skips the parts that went out and a part is
+//! posted to Twilio once. Free-form text is refused outside WhatsApp's 24-hour window.
+
+use std::{sync::Arc, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
+use shared::{
+    bus::{Bus, Delivery},
+    directory::{ChannelDirectory, Lookup, ResolvedChannel},
+    dispatch::Handler,
+    envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
+    retry::RetrySchedule,
+    store::{GuardState, Store},
+    twilio::rest::{FailureClass, OUTSIDE_WINDOW},
+};
+use time::OffsetDateTime;
+
+use crate::twilio_client::{SendError, TwilioClient};
+
+/// WhatsApp's customer-service window.
+pub const WINDOW: time::Duration = time::Duration::hours(24);
+/// How long a sender holds a part's guard while posting it.
+const GUARD_LEASE: Duration = Duration::from_secs(120);
+/// Longest `Retry-After` waited for inside one attempt; longer ones go back to the queue.
+const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
+
+/// What a sender needs.
+pub struct SendContext {
+    /// Dead letters go here.
+    pub bus: Arc<dyn Bus>,
+    /// Window clock and send guards.
+    pub store: Arc<dyn Store>,
+    /// Channels with decrypted tokens.
+    pub directory: Arc<ChannelDirectory>,
+    /// The Messages API.
+    pub client: TwilioClient,
+    /// `WAGATE_PUBLIC_URL`, for the `StatusCallback` of each message.
+    pub public_url: Option<String>,
+    /// When to try a failed send again.
+    pub retry: RetrySchedule,
+}
+
+enum Failure {
+    Transient {
+        reason: String,
+        after: Option<Duration>,
+    },
+    Permanent {
+        reason: String,
+        code: Option<u32>,
+    },
+}
+
+impl Failure {
+    fn transient(reason: impl std::fmt::Display) -> Self {
+        Self::Transient {
+            reason: reason.to_string(),
+            after: None,
+        }
+    }
+}
+
+impl Handler<OutboundReply> for SendContext {
+    async fn handle(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
+        let attempt = delivery.attempt();
+        let outcome = match send(self, &reply).await {
+            Ok(()) => {
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(id = %reply.id, error = %e, "ack failed; the send guard keeps the redelivery from posting again");
+                }
+                "sent"
+            }
+            Err(Failure::Transient { reason, after }) => match self.retry.delay_after(attempt) {
+                Some(delay) => {
+                    let delay = after.map_or(delay, |a| a.max(delay));
+                    tracing::warn!(id = %reply.id, attempt, ?delay, %reason, "send failed, will retry");
+                    let _ = delivery.retry_in(delay).await;
+                    "retry"
+                }
+                None => dead_letter(self, delivery.as_ref(), &reply, reason, None, attempt).await,
+            },
+            Err(Failure::Permanent { reason, code }) => {
+                dead_letter(self, delivery.as_ref(), &reply, reason, code, attempt).await
+            }
+        };
+        metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(1);
+    }
+}
+
+async fn dead_letter(
+    ctx: &SendContext,
+    delivery: &dyn Delivery,
+    reply: &OutboundReply,
+    reason: String,
+    code: Option<u32>,
+    attempts: u64,
+) -> &'static str {
+    tracing::error!(id = %reply.id, agent = %reply.agent_id, attempts, %reason, "reply cannot be sent: dead letter");
+    let letter = DeadLetter {
+        id: String::new(),
+        stage: Stage::Send,
+        reason,
+        code,
+        attempts,
+        failed_at: OffsetDateTime::now_utc(),
+        agent_id: reply.agent_id.clone(),
+        message: DeadMessage::Reply(reply.clone()),
+    };
+    match ctx.bus.put_dead_letter(&letter).await {
+        Ok(_) => {
+            let _ = delivery.ack().await;
+            "dead_letter"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not store the dead letter; keeping the reply");
+            let _ = delivery.retry_in(Duration::from_secs(5)).await;
+            "retry"
+        }
+    }
+}
+
+async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
+    let channel = match ctx.directory.lookup(&reply.agent_id).await {
+        Ok(Lookup::Found(c)) => c,
+        Ok(_) => {
+            return Err(Failure::Permanent {
+                reason: format!("agent {} has no WhatsApp channel", reply.agent_id),
+                code: None,
+            });
+        }
+        Err(e) => return Err(Failure::transient(e)),
+    };
+    if !channel.channel.enabled {
+        return Err(Failure::Permanent {
+            reason: "WhatsApp not enabled for this agent; enable it and replay".into(),
+            code: None,
+        });
+    }
+    if let ReplyContent::Text { .. } = reply.content {
+        let last = ctx
+            .store
+            .last_inbound(&reply.session_id())
+            .await
+            .map_err(Failure::transient)?;
+        let open = last.is_some_and(|at| OffsetDateTime::now_utc() - at < WINDOW);
+        if !open {
+            return Err(Failure::Permanent {
+                reason: "outside the 24-hour window: the user has not written in the last 24 hours; send a template (content_sid)".into(),
+                code: Some(OUTSIDE_WINDOW),
+            });
+        }
+    }
+    let from = format!("whatsapp:{}", channel.channel.phone_number);
+    let callback = ctx
+        .public_url
+        .as_ref()
+        .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
+    let variables;
+    let parts: Vec<Vec<(&str, &str)>> = match &reply.content {
+        ReplyContent::Text { parts } => parts.iter().map(|p| vec![("Body", p.as_str())]).collect(),
+        ReplyContent::Template {
+            content_sid,
+            variables: vars,
+        } => {
+            variables = serde_json::Value::Object(vars.clone()).to_string();
+            vec![vec![
+                ("ContentSid", content_sid.as_str()),
+                ("ContentVariables", variables.as_str()),
+            ]]
+        }
+    };
+    for (index, content) in parts.iter().enumerate() {
+        let key = format!("{}:{index}", reply.id);
+        match ctx
+            .store
+            .claim_send(&key, GUARD_LEASE)
+            .await
+            .map_err(Failure::transient)?
+        {
+            GuardState::Sent(_) => continue,
+            GuardState::Busy => {
+                return Err(Failure::transient(format!(
+                    "part {index} is being posted by another sender"
+                )));
+            }
+            GuardState::Claimed => {}
+        }
+        let mut form = vec![("To", reply.to.as_str()), ("From", from.as_str())];
+        form.extend(content.iter().copied());
+        if let Some(cb) = &callback {
+            form.push(("StatusCallback", cb.as_str()));
+        }
+        let started = OffsetDateTime::now_utc();
+        match post(ctx, &channel, &form).await {
+            Ok(sid) => {
+                tracing::info!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
+                ctx.store
+                    .mark_sent(&key, &sid)
+                    .await
+                    .map_err(Failure::transient)?;
+            }
+            Err(e) if e.class == FailureClass::Ambiguous => {
+                let body = content.iter().find(|(k, _)| *k == "Body").map(|(_, v)| *v);
+                match settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, started).await
+                {
+                    Some(sid) => {
+                        tracing::info!(id = %reply.id, part = index, sid = %sid, "ambiguous answer settled: Twilio has the message");
+                        metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
+                            .increment(1);
+                        ctx.store
+                            .mark_sent(&key, &sid)
+                            .await
+                            .map_err(Failure::transient)?;
+                    }
+                    None => {
+                        metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
+                        let _ = ctx.store.release_send(&key).await;
+                        return Err(Failure::transient(e));
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = ctx.store.release_send(&key).await;
+                return Err(match e.class {
+                    FailureClass::Permanent => Failure::Permanent {
+                        reason: e.to_string(),
+                        code: e.code,
+                    },
+                    _ => Failure::Transient {
+                        reason: e.to_string(),
+                        after: e.retry_after,
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Posts one message, retrying rate limits in place (honouring `Retry-After`) a few times.
+async fn post(
+    ctx: &SendContext,
+    channel: &ResolvedChannel,
+    form: &[(&str, &str)],
+) -> Result<String, SendError> {
+    let attempt = || {
+        ctx.client
+            .create(&channel.channel.account_sid, &channel.auth_token, form)
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(MAX_INLINE_WAIT)
+                .with_max_times(3)
+                .with_jitter(),
+        )
+        .when(|e: &SendError| {
+            e.class == FailureClass::RetryLater
+                && e.retry_after.is_none_or(|d| d <= MAX_INLINE_WAIT)
+        })
+        .adjust(|e: &SendError, planned| e.retry_after.or(planned))
+        .notify(|e: &SendError, wait| {
+            metrics::counter!("wagate_twilio_rate_limited_total").increment(1);
+            tracing::info!(error = %e, ?wait, "Twilio asks to slow down");
+        })
+        .await
+        .map(|m| m.sid)
+}
+
+/// After an answer that does not say whether Twilio created the message, looks for it among
+/// the recent messages of the conversation. `None` when it is not there or cannot be told.
+async fn settle_ambiguous(
+    ctx: &SendContext,
+    channel: &ResolvedChannel,
+    from: &str,
+    to: &str,
+    body: Option<&str>,
+    started: OffsetDateTime,
+) -> Option<String> {
+    let body = body?;
+    match ctx
+        .client
+        .recent(&channel.channel.account_sid, &channel.auth_token, from, to)
+        .await
+    {
+        Ok(list) => list
+            .into_iter()
+            .find(|m| {
+                m.body.as_deref() == Some(body)
+                    && m.created()
+                        .is_none_or(|at| at >= started - time::Duration::minutes(2))
+            })
+            .map(|m| m.sid),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list messages to settle an ambiguous send");
+            None
+        }
+    }
+}

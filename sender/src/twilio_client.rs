@@ -1,0 +1,197 @@
+//! Twilio's Messages API: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, form-encoded,
+//! HTTP Basic auth with the account's SID and Auth Token. The base URL is configuration, so
+//! tests point it at a local server that speaks the same wire format.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use shared::{
+    domain::AccountSid,
+    twilio::rest::{ApiError, FailureClass, classify},
+};
+
+/// A failed call, classified. Never carries the token.
+#[derive(Debug, Clone)]
+pub struct SendError {
+    /// What to do about it.
+    pub class: FailureClass,
+    /// HTTP status, when there was an answer.
+    pub http_status: Option<u16>,
+    /// Twilio's error code.
+    pub code: Option<u32>,
+    /// Human text.
+    pub message: String,
+    /// Twilio's `Retry-After`, when given.
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "twilio {code}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// A created message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreatedMessage {
+    /// Twilio's message sid.
+    pub sid: String,
+    /// Initial status (`queued`, `accepted`).
+    pub status: Option<String>,
+}
+
+/// A message as listed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListedMessage {
+    /// Twilio's message sid.
+    pub sid: String,
+    /// Its text.
+    pub body: Option<String>,
+    /// Recipient.
+    pub to: Option<String>,
+    /// Sender.
+    pub from: Option<String>,
+    /// When Twilio created it (RFC 2822).
+    pub date_created: Option<String>,
+}
+
+impl ListedMessage {
+    /// `date_created` parsed.
+    pub fn created(&self) -> Option<time::OffsetDateTime> {
+        let raw = self.date_created.as_deref()?;
+        time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc2822).ok()
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageList {
+    messages: Vec<ListedMessage>,
+}
+
+/// A client of the Messages API.
+#[derive(Clone)]
+pub struct TwilioClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl TwilioClient {
+    /// A client of the API at `base` (e.g. `https://api.twilio.com`).
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn messages_url(&self, account: &AccountSid) -> String {
+        format!("{}/2010-04-01/Accounts/{account}/Messages.json", self.base)
+    }
+
+    /// Creates a message from form fields (`To`, `From`, `Body` or `ContentSid`, …).
+    pub async fn create(
+        &self,
+        account: &AccountSid,
+        token: &SecretString,
+        form: &[(&str, &str)],
+    ) -> Result<CreatedMessage, SendError> {
+        let response = self
+            .http
+            .post(self.messages_url(account))
+            .basic_auth(account.as_str(), Some(token.expose_secret()))
+            .form(form)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = response.bytes().await.map_err(transport_error)?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&body).map_err(|_| SendError {
+                class: FailureClass::Ambiguous,
+                http_status: Some(status),
+                code: None,
+                message: "Twilio answered success with a body that is not a message".into(),
+                retry_after: None,
+            });
+        }
+        let api: Option<ApiError> = serde_json::from_slice(&body).ok();
+        let code = api.as_ref().and_then(|a| a.code);
+        Err(SendError {
+            class: classify(status, code),
+            http_status: Some(status),
+            code,
+            message: api
+                .and_then(|a| a.message)
+                .unwrap_or_else(|| format!("HTTP {status}")),
+            retry_after,
+        })
+    }
+
+    /// The most recent messages from `from` to `to`, newest first: used after an ambiguous
+    /// create to find out whether Twilio made the message.
+    pub async fn recent(
+        &self,
+        account: &AccountSid,
+        token: &SecretString,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<ListedMessage>, SendError> {
+        let response = self
+            .http
+            .get(self.messages_url(account))
+            .basic_auth(account.as_str(), Some(token.expose_secret()))
+            .query(&[("From", from), ("To", to), ("PageSize", "50")])
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(SendError {
+                class: FailureClass::Ambiguous,
+                http_status: Some(status),
+                code: None,
+                message: format!("listing messages answered HTTP {status}"),
+                retry_after: None,
+            });
+        }
+        let list: MessageList = response.json().await.map_err(transport_error)?;
+        Ok(list.messages)
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> SendError {
+    // A request that never reached Twilio is safe to repeat; one that may have (timeout while
+    // waiting for the answer, a dropped connection) is ambiguous.
+    let class = if e.is_connect() {
+        FailureClass::RetryLater
+    } else {
+        FailureClass::Ambiguous
+    };
+    let mut message = e.to_string();
+    if let Some(url) = e.url() {
+        message = message.replace(url.as_str(), "<twilio>");
+    }
+    SendError {
+        class,
+        http_status: None,
+        code: None,
+        message: format!("Twilio unreachable: {message}"),
+        retry_after: None,
+    }
+}

@@ -1,0 +1,73 @@
+//! An agent, its backend and its WhatsApp channel, as stored. Secrets appear here only sealed
+//! ([`SealedSecret`]); the admin API's views leave them out entirely.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{
+    crypto::SealedSecret,
+    domain::{AccountSid, AgentId, PhoneNumber},
+};
+
+/// An AI agent that answers WhatsApp users.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agent {
+    /// Its id, part of the webhook URL and of every session id.
+    pub id: AgentId,
+    /// A human name.
+    pub name: String,
+    /// What produces its replies.
+    pub backend: Backend,
+    /// When it was first saved.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it was last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// What produces an agent's replies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backend {
+    /// Replies with what the user wrote: for trying the pipeline without a model.
+    Echo,
+    /// Any OpenAI-compatible Chat Completions endpoint.
+    Openai {
+        /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
+        base_url: String,
+        /// Model name.
+        model: String,
+        /// The API key, sealed.
+        api_key: Option<SealedSecret>,
+        /// Instructions sent first in every request.
+        system_prompt: Option<String>,
+        /// Per-agent turn timeout in milliseconds, overriding the process default.
+        timeout_ms: Option<u64>,
+    },
+    /// The business's own endpoint, called with a signed JSON request.
+    Webhook {
+        /// Where the conversation is posted.
+        url: String,
+        /// The HMAC-SHA256 signing secret, sealed.
+        secret: SealedSecret,
+        /// Per-agent turn timeout in milliseconds, overriding the process default.
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// An agent's WhatsApp deployment through Twilio.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhatsAppChannel {
+    /// The Twilio account that owns the number.
+    pub account_sid: AccountSid,
+    /// The account's Auth Token, sealed: it verifies webhooks and authenticates sends.
+    pub auth_token: SealedSecret,
+    /// The WhatsApp sender number (the sandbox's +14155238886 or the business's own).
+    pub phone_number: PhoneNumber,
+    /// Whether inbound messages are taken; a disabled channel answers 403.
+    pub enabled: bool,
+    /// When it was last changed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}

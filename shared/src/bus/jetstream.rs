@@ -1,0 +1,304 @@
+//! The bus on NATS JetStream. Three streams per prefix: `<P>_INBOUND` and `<P>_OUTBOUND`
+//! (work queues, one durable pull consumer each, shared by every worker or sender process) and
+//! `<P>_DLQ` (dead letters, kept until replayed). Subjects carry the conversation
+//! (`<p>.inbound.<agent>.<user>`), so JetStream's per-subject order is the conversation's order.
+//! Publishes set `Nats-Msg-Id`, so JetStream drops duplicates within its window.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind, Context,
+    consumer::{PullConsumer, pull},
+    message::PublishMessage,
+    stream::{self, RetentionPolicy, StorageType, Stream},
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
+use crate::envelope::DeadLetter;
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates; Twilio's own retries of a
+/// webhook come within seconds, and the store's guard covers anything later.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+/// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
+/// consumers send keep-alives while they work.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Messages older than this are dropped from the work queues, whatever their state.
+const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Tuning of a JetStream bus.
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// Prefix of streams and subjects.
+    pub prefix: String,
+    /// Most deliveries one consumer process holds at once (unacked).
+    pub max_in_flight: usize,
+}
+
+/// The bus on NATS JetStream.
+#[derive(Clone)]
+pub struct JetStreamBus {
+    js: Context,
+    prefix: String,
+    inbound: Stream,
+    outbound: Stream,
+    dlq: Stream,
+    max_in_flight: usize,
+}
+
+impl JetStreamBus {
+    /// Connects and creates (or checks) the streams.
+    pub async fn connect(url: &str, options: JetStreamOptions) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("wagate")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url);
+        let client = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .map_err(|_| BusError(format!("could not reach NATS at {url} within 10s")))?
+            .map_err(|e| {
+                BusError::from_display(&format!("could not connect to NATS at {url}"), e)
+            })?;
+        let js = jetstream::new(client);
+        let prefix = options.prefix;
+        let upper = prefix.to_uppercase();
+        let work_queue = |name: &str, topic: Topic| stream::Config {
+            name: format!("{upper}_{name}"),
+            subjects: vec![format!("{prefix}.{}.>", topic.as_str())],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            max_age: MAX_AGE,
+            ..Default::default()
+        };
+        let create = |config: stream::Config| {
+            let js = js.clone();
+            async move {
+                let name = config.name.clone();
+                js.get_or_create_stream(config).await.map_err(|e| {
+                    BusError::from_display(
+                        &format!(
+                            "could not create stream {name} (JetStream enabled? nats-server -js)"
+                        ),
+                        e,
+                    )
+                })
+            }
+        };
+        let inbound = create(work_queue("INBOUND", Topic::Inbound)).await?;
+        let outbound = create(work_queue("OUTBOUND", Topic::Outbound)).await?;
+        let dlq = create(stream::Config {
+            name: format!("{upper}_DLQ"),
+            subjects: vec![format!("{prefix}.dlq.>")],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+        Ok(Self {
+            js,
+            prefix,
+            inbound,
+            outbound,
+            dlq,
+            max_in_flight: options.max_in_flight.max(1),
+        })
+    }
+
+    fn stream(&self, topic: Topic) -> &Stream {
+        match topic {
+            Topic::Inbound => &self.inbound,
+            Topic::Outbound => &self.outbound,
+        }
+    }
+
+    async fn consumer(&self, topic: Topic) -> Result<PullConsumer, BusError> {
+        let name = format!("{}-{}", self.prefix, topic.as_str());
+        self.stream(topic)
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| BusError::from_display("could not create consumer", e))
+    }
+
+    fn decode_letter(seq: u64, payload: &[u8]) -> Option<DeadLetter> {
+        let mut letter: DeadLetter = serde_json::from_slice(payload).ok()?;
+        letter.id = seq.to_string();
+        Some(letter)
+    }
+}
+
+struct JetStreamDelivery(jetstream::Message);
+
+#[async_trait]
+impl Delivery for JetStreamDelivery {
+    fn payload(&self) -> &[u8] {
+        &self.0.payload
+    }
+
+    fn attempt(&self) -> u64 {
+        self.0
+            .info()
+            .map(|i| u64::try_from(i.delivered).unwrap_or(1))
+            .unwrap_or(1)
+    }
+
+    async fn ack(&self) -> Result<(), BusError> {
+        self.0
+            .double_ack()
+            .await
+            .map_err(|e| BusError::from_display("ack", e))
+    }
+
+    async fn retry_in(&self, delay: Duration) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| BusError::from_display("nak", e))
+    }
+
+    async fn keep_alive(&self) -> Result<(), BusError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| BusError::from_display("progress", e))
+    }
+}
+
+#[async_trait]
+impl Bus for JetStreamBus {
+    async fn publish(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
+    ) -> Result<Published, BusError> {
+        let subject = format!("{}.{}.{conversation}", self.prefix, topic.as_str());
+        let ack = self
+            .js
+            .send_publish(
+                subject,
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(dedupe_id),
+            )
+            .await
+            .map_err(|e| BusError::from_display("publish", e))?
+            .await
+            .map_err(|e| BusError::from_display("publish ack", e))?;
+        Ok(if ack.duplicate {
+            Published::Duplicate
+        } else {
+            Published::Stored
+        })
+    }
+
+    async fn subscribe(&self, topic: Topic) -> Result<Deliveries, BusError> {
+        let consumer = self.consumer(topic).await?;
+        let batch = self.max_in_flight.min(1000);
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(|e| BusError::from_display("subscribe", e))?;
+        Ok(messages
+            .map(|m| {
+                m.map(|m| Box::new(JetStreamDelivery(m)) as Box<dyn Delivery>)
+                    .map_err(|e| BusError::from_display("pull", e))
+            })
+            .boxed())
+    }
+
+    async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<String, BusError> {
+        let subject = format!(
+            "{}.dlq.{}.{}",
+            self.prefix,
+            letter.stage.as_str(),
+            letter.agent_id
+        );
+        let payload =
+            serde_json::to_vec(letter).map_err(|e| BusError::from_display("encode", e))?;
+        let ack = self
+            .js
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| BusError::from_display("publish dead letter", e))?
+            .await
+            .map_err(|e| BusError::from_display("dead letter ack", e))?;
+        Ok(ack.sequence.to_string())
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
+        let mut dlq = self.dlq.clone();
+        let state = dlq
+            .info()
+            .await
+            .map_err(|e| BusError::from_display("dead letters", e))?
+            .state
+            .clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = dlq.get_raw_message(seq).await
+                && let Some(letter) = Self::decode_letter(seq, &m.payload)
+            {
+                out.push(letter);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, BusError> {
+        let Ok(seq) = id.parse::<u64>() else {
+            return Ok(None);
+        };
+        match self.dlq.get_raw_message(seq).await {
+            Ok(m) => Ok(Self::decode_letter(seq, &m.payload)),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(BusError::from_display("dead letter", e)),
+        }
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError> {
+        let Ok(seq) = id.parse::<u64>() else {
+            return Ok(false);
+        };
+        match self.dlq.delete_message(seq).await {
+            Ok(deleted) => Ok(deleted),
+            Err(e) => {
+                if self.dead_letter(id).await?.is_none() {
+                    Ok(false)
+                } else {
+                    Err(BusError::from_display("remove dead letter", e))
+                }
+            }
+        }
+    }
+
+    async fn ready(&self) -> Result<(), BusError> {
+        self.js
+            .query_account()
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::from_display("JetStream not answering", e))
+    }
+}

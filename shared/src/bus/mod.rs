@@ -1,0 +1,104 @@
+//! The bus: durable publish with a dedupe id, and consumption with ack, delayed redelivery and
+//! attempt counts; plus the dead-letter store. The pipeline talks only to this trait, so NATS
+//! JetStream and the embedded store are interchangeable.
+
+pub mod jetstream;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::envelope::DeadLetter;
+
+/// The two queues of the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Inbound messages, ingress → worker.
+    Inbound,
+    /// Replies, worker/admin → sender.
+    Outbound,
+}
+
+impl Topic {
+    /// Its name in subjects and streams.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// A failure of the bus; the text is safe to log (no payloads, no secrets).
+#[derive(Debug, thiserror::Error)]
+#[error("bus: {0}")]
+pub struct BusError(pub String);
+
+impl BusError {
+    /// Wraps any error's text.
+    pub fn from_display(context: &str, e: impl std::fmt::Display) -> Self {
+        Self(format!("{context}: {e}"))
+    }
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored now.
+    Stored,
+    /// A message with the same dedupe id was already stored; nothing was added.
+    Duplicate,
+}
+
+/// Messages of a subscription, as they come.
+pub type Deliveries = BoxStream<'static, Result<Box<dyn Delivery>, BusError>>;
+
+/// One delivery of a message; it stays owned by this consumer until acked or released.
+#[async_trait]
+pub trait Delivery: Send + Sync {
+    /// The message bytes.
+    fn payload(&self) -> &[u8];
+    /// Which delivery this is, from 1.
+    fn attempt(&self) -> u64;
+    /// Done: the message will not come again. Returns once the bus has recorded it.
+    async fn ack(&self) -> Result<(), BusError>;
+    /// Not done: deliver again after `delay`.
+    async fn retry_in(&self, delay: Duration) -> Result<(), BusError>;
+    /// Still working: extend the time before the bus assumes this consumer died.
+    async fn keep_alive(&self) -> Result<(), BusError>;
+}
+
+/// Durable queues and the dead-letter store.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Stores `payload` on `topic` for the conversation named by `conversation` (a subject-safe
+    /// token). Returns only once the message is durable. A publish whose `dedupe_id` was seen
+    /// within the duplicate window is dropped and reported as [`Published::Duplicate`].
+    async fn publish(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
+    ) -> Result<Published, BusError>;
+
+    /// Consumes `topic` as one member of its shared consumer group.
+    async fn subscribe(&self, topic: Topic) -> Result<Deliveries, BusError>;
+
+    /// Stores a dead letter and returns its id.
+    async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<String, BusError>;
+
+    /// All dead letters, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// One dead letter.
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, BusError>;
+
+    /// Removes a dead letter (after its replay was published); false if it was not there.
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BusError>;
+
+    /// Whether the bus answers.
+    async fn ready(&self) -> Result<(), BusError>;
+}

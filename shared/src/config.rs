@@ -1,0 +1,221 @@
+//! Typed configuration from the environment (a flag of the same name works too), validated once
+//! at start so that a process with a bad setting refuses to start with a message saying which.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use secrecy::SecretString;
+
+use crate::retry::RetrySchedule;
+
+/// Every setting of every role, as read from the environment by clap.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// NATS server(s), e.g. nats://127.0.0.1:4222. Unset (with WAGATE_REDIS_URL unset): embedded mode.
+    #[arg(long = "nats-url", env = "WAGATE_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Redis, e.g. redis://127.0.0.1:6379/0. Unset (with WAGATE_NATS_URL unset): embedded mode.
+    #[arg(long = "redis-url", env = "WAGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Data folder of embedded mode and of the ingress spool.
+    #[arg(long = "data-dir", env = "WAGATE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Base64 of the 64-byte AES-SIV master key that encrypts stored secrets.
+    #[arg(long = "master-key", env = "WAGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<SecretString>,
+    /// Comma-separated base64 keys being rotated out: still opened, never used to seal.
+    #[arg(
+        long = "master-key-previous",
+        env = "WAGATE_MASTER_KEY_PREVIOUS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub master_key_previous: Vec<SecretString>,
+    /// Bearer token of the admin API; without it the admin API answers nothing but 401.
+    #[arg(
+        long = "admin-token",
+        env = "WAGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<SecretString>,
+    /// Public base URL that Twilio calls, e.g. https://bot.example.com.
+    #[arg(long = "public-url", env = "WAGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Webhook listener.
+    #[arg(long = "listen", env = "WAGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Admin API listener.
+    #[arg(
+        long = "admin-listen",
+        env = "WAGATE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Listener for /healthz, /readyz and /metrics of worker and sender processes.
+    #[arg(long = "metrics-listen", env = "WAGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Twilio REST base URL.
+    #[arg(
+        long = "twilio-api-base",
+        env = "WAGATE_TWILIO_API_BASE",
+        default_value = "https://api.twilio.com"
+    )]
+    pub twilio_api_base: String,
+    /// Prefix of every NATS stream, subject and Redis key, so deployments can share servers.
+    #[arg(long = "prefix", env = "WAGATE_PREFIX", default_value = "wagate")]
+    pub prefix: String,
+    /// Conversations a worker process runs at once.
+    #[arg(
+        long = "worker-concurrency",
+        env = "WAGATE_WORKER_CONCURRENCY",
+        default_value_t = 512
+    )]
+    pub worker_concurrency: usize,
+    /// Replies a sender process posts at once.
+    #[arg(
+        long = "sender-concurrency",
+        env = "WAGATE_SENDER_CONCURRENCY",
+        default_value_t = 128
+    )]
+    pub sender_concurrency: usize,
+    /// Most recent turns of a session that the agent sees.
+    #[arg(
+        long = "history-window",
+        env = "WAGATE_HISTORY_WINDOW",
+        default_value_t = 40
+    )]
+    pub history_window: usize,
+    /// Time an agent backend may take for one turn, in milliseconds.
+    #[arg(
+        long = "agent-timeout-ms",
+        env = "WAGATE_AGENT_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub agent_timeout_ms: u64,
+    /// Time a Twilio API call may take, in milliseconds.
+    #[arg(
+        long = "twilio-timeout-ms",
+        env = "WAGATE_TWILIO_TIMEOUT_MS",
+        default_value_t = 15_000
+    )]
+    pub twilio_timeout_ms: u64,
+    /// Delays between attempts of an agent turn (e.g. "1s,5s,30s,2m"); after the last, a dead letter.
+    #[arg(
+        long = "agent-retry",
+        env = "WAGATE_AGENT_RETRY",
+        default_value = "1s,5s,30s,2m"
+    )]
+    pub agent_retry: RetrySchedule,
+    /// Delays between attempts of a Twilio send; after the last, a dead letter.
+    #[arg(
+        long = "send-retry",
+        env = "WAGATE_SEND_RETRY",
+        default_value = "1s,5s,30s,2m,10m"
+    )]
+    pub send_retry: RetrySchedule,
+    /// Time given to in-flight work on SIGTERM before the process exits, in milliseconds.
+    #[arg(
+        long = "shutdown-grace-ms",
+        env = "WAGATE_SHUTDOWN_GRACE_MS",
+        default_value_t = 20_000
+    )]
+    pub shutdown_grace_ms: u64,
+}
+
+/// Where the bus and the store live.
+#[derive(Debug, Clone)]
+pub enum Backends {
+    /// NATS JetStream and Redis: the way to scale across processes and machines.
+    Distributed {
+        /// NATS URL(s).
+        nats_url: String,
+        /// Redis URL.
+        redis_url: String,
+    },
+    /// Both in one local data file; one process.
+    Embedded,
+}
+
+/// A setting that cannot work; the text names the variable and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Which backends to use; exactly one of the two URLs being set is an error.
+    pub fn backends(&self) -> Result<Backends, ConfigError> {
+        match (&self.nats_url, &self.redis_url) {
+            (Some(n), Some(r)) => Ok(Backends::Distributed {
+                nats_url: n.clone(),
+                redis_url: r.clone(),
+            }),
+            (None, None) => Ok(Backends::Embedded),
+            (Some(_), None) => Err(ConfigError(
+                "WAGATE_NATS_URL is set but WAGATE_REDIS_URL is not: set both (NATS + Redis mode) or neither (embedded mode)".into(),
+            )),
+            (None, Some(_)) => Err(ConfigError(
+                "WAGATE_REDIS_URL is set but WAGATE_NATS_URL is not: set both (NATS + Redis mode) or neither (embedded mode)".into(),
+            )),
+        }
+    }
+
+    /// Checks what can be checked without connecting to anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.backends()?;
+        let prefix_ok = !self.prefix.is_empty()
+            && self.prefix.len() <= 32
+            && self
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !prefix_ok {
+            return Err(ConfigError(
+                "WAGATE_PREFIX must be 1-32 characters of A-Z, a-z, 0-9, '_' or '-'".into(),
+            ));
+        }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(ConfigError(
+                "WAGATE_PUBLIC_URL must start with https:// (or http://), e.g. https://bot.example.com".into(),
+            ));
+        }
+        if !(self.twilio_api_base.starts_with("https://")
+            || self.twilio_api_base.starts_with("http://"))
+        {
+            return Err(ConfigError(
+                "WAGATE_TWILIO_API_BASE must be an http(s) URL".into(),
+            ));
+        }
+        if self.worker_concurrency == 0 || self.sender_concurrency == 0 {
+            return Err(ConfigError(
+                "WAGATE_WORKER_CONCURRENCY and WAGATE_SENDER_CONCURRENCY must be at least 1".into(),
+            ));
+        }
+        if self.history_window == 0 {
+            return Err(ConfigError(
+                "WAGATE_HISTORY_WINDOW must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The public base URL without a trailing slash, when configured.
+    pub fn public_base(&self) -> Option<&str> {
+        self.public_url.as_deref().map(|u| u.trim_end_matches('/'))
+    }
+
+    /// Agent turn timeout.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_millis(self.agent_timeout_ms)
+    }
+
+    /// Twilio call timeout.
+    pub fn twilio_timeout(&self) -> Duration {
+        Duration::from_millis(self.twilio_timeout_ms)
+    }
+
+    /// Shutdown deadline.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}

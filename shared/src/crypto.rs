@@ -1,0 +1,274 @@
+//! Encryption of stored secrets (Twilio Auth Tokens, agent API keys, webhook secrets).
+//!
+//! AES-SIV (RFC 5297) under a 64-byte master key. Each sealed value binds, as associated data,
+//! the agent id and the purpose of the secret, so a ciphertext copied onto another agent or
+//! field does not open. A random 16-byte nonce is a further header, so two agents with the same
+//! token do not store equal ciphertexts. The sealed text names the key it was made with
+//! (`v1.<key id>.<nonce>.<ciphertext>`), so keys can rotate: the keyring opens values of every
+//! key it holds and seals with the newest.
+
+use aes_siv::{KeyInit, siv::Aes256Siv};
+use base64::{Engine, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};
+use rand::RngExt;
+use secrecy::{ExposeSecret, SecretBox, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::domain::AgentId;
+
+/// Why a key or a sealed value was refused. Never carries secret material.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The master key text is not base64 of 64 bytes.
+    #[error("the master key must be base64 of 64 random bytes (e.g. `openssl rand -base64 64`)")]
+    BadKey,
+    /// The sealed value was made with a key this process does not hold.
+    #[error(
+        "a stored secret was sealed with key {0}, which this process does not have (set WAGATE_MASTER_KEY_PREVIOUS)"
+    )]
+    UnknownKey(String),
+    /// The sealed value is damaged, or belongs to another agent or field.
+    #[error("a stored secret could not be decrypted (damaged, or moved between agents)")]
+    Corrupt,
+}
+
+/// What a secret is for; part of the associated data so secrets cannot be swapped between fields.
+#[derive(Debug, Clone, Copy)]
+pub enum SecretPurpose {
+    /// The Twilio Auth Token of an agent's WhatsApp channel.
+    TwilioAuthToken,
+    /// The API key of an OpenAI-compatible backend.
+    AgentApiKey,
+    /// The signing secret of a webhook backend.
+    WebhookSecret,
+}
+
+impl SecretPurpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::TwilioAuthToken => b"twilio-auth-token",
+            Self::AgentApiKey => b"agent-api-key",
+            Self::WebhookSecret => b"webhook-secret",
+        }
+    }
+}
+
+/// A secret as it is stored: ciphertext only, safe to persist and to log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SealedSecret(String);
+
+impl SealedSecret {
+    /// The stored text (`v1.<kid>.<nonce>.<ciphertext>`).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+struct MasterKey {
+    id: String,
+    bytes: SecretBox<[u8; 64]>,
+}
+
+impl MasterKey {
+    fn from_base64(text: &SecretString) -> Result<Self, CryptoError> {
+        let decoded = STANDARD
+            .decode(text.expose_secret().trim())
+            .map_err(|_| CryptoError::BadKey)?;
+        let bytes: [u8; 64] = decoded.try_into().map_err(|_| CryptoError::BadKey)?;
+        let mut hasher = Sha256::new();
+        hasher.update(b"wagate-key-id\0");
+        hasher.update(bytes);
+        let id = hex::encode(&hasher.finalize()[..4]);
+        Ok(Self {
+            id,
+            bytes: SecretBox::new(Box::new(bytes)),
+        })
+    }
+
+    fn cipher(&self) -> Aes256Siv {
+        // 64 bytes is exactly Aes256Siv's key size, checked when the key was parsed.
+        Aes256Siv::new(self.bytes.expose_secret().into())
+    }
+}
+
+/// The master keys of this process: the newest seals, all of them open.
+pub struct Keyring {
+    primary: MasterKey,
+    previous: Vec<MasterKey>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("primary", &self.primary.id)
+            .field(
+                "previous",
+                &self.previous.iter().map(|k| &k.id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// A keyring from the base64 texts of the current key and any keys being rotated out.
+    pub fn from_base64(
+        primary: &SecretString,
+        previous: &[SecretString],
+    ) -> Result<Self, CryptoError> {
+        Ok(Self {
+            primary: MasterKey::from_base64(primary)?,
+            previous: previous
+                .iter()
+                .map(MasterKey::from_base64)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// A fresh random master key, as base64 text (for first starts and `wagate keygen`).
+    pub fn generate_key() -> SecretString {
+        let mut bytes = [0u8; 64];
+        rand::rng().fill(&mut bytes);
+        SecretString::from(STANDARD.encode(bytes))
+    }
+
+    /// The id of the key that seals new values.
+    pub fn primary_id(&self) -> &str {
+        &self.primary.id
+    }
+
+    /// Encrypts `plaintext` for `agent` and `purpose`.
+    pub fn seal(
+        &self,
+        agent: &AgentId,
+        purpose: SecretPurpose,
+        plaintext: &SecretString,
+    ) -> SealedSecret {
+        let mut nonce = [0u8; 16];
+        rand::rng().fill(&mut nonce);
+        let headers: [&[u8]; 3] = [agent.as_str().as_bytes(), purpose.label(), &nonce];
+        let sealed = self
+            .primary
+            .cipher()
+            .encrypt(headers, plaintext.expose_secret().as_bytes())
+            // SIV encryption only fails for more headers than the algorithm allows; we pass 3.
+            .unwrap_or_default();
+        SealedSecret(format!(
+            "v1.{}.{}.{}",
+            self.primary.id,
+            URL_SAFE_NO_PAD.encode(nonce),
+            URL_SAFE_NO_PAD.encode(sealed)
+        ))
+    }
+
+    /// Decrypts a stored value; fails if it was sealed for another agent or purpose.
+    pub fn open(
+        &self,
+        agent: &AgentId,
+        purpose: SecretPurpose,
+        sealed: &SealedSecret,
+    ) -> Result<SecretString, CryptoError> {
+        let mut parts = sealed.0.split('.');
+        let (Some("v1"), Some(kid), Some(nonce), Some(ct), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(CryptoError::Corrupt);
+        };
+        let key = std::iter::once(&self.primary)
+            .chain(&self.previous)
+            .find(|k| k.id == kid)
+            .ok_or_else(|| CryptoError::UnknownKey(kid.to_owned()))?;
+        let nonce = URL_SAFE_NO_PAD
+            .decode(nonce)
+            .map_err(|_| CryptoError::Corrupt)?;
+        let ct = URL_SAFE_NO_PAD
+            .decode(ct)
+            .map_err(|_| CryptoError::Corrupt)?;
+        let headers: [&[u8]; 3] = [agent.as_str().as_bytes(), purpose.label(), &nonce];
+        let plain = key
+            .cipher()
+            .decrypt(headers, &ct)
+            .map_err(|_| CryptoError::Corrupt)?;
+        String::from_utf8(plain)
+            .map(SecretString::from)
+            .map_err(|_| CryptoError::Corrupt)
+    }
+
+    /// Seals again under the primary key, for rotation.
+    pub fn reseal(
+        &self,
+        agent: &AgentId,
+        purpose: SecretPurpose,
+        sealed: &SealedSecret,
+    ) -> Result<SealedSecret, CryptoError> {
+        Ok(self.seal(agent, purpose, &self.open(agent, purpose, sealed)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Keyring {
+        Keyring::from_base64(&Keyring::generate_key(), &[]).unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_binding() {
+        let k = ring();
+        let a = AgentId::parse("a").unwrap();
+        let b = AgentId::parse("b").unwrap();
+        let token = SecretString::from("secret-token-123");
+        let sealed = k.seal(&a, SecretPurpose::TwilioAuthToken, &token);
+        assert!(!sealed.as_str().contains("secret-token-123"));
+        let opened = k.open(&a, SecretPurpose::TwilioAuthToken, &sealed).unwrap();
+        assert_eq!(opened.expose_secret(), "secret-token-123");
+        assert!(k.open(&b, SecretPurpose::TwilioAuthToken, &sealed).is_err());
+        assert!(k.open(&a, SecretPurpose::AgentApiKey, &sealed).is_err());
+        // The nonce makes equal plaintexts seal differently.
+        assert_ne!(sealed, k.seal(&a, SecretPurpose::TwilioAuthToken, &token));
+    }
+
+    #[test]
+    fn rotation() {
+        let old_text = Keyring::generate_key();
+        let old = Keyring::from_base64(&old_text, &[]).unwrap();
+        let a = AgentId::parse("a").unwrap();
+        let sealed = old.seal(&a, SecretPurpose::WebhookSecret, &SecretString::from("s"));
+        let new = Keyring::from_base64(&Keyring::generate_key(), &[old_text]).unwrap();
+        let resealed = new
+            .reseal(&a, SecretPurpose::WebhookSecret, &sealed)
+            .unwrap();
+        assert!(resealed.as_str().contains(new.primary_id()));
+        let only_new = Keyring::from_base64(&Keyring::generate_key(), &[]).unwrap();
+        assert!(matches!(
+            only_new.open(&a, SecretPurpose::WebhookSecret, &sealed),
+            Err(CryptoError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let k = ring();
+        let a = AgentId::parse("a").unwrap();
+        for s in [
+            "",
+            "v1",
+            "v1.x.y.z",
+            "v1...",
+            "v2.a.b.c",
+            "v1.a.b.c.d",
+            "v1.\u{1F600}.!.!",
+        ] {
+            assert!(
+                k.open(&a, SecretPurpose::AgentApiKey, &SealedSecret(s.into()))
+                    .is_err()
+            );
+        }
+        assert!(Keyring::from_base64(&SecretString::from("abc"), &[]).is_err());
+    }
+}

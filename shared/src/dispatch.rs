@@ -1,0 +1,166 @@
+//! Consumes a topic with many conversations in flight at once, up to a limit, while the
+//! messages of one conversation are handled one at a time in the order the bus delivered them.
+//! Worker and sender both run on this: a queue per conversation, drained by one task each.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    bus::{Bus, BusError, Delivery, Topic},
+    shutdown::Shutdown,
+};
+
+/// Handles one decoded message and settles its delivery (ack, retry or dead letter).
+pub trait Handler<T>: Send + Sync + 'static {
+    /// Handles `message`; must settle `delivery` before returning.
+    fn handle(&self, delivery: Box<dyn Delivery>, message: T) -> impl Future<Output = ()> + Send;
+}
+
+/// Tuning of a dispatcher.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Messages handled (or queued behind their conversation) at once.
+    pub concurrency: usize,
+    /// Time given to in-flight messages on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+struct Item<T> {
+    delivery: Box<dyn Delivery>,
+    message: T,
+    _permit: OwnedSemaphorePermit,
+}
+
+type Queues<T> = Arc<Mutex<HashMap<String, VecDeque<Item<T>>>>>;
+
+/// Runs until `shutdown`, then waits for in-flight messages up to the grace period. `decode`
+/// turns a payload into the message and its conversation key; payloads it refuses are logged
+/// and acknowledged (they are not messages of this pipeline).
+pub async fn run<T, D, H>(
+    bus: Arc<dyn Bus>,
+    topic: Topic,
+    decode: D,
+    handler: Arc<H>,
+    config: DispatchConfig,
+    shutdown: Shutdown,
+) -> Result<(), BusError>
+where
+    T: Send + 'static,
+    D: Fn(&[u8]) -> Result<(String, T), String>,
+    H: Handler<T>,
+{
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let queues: Queues<T> = Arc::default();
+    let tracker = TaskTracker::new();
+    let mut deliveries = bus.subscribe(topic).await?;
+    tracing::info!(
+        topic = topic.as_str(),
+        concurrency = config.concurrency,
+        "consuming"
+    );
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = deliveries.next() => n,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, topic = topic.as_str(), "pulling failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            None => {
+                tracing::warn!(topic = topic.as_str(), "subscription ended; resubscribing");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                deliveries = bus.subscribe(topic).await?;
+                continue;
+            }
+        };
+        let (key, message) = match decode(delivery.payload()) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                tracing::error!(error = %e, topic = topic.as_str(), "dropping a payload that is not a message of this pipeline");
+                let _ = delivery.ack().await;
+                continue;
+            }
+        };
+        let item = Item {
+            delivery,
+            message,
+            _permit: permit,
+        };
+        let first = {
+            let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+            match q.get_mut(&key) {
+                Some(waiting) => {
+                    waiting.push_back(item);
+                    None
+                }
+                None => {
+                    q.insert(key.clone(), VecDeque::new());
+                    Some(item)
+                }
+            }
+        };
+        if let Some(first) = first {
+            tracker.spawn(drain(
+                handler.clone(),
+                queues.clone(),
+                key,
+                first,
+                shutdown.clone(),
+            ));
+        }
+    }
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            topic = topic.as_str(),
+            "shutdown deadline passed with messages in flight; they will be redelivered"
+        );
+    }
+    Ok(())
+}
+
+/// Handles a conversation's queued messages in order until its queue is empty.
+async fn drain<T, H: Handler<T>>(
+    handler: Arc<H>,
+    queues: Queues<T>,
+    key: String,
+    first: Item<T>,
+    shutdown: Shutdown,
+) {
+    let mut next = Some(first);
+    while let Some(item) = next {
+        if shutdown.is_cancelled() {
+            // Not started: hand it back at once so another process takes it.
+            let _ = item.delivery.retry_in(Duration::ZERO).await;
+        } else {
+            handler.handle(item.delivery, item.message).await;
+        }
+        let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+        next = match q.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(item) => Some(item),
+            None => {
+                q.remove(&key);
+                None
+            }
+        };
+    }
+}

@@ -1,0 +1,32 @@
+//! What every wagate role needs.
+//!
+//! # Layout
+//! - [`domain`]: identifiers parsed once at the edge (agent id, E.164 phone, WhatsApp address,
+//!   Twilio sids, session id `twilio_{agent_id}_{phone}`).
+//! - [`twilio`]: Twilio's wire formats: the signature algorithm, strict form parsing, the
+//!   inbound-message and status-callback forms, REST error classification.
+//! - [`crypto`]: AES-SIV sealing of stored secrets, bound to their agent, with key rotation.
+//! - [`config`]: every setting, from the environment, checked at start; [`retry`]: retry
+//!   schedules as data.
+//! - [`agent`]: agents, their backends and WhatsApp channels as stored.
+//! - [`envelope`]: what travels on the bus (inbound messages, replies, dead letters).
+//! - [`text`]: splitting replies into WhatsApp-sized parts.
+//! - [`bus`] and [`store`]: the two interfaces the pipeline runs on, with their NATS JetStream
+//!   and Redis implementations.
+//! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
+//! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
+//! - [`shutdown`]: the signal every long-running loop watches.
+
+pub mod agent;
+pub mod bus;
+pub mod config;
+pub mod crypto;
+pub mod directory;
+pub mod dispatch;
+pub mod domain;
+pub mod envelope;
+pub mod retry;
+pub mod shutdown;
+pub mod store;
+pub mod text;
+pub mod twilio;

@@ -1,0 +1,178 @@
+//! The store: agents and their sealed channel settings, conversations, leads, the 24-hour
+//! window clock, send guards and delivery statuses. The pipeline talks only to this trait, so
+//! Redis and the embedded store are interchangeable. Every method that can race (two workers,
+//! two senders) is atomic in each implementation.
+
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{
+    agent::{Agent, WhatsAppChannel},
+    domain::{AgentId, MessageSid, SessionId},
+    twilio::status::{MessageStatus, StatusUpdate},
+};
+
+/// A failure of the store; the text is safe to log.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    /// Wraps any error's text.
+    pub fn from_display(context: &str, e: impl std::fmt::Display) -> Self {
+        Self(format!("{context}: {e}"))
+    }
+}
+
+/// Who said a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The WhatsApp user.
+    User,
+    /// The agent.
+    Assistant,
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// A WhatsApp user captured as a lead of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lead {
+    /// The user's number (or WhatsApp id for non-phone users).
+    pub phone: String,
+    /// Always `whatsapp` here.
+    pub platform: String,
+    /// The latest WhatsApp profile name seen.
+    pub profile_name: Option<String>,
+    /// First message.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// Latest message.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// Messages received from this user.
+    pub message_count: u64,
+}
+
+/// One inbound message, as seen by lead capture.
+#[derive(Debug, Clone)]
+pub struct LeadSighting<'a> {
+    /// The conversation (agent and user).
+    pub session: &'a SessionId,
+    /// The message; each is counted once however often it is delivered.
+    pub message_sid: &'a MessageSid,
+    /// The profile name sent with it.
+    pub profile_name: Option<&'a str>,
+    /// When it was received.
+    pub at: OffsetDateTime,
+}
+
+/// The state of a send guard for one reply part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardState {
+    /// This caller now holds the part and must post it, then call `mark_sent` (or `release`).
+    Claimed,
+    /// Already posted; Twilio's message sid.
+    Sent(String),
+    /// Another sender holds it right now.
+    Busy,
+}
+
+/// A change to an agent's settings, for caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This agent or its channel changed.
+    Agent(AgentId),
+    /// Notifications may have been missed: drop everything cached.
+    All,
+}
+
+/// Durable state of the pipeline.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates or replaces an agent.
+    async fn put_agent(&self, agent: &Agent) -> Result<(), StoreError>;
+    /// One agent.
+    async fn agent(&self, id: &AgentId) -> Result<Option<Agent>, StoreError>;
+    /// All agents, by id.
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError>;
+    /// Creates or replaces an agent's WhatsApp channel.
+    async fn put_channel(&self, id: &AgentId, channel: &WhatsAppChannel) -> Result<(), StoreError>;
+    /// An agent's WhatsApp channel.
+    async fn channel(&self, id: &AgentId) -> Result<Option<WhatsAppChannel>, StoreError>;
+    /// Notifications of changes to agents and channels, from any process.
+    async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError>;
+
+    /// The last `last` turns of a session, oldest first.
+    async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError>;
+    /// The reply already stored for the turn named `turn_key`, if that turn was completed.
+    async fn completed_turn(
+        &self,
+        session: &SessionId,
+        turn_key: &str,
+    ) -> Result<Option<String>, StoreError>;
+    /// Appends a turn's user and assistant entries once per `turn_key`; returns the reply that
+    /// is stored for it (this one, or the one of an earlier completion that won).
+    async fn complete_turn(
+        &self,
+        session: &SessionId,
+        turn_key: &str,
+        turns: &[Turn],
+        reply: &str,
+    ) -> Result<String, StoreError>;
+
+    /// Counts an inbound message towards its user's lead, creating the lead on first contact.
+    /// Idempotent per message sid.
+    async fn record_lead(&self, sighting: &LeadSighting<'_>) -> Result<(), StoreError>;
+    /// All leads of an agent, by first contact.
+    async fn leads(&self, agent: &AgentId) -> Result<Vec<Lead>, StoreError>;
+
+    /// Moves the 24-hour window clock of a conversation to `at` (never backwards).
+    async fn stamp_inbound(
+        &self,
+        session: &SessionId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+    /// When the user last wrote.
+    async fn last_inbound(&self, session: &SessionId)
+    -> Result<Option<OffsetDateTime>, StoreError>;
+
+    /// Takes the send guard of one reply part for `lease`, unless it was sent or is held.
+    async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError>;
+    /// Records that the part was posted, as Twilio message `message_sid`.
+    async fn mark_sent(&self, key: &str, message_sid: &str) -> Result<(), StoreError>;
+    /// Gives the guard back without sending (the part will be tried again).
+    async fn release_send(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Stores a status callback unless a status later in the message's life is already stored;
+    /// true when it was applied.
+    async fn record_status(&self, update: &StatusUpdate) -> Result<bool, StoreError>;
+    /// The stored status of an outbound message.
+    async fn status(
+        &self,
+        message_sid: &MessageSid,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError>;
+
+    /// Whether the store answers.
+    async fn ready(&self) -> Result<(), StoreError>;
+}
+
+/// How long records that only guard against duplicates are kept.
+pub const GUARD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -1,0 +1,434 @@
+//! The store on Redis. Keys start with the deployment prefix; keys that one script touches
+//! together share a `{hash tag}` so the scripts also run on Redis Cluster. Atomic steps are Lua
+//! scripts, so any number of workers and senders can race safely.
+//!
+//! Layout (`P` = prefix): `P:agent:<id>` and `P:channel:<id>` (JSON), `P:agents` (set),
+//! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
+//! `P:turn:{<session>}:<key>` (reply of a completed turn), `P:lead:{<agent>}:<user>` (hash),
+//! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
+//! `P:window:{<session>}` (ms), `P:guard:<key>`, `P:status:<sid>` (hash).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::{Change, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn};
+use crate::{
+    agent::{Agent, WhatsAppChannel},
+    domain::{AgentId, MessageSid, SessionId},
+    twilio::status::{MessageStatus, StatusUpdate},
+};
+
+const RECORD_LEAD: &str = r#"
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
+local at = tonumber(ARGV[3])
+if redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[1], 'phone', ARGV[1], 'last_seen', ARGV[3])
+  redis.call('ZADD', KEYS[2], at, ARGV[1])
+else
+  local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
+  if at < first then
+    redis.call('HSET', KEYS[1], 'first_seen', ARGV[3])
+    redis.call('ZADD', KEYS[2], at, ARGV[1])
+  end
+  local last = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '0')
+  if at > last then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'profile_name', ARGV[2]) end
+redis.call('HINCRBY', KEYS[1], 'message_count', 1)
+return 1
+"#;
+
+const COMPLETE_TURN: &str = r#"
+local prev = redis.call('GET', KEYS[1])
+if prev then return prev end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"#;
+
+const STAMP_MAX: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+const CLAIM_SEND: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if string.sub(cur, 1, 5) == 'sent:' then return cur end
+  return 'busy'
+end
+redis.call('SET', KEYS[1], 'pending', 'PX', ARGV[1])
+return 'claimed'
+"#;
+
+const RELEASE_SEND: &str = r#"
+if redis.call('GET', KEYS[1]) == 'pending' then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+const RECORD_STATUS: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rank') or '0')
+if tonumber(ARGV[2]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'error_code', ARGV[3], 'updated_at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
+/// The store on Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisStore {
+    /// Connects; fails with a clear message when Redis does not answer.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::from_display(&format!("bad Redis URL {url}"), e))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(3);
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError(format!("could not reach Redis at {url} within 10s")))?
+        .map_err(|e| {
+            StoreError::from_display(&format!("could not connect to Redis at {url}"), e)
+        })?;
+        Ok(Self {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Option<T>, StoreError> {
+        let raw: Option<Vec<u8>> = self.conn().get(key).await.map_err(err("get"))?;
+        raw.map(|r| serde_json::from_slice(&r).map_err(|e| StoreError::from_display("decode", e)))
+            .transpose()
+    }
+
+    async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
+        let _: i64 = self
+            .conn()
+            .publish(self.key("changes"), id.as_str())
+            .await
+            .map_err(err("publish change"))?;
+        Ok(())
+    }
+}
+
+fn err(context: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
+    move |e| StoreError::from_display(context, e)
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn put_agent(&self, agent: &Agent) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(agent).map_err(|e| StoreError::from_display("encode", e))?;
+        redis::pipe()
+            .atomic()
+            .set(self.key(&format!("agent:{}", agent.id)), json)
+            .sadd(self.key("agents"), agent.id.as_str())
+            .exec_async(&mut self.conn())
+            .await
+            .map_err(err("put agent"))?;
+        self.notify(&agent.id).await
+    }
+
+    async fn agent(&self, id: &AgentId) -> Result<Option<Agent>, StoreError> {
+        self.get_json(self.key(&format!("agent:{id}"))).await
+    }
+
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        let mut ids: Vec<String> = self
+            .conn()
+            .smembers(self.key("agents"))
+            .await
+            .map_err(err("list agents"))?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(a) = self.get_json(self.key(&format!("agent:{id}"))).await? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_channel(&self, id: &AgentId, channel: &WhatsAppChannel) -> Result<(), StoreError> {
+        let json =
+            serde_json::to_vec(channel).map_err(|e| StoreError::from_display("encode", e))?;
+        let _: () = self
+            .conn()
+            .set(self.key(&format!("channel:{id}")), json)
+            .await
+            .map_err(err("put channel"))?;
+        self.notify(id).await
+    }
+
+    async fn channel(&self, id: &AgentId) -> Result<Option<WhatsAppChannel>, StoreError> {
+        self.get_json(self.key(&format!("channel:{id}"))).await
+    }
+
+    async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError> {
+        let (tx, rx) = mpsc::channel(1024);
+        let client = self.client.clone();
+        let channel = self.key("changes");
+        tokio::spawn(async move {
+            loop {
+                if let Ok(mut pubsub) = client.get_async_pubsub().await
+                    && pubsub.subscribe(&channel).await.is_ok()
+                {
+                    // Whatever changed while we were not subscribed is unknown.
+                    if tx.send(Change::All).await.is_err() {
+                        return;
+                    }
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(msg) = messages.next().await {
+                        let Ok(raw) = msg.get_payload::<String>() else {
+                            continue;
+                        };
+                        let Ok(id) = AgentId::parse(&raw) else {
+                            continue;
+                        };
+                        if tx.send(Change::Agent(id)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(tokio_stream_from(rx))
+    }
+
+    async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
+        let start = -(isize::try_from(last).unwrap_or(isize::MAX));
+        let raw: Vec<Vec<u8>> = self
+            .conn()
+            .lrange(self.key(&format!("session:{{{session}}}")), start, -1)
+            .await
+            .map_err(err("history"))?;
+        raw.iter()
+            .map(|r| {
+                serde_json::from_slice(r).map_err(|e| StoreError::from_display("decode turn", e))
+            })
+            .collect()
+    }
+
+    async fn completed_turn(
+        &self,
+        session: &SessionId,
+        turn_key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(self.key(&format!("turn:{{{session}}}:{turn_key}")))
+            .await
+            .map_err(err("completed turn"))
+    }
+
+    async fn complete_turn(
+        &self,
+        session: &SessionId,
+        turn_key: &str,
+        turns: &[Turn],
+        reply: &str,
+    ) -> Result<String, StoreError> {
+        let script = Script::new(COMPLETE_TURN);
+        let mut inv = script.key(self.key(&format!("turn:{{{session}}}:{turn_key}")));
+        inv.key(self.key(&format!("session:{{{session}}}")))
+            .arg(reply)
+            .arg(GUARD_TTL.as_secs());
+        for t in turns {
+            inv.arg(serde_json::to_vec(t).map_err(|e| StoreError::from_display("encode", e))?);
+        }
+        inv.invoke_async(&mut self.conn())
+            .await
+            .map_err(err("complete turn"))
+    }
+
+    async fn record_lead(&self, s: &LeadSighting<'_>) -> Result<(), StoreError> {
+        let agent = s.session.agent();
+        let user = s.session.user();
+        let _: i64 = Script::new(RECORD_LEAD)
+            .key(self.key(&format!("lead:{{{agent}}}:{user}")))
+            .key(self.key(&format!("leads:{{{agent}}}")))
+            .key(self.key(&format!("leadseen:{{{agent}}}:{}", s.message_sid)))
+            .arg(user)
+            .arg(s.profile_name.unwrap_or(""))
+            .arg(ms(s.at))
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("record lead"))?;
+        Ok(())
+    }
+
+    async fn leads(&self, agent: &AgentId) -> Result<Vec<Lead>, StoreError> {
+        let users: Vec<String> = self
+            .conn()
+            .zrange(self.key(&format!("leads:{{{agent}}}")), 0, -1)
+            .await
+            .map_err(err("leads"))?;
+        let mut out = Vec::with_capacity(users.len());
+        for user in users {
+            let h: std::collections::HashMap<String, String> = self
+                .conn()
+                .hgetall(self.key(&format!("lead:{{{agent}}}:{user}")))
+                .await
+                .map_err(err("lead"))?;
+            let num = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            out.push(Lead {
+                phone: user,
+                platform: "whatsapp".into(),
+                profile_name: h.get("profile_name").cloned(),
+                first_seen: from_ms(num("first_seen")),
+                last_seen: from_ms(num("last_seen")),
+                message_count: u64::try_from(num("message_count")).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn stamp_inbound(
+        &self,
+        session: &SessionId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let _: i64 = Script::new(STAMP_MAX)
+            .key(self.key(&format!("window:{{{session}}}")))
+            .arg(ms(at))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("stamp window"))?;
+        Ok(())
+    }
+
+    async fn last_inbound(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let v: Option<i64> = self
+            .conn()
+            .get(self.key(&format!("window:{{{session}}}")))
+            .await
+            .map_err(err("window"))?;
+        Ok(v.map(from_ms))
+    }
+
+    async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        let r: String = Script::new(CLAIM_SEND)
+            .key(self.key(&format!("guard:{key}")))
+            .arg(lease_ms)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("claim send"))?;
+        Ok(match r.as_str() {
+            "claimed" => GuardState::Claimed,
+            "busy" => GuardState::Busy,
+            other => GuardState::Sent(other.trim_start_matches("sent:").to_owned()),
+        })
+    }
+
+    async fn mark_sent(&self, key: &str, message_sid: &str) -> Result<(), StoreError> {
+        let _: () = self
+            .conn()
+            .set_ex(
+                self.key(&format!("guard:{key}")),
+                format!("sent:{message_sid}"),
+                GUARD_TTL.as_secs(),
+            )
+            .await
+            .map_err(err("mark sent"))?;
+        Ok(())
+    }
+
+    async fn release_send(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = Script::new(RELEASE_SEND)
+            .key(self.key(&format!("guard:{key}")))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("release send"))?;
+        Ok(())
+    }
+
+    async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
+        let applied: i64 = Script::new(RECORD_STATUS)
+            .key(self.key(&format!("status:{}", u.message_sid)))
+            .arg(u.status.as_str())
+            .arg(u.status.rank())
+            .arg(u.error_code.map(|c| c.to_string()).unwrap_or_default())
+            .arg(ms(OffsetDateTime::now_utc()))
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("record status"))?;
+        Ok(applied == 1)
+    }
+
+    async fn status(
+        &self,
+        sid: &MessageSid,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        let h: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(self.key(&format!("status:{sid}")))
+            .await
+            .map_err(err("status"))?;
+        Ok(h.get("status")
+            .and_then(|s| MessageStatus::parse(s))
+            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("Redis not answering"))?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError(format!("Redis answered PING with {pong}")))
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}

@@ -1,0 +1,135 @@
+//! Twilio's inbound-message webhook form, turned into an [`InboundMessage`].
+
+use time::OffsetDateTime;
+
+use super::form::first;
+use crate::{
+    domain::{AgentId, InvalidValue, MessageSid, WhatsAppAddress},
+    envelope::{Button, InboundMessage, Location, Media},
+};
+
+/// Most media items Twilio attaches to one message.
+const MAX_MEDIA: usize = 10;
+
+/// Builds the envelope from the decoded form; the error says which field is missing or wrong.
+pub fn parse_inbound(
+    agent_id: &AgentId,
+    fields: Vec<(String, String)>,
+    received_at: OffsetDateTime,
+) -> Result<InboundMessage, InvalidValue> {
+    let required = |name: &str| {
+        first(&fields, name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| InvalidValue(format!("missing {name}")))
+    };
+    let message_sid = MessageSid::parse(required("MessageSid")?)?;
+    let from = WhatsAppAddress::parse(required("From")?)
+        .map_err(|e| InvalidValue(format!("From: {e}")))?;
+    let to =
+        WhatsAppAddress::parse(required("To")?).map_err(|e| InvalidValue(format!("To: {e}")))?;
+    let optional = |name: &str| {
+        first(&fields, name)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+
+    let media = (0..MAX_MEDIA)
+        .filter_map(|i| {
+            optional(&format!("MediaUrl{i}")).map(|url| Media {
+                url,
+                content_type: optional(&format!("MediaContentType{i}")),
+            })
+        })
+        .collect();
+    let location = match (optional("Latitude"), optional("Longitude")) {
+        (Some(latitude), Some(longitude)) => Some(Location {
+            latitude,
+            longitude,
+            address: optional("Address"),
+            label: optional("Label"),
+        }),
+        _ => None,
+    };
+    let button = match (optional("ButtonPayload"), optional("ButtonText")) {
+        (None, None) => None,
+        (payload, text) => Some(Button { payload, text }),
+    };
+    Ok(InboundMessage {
+        agent_id: agent_id.clone(),
+        message_sid,
+        body: first(&fields, "Body").unwrap_or_default().to_owned(),
+        profile_name: optional("ProfileName"),
+        wa_id: optional("WaId"),
+        from,
+        to,
+        media,
+        location,
+        button,
+        received_at,
+        fields,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn keeps_everything() {
+        let sid = format!("MM{}", "1".repeat(32));
+        let f = pairs(&[
+            ("MessageSid", &sid),
+            ("From", "whatsapp:+14155550100"),
+            ("To", "whatsapp:+14155238886"),
+            ("Body", ""),
+            ("NumMedia", "1"),
+            ("MediaUrl0", "https://api.twilio.com/m/1"),
+            ("MediaContentType0", "image/jpeg"),
+            ("Latitude", "1.5"),
+            ("Longitude", "2.5"),
+            ("Label", "Home"),
+            ("ButtonPayload", "yes"),
+            ("ProfileName", "Ana"),
+            ("WaId", "14155550100"),
+            ("Custom", "kept"),
+        ]);
+        let m = parse_inbound(
+            &AgentId::parse("a").unwrap(),
+            f.clone(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert_eq!(m.media[0].content_type.as_deref(), Some("image/jpeg"));
+        assert_eq!(m.location.as_ref().unwrap().label.as_deref(), Some("Home"));
+        assert_eq!(m.button.as_ref().unwrap().payload.as_deref(), Some("yes"));
+        assert_eq!(m.profile_name.as_deref(), Some("Ana"));
+        assert_eq!(m.fields, f);
+        assert_eq!(m.session_id().to_string(), "twilio_a_+14155550100");
+    }
+
+    #[test]
+    fn says_what_is_missing() {
+        let a = AgentId::parse("a").unwrap();
+        let e = parse_inbound(
+            &a,
+            pairs(&[("From", "whatsapp:+1415")]),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "missing MessageSid");
+        let sid = format!("SM{}", "1".repeat(32));
+        let e = parse_inbound(
+            &a,
+            pairs(&[("MessageSid", &sid), ("From", "+1415"), ("To", "x")]),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("From:"), "{}", e.0);
+    }
+}

@@ -1,0 +1,341 @@
+//! Conversations end to end: the exact request Twilio receives, the session kept in Redis, the
+//! agent seeing the history, leads captured once, long replies split, duplicates answered once.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use support::{
+    fake_agent_webhook::FakeAgentWebhook,
+    fake_openai::FakeOpenAi,
+    harness::{ACCOUNT_SID, AUTH_TOKEN, SANDBOX, World, sid},
+};
+
+const FROM: &str = "+14155550100";
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn echo_reply_reaches_twilio_exactly_as_the_api_wants_it() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    assert_eq!(
+        w.wagate
+            .inbound("demo", &sid(1), FROM, "Hola ¿qué tal? 👋")
+            .await
+            .status(),
+        200
+    );
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let m = &sent[0];
+    assert_eq!(m.account_sid, ACCOUNT_SID);
+    assert_eq!(m.to, format!("whatsapp:{FROM}"));
+    assert_eq!(m.from, format!("whatsapp:{SANDBOX}"));
+    assert_eq!(m.body.as_deref(), Some("Hola ¿qué tal? 👋"));
+    assert_eq!(
+        m.status_callback.as_deref(),
+        Some(
+            format!(
+                "{}/webhooks/twilio/whatsapp/demo/status",
+                w.wagate.public_url
+            )
+            .as_str()
+        )
+    );
+    let raw = w
+        .twilio
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .unwrap();
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
+    );
+    assert_eq!(raw.authorization.as_deref(), Some(expected.as_str()));
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn session_keeps_the_whole_conversation_and_lead_is_captured() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    for (n, text) in ["one", "two", "three"].iter().enumerate() {
+        assert_eq!(
+            w.wagate
+                .inbound("demo", &sid(n as u64 + 1), FROM, text)
+                .await
+                .status(),
+            200
+        );
+        w.twilio.wait_for_sent(n + 1, WAIT).await;
+    }
+    let s: serde_json::Value = w
+        .wagate
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/agents/demo/sessions/{FROM}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["session_id"], format!("twilio_demo_{FROM}"));
+    let turns: Vec<(String, String)> = s["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["role"].as_str().unwrap().to_owned(),
+                t["content"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["one", "two", "three"]
+        .iter()
+        .flat_map(|t| {
+            [
+                ("user".to_owned(), t.to_string()),
+                ("assistant".to_owned(), t.to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(turns, expected);
+    let leads: serde_json::Value = w
+        .wagate
+        .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leads = leads.as_array().unwrap();
+    assert_eq!(leads.len(), 1);
+    assert_eq!(leads[0]["phone"], FROM);
+    assert_eq!(leads[0]["platform"], "whatsapp");
+    assert_eq!(leads[0]["profile_name"], "Test User");
+    assert_eq!(leads[0]["message_count"], 3);
+    let csv = w
+        .wagate
+        .admin(reqwest::Method::GET, "/v1/agents/demo/leads?format=csv")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        csv.starts_with("phone,platform,profile_name,first_seen,last_seen,message_count"),
+        "{csv}"
+    );
+    assert!(
+        csv.contains(&format!("{FROM},whatsapp,Test User,")),
+        "{csv}"
+    );
+}
+
+#[tokio::test]
+async fn openai_backend_gets_the_first_exchange_with_the_second_message() {
+    let model = FakeOpenAi::start("sk-test-key-123").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "bot",
+            serde_json::json!({
+                "kind": "openai", "base_url": model.base_url, "model": "gpt-test",
+                "api_key": "sk-test-key-123", "system_prompt": "You are terse."
+            }),
+        )
+        .await;
+    w.wagate.channel("bot", true).await;
+    w.wagate.inbound("bot", &sid(1), FROM, "What is 2+2?").await;
+    let first = w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate.inbound("bot", &sid(2), FROM, "And times 3?").await;
+    w.twilio.wait_for_sent(2, WAIT).await;
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let messages = requests[1]["messages"].as_array().unwrap();
+    let pairs: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap(),
+                m["content"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![
+            ("system", "You are terse."),
+            ("user", "What is 2+2?"),
+            ("assistant", first[0].body.as_deref().unwrap()),
+            ("user", "And times 3?"),
+        ]
+    );
+    assert_eq!(requests[1]["model"], "gpt-test");
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+#[tokio::test]
+async fn openai_backend_sends_images_as_image_parts() {
+    let model = FakeOpenAi::start("sk-test-key-123").await;
+    let w = World::start().await;
+    w.wagate.agent("bot", serde_json::json!({
+        "kind": "openai", "base_url": model.base_url, "model": "gpt-test", "api_key": "sk-test-key-123"
+    })).await;
+    w.wagate.channel("bot", true).await;
+    let mut form = support::harness::inbound_form(&sid(5), FROM, "what is this?");
+    form.extend([
+        (
+            "MediaUrl0".to_string(),
+            "https://api.twilio.com/2010-04-01/Accounts/AC/Messages/MM/Media/ME1".to_string(),
+        ),
+        ("MediaContentType0".to_string(), "image/jpeg".to_string()),
+    ]);
+    form.iter_mut().for_each(|(k, v)| {
+        if k == "NumMedia" {
+            *v = "1".into()
+        }
+    });
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/bot", &form, AUTH_TOKEN)
+        .await;
+    assert_eq!(r.status(), 200);
+    let req = &model.wait_for_requests(1, WAIT).await[0];
+    let content = req["messages"].as_array().unwrap().last().unwrap()["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content[0],
+        serde_json::json!({"type": "text", "text": "what is this?"})
+    );
+    assert_eq!(content[1]["type"], "image_url");
+    assert_eq!(
+        content[1]["image_url"]["url"],
+        "https://api.twilio.com/2010-04-01/Accounts/AC/Messages/MM/Media/ME1"
+    );
+}
+
+#[tokio::test]
+async fn webhook_backend_is_signed_and_its_reply_is_sent() {
+    let hook = FakeAgentWebhook::start("whsec-0123456789abcdef").await;
+    let w = World::start().await;
+    w.wagate.agent("biz", serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-0123456789abcdef"})).await;
+    w.wagate.channel("biz", true).await;
+    w.wagate.inbound("biz", &sid(1), FROM, "ping").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("webhook says: ping"));
+    assert_eq!(hook.bad_signatures(), 0);
+    let req = &hook.requests()[0];
+    assert_eq!(req["session_id"], format!("twilio_biz_{FROM}"));
+    assert_eq!(req["message"]["profile_name"], "Test User");
+}
+
+#[tokio::test]
+async fn one_lead_per_phone_whatever_the_concurrency() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let phones: Vec<String> = (0..5).map(|i| format!("+1415555020{i}")).collect();
+    let mut posts = Vec::new();
+    for (p, phone) in phones.iter().enumerate() {
+        for m in 0..8u64 {
+            let wagate = &w.wagate;
+            let id = sid(1000 * p as u64 + m);
+            let phone = phone.clone();
+            posts.push(async move {
+                wagate
+                    .inbound("demo", &id, &phone, &format!("m{m}"))
+                    .await
+                    .status()
+            });
+        }
+    }
+    let statuses = futures::future::join_all(posts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    w.twilio.wait_for_sent(40, Duration::from_secs(30)).await;
+    let leads: serde_json::Value = w
+        .wagate
+        .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leads = leads.as_array().unwrap();
+    assert_eq!(leads.len(), 5, "{leads:?}");
+    for lead in leads {
+        assert_eq!(lead["message_count"], 8, "{lead}");
+        assert!(phones.contains(&lead["phone"].as_str().unwrap().to_owned()));
+    }
+}
+
+#[tokio::test]
+async fn long_reply_is_split_in_order_and_whole() {
+    let model = FakeOpenAi::start("k").await;
+    let paragraph = |i: usize| {
+        format!(
+            "Paragraph {i}. {}",
+            "All work and no play makes a long reply. ".repeat(20)
+        )
+    };
+    let long: String = (0..8).map(paragraph).collect::<Vec<_>>().join("\n\n");
+    let reply = long.clone();
+    model.set_reply(move |_, _| reply.clone());
+    let w = World::start().await;
+    w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "k"})).await;
+    w.wagate.channel("bot", true).await;
+    w.wagate
+        .inbound("bot", &sid(1), FROM, "tell me a lot")
+        .await;
+    let expected_parts = shared::text::split_reply(&long, 1600);
+    assert!(expected_parts.len() >= 3);
+    let sent = w.twilio.wait_for_sent(expected_parts.len(), WAIT).await;
+    let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    assert_eq!(bodies, expected_parts, "parts arrive in order");
+    assert!(bodies.iter().all(|b| b.encode_utf16().count() <= 1600));
+    assert!(
+        bodies.iter().all(|b| b.starts_with("Paragraph")),
+        "cut at paragraph boundaries"
+    );
+    let squash = |s: &str| s.split_whitespace().collect::<String>();
+    assert_eq!(squash(&bodies.concat()), squash(&long));
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn same_message_sid_four_times_at_once_gets_one_reply() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let id = sid(42);
+    let posts = (0..4).map(|_| w.wagate.inbound("demo", &id, FROM, "once"));
+    let statuses = futures::future::join_all(posts).await;
+    assert!(statuses.iter().all(|r| r.status() == 200));
+    w.twilio.wait_for_sent(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.twilio.sent().len(), 1);
+    let leads: serde_json::Value = w
+        .wagate
+        .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(leads[0]["message_count"], 1);
+}

@@ -1,0 +1,1698 @@
+#![allow(dead_code)]
+//! A local stand-in for Twilio's Messages API (`/2010-04-01/Accounts/{AccountSid}/Messages.json`).
+//!
+//! It speaks Twilio's wire format and is strict where Twilio is: every request is checked
+//! against the slice of the official OpenAPI spec in `tests/fixtures/twilio_messages_api.json`
+//! (made by `scripts/extract-twilio-spec.py`), plus the documented limits the spec only states
+//! in prose. Whatever breaks a rule is answered like Twilio answers (a 4xx with Twilio's error
+//! JSON) *and* recorded in [`FakeTwilio::violations`], so a test that ends with
+//! `assert!(fake.violations().is_empty())` proves wagate only sent well-formed requests.
+//!
+//! Behaviour worth knowing when writing tests:
+//! - Credentials: only pairs given to [`FakeTwilio::add_account`] pass, and the path's
+//!   AccountSid must be that account. Wrong credentials are a 401/20003 but not a violation;
+//!   a missing or non-Basic `Authorization` header is both.
+//! - Scripted responses ([`FakeTwilio::push_response`]) replace the 201 of the next creates
+//!   that pass auth and validation, first in first out; a list (GET) never consumes them.
+//! - `Slow` and `AcceptButFail500` record the message before answering, like a Twilio that
+//!   queued it; `TwilioError`, `RateLimited`, `ServerError` and `Reset` do not record it.
+//! - The list (GET) answers newest first and filters `DateSent`, `DateSent<`, `DateSent>` by
+//!   calendar day (UTC) even when a time is given: Twilio documents only day granularity, so
+//!   the fake never answers more precisely than Twilio promises.
+//!
+//! This module is longer than most because it carries its own small date and pattern code
+//! (the test crate has no regex or time crate) to stay a single self-contained file.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::serve::{IncomingStream, Listener};
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// The spec slice, compiled in so the fake works in a fresh clone without `shared/`.
+const SPEC_FIXTURE: &str = include_str!("../fixtures/twilio_messages_api.json");
+/// Twilio's documented body limit (spec prose, error 21617), counted in UTF-16 code units.
+const BODY_LIMIT_UTF16: usize = 1600;
+/// "You can include up to ten `media_url` parameters per message" (spec prose, error 21623).
+const MEDIA_URL_LIMIT: usize = 10;
+/// Error 21609: "The maximum length of the StatusCallback is 4000 characters."
+const STATUS_CALLBACK_LIMIT: usize = 4000;
+/// Content API docs: at most 100 variables, keys up to 16 characters, values up to 1600.
+const CONTENT_VARIABLES_MAX_PAIRS: usize = 100;
+const CONTENT_VARIABLE_KEY_LIMIT: usize = 16;
+const CONTENT_VARIABLE_VALUE_LIMIT: usize = 1600;
+const DEFAULT_PAGE_SIZE: usize = 50;
+
+/// A message create that the fake accepted (answered 201, or recorded by a scripted outcome).
+#[derive(Clone, Debug)]
+pub struct SentMessage {
+    pub sid: String,
+    pub account_sid: String,
+    pub to: String,
+    /// The `From` field; empty when the message was sent through `MessagingServiceSid` alone.
+    pub from: String,
+    pub body: Option<String>,
+    pub content_sid: Option<String>,
+    pub content_variables: Option<String>,
+    pub status_callback: Option<String>,
+    /// Every form field in arrival order (repeated keys such as `MediaUrl` appear repeatedly).
+    pub form: Vec<(String, String)>,
+    pub received_at: SystemTime,
+}
+
+/// Any request the fake received, accepted or not.
+#[derive(Clone, Debug)]
+pub struct RawRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// What the next valid create gets instead of 201 (see [`FakeTwilio::push_response`]).
+#[derive(Clone, Debug)]
+pub enum ScriptedResponse {
+    /// Any Twilio error, e.g. `{ status: 400, code: 63016, .. }`. The message is not recorded.
+    TwilioError {
+        status: u16,
+        code: u32,
+        message: String,
+    },
+    /// 429 with code 20429 and, when given, a `Retry-After` header. Not recorded.
+    RateLimited { retry_after_secs: Option<u64> },
+    /// 500 with code 20500. Not recorded.
+    ServerError,
+    /// Records the message, waits, then answers 201.
+    Slow(Duration),
+    /// Closes the connection without answering. Not recorded.
+    Reset,
+    /// Records the message as sent, then answers 500/20500: the ambiguous outcome.
+    AcceptButFail500,
+}
+
+/// A running fake Twilio. Cloning shares the same server; it stops when the last clone drops.
+#[derive(Clone)]
+pub struct FakeTwilio {
+    /// `http://127.0.0.1:PORT`, to be used as `WAGATE_TWILIO_API_BASE`.
+    pub base_url: String,
+    shared: Arc<Shared>,
+    _server: Arc<ServerGuard>,
+}
+
+impl FakeTwilio {
+    pub async fn start() -> FakeTwilio {
+        let spec = spec();
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("fake twilio: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("fake twilio: local_addr");
+        let shared = Arc::new(Shared {
+            spec,
+            state: Mutex::new(FakeState::default()),
+            sent_changed: Notify::new(),
+            sid_seed: format!("{addr}-{:?}", SystemTime::now()),
+        });
+        let app = Router::new()
+            .fallback(handle)
+            .with_state(shared.clone())
+            .into_make_service_with_connect_info::<Conn>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(ClosableListener(listener), app).await;
+        });
+        FakeTwilio {
+            base_url: format!("http://{addr}"),
+            shared,
+            _server: Arc::new(ServerGuard(task.abort_handle())),
+        }
+    }
+
+    /// Registers an account; only these `AccountSid:AuthToken` pairs are accepted.
+    pub fn add_account(&self, account_sid: &str, auth_token: &str) {
+        self.state()
+            .accounts
+            .insert(account_sid.to_owned(), auth_token.to_owned());
+    }
+
+    /// Every accepted create, in arrival order.
+    pub fn sent(&self) -> Vec<SentMessage> {
+        self.state()
+            .sent
+            .iter()
+            .map(|m| m.message.clone())
+            .collect()
+    }
+
+    /// Waits until at least `n` creates were accepted and returns all of them; panics with
+    /// what did arrive (and any violations) if that takes longer than `timeout`.
+    pub async fn wait_for_sent(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.sent_changed.notified();
+            let sent = self.sent();
+            if sent.len() >= n {
+                return sent;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("{}", self.wait_failure(n, timeout));
+            }
+        }
+    }
+
+    /// Every request of any kind, rejected ones included, in arrival order.
+    pub fn requests(&self) -> Vec<RawRequest> {
+        self.state().requests.clone()
+    }
+
+    /// Spec violations seen so far, one readable line each.
+    pub fn violations(&self) -> Vec<String> {
+        self.state().violations.clone()
+    }
+
+    /// Queues an outcome for the next valid create (FIFO).
+    pub fn push_response(&self, r: ScriptedResponse) {
+        self.state().script.push_back(r);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.shared.state()
+    }
+
+    fn wait_failure(&self, n: usize, timeout: Duration) -> String {
+        let state = self.state();
+        let mut out = format!(
+            "fake twilio: expected at least {n} sent message(s) within {timeout:?}, got {}",
+            state.sent.len()
+        );
+        for (i, m) in state.sent.iter().enumerate() {
+            let m = &m.message;
+            out.push_str(&format!(
+                "\n  sent[{i}] {} to={} from={} body={:?} content_sid={:?}",
+                m.sid, m.to, m.from, m.body, m.content_sid
+            ));
+        }
+        out.push_str(&format!("\n  {} request(s) in all:", state.requests.len()));
+        for r in state.requests.iter().rev().take(20).rev() {
+            let body = String::from_utf8_lossy(&r.body);
+            out.push_str(&format!(
+                "\n    {} {} {}",
+                r.method,
+                r.path,
+                truncate(&body, 200)
+            ));
+        }
+        if state.violations.is_empty() {
+            out.push_str("\n  no violations");
+        } else {
+            out.push_str("\n  violations:");
+            for v in &state.violations {
+                out.push_str(&format!("\n    {v}"));
+            }
+        }
+        out
+    }
+}
+
+struct ServerGuard(tokio::task::AbortHandle);
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Shared {
+    spec: &'static Spec,
+    state: Mutex<FakeState>,
+    sent_changed: Notify,
+    sid_seed: String,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        // A panicking test thread must not hide the recorded evidence from the next assert.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn violation(&self, line: String) {
+        self.state().violations.push(line);
+    }
+
+    fn new_sid(&self, prefix: &str, counter: u64) -> String {
+        let digest = Sha256::digest(format!("{}|{prefix}|{counter}", self.sid_seed));
+        format!("{prefix}{}", hex::encode(&digest[..16]))
+    }
+}
+
+#[derive(Default)]
+struct FakeState {
+    accounts: HashMap<String, String>,
+    sent: Vec<Stored>,
+    requests: Vec<RawRequest>,
+    violations: Vec<String>,
+    script: VecDeque<ScriptedResponse>,
+    counter: u64,
+}
+
+/// A sent message plus what the API shows about it.
+#[derive(Clone)]
+struct Stored {
+    message: SentMessage,
+    messaging_service_sid: Option<String>,
+    status: &'static str,
+    num_media: usize,
+    created_secs: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request handling
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header_str = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let raw = RawRequest {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        authorization: header_str(header::AUTHORIZATION),
+        content_type: header_str(header::CONTENT_TYPE),
+        body: body.to_vec(),
+    };
+    shared.state().requests.push(raw.clone());
+    let what = format!("{} {}", raw.method, raw.path);
+
+    let Some(account_sid) = messages_path_account(&raw.path) else {
+        shared.violation(format!(
+            "{what}: no such endpoint in the fake (only {})",
+            shared.spec.path
+        ));
+        return not_found(&raw.path);
+    };
+    if let Err(e) = shared.spec.account_sid.check(&account_sid) {
+        shared.violation(format!("{what}: path AccountSid {account_sid:?} {e}"));
+        return not_found(&raw.path);
+    }
+    if !authenticated(&shared, &what, &account_sid, raw.authorization.as_deref()) {
+        return twilio_error(401, 20003, "Authenticate");
+    }
+    match method {
+        Method::POST => create(&shared, &conn, &what, &account_sid, &raw).await,
+        Method::GET => list(&shared, &what, &account_sid, &raw),
+        _ => {
+            shared.violation(format!(
+                "{what}: method not allowed (the spec has POST and GET)"
+            ));
+            twilio_error(405, 20004, "Method not allowed")
+        }
+    }
+}
+
+/// `Some(AccountSid)` when `path` is the Messages list resource.
+fn messages_path_account(path: &str) -> Option<String> {
+    let sid = path
+        .strip_prefix("/2010-04-01/Accounts/")?
+        .strip_suffix("/Messages.json")?;
+    (!sid.is_empty() && !sid.contains('/')).then(|| sid.to_owned())
+}
+
+/// Whether the Basic credentials are a registered pair for the path's account.
+fn authenticated(
+    shared: &Shared,
+    what: &str,
+    path_account: &str,
+    authorization: Option<&str>,
+) -> bool {
+    let Some(header) = authorization else {
+        shared.violation(format!(
+            "{what}: no Authorization header (the spec requires HTTP Basic)"
+        ));
+        return false;
+    };
+    let Some((user, pass)) = parse_basic(header) else {
+        shared.violation(format!(
+            "{what}: Authorization is not HTTP Basic: {header:?}"
+        ));
+        return false;
+    };
+    let state = shared.state();
+    let known = state
+        .accounts
+        .get(&user)
+        .is_some_and(|token| *token == pass);
+    known && user == path_account
+}
+
+fn parse_basic(header: &str) -> Option<(String, String)> {
+    let (scheme, encoded) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
+}
+
+async fn create(
+    shared: &Arc<Shared>,
+    conn: &Conn,
+    what: &str,
+    account_sid: &str,
+    raw: &RawRequest,
+) -> Response {
+    let content_type = raw.content_type.as_deref().unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case(&shared.spec.create_content_type) {
+        shared.violation(format!(
+            "{what}: Content-Type {content_type:?}, the spec accepts only {}",
+            shared.spec.create_content_type
+        ));
+        // Twilio does not parse other bodies, so it sees no `To` at all.
+        return twilio_error(400, 21604, "A 'To' phone number is required.");
+    }
+    let form: Vec<(String, String)> = form_urlencoded::parse(&raw.body).into_owned().collect();
+    let problems = validate_create(shared.spec, &form);
+    if let Some(first) = problems.first() {
+        for p in &problems {
+            shared.violation(format!("{what}: {} (Twilio code {})", p.message, p.code));
+        }
+        return twilio_error(first.status, first.code, &first.message);
+    }
+
+    let scripted = shared.state().script.pop_front();
+    match scripted {
+        None => created(shared, account_sid, form),
+        Some(ScriptedResponse::TwilioError {
+            status,
+            code,
+            message,
+        }) => twilio_error(status, code, &message),
+        Some(ScriptedResponse::RateLimited { retry_after_secs }) => {
+            let mut resp = twilio_error(429, 20429, "Too Many Requests");
+            if let Some(secs) = retry_after_secs {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            resp
+        }
+        Some(ScriptedResponse::ServerError) => {
+            twilio_error(500, 20500, "An internal server error has occurred")
+        }
+        Some(ScriptedResponse::Slow(delay)) => {
+            let resp = created(shared, account_sid, form);
+            tokio::time::sleep(delay).await;
+            resp
+        }
+        Some(ScriptedResponse::Reset) => {
+            conn.kill.store(true, Ordering::SeqCst);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Some(ScriptedResponse::AcceptButFail500) => {
+            let _ = created(shared, account_sid, form);
+            twilio_error(500, 20500, "An internal server error has occurred")
+        }
+    }
+}
+
+/// Records an accepted create and builds its 201.
+fn created(shared: &Shared, account_sid: &str, form: Vec<(String, String)>) -> Response {
+    let field = |name: &str| {
+        form.iter()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    let now = SystemTime::now();
+    let messaging_service_sid = field("MessagingServiceSid");
+    let from = field("From");
+    // Twilio's documented first status: `accepted` for a Messaging Service without From.
+    let status = if messaging_service_sid.is_some() && from.is_none() {
+        "accepted"
+    } else {
+        "queued"
+    };
+    let num_media = form.iter().filter(|(k, _)| k == "MediaUrl").count();
+    let stored = {
+        let mut state = shared.state();
+        state.counter += 1;
+        let mut counter = state.counter;
+        let prefix = if num_media > 0 { "MM" } else { "SM" };
+        let mut sid = shared.new_sid(prefix, counter);
+        while state.sent.iter().any(|m| m.message.sid == sid) {
+            counter += 1 << 32;
+            sid = shared.new_sid(prefix, counter);
+        }
+        let stored = Stored {
+            message: SentMessage {
+                sid,
+                account_sid: account_sid.to_owned(),
+                to: field("To").unwrap_or_default(),
+                from: from.unwrap_or_default(),
+                body: field("Body"),
+                content_sid: field("ContentSid"),
+                content_variables: field("ContentVariables"),
+                status_callback: field("StatusCallback"),
+                form: form.clone(),
+                received_at: now,
+            },
+            messaging_service_sid,
+            status,
+            num_media,
+            created_secs: unix_secs(now),
+        };
+        state.sent.push(stored.clone());
+        stored
+    };
+    shared.sent_changed.notify_waiters();
+    json_response(201, message_json(shared.spec, &stored))
+}
+
+/// The `api.v2010.account.message` resource, with exactly the spec's properties.
+fn message_json(spec: &Spec, m: &Stored) -> Value {
+    let msg = &m.message;
+    let date = rfc2822(m.created_secs);
+    let uri_base = format!(
+        "/2010-04-01/Accounts/{}/Messages/{}",
+        msg.account_sid, msg.sid
+    );
+    let nullable = |v: &str| {
+        if v.is_empty() { Value::Null } else { json!(v) }
+    };
+    let mut out = Map::new();
+    for name in &spec.message_properties {
+        let value = match name.as_str() {
+            "account_sid" => json!(msg.account_sid),
+            "api_version" => json!("2010-04-01"),
+            "body" => json!(msg.body.clone().unwrap_or_default()),
+            "date_created" | "date_sent" | "date_updated" => json!(date),
+            "direction" => json!("outbound-api"),
+            "error_code" | "error_message" | "price" | "price_unit" => Value::Null,
+            "from" => nullable(&msg.from),
+            "to" => json!(msg.to),
+            "messaging_service_sid" => json!(m.messaging_service_sid),
+            "num_media" => json!(m.num_media.to_string()),
+            "num_segments" => json!("1"),
+            "sid" => json!(msg.sid),
+            "status" => json!(m.status),
+            "subresource_uris" => json!({
+                "media": format!("{uri_base}/Media.json"),
+                "feedback": format!("{uri_base}/Feedback.json"),
+            }),
+            "uri" => json!(format!("{uri_base}.json")),
+            other => unreachable!("checked when the spec fixture was loaded: {other}"),
+        };
+        if let (Some(text), Some(schema)) = (value.as_str(), spec.message_schemas.get(name)) {
+            // Only SIDs carry patterns; a failure here is a bug in the fake, not in wagate.
+            if let Err(e) = schema.check_string(text) {
+                panic!("fake twilio answers {name}={text:?}, which {e}");
+            }
+        }
+        out.insert(name.clone(), value);
+    }
+    Value::Object(out)
+}
+
+/// The Twilio error messages the fake answers with for each kind of problem.
+struct Problem {
+    status: u16,
+    code: u32,
+    message: String,
+}
+
+fn problem(code: u32, message: String) -> Problem {
+    Problem {
+        status: 400,
+        code,
+        message,
+    }
+}
+
+/// Checks a CreateMessage form against the spec and the documented limits.
+fn validate_create(spec: &Spec, form: &[(String, String)]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let present = |name: &str| form.iter().any(|(k, v)| k == name && !v.is_empty());
+    let first = |name: &str| {
+        form.iter()
+            .find(|(k, v)| k == name && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    };
+
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, value) in form {
+        *seen.entry(name.as_str()).or_default() += 1;
+        let Some(schema) = spec.create_properties.get(name) else {
+            problems.push(problem(
+                20001,
+                format!(
+                    "unknown parameter {name:?}: not a property of the CreateMessage request schema"
+                ),
+            ));
+            continue;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        if let Err(e) = schema.check(value) {
+            problems.push(problem(
+                code_for_invalid(name),
+                format!("{name}={value:?} {e}"),
+            ));
+        }
+    }
+    for (name, count) in &seen {
+        let is_array = spec
+            .create_properties
+            .get(*name)
+            .is_some_and(|s| s.ty == "array");
+        if *count > 1 && !is_array {
+            problems.push(problem(
+                60200,
+                format!("{name} sent {count} times; it is not an array"),
+            ));
+        }
+    }
+    for name in &spec.create_required {
+        if !present(name) {
+            let code = if name == "To" { 21604 } else { 60200 };
+            problems.push(problem(
+                code,
+                format!("required parameter {name} is missing"),
+            ));
+        }
+    }
+    for group in &spec.create_conditional {
+        if !group.iter().any(|n| present(n)) {
+            let code = if group.iter().any(|n| n == "From") {
+                21603
+            } else {
+                21619
+            };
+            problems.push(problem(
+                code,
+                format!("one of {} is required", group.join(" | ")),
+            ));
+        }
+    }
+
+    if let Some(body) = first("Body") {
+        let units = body.encode_utf16().count();
+        if units > BODY_LIMIT_UTF16 {
+            problems.push(problem(
+                21617,
+                format!("Body is {units} UTF-16 code units, over the {BODY_LIMIT_UTF16} limit"),
+            ));
+        }
+    }
+    let media = form.iter().filter(|(k, _)| k == "MediaUrl").count();
+    if media > MEDIA_URL_LIMIT {
+        problems.push(problem(
+            21623,
+            format!("{media} MediaUrl values, over the limit of {MEDIA_URL_LIMIT}"),
+        ));
+    }
+    if let Some(url) = first("StatusCallback")
+        && url.chars().count() > STATUS_CALLBACK_LIMIT
+    {
+        problems.push(problem(
+            21609,
+            format!("StatusCallback over {STATUS_CALLBACK_LIMIT} characters"),
+        ));
+    }
+    if let Some(vars) = first("ContentVariables") {
+        if let Err(e) = check_content_variables(vars) {
+            problems.push(problem(21656, format!("ContentVariables={vars:?} {e}")));
+        }
+        if !present("ContentSid") {
+            problems.push(problem(
+                21656,
+                "ContentVariables given without ContentSid".to_owned(),
+            ));
+        }
+    }
+    if let (Some(from), Some(to)) = (first("From"), first("To"))
+        && channel_of(from) != channel_of(to)
+    {
+        problems.push(problem(
+            21910,
+            format!("From {from:?} and To {to:?} are not on the same channel"),
+        ));
+    }
+    problems
+}
+
+fn code_for_invalid(name: &str) -> u32 {
+    match name {
+        "To" => 21211,
+        "From" => 21212,
+        "StatusCallback" => 21609,
+        "ContentSid" => 21655,
+        "MessagingServiceSid" => 21705,
+        "MediaUrl" => 21620,
+        _ => 60200,
+    }
+}
+
+fn check_content_variables(vars: &str) -> Result<(), String> {
+    let parsed: Value = serde_json::from_str(vars).map_err(|e| format!("is not JSON: {e}"))?;
+    let Value::Object(map) = parsed else {
+        return Err("is not a JSON object".to_owned());
+    };
+    if map.len() > CONTENT_VARIABLES_MAX_PAIRS {
+        return Err(format!(
+            "has {} variables, over {CONTENT_VARIABLES_MAX_PAIRS}",
+            map.len()
+        ));
+    }
+    for (key, value) in &map {
+        if key.chars().count() > CONTENT_VARIABLE_KEY_LIMIT {
+            return Err(format!(
+                "key {key:?} is over {CONTENT_VARIABLE_KEY_LIMIT} characters"
+            ));
+        }
+        if let Value::String(s) = value
+            && s.chars().count() > CONTENT_VARIABLE_VALUE_LIMIT
+        {
+            return Err(format!(
+                "value of {key:?} is over {CONTENT_VARIABLE_VALUE_LIMIT} characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `whatsapp` for `whatsapp:+1…`, empty for a bare phone number.
+fn channel_of(address: &str) -> &str {
+    address.split_once(':').map(|(c, _)| c).unwrap_or("")
+}
+
+fn list(shared: &Shared, what: &str, account_sid: &str, raw: &RawRequest) -> Response {
+    let query: Vec<(String, String)> = raw
+        .query
+        .as_deref()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    match parse_list_query(shared.spec, &query) {
+        Ok(q) => json_response(200, list_page(shared, account_sid, &q)),
+        Err(problems) => {
+            for p in &problems {
+                shared.violation(format!("{what}: {} (Twilio code {})", p.message, p.code));
+            }
+            let first = &problems[0];
+            twilio_error(first.status, first.code, &first.message)
+        }
+    }
+}
+
+#[derive(Default)]
+struct ListQuery {
+    to: Option<String>,
+    from: Option<String>,
+    on_day: Option<i64>,
+    from_day: Option<i64>,
+    until_day: Option<i64>,
+    page_size: Option<usize>,
+    page: usize,
+    /// Filters as received, for the `uri` fields.
+    echo: Vec<(String, String)>,
+}
+
+fn parse_list_query(spec: &Spec, query: &[(String, String)]) -> Result<ListQuery, Vec<Problem>> {
+    let mut q = ListQuery::default();
+    let mut problems = Vec::new();
+    for (name, value) in query {
+        let Some(schema) = spec.list_parameters.get(name) else {
+            problems.push(problem(
+                20001,
+                format!(
+                    "unknown query parameter {name:?} (ListMessage has {})",
+                    spec.list_parameters
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+            continue;
+        };
+        let day = || {
+            parse_filter_day(value).ok_or_else(|| {
+                problem(
+                    60200,
+                    format!("{name}={value:?} is not a date the fake understands (YYYY-MM-DD, ISO 8601 or RFC 2822)"),
+                )
+            })
+        };
+        let result = match name.as_str() {
+            "DateSent" => day().map(|d| q.on_day = Some(d)),
+            "DateSent>" => day().map(|d| q.from_day = Some(d)),
+            "DateSent<" => day().map(|d| q.until_day = Some(d)),
+            _ => schema
+                .check(value)
+                .map_err(|e| problem(60200, format!("{name}={value:?} {e}"))),
+        };
+        if let Err(p) = result {
+            problems.push(p);
+            continue;
+        }
+        match name.as_str() {
+            "To" => q.to = Some(value.clone()),
+            "From" => q.from = Some(value.clone()),
+            "PageSize" => q.page_size = value.parse().ok(),
+            "Page" => q.page = value.parse().unwrap_or(0),
+            _ => {}
+        }
+        if !matches!(name.as_str(), "Page" | "PageSize" | "PageToken") {
+            q.echo.push((name.clone(), value.clone()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(q)
+    } else {
+        Err(problems)
+    }
+}
+
+fn list_page(shared: &Shared, account_sid: &str, q: &ListQuery) -> Value {
+    let matching: Vec<Stored> = {
+        let state = shared.state();
+        let mut v: Vec<Stored> = state
+            .sent
+            .iter()
+            .filter(|m| m.message.account_sid == account_sid)
+            .filter(|m| q.to.as_ref().is_none_or(|t| *t == m.message.to))
+            .filter(|m| q.from.as_ref().is_none_or(|f| *f == m.message.from))
+            .filter(|m| {
+                let day = m.created_secs.div_euclid(86_400);
+                q.on_day.is_none_or(|d| day == d)
+                    && q.from_day.is_none_or(|d| day >= d)
+                    && q.until_day.is_none_or(|d| day <= d)
+            })
+            .cloned()
+            .collect();
+        v.reverse(); // newest first, like Twilio
+        v
+    };
+    let page_size = q.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+    let start = q.page * page_size;
+    let items: Vec<Value> = matching
+        .iter()
+        .skip(start)
+        .take(page_size)
+        .map(|m| message_json(shared.spec, m))
+        .collect();
+    let page_uri = |page: usize| {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &q.echo {
+            ser.append_pair(k, v);
+        }
+        ser.append_pair("PageSize", &page_size.to_string());
+        ser.append_pair("Page", &page.to_string());
+        if page > 0 {
+            ser.append_pair("PageToken", &format!("PASM{page:032x}"));
+        }
+        format!(
+            "/2010-04-01/Accounts/{account_sid}/Messages.json?{}",
+            ser.finish()
+        )
+    };
+    let has_next = matching.len() > start + items.len();
+    let end = (start + items.len()).saturating_sub(1).max(start);
+    let mut out = Map::new();
+    for name in &shared.spec.list_properties {
+        let value = match name.as_str() {
+            "end" => json!(end),
+            "first_page_uri" => json!(page_uri(0)),
+            "next_page_uri" => {
+                if has_next {
+                    json!(page_uri(q.page + 1))
+                } else {
+                    Value::Null
+                }
+            }
+            "page" => json!(q.page),
+            "page_size" => json!(page_size),
+            "previous_page_uri" => {
+                if q.page > 0 {
+                    json!(page_uri(q.page - 1))
+                } else {
+                    Value::Null
+                }
+            }
+            "start" => json!(start),
+            "uri" => json!(page_uri(q.page)),
+            "messages" => Value::Array(items.clone()),
+            other => unreachable!("checked when the spec fixture was loaded: {other}"),
+        };
+        out.insert(name.clone(), value);
+    }
+    Value::Object(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+fn twilio_error(status: u16, code: u32, message: &str) -> Response {
+    json_response(
+        status,
+        json!({
+            "code": code,
+            "message": message,
+            "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+            "status": status,
+        }),
+    )
+}
+
+fn not_found(path: &str) -> Response {
+    twilio_error(
+        404,
+        20404,
+        &format!("The requested resource {path} was not found"),
+    )
+}
+
+fn json_response(status: u16, body: Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let request_id = format!(
+        "RQ{}",
+        hex::encode(&Sha256::digest(format!("{:?}", SystemTime::now()))[..16])
+    );
+    let mut resp = (status, body.to_string()).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("Twilio-Request-Id", v);
+    }
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------
+// The spec fixture
+
+struct Spec {
+    path: String,
+    account_sid: Schema,
+    create_content_type: String,
+    create_required: Vec<String>,
+    create_conditional: Vec<Vec<String>>,
+    create_properties: HashMap<String, Schema>,
+    list_parameters: BTreeMap<String, Schema>,
+    list_properties: Vec<String>,
+    message_properties: Vec<String>,
+    /// The message schema, used to check the fake's own answers.
+    message_schemas: HashMap<String, Schema>,
+}
+
+/// The message fields [`message_json`] knows how to fill.
+const MESSAGE_FIELDS: &[&str] = &[
+    "account_sid",
+    "api_version",
+    "body",
+    "date_created",
+    "date_sent",
+    "date_updated",
+    "direction",
+    "error_code",
+    "error_message",
+    "from",
+    "to",
+    "messaging_service_sid",
+    "num_media",
+    "num_segments",
+    "price",
+    "price_unit",
+    "sid",
+    "status",
+    "subresource_uris",
+    "uri",
+];
+/// The list-page fields [`list_page`] knows how to fill.
+const LIST_FIELDS: &[&str] = &[
+    "end",
+    "first_page_uri",
+    "next_page_uri",
+    "page",
+    "page_size",
+    "previous_page_uri",
+    "start",
+    "uri",
+    "messages",
+];
+
+fn spec() -> &'static Spec {
+    static SPEC: OnceLock<Spec> = OnceLock::new();
+    SPEC.get_or_init(|| Spec::load(SPEC_FIXTURE))
+}
+
+impl Spec {
+    /// Panics with a pointed message when the fixture and this fake disagree, so that
+    /// regenerating the fixture from a newer spec cannot silently weaken the checks.
+    fn load(text: &str) -> Spec {
+        let v: Value = serde_json::from_str(text).expect("fixture is JSON");
+        let obj = |v: &Value, key: &str| -> Map<String, Value> {
+            v.get(key)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_else(|| panic!("twilio fixture: missing object {key:?}"))
+        };
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .expect("twilio fixture: expected an array of strings")
+                .iter()
+                .map(|s| s.as_str().expect("string").to_owned())
+                .collect()
+        };
+        let create = &v["create"];
+        let list = &v["list"];
+        let message_properties: Vec<String> =
+            obj(&v["message"], "properties").keys().cloned().collect();
+        let list_properties: Vec<String> =
+            obj(list, "response_properties").keys().cloned().collect();
+        for (have, known, what) in [
+            (&message_properties, MESSAGE_FIELDS, "message"),
+            (&list_properties, LIST_FIELDS, "list page"),
+        ] {
+            let unknown: Vec<_> = have
+                .iter()
+                .filter(|p| !known.contains(&p.as_str()))
+                .collect();
+            let missing: Vec<_> = known
+                .iter()
+                .filter(|k| !have.iter().any(|p| p == *k))
+                .collect();
+            assert!(
+                unknown.is_empty() && missing.is_empty(),
+                "twilio fixture: the {what} schema changed (new: {unknown:?}, gone: {missing:?}); teach fake_twilio.rs"
+            );
+        }
+        let schemas = |m: Map<String, Value>| -> Vec<(String, Schema)> {
+            m.into_iter()
+                .map(|(k, s)| {
+                    let schema = Schema::from_json(&s)
+                        .unwrap_or_else(|e| panic!("twilio fixture: {k}: {e}"));
+                    (k, schema)
+                })
+                .collect()
+        };
+        let path_params = obj(&v, "path_parameters");
+        let message_schemas = schemas(obj(&v["message"], "properties"))
+            .into_iter()
+            .collect();
+        Spec {
+            path: v["path"].as_str().expect("path").to_owned(),
+            account_sid: Schema::from_json(&path_params["AccountSid"]).expect("AccountSid schema"),
+            create_content_type: create["content_type"]
+                .as_str()
+                .expect("content_type")
+                .to_owned(),
+            create_required: strings(&create["required"]),
+            create_conditional: create["conditional"]
+                .as_array()
+                .expect("conditional")
+                .iter()
+                .map(strings)
+                .collect(),
+            create_properties: schemas(obj(create, "properties")).into_iter().collect(),
+            list_parameters: schemas(obj(list, "query_parameters")).into_iter().collect(),
+            list_properties,
+            message_properties,
+            message_schemas,
+        }
+    }
+}
+
+/// One property's checks: the subset of JSON Schema the fixture uses.
+struct Schema {
+    ty: String,
+    format: Option<String>,
+    ignore_format: bool,
+    enumeration: Option<Vec<String>>,
+    pattern: Option<Pattern>,
+    min_length: Option<usize>,
+    max_length: Option<usize>,
+    minimum: Option<i64>,
+    maximum: Option<i64>,
+    items: Option<Box<Schema>>,
+}
+
+impl Schema {
+    fn from_json(v: &Value) -> Result<Schema, String> {
+        let usize_of = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as usize);
+        let int_of = |k: &str| v.get(k).and_then(Value::as_i64);
+        Ok(Schema {
+            ty: v
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or("no type")?
+                .to_owned(),
+            format: v.get("format").and_then(Value::as_str).map(str::to_owned),
+            ignore_format: v
+                .pointer("/x-twilio/ignoreFormat")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            enumeration: v.get("enum").and_then(Value::as_array).map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            pattern: match v.get("pattern").and_then(Value::as_str) {
+                Some(p) => Some(Pattern::parse(p)?),
+                None => None,
+            },
+            min_length: usize_of("minLength"),
+            max_length: usize_of("maxLength"),
+            minimum: int_of("minimum"),
+            maximum: int_of("maximum"),
+            items: match v.get("items") {
+                Some(items) => Some(Box::new(Schema::from_json(items)?)),
+                None => None,
+            },
+        })
+    }
+
+    /// Checks one form or query value; the error completes a sentence after the value.
+    fn check(&self, value: &str) -> Result<(), String> {
+        match self.ty.as_str() {
+            "array" => match &self.items {
+                Some(items) => items.check(value),
+                None => Ok(()),
+            },
+            "integer" => {
+                let n: i64 = value.parse().map_err(|_| "is not an integer".to_owned())?;
+                if let Some(min) = self.minimum
+                    && n < min
+                {
+                    return Err(format!("is below the minimum {min}"));
+                }
+                if let Some(max) = self.maximum
+                    && n > max
+                {
+                    return Err(format!("is above the maximum {max}"));
+                }
+                Ok(())
+            }
+            "number" => value
+                .parse::<f64>()
+                .map(|_| ())
+                .map_err(|_| "is not a number".to_owned()),
+            "boolean" => {
+                if value.eq_ignore_ascii_case("true") || value.eq_ignore_ascii_case("false") {
+                    Ok(())
+                } else {
+                    Err("is not true or false".to_owned())
+                }
+            }
+            "string" => self.check_string(value),
+            other => Err(format!(
+                "has schema type {other:?}, which the fake does not know"
+            )),
+        }
+    }
+
+    fn check_string(&self, value: &str) -> Result<(), String> {
+        let len = value.chars().count();
+        if let Some(min) = self.min_length
+            && len < min
+        {
+            return Err(format!("is {len} characters, shorter than {min}"));
+        }
+        if let Some(max) = self.max_length
+            && len > max
+        {
+            return Err(format!("is {len} characters, longer than {max}"));
+        }
+        if let Some(p) = &self.pattern
+            && !p.matches(value)
+        {
+            return Err(format!("does not match {}", p.source));
+        }
+        if let Some(allowed) = &self.enumeration
+            && !allowed.iter().any(|a| a == value)
+        {
+            return Err(format!("is not one of {allowed:?}"));
+        }
+        match self.format.as_deref() {
+            _ if self.ignore_format => Ok(()),
+            Some("phone-number") => check_address(value),
+            Some("uri") => check_http_url(value),
+            Some("date-time") => parse_iso8601(value)
+                .map(|_| ())
+                .ok_or_else(|| "is not an ISO 8601 date-time".to_owned()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Twilio's `phone-number` format: E.164, a short code, or a channel address (`whatsapp:+1…`).
+fn check_address(value: &str) -> Result<(), String> {
+    let is_e164 = |s: &str| {
+        let digits = s.strip_prefix('+').unwrap_or("");
+        (2..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+    };
+    let is_short_code =
+        |s: &str| (3..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    if is_e164(value) || is_short_code(value) {
+        return Ok(());
+    }
+    let Some((channel, address)) = value.split_once(':') else {
+        return Err(
+            "is neither E.164 (+14155550100) nor a channel address (whatsapp:+14155550100)"
+                .to_owned(),
+        );
+    };
+    if channel.is_empty() || !channel.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(format!(
+            "has channel prefix {channel:?}, expected e.g. \"whatsapp\""
+        ));
+    }
+    if address.is_empty() || address.chars().any(char::is_whitespace) {
+        return Err(
+            "has an empty address or whitespace in it (a '+' sent unencoded becomes a space)"
+                .to_owned(),
+        );
+    }
+    if channel == "whatsapp"
+        && (address.starts_with('+') || address.starts_with(|c: char| c.is_ascii_digit()))
+        && !is_e164(address)
+    {
+        return Err(
+            "is a whatsapp: address whose number is not E.164 (+ and 2-15 digits)".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// An absolute http(s) URL with a valid hostname ("underscores are not allowed").
+fn check_http_url(value: &str) -> Result<(), String> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or("is not an absolute http(s) URL")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if host_port.starts_with('[') {
+        let end = host_port.find(']').ok_or("has an unclosed IPv6 literal")?;
+        (&host_port[..=end], host_port[end + 1..].strip_prefix(':'))
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    if !host.starts_with('[')
+        && !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "has host {host:?}, which is not a valid hostname (no underscores)"
+        ));
+    }
+    if let Some(p) = port
+        && (p.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("has port {p:?}"));
+    }
+    if value.chars().any(char::is_whitespace) {
+        return Err("contains whitespace".to_owned());
+    }
+    Ok(())
+}
+
+/// The few regular-expression forms the spec's patterns use: anchors, literals, `\d`,
+/// classes with ranges, `(a|b)` groups of literals, and `{n}`, `{n,m}`, `?`, `*`, `+`.
+/// Anything else fails at fixture load, never silently.
+struct Pattern {
+    source: String,
+    anchored_start: bool,
+    anchored_end: bool,
+    pieces: Vec<Piece>,
+}
+
+struct Piece {
+    atom: Atom,
+    min: usize,
+    max: usize,
+}
+
+enum Atom {
+    Literal(char),
+    Class(Vec<(char, char)>),
+    Alternatives(Vec<Vec<char>>),
+}
+
+impl Pattern {
+    fn parse(source: &str) -> Result<Pattern, String> {
+        let unsupported =
+            |what: &str| format!("pattern {source:?}: {what} is not supported by the fake");
+        let mut chars: Vec<char> = source.chars().collect();
+        let anchored_start = chars.first() == Some(&'^');
+        if anchored_start {
+            chars.remove(0);
+        }
+        let anchored_end =
+            chars.last() == Some(&'$') && !(chars.len() >= 2 && chars[chars.len() - 2] == '\\');
+        if anchored_end {
+            chars.pop();
+        }
+        let mut pieces = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let atom = match chars[i] {
+                '[' => {
+                    let end = chars[i..]
+                        .iter()
+                        .position(|&c| c == ']')
+                        .ok_or_else(|| unsupported("unclosed ["))?
+                        + i;
+                    let body = &chars[i + 1..end];
+                    if body.first() == Some(&'^') {
+                        return Err(unsupported("a negated class"));
+                    }
+                    let mut ranges = Vec::new();
+                    let mut j = 0;
+                    while j < body.len() {
+                        if j + 2 < body.len() && body[j + 1] == '-' {
+                            ranges.push((body[j], body[j + 2]));
+                            j += 3;
+                        } else {
+                            ranges.push((body[j], body[j]));
+                            j += 1;
+                        }
+                    }
+                    i = end + 1;
+                    Atom::Class(ranges)
+                }
+                '(' => {
+                    let end = chars[i..]
+                        .iter()
+                        .position(|&c| c == ')')
+                        .ok_or_else(|| unsupported("unclosed ("))?
+                        + i;
+                    let body: String = chars[i + 1..end].iter().collect();
+                    if body.contains(['[', '(', '\\', '.', '*', '+', '?', '{']) {
+                        return Err(unsupported("a group that is not a list of literals"));
+                    }
+                    i = end + 1;
+                    Atom::Alternatives(body.split('|').map(|s| s.chars().collect()).collect())
+                }
+                '\\' => {
+                    let c = *chars
+                        .get(i + 1)
+                        .ok_or_else(|| unsupported("a trailing backslash"))?;
+                    i += 2;
+                    match c {
+                        'd' => Atom::Class(vec![('0', '9')]),
+                        c if c.is_ascii_alphanumeric() => {
+                            return Err(unsupported(&format!("\\{c}")));
+                        }
+                        c => Atom::Literal(c),
+                    }
+                }
+                '.' | '^' | '$' | '|' | ')' | ']' | '{' | '}' | '*' | '+' | '?' => {
+                    return Err(unsupported(&format!("{:?} here", chars[i])));
+                }
+                c => {
+                    i += 1;
+                    Atom::Literal(c)
+                }
+            };
+            let (min, max) = match chars.get(i) {
+                Some('?') => (0, 1),
+                Some('*') => (0, usize::MAX),
+                Some('+') => (1, usize::MAX),
+                Some('{') => {
+                    let end = chars[i..]
+                        .iter()
+                        .position(|&c| c == '}')
+                        .ok_or_else(|| unsupported("unclosed {"))?
+                        + i;
+                    let body: String = chars[i + 1..end].iter().collect();
+                    let bad = || unsupported(&format!("{{{body}}}"));
+                    let (lo, hi) = match body.split_once(',') {
+                        Some((lo, "")) => (lo.parse().map_err(|_| bad())?, usize::MAX),
+                        Some((lo, hi)) => (
+                            lo.parse().map_err(|_| bad())?,
+                            hi.parse().map_err(|_| bad())?,
+                        ),
+                        None => {
+                            let n = body.parse().map_err(|_| bad())?;
+                            (n, n)
+                        }
+                    };
+                    i = end;
+                    (lo, hi)
+                }
+                _ => (1, 1),
+            };
+            if min != 1 || max != 1 {
+                i += 1;
+            }
+            pieces.push(Piece { atom, min, max });
+        }
+        Ok(Pattern {
+            source: source.to_owned(),
+            anchored_start,
+            anchored_end,
+            pieces,
+        })
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        let chars: Vec<char> = value.chars().collect();
+        let starts = if self.anchored_start {
+            0..=0
+        } else {
+            0..=chars.len()
+        };
+        starts.into_iter().any(|s| self.match_from(0, 0, &chars, s))
+    }
+
+    /// Backtracking: piece `p`, already repeated `count` times, at position `pos`.
+    fn match_from(&self, p: usize, count: usize, s: &[char], pos: usize) -> bool {
+        let Some(piece) = self.pieces.get(p) else {
+            return !self.anchored_end || pos == s.len();
+        };
+        if count < piece.max {
+            for len in piece.atom.lengths_at(s, pos) {
+                if len > 0 && self.match_from(p, count + 1, s, pos + len) {
+                    return true;
+                }
+            }
+        }
+        count >= piece.min && self.match_from(p + 1, 0, s, pos)
+    }
+}
+
+impl Atom {
+    /// How many characters this atom can consume at `pos` (one entry per way it matches).
+    fn lengths_at(&self, s: &[char], pos: usize) -> Vec<usize> {
+        let rest = &s[pos.min(s.len())..];
+        match self {
+            Atom::Literal(c) => rest
+                .first()
+                .filter(|x| *x == c)
+                .map(|_| 1)
+                .into_iter()
+                .collect(),
+            Atom::Class(ranges) => rest
+                .first()
+                .filter(|x| ranges.iter().any(|(lo, hi)| (lo..=hi).contains(x)))
+                .map(|_| 1)
+                .into_iter()
+                .collect(),
+            Atom::Alternatives(alts) => alts
+                .iter()
+                .filter(|alt| rest.starts_with(alt))
+                .map(Vec::len)
+                .collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dates (UTC, proleptic Gregorian; days since 1970-01-01)
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A valid calendar date as days since the epoch.
+fn checked_days(y: i64, m: u32, d: u32) -> Option<i64> {
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    (civil_from_days(days) == (y, m, d)).then_some(days)
+}
+
+const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `Thu, 24 Aug 2023 05:01:45 +0000`, Twilio's date format.
+fn rfc2822(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[m as usize - 1],
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
+}
+
+fn num<T: std::str::FromStr>(s: &str, len: usize) -> Option<T> {
+    (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+fn parse_ymd(s: &str) -> Option<i64> {
+    let mut it = s.splitn(3, '-');
+    let (y, m, d) = (it.next()?, it.next()?, it.next()?);
+    checked_days(num(y, 4)?, num(m, 2)?, num(d, 2)?)
+}
+
+fn parse_hms(s: &str) -> Option<i64> {
+    let mut it = s.splitn(3, ':');
+    let (h, m, sec) = (it.next()?, it.next()?, it.next()?);
+    let (h, m, sec): (i64, i64, i64) = (num(h, 2)?, num(m, 2)?, num(sec, 2)?);
+    (h < 24 && m < 60 && sec < 61).then_some(h * 3600 + m * 60 + sec)
+}
+
+/// `+HH:MM`, `+HHMM`, `-HH`, `Z`, `GMT`, `UT`: offset east of UTC in seconds.
+fn parse_offset(s: &str) -> Option<i64> {
+    if matches!(s, "Z" | "z" | "GMT" | "UT" | "UTC") {
+        return Some(0);
+    }
+    let sign = match s.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let digits: String = s[1..].chars().filter(|&c| c != ':').collect();
+    let (h, m): (i64, i64) = match digits.len() {
+        2 => (num(&digits, 2)?, 0),
+        4 => (num(&digits[..2], 2)?, num(&digits[2..], 2)?),
+        _ => return None,
+    };
+    Some(sign * (h * 3600 + m * 60))
+}
+
+/// ISO 8601 / RFC 3339 date-time (`T` or space; fraction and offset optional, UTC if absent).
+fn parse_iso8601(s: &str) -> Option<i64> {
+    let (date, rest) = s.split_at_checked(10)?;
+    let days = parse_ymd(date)?;
+    let rest = rest.strip_prefix(['T', 't', ' '])?;
+    let (hms, mut rest) = rest.split_at_checked(8)?;
+    let tod = parse_hms(hms)?;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = if rest.is_empty() {
+        0
+    } else {
+        parse_offset(rest)?
+    };
+    Some(days * 86_400 + tod - offset)
+}
+
+/// `Wed, 19 Jun 2019 22:04:00 -0000` (the weekday is optional).
+fn parse_rfc2822(s: &str) -> Option<i64> {
+    let s = s.split_once(", ").map_or(s, |(_, rest)| rest);
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let [d, mon, y, hms, zone] = parts.as_slice() else {
+        return None;
+    };
+    let m = MONTHS.iter().position(|x| x.eq_ignore_ascii_case(mon))? as u32 + 1;
+    let d: u32 = d.parse().ok().filter(|_| d.len() <= 2)?;
+    let days = checked_days(num(y, 4)?, m, d)?;
+    Some(days * 86_400 + parse_hms(hms)? - parse_offset(zone)?)
+}
+
+/// The UTC day a `DateSent` filter names.
+fn parse_filter_day(s: &str) -> Option<i64> {
+    parse_ymd(s)
+        .or_else(|| parse_iso8601(s).map(|t| t.div_euclid(86_400)))
+        .or_else(|| parse_rfc2822(s).map(|t| t.div_euclid(86_400)))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A listener whose connections a handler can close without answering (`ScriptedResponse::Reset`)
+
+struct ClosableListener(TcpListener);
+
+/// Connection info handed to the handler: the peer and the switch that kills its socket.
+#[derive(Clone, Debug)]
+struct Conn {
+    peer: SocketAddr,
+    kill: Arc<AtomicBool>,
+}
+
+struct ClosableStream {
+    inner: TcpStream,
+    kill: Arc<AtomicBool>,
+}
+
+impl Listener for ClosableListener {
+    type Io = ClosableStream;
+    type Addr = Conn;
+
+    async fn accept(&mut self) -> (ClosableStream, Conn) {
+        loop {
+            match self.0.accept().await {
+                Ok((inner, peer)) => {
+                    let kill = Arc::new(AtomicBool::new(false));
+                    let conn = Conn {
+                        peer,
+                        kill: kill.clone(),
+                    };
+                    return (ClosableStream { inner, kill }, conn);
+                }
+                // e.g. too many open files: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Conn> {
+        Ok(Conn {
+            peer: self.0.local_addr()?,
+            kill: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, ClosableListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, ClosableListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+impl ClosableStream {
+    fn killed(&self) -> Option<io::Error> {
+        self.kill.load(Ordering::SeqCst).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "fake twilio: scripted reset",
+            )
+        })
+    }
+}
+
+impl AsyncRead for ClosableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClosableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

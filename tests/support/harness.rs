@@ -1,0 +1,395 @@
+//! Per-test infrastructure: real NATS (JetStream) and Redis servers on free ports in a temp
+//! folder, and `wagate` itself as a child process, so tests run in parallel and see nothing of
+//! each other. Everything is killed when the handles drop.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use shared::twilio::signature::compute_signature;
+
+/// A free TCP port on loopback (bound then released; a tiny race that tests tolerate).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The nats-server binary: `WAGATE_TEST_NATS_SERVER`, the project venv's (2.10+), or PATH's.
+fn nats_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("WAGATE_TEST_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let venv = repo().join(".venv/bin/nats-server");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("nats-server")
+}
+
+async fn wait_tcp(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} did not listen on port {port} within 15s");
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// NATS and Redis for one test.
+pub struct Servers {
+    pub nats_url: String,
+    pub redis_url: String,
+    pub redis_port: u16,
+    nats: Proc,
+    redis: Proc,
+    pub dir: tempfile::TempDir,
+}
+
+impl Servers {
+    /// Starts both servers and waits until they accept connections.
+    pub async fn start() -> Servers {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats_port = free_port();
+        let redis_port = free_port();
+        let nats_dir = dir.path().join("nats");
+        let mut nats = Command::new(nats_binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &nats_port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&nats_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start nats-server: run .ci/run once, or set WAGATE_TEST_NATS_SERVER");
+        let mut redis = Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server (apt-get install redis-server)");
+        wait_tcp(nats_port, "nats-server", &mut nats).await;
+        wait_tcp(redis_port, "redis-server", &mut redis).await;
+        Servers {
+            nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+            redis_port,
+            nats: Proc(nats),
+            redis: Proc(redis),
+            dir,
+        }
+    }
+
+    /// A Redis connection for white-box checks (e.g. that no token is stored).
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+/// The admin token every test wagate uses.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// A valid-looking Twilio account and token for tests.
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+pub const AUTH_TOKEN: &str = "f3a9c1d2e4b5a6978877665544332211";
+pub const SANDBOX: &str = "+14155238886";
+
+/// A running `wagate` process.
+pub struct Wagate {
+    proc: Proc,
+    pub public_url: String,
+    pub admin_url: String,
+    pub log_path: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl Wagate {
+    /// Starts `wagate <role>` against `servers`, with Twilio's API at `twilio_base`, and waits
+    /// until it is ready. `env` adds or overrides settings.
+    pub async fn start(servers: &Servers, twilio_base: &str, env: &[(&str, &str)]) -> Wagate {
+        Self::start_role("serve", servers, twilio_base, env).await
+    }
+
+    pub async fn start_role(
+        role: &str,
+        servers: &Servers,
+        twilio_base: &str,
+        env: &[(&str, &str)],
+    ) -> Wagate {
+        let port = free_port();
+        let admin_port = free_port();
+        let public_url = format!("http://127.0.0.1:{port}");
+        let log_path = servers.dir.path().join(format!("wagate-{port}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
+        cmd.arg(role)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("WAGATE_NATS_URL", &servers.nats_url)
+            .env("WAGATE_REDIS_URL", &servers.redis_url)
+            .env("WAGATE_MASTER_KEY", test_master_key())
+            .env("WAGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("WAGATE_PUBLIC_URL", &public_url)
+            .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("WAGATE_TWILIO_API_BASE", twilio_base)
+            .env("WAGATE_DATA_DIR", servers.dir.path().join("data"))
+            .env("WAGATE_AGENT_RETRY", "100ms,200ms")
+            .env("WAGATE_SEND_RETRY", "100ms,200ms")
+            .env("WAGATE_SHUTDOWN_GRACE_MS", "2000");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start wagate");
+        let mut w = Wagate {
+            proc: Proc(child),
+            public_url,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            log_path,
+            http: reqwest::Client::new(),
+        };
+        w.wait_ready().await;
+        w
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.logs().contains("wagate ready") {
+                return;
+            }
+            if let Ok(Some(status)) = self.proc.0.try_wait() {
+                panic!(
+                    "wagate exited with {status} before it was ready:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("wagate was not ready within 30s:\n{}", self.logs());
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
+    /// An admin call with the bearer token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Creates an echo agent with an enabled WhatsApp channel on the test account.
+    pub async fn echo_agent(&self, id: &str) {
+        self.agent(id, serde_json::json!({"kind": "echo"})).await;
+        self.channel(id, true).await;
+    }
+
+    /// Creates or replaces an agent with `backend`.
+    pub async fn agent(&self, id: &str, backend: serde_json::Value) {
+        let r = self
+            .admin(reqwest::Method::PUT, &format!("/v1/agents/{id}"))
+            .json(&serde_json::json!({"name": id, "backend": backend}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+
+    /// Saves the agent's WhatsApp channel on the test account.
+    pub async fn channel(&self, id: &str, enabled: bool) -> serde_json::Value {
+        let r = self
+            .admin(reqwest::Method::PUT, &format!("/v1/agents/{id}/whatsapp"))
+            .json(&serde_json::json!({
+                "account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
+                "phone_number": SANDBOX, "enabled": enabled
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        r.json().await.unwrap()
+    }
+
+    /// The path of an agent's inbound webhook.
+    pub fn inbound_path(agent: &str) -> String {
+        format!("/webhooks/twilio/whatsapp/{agent}")
+    }
+
+    /// Posts `fields` to `path`, signed with `token` as Twilio would.
+    pub async fn post_signed(
+        &self,
+        path: &str,
+        fields: &[(String, String)],
+        token: &str,
+    ) -> reqwest::Response {
+        let url = format!("{}{path}", self.public_url);
+        let sig = compute_signature(token.as_bytes(), &url, fields);
+        self.http
+            .post(&url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-twilio-signature", sig)
+            .body(shared::twilio::form::encode(fields))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Posts an inbound WhatsApp text, signed with the test token.
+    pub async fn inbound(
+        &self,
+        agent: &str,
+        sid: &str,
+        from: &str,
+        body: &str,
+    ) -> reqwest::Response {
+        self.post_signed(
+            &Self::inbound_path(agent),
+            &inbound_form(sid, from, body),
+            AUTH_TOKEN,
+        )
+        .await
+    }
+}
+
+/// A fixed 64-byte master key for tests.
+pub fn test_master_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([7u8; 64])
+}
+
+/// A message sid from a number, `SM` + 32 hex digits.
+pub fn sid(n: u64) -> String {
+    format!("SM{n:032x}")
+}
+
+/// The form Twilio posts for an inbound WhatsApp text (fields as in Twilio's documentation).
+pub fn inbound_form(sid: &str, from: &str, body: &str) -> Vec<(String, String)> {
+    let wa_id = from.trim_start_matches('+');
+    [
+        ("SmsMessageSid", sid),
+        ("NumMedia", "0"),
+        ("ProfileName", "Test User"),
+        ("MessageType", "text"),
+        ("SmsSid", sid),
+        ("WaId", wa_id),
+        ("SmsStatus", "received"),
+        ("Body", body),
+        ("To", &format!("whatsapp:{SANDBOX}")),
+        ("NumSegments", "1"),
+        ("ReferralNumMedia", "0"),
+        ("MessageSid", sid),
+        ("AccountSid", ACCOUNT_SID),
+        ("From", &format!("whatsapp:{from}")),
+        ("ApiVersion", "2010-04-01"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `path` exists (for tests that look at the data folder).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}
+
+/// One test's world: servers, fake Twilio with the test account, and a ready `wagate serve`.
+pub struct World {
+    pub servers: Servers,
+    pub twilio: crate::support::fake_twilio::FakeTwilio,
+    pub wagate: Wagate,
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(env: &[(&str, &str)]) -> World {
+        let servers = Servers::start().await;
+        let twilio = crate::support::fake_twilio::FakeTwilio::start().await;
+        twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+        let wagate = Wagate::start(&servers, &twilio.base_url, env).await;
+        World {
+            servers,
+            twilio,
+            wagate,
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Every row of INTERFACE.md's webhook table, status callbacks, and bad input at the edge:
+//! each answered with the documented status and text, nothing queued, no 5xx.
+
+mod support;
+
+use std::time::Duration;
+
+use support::harness::{AUTH_TOKEN, Wagate, World, inbound_form, sid};
+
+const FROM: &str = "+14155550100";
+
+#[tokio::test]
+async fn accepted_message_gets_empty_twiml_and_duplicates_too() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    for _ in 0..2 {
+        let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/xml");
+        assert!(r.text().await.unwrap().contains("<Response></Response>"));
+    }
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.twilio.sent().len(),
+        1,
+        "a duplicate MessageSid must not produce a second reply: {sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_agent_and_agent_without_channel_are_404() {
+    let w = World::start().await;
+    let r = w.wagate.inbound("nobody", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("Unknown agent"));
+    w.wagate
+        .agent("nochannel", serde_json::json!({"kind": "echo"}))
+        .await;
+    let r = w.wagate.inbound("nochannel", &sid(2), FROM, "hi").await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("Unknown agent"));
+    let r = w.wagate.inbound("bad.id", &sid(3), FROM, "hi").await;
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn missing_or_wrong_signature_is_401() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
+    let body = shared::twilio::form::encode(&inbound_form(&sid(1), FROM, "hi"));
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("Unauthorized"));
+    // Signed with another token.
+    let r = w
+        .wagate
+        .post_signed(
+            &Wagate::inbound_path("demo"),
+            &inbound_form(&sid(1), FROM, "hi"),
+            "another-token-0000000000000000",
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    // Signed, then one value changed in transit.
+    let mut fields = inbound_form(&sid(1), FROM, "hi");
+    let sig = shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
+    fields[7].1 = "hi!".into();
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("x-twilio-signature", sig)
+        .body(shared::twilio::form::encode(&fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        w.twilio.sent().is_empty(),
+        "nothing unauthenticated may be answered"
+    );
+}
+
+#[tokio::test]
+async fn signature_over_public_url_with_or_without_default_port_is_accepted() {
+    let w = World::start_with(&[("WAGATE_PUBLIC_URL", "https://bot.example.com")]).await;
+    w.wagate.echo_agent("demo").await;
+    let path = Wagate::inbound_path("demo");
+    let listener = format!(
+        "http://127.0.0.1:{}{path}",
+        w.wagate.public_url.rsplit(':').next().unwrap()
+    );
+    for (n, signed) in [
+        (1, format!("https://bot.example.com{path}")),
+        (2, format!("https://bot.example.com:443{path}")),
+    ] {
+        let fields = inbound_form(&sid(n), FROM, "port");
+        let sig =
+            shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &signed, &fields);
+        let r = w
+            .wagate
+            .http
+            .post(&listener)
+            .header("x-twilio-signature", sig)
+            .body(shared::twilio::form::encode(&fields))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "signed over {signed}");
+    }
+    // The listener's own address is not what Twilio signed.
+    let fields = inbound_form(&sid(3), FROM, "port");
+    let sig =
+        shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &listener, &fields);
+    let r = w
+        .wagate
+        .http
+        .post(&listener)
+        .header("x-twilio-signature", sig)
+        .body(shared::twilio::form::encode(&fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn disabled_channel_is_403_after_a_valid_signature() {
+    let w = World::start().await;
+    w.wagate
+        .agent("demo", serde_json::json!({"kind": "echo"}))
+        .await;
+    w.wagate.channel("demo", false).await;
+    let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("WhatsApp not enabled"));
+    // Enabling takes effect at once (the cached settings are refreshed).
+    let r = w
+        .wagate
+        .admin(reqwest::Method::POST, "/v1/agents/demo/whatsapp/enable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = w.wagate.inbound("demo", &sid(2), FROM, "hi").await;
+    assert_eq!(r.status(), 200);
+    let r = w
+        .wagate
+        .admin(reqwest::Method::POST, "/v1/agents/demo/whatsapp/disable")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = w.wagate.inbound("demo", &sid(3), FROM, "hi").await;
+    assert_eq!(r.status(), 403);
+}
+
+#[tokio::test]
+async fn missing_fields_are_400_naming_the_field() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    for (drop, name) in [("MessageSid", "MessageSid"), ("From", "From"), ("To", "To")] {
+        let fields: Vec<_> = inbound_form(&sid(1), FROM, "hi")
+            .into_iter()
+            .filter(|(k, _)| k != drop)
+            .collect();
+        let r = w
+            .wagate
+            .post_signed(&Wagate::inbound_path("demo"), &fields, AUTH_TOKEN)
+            .await;
+        assert_eq!(r.status(), 400, "without {drop}");
+        assert!(r.text().await.unwrap().contains(name));
+    }
+    let mut fields = inbound_form(&sid(1), FROM, "hi");
+    fields[11].1 = "garbage".into();
+    let r = w
+        .wagate
+        .post_signed(&Wagate::inbound_path("demo"), &fields, AUTH_TOKEN)
+        .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn non_utf8_and_oversized_bodies_are_refused_cleanly() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("x-twilio-signature", "x")
+        .body(b"Body=%FF%FE&From=\xff".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("UTF-8"));
+    let big = format!("Body={}", "a".repeat(70 * 1024));
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("x-twilio-signature", "x")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-twilio-signature", "x")
+        .body("[1,2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Random bytes never produce a 5xx.
+    for seed in 0u8..40 {
+        let bytes: Vec<u8> = (0..200u16)
+            .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+            .collect();
+        let r = w
+            .wagate
+            .http
+            .post(&url)
+            .header("x-twilio-signature", "x")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "status {}", r.status());
+    }
+    let health = w
+        .wagate
+        .http
+        .get(format!("{}/healthz", w.wagate.public_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn status_callbacks_are_verified_and_never_go_backwards() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let path = format!("{}/status", Wagate::inbound_path("demo"));
+    let msg = sid(77);
+    let status = |s: &str| {
+        vec![
+            ("MessageSid".to_string(), msg.clone()),
+            ("MessageStatus".to_string(), s.to_string()),
+            (
+                "AccountSid".to_string(),
+                support::harness::ACCOUNT_SID.to_string(),
+            ),
+            ("ChannelPrefix".to_string(), "whatsapp".to_string()),
+        ]
+    };
+    for s in ["delivered", "sent", "read", "delivered"] {
+        let r = w.wagate.post_signed(&path, &status(s), AUTH_TOKEN).await;
+        assert!(r.status() == 200 || r.status() == 204, "{}", r.status());
+    }
+    let r = w
+        .wagate
+        .post_signed(&path, &status("sent"), "wrong-token-xxxxxxxxxxxxxxxxxxxx")
+        .await;
+    assert_eq!(r.status(), 401);
+    let r = w
+        .wagate
+        .post_signed(&path, &status("bogus"), AUTH_TOKEN)
+        .await;
+    assert_eq!(r.status(), 400);
+    let mut redis = w.servers.redis().await;
+    let stored: Option<String> = redis::cmd("HGET")
+        .arg(format!("wagate:status:{msg}"))
+        .arg("status")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("read"));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let w = World::start().await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = w
+            .wagate
+            .http
+            .get(format!("{}{path}", w.wagate.public_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    w.wagate.echo_agent("demo").await;
+    assert_eq!(
+        w.wagate.inbound("demo", &sid(1), FROM, "hi").await.status(),
+        200
+    );
+    let m = w
+        .wagate
+        .http
+        .get(format!("{}/metrics", w.wagate.public_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("wagate_webhooks_total"), "{m}");
+}

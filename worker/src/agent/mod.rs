@@ -1,0 +1,168 @@
+//! Agent backends behind one call: given the conversation so far and the new message, produce
+//! the reply. Failures say whether trying again can help.
+
+mod echo;
+mod openai;
+mod webhook;
+
+use std::time::Duration;
+
+use shared::{
+    agent::{Agent, Backend},
+    crypto::{Keyring, SecretPurpose},
+    envelope::InboundMessage,
+    store::Turn,
+};
+
+/// Why a turn failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Worth another attempt (timeouts, 429, 5xx, connection failures).
+    #[error("{0}")]
+    Transient(String),
+    /// Will fail again as is (bad credentials, bad request, bad answer).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What a backend gets for one turn.
+pub struct TurnInput<'a> {
+    /// The agent.
+    pub agent: &'a Agent,
+    /// The session id text (`twilio_{agent}_{phone}`).
+    pub session_id: &'a str,
+    /// The most recent turns, oldest first, without the new message.
+    pub history: &'a [Turn],
+    /// The new message (or messages, for a burst handled as one turn).
+    pub messages: &'a [InboundMessage],
+}
+
+/// Runs agent backends; holds the HTTP client they share.
+#[derive(Clone)]
+pub struct AgentRunner {
+    http: reqwest::Client,
+    keyring: std::sync::Arc<Keyring>,
+    default_timeout: Duration,
+}
+
+impl AgentRunner {
+    /// A runner with `default_timeout` for backends that do not set their own.
+    pub fn new(keyring: std::sync::Arc<Keyring>, default_timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            keyring,
+            default_timeout,
+        }
+    }
+
+    /// Produces the reply of one turn.
+    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, AgentError> {
+        let id = &input.agent.id;
+        match &input.agent.backend {
+            Backend::Echo => Ok(echo::reply(input)),
+            Backend::Openai {
+                base_url,
+                model,
+                api_key,
+                system_prompt,
+                timeout_ms,
+            } => {
+                let key = api_key
+                    .as_ref()
+                    .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
+                    .transpose()
+                    .map_err(|e| AgentError::Permanent(e.to_string()))?;
+                let call = openai::Call {
+                    http: &self.http,
+                    base_url,
+                    model,
+                    api_key: key.as_ref(),
+                    system_prompt: system_prompt.as_deref(),
+                    timeout: self.timeout(*timeout_ms),
+                };
+                call.reply(input).await
+            }
+            Backend::Webhook {
+                url,
+                secret,
+                timeout_ms,
+            } => {
+                let secret = self
+                    .keyring
+                    .open(id, SecretPurpose::WebhookSecret, secret)
+                    .map_err(|e| AgentError::Permanent(e.to_string()))?;
+                webhook::reply(&self.http, url, &secret, self.timeout(*timeout_ms), input).await
+            }
+        }
+    }
+
+    fn timeout(&self, per_agent_ms: Option<u64>) -> Duration {
+        per_agent_ms.map_or(self.default_timeout, Duration::from_millis)
+    }
+}
+
+/// The text of a user turn as kept in the session: the body, then one line per attachment,
+/// location or button, so the history says what the user sent.
+pub fn user_text(m: &InboundMessage) -> String {
+    let mut lines = Vec::new();
+    if !m.body.is_empty() {
+        lines.push(m.body.clone());
+    }
+    for media in &m.media {
+        lines.push(format!(
+            "[{}: {}]",
+            media.content_type.as_deref().unwrap_or("media"),
+            media.url
+        ));
+    }
+    if let Some(l) = &m.location {
+        let name = l.label.as_deref().or(l.address.as_deref()).unwrap_or("");
+        lines.push(
+            format!("[location: {},{} {name}]", l.latitude, l.longitude)
+                .trim_end()
+                .to_owned(),
+        );
+    }
+    if let Some(b) = &m.button
+        && m.body.is_empty()
+    {
+        lines.push(format!(
+            "[button: {}]",
+            b.text.as_deref().or(b.payload.as_deref()).unwrap_or("")
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Classifies an HTTP failure of a backend.
+fn http_failure(backend: &str, status: reqwest::StatusCode, body: &str) -> AgentError {
+    let snippet: String = body.chars().take(200).collect();
+    let text = format!("{backend} answered HTTP {}: {snippet}", status.as_u16());
+    if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
+        AgentError::Transient(text)
+    } else {
+        AgentError::Permanent(text)
+    }
+}
+
+fn send_failure(backend: &str, e: &reqwest::Error) -> AgentError {
+    if e.is_timeout() {
+        AgentError::Transient(format!("{backend} did not answer in time"))
+    } else {
+        AgentError::Transient(format!("{backend} unreachable: {}", without_url(e)))
+    }
+}
+
+/// Error text without the URL, which may carry credentials in query strings.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<url>");
+    }
+    s
+}

@@ -1,0 +1,91 @@
+//! Any OpenAI-compatible Chat Completions endpoint (OpenAI, Azure-style gateways, vLLM, Ollama,
+//! llama.cpp): system prompt, the recent history, the new message with its images as image
+//! parts.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use shared::store::Role;
+
+use super::{AgentError, TurnInput, http_failure, send_failure, user_text};
+
+pub struct Call<'a> {
+    pub http: &'a reqwest::Client,
+    pub base_url: &'a str,
+    pub model: &'a str,
+    pub api_key: Option<&'a SecretString>,
+    pub system_prompt: Option<&'a str>,
+    pub timeout: Duration,
+}
+
+impl Call<'_> {
+    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, AgentError> {
+        let mut messages = Vec::with_capacity(input.history.len() + 2);
+        if let Some(p) = self.system_prompt.filter(|p| !p.is_empty()) {
+            messages.push(json!({"role": "system", "content": p}));
+        }
+        for t in input.history {
+            let role = match t.role {
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            messages.push(json!({"role": role, "content": t.content}));
+        }
+        for m in input.messages {
+            let images: Vec<&str> = m
+                .media
+                .iter()
+                .filter(|x| {
+                    x.content_type
+                        .as_deref()
+                        .is_some_and(|c| c.starts_with("image/"))
+                })
+                .map(|x| x.url.as_str())
+                .collect();
+            if images.is_empty() {
+                messages.push(json!({"role": "user", "content": user_text(m)}));
+            } else {
+                let mut parts = Vec::new();
+                if !m.body.is_empty() {
+                    parts.push(json!({"type": "text", "text": m.body}));
+                }
+                for url in images {
+                    parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+                }
+                messages.push(json!({"role": "user", "content": parts}));
+            }
+        }
+        let mut request = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .timeout(self.timeout)
+            .json(&json!({"model": self.model, "messages": messages}));
+        if let Some(key) = self.api_key {
+            request = request.bearer_auth(key.expose_secret());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| send_failure("the model endpoint", &e))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| send_failure("the model endpoint", &e))?;
+        if !status.is_success() {
+            return Err(http_failure("the model endpoint", status, &body));
+        }
+        let v: Value = serde_json::from_str(&body).map_err(|_| {
+            AgentError::Permanent("the model endpoint answered something that is not JSON".into())
+        })?;
+        v.pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                AgentError::Permanent(
+                    "the model endpoint's answer has no choices[0].message.content".into(),
+                )
+            })
+    }
+}

@@ -1,0 +1,87 @@
+//! The business's own agent endpoint. The request is JSON, signed so the endpoint can check it
+//! came from wagate: `X-Wagate-Timestamp: <unix seconds>` and
+//! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
+//! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`.
+
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use shared::store::Role;
+
+use super::{AgentError, TurnInput, http_failure, send_failure, user_text};
+
+pub async fn reply(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &SecretString,
+    timeout: Duration,
+    input: &TurnInput<'_>,
+) -> Result<String, AgentError> {
+    let mut messages: Vec<Value> = input
+        .history
+        .iter()
+        .map(|t| {
+            let role = match t.role {
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            json!({"role": role, "content": t.content})
+        })
+        .collect();
+    messages.extend(
+        input
+            .messages
+            .iter()
+            .map(|m| json!({"role": "user", "content": user_text(m)})),
+    );
+    let last = input.messages.last();
+    let body = json!({
+        "agent_id": input.agent.id,
+        "session_id": input.session_id,
+        "from": last.map(|m| m.from.as_str()),
+        "messages": messages,
+        "message": last,
+    });
+    let body = serde_json::to_vec(&body).map_err(|e| AgentError::Permanent(e.to_string()))?;
+    let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+    let signature = sign(secret, &timestamp, &body)?;
+    let response = http
+        .post(url)
+        .timeout(timeout)
+        .header("content-type", "application/json")
+        .header("x-wagate-timestamp", &timestamp)
+        .header("x-wagate-signature", format!("v1={signature}"))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| send_failure("the agent webhook", &e))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| send_failure("the agent webhook", &e))?;
+    if !status.is_success() {
+        return Err(http_failure("the agent webhook", status, &text));
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|_| {
+        AgentError::Permanent("the agent webhook answered something that is not JSON".into())
+    })?;
+    v.get("reply")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            AgentError::Permanent("the agent webhook's answer has no \"reply\" string".into())
+        })
+}
+
+fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, AgentError> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+        .map_err(|_| AgentError::Permanent("bad webhook secret".into()))?;
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    Ok(hex::encode(mac.finalize().into_bytes()))
+}
