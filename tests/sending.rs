@@ -1,0 +1,302 @@
+//! The sender end to end: the 24-hour window, templates, Twilio's failures (rate limits,
+//! ambiguous 5xx, permanent codes), dead letters and their replay.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::Method;
+use support::{
+    fake_openai::FakeOpenAi,
+    fake_twilio::ScriptedResponse,
+    harness::{World, eventually, sid},
+};
+
+const FROM: &str = "+14155550100";
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn dead_letters(w: &World) -> Vec<serde_json::Value> {
+    let r = w
+        .wagate
+        .admin(Method::GET, "/v1/dead-letters")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Vec<serde_json::Value>>().await.unwrap()
+}
+
+async fn wait_dead_letters(w: &World, n: usize) -> Vec<serde_json::Value> {
+    eventually(WAIT, "dead letters", || async {
+        let d = dead_letters(w).await;
+        (d.len() >= n).then_some(d)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn free_text_outside_the_window_is_refused_and_templates_go_out() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&serde_json::json!({"to": FROM, "body": "hello?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        e["error"].as_str().unwrap().contains("24-hour window"),
+        "{e}"
+    );
+
+    let content_sid = format!("HX{}", "ab".repeat(16));
+    let r = w.wagate.admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&serde_json::json!({"to": FROM, "content_sid": content_sid, "content_variables": {"1": "Ana", "2": "3pm"}}))
+        .send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].content_sid.as_deref(), Some(content_sid.as_str()));
+    assert!(sent[0].body.is_none(), "templates carry no Body");
+    let vars: serde_json::Value =
+        serde_json::from_str(sent[0].content_variables.as_deref().unwrap()).unwrap();
+    assert_eq!(vars, serde_json::json!({"1": "Ana", "2": "3pm"}));
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn free_text_inside_the_window_is_sent() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&serde_json::json!({"to": FROM, "body": "a follow-up"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("a follow-up"));
+}
+
+#[tokio::test]
+async fn the_sender_itself_refuses_free_text_once_the_window_closed() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    // The user last wrote 25 hours ago; a reply queued before that (or replayed) must not go.
+    let mut redis = w.servers.redis().await;
+    let old = (time::OffsetDateTime::now_utc() - time::Duration::hours(25)).unix_timestamp() * 1000;
+    let _: () = redis::cmd("SET")
+        .arg(format!("wagate:window:{{twilio_demo_{FROM}}}"))
+        .arg(old)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let nats = async_nats::connect(&w.servers.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let reply = serde_json::json!({
+        "id": "api-late", "agent_id": "demo", "to": format!("whatsapp:{FROM}"),
+        "content": {"kind": "text", "parts": ["too late"]}, "created_at": "2026-01-01T00:00:00Z"
+    });
+    js.publish("wagate.outbound.demo.14155550100", reply.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["stage"], "send");
+    assert_eq!(dl[0]["code"], 63016);
+    assert!(dl[0]["reason"].as_str().unwrap().contains("24-hour window"));
+    assert_eq!(w.twilio.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn rate_limits_are_retried_honouring_retry_after() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.twilio.push_response(ScriptedResponse::RateLimited {
+        retry_after_secs: Some(1),
+    });
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 429,
+        code: 20429,
+        message: "Too Many Requests".into(),
+    });
+    let started = std::time::Instant::now();
+    w.wagate.inbound("demo", &sid(1), FROM, "busy?").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("busy?"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was honoured"
+    );
+    let posts = w
+        .twilio
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.twilio.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn an_ambiguous_500_is_settled_by_asking_twilio_not_by_sending_twice() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    // Twilio made the message, then answered 500.
+    w.twilio.push_response(ScriptedResponse::AcceptButFail500);
+    w.wagate
+        .inbound("demo", &sid(1), FROM, "exactly once")
+        .await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    eventually(WAIT, "the message list lookup", || async {
+        w.twilio
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        w.twilio.sent().len(),
+        1,
+        "no second POST after an ambiguous answer"
+    );
+    assert!(dead_letters(&w).await.is_empty());
+
+    // Twilio did not make it (plain 500): the lookup finds nothing and the send is retried.
+    w.twilio.push_response(ScriptedResponse::ServerError);
+    w.wagate.inbound("demo", &sid(2), FROM, "second").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("second"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.twilio.sent().len(), 2);
+}
+
+#[tokio::test]
+async fn permanent_twilio_errors_become_dead_letters_with_their_code() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let codes = [
+        (21211, "The 'To' number is not a valid phone number."),
+        (21610, "Attempt to send to unsubscribed recipient"),
+        (
+            21617,
+            "The concatenated message body exceeds the 1600 character limit.",
+        ),
+        (
+            63016,
+            "Failed to send freeform message because you are outside the allowed window.",
+        ),
+        (20003, "Authenticate"),
+    ];
+    for (i, (code, message)) in codes.iter().enumerate() {
+        let status = if *code == 20003 { 401 } else { 400 };
+        w.twilio.push_response(ScriptedResponse::TwilioError {
+            status,
+            code: *code,
+            message: message.to_string(),
+        });
+        w.wagate
+            .inbound("demo", &sid(i as u64 + 1), &format!("+1415555010{i}"), "hi")
+            .await;
+        let dl = wait_dead_letters(&w, i + 1).await;
+        let letter = dl
+            .iter()
+            .find(|d| d["code"] == *code)
+            .unwrap_or_else(|| panic!("no dead letter for {code}: {dl:?}"));
+        assert_eq!(letter["stage"], "send");
+        assert_eq!(letter["attempts"], 1, "permanent errors are not retried");
+        assert!(
+            letter["reason"].as_str().unwrap().contains(message),
+            "{letter}"
+        );
+        assert_eq!(letter["message"]["to"], format!("whatsapp:+1415555010{i}"));
+    }
+    assert!(w.twilio.sent().is_empty());
+    // Twilio accepts again: replay them all; each is sent once.
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/dead-letters/replay")
+        .json(&serde_json::json!({"stage": "send"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let replayed: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(replayed["replayed"].as_array().unwrap().len(), codes.len());
+    w.twilio.wait_for_sent(codes.len(), WAIT).await;
+    assert!(dead_letters(&w).await.is_empty());
+}
+
+#[tokio::test]
+async fn failing_agent_is_retried_then_dead_lettered_and_replay_runs_it_again() {
+    let model = FakeOpenAi::start("k").await;
+    let w = World::start().await;
+    w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "k"})).await;
+    w.wagate.channel("bot", true).await;
+    for _ in 0..3 {
+        model.push_error(500, "overloaded");
+    }
+    w.wagate
+        .inbound("bot", &sid(1), FROM, "are you there?")
+        .await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["stage"], "agent");
+    assert_eq!(dl[0]["attempts"], 3);
+    assert!(
+        dl[0]["reason"].as_str().unwrap().contains("500"),
+        "{}",
+        dl[0]
+    );
+    assert!(w.twilio.sent().is_empty());
+    let id = dl[0]["id"].as_str().unwrap().to_owned();
+    let r = w
+        .wagate
+        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert!(sent[0].body.as_deref().unwrap().contains("are you there?"));
+    assert_eq!(model.requests().len(), 4, "the replay ran the agent again");
+    assert!(dead_letters(&w).await.is_empty());
+    let r = w
+        .wagate
+        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn bad_model_credentials_are_a_dead_letter_at_once() {
+    let model = FakeOpenAi::start("right-key").await;
+    let w = World::start().await;
+    w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "wrong-key"})).await;
+    w.wagate.channel("bot", true).await;
+    w.wagate.inbound("bot", &sid(1), FROM, "hello").await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["attempts"], 1);
+    assert!(dl[0]["reason"].as_str().unwrap().contains("401"));
+    assert!(
+        !dl[0].to_string().contains("wrong-key"),
+        "a dead letter never shows the key"
+    );
+}
