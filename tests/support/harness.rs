@@ -170,7 +170,7 @@ impl Wagate {
         cmd.arg(role)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,async_nats=warn")
             .env("WAGATE_NATS_URL", &servers.nats_url)
             .env("WAGATE_REDIS_URL", &servers.redis_url)
             .env("WAGATE_MASTER_KEY", test_master_key())

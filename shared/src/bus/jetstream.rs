@@ -53,7 +53,6 @@ impl JetStreamBus {
     pub async fn connect(url: &str, options: JetStreamOptions) -> Result<Self, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("wagate")
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)

@@ -1,0 +1,122 @@
+//! Start-up: `--help` for every command, and a process that cannot start exits non-zero at once
+//! with a message saying what to fix.
+
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::harness::{Servers, free_port, test_master_key};
+
+fn wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run wagate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn every_command_has_help() {
+    let (ok, text) = wagate(&["--help"], &[]);
+    assert!(ok, "{text}");
+    for cmd in ["serve", "ingress", "worker", "sender", "keygen"] {
+        assert!(text.contains(cmd), "--help lists {cmd}: {text}");
+        let (ok, help) = wagate(&[cmd, "--help"], &[]);
+        assert!(ok, "{cmd} --help: {help}");
+    }
+    let (_, serve) = wagate(&["serve", "--help"], &[]);
+    for var in [
+        "WAGATE_NATS_URL",
+        "WAGATE_REDIS_URL",
+        "WAGATE_MASTER_KEY",
+        "WAGATE_ADMIN_TOKEN",
+        "WAGATE_PUBLIC_URL",
+        "WAGATE_LISTEN",
+        "WAGATE_ADMIN_LISTEN",
+        "WAGATE_TWILIO_API_BASE",
+        "WAGATE_DATA_DIR",
+    ] {
+        assert!(serve.contains(var), "serve --help names {var}");
+    }
+}
+
+#[test]
+fn keygen_prints_a_usable_key() {
+    let (ok, key) = wagate(&["keygen"], &[]);
+    assert!(ok);
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .unwrap();
+    assert_eq!(bytes.len(), 64);
+}
+
+#[test]
+fn only_one_of_nats_and_redis_is_an_error_naming_the_other() {
+    let (ok, text) = wagate(&["serve"], &[("WAGATE_NATS_URL", "nats://127.0.0.1:1")]);
+    assert!(!ok);
+    assert!(text.contains("WAGATE_REDIS_URL"), "{text}");
+    let (ok, text) = wagate(&["worker"], &[("WAGATE_REDIS_URL", "redis://127.0.0.1:1")]);
+    assert!(!ok);
+    assert!(text.contains("WAGATE_NATS_URL"), "{text}");
+}
+
+#[tokio::test]
+async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
+    let servers = Servers::start().await;
+    let base = |nats: &str| {
+        vec![
+            ("WAGATE_NATS_URL".to_string(), nats.to_string()),
+            ("WAGATE_REDIS_URL".to_string(), servers.redis_url.clone()),
+            ("WAGATE_MASTER_KEY".to_string(), test_master_key()),
+            (
+                "WAGATE_LISTEN".to_string(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "WAGATE_ADMIN_LISTEN".to_string(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ]
+    };
+    let run = |env: Vec<(String, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        wagate(&["serve"], &env)
+    };
+    let started = std::time::Instant::now();
+    let (ok, text) = run(base(&format!("nats://127.0.0.1:{}", free_port())));
+    assert!(!ok);
+    assert!(text.contains("NATS"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    let mut env = base(&servers.nats_url);
+    env[2].1 = "not-a-key".into();
+    let (ok, text) = run(env);
+    assert!(!ok);
+    assert!(text.contains("master key"), "{text}");
+
+    let mut env = base(&servers.nats_url);
+    env.retain(|(k, _)| k != "WAGATE_MASTER_KEY");
+    let (ok, text) = run(env);
+    assert!(!ok);
+    assert!(text.contains("WAGATE_MASTER_KEY"), "{text}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut env = base(&servers.nats_url);
+    env[3].1 = taken.local_addr().unwrap().to_string();
+    let (ok, text) = run(env);
+    assert!(!ok);
+    assert!(
+        text.contains("cannot listen") && text.contains("WAGATE_LISTEN"),
+        "{text}"
+    );
+}
