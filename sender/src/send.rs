@@ -63,8 +63,17 @@ impl Failure {
 
 impl Handler<OutboundReply> for SendContext {
     async fn handle(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
-        let attempt = delivery.attempt();
-        let outcome = match send(self, &reply).await {
+        let failures_key = format!("send:{}", reply.id);
+        let result = send(self, &reply).await;
+        let attempt = match &result {
+            Ok(()) => 0,
+            Err(_) => self
+                .store
+                .count_failure(&failures_key)
+                .await
+                .unwrap_or_else(|_| delivery.attempt()),
+        };
+        let outcome = match result {
             Ok(()) => {
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!(id = %reply.id, error = %e, "ack failed; the send guard keeps the redelivery from posting again");
@@ -84,6 +93,9 @@ impl Handler<OutboundReply> for SendContext {
                 dead_letter(self, delivery.as_ref(), &reply, reason, code, attempt).await
             }
         };
+        if outcome != "retry" {
+            let _ = self.store.clear_failures(&failures_key).await;
+        }
         metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(1);
     }
 }

@@ -1,6 +1,9 @@
 //! Consumes a topic with many conversations in flight at once, up to a limit, while the
 //! messages of one conversation are handled one at a time in the order the bus delivered them.
 //! Worker and sender both run on this: a queue per conversation, drained by one task each.
+//! Across processes, a message is handled only when it is the oldest unfinished one of its
+//! conversation ([`Delivery::is_next_in_conversation`]); a younger one is handed back to wait
+//! a moment, so order holds however many processes consume (see docs/ordering.md).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -138,6 +141,13 @@ where
     Ok(())
 }
 
+/// How long a message waits for an older one of its conversation, jittered so that waiting
+/// messages do not come back in lockstep.
+fn order_wait() -> Duration {
+    use rand::RngExt;
+    Duration::from_millis(rand::rng().random_range(50..150))
+}
+
 /// Handles a conversation's queued messages in order until its queue is empty.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
@@ -152,7 +162,17 @@ async fn drain<T, H: Handler<T>>(
             // Not started: hand it back at once so another process takes it.
             let _ = item.delivery.retry_in(Duration::ZERO).await;
         } else {
-            handler.handle(item.delivery, item.message).await;
+            match item.delivery.is_next_in_conversation().await {
+                Ok(true) => handler.handle(item.delivery, item.message).await,
+                Ok(false) => {
+                    metrics::counter!("wagate_order_waits_total").increment(1);
+                    let _ = item.delivery.retry_in(order_wait()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot tell the conversation's order; trying later");
+                    let _ = item.delivery.retry_in(order_wait()).await;
+                }
+            }
         }
         let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
         next = match q.get_mut(&key).and_then(VecDeque::pop_front) {

@@ -53,8 +53,16 @@ impl From<shared::bus::BusError> for Failure {
 /// Handles one delivery and settles it: ack, retry later, or dead letter then ack.
 pub async fn handle(ctx: &TurnContext, delivery: Box<dyn Delivery>, msg: InboundMessage) {
     let started = Instant::now();
-    let attempt = delivery.attempt();
+    let failures_key = format!("turn:{}:{}", msg.agent_id, msg.message_sid);
     let result = process(ctx, delivery.as_ref(), &msg).await;
+    let attempt = match &result {
+        Ok(()) => 0,
+        Err(_) => ctx
+            .store
+            .count_failure(&failures_key)
+            .await
+            .unwrap_or_else(|_| delivery.attempt()),
+    };
     let outcome = match result {
         Ok(()) => {
             if let Err(e) = delivery.ack().await {
@@ -76,6 +84,9 @@ pub async fn handle(ctx: &TurnContext, delivery: Box<dyn Delivery>, msg: Inbound
             dead_letter(ctx, delivery.as_ref(), &msg, reason, attempt).await
         }
     };
+    if outcome != "retry" {
+        let _ = ctx.store.clear_failures(&failures_key).await;
+    }
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
 }

@@ -71,6 +71,7 @@ impl JetStreamBus {
             storage: StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
             max_age: MAX_AGE,
+            allow_direct: true,
             ..Default::default()
         };
         let create = |config: stream::Config| {
@@ -137,40 +138,65 @@ impl JetStreamBus {
     }
 }
 
-struct JetStreamDelivery(jetstream::Message);
+struct JetStreamDelivery {
+    message: jetstream::Message,
+    /// The work queue the message came from, to look up its conversation's oldest message.
+    stream: Stream,
+}
 
 #[async_trait]
 impl Delivery for JetStreamDelivery {
     fn payload(&self) -> &[u8] {
-        &self.0.payload
+        &self.message.payload
     }
 
     fn attempt(&self) -> u64 {
-        self.0
+        self.message
             .info()
             .map(|i| u64::try_from(i.delivered).unwrap_or(1))
             .unwrap_or(1)
     }
 
     async fn ack(&self) -> Result<(), BusError> {
-        self.0
+        self.message
             .double_ack()
             .await
             .map_err(|e| BusError::from_display("ack", e))
     }
 
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError> {
-        self.0
+        self.message
             .ack_with(AckKind::Nak(Some(delay)))
             .await
             .map_err(|e| BusError::from_display("nak", e))
     }
 
     async fn keep_alive(&self) -> Result<(), BusError> {
-        self.0
+        self.message
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| BusError::from_display("progress", e))
+    }
+
+    async fn is_next_in_conversation(&self) -> Result<bool, BusError> {
+        // Work-queue streams drop a message once it is acked, so the first message still stored
+        // on the conversation's subject is its oldest unfinished one.
+        let mine = self
+            .message
+            .info()
+            .map_err(|e| BusError::from_display("message info", e))?
+            .stream_sequence;
+        match self
+            .stream
+            .direct_get_first_for_subject(self.message.subject.as_str())
+            .await
+        {
+            Ok(first) => Ok(first.sequence >= mine),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(true)
+            }
+            Err(e) => Err(BusError::from_display("conversation order", e)),
+        }
     }
 }
 
@@ -205,6 +231,7 @@ impl Bus for JetStreamBus {
 
     async fn subscribe(&self, topic: Topic) -> Result<Deliveries, BusError> {
         let consumer = self.consumer(topic).await?;
+        let stream = self.stream(topic).clone();
         let batch = self.max_in_flight.min(1000);
         let messages = consumer
             .stream()
@@ -213,9 +240,14 @@ impl Bus for JetStreamBus {
             .await
             .map_err(|e| BusError::from_display("subscribe", e))?;
         Ok(messages
-            .map(|m| {
-                m.map(|m| Box::new(JetStreamDelivery(m)) as Box<dyn Delivery>)
-                    .map_err(|e| BusError::from_display("pull", e))
+            .map(move |m| {
+                m.map(|message| {
+                    Box::new(JetStreamDelivery {
+                        message,
+                        stream: stream.clone(),
+                    }) as Box<dyn Delivery>
+                })
+                .map_err(|e| BusError::from_display("pull", e))
             })
             .boxed())
     }

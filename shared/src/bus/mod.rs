@@ -68,6 +68,10 @@ pub trait Delivery: Send + Sync {
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError>;
     /// Still working: extend the time before the bus assumes this consumer died.
     async fn keep_alive(&self) -> Result<(), BusError>;
+    /// Whether this is the oldest unfinished message of its conversation. A consumer handles a
+    /// message only when it is, so a conversation's messages are handled in arrival order and
+    /// one at a time across every process; otherwise it hands the message back for a moment.
+    async fn is_next_in_conversation(&self) -> Result<bool, BusError>;
 }
 
 /// Durable queues and the dead-letter store.

@@ -170,6 +170,13 @@ pub trait Store: Send + Sync + 'static {
         message_sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError>;
 
+    /// Counts a failed attempt at the message `key` and returns the failures so far. Failures
+    /// are counted here rather than by the bus, because the bus also counts the deliveries that
+    /// were only handed back to wait for their conversation's turn.
+    async fn count_failure(&self, key: &str) -> Result<u64, StoreError>;
+    /// Forgets the failures of `key` once it succeeded or became a dead letter.
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;
 }

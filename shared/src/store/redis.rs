@@ -6,7 +6,7 @@
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
 //! `P:turn:{<session>}:<key>` (reply of a completed turn), `P:lead:{<agent>}:<user>` (hash),
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
-//! `P:window:{<session>}` (ms), `P:guard:<key>`, `P:status:<sid>` (hash).
+//! `P:window:{<session>}` (ms), `P:guard:<key>`, `P:status:<sid>` (hash), `P:failures:<key>`.
 
 use std::time::Duration;
 
@@ -414,6 +414,28 @@ impl Store for RedisStore {
         Ok(h.get("status")
             .and_then(|s| MessageStatus::parse(s))
             .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+
+    async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {
+        let k = self.key(&format!("failures:{key}"));
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&k, 1)
+            .expire(&k, i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("count failure"))?;
+        Ok(n)
+    }
+
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .conn()
+            .del(self.key(&format!("failures:{key}")))
+            .await
+            .map_err(err("clear failures"))?;
+        Ok(())
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

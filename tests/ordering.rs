@@ -1,0 +1,122 @@
+//! Guarantee 3 across processes: with several worker and sender processes, the messages of one
+//! conversation are handled one at a time in arrival order, and replies go out in order, while
+//! different conversations run in parallel.
+
+mod support;
+
+use std::{collections::HashMap, time::Duration};
+
+use support::{
+    fake_agent_webhook::FakeAgentWebhook,
+    fake_twilio::FakeTwilio,
+    harness::{ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, sid},
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conversations_stay_in_order_across_worker_and_sender_processes() {
+    let servers = Servers::start().await;
+    let twilio = FakeTwilio::start().await;
+    twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+    let hook = FakeAgentWebhook::start("whsec-0123456789abcdef").await;
+    // A slow agent that answers with what it was sent: overlapping turns would show.
+    hook.set_delay(Duration::from_millis(40));
+    hook.set_reply(|req| serde_json::json!({"reply": req["message"]["body"]}));
+    let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &[]).await;
+    let mut others = Vec::new();
+    for role in ["worker", "worker", "worker", "sender", "sender"] {
+        others.push(
+            Wagate::start_role(
+                role,
+                &servers,
+                &twilio.base_url,
+                &[("WAGATE_PUBLIC_URL", &ingress.public_url)],
+            )
+            .await,
+        );
+    }
+    ingress.agent("biz", serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-0123456789abcdef"})).await;
+    ingress.channel("biz", true).await;
+
+    const CONVERSATIONS: u64 = 6;
+    const MESSAGES: u64 = 8;
+    let users: Vec<String> = (0..CONVERSATIONS)
+        .map(|c| format!("+1415555030{c}"))
+        .collect();
+    let conversations = users.iter().enumerate().map(|(c, user)| {
+        let ingress = &ingress;
+        async move {
+            for m in 0..MESSAGES {
+                let r = ingress
+                    .inbound(
+                        "biz",
+                        &sid(100 * c as u64 + m),
+                        user,
+                        &format!("{user} #{m}"),
+                    )
+                    .await;
+                assert_eq!(r.status(), 200);
+            }
+        }
+    });
+    futures::future::join_all(conversations).await;
+
+    let sent = twilio
+        .wait_for_sent((CONVERSATIONS * MESSAGES) as usize, Duration::from_secs(60))
+        .await;
+    let mut replies: HashMap<String, Vec<String>> = HashMap::new();
+    for m in &sent {
+        replies
+            .entry(m.to.clone())
+            .or_default()
+            .push(m.body.clone().unwrap());
+    }
+    for user in &users {
+        let expected: Vec<String> = (0..MESSAGES).map(|m| format!("{user} #{m}")).collect();
+        assert_eq!(
+            replies[&format!("whatsapp:{user}")],
+            expected,
+            "replies to {user} in order"
+        );
+        let s: serde_json::Value = ingress
+            .admin(
+                reqwest::Method::GET,
+                &format!("/v1/agents/biz/sessions/{user}"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let turns: Vec<String> = s["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["content"].as_str().unwrap().to_owned())
+            .collect();
+        let alternating: Vec<String> = expected
+            .iter()
+            .flat_map(|e| [e.clone(), e.clone()])
+            .collect();
+        assert_eq!(
+            turns, alternating,
+            "session of {user}: each turn whole and in order"
+        );
+    }
+    // Each agent call saw exactly the turns before it: no two turns of a conversation overlapped.
+    for req in hook.requests() {
+        let body = req["message"]["body"].as_str().unwrap();
+        let m: usize = body.rsplit('#').next().unwrap().parse().unwrap();
+        assert_eq!(
+            req["messages"].as_array().unwrap().len(),
+            2 * m + 1,
+            "history seen by {body}"
+        );
+    }
+    assert_eq!(
+        hook.requests().len(),
+        (CONVERSATIONS * MESSAGES) as usize,
+        "each message ran the agent once"
+    );
+    drop(others);
+}
