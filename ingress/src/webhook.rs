@@ -15,7 +15,13 @@ use secrecy::ExposeSecret;
 use shared::{
     directory::{Lookup, ResolvedChannel},
     domain::AgentId,
-    twilio::{form, inbound::parse_inbound, signature, status::parse_status},
+    envelope::{DeadLetter, DeadMessage, Stage},
+    twilio::{
+        form,
+        inbound::parse_inbound,
+        rest, signature,
+        status::{MessageStatus, StatusUpdate, parse_status},
+    },
 };
 use time::OffsetDateTime;
 
@@ -131,6 +137,55 @@ async fn verify(
     })
 }
 
+/// What a failure reported by status callback changes: an opted-out user (21610) gets no more
+/// free-form messages until they write again; any other failure becomes a dead letter holding
+/// the part that failed, so it can be replayed (after a template, or once the user wrote).
+async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), String> {
+    if !matches!(
+        update.status,
+        MessageStatus::Failed | MessageStatus::Undelivered
+    ) {
+        return Ok(());
+    }
+    let Some(part) = state
+        .store
+        .sent_part(update.message_sid.as_str())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    if update.error_code == Some(rest::UNSUBSCRIBED) {
+        tracing::warn!(agent = %part.agent_id, "the user opted out (21610); free-form replies stop until they write again");
+        return state
+            .store
+            .opt_out(&part.session_id(), OffsetDateTime::now_utc())
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let reason = match update.error_code {
+        Some(rest::OUTSIDE_WINDOW) => "outside the 24-hour window (Twilio 63016): the user has not written in the last 24 hours; send a template (content_sid)".to_owned(),
+        Some(code) => format!("Twilio reported the message {} with error {code}", update.status.as_str()),
+        None => format!("Twilio reported the message {}", update.status.as_str()),
+    };
+    let letter = DeadLetter {
+        id: String::new(),
+        stage: Stage::Send,
+        reason,
+        code: update.error_code,
+        attempts: 1,
+        failed_at: OffsetDateTime::now_utc(),
+        agent_id: part.agent_id.clone(),
+        message: DeadMessage::Reply(part),
+    };
+    state
+        .bus
+        .put_dead_letter(&letter)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 fn json_fields(body: &[u8]) -> Option<Vec<(String, String)>> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
     map.into_iter()
@@ -222,6 +277,22 @@ async fn status(
             return plain(StatusCode::BAD_REQUEST, e.0);
         }
     };
+    // Act on a failure before recording it: if acting fails, the 503 makes Twilio retry, and
+    // the retry must still find the failure unrecorded (a rare duplicate dead letter beats a
+    // lost one).
+    let already = match state.store.status(&update.message_sid).await {
+        Ok(current) => current.is_some_and(|(s, _)| s.rank() >= update.status.rank()),
+        Err(e) => {
+            tracing::error!(error = %e, "could not read a message status; Twilio will retry");
+            outcome("status", "unavailable");
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable");
+        }
+    };
+    if !already && let Err(e) = act_on_failure(&state, &update).await {
+        tracing::error!(error = %e, "could not act on a failed message; Twilio will retry the callback");
+        outcome("status", "unavailable");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable");
+    }
     match state.store.record_status(&update).await {
         Ok(applied) => {
             tracing::info!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");

@@ -12,7 +12,7 @@ use shared::{
     envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{GuardState, Store},
-    twilio::rest::{FailureClass, OUTSIDE_WINDOW},
+    twilio::rest::{FailureClass, OUTSIDE_WINDOW, UNSUBSCRIBED},
 };
 use time::OffsetDateTime;
 
@@ -162,6 +162,17 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                 code: Some(OUTSIDE_WINDOW),
             });
         }
+        let opted_out = ctx
+            .store
+            .opted_out_at(&reply.session_id())
+            .await
+            .map_err(Failure::transient)?;
+        if opted_out.is_some_and(|out| last.is_none_or(|at| out >= at)) {
+            return Err(Failure::Permanent {
+                reason: "the user opted out (Twilio 21610: they sent STOP); nothing is sent until they write again".into(),
+                code: Some(UNSUBSCRIBED),
+            });
+        }
     }
     let from = format!("whatsapp:{}", channel.channel.phone_number);
     let callback = ctx
@@ -208,7 +219,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
             Ok(sid) => {
                 tracing::info!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
                 ctx.store
-                    .mark_sent(&key, &sid)
+                    .mark_sent(&key, &sid, &single_part(reply, index))
                     .await
                     .map_err(Failure::transient)?;
             }
@@ -221,7 +232,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
                             .increment(1);
                         ctx.store
-                            .mark_sent(&key, &sid)
+                            .mark_sent(&key, &sid, &single_part(reply, index))
                             .await
                             .map_err(Failure::transient)?;
                     }
@@ -248,6 +259,22 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Part `index` of `reply` as a reply of its own, with an id of its own so that replaying it
+/// (after Twilio reported it failed) is not stopped by the original part's send guard.
+fn single_part(reply: &OutboundReply, index: usize) -> OutboundReply {
+    let content = match &reply.content {
+        ReplyContent::Text { parts } => ReplyContent::Text {
+            parts: parts.get(index).cloned().into_iter().collect(),
+        },
+        template @ ReplyContent::Template { .. } => template.clone(),
+    };
+    OutboundReply {
+        id: format!("{}-p{index}", reply.id),
+        content,
+        ..reply.clone()
+    }
 }
 
 /// Posts one message, retrying rate limits in place (honouring `Retry-After`) a few times.

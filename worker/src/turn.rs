@@ -10,7 +10,7 @@ use shared::{
     directory::{ChannelDirectory, Lookup},
     envelope::{DeadLetter, DeadMessage, InboundMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
-    store::{LeadSighting, Role, Store, Turn},
+    store::{CompletedTurn, LeadSighting, Role, Store, Turn},
     text::{MAX_BODY_UTF16, split_reply},
 };
 use time::OffsetDateTime;
@@ -131,8 +131,8 @@ async fn process(
 ) -> Result<(), Failure> {
     let session = msg.session_id();
     let turn_key = msg.message_sid.as_str();
-    if let Some(reply) = ctx.store.completed_turn(&session, turn_key).await? {
-        return publish_reply(ctx, msg, &reply).await;
+    if let Some(done) = ctx.store.completed_turn(&session, turn_key).await? {
+        return publish_reply(ctx, msg, &done).await;
     }
     let agent = match ctx.directory.lookup(&msg.agent_id).await {
         Ok(Lookup::Found(c)) => c.agent.clone(),
@@ -180,9 +180,13 @@ async fn process(
             at: OffsetDateTime::now_utc(),
         });
     }
+    let completed = CompletedTurn {
+        reply_id: OutboundReply::id_for_inbound(&msg.message_sid),
+        reply,
+    };
     let stored = ctx
         .store
-        .complete_turn(&session, turn_key, &turns, &reply)
+        .complete_turn(&session, &[turn_key.to_owned()], &turns, &completed)
         .await?;
     publish_reply(ctx, msg, &stored).await
 }
@@ -208,15 +212,15 @@ async fn with_keep_alive<T>(delivery: &dyn Delivery, work: impl Future<Output = 
 async fn publish_reply(
     ctx: &TurnContext,
     msg: &InboundMessage,
-    reply: &str,
+    done: &CompletedTurn,
 ) -> Result<(), Failure> {
-    let parts = split_reply(reply, MAX_BODY_UTF16);
+    let parts = split_reply(&done.reply, MAX_BODY_UTF16);
     if parts.is_empty() {
         tracing::info!(sid = %msg.message_sid, "the agent had nothing to say");
         return Ok(());
     }
     let out = OutboundReply {
-        id: OutboundReply::id_for_inbound(&msg.message_sid),
+        id: done.reply_id.clone(),
         agent_id: msg.agent_id.clone(),
         to: msg.from.clone(),
         content: ReplyContent::Text { parts },

@@ -2,6 +2,7 @@
 //! attempt counts; plus the dead-letter store. The pipeline talks only to this trait, so NATS
 //! JetStream and the embedded store are interchangeable.
 
+pub mod embedded;
 pub mod jetstream;
 
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! Redis and the embedded store are interchangeable. Every method that can race (two workers,
 //! two senders) is atomic in each implementation.
 
+pub mod embedded;
 pub mod redis;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use time::OffsetDateTime;
 use crate::{
     agent::{Agent, WhatsAppChannel},
     domain::{AgentId, MessageSid, SessionId},
+    envelope::OutboundReply,
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
@@ -95,6 +97,15 @@ pub enum GuardState {
     Busy,
 }
 
+/// The outcome of a completed turn, recorded under each inbound message it answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedTurn {
+    /// The id of the reply that answers the turn ([`OutboundReply::id`]).
+    pub reply_id: String,
+    /// The agent's reply text (may be empty: nothing to send).
+    pub reply: String,
+}
+
 /// A change to an agent's settings, for caches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -122,21 +133,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// The last `last` turns of a session, oldest first.
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError>;
-    /// The reply already stored for the turn named `turn_key`, if that turn was completed.
+    /// The completed turn that answered the inbound message `turn_key`, if there is one.
     async fn completed_turn(
         &self,
         session: &SessionId,
         turn_key: &str,
-    ) -> Result<Option<String>, StoreError>;
-    /// Appends a turn's user and assistant entries once per `turn_key`; returns the reply that
-    /// is stored for it (this one, or the one of an earlier completion that won).
+    ) -> Result<Option<CompletedTurn>, StoreError>;
+    /// Appends `turns` and records `completed` under every key of `turn_keys` (the inbound
+    /// messages of the turn), atomically and only if the first key has no record yet; returns
+    /// the record that stands (this one, or that of an earlier completion that won).
     async fn complete_turn(
         &self,
         session: &SessionId,
-        turn_key: &str,
+        turn_keys: &[String],
         turns: &[Turn],
-        reply: &str,
-    ) -> Result<String, StoreError>;
+        completed: &CompletedTurn,
+    ) -> Result<CompletedTurn, StoreError>;
 
     /// Counts an inbound message towards its user's lead, creating the lead on first contact.
     /// Idempotent per message sid.
@@ -153,11 +165,26 @@ pub trait Store: Send + Sync + 'static {
     /// When the user last wrote.
     async fn last_inbound(&self, session: &SessionId)
     -> Result<Option<OffsetDateTime>, StoreError>;
+    /// Records that the user opted out (Twilio 21610) at `at`; free-form sends are refused
+    /// until the user writes again after that.
+    async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError>;
+    /// When the user last opted out.
+    async fn opted_out_at(&self, session: &SessionId)
+    -> Result<Option<OffsetDateTime>, StoreError>;
 
     /// Takes the send guard of one reply part for `lease`, unless it was sent or is held.
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError>;
-    /// Records that the part was posted, as Twilio message `message_sid`.
-    async fn mark_sent(&self, key: &str, message_sid: &str) -> Result<(), StoreError>;
+    /// Records that the part was posted, as Twilio message `message_sid`; `part` is that one
+    /// part as a reply of its own (with an id of its own), kept so that a failure Twilio reports
+    /// later by status callback can become a dead letter that replays just this part.
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<(), StoreError>;
+    /// The part posted as Twilio message `message_sid`.
+    async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError>;
     /// Gives the guard back without sending (the part will be tried again).
     async fn release_send(&self, key: &str) -> Result<(), StoreError>;
 

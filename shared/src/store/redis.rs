@@ -4,9 +4,11 @@
 //!
 //! Layout (`P` = prefix): `P:agent:<id>` and `P:channel:<id>` (JSON), `P:agents` (set),
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
-//! `P:turn:{<session>}:<key>` (reply of a completed turn), `P:lead:{<agent>}:<user>` (hash),
+//! `P:turn:{<session>}:<key>` (record of a completed turn), `P:lead:{<agent>}:<user>` (hash),
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
-//! `P:window:{<session>}` (ms), `P:guard:<key>`, `P:status:<sid>` (hash), `P:failures:<key>`.
+//! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
+//! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
+//! `P:failures:<key>`.
 
 use std::time::Duration;
 
@@ -16,10 +18,13 @@ use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use super::{Change, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn};
+use super::{
+    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn,
+};
 use crate::{
     agent::{Agent, WhatsAppChannel},
     domain::{AgentId, MessageSid, SessionId},
+    envelope::OutboundReply,
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
@@ -43,11 +48,14 @@ redis.call('HINCRBY', KEYS[1], 'message_count', 1)
 return 1
 "#;
 
+// KEYS[1] = session list, KEYS[2..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
+// ARGV[3] = number of turns, ARGV[4..] = turns.
 const COMPLETE_TURN: &str = r#"
-local prev = redis.call('GET', KEYS[1])
+local prev = redis.call('GET', KEYS[2])
 if prev then return prev end
-for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2]) end
 return ARGV[1]
 "#;
 
@@ -142,6 +150,10 @@ impl RedisStore {
 
 fn err(context: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
     move |e| StoreError::from_display(context, e)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::from_display("encode", e))
 }
 
 fn ms(t: OffsetDateTime) -> i64 {
@@ -255,31 +267,40 @@ impl Store for RedisStore {
         &self,
         session: &SessionId,
         turn_key: &str,
-    ) -> Result<Option<String>, StoreError> {
-        self.conn()
-            .get(self.key(&format!("turn:{{{session}}}:{turn_key}")))
+    ) -> Result<Option<CompletedTurn>, StoreError> {
+        self.get_json(self.key(&format!("turn:{{{session}}}:{turn_key}")))
             .await
-            .map_err(err("completed turn"))
     }
 
     async fn complete_turn(
         &self,
         session: &SessionId,
-        turn_key: &str,
+        turn_keys: &[String],
         turns: &[Turn],
-        reply: &str,
-    ) -> Result<String, StoreError> {
-        let script = Script::new(COMPLETE_TURN);
-        let mut inv = script.key(self.key(&format!("turn:{{{session}}}:{turn_key}")));
-        inv.key(self.key(&format!("session:{{{session}}}")))
-            .arg(reply)
-            .arg(GUARD_TTL.as_secs());
-        for t in turns {
-            inv.arg(serde_json::to_vec(t).map_err(|e| StoreError::from_display("encode", e))?);
+        completed: &CompletedTurn,
+    ) -> Result<CompletedTurn, StoreError> {
+        if turn_keys.is_empty() {
+            return Err(StoreError(
+                "complete_turn needs at least one turn key".into(),
+            ));
         }
-        inv.invoke_async(&mut self.conn())
+        let script = Script::new(COMPLETE_TURN);
+        let mut inv = script.key(self.key(&format!("session:{{{session}}}")));
+        for k in turn_keys {
+            inv.key(self.key(&format!("turn:{{{session}}}:{k}")));
+        }
+        inv.arg(to_json(completed)?)
+            .arg(GUARD_TTL.as_secs())
+            .arg(turns.len());
+        for t in turns {
+            inv.arg(to_json(t)?);
+        }
+        let stored: Vec<u8> = inv
+            .invoke_async(&mut self.conn())
             .await
-            .map_err(err("complete turn"))
+            .map_err(err("complete turn"))?;
+        serde_json::from_slice(&stored)
+            .map_err(|e| StoreError::from_display("decode turn record", e))
     }
 
     async fn record_lead(&self, s: &LeadSighting<'_>) -> Result<(), StoreError> {
@@ -351,6 +372,28 @@ impl Store for RedisStore {
         Ok(v.map(from_ms))
     }
 
+    async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
+        let _: i64 = Script::new(STAMP_MAX)
+            .key(self.key(&format!("optout:{{{session}}}")))
+            .arg(ms(at))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("opt out"))?;
+        Ok(())
+    }
+
+    async fn opted_out_at(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let v: Option<i64> = self
+            .conn()
+            .get(self.key(&format!("optout:{{{session}}}")))
+            .await
+            .map_err(err("opt-out"))?;
+        Ok(v.map(from_ms))
+    }
+
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let r: String = Script::new(CLAIM_SEND)
@@ -366,17 +409,31 @@ impl Store for RedisStore {
         })
     }
 
-    async fn mark_sent(&self, key: &str, message_sid: &str) -> Result<(), StoreError> {
-        let _: () = self
-            .conn()
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<(), StoreError> {
+        redis::pipe()
             .set_ex(
                 self.key(&format!("guard:{key}")),
                 format!("sent:{message_sid}"),
                 GUARD_TTL.as_secs(),
             )
+            .set_ex(
+                self.key(&format!("sent:{message_sid}")),
+                to_json(part)?,
+                GUARD_TTL.as_secs(),
+            )
+            .exec_async(&mut self.conn())
             .await
-            .map_err(err("mark sent"))?;
-        Ok(())
+            .map_err(err("mark sent"))
+    }
+
+    async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
+        self.get_json(self.key(&format!("sent:{message_sid}")))
+            .await
     }
 
     async fn release_send(&self, key: &str) -> Result<(), StoreError> {

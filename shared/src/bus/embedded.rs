@@ -1,0 +1,1 @@
+//! Embedded bus: being written (issue 4).
