@@ -300,3 +300,92 @@ async fn bad_model_credentials_are_a_dead_letter_at_once() {
         "a dead letter never shows the key"
     );
 }
+
+fn status_form(message_sid: &str, status: &str, code: Option<u32>) -> Vec<(String, String)> {
+    let mut f = vec![
+        ("MessageSid".to_string(), message_sid.to_string()),
+        ("MessageStatus".to_string(), status.to_string()),
+        (
+            "AccountSid".to_string(),
+            support::harness::ACCOUNT_SID.to_string(),
+        ),
+        ("ChannelPrefix".to_string(), "whatsapp".to_string()),
+    ];
+    if let Some(c) = code {
+        f.push(("ErrorCode".to_string(), c.to_string()));
+    }
+    f
+}
+
+#[tokio::test]
+async fn a_63016_reported_by_status_callback_becomes_a_dead_letter_that_replays_the_part() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "late news").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let path = "/webhooks/twilio/whatsapp/demo/status";
+    for status in ["sent", "failed", "undelivered"] {
+        let code = (status != "sent").then_some(63016);
+        let r = w
+            .wagate
+            .post_signed(
+                path,
+                &status_form(&sent[0].sid, status, code),
+                support::harness::AUTH_TOKEN,
+            )
+            .await;
+        assert!(r.status().is_success(), "{status}: {}", r.status());
+    }
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl.len(), 1, "one failure, one dead letter: {dl:?}");
+    assert_eq!(dl[0]["stage"], "send");
+    assert_eq!(dl[0]["code"], 63016);
+    assert!(dl[0]["reason"].as_str().unwrap().contains("24-hour window"));
+    assert_eq!(
+        dl[0]["message"]["content"]["parts"],
+        serde_json::json!(["late news"])
+    );
+    let id = dl[0]["id"].as_str().unwrap();
+    let r = w
+        .wagate
+        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("late news"));
+}
+
+#[tokio::test]
+async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let r = w
+        .wagate
+        .post_signed(
+            "/webhooks/twilio/whatsapp/demo/status",
+            &status_form(&sent[0].sid, "failed", Some(21610)),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert!(r.status().is_success());
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&serde_json::json!({"to": FROM, "body": "promo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("opted out"));
+    assert!(
+        dead_letters(&w).await.is_empty(),
+        "an opt-out is not a dead letter"
+    );
+    w.wagate.inbound("demo", &sid(2), FROM, "I'm back").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("I'm back"));
+}

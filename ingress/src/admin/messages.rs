@@ -89,6 +89,17 @@ pub async fn send(
                     "outside the 24-hour window: this user has not written in the last 24 hours, so WhatsApp only allows a template (send content_sid instead of body)",
                 ));
             }
+            let opted_out = state
+                .store
+                .opted_out_at(&session)
+                .await
+                .map_err(ApiError::unavailable)?;
+            if opted_out.is_some_and(|out| last.is_none_or(|at| out >= at)) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "this user opted out (they sent STOP): no free-form messages until they write again",
+                ));
+            }
             ReplyContent::Text { parts }
         }
         (None, Some(sid)) => ReplyContent::Template {
