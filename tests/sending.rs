@@ -389,3 +389,78 @@ async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
     assert_eq!(sent[1].body.as_deref(), Some("I'm back"));
 }
+
+fn dlq_cli(w: &World, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wagate"))
+        .arg("dlq")
+        .args(args)
+        .env_clear()
+        .env("WAGATE_ADMIN_URL", &w.wagate.admin_url)
+        .env("WAGATE_ADMIN_TOKEN", support::harness::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_dlq_command_lists_and_replays() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 21211,
+        message: "The 'To' number is not a valid phone number.".into(),
+    });
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 63003,
+        message: "Channel could not find To address".into(),
+    });
+    w.wagate.inbound("demo", &sid(1), FROM, "first").await;
+    wait_dead_letters(&w, 1).await;
+    w.wagate
+        .inbound("demo", &sid(2), "+14155550199", "second")
+        .await;
+    let dl = wait_dead_letters(&w, 2).await;
+    let (ok, table) = dlq_cli(&w, &["list"]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("21211") && table.contains("63003") && table.contains("2 dead letter(s)"),
+        "{table}"
+    );
+    let (ok, filtered) = dlq_cli(&w, &["list", "--reason", "63003", "--json"]);
+    assert!(ok, "{filtered}");
+    let filtered: serde_json::Value = serde_json::from_str(&filtered).unwrap();
+    assert_eq!(filtered.as_array().unwrap().len(), 1);
+    let first = dl.iter().find(|d| d["code"] == 21211).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, out) = dlq_cli(&w, &["replay", &first]);
+    assert!(ok && out.contains("replayed 1"), "{out}");
+    let (ok, out) = dlq_cli(&w, &["replay", "--all", "--stage", "send"]);
+    assert!(ok && out.contains("replayed 1"), "{out}");
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let mut bodies: Vec<_> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["first", "second"]);
+    let (ok, out) = dlq_cli(&w, &["replay", "999999"]);
+    assert!(!ok && out.contains("no such dead letter"), "{out}");
+    let (ok, out) = std::process::Command::new(env!("CARGO_BIN_EXE_wagate"))
+        .args(["dlq", "list"])
+        .env_clear()
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stderr).to_string(),
+            )
+        })
+        .unwrap();
+    assert!(!ok && out.contains("WAGATE_ADMIN_TOKEN"), "{out}");
+}

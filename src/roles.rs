@@ -1,0 +1,201 @@
+//! Running the roles: connect the bus and the store, start the listeners and consumers of the
+//! roles asked for, log one line when ready, and on SIGTERM stop taking work and give in-flight
+//! work the configured grace period.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result, anyhow};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use shared::{
+    bus::{
+        Bus,
+        jetstream::{JetStreamBus, JetStreamOptions},
+    },
+    config::{Backends, Settings},
+    crypto::Keyring,
+    directory::ChannelDirectory,
+    dispatch::DispatchConfig,
+    shutdown::{self, Shutdown},
+    store::{Store, redis::RedisStore},
+};
+use tokio::task::JoinSet;
+
+use crate::Roles;
+
+struct Deps {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    keyring: Arc<Keyring>,
+    directory: Arc<ChannelDirectory>,
+}
+
+async fn connect(settings: &Settings) -> Result<Deps> {
+    let (bus, store): (Arc<dyn Bus>, Arc<dyn Store>) = match settings.backends()? {
+        Backends::Distributed {
+            nats_url,
+            redis_url,
+        } => {
+            let options = JetStreamOptions {
+                prefix: settings.prefix.clone(),
+                max_in_flight: settings.worker_concurrency.max(settings.sender_concurrency),
+            };
+            let bus = JetStreamBus::connect(&nats_url, options).await?;
+            let store = RedisStore::connect(&redis_url, &settings.prefix).await?;
+            (Arc::new(bus), Arc::new(store))
+        }
+        Backends::Embedded => {
+            return Err(anyhow!(
+                "embedded mode is not available yet: set WAGATE_NATS_URL and WAGATE_REDIS_URL (see README)"
+            ));
+        }
+    };
+    let master = settings.master_key.as_ref().ok_or_else(|| {
+        anyhow!(
+            "WAGATE_MASTER_KEY is required with NATS and Redis: create one with `wagate keygen`"
+        )
+    })?;
+    let keyring = Arc::new(
+        Keyring::from_base64(master, &settings.master_key_previous).context("WAGATE_MASTER_KEY")?,
+    );
+    let directory = ChannelDirectory::new(store.clone(), keyring.clone());
+    Ok(Deps {
+        bus,
+        store,
+        keyring,
+        directory,
+    })
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what}); is the port taken?"))
+}
+
+fn install_metrics() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new().install_recorder().ok()
+}
+
+/// Runs `roles` until shutdown or until one of them fails.
+pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
+    settings.validate()?;
+    let deps = connect(&settings).await?;
+    let metrics = install_metrics();
+    let shutdown = Shutdown::new();
+    deps.directory.clone().watch(shutdown.clone()).await?;
+    let state = ingress::AppState {
+        bus: deps.bus.clone(),
+        store: deps.store.clone(),
+        directory: deps.directory.clone(),
+        keyring: deps.keyring.clone(),
+        admin_token: settings.admin_token.clone().map(Arc::new),
+        public_url: settings.public_base().map(Arc::from),
+        webhook_port: settings.listen.port(),
+        metrics,
+    };
+    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let mut listening = Vec::new();
+    if roles.ingress {
+        let webhooks = bind(settings.listen, "WAGATE_LISTEN").await?;
+        let admin = bind(settings.admin_listen, "WAGATE_ADMIN_LISTEN").await?;
+        listening.push(format!("webhooks on {}", webhooks.local_addr()?));
+        listening.push(format!("admin API on {}", admin.local_addr()?));
+        tasks.spawn(serve_http(
+            webhooks,
+            ingress::webhook_router(state.clone()),
+            shutdown.clone(),
+        ));
+        tasks.spawn(serve_http(
+            admin,
+            ingress::admin_router(state.clone()),
+            shutdown.clone(),
+        ));
+    } else if let Some(addr) = settings.metrics_listen {
+        let listener = bind(addr, "WAGATE_METRICS_LISTEN").await?;
+        listening.push(format!("health and metrics on {}", listener.local_addr()?));
+        let router = ingress::health::routes().with_state(state.clone());
+        tasks.spawn(serve_http(listener, router, shutdown.clone()));
+    }
+    let dispatch = |concurrency| DispatchConfig {
+        concurrency,
+        shutdown_grace: settings.shutdown_grace(),
+    };
+    if roles.worker {
+        let ctx = worker::TurnContext {
+            bus: deps.bus.clone(),
+            store: deps.store.clone(),
+            directory: deps.directory.clone(),
+            runner: worker::agent::AgentRunner::new(deps.keyring.clone(), settings.agent_timeout()),
+            history_window: settings.history_window,
+            retry: settings.agent_retry.clone(),
+        };
+        let config = dispatch(settings.worker_concurrency);
+        let s = shutdown.clone();
+        tasks.spawn(async move { Ok(worker::run(ctx, config, s).await?) });
+    }
+    if roles.sender {
+        let ctx = sender::SendContext {
+            bus: deps.bus.clone(),
+            store: deps.store.clone(),
+            directory: deps.directory.clone(),
+            client: sender::twilio_client::TwilioClient::new(
+                &settings.twilio_api_base,
+                settings.twilio_timeout(),
+            ),
+            public_url: settings.public_base().map(str::to_owned),
+            retry: settings.send_retry.clone(),
+        };
+        let config = dispatch(settings.sender_concurrency);
+        let s = shutdown.clone();
+        tasks.spawn(async move { Ok(sender::run(ctx, config, s).await?) });
+    }
+    let role_names: Vec<&str> = [
+        ("ingress", roles.ingress),
+        ("worker", roles.worker),
+        ("sender", roles.sender),
+    ]
+    .into_iter()
+    .filter_map(|(n, on)| on.then_some(n))
+    .collect();
+    tracing::info!(roles = %role_names.join(","), listening = %listening.join(", "), "wagate ready");
+
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown::signal() => tracing::info!("shutting down"),
+        Some(done) = tasks.join_next() => {
+            failure = Some(match done {
+                Ok(Ok(())) => anyhow!("a role stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow!("a role panicked: {e}"),
+            });
+        }
+    }
+    shutdown.cancel();
+    let grace = settings.shutdown_grace() + std::time::Duration::from_secs(1);
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown deadline passed; exiting with work in flight (it will be redelivered)"
+        );
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: Shutdown,
+) -> Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("HTTP server failed")
+}
