@@ -83,8 +83,21 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     let metrics = install_metrics();
     let shutdown = Shutdown::new();
     deps.directory.clone().watch(shutdown.clone()).await?;
+    // Ingress keeps what it accepted in a local spool while NATS is away.
+    let ingress_bus: Arc<dyn Bus> =
+        if roles.ingress && matches!(settings.backends()?, Backends::Distributed { .. }) {
+            ingress::spool::SpooledBus::open(
+                deps.bus.clone(),
+                &settings.data_dir.join("spool.redb"),
+                settings.spool_max_mb.saturating_mul(1 << 20),
+                std::time::Duration::from_millis(settings.spool_after_ms),
+                shutdown.clone(),
+            )?
+        } else {
+            deps.bus.clone()
+        };
     let state = ingress::AppState {
-        bus: deps.bus.clone(),
+        bus: ingress_bus,
         store: deps.store.clone(),
         directory: deps.directory.clone(),
         keyring: deps.keyring.clone(),

@@ -6,12 +6,14 @@
 //!   durably, answer empty TwiML) and `…/status` (delivery statuses).
 //! - [`signed_url`]: the URL Twilio signed, rebuilt byte for byte.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`spool`]: the local, fsync'd spool that keeps accepted messages while NATS is away.
 //! - [`admin`]: the bearer-protected JSON API of agents, channels, leads, sessions, sends and
 //!   dead letters, one file per resource.
 
 pub mod admin;
 pub mod health;
 pub mod signed_url;
+pub mod spool;
 pub mod state;
 pub mod webhook;
 

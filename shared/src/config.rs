@@ -112,6 +112,20 @@ pub struct Settings {
         default_value = "1s,5s,30s,2m,10m"
     )]
     pub send_retry: RetrySchedule,
+    /// Time ingress waits for NATS to acknowledge a message before it spools it locally, in ms.
+    #[arg(
+        long = "spool-after-ms",
+        env = "WAGATE_SPOOL_AFTER_MS",
+        default_value_t = 2_000
+    )]
+    pub spool_after_ms: u64,
+    /// Largest size of the ingress spool in MiB; when full, webhooks answer 503 (Twilio retries).
+    #[arg(
+        long = "spool-max-mb",
+        env = "WAGATE_SPOOL_MAX_MB",
+        default_value_t = 512
+    )]
+    pub spool_max_mb: u64,
     /// Time given to in-flight work on SIGTERM before the process exits, in milliseconds.
     #[arg(
         long = "shutdown-grace-ms",

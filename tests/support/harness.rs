@@ -67,9 +67,22 @@ pub struct Servers {
     pub nats_url: String,
     pub redis_url: String,
     pub redis_port: u16,
-    nats: Proc,
+    nats_port: u16,
+    nats: Option<Proc>,
     redis: Proc,
     pub dir: tempfile::TempDir,
+}
+
+async fn spawn_nats(port: u16, store: &Path) -> Proc {
+    let mut nats = Command::new(nats_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start nats-server: run scripts/test-deps, or set WAGATE_TEST_NATS_SERVER");
+    wait_tcp(port, "nats-server", &mut nats).await;
+    Proc(nats)
 }
 
 impl Servers {
@@ -78,21 +91,7 @@ impl Servers {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats_port = free_port();
         let redis_port = free_port();
-        let nats_dir = dir.path().join("nats");
-        let mut nats = Command::new(nats_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &nats_port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&nats_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start nats-server: run .ci/run once, or set WAGATE_TEST_NATS_SERVER");
+        let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
         let mut redis = Command::new("redis-server")
             .args([
                 "--port",
@@ -110,16 +109,26 @@ impl Servers {
             .stderr(Stdio::null())
             .spawn()
             .expect("cannot start redis-server (apt-get install redis-server)");
-        wait_tcp(nats_port, "nats-server", &mut nats).await;
         wait_tcp(redis_port, "redis-server", &mut redis).await;
         Servers {
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             redis_port,
-            nats: Proc(nats),
+            nats_port,
+            nats: Some(nats),
             redis: Proc(redis),
             dir,
         }
+    }
+
+    /// Kills nats-server (SIGKILL), keeping its store.
+    pub fn kill_nats(&mut self) {
+        self.nats = None;
+    }
+
+    /// Starts nats-server again on the same port and store.
+    pub async fn restart_nats(&mut self) {
+        self.nats = Some(spawn_nats(self.nats_port, &self.dir.path().join("nats")).await);
     }
 
     /// A Redis connection for white-box checks (e.g. that no token is stored).

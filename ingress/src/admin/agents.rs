@@ -27,7 +27,8 @@ struct AgentRequest {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 enum BackendRequest {
-    Echo,
+    // A struct variant, so that `deny_unknown_fields` refuses `{"kind": "echo", "x": 1}` too.
+    Echo {},
     Openai {
         base_url: String,
         model: String,
@@ -133,7 +134,7 @@ pub async fn put(
     }
     let previous = existing.as_ref().map(|a| &a.backend);
     let backend = match req.backend {
-        BackendRequest::Echo => Backend::Echo,
+        BackendRequest::Echo {} => Backend::Echo,
         BackendRequest::Openai {
             base_url,
             model,

@@ -51,6 +51,30 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
         .route_layer(middleware::from_fn_with_state(state, require_token))
+        .layer(middleware::map_response(json_errors))
+}
+
+/// Errors that axum produces itself (a path or query that does not parse, a body over the
+/// limit, a method a route does not take) come as plain text; the API promises JSON errors.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    ApiError::new(status, message).into_response()
 }
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {

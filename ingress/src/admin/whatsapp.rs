@@ -28,6 +28,12 @@ struct ChannelRequest {
     enabled: Option<bool>,
 }
 
+/// Twilio's connection overrides, as a URL fragment (Twilio does not sign it): retry up to 3
+/// times on connection failures, timeouts and 5xx answers (ingress answers 503 when it cannot
+/// keep a message), instead of Twilio's default of one retry on connection failures only.
+/// 4xx answers are final and not retried.
+pub const TWILIO_RETRIES: &str = "#rc=3&rp=ct,rt,5xx";
+
 /// A channel as the API shows it: never the token.
 #[derive(Serialize)]
 pub struct ChannelView {
@@ -52,7 +58,7 @@ impl ChannelView {
             enabled: channel.enabled,
             account_sid: channel.account_sid.clone(),
             phone_number: channel.phone_number.clone(),
-            webhook_url: format!("{base}/webhooks/twilio/whatsapp/{id}"),
+            webhook_url: format!("{base}/webhooks/twilio/whatsapp/{id}{TWILIO_RETRIES}"),
             status_callback_url: format!("{base}/webhooks/twilio/whatsapp/{id}/status"),
         }
     }

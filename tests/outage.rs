@@ -1,0 +1,72 @@
+//! Nothing accepted is lost when NATS goes away: ingress spools what it accepted (answering
+//! 200), and publishes it in order once NATS is back; the pipeline then answers every message.
+
+mod support;
+
+use std::time::Duration;
+
+use support::harness::{World, sid};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_accepted_while_nats_is_down_are_answered_once_it_is_back() {
+    let mut w = World::start_with(&[("WAGATE_SPOOL_AFTER_MS", "300")]).await;
+    w.wagate.echo_agent("demo").await;
+    assert_eq!(
+        w.wagate
+            .inbound("demo", &sid(1), "+14155550100", "before")
+            .await
+            .status(),
+        200
+    );
+    w.twilio.wait_for_sent(1, Duration::from_secs(15)).await;
+
+    w.servers.kill_nats();
+    let users = ["+14155550101", "+14155550102", "+14155550103"];
+    let mut n = 10;
+    for round in 0..4 {
+        for user in users {
+            n += 1;
+            let r = w
+                .wagate
+                .inbound("demo", &sid(n), user, &format!("{user} during {round}"))
+                .await;
+            assert_eq!(r.status(), 200, "accepted while NATS is down");
+        }
+    }
+    assert!(
+        w.wagate.logs().contains("spooling the message"),
+        "{}",
+        w.wagate.logs()
+    );
+    w.servers.restart_nats().await;
+
+    let sent = w
+        .twilio
+        .wait_for_sent(1 + 12, Duration::from_secs(60))
+        .await;
+    for user in users {
+        let bodies: Vec<String> = sent
+            .iter()
+            .filter(|m| m.to == format!("whatsapp:{user}"))
+            .map(|m| m.body.clone().unwrap())
+            .collect();
+        let expected: Vec<String> = (0..4)
+            .map(|round| format!("{user} during {round}"))
+            .collect();
+        assert_eq!(
+            bodies, expected,
+            "every spooled message answered once, in order"
+        );
+    }
+    // A message after the outage takes the normal path again.
+    assert_eq!(
+        w.wagate
+            .inbound("demo", &sid(99), "+14155550100", "after")
+            .await
+            .status(),
+        200
+    );
+    w.twilio.wait_for_sent(14, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.twilio.sent().len(), 14);
+}
