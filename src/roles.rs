@@ -157,6 +157,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             ),
             public_url: settings.public_base().map(str::to_owned),
             retry: settings.send_retry.clone(),
+            twilio_timeout: settings.twilio_timeout(),
         };
         let config = dispatch(settings.sender_concurrency);
         let s = shutdown.clone();

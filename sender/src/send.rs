@@ -8,7 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use shared::{
     bus::{Bus, Delivery},
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
-    dispatch::Handler,
+    dispatch::{Handler, with_keep_alive},
     envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{GuardState, Store},
@@ -20,10 +20,10 @@ use crate::twilio_client::{SendError, TwilioClient};
 
 /// WhatsApp's customer-service window.
 pub const WINDOW: time::Duration = time::Duration::hours(24);
-/// How long a sender holds a part's guard while posting it.
-const GUARD_LEASE: Duration = Duration::from_secs(120);
 /// Longest `Retry-After` waited for inside one attempt; longer ones go back to the queue.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
+/// Posts of one part inside one attempt (the first and the rate-limit retries).
+const INLINE_POSTS: u32 = 4;
 
 /// What a sender needs.
 pub struct SendContext {
@@ -39,9 +39,26 @@ pub struct SendContext {
     pub public_url: Option<String>,
     /// When to try a failed send again.
     pub retry: RetrySchedule,
+    /// Time limit of one Twilio call; the send guard's lease is derived from it.
+    pub twilio_timeout: Duration,
+}
+
+impl SendContext {
+    /// How long a sender holds a part's guard: longer than any attempt at posting it can take
+    /// (every inline post timing out, with the waits between them), so a live sender never
+    /// loses its part to another; a dead sender's part is taken over after it.
+    fn guard_lease(&self) -> Duration {
+        (self.twilio_timeout + self.inline_wait_cap()) * INLINE_POSTS + Duration::from_secs(1)
+    }
+
+    fn inline_wait_cap(&self) -> Duration {
+        MAX_INLINE_WAIT.min(self.twilio_timeout)
+    }
 }
 
 enum Failure {
+    /// Not a failure: another sender holds a part; come back later without counting an attempt.
+    Wait(Duration),
     Transient {
         reason: String,
         after: Option<Duration>,
@@ -64,9 +81,9 @@ impl Failure {
 impl Handler<OutboundReply> for SendContext {
     async fn handle(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
         let failures_key = format!("send:{}", reply.id);
-        let result = send(self, &reply).await;
+        let result = with_keep_alive(delivery.as_ref(), send(self, &reply)).await;
         let attempt = match &result {
-            Ok(()) => 0,
+            Ok(()) | Err(Failure::Wait(_)) => 0,
             Err(_) => self
                 .store
                 .count_failure(&failures_key)
@@ -79,6 +96,11 @@ impl Handler<OutboundReply> for SendContext {
                     tracing::warn!(id = %reply.id, error = %e, "ack failed; the send guard keeps the redelivery from posting again");
                 }
                 "sent"
+            }
+            Err(Failure::Wait(delay)) => {
+                tracing::debug!(id = %reply.id, ?delay, "a part is held by another sender; waiting");
+                let _ = delivery.retry_in(delay).await;
+                "retry"
             }
             Err(Failure::Transient { reason, after }) => match self.retry.delay_after(attempt) {
                 Some(delay) => {
@@ -195,17 +217,30 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
     };
     for (index, content) in parts.iter().enumerate() {
         let key = format!("{}:{index}", reply.id);
+        let body = content.iter().find(|(k, _)| *k == "Body").map(|(_, v)| *v);
         match ctx
             .store
-            .claim_send(&key, GUARD_LEASE)
+            .claim_send(&key, ctx.guard_lease())
             .await
             .map_err(Failure::transient)?
         {
             GuardState::Sent(_) => continue,
-            GuardState::Busy => {
-                return Err(Failure::transient(format!(
-                    "part {index} is being posted by another sender"
-                )));
+            GuardState::Busy => return Err(Failure::Wait(Duration::from_secs(1))),
+            GuardState::Reclaimed => {
+                // The sender that held this part died; it may have posted it first.
+                let since = OffsetDateTime::now_utc() - ctx.guard_lease() * 2;
+                if let Some(sid) =
+                    settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, since).await
+                {
+                    tracing::info!(id = %reply.id, part = index, sid = %sid, "a dead sender had posted this part");
+                    metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
+                        .increment(1);
+                    ctx.store
+                        .mark_sent(&key, &sid, &single_part(reply, index))
+                        .await
+                        .map_err(Failure::transient)?;
+                    continue;
+                }
             }
             GuardState::Claimed => {}
         }
@@ -224,7 +259,6 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                     .map_err(Failure::transient)?;
             }
             Err(e) if e.class == FailureClass::Ambiguous => {
-                let body = content.iter().find(|(k, _)| *k == "Body").map(|(_, v)| *v);
                 match settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, started).await
                 {
                     Some(sid) => {
@@ -291,13 +325,13 @@ async fn post(
         .retry(
             ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(MAX_INLINE_WAIT)
-                .with_max_times(3)
+                .with_max_delay(ctx.inline_wait_cap())
+                .with_max_times(INLINE_POSTS as usize - 1)
                 .with_jitter(),
         )
         .when(|e: &SendError| {
             e.class == FailureClass::RetryLater
-                && e.retry_after.is_none_or(|d| d <= MAX_INLINE_WAIT)
+                && e.retry_after.is_none_or(|d| d <= ctx.inline_wait_cap())
         })
         .adjust(|e: &SendError, planned| e.retry_after.or(planned))
         .notify(|e: &SendError, wait| {

@@ -184,3 +184,21 @@ async fn drain<T, H: Handler<T>>(
         };
     }
 }
+
+/// Runs `work` while telling the bus every few seconds that this delivery is still being worked
+/// on, so a slow agent does not get its message handed to another worker.
+pub async fn with_keep_alive<T>(delivery: &dyn Delivery, work: impl Future<Output = T>) -> T {
+    let mut ticker = tokio::time::interval(crate::bus::jetstream::ACK_WAIT / 3);
+    ticker.tick().await;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => {
+                if let Err(e) = delivery.keep_alive().await {
+                    tracing::debug!(error = %e, "keep-alive failed");
+                }
+            }
+        }
+    }
+}

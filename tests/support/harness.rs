@@ -151,6 +151,9 @@ pub const SANDBOX: &str = "+14155238886";
 /// A running `wagate` process.
 pub struct Wagate {
     proc: Proc,
+    role: String,
+    env: Vec<(String, String)>,
+    starts: usize,
     pub public_url: String,
     pub admin_url: String,
     pub log_path: PathBuf,
@@ -174,47 +177,55 @@ impl Wagate {
         let admin_port = free_port();
         let public_url = format!("http://127.0.0.1:{port}");
         let log_path = servers.dir.path().join(format!("wagate-{port}.log"));
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
-        cmd.arg(role)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,async_nats=warn")
-            .env("WAGATE_NATS_URL", &servers.nats_url)
-            .env("WAGATE_REDIS_URL", &servers.redis_url)
-            .env("WAGATE_MASTER_KEY", test_master_key())
-            .env("WAGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("WAGATE_PUBLIC_URL", &public_url)
-            .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
-            .env("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("WAGATE_TWILIO_API_BASE", twilio_base)
-            .env("WAGATE_DATA_DIR", servers.dir.path().join("data"))
-            .env("WAGATE_AGENT_RETRY", "100ms,200ms")
-            .env("WAGATE_SEND_RETRY", "100ms,200ms")
-            .env("WAGATE_SHUTDOWN_GRACE_MS", "2000");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start wagate");
+        let mut all_env: Vec<(String, String)> = [
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            ("RUST_LOG", "info,async_nats=warn".into()),
+            ("WAGATE_NATS_URL", servers.nats_url.clone()),
+            ("WAGATE_REDIS_URL", servers.redis_url.clone()),
+            ("WAGATE_MASTER_KEY", test_master_key()),
+            ("WAGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+            ("WAGATE_PUBLIC_URL", public_url.clone()),
+            ("WAGATE_LISTEN", format!("127.0.0.1:{port}")),
+            ("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+            ("WAGATE_TWILIO_API_BASE", twilio_base.into()),
+            (
+                "WAGATE_DATA_DIR",
+                servers.dir.path().join("data").display().to_string(),
+            ),
+            ("WAGATE_AGENT_RETRY", "100ms,200ms".into()),
+            ("WAGATE_SEND_RETRY", "100ms,200ms".into()),
+            ("WAGATE_SHUTDOWN_GRACE_MS", "2000".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut w = Wagate {
-            proc: Proc(child),
+            proc: Proc(spawn_wagate(role, &all_env, &log_path)),
+            role: role.to_owned(),
+            env: all_env,
             public_url,
             admin_url: format!("http://127.0.0.1:{admin_port}"),
             log_path,
             http: reqwest::Client::new(),
+            starts: 1,
         };
         w.wait_ready().await;
         w
     }
 
+    /// Starts the process again (after [`Wagate::kill`]) with the same role, ports and settings.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.proc = Proc(spawn_wagate(&self.role, &self.env, &self.log_path));
+        self.starts += 1;
+        self.wait_ready().await;
+    }
+
     async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.logs().contains("wagate ready") {
+            if self.logs().matches("wagate ready").count() >= self.starts {
                 return;
             }
             if let Ok(Some(status)) = self.proc.0.try_wait() {
@@ -317,6 +328,22 @@ impl Wagate {
         )
         .await
     }
+}
+
+fn spawn_wagate(role: &str, env: &[(String, String)], log_path: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_wagate"))
+        .arg(role)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start wagate")
 }
 
 /// A fixed 64-byte master key for tests.

@@ -25,6 +25,8 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 /// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
 /// consumers send keep-alives while they work.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Tries of one ack before giving up (about 10 s in all, enough for a NATS reconnect).
+const ACK_ATTEMPTS: usize = 8;
 /// Messages older than this are dropped from the work queues, whatever their state.
 const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -158,10 +160,22 @@ impl Delivery for JetStreamDelivery {
     }
 
     async fn ack(&self) -> Result<(), BusError> {
-        self.message
-            .double_ack()
-            .await
-            .map_err(|e| BusError::from_display("ack", e))
+        // An ack is idempotent, so it is retried across a reconnect: a message whose ack was
+        // lost stays unfinished until the ack wait ends, and holds its conversation back.
+        let mut wait = Duration::from_millis(100);
+        let mut last = None;
+        for _ in 0..ACK_ATTEMPTS {
+            match self.message.double_ack().await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+        Err(BusError::from_display(
+            "ack",
+            last.map_or_else(String::new, |e| e.to_string()),
+        ))
     }
 
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError> {

@@ -95,6 +95,10 @@ pub enum GuardState {
     Sent(String),
     /// Another sender holds it right now.
     Busy,
+    /// This caller now holds the part, taken over from a sender whose lease ran out: that
+    /// sender may have posted it before dying, so find out (Twilio's message list) before
+    /// posting again.
+    Reclaimed,
 }
 
 /// The outcome of a completed turn, recorded under each inbound message it answered.

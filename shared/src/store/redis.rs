@@ -65,18 +65,24 @@ if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
 "#;
 
+// The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
+// ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s).
 const CLAIM_SEND: &str = r#"
 local cur = redis.call('GET', KEYS[1])
+local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
 if cur then
   if string.sub(cur, 1, 5) == 'sent:' then return cur end
-  return 'busy'
+  if tonumber(string.sub(cur, 9)) > tonumber(ARGV[1]) then return 'busy' end
+  redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
+  return 'reclaimed'
 end
-redis.call('SET', KEYS[1], 'pending', 'PX', ARGV[1])
+redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
 return 'claimed'
 "#;
 
 const RELEASE_SEND: &str = r#"
-if redis.call('GET', KEYS[1]) == 'pending' then redis.call('DEL', KEYS[1]) end
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, 8) == 'pending:' then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
@@ -398,12 +404,15 @@ impl Store for RedisStore {
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let r: String = Script::new(CLAIM_SEND)
             .key(self.key(&format!("guard:{key}")))
+            .arg(ms(OffsetDateTime::now_utc()))
             .arg(lease_ms)
+            .arg(GUARD_TTL.as_secs())
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("claim send"))?;
         Ok(match r.as_str() {
             "claimed" => GuardState::Claimed,
+            "reclaimed" => GuardState::Reclaimed,
             "busy" => GuardState::Busy,
             other => GuardState::Sent(other.trim_start_matches("sent:").to_owned()),
         })

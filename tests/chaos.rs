@@ -1,0 +1,133 @@
+//! Guarantees 1–3 under fire: ingress, worker and sender processes are killed with SIGKILL and
+//! restarted about every second while a few hundred messages over dozens of conversations flow.
+//! Every message that got a 200 is answered exactly once, and each conversation's replies are
+//! in order.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rand::RngExt;
+use shared::twilio::{form, signature::compute_signature};
+use support::{
+    fake_twilio::FakeTwilio,
+    harness::{ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, inbound_form, sid},
+};
+
+const USERS: u64 = 24;
+const MESSAGES: u64 = 10;
+
+/// Posts like Twilio: signed, and again until answered 200 (Twilio retries what fails).
+async fn deliver(http: &reqwest::Client, url: &str, fields: &[(String, String)]) {
+    let sig = compute_signature(AUTH_TOKEN.as_bytes(), url, fields);
+    let body = form::encode(fields);
+    for _ in 0..600 {
+        let r = http
+            .post(url)
+            .header("x-twilio-signature", &sig)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("a message was never accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
+    let servers = Servers::start().await;
+    let twilio = FakeTwilio::start().await;
+    twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+    let env = [
+        ("WAGATE_TWILIO_TIMEOUT_MS", "1000"),
+        ("WAGATE_SEND_RETRY", "100ms,200ms,500ms,1s,2s,2s,2s,2s"),
+        ("WAGATE_AGENT_RETRY", "100ms,200ms,500ms,1s,2s,2s,2s,2s"),
+        ("WAGATE_SPOOL_AFTER_MS", "500"),
+    ];
+    let mut ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &env).await;
+    ingress.echo_agent("demo").await;
+    let mut with_public = env.to_vec();
+    with_public.push(("WAGATE_PUBLIC_URL", &ingress.public_url));
+    let mut procs = vec![];
+    for role in ["worker", "worker", "sender", "sender"] {
+        procs.push(Wagate::start_role(role, &servers, &twilio.base_url, &with_public).await);
+    }
+    let url = format!("{}/webhooks/twilio/whatsapp/demo", ingress.public_url);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let done = done.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let users = (0..USERS).map(|u| {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let user = format!("+1415556{u:04}");
+                    for m in 0..MESSAGES {
+                        let fields =
+                            inbound_form(&sid(u * 1000 + m), &user, &format!("{user} #{m}"));
+                        deliver(&http, &url, &fields).await;
+                        let pause = rand::rng().random_range(600..1400);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
+                }
+            });
+            futures::future::join_all(users).await;
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+
+    let mut kills = 0;
+    while !done.load(Ordering::SeqCst) {
+        let pause = rand::rng().random_range(600..1200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let victim = rand::rng().random_range(0..=procs.len());
+        if victim == procs.len() {
+            ingress.restart().await;
+        } else {
+            procs[victim].restart().await;
+        }
+        kills += 1;
+    }
+    traffic.await.unwrap();
+    assert!(kills >= 5, "the chaos must actually happen ({kills} kills)");
+    eprintln!("chaos: {kills} processes killed and restarted");
+
+    let total = (USERS * MESSAGES) as usize;
+    let sent = twilio.wait_for_sent(total, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent_after = twilio.sent();
+    let mut problems = Vec::new();
+    for u in 0..USERS {
+        let user = format!("+1415556{u:04}");
+        let bodies: Vec<String> = sent_after
+            .iter()
+            .filter(|m| m.to == format!("whatsapp:{user}"))
+            .map(|m| m.body.clone().unwrap_or_default())
+            .collect();
+        let expected: Vec<String> = (0..MESSAGES).map(|m| format!("{user} #{m}")).collect();
+        if bodies != expected {
+            problems.push(format!("{user}: got {bodies:?}"));
+        }
+    }
+    assert!(
+        problems.is_empty() && sent_after.len() == total,
+        "after {kills} kills, {} replies for {total} messages (first wait saw {}):\n{}",
+        sent_after.len(),
+        sent.len(),
+        problems.join("\n")
+    );
+    assert!(twilio.violations().is_empty(), "{:?}", twilio.violations());
+}
