@@ -38,6 +38,9 @@ async fn connect(settings: &Settings) -> Result<Deps> {
             let options = JetStreamOptions {
                 prefix: settings.prefix.clone(),
                 max_in_flight: settings.worker_concurrency.max(settings.sender_concurrency),
+                duplicate_window: std::time::Duration::from_millis(
+                    settings.dedupe_window_ms.max(1000),
+                ),
             };
             let bus = JetStreamBus::connect(&nats_url, options).await?;
             let store = RedisStore::connect(&redis_url, &settings.prefix).await?;
@@ -106,7 +109,11 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         webhook_port: settings.listen.port(),
         metrics,
     };
+    // Shutdown is staged: ingress and worker stop taking work first; the sender keeps posting
+    // until the worker's in-flight turns are done, so their replies go out before the exit.
+    let sender_shutdown = Shutdown::new();
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let mut sender_tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut listening = Vec::new();
     if roles.ingress {
         let webhooks = bind(settings.listen, "WAGATE_LISTEN").await?;
@@ -160,8 +167,8 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             twilio_timeout: settings.twilio_timeout(),
         };
         let config = dispatch(settings.sender_concurrency);
-        let s = shutdown.clone();
-        tasks.spawn(async move { Ok(sender::run(ctx, config, s).await?) });
+        let s = sender_shutdown.clone();
+        sender_tasks.spawn(async move { Ok(sender::run(ctx, config, s).await?) });
     }
     let role_names: Vec<&str> = [
         ("ingress", roles.ingress),
@@ -176,20 +183,22 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     let mut failure = None;
     tokio::select! {
         _ = shutdown::signal() => tracing::info!("shutting down"),
-        Some(done) = tasks.join_next() => {
-            failure = Some(match done {
-                Ok(Ok(())) => anyhow!("a role stopped unexpectedly"),
-                Ok(Err(e)) => e,
-                Err(e) => anyhow!("a role panicked: {e}"),
-            });
-        }
+        Some(done) = tasks.join_next() => failure = Some(task_failure(done)),
+        Some(done) = sender_tasks.join_next() => failure = Some(task_failure(done)),
     }
+    let deadline =
+        tokio::time::Instant::now() + settings.shutdown_grace() + std::time::Duration::from_secs(1);
     shutdown.cancel();
-    let grace = settings.shutdown_grace() + std::time::Duration::from_secs(1);
-    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
+    let front = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    sender_shutdown.cancel();
+    let back = tokio::time::timeout_at(deadline, async {
+        while sender_tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if front.is_err() || back.is_err() {
         tracing::warn!(
             "shutdown deadline passed; exiting with work in flight (it will be redelivered)"
         );
@@ -200,6 +209,14 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             tracing::info!("stopped");
             Ok(())
         }
+    }
+}
+
+fn task_failure(done: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match done {
+        Ok(Ok(())) => anyhow!("a role stopped unexpectedly"),
+        Ok(Err(e)) => e,
+        Err(e) => anyhow!("a role panicked: {e}"),
     }
 }
 

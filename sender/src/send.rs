@@ -235,10 +235,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                     tracing::info!(id = %reply.id, part = index, sid = %sid, "a dead sender had posted this part");
                     metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
                         .increment(1);
-                    ctx.store
-                        .mark_sent(&key, &sid, &single_part(reply, index))
-                        .await
-                        .map_err(Failure::transient)?;
+                    record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
                     continue;
                 }
             }
@@ -253,10 +250,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         match post(ctx, &channel, &form).await {
             Ok(sid) => {
                 tracing::info!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
-                ctx.store
-                    .mark_sent(&key, &sid, &single_part(reply, index))
-                    .await
-                    .map_err(Failure::transient)?;
+                record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
             }
             Err(e) if e.class == FailureClass::Ambiguous => {
                 match settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, started).await
@@ -265,10 +259,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                         tracing::info!(id = %reply.id, part = index, sid = %sid, "ambiguous answer settled: Twilio has the message");
                         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
                             .increment(1);
-                        ctx.store
-                            .mark_sent(&key, &sid, &single_part(reply, index))
-                            .await
-                            .map_err(Failure::transient)?;
+                        record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
                     }
                     None => {
                         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
@@ -293,6 +284,30 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Records a posted part. Twilio has the message now, so this must not give up on a blip:
+/// it is retried across a store reconnect. If it still fails, the guard's lease runs out and
+/// the next sender finds the message in Twilio's list instead of posting it again.
+async fn record_sent(
+    ctx: &SendContext,
+    key: &str,
+    sid: &str,
+    part: &OutboundReply,
+) -> Result<(), Failure> {
+    let mut wait = Duration::from_millis(100);
+    for _ in 0..6 {
+        match ctx.store.mark_sent(key, sid, part).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::warn!(error = %e, "could not record a sent part yet; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+    ctx.store
+        .mark_sent(key, sid, part)
+        .await
+        .map_err(Failure::transient)
 }
 
 /// Part `index` of `reply` as a reply of its own, with an id of its own so that replaying it

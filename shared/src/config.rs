@@ -112,6 +112,13 @@ pub struct Settings {
         default_value = "1s,5s,30s,2m,10m"
     )]
     pub send_retry: RetrySchedule,
+    /// How long the bus drops a repeated message id, in ms (later repeats are caught by the store).
+    #[arg(
+        long = "dedupe-window-ms",
+        env = "WAGATE_DEDUPE_WINDOW_MS",
+        default_value_t = 600_000
+    )]
+    pub dedupe_window_ms: u64,
     /// Time ingress waits for NATS to acknowledge a message before it spools it locally, in ms.
     #[arg(
         long = "spool-after-ms",

@@ -73,6 +73,24 @@ pub struct Servers {
     pub dir: tempfile::TempDir,
 }
 
+fn spawn_redis(port: u16, dir: &Path) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start redis-server (apt-get install redis-server)")
+}
+
 async fn spawn_nats(port: u16, store: &Path) -> Proc {
     let mut nats = Command::new(nats_binary())
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
@@ -92,23 +110,7 @@ impl Servers {
         let nats_port = free_port();
         let redis_port = free_port();
         let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
-        let mut redis = Command::new("redis-server")
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (apt-get install redis-server)");
+        let mut redis = spawn_redis(redis_port, dir.path());
         wait_tcp(redis_port, "redis-server", &mut redis).await;
         Servers {
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
@@ -119,6 +121,15 @@ impl Servers {
             redis: Proc(redis),
             dir,
         }
+    }
+
+    /// Kills redis-server (SIGKILL) and starts it again on the same port and data (AOF).
+    pub async fn restart_redis(&mut self) {
+        let _ = self.redis.0.kill();
+        let _ = self.redis.0.wait();
+        let mut redis = spawn_redis(self.redis_port, self.dir.path());
+        wait_tcp(self.redis_port, "redis-server", &mut redis).await;
+        self.redis = Proc(redis);
     }
 
     /// Kills nats-server (SIGKILL), keeping its store.
@@ -242,6 +253,23 @@ impl Wagate {
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited 0, and how long it took.
+    pub async fn terminate(&mut self) -> (bool, Duration) {
+        let started = Instant::now();
+        let pid = self.proc.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        loop {
+            if let Ok(Some(status)) = self.proc.0.try_wait() {
+                return (status.success(), started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "wagate ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Sends SIGKILL.

@@ -19,9 +19,6 @@ use futures::StreamExt;
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
 use crate::envelope::DeadLetter;
 
-/// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates; Twilio's own retries of a
-/// webhook come within seconds, and the store's guard covers anything later.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 /// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
 /// consumers send keep-alives while they work.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
@@ -37,6 +34,10 @@ pub struct JetStreamOptions {
     pub prefix: String,
     /// Most deliveries one consumer process holds at once (unacked).
     pub max_in_flight: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates. Twilio's own retries
+    /// of a webhook come within seconds; later repeats are caught by the store (completed
+    /// turns, send guards), so this only needs to cover the common case cheaply.
+    pub duplicate_window: Duration,
 }
 
 /// The bus on NATS JetStream.
@@ -71,7 +72,7 @@ impl JetStreamBus {
             subjects: vec![format!("{prefix}.{}.>", topic.as_str())],
             retention: RetentionPolicy::WorkQueue,
             storage: StorageType::File,
-            duplicate_window: DUPLICATE_WINDOW,
+            duplicate_window: options.duplicate_window,
             max_age: MAX_AGE,
             allow_direct: true,
             ..Default::default()

@@ -1,0 +1,164 @@
+//! Faults around the pipeline: Twilio answering slowly or dropping the connection, Twilio
+//! repeating a webhook long after the bus forgot it, Redis restarting, and SIGTERM with a turn
+//! in flight. Each ends with every message answered exactly once.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{
+    fake_agent_webhook::FakeAgentWebhook,
+    fake_twilio::ScriptedResponse,
+    harness::{World, sid},
+};
+
+const FROM: &str = "+14155550100";
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn leads(w: &World) -> serde_json::Value {
+    w.wagate
+        .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_slow_twilio_and_a_dropped_connection_still_give_one_message_each() {
+    let w = World::start_with(&[("WAGATE_TWILIO_TIMEOUT_MS", "1000")]).await;
+    w.wagate.echo_agent("demo").await;
+    // Twilio makes the message but answers after our timeout: ambiguous, settled by lookup.
+    w.twilio
+        .push_response(ScriptedResponse::Slow(Duration::from_millis(2500)));
+    w.wagate.inbound("demo", &sid(1), FROM, "slow").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    // The connection drops before any answer, and Twilio made nothing: sent again, once.
+    w.twilio.push_response(ScriptedResponse::Reset);
+    w.wagate.inbound("demo", &sid(2), FROM, "reset").await;
+    w.twilio.wait_for_sent(2, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bodies: Vec<String> = w
+        .twilio
+        .sent()
+        .iter()
+        .map(|m| m.body.clone().unwrap())
+        .collect();
+    assert_eq!(bodies, ["slow", "reset"]);
+}
+
+#[tokio::test]
+async fn the_same_message_sid_after_the_bus_forgot_it_is_not_answered_again() {
+    let w = World::start_with(&[("WAGATE_DEDUPE_WINDOW_MS", "1000")]).await;
+    w.wagate.echo_agent("demo").await;
+    assert_eq!(
+        w.wagate
+            .inbound("demo", &sid(7), FROM, "once")
+            .await
+            .status(),
+        200
+    );
+    w.twilio.wait_for_sent(1, WAIT).await;
+    // Long after JetStream's duplicate window: Twilio repeats it four times at once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let id = sid(7);
+    let repeats = (0..4).map(|_| w.wagate.inbound("demo", &id, FROM, "once"));
+    for r in futures::future::join_all(repeats).await {
+        assert_eq!(r.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.twilio.sent().len(), 1, "one reply per MessageSid");
+    assert_eq!(leads(&w).await[0]["message_count"], 1);
+    let s: serde_json::Value = w
+        .wagate
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/agents/demo/sessions/{FROM}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        s["messages"].as_array().unwrap().len(),
+        2,
+        "the turn is stored once"
+    );
+}
+
+#[tokio::test]
+async fn a_redis_restart_loses_no_session_or_lead_and_work_resumes() {
+    let mut w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    for n in 0..3 {
+        w.wagate
+            .inbound("demo", &sid(n), FROM, &format!("m{n}"))
+            .await;
+        w.twilio.wait_for_sent(n as usize + 1, WAIT).await;
+    }
+    w.servers.restart_redis().await;
+    for n in 3..6 {
+        assert_eq!(
+            w.wagate
+                .inbound("demo", &sid(n), FROM, &format!("m{n}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.twilio.sent().len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "work did not resume after the Redis restart:\n{}",
+            w.wagate.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = w.twilio.sent();
+    let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    assert_eq!(bodies, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    let s: serde_json::Value = w
+        .wagate
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/agents/demo/sessions/{FROM}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["messages"].as_array().unwrap().len(), 12);
+    assert_eq!(leads(&w).await[0]["message_count"], 6);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_turn_in_flight_and_exits_within_the_deadline() {
+    let hook = FakeAgentWebhook::start("whsec-0123456789abcdef").await;
+    hook.set_delay(Duration::from_millis(1000));
+    let mut w = World::start_with(&[("WAGATE_SHUTDOWN_GRACE_MS", "5000")]).await;
+    w.wagate.agent("demo", serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-0123456789abcdef"})).await;
+    w.wagate.channel("demo", true).await;
+    w.wagate.inbound("demo", &sid(1), FROM, "finish me").await;
+    hook.wait_for_requests(1, WAIT).await;
+    let (clean, took) = w.wagate.terminate().await;
+    assert!(clean, "exit status 0 after SIGTERM:\n{}", w.wagate.logs());
+    assert!(
+        took < Duration::from_secs(7),
+        "exited within the grace period ({took:?})"
+    );
+    assert!(w.wagate.logs().contains("stopped"));
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("webhook says: finish me"));
+    // Started again, it has nothing left over: no second reply.
+    w.wagate.restart().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.twilio.sent().len(), 1);
+    assert_eq!(hook.requests().len(), 1, "the agent ran once");
+}
