@@ -78,3 +78,38 @@ async fn messages_accepted_while_nats_is_down_are_answered_once_it_is_back() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(w.twilio.sent().len(), 14);
 }
+
+#[tokio::test]
+async fn a_full_spool_answers_503_so_twilio_retries() {
+    let mut w = World::start_with(&[
+        ("WAGATE_SPOOL_AFTER_MS", "300"),
+        ("WAGATE_SPOOL_MAX_MB", "0"),
+    ])
+    .await;
+    w.wagate.echo_agent("demo").await;
+    w.servers.kill_nats();
+    let r = w
+        .wagate
+        .inbound("demo", &sid(1), "+14155550100", "no room")
+        .await;
+    assert_eq!(r.status(), 503);
+    // Twilio retries; once NATS is back the retry is accepted and answered.
+    w.servers.restart_nats().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = w
+            .wagate
+            .inbound("demo", &sid(1), "+14155550100", "no room")
+            .await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never accepted after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(20)).await;
+    assert_eq!(sent[0].body.as_deref(), Some("no room"));
+}
