@@ -74,18 +74,7 @@ async fn session_keeps_the_whole_conversation_and_lead_is_captured() {
         );
         w.twilio.wait_for_sent(n + 1, WAIT).await;
     }
-    let s: serde_json::Value = w
-        .wagate
-        .admin(
-            reqwest::Method::GET,
-            &format!("/v1/agents/demo/sessions/{FROM}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = w.wagate.session("demo", FROM).await;
     assert_eq!(s["session_id"], format!("twilio_demo_{FROM}"));
     let turns: Vec<(String, String)> = s["messages"]
         .as_array()

@@ -15,17 +15,6 @@ use support::{
 const FROM: &str = "+14155550100";
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn leads(w: &World) -> serde_json::Value {
-    w.wagate
-        .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_slow_twilio_and_a_dropped_connection_still_give_one_message_each() {
     let w = World::start_with(&[("WAGATE_TWILIO_TIMEOUT_MS", "1000")]).await;
@@ -70,19 +59,8 @@ async fn the_same_message_sid_after_the_bus_forgot_it_is_not_answered_again() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w.twilio.sent().len(), 1, "one reply per MessageSid");
-    assert_eq!(leads(&w).await[0]["message_count"], 1);
-    let s: serde_json::Value = w
-        .wagate
-        .admin(
-            reqwest::Method::GET,
-            &format!("/v1/agents/demo/sessions/{FROM}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 1);
+    let s = w.wagate.session("demo", FROM).await;
     assert_eq!(
         s["messages"].as_array().unwrap().len(),
         2,
@@ -110,32 +88,17 @@ async fn a_redis_restart_loses_no_session_or_lead_and_work_resumes() {
             200
         );
     }
-    let deadline = std::time::Instant::now() + WAIT;
-    while w.twilio.sent().len() < 6 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "work did not resume after the Redis restart:\n{}",
-            w.wagate.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.wagate
+        .wait_until(WAIT, "work to resume after the Redis restart", || {
+            w.twilio.sent().len() >= 6
+        })
+        .await;
     let sent = w.twilio.sent();
     let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
     assert_eq!(bodies, ["m0", "m1", "m2", "m3", "m4", "m5"]);
-    let s: serde_json::Value = w
-        .wagate
-        .admin(
-            reqwest::Method::GET,
-            &format!("/v1/agents/demo/sessions/{FROM}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = w.wagate.session("demo", FROM).await;
     assert_eq!(s["messages"].as_array().unwrap().len(), 12);
-    assert_eq!(leads(&w).await[0]["message_count"], 6);
+    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 6);
 }
 
 #[tokio::test]

@@ -77,23 +77,7 @@ async fn conversations_stay_in_order_across_worker_and_sender_processes() {
             expected,
             "replies to {user} in order"
         );
-        let s: serde_json::Value = ingress
-            .admin(
-                reqwest::Method::GET,
-                &format!("/v1/agents/biz/sessions/{user}"),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let turns: Vec<String> = s["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["content"].as_str().unwrap().to_owned())
-            .collect();
+        let turns = ingress.session_contents("biz", user).await;
         let alternating: Vec<String> = expected
             .iter()
             .flat_map(|e| [e.clone(), e.clone()])

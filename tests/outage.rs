@@ -66,15 +66,13 @@ async fn messages_accepted_while_nats_is_down_are_answered_once_it_is_back() {
             .status(),
         200
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while w.twilio.sent().len() < 14 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the message after the outage was not answered:\n{}",
-            w.wagate.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.wagate
+        .wait_until(
+            Duration::from_secs(15),
+            "the message after the outage",
+            || w.twilio.sent().len() >= 14,
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(w.twilio.sent().len(), 14);
 }

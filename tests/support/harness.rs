@@ -317,6 +317,51 @@ impl Wagate {
         r.json().await.unwrap()
     }
 
+    /// GETs an admin path and returns its JSON, asserting a 200.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let r = self.admin(reqwest::Method::GET, path).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    /// The session of `phone` with `agent`, as the admin API shows it.
+    pub async fn session(&self, agent: &str, phone: &str) -> serde_json::Value {
+        self.admin_json(&format!("/v1/agents/{agent}/sessions/{phone}"))
+            .await
+    }
+
+    /// The contents of a session's turns, oldest first.
+    pub async fn session_contents(&self, agent: &str, phone: &str) -> Vec<String> {
+        self.session(agent, phone).await["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["content"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The leads of `agent`.
+    pub async fn leads(&self, agent: &str) -> Vec<serde_json::Value> {
+        self.admin_json(&format!("/v1/agents/{agent}/leads"))
+            .await
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// Waits until `done` holds, or fails showing this process's log.
+    pub async fn wait_until(&self, timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The path of an agent's inbound webhook.
     pub fn inbound_path(agent: &str) -> String {
         format!("/webhooks/twilio/whatsapp/{agent}")
