@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The ingress role: Twilio's webhooks in, the admin API, health and metrics.
 //!
 //! # Layout

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The sender role: replies in, Twilio Messages API out.
 //!
 //! # Layout

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! What every wagate role needs.
 //!
 //! # Layout

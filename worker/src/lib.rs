@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The worker role: inbound messages in, agent replies out.
 //!
 //! # Layout
