@@ -5,8 +5,10 @@
 //! # Layout
 //! - `roles`: connecting the bus and store and running the roles until shutdown.
 //! - `dlq`: the `wagate dlq` operator command.
+//! - `first_start`: the secrets embedded mode creates in its data folder on first start.
 
 mod dlq;
+mod first_start;
 mod roles;
 
 use std::process::ExitCode;
@@ -44,6 +46,15 @@ pub struct Roles {
     ingress: bool,
     worker: bool,
     sender: bool,
+}
+
+impl Roles {
+    /// Every role: `wagate serve`.
+    const ALL: Roles = Roles {
+        ingress: true,
+        worker: true,
+        sender: true,
+    };
 }
 
 fn main() -> ExitCode {

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result, anyhow};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use secrecy::SecretString;
+use shared::embedded::{Embedded, EmbeddedOptions};
 use shared::{
     bus::{
         Bus,
@@ -20,16 +22,19 @@ use shared::{
 };
 use tokio::task::JoinSet;
 
-use crate::Roles;
+use crate::{Roles, first_start};
 
 struct Deps {
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     directory: Arc<ChannelDirectory>,
+    admin_token: Option<SecretString>,
 }
 
-async fn connect(settings: &Settings) -> Result<Deps> {
+async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
+    let mut master = settings.master_key.clone();
+    let mut admin_token = settings.admin_token.clone();
     let (bus, store): (Arc<dyn Bus>, Arc<dyn Store>) = match settings.backends()? {
         Backends::Distributed {
             nats_url,
@@ -47,12 +52,39 @@ async fn connect(settings: &Settings) -> Result<Deps> {
             (Arc::new(bus), Arc::new(store))
         }
         Backends::Embedded => {
-            return Err(anyhow!(
-                "embedded mode is not available yet: set WAGATE_NATS_URL and WAGATE_REDIS_URL (see README)"
-            ));
+            if roles != Roles::ALL {
+                return Err(anyhow!(
+                    "embedded mode runs every role in one process: use `wagate serve`, or set WAGATE_NATS_URL and WAGATE_REDIS_URL to run roles apart"
+                ));
+            }
+            let dir = settings.data_dir.clone();
+            let options = EmbeddedOptions {
+                duplicate_window: std::time::Duration::from_millis(
+                    settings.dedupe_window_ms.max(1000),
+                ),
+            };
+            let embedded =
+                tokio::task::spawn_blocking(move || Embedded::open(&dir, options)).await??;
+            if master.is_none() {
+                master = Some(first_start::secret_file(
+                    &settings.data_dir,
+                    "master.key",
+                    "master key",
+                    Keyring::generate_key,
+                )?);
+            }
+            if admin_token.is_none() {
+                admin_token = Some(first_start::secret_file(
+                    &settings.data_dir,
+                    "admin.token",
+                    "admin token",
+                    first_start::generate_token,
+                )?);
+            }
+            (Arc::new(embedded.bus), Arc::new(embedded.store))
         }
     };
-    let master = settings.master_key.as_ref().ok_or_else(|| {
+    let master = master.as_ref().ok_or_else(|| {
         anyhow!(
             "WAGATE_MASTER_KEY is required with NATS and Redis: create one with `wagate keygen`"
         )
@@ -66,6 +98,7 @@ async fn connect(settings: &Settings) -> Result<Deps> {
         store,
         keyring,
         directory,
+        admin_token,
     })
 }
 
@@ -82,7 +115,7 @@ fn install_metrics() -> Option<PrometheusHandle> {
 /// Runs `roles` until shutdown or until one of them fails.
 pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     settings.validate()?;
-    let deps = connect(&settings).await?;
+    let deps = connect(&settings, roles).await?;
     let metrics = install_metrics();
     let shutdown = Shutdown::new();
     deps.directory.clone().watch(shutdown.clone()).await?;
@@ -104,7 +137,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         store: deps.store.clone(),
         directory: deps.directory.clone(),
         keyring: deps.keyring.clone(),
-        admin_token: settings.admin_token.clone().map(Arc::new),
+        admin_token: deps.admin_token.clone().map(Arc::new),
         public_url: settings.public_base().map(Arc::from),
         webhook_port: settings.listen.port(),
         metrics,

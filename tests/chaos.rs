@@ -14,35 +14,13 @@ use std::{
 };
 
 use rand::RngExt;
-use shared::twilio::{form, signature::compute_signature};
 use support::{
     fake_twilio::FakeTwilio,
-    harness::{ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, inbound_form, sid},
+    harness::{ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, deliver_like_twilio, inbound_form, sid},
 };
 
 const USERS: u64 = 24;
 const MESSAGES: u64 = 10;
-
-/// Posts like Twilio: signed, and again until answered 200 (Twilio retries what fails).
-async fn deliver(http: &reqwest::Client, url: &str, fields: &[(String, String)]) {
-    let sig = compute_signature(AUTH_TOKEN.as_bytes(), url, fields);
-    let body = form::encode(fields);
-    for _ in 0..600 {
-        let r = http
-            .post(url)
-            .header("x-twilio-signature", &sig)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body.clone())
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("a message was never accepted");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
@@ -78,7 +56,7 @@ async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
                     for m in 0..MESSAGES {
                         let fields =
                             inbound_form(&sid(u * 1000 + m), &user, &format!("{user} #{m}"));
-                        deliver(&http, &url, &fields).await;
+                        deliver_like_twilio(&http, &url, &fields).await;
                         let pause = rand::rng().random_range(600..1400);
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                     }

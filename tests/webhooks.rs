@@ -259,41 +259,69 @@ async fn non_utf8_and_oversized_bodies_are_refused_cleanly() {
 async fn status_callbacks_are_verified_and_never_go_backwards() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(15)).await;
     let path = format!("{}/status", Wagate::inbound_path("demo"));
-    let msg = sid(77);
-    let status = |s: &str| {
-        vec![
-            ("MessageSid".to_string(), msg.clone()),
+    let status = |s: &str, code: Option<&str>| {
+        let mut f = vec![
+            ("MessageSid".to_string(), sent[0].sid.clone()),
             ("MessageStatus".to_string(), s.to_string()),
             (
                 "AccountSid".to_string(),
                 support::harness::ACCOUNT_SID.to_string(),
             ),
             ("ChannelPrefix".to_string(), "whatsapp".to_string()),
-        ]
+        ];
+        if let Some(c) = code {
+            f.push(("ErrorCode".to_string(), c.to_string()));
+        }
+        f
     };
     for s in ["delivered", "sent", "read", "delivered"] {
-        let r = w.wagate.post_signed(&path, &status(s), AUTH_TOKEN).await;
+        let r = w
+            .wagate
+            .post_signed(&path, &status(s, None), AUTH_TOKEN)
+            .await;
         assert!(r.status() == 200 || r.status() == 204, "{}", r.status());
     }
+    // A failure reported after `read` arrived out of order: the message was read, so the
+    // failure is not applied and makes no dead letter.
     let r = w
         .wagate
-        .post_signed(&path, &status("sent"), "wrong-token-xxxxxxxxxxxxxxxxxxxx")
+        .post_signed(&path, &status("failed", Some("63016")), AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success());
+    let dead: Vec<serde_json::Value> = w
+        .wagate
+        .admin_json("/v1/dead-letters")
+        .await
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(dead.is_empty(), "{dead:?}");
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &status("sent", None),
+            "wrong-token-xxxxxxxxxxxxxxxxxxxx",
+        )
         .await;
     assert_eq!(r.status(), 401);
     let r = w
         .wagate
-        .post_signed(&path, &status("bogus"), AUTH_TOKEN)
+        .post_signed(&path, &status("bogus", None), AUTH_TOKEN)
         .await;
     assert_eq!(r.status(), 400);
-    let mut redis = w.servers.redis().await;
-    let stored: Option<String> = redis::cmd("HGET")
-        .arg(format!("wagate:status:{msg}"))
-        .arg("status")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(stored.as_deref(), Some("read"));
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &[("MessageStatus".to_string(), "sent".to_string())],
+            AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 400);
 }
 
 #[tokio::test]

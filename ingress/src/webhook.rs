@@ -147,12 +147,22 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
     ) {
         return Ok(());
     }
-    let Some(part) = state
-        .store
-        .sent_part(update.message_sid.as_str())
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+    // Twilio can report a failure before the sender has recorded the part it posted (the
+    // record follows Twilio's answer), so look again briefly before deciding it is not ours.
+    let mut part = None;
+    for _ in 0..10 {
+        part = state
+            .store
+            .sent_part(update.message_sid.as_str())
+            .await
+            .map_err(|e| e.to_string())?;
+        if part.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(part) = part else {
+        tracing::info!(sid = %update.message_sid, "a failure was reported for a message wagate did not send");
         return Ok(());
     };
     if update.error_code == Some(rest::UNSUBSCRIBED) {

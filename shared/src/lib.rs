@@ -13,7 +13,9 @@
 //! - [`envelope`]: what travels on the bus (inbound messages, replies, dead letters).
 //! - [`text`]: splitting replies into WhatsApp-sized parts.
 //! - [`bus`] and [`store`]: the two interfaces the pipeline runs on, with their NATS JetStream
-//!   and Redis implementations.
+//!   and Redis implementations, and their embedded ones.
+//! - [`embedded`]: embedded mode's one data file (redb), opened by one process at a time, and
+//!   the writer that group-commits every change of the embedded bus and store.
 //! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
 //! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
 //! - [`shutdown`]: the signal every long-running loop watches.
@@ -25,6 +27,7 @@ pub mod crypto;
 pub mod directory;
 pub mod dispatch;
 pub mod domain;
+pub mod embedded;
 pub mod envelope;
 pub mod retry;
 pub mod shutdown;

@@ -63,13 +63,33 @@ impl Drop for Proc {
 }
 
 /// NATS and Redis for one test.
+/// Where a test's wagate keeps its queues and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// NATS JetStream and Redis, each a real server process of the test's own.
+    Distributed,
+    /// One process with its embedded store in the test's data folder.
+    Embedded,
+}
+
+impl Mode {
+    /// The mode of the end-to-end suites: `WAGATE_TEST_MODE=embedded` or distributed.
+    pub fn from_env() -> Mode {
+        match std::env::var("WAGATE_TEST_MODE").as_deref() {
+            Ok("embedded") => Mode::Embedded,
+            _ => Mode::Distributed,
+        }
+    }
+}
+
 pub struct Servers {
+    pub mode: Mode,
     pub nats_url: String,
     pub redis_url: String,
     pub redis_port: u16,
     nats_port: u16,
     nats: Option<Proc>,
-    redis: Proc,
+    redis: Option<Proc>,
     pub dir: tempfile::TempDir,
 }
 
@@ -106,30 +126,48 @@ async fn spawn_nats(port: u16, store: &Path) -> Proc {
 impl Servers {
     /// Starts both servers and waits until they accept connections.
     pub async fn start() -> Servers {
+        Self::start_in(Mode::Distributed).await
+    }
+
+    /// What `mode` needs: both servers, or only a data folder for embedded mode.
+    pub async fn start_in(mode: Mode) -> Servers {
         let dir = tempfile::tempdir().expect("tempdir");
+        if mode == Mode::Embedded {
+            return Servers {
+                mode,
+                nats_url: String::new(),
+                redis_url: String::new(),
+                redis_port: 0,
+                nats_port: 0,
+                nats: None,
+                redis: None,
+                dir,
+            };
+        }
         let nats_port = free_port();
         let redis_port = free_port();
         let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
         let mut redis = spawn_redis(redis_port, dir.path());
         wait_tcp(redis_port, "redis-server", &mut redis).await;
         Servers {
+            mode,
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             redis_port,
             nats_port,
             nats: Some(nats),
-            redis: Proc(redis),
+            redis: Some(Proc(redis)),
             dir,
         }
     }
 
     /// Kills redis-server (SIGKILL) and starts it again on the same port and data (AOF).
     pub async fn restart_redis(&mut self) {
-        let _ = self.redis.0.kill();
-        let _ = self.redis.0.wait();
+        assert_eq!(self.mode, Mode::Distributed, "this test needs Redis");
+        self.redis = None;
         let mut redis = spawn_redis(self.redis_port, self.dir.path());
         wait_tcp(self.redis_port, "redis-server", &mut redis).await;
-        self.redis = Proc(redis);
+        self.redis = Some(Proc(redis));
     }
 
     /// Kills nats-server (SIGKILL), keeping its store.
@@ -144,6 +182,7 @@ impl Servers {
 
     /// A Redis connection for white-box checks (e.g. that no token is stored).
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        assert_eq!(self.mode, Mode::Distributed, "this test needs Redis");
         redis::Client::open(self.redis_url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -191,8 +230,6 @@ impl Wagate {
         let mut all_env: Vec<(String, String)> = [
             ("PATH", std::env::var("PATH").unwrap_or_default()),
             ("RUST_LOG", "info,async_nats=warn".into()),
-            ("WAGATE_NATS_URL", servers.nats_url.clone()),
-            ("WAGATE_REDIS_URL", servers.redis_url.clone()),
             ("WAGATE_MASTER_KEY", test_master_key()),
             ("WAGATE_ADMIN_TOKEN", ADMIN_TOKEN.into()),
             ("WAGATE_PUBLIC_URL", public_url.clone()),
@@ -210,6 +247,10 @@ impl Wagate {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if servers.mode == Mode::Distributed {
+            all_env.push(("WAGATE_NATS_URL".into(), servers.nats_url.clone()));
+            all_env.push(("WAGATE_REDIS_URL".into(), servers.redis_url.clone()));
+        }
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut w = Wagate {
             proc: Proc(spawn_wagate(role, &all_env, &log_path)),
@@ -419,6 +460,28 @@ fn spawn_wagate(role: &str, env: &[(String, String)], log_path: &Path) -> Child 
         .expect("cannot start wagate")
 }
 
+/// Posts an inbound form like Twilio: signed with the test token, and again until it is
+/// answered 200 (Twilio retries what fails), for tests that kill processes under traffic.
+pub async fn deliver_like_twilio(http: &reqwest::Client, url: &str, fields: &[(String, String)]) {
+    let sig = compute_signature(AUTH_TOKEN.as_bytes(), url, fields);
+    let body = shared::twilio::form::encode(fields);
+    for _ in 0..600 {
+        let r = http
+            .post(url)
+            .header("x-twilio-signature", &sig)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("a message was never accepted");
+}
+
 /// A fixed 64-byte master key for tests.
 pub fn test_master_key() -> String {
     use base64::Engine;
@@ -490,8 +553,14 @@ impl World {
         Self::start_with(&[]).await
     }
 
+    /// A world in the suites' mode ([`Mode::from_env`]).
     pub async fn start_with(env: &[(&str, &str)]) -> World {
-        let servers = Servers::start().await;
+        Self::start_in(Mode::from_env(), env).await
+    }
+
+    /// A world in `mode`.
+    pub async fn start_in(mode: Mode, env: &[(&str, &str)]) -> World {
+        let servers = Servers::start_in(mode).await;
         let twilio = crate::support::fake_twilio::FakeTwilio::start().await;
         twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
         let wagate = Wagate::start(&servers, &twilio.base_url, env).await;

@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Instant};
 use shared::{
     bus::{Bus, Delivery, Topic},
     directory::{ChannelDirectory, Lookup},
+    dispatch::with_keep_alive,
     envelope::{DeadLetter, DeadMessage, InboundMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Role, Store, Turn},
@@ -189,24 +190,6 @@ async fn process(
         .complete_turn(&session, &[turn_key.to_owned()], &turns, &completed)
         .await?;
     publish_reply(ctx, msg, &stored).await
-}
-
-/// Runs `work` while telling the bus every few seconds that this delivery is still being worked
-/// on, so a slow agent does not get its message handed to another worker.
-async fn with_keep_alive<T>(delivery: &dyn Delivery, work: impl Future<Output = T>) -> T {
-    let mut ticker = tokio::time::interval(shared::bus::jetstream::ACK_WAIT / 3);
-    ticker.tick().await;
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = ticker.tick() => {
-                if let Err(e) = delivery.keep_alive().await {
-                    tracing::debug!(error = %e, "keep-alive failed");
-                }
-            }
-        }
-    }
 }
 
 async fn publish_reply(

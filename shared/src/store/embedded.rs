@@ -1,1 +1,699 @@
-//! Embedded store: being written (issue 4).
+//! The store on the embedded database, for one process. Every method that can race is one
+//! write transaction, committed through the database's single writer (see
+//! [`crate::embedded`]), so the methods are atomic as the Redis store's Lua scripts are, with the
+//! same results. Records that Redis keeps with a TTL are stored with their expiry time, read as
+//! absent once it has passed, and purged a few at a time by later writes.
+//!
+//! Tables: `store_agents` and `store_channels` (id → JSON), `store_turns` ((session, n) → JSON
+//! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`, session) →
+//! ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
+//! message sids, send guards, sent parts, statuses and failure counts, with its expiry index
+//! `store_expiries`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+use super::{
+    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn,
+};
+use crate::{
+    agent::{Agent, WhatsAppChannel},
+    domain::{AgentId, MessageSid, SessionId},
+    embedded::{Db, DbError, now_ms},
+    envelope::OutboundReply,
+    twilio::status::{MessageStatus, StatusUpdate},
+};
+
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_agents");
+const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_channels");
+const TURNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_turns");
+const LEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("store_leads");
+const CLOCKS: TableDefinition<(&str, &str), i64> = TableDefinition::new("store_clocks");
+const EXPIRING: TableDefinition<(&str, &str, &str), (u64, &[u8])> =
+    TableDefinition::new("store_expiring");
+const EXPIRIES: TableDefinition<(u64, &str, &str, &str), ()> =
+    TableDefinition::new("store_expiries");
+
+/// Expired records removed per write: enough to keep up with the rate they are written.
+const PURGE_PER_WRITE: usize = 32;
+/// Change notifications buffered per subscriber; one that falls further behind is told to drop
+/// everything it cached ([`Change::All`]).
+const CHANGES_BUFFER: usize = 1024;
+
+/// A key of `store_expiring`: what the record is, whose, and which.
+type Key<'a> = (&'a str, &'a str, &'a str);
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        StoreError(e.0)
+    }
+}
+
+/// A lead as stored: times in milliseconds, as the Redis store keeps them, so both backends
+/// return the same values.
+#[derive(Serialize, Deserialize)]
+struct LeadRecord {
+    first_seen: i64,
+    last_seen: i64,
+    profile_name: Option<String>,
+    message_count: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StatusRecord {
+    status: MessageStatus,
+    error_code: Option<u32>,
+}
+
+fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::from_display("encode", e))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::from_display("decode", e))
+}
+
+/// The value of `key` unless it has expired.
+fn live(
+    table: &impl ReadableTable<(&'static str, &'static str, &'static str), (u64, &'static [u8])>,
+    key: Key<'_>,
+    now: u64,
+) -> Result<Option<Vec<u8>>, DbError> {
+    Ok(table.get(key)?.and_then(|v| {
+        let (expires, value) = v.value();
+        (expires > now).then(|| value.to_vec())
+    }))
+}
+
+/// The records with an expiry, inside one write transaction.
+struct Expiring<'t> {
+    values: Table<'t, (&'static str, &'static str, &'static str), (u64, &'static [u8])>,
+    index: Table<'t, (u64, &'static str, &'static str, &'static str), ()>,
+    now: u64,
+}
+
+impl<'t> Expiring<'t> {
+    /// Opens the tables and purges a few expired records.
+    fn open(txn: &'t WriteTransaction) -> Result<Self, DbError> {
+        let mut this = Self {
+            values: txn.open_table(EXPIRING)?,
+            index: txn.open_table(EXPIRIES)?,
+            now: now_ms(),
+        };
+        this.purge()?;
+        Ok(this)
+    }
+
+    fn purge(&mut self) -> Result<(), DbError> {
+        let mut expired = Vec::new();
+        for row in self
+            .index
+            .range::<(u64, &str, &str, &str)>(..(self.now.saturating_add(1), "", "", ""))?
+        {
+            let (key, _) = row?;
+            let (at, kind, scope, name) = key.value();
+            expired.push((at, kind.to_owned(), scope.to_owned(), name.to_owned()));
+            if expired.len() == PURGE_PER_WRITE {
+                break;
+            }
+        }
+        for (at, kind, scope, name) in &expired {
+            self.index
+                .remove((*at, kind.as_str(), scope.as_str(), name.as_str()))?;
+            self.values
+                .remove((kind.as_str(), scope.as_str(), name.as_str()))?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: Key<'_>) -> Result<Option<Vec<u8>>, DbError> {
+        live(&self.values, key, self.now)
+    }
+
+    /// Stores `value` under `key` for `ttl_ms`, replacing what was there.
+    fn put(&mut self, key: Key<'_>, value: &[u8], ttl_ms: u64) -> Result<(), DbError> {
+        self.remove(key)?;
+        let expires = self.now.saturating_add(ttl_ms);
+        self.values.insert(key, (expires, value))?;
+        self.index.insert((expires, key.0, key.1, key.2), ())?;
+        Ok(())
+    }
+
+    fn remove(&mut self, key: Key<'_>) -> Result<(), DbError> {
+        let old = self.values.remove(key)?.map(|v| v.value().0);
+        if let Some(expires) = old {
+            self.index.remove((expires, key.0, key.1, key.2))?;
+        }
+        Ok(())
+    }
+}
+
+/// A send guard as stored, in the Redis store's format: `pending:<lease deadline, ms>` while
+/// a sender holds the part, `sent:<twilio sid>` once posted. Kept for [`GUARD_TTL`] either way,
+/// so a holder whose lease ran out is told apart from one that never was.
+enum Guard {
+    Pending(u64),
+    Sent(String),
+}
+
+impl Guard {
+    fn parse(raw: &[u8]) -> Self {
+        match raw.strip_prefix(b"sent:") {
+            Some(sid) => Self::Sent(String::from_utf8_lossy(sid).into_owned()),
+            // A malformed deadline counts as passed, so the part can be taken again.
+            None => Self::Pending(
+                raw.strip_prefix(b"pending:")
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(0),
+            ),
+        }
+    }
+
+    fn pending(deadline: u64) -> Vec<u8> {
+        format!("pending:{deadline}").into_bytes()
+    }
+}
+
+/// The last turn number of `session`, if it has turns.
+fn last_turn(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    session: &str,
+) -> Result<Option<u64>, DbError> {
+    let mut range = table.range((session, 0)..=(session, u64::MAX))?;
+    Ok(match range.next_back() {
+        Some(row) => Some(row?.0.value().1),
+        None => None,
+    })
+}
+
+/// Moves a clock to `at` unless it already shows a later time; an absent clock counts as the
+/// epoch, as the Redis store's script does.
+fn stamp_max(txn: &WriteTransaction, kind: &str, session: &str, at: i64) -> Result<(), DbError> {
+    let mut clocks = txn.open_table(CLOCKS)?;
+    let current = clocks.get((kind, session))?.map_or(0, |v| v.value());
+    if at > current {
+        clocks.insert((kind, session), at)?;
+    }
+    Ok(())
+}
+
+/// The store of embedded mode (one process, no Redis), from
+/// [`crate::embedded::Embedded::open`]. Clones share the change notifications.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Db,
+    changes: broadcast::Sender<AgentId>,
+}
+
+impl EmbeddedStore {
+    pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
+        txn.open_table(AGENTS)?;
+        txn.open_table(CHANNELS)?;
+        txn.open_table(TURNS)?;
+        txn.open_table(LEADS)?;
+        txn.open_table(CLOCKS)?;
+        txn.open_table(EXPIRING)?;
+        txn.open_table(EXPIRIES)?;
+        Ok(())
+    }
+
+    pub(crate) fn new(db: Db) -> Self {
+        Self {
+            db,
+            changes: broadcast::channel(CHANGES_BUFFER).0,
+        }
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        id: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let id = id.to_owned();
+        let raw = self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(table)?;
+                let row = table.get(id.as_str())?;
+                Ok(row.map(|v| v.value().to_vec()))
+            })
+            .await?;
+        raw.map(|r| decode(&r)).transpose()
+    }
+
+    async fn put_json(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        id: &AgentId,
+        json: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let key = id.as_str().to_owned();
+        self.db
+            .write(move |txn| {
+                txn.open_table(table)?
+                    .insert(key.as_str(), json.as_slice())?;
+                Ok(())
+            })
+            .await?;
+        // No subscriber is not an error.
+        let _ = self.changes.send(id.clone());
+        Ok(())
+    }
+
+    /// A live record with an expiry.
+    async fn get_expiring(&self, key: Key<'_>) -> Result<Option<Vec<u8>>, StoreError> {
+        let (kind, scope, name) = (key.0.to_owned(), key.1.to_owned(), key.2.to_owned());
+        Ok(self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(EXPIRING)?;
+                live(&table, (&kind, &scope, &name), now_ms())
+            })
+            .await?)
+    }
+
+    async fn clock(
+        &self,
+        kind: &'static str,
+        session: &SessionId,
+    ) -> Result<Option<i64>, StoreError> {
+        let session = session.to_string();
+        Ok(self
+            .db
+            .read(move |txn| {
+                let clocks = txn.open_table(CLOCKS)?;
+                let row = clocks.get((kind, session.as_str()))?;
+                Ok(row.map(|v| v.value()))
+            })
+            .await?)
+    }
+
+    async fn stamp(
+        &self,
+        kind: &'static str,
+        session: &SessionId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let session = session.to_string();
+        let at = ms(at);
+        Ok(self
+            .db
+            .write(move |txn| stamp_max(txn, kind, &session, at))
+            .await?)
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn put_agent(&self, agent: &Agent) -> Result<(), StoreError> {
+        self.put_json(AGENTS, &agent.id, encode(agent)?).await
+    }
+
+    async fn agent(&self, id: &AgentId) -> Result<Option<Agent>, StoreError> {
+        self.get_json(AGENTS, id.as_str()).await
+    }
+
+    async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        let rows = self
+            .db
+            .read(|txn| {
+                let table = txn.open_table(AGENTS)?;
+                let mut rows = Vec::new();
+                for row in table.iter()? {
+                    rows.push(row?.1.value().to_vec());
+                }
+                Ok(rows)
+            })
+            .await?;
+        rows.iter().map(|r| decode(r)).collect()
+    }
+
+    async fn put_channel(&self, id: &AgentId, channel: &WhatsAppChannel) -> Result<(), StoreError> {
+        self.put_json(CHANNELS, id, encode(channel)?).await
+    }
+
+    async fn channel(&self, id: &AgentId) -> Result<Option<WhatsAppChannel>, StoreError> {
+        self.get_json(CHANNELS, id.as_str()).await
+    }
+
+    async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError> {
+        let receiver = self.changes.subscribe();
+        // As from Redis: first "drop everything", since what changed before is unknown.
+        let later = futures::stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(id) => Some((Change::Agent(id), receiver)),
+                Err(broadcast::error::RecvError::Lagged(_)) => Some((Change::All, receiver)),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        Ok(futures::stream::once(async { Change::All })
+            .chain(later)
+            .boxed())
+    }
+
+    async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
+        if last == 0 {
+            return Ok(Vec::new());
+        }
+        let session = session.to_string();
+        let mut rows = self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(TURNS)?;
+                let mut rows = Vec::new();
+                for row in table
+                    .range((session.as_str(), 0)..=(session.as_str(), u64::MAX))?
+                    .rev()
+                    .take(last)
+                {
+                    rows.push(row?.1.value().to_vec());
+                }
+                Ok(rows)
+            })
+            .await?;
+        rows.reverse();
+        rows.iter().map(|r| decode(r)).collect()
+    }
+
+    async fn completed_turn(
+        &self,
+        session: &SessionId,
+        turn_key: &str,
+    ) -> Result<Option<CompletedTurn>, StoreError> {
+        let session = session.to_string();
+        self.get_expiring(("turn", &session, turn_key))
+            .await?
+            .map(|r| decode(&r))
+            .transpose()
+    }
+
+    async fn complete_turn(
+        &self,
+        session: &SessionId,
+        turn_keys: &[String],
+        turns: &[Turn],
+        completed: &CompletedTurn,
+    ) -> Result<CompletedTurn, StoreError> {
+        if turn_keys.is_empty() {
+            return Err(StoreError(
+                "complete_turn needs at least one turn key".into(),
+            ));
+        }
+        let session = session.to_string();
+        let keys = turn_keys.to_vec();
+        let turns = turns.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
+        let record = encode(completed)?;
+        let ttl = duration_ms(GUARD_TTL);
+        let standing = self
+            .db
+            .write(move |txn| {
+                let mut records = Expiring::open(txn)?;
+                if let Some(earlier) = records.get(("turn", &session, &keys[0]))? {
+                    return Ok(earlier);
+                }
+                let mut table = txn.open_table(TURNS)?;
+                let first = last_turn(&table, &session)?.map_or(0, |n| n + 1);
+                for (n, turn) in (first..).zip(&turns) {
+                    table.insert((session.as_str(), n), turn.as_slice())?;
+                }
+                for key in &keys {
+                    records.put(("turn", &session, key), &record, ttl)?;
+                }
+                Ok(record.clone())
+            })
+            .await?;
+        decode(&standing)
+    }
+
+    async fn record_lead(&self, s: &LeadSighting<'_>) -> Result<(), StoreError> {
+        let agent = s.session.agent().as_str().to_owned();
+        let user = s.session.user().to_owned();
+        let sid = s.message_sid.as_str().to_owned();
+        let profile_name = s.profile_name.filter(|p| !p.is_empty()).map(str::to_owned);
+        let at = ms(s.at);
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut seen = Expiring::open(txn)?;
+                if seen.get(("leadseen", &agent, &sid))?.is_some() {
+                    return Ok(());
+                }
+                seen.put(("leadseen", &agent, &sid), &[], ttl)?;
+                let mut leads = txn.open_table(LEADS)?;
+                let stored = leads
+                    .get((agent.as_str(), user.as_str()))?
+                    .map(|v| serde_json::from_slice::<LeadRecord>(v.value()))
+                    .transpose()?;
+                let mut lead = match stored {
+                    None => LeadRecord {
+                        first_seen: at,
+                        last_seen: at,
+                        profile_name: None,
+                        message_count: 0,
+                    },
+                    Some(mut lead) => {
+                        lead.first_seen = lead.first_seen.min(at);
+                        lead.last_seen = lead.last_seen.max(at);
+                        lead
+                    }
+                };
+                if profile_name.is_some() {
+                    lead.profile_name.clone_from(&profile_name);
+                }
+                lead.message_count += 1;
+                leads.insert(
+                    (agent.as_str(), user.as_str()),
+                    serde_json::to_vec(&lead)?.as_slice(),
+                )?;
+                Ok(())
+            })
+            .await?)
+    }
+
+    async fn leads(&self, agent: &AgentId) -> Result<Vec<Lead>, StoreError> {
+        let agent = agent.as_str().to_owned();
+        let rows = self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(LEADS)?;
+                let mut rows = Vec::new();
+                for row in table.range((agent.as_str(), "")..)? {
+                    let (key, value) = row?;
+                    let (of, user) = key.value();
+                    if of != agent {
+                        break;
+                    }
+                    rows.push((user.to_owned(), value.value().to_vec()));
+                }
+                Ok(rows)
+            })
+            .await?;
+        let mut leads = rows
+            .into_iter()
+            .map(|(user, raw)| {
+                let r: LeadRecord = decode(&raw)?;
+                Ok((r.first_seen, user, r))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // By first contact, ties by number: the order of the Redis store's sorted set.
+        leads.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(leads
+            .into_iter()
+            .map(|(_, phone, r)| Lead {
+                phone,
+                platform: "whatsapp".into(),
+                profile_name: r.profile_name,
+                first_seen: from_ms(r.first_seen),
+                last_seen: from_ms(r.last_seen),
+                message_count: r.message_count,
+            })
+            .collect())
+    }
+
+    async fn stamp_inbound(
+        &self,
+        session: &SessionId,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.stamp("window", session, at).await
+    }
+
+    async fn last_inbound(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(self.clock("window", session).await?.map(from_ms))
+    }
+
+    async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.stamp("optout", session, at).await
+    }
+
+    async fn opted_out_at(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(self.clock("optout", session).await?.map(from_ms))
+    }
+
+    async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
+        let key = key.to_owned();
+        let lease_ms = duration_ms(lease).max(1);
+        let ttl = duration_ms(GUARD_TTL);
+        let state = self
+            .db
+            .write(move |txn| {
+                let mut guards = Expiring::open(txn)?;
+                let now = guards.now;
+                let state = match guards.get(("guard", "", &key))? {
+                    None => GuardState::Claimed,
+                    Some(held) => match Guard::parse(&held) {
+                        Guard::Sent(sid) => return Ok(GuardState::Sent(sid)),
+                        Guard::Pending(deadline) if deadline > now => {
+                            return Ok(GuardState::Busy);
+                        }
+                        Guard::Pending(_) => GuardState::Reclaimed,
+                    },
+                };
+                let deadline = now.saturating_add(lease_ms);
+                guards.put(("guard", "", &key), &Guard::pending(deadline), ttl)?;
+                Ok(state)
+            })
+            .await?;
+        Ok(state)
+    }
+
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        let sid = message_sid.to_owned();
+        let part = encode(part)?;
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut records = Expiring::open(txn)?;
+                records.put(("guard", "", &key), format!("sent:{sid}").as_bytes(), ttl)?;
+                records.put(("sent", "", &sid), &part, ttl)
+            })
+            .await?)
+    }
+
+    async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
+        self.get_expiring(("sent", "", message_sid))
+            .await?
+            .map(|r| decode(&r))
+            .transpose()
+    }
+
+    async fn release_send(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut guards = Expiring::open(txn)?;
+                let held = guards.get(("guard", "", &key))?;
+                if held.is_some_and(|h| matches!(Guard::parse(&h), Guard::Pending(_))) {
+                    guards.remove(("guard", "", &key))?;
+                }
+                Ok(())
+            })
+            .await?)
+    }
+
+    async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
+        let sid = u.message_sid.as_str().to_owned();
+        let status = u.status;
+        let record = encode(&StatusRecord {
+            status,
+            error_code: u.error_code,
+        })?;
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut statuses = Expiring::open(txn)?;
+                let current = statuses
+                    .get(("status", "", &sid))?
+                    .map(|raw| serde_json::from_slice::<StatusRecord>(&raw))
+                    .transpose()?
+                    .map_or(0, |r| r.status.rank());
+                if status.rank() <= current {
+                    return Ok(false);
+                }
+                statuses.put(("status", "", &sid), &record, ttl)?;
+                Ok(true)
+            })
+            .await?)
+    }
+
+    async fn status(
+        &self,
+        message_sid: &MessageSid,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        let raw = self
+            .get_expiring(("status", "", message_sid.as_str()))
+            .await?;
+        Ok(raw
+            .map(|r| decode::<StatusRecord>(&r))
+            .transpose()?
+            .map(|r| (r.status, r.error_code)))
+    }
+
+    async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {
+        let key = key.to_owned();
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut counts = Expiring::open(txn)?;
+                let so_far = match counts.get(("failures", "", &key))? {
+                    Some(raw) => <[u8; 8]>::try_from(raw.as_slice())
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| DbError("a stored failure count is malformed".into()))?,
+                    None => 0,
+                };
+                let now = so_far + 1;
+                counts.put(("failures", "", &key), &now.to_be_bytes(), ttl)?;
+                Ok(now)
+            })
+            .await?)
+    }
+
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        Ok(self
+            .db
+            .write(move |txn| Expiring::open(txn)?.remove(("failures", "", &key)))
+            .await?)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(self.db.ready().await?)
+    }
+}

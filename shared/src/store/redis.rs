@@ -72,7 +72,8 @@ local cur = redis.call('GET', KEYS[1])
 local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
 if cur then
   if string.sub(cur, 1, 5) == 'sent:' then return cur end
-  if tonumber(string.sub(cur, 9)) > tonumber(ARGV[1]) then return 'busy' end
+  local held_until = tonumber(string.sub(cur, 9))
+  if held_until and held_until > tonumber(ARGV[1]) then return 'busy' end
   redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
   return 'reclaimed'
 end
@@ -256,6 +257,10 @@ impl Store for RedisStore {
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
+        // LRANGE from -0 would be the whole list.
+        if last == 0 {
+            return Ok(Vec::new());
+        }
         let start = -(isize::try_from(last).unwrap_or(isize::MAX));
         let raw: Vec<Vec<u8>> = self
             .conn()

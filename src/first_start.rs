@@ -1,0 +1,69 @@
+//! What embedded mode creates on its first start, so that `wagate serve` works with nothing
+//! configured: the master key that encrypts stored secrets and the admin API's token, each in
+//! a file of the data folder readable by its owner only (0600). Later starts read them back.
+//! Their paths are printed, never their contents.
+
+use std::{io::Write, path::Path};
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use rand::RngExt;
+use secrecy::{ExposeSecret, SecretString};
+
+/// Reads the secret in `data_dir/name`, creating it with `generate` on the first start.
+pub fn secret_file(
+    data_dir: &Path,
+    name: &str,
+    what: &str,
+    generate: fn() -> SecretString,
+) -> Result<SecretString> {
+    let path = data_dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => {
+            return Ok(SecretString::from(text.trim().to_owned()));
+        }
+        Ok(_) => anyhow::bail!(
+            "{} is empty: delete it to have a new {what} made",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let secret = generate();
+    let mut file =
+        create_private(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", secret.expose_secret())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "created the {what} (first start)");
+    eprintln!(
+        "wagate: first start: created the {what} in {}",
+        path.display()
+    );
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+#[cfg(not(unix))]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+/// A random admin token: 32 bytes, URL-safe base64.
+pub fn generate_token() -> SecretString {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill(&mut bytes);
+    SecretString::from(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}

@@ -1,0 +1,900 @@
+//! The store contract: every test body is written once against `Arc<dyn Store>` and runs on
+//! both backends (`<test>::embedded` on a temp folder, `<test>::redis` on a fresh redis-server),
+//! so a behaviour that differs between them is a failing test.
+
+mod support;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use futures::{StreamExt, stream::BoxStream};
+use shared::{
+    agent::{Agent, Backend, WhatsAppChannel},
+    domain::{AgentId, MessageSid, PhoneNumber, SessionId, WhatsAppAddress},
+    embedded::{Embedded, EmbeddedOptions},
+    envelope::{OutboundReply, ReplyContent},
+    store::{
+        Change, CompletedTurn, GuardState, LeadSighting, Role, Store, Turn, redis::RedisStore,
+    },
+    twilio::status::{MessageStatus, StatusUpdate},
+};
+use support::harness::{Servers, sid};
+use time::OffsetDateTime;
+
+/// One backend under test, and how to open it again (a restart for the embedded store, a new
+/// connection for Redis).
+struct Rig {
+    name: &'static str,
+    kind: Kind,
+    store: Option<Arc<dyn Store>>,
+}
+
+enum Kind {
+    Embedded(tempfile::TempDir),
+    Redis(Servers),
+}
+
+impl Rig {
+    async fn embedded() -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(open_embedded(dir.path()).store);
+        Rig {
+            name: "embedded",
+            kind: Kind::Embedded(dir),
+            store: Some(store),
+        }
+    }
+
+    async fn redis() -> Rig {
+        let servers = Servers::start().await;
+        let store = connect_redis(&servers).await;
+        Rig {
+            name: "redis",
+            kind: Kind::Redis(servers),
+            store: Some(store),
+        }
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.clone().expect("open")
+    }
+
+    /// Drops this handle (the caller must have dropped its clones) and opens the store again.
+    async fn reopen(&mut self) -> Arc<dyn Store> {
+        self.store = None;
+        let store: Arc<dyn Store> = match &self.kind {
+            Kind::Embedded(dir) => Arc::new(open_embedded(dir.path()).store),
+            Kind::Redis(servers) => connect_redis(servers).await,
+        };
+        self.store = Some(store.clone());
+        store
+    }
+}
+
+async fn connect_redis(servers: &Servers) -> Arc<dyn Store> {
+    Arc::new(
+        RedisStore::connect(&servers.redis_url, "wagate")
+            .await
+            .expect("connect to Redis"),
+    )
+}
+
+/// Opens the embedded file; a handle dropped just before has released it (its last handle
+/// waits for the writer thread to finish).
+fn open_embedded(dir: &Path) -> Embedded {
+    let options = EmbeddedOptions {
+        duplicate_window: Duration::from_secs(600),
+    };
+    Embedded::open(dir, options).unwrap_or_else(|e| panic!("open embedded: {e}"))
+}
+
+/// Runs each named test body on both backends, as `<name>::embedded` and `<name>::redis`.
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$test(super::Rig::embedded().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$test(super::Rig::redis().await).await;
+            }
+        }
+    )*};
+}
+
+on_both!(
+    agents_channels_and_change_notifications,
+    history_window_and_order,
+    a_turn_completes_once_under_concurrency,
+    leads_count_each_message_once,
+    leads_are_listed_by_first_contact,
+    window_and_opt_out_never_go_back,
+    send_guard_states_and_lease,
+    send_guard_is_claimed_once_under_concurrency,
+    sent_parts_round_trip,
+    statuses_only_move_forward,
+    failures_are_counted_and_cleared,
+    everything_survives_reopen,
+);
+
+fn agent_id(id: &str) -> AgentId {
+    AgentId::parse(id).unwrap()
+}
+
+fn session(agent: &str, phone: &str) -> SessionId {
+    SessionId::for_phone(&agent_id(agent), &PhoneNumber::parse(phone).unwrap())
+}
+
+fn msid(n: u64) -> MessageSid {
+    MessageSid::parse(&sid(n)).unwrap()
+}
+
+/// A time on a whole millisecond, as both stores keep times.
+fn at(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(1_700_000_000_000 + ms) * 1_000_000)
+        .unwrap()
+}
+
+fn agent(id: &str, name: &str) -> Agent {
+    Agent {
+        id: agent_id(id),
+        name: name.into(),
+        backend: Backend::Echo,
+        created_at: at(0),
+        updated_at: at(1),
+    }
+}
+
+fn channel(enabled: bool) -> WhatsAppChannel {
+    serde_json::from_value(serde_json::json!({
+        "account_sid": "AC0123456789abcdef0123456789abcdef",
+        "auth_token": "v1.k1.nonce.ciphertext",
+        "phone_number": "+14155238886",
+        "enabled": enabled,
+        "updated_at": "2024-01-02T03:04:05Z",
+    }))
+    .unwrap()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap()
+}
+
+fn turn(role: Role, content: &str, ms: i64) -> Turn {
+    Turn {
+        role,
+        content: content.into(),
+        at: at(ms),
+    }
+}
+
+fn reply(id: &str, text: &str) -> OutboundReply {
+    OutboundReply {
+        id: id.into(),
+        agent_id: agent_id("a1"),
+        to: WhatsAppAddress::parse("whatsapp:+14155550100").unwrap(),
+        content: ReplyContent::Text {
+            parts: vec![text.into()],
+        },
+        created_at: at(5),
+    }
+}
+
+async fn next_change(changes: &mut BoxStream<'static, Change>, n: &str) -> Change {
+    tokio::time::timeout(Duration::from_secs(10), changes.next())
+        .await
+        .unwrap_or_else(|_| panic!("{n}: no change notification within 10s"))
+        .unwrap_or_else(|| panic!("{n}: change stream ended"))
+}
+
+async fn agents_channels_and_change_notifications(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    store
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{n}: ready: {e}"));
+    let mut changes = store.changes().await.unwrap();
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::All,
+        "{n}: first, drop all"
+    );
+
+    assert!(store.agent(&agent_id("a1")).await.unwrap().is_none(), "{n}");
+    assert!(store.agents().await.unwrap().is_empty(), "{n}");
+    store.put_agent(&agent("b2", "Bee")).await.unwrap();
+    store.put_agent(&agent("a1", "Ay")).await.unwrap();
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("b2")),
+        "{n}"
+    );
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("a1")),
+        "{n}"
+    );
+    let got = store.agent(&agent_id("a1")).await.unwrap().expect("stored");
+    assert_eq!(json(&got), json(&agent("a1", "Ay")), "{n}: round trip");
+    let names: Vec<String> = store
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["Ay", "Bee"], "{n}: by id");
+    store.put_agent(&agent("a1", "Ay again")).await.unwrap();
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("a1")),
+        "{n}"
+    );
+    assert_eq!(
+        store.agents().await.unwrap().len(),
+        2,
+        "{n}: replaced, not added"
+    );
+    assert_eq!(
+        store.agent(&agent_id("a1")).await.unwrap().unwrap().name,
+        "Ay again",
+        "{n}"
+    );
+
+    assert!(
+        store.channel(&agent_id("a1")).await.unwrap().is_none(),
+        "{n}"
+    );
+    store
+        .put_channel(&agent_id("a1"), &channel(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("a1")),
+        "{n}"
+    );
+    let got = store
+        .channel(&agent_id("a1"))
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(json(&got), json(&channel(true)), "{n}");
+    store
+        .put_channel(&agent_id("a1"), &channel(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("a1")),
+        "{n}"
+    );
+    assert!(
+        !store
+            .channel(&agent_id("a1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .enabled,
+        "{n}"
+    );
+    assert!(
+        store.channel(&agent_id("b2")).await.unwrap().is_none(),
+        "{n}"
+    );
+
+    // A second subscriber gets its own "drop all", then the same notifications.
+    let mut other = store.changes().await.unwrap();
+    assert_eq!(next_change(&mut other, n).await, Change::All, "{n}");
+    store.put_agent(&agent("b2", "Bee")).await.unwrap();
+    assert_eq!(
+        next_change(&mut other, n).await,
+        Change::Agent(agent_id("b2")),
+        "{n}"
+    );
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("b2")),
+        "{n}"
+    );
+}
+
+async fn history_window_and_order(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    assert!(store.history(&s, 10).await.unwrap().is_empty(), "{n}");
+    let mut all = Vec::new();
+    for i in 0..4i64 {
+        let turns = [
+            turn(Role::User, &format!("q{i}"), i * 10),
+            turn(Role::Assistant, &format!("a{i}"), i * 10 + 1),
+        ];
+        let record = CompletedTurn {
+            reply_id: format!("in-{i}"),
+            reply: format!("a{i}"),
+        };
+        let key = sid(100 + i as u64);
+        let stood = store
+            .complete_turn(&s, &[key], &turns, &record)
+            .await
+            .unwrap();
+        assert_eq!(stood, record, "{n}");
+        all.extend(turns);
+    }
+    assert_eq!(
+        store.history(&s, usize::MAX).await.unwrap(),
+        all,
+        "{n}: all, in order"
+    );
+    assert_eq!(store.history(&s, 100).await.unwrap(), all, "{n}");
+    assert_eq!(
+        store.history(&s, 3).await.unwrap(),
+        all[5..],
+        "{n}: the last three"
+    );
+    assert_eq!(store.history(&s, 1).await.unwrap(), all[7..], "{n}");
+    assert!(
+        store.history(&s, 0).await.unwrap().is_empty(),
+        "{n}: none asked"
+    );
+    let other = session("a1", "+14155550101");
+    assert!(
+        store.history(&other, 10).await.unwrap().is_empty(),
+        "{n}: per session"
+    );
+    let other_agent = session("b2", "+14155550100");
+    assert!(
+        store.history(&other_agent, 10).await.unwrap().is_empty(),
+        "{n}: per agent"
+    );
+}
+
+async fn a_turn_completes_once_under_concurrency(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let first = sid(1);
+    assert!(
+        store.completed_turn(&s, &first).await.unwrap().is_none(),
+        "{n}"
+    );
+    let calls = (0..20).map(|i| {
+        let (store, s, first) = (store.clone(), s.clone(), first.clone());
+        tokio::spawn(async move {
+            let keys = [first, sid(1000 + i), sid(2000 + i)];
+            let turns = [
+                turn(Role::User, "hello", 0),
+                turn(Role::Assistant, &format!("reply {i}"), 1),
+            ];
+            let record = CompletedTurn {
+                reply_id: format!("in-{i}"),
+                reply: format!("reply {i}"),
+            };
+            store
+                .complete_turn(&s, &keys, &turns, &record)
+                .await
+                .unwrap()
+        })
+    });
+    let results: Vec<CompletedTurn> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let winner = results[0].clone();
+    assert!(
+        results.iter().all(|r| *r == winner),
+        "{n}: one record stands: {results:?}"
+    );
+    let i: u64 = winner.reply_id.trim_start_matches("in-").parse().unwrap();
+    let history = store.history(&s, usize::MAX).await.unwrap();
+    assert_eq!(
+        history,
+        [
+            turn(Role::User, "hello", 0),
+            turn(Role::Assistant, &winner.reply, 1)
+        ],
+        "{n}: exactly one set of turns"
+    );
+    for key in [first, sid(1000 + i), sid(2000 + i)] {
+        assert_eq!(
+            store.completed_turn(&s, &key).await.unwrap(),
+            Some(winner.clone()),
+            "{n}: every key of the winner resolves"
+        );
+    }
+    let loser = if i == 0 { 1 } else { 0 };
+    assert!(
+        store
+            .completed_turn(&s, &sid(1000 + loser))
+            .await
+            .unwrap()
+            .is_none(),
+        "{n}: a loser's keys are not recorded"
+    );
+    let other = session("a1", "+14155550101");
+    assert!(
+        store
+            .completed_turn(&other, &sid(1))
+            .await
+            .unwrap()
+            .is_none(),
+        "{n}: per session"
+    );
+    let none: [String; 0] = [];
+    assert!(
+        store.complete_turn(&s, &none, &[], &winner).await.is_err(),
+        "{n}: a turn needs a key"
+    );
+}
+
+async fn leads_count_each_message_once(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let sightings = (0..50u64).map(|i| {
+        let (store, s) = (store.clone(), s.clone());
+        tokio::spawn(async move {
+            let message_sid = msid(i);
+            // Out of order: the earliest and the latest arrive in the middle.
+            let ms = match i {
+                25 => -5_000,
+                26 => 90_000,
+                _ => i as i64 * 100,
+            };
+            let name = (i == 7).then_some("Ada");
+            store
+                .record_lead(&LeadSighting {
+                    session: &s,
+                    message_sid: &message_sid,
+                    profile_name: name,
+                    at: at(ms),
+                })
+                .await
+                .unwrap();
+        })
+    });
+    for t in futures::future::join_all(sightings).await {
+        t.unwrap();
+    }
+    let leads = store.leads(&agent_id("a1")).await.unwrap();
+    assert_eq!(leads.len(), 1, "{n}: one lead per user: {leads:?}");
+    let lead = &leads[0];
+    assert_eq!(lead.message_count, 50, "{n}");
+    assert_eq!(
+        (lead.phone.as_str(), lead.platform.as_str()),
+        ("+14155550100", "whatsapp")
+    );
+    assert_eq!(
+        (lead.first_seen, lead.last_seen),
+        (at(-5_000), at(90_000)),
+        "{n}: min/max"
+    );
+    assert_eq!(
+        lead.profile_name.as_deref(),
+        Some("Ada"),
+        "{n}: a missing name keeps it"
+    );
+
+    // The same message again (a redelivery) is not counted.
+    for _ in 0..2 {
+        store
+            .record_lead(&LeadSighting {
+                session: &s,
+                message_sid: &msid(3),
+                profile_name: Some("Ignored"),
+                at: at(200_000),
+            })
+            .await
+            .unwrap();
+    }
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(lead.message_count, 50, "{n}: counted once per sid");
+    assert_eq!(lead.last_seen, at(90_000), "{n}: a repeat changes nothing");
+    assert_eq!(lead.profile_name.as_deref(), Some("Ada"), "{n}");
+
+    store
+        .record_lead(&LeadSighting {
+            session: &s,
+            message_sid: &msid(60),
+            profile_name: Some("Ada L."),
+            at: at(100_000),
+        })
+        .await
+        .unwrap();
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(
+        (
+            lead.message_count,
+            lead.last_seen,
+            lead.profile_name.as_deref()
+        ),
+        (51, at(100_000), Some("Ada L.")),
+        "{n}: the latest name"
+    );
+    assert!(
+        store.leads(&agent_id("b2")).await.unwrap().is_empty(),
+        "{n}: per agent"
+    );
+}
+
+async fn leads_are_listed_by_first_contact(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let sight = |phone: &'static str, sid_n: u64, ms: i64, agent: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .record_lead(&LeadSighting {
+                    session: &session(agent, phone),
+                    message_sid: &msid(sid_n),
+                    profile_name: None,
+                    at: at(ms),
+                })
+                .await
+                .unwrap();
+        }
+    };
+    sight("+14155550103", 1, 300, "a1").await;
+    sight("+14155550101", 2, 100, "a1").await;
+    sight("+14155550102", 3, 200, "a1").await;
+    sight("+14155550109", 4, 50, "a10").await;
+    // An earlier message recorded late moves the lead to the front.
+    sight("+14155550103", 5, 10, "a1").await;
+    let phones: Vec<String> = store
+        .leads(&agent_id("a1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.phone)
+        .collect();
+    assert_eq!(
+        phones,
+        ["+14155550103", "+14155550101", "+14155550102"],
+        "{n}"
+    );
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(
+        (lead.first_seen, lead.last_seen, lead.profile_name),
+        (at(10), at(300), None)
+    );
+    assert_eq!(
+        store.leads(&agent_id("a10")).await.unwrap().len(),
+        1,
+        "{n}: per agent"
+    );
+}
+
+async fn window_and_opt_out_never_go_back(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    assert_eq!(store.last_inbound(&s).await.unwrap(), None, "{n}");
+    assert_eq!(store.opted_out_at(&s).await.unwrap(), None, "{n}");
+    store.stamp_inbound(&s, at(1_000)).await.unwrap();
+    store.stamp_inbound(&s, at(500)).await.unwrap();
+    assert_eq!(
+        store.last_inbound(&s).await.unwrap(),
+        Some(at(1_000)),
+        "{n}: not back"
+    );
+    store.stamp_inbound(&s, at(2_000)).await.unwrap();
+    assert_eq!(
+        store.last_inbound(&s).await.unwrap(),
+        Some(at(2_000)),
+        "{n}: forward"
+    );
+    store.opt_out(&s, at(3_000)).await.unwrap();
+    store.opt_out(&s, at(2_500)).await.unwrap();
+    assert_eq!(
+        store.opted_out_at(&s).await.unwrap(),
+        Some(at(3_000)),
+        "{n}"
+    );
+    store.opt_out(&s, at(4_000)).await.unwrap();
+    assert_eq!(
+        store.opted_out_at(&s).await.unwrap(),
+        Some(at(4_000)),
+        "{n}"
+    );
+    assert_eq!(
+        store.last_inbound(&s).await.unwrap(),
+        Some(at(2_000)),
+        "{n}: separate"
+    );
+    let other = session("a1", "+14155550101");
+    assert_eq!(
+        store.last_inbound(&other).await.unwrap(),
+        None,
+        "{n}: per session"
+    );
+    assert_eq!(store.opted_out_at(&other).await.unwrap(), None, "{n}");
+}
+
+async fn send_guard_states_and_lease(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        store.claim_send("g1", long).await.unwrap(),
+        GuardState::Claimed,
+        "{n}"
+    );
+    assert_eq!(
+        store.claim_send("g1", long).await.unwrap(),
+        GuardState::Busy,
+        "{n}"
+    );
+    store.release_send("g1").await.unwrap();
+    assert_eq!(
+        store.claim_send("g1", long).await.unwrap(),
+        GuardState::Claimed,
+        "{n}"
+    );
+    store
+        .mark_sent("g1", "SMsent1", &reply("in-1", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_send("g1", long).await.unwrap(),
+        GuardState::Sent("SMsent1".into()),
+        "{n}"
+    );
+    store.release_send("g1").await.unwrap();
+    assert_eq!(
+        store.claim_send("g1", long).await.unwrap(),
+        GuardState::Sent("SMsent1".into()),
+        "{n}: a sent part cannot be released"
+    );
+    store.release_send("never-claimed").await.unwrap();
+
+    // A holder that died loses the guard when its lease ends.
+    let lease = Duration::from_millis(300);
+    assert_eq!(
+        store.claim_send("g2", lease).await.unwrap(),
+        GuardState::Claimed,
+        "{n}"
+    );
+    assert_eq!(
+        store.claim_send("g2", lease).await.unwrap(),
+        GuardState::Busy,
+        "{n}"
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        store.claim_send("g2", long).await.unwrap(),
+        GuardState::Reclaimed,
+        "{n}: the lease ended; the new holder is told it may have been posted"
+    );
+    assert_eq!(
+        store.claim_send("g2", long).await.unwrap(),
+        GuardState::Busy,
+        "{n}"
+    );
+    store.release_send("g2").await.unwrap();
+    assert_eq!(
+        store.claim_send("g2", long).await.unwrap(),
+        GuardState::Claimed,
+        "{n}: released, so nobody held it"
+    );
+}
+
+async fn send_guard_is_claimed_once_under_concurrency(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let claims = (0..20).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .claim_send("race", Duration::from_secs(60))
+                .await
+                .unwrap()
+        })
+    });
+    let states: Vec<GuardState> = futures::future::join_all(claims)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let claimed = states.iter().filter(|s| **s == GuardState::Claimed).count();
+    let busy = states.iter().filter(|s| **s == GuardState::Busy).count();
+    assert_eq!((claimed, busy), (1, 19), "{n}: {states:?}");
+}
+
+async fn sent_parts_round_trip(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    assert_eq!(store.sent_part("SMnothing").await.unwrap(), None, "{n}");
+    let part = reply("in-7-part-1", "the second part");
+    store.mark_sent("in-7#1", "SMsent7", &part).await.unwrap();
+    assert_eq!(store.sent_part("SMsent7").await.unwrap(), Some(part), "{n}");
+    let replaced = reply("in-7-part-1b", "again");
+    store
+        .mark_sent("in-7#1", "SMsent7", &replaced)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.sent_part("SMsent7").await.unwrap(),
+        Some(replaced),
+        "{n}"
+    );
+}
+
+async fn statuses_only_move_forward(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let update = |sid_n: u64, status: MessageStatus, error_code: Option<u32>| StatusUpdate {
+        message_sid: msid(sid_n),
+        status,
+        error_code,
+        to: Some("whatsapp:+14155550100".into()),
+    };
+    let one = msid(1);
+    assert_eq!(store.status(&one).await.unwrap(), None, "{n}");
+    let steps = [
+        (MessageStatus::Queued, true),
+        (MessageStatus::Sent, true),
+        (MessageStatus::Delivered, true),
+        (MessageStatus::Sent, false),
+        (MessageStatus::Delivered, false),
+        (MessageStatus::Failed, false),
+        (MessageStatus::Read, true),
+        (MessageStatus::Delivered, false),
+    ];
+    for (status, applied) in steps {
+        assert_eq!(
+            store.record_status(&update(1, status, None)).await.unwrap(),
+            applied,
+            "{n}: {status:?}"
+        );
+    }
+    assert_eq!(
+        store.status(&one).await.unwrap(),
+        Some((MessageStatus::Read, None)),
+        "{n}"
+    );
+
+    // A failure ends a message's life after `sent`, with its code.
+    assert!(
+        store
+            .record_status(&update(2, MessageStatus::Sent, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .record_status(&update(2, MessageStatus::Undelivered, Some(63016)))
+            .await
+            .unwrap(),
+        "{n}"
+    );
+    assert_eq!(
+        store.status(&msid(2)).await.unwrap(),
+        Some((MessageStatus::Undelivered, Some(63016))),
+        "{n}"
+    );
+    assert!(
+        !store
+            .record_status(&update(2, MessageStatus::Failed, Some(30003)))
+            .await
+            .unwrap(),
+        "{n}: same rank is not applied"
+    );
+    assert!(
+        store
+            .record_status(&update(2, MessageStatus::Delivered, None))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.status(&msid(2)).await.unwrap(),
+        Some((MessageStatus::Delivered, None)),
+        "{n}: delivered proves arrival"
+    );
+}
+
+async fn failures_are_counted_and_cleared(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    for expected in 1..=3 {
+        assert_eq!(store.count_failure("k1").await.unwrap(), expected, "{n}");
+    }
+    assert_eq!(store.count_failure("k2").await.unwrap(), 1, "{n}: per key");
+    store.clear_failures("k1").await.unwrap();
+    assert_eq!(store.count_failure("k1").await.unwrap(), 1, "{n}: cleared");
+    store.clear_failures("never").await.unwrap();
+    let counts = (0..20).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.count_failure("k3").await.unwrap() })
+    });
+    let mut got: Vec<u64> = futures::future::join_all(counts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (1..=20).collect::<Vec<_>>(), "{n}: atomic increments");
+}
+
+async fn everything_survives_reopen(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let s = session("a1", "+14155550100");
+    store.put_agent(&agent("a1", "Ay")).await.unwrap();
+    store
+        .put_channel(&agent_id("a1"), &channel(true))
+        .await
+        .unwrap();
+    let record = CompletedTurn {
+        reply_id: "in-1".into(),
+        reply: "hi".into(),
+    };
+    let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
+    store
+        .complete_turn(&s, &[sid(1)], &turns, &record)
+        .await
+        .unwrap();
+    let sighting = LeadSighting {
+        session: &s,
+        message_sid: &msid(1),
+        profile_name: Some("Ada"),
+        at: at(0),
+    };
+    store.record_lead(&sighting).await.unwrap();
+    store.stamp_inbound(&s, at(0)).await.unwrap();
+    store.opt_out(&s, at(1)).await.unwrap();
+    store
+        .claim_send("g1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    store
+        .mark_sent("g2", "SMsent2", &reply("in-2", "x"))
+        .await
+        .unwrap();
+    let delivered = StatusUpdate {
+        message_sid: msid(9),
+        status: MessageStatus::Delivered,
+        error_code: None,
+        to: None,
+    };
+    store.record_status(&delivered).await.unwrap();
+    store.count_failure("k1").await.unwrap();
+    drop(store);
+
+    let store = rig.reopen().await;
+    assert_eq!(
+        store.agent(&agent_id("a1")).await.unwrap().unwrap().name,
+        "Ay",
+        "{n}"
+    );
+    assert!(
+        store.channel(&agent_id("a1")).await.unwrap().is_some(),
+        "{n}"
+    );
+    assert_eq!(store.history(&s, 10).await.unwrap(), turns, "{n}");
+    assert_eq!(
+        store.completed_turn(&s, &sid(1)).await.unwrap(),
+        Some(record),
+        "{n}"
+    );
+    store.record_lead(&sighting).await.unwrap();
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(lead.message_count, 1, "{n}: the seen sid is remembered");
+    assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(0)), "{n}");
+    assert_eq!(store.opted_out_at(&s).await.unwrap(), Some(at(1)), "{n}");
+    assert_eq!(
+        store
+            .claim_send("g1", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        GuardState::Busy,
+        "{n}: the lease outlives a restart"
+    );
+    assert_eq!(
+        store
+            .claim_send("g2", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        GuardState::Sent("SMsent2".into()),
+        "{n}"
+    );
+    assert!(store.sent_part("SMsent2").await.unwrap().is_some(), "{n}");
+    assert_eq!(
+        store.status(&msid(9)).await.unwrap(),
+        Some((MessageStatus::Delivered, None)),
+        "{n}"
+    );
+    assert_eq!(store.count_failure("k1").await.unwrap(), 2, "{n}");
+}
