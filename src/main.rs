@@ -5,8 +5,10 @@
 //! # Layout
 //! - `roles`: connecting the bus and store and running the roles until shutdown.
 //! - `dlq`: the `wagate dlq` operator command.
+//! - `chat`: `wagate chat`, a terminal dev phone for an agent in simulation mode.
 //! - `first_start`: the secrets embedded mode creates in its data folder on first start.
 
+mod chat;
 mod dlq;
 mod first_start;
 mod roles;
@@ -38,6 +40,8 @@ enum Command {
     Keygen,
     /// Lists and replays dead letters (through the admin API of a running wagate).
     Dlq(dlq::DlqArgs),
+    /// Talks to an agent from the terminal as a WhatsApp user (simulation mode, no Twilio needed).
+    Chat(chat::ChatArgs),
 }
 
 /// Which roles a process runs.
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Dlq(args) => return dlq::main(args),
+        Command::Chat(args) => return chat::main(args),
         Command::Serve(s) => (
             s,
             Roles {

@@ -440,6 +440,7 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "phone_number",
         "webhook_url",
         "status_callback_url",
+        "simulation",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -506,6 +507,7 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
             "account_sid",
             "enabled",
             "phone_number",
+            "simulation",
             "status_callback_url",
             "webhook_url"
         ]

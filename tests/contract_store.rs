@@ -115,6 +115,7 @@ on_both!(
     sent_parts_round_trip,
     statuses_only_move_forward,
     failures_are_counted_and_cleared,
+    the_simulated_outbox_keeps_order_and_reads_from_an_index,
     everything_survives_reopen,
 );
 
@@ -806,6 +807,45 @@ async fn failures_are_counted_and_cleared(rig: Rig) {
         .collect();
     got.sort_unstable();
     assert_eq!(got, (1..=20).collect::<Vec<_>>(), "{n}: atomic increments");
+}
+
+async fn the_simulated_outbox_keeps_order_and_reads_from_an_index(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550101");
+    assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
+    let at = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+    for (i, body) in ["one", "two ¿👋?", "three"].iter().enumerate() {
+        let index = store.record_simulated(&s, body, at).await.unwrap();
+        assert_eq!(index, i as u64 + 1, "{n}: indexes count from 1");
+    }
+    store
+        .record_simulated(&other, "elsewhere", at)
+        .await
+        .unwrap();
+    let all = store.simulated(&s, 0).await.unwrap();
+    let bodies: Vec<&str> = all.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["one", "two ¿👋?", "three"], "{n}");
+    assert_eq!(all[1].index, 2, "{n}");
+    assert_eq!(all[0].at, at, "{n}");
+    let after: Vec<u64> = store
+        .simulated(&s, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.index)
+        .collect();
+    assert_eq!(after, [3], "{n}: only what follows the index");
+    assert!(store.simulated(&s, 3).await.unwrap().is_empty(), "{n}");
+    assert!(
+        store.simulated(&s, u64::MAX).await.unwrap().is_empty(),
+        "{n}"
+    );
+    assert_eq!(
+        store.simulated(&other, 0).await.unwrap().len(),
+        1,
+        "{n}: per conversation"
+    );
 }
 
 async fn everything_survives_reopen(mut rig: Rig) {

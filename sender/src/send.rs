@@ -247,7 +247,12 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
             form.push(("StatusCallback", cb.as_str()));
         }
         let started = OffsetDateTime::now_utc();
-        match post(ctx, &channel, &form).await {
+        let posted = if channel.channel.simulation {
+            simulate(ctx, reply, content).await
+        } else {
+            post(ctx, &channel, &form).await
+        };
+        match posted {
             Ok(sid) => {
                 tracing::info!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
                 record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
@@ -324,6 +329,34 @@ fn single_part(reply: &OutboundReply, index: usize) -> OutboundReply {
         content,
         ..reply.clone()
     }
+}
+
+/// Simulation mode: records the part in the conversation's outbox instead of posting it, and
+/// answers like Twilio would, with a message sid, so the rest of the send path is the same.
+async fn simulate(
+    ctx: &SendContext,
+    reply: &OutboundReply,
+    content: &[(&str, &str)],
+) -> Result<String, SendError> {
+    let text = match content {
+        [("Body", body)] => (*body).to_owned(),
+        fields => fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    ctx.store
+        .record_simulated(&reply.session_id(), &text, OffsetDateTime::now_utc())
+        .await
+        .map_err(|e| SendError {
+            class: FailureClass::RetryLater,
+            http_status: None,
+            code: None,
+            message: e.to_string(),
+            retry_after: None,
+        })?;
+    Ok(format!("SM{}", uuid::Uuid::new_v4().simple()))
 }
 
 /// Posts one message, retrying rate limits in place (honouring `Retry-After`) a few times.

@@ -67,6 +67,10 @@ pub struct WhatsAppChannel {
     pub phone_number: PhoneNumber,
     /// Whether inbound messages are taken; a disabled channel answers 403.
     pub enabled: bool,
+    /// Simulation mode: replies are recorded in wagate (see the admin API's `simulated` call
+    /// and `wagate chat`) instead of being posted to Twilio, to try an agent without Twilio.
+    #[serde(default)]
+    pub simulation: bool,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,

@@ -39,6 +39,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
             "/v1/agents/{agent_id}/whatsapp/disable",
             post(whatsapp::disable),
         )
+        .route(
+            "/v1/agents/{agent_id}/whatsapp/simulated/{phone}",
+            get(whatsapp::simulated),
+        )
         .route("/v1/agents/{agent_id}/leads", get(leads::list))
         .route("/v1/agents/{agent_id}/sessions/{phone}", get(sessions::get))
         .route("/v1/agents/{agent_id}/messages", post(messages::send))

@@ -4,7 +4,7 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, header},
 };
 use secrecy::{ExposeSecret, SecretString};
@@ -26,6 +26,7 @@ struct ChannelRequest {
     auth_token: Option<SecretString>,
     phone_number: String,
     enabled: Option<bool>,
+    simulation: Option<bool>,
 }
 
 /// Twilio's connection overrides, as a URL fragment (Twilio does not sign it): retry up to 3
@@ -42,6 +43,7 @@ pub struct ChannelView {
     phone_number: PhoneNumber,
     webhook_url: String,
     status_callback_url: String,
+    simulation: bool,
 }
 
 impl ChannelView {
@@ -60,6 +62,7 @@ impl ChannelView {
             phone_number: channel.phone_number.clone(),
             webhook_url: format!("{base}/webhooks/twilio/whatsapp/{id}{TWILIO_RETRIES}"),
             status_callback_url: format!("{base}/webhooks/twilio/whatsapp/{id}/status"),
+            simulation: channel.simulation,
         }
     }
 }
@@ -121,6 +124,10 @@ pub async fn put(
         account_sid,
         auth_token,
         phone_number,
+        simulation: req
+            .simulation
+            .or(existing.as_ref().map(|c| c.simulation))
+            .unwrap_or(false),
         enabled: req
             .enabled
             .or(existing.as_ref().map(|c| c.enabled))
@@ -164,6 +171,31 @@ pub async fn get(
         &channel,
         host(&headers),
     )))
+}
+
+/// Query of the simulated outbox.
+#[derive(Deserialize)]
+pub struct OutboxQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /v1/agents/{agent_id}/whatsapp/simulated/{phone}?after=N`: the replies the sender
+/// recorded for this user instead of posting them (simulation mode), after index `after`.
+pub async fn simulated(
+    State(state): State<AppState>,
+    Path((raw, raw_phone)): Path<(String, String)>,
+    Query(q): Query<OutboxQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let agent = load_agent(&state, &raw).await?;
+    let phone = parse_phone(&raw_phone.replace(' ', "+"))?;
+    let session = shared::domain::SessionId::for_phone(&agent.id, &phone);
+    let messages = state
+        .store
+        .simulated(&session, q.after)
+        .await
+        .map_err(ApiError::unavailable)?;
+    Ok(Json(serde_json::json!({ "messages": messages })))
 }
 
 async fn set_enabled(

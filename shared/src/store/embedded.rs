@@ -20,7 +20,8 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
+    StoreError, Turn,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -33,6 +34,8 @@ use crate::{
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_agents");
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_channels");
 const TURNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_turns");
+/// Simulated sends per session, by index from 1: `{"body", "at"}` as the Redis store keeps them.
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_outbox");
 const LEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("store_leads");
 const CLOCKS: TableDefinition<(&str, &str), i64> = TableDefinition::new("store_clocks");
 const EXPIRING: TableDefinition<(&str, &str, &str), (u64, &[u8])> =
@@ -230,6 +233,7 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(CHANNELS)?;
         txn.open_table(TURNS)?;
+        txn.open_table(OUTBOX)?;
         txn.open_table(LEADS)?;
         txn.open_table(CLOCKS)?;
         txn.open_table(EXPIRING)?;
@@ -663,6 +667,57 @@ impl Store for EmbeddedStore {
             .map(|r| decode::<StatusRecord>(&r))
             .transpose()?
             .map(|r| (r.status, r.error_code)))
+    }
+
+    async fn record_simulated(
+        &self,
+        session: &SessionId,
+        body: &str,
+        at: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let session = session.to_string();
+        let entry = serde_json::json!({"body": body, "at": ms(at)}).to_string();
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut table = txn.open_table(OUTBOX)?;
+                let index = last_turn(&table, &session)?.map_or(1, |n| n + 1);
+                table.insert((session.as_str(), index), entry.as_bytes())?;
+                Ok(index)
+            })
+            .await?)
+    }
+
+    async fn simulated(
+        &self,
+        session: &SessionId,
+        after: u64,
+    ) -> Result<Vec<SimulatedMessage>, StoreError> {
+        let session = session.to_string();
+        let rows = self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(OUTBOX)?;
+                let mut rows = Vec::new();
+                for row in table.range(
+                    (session.as_str(), after.saturating_add(1))..=(session.as_str(), u64::MAX),
+                )? {
+                    let (k, v) = row?;
+                    rows.push((k.value().1, v.value().to_vec()));
+                }
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(index, raw)| {
+                let v: serde_json::Value = decode(&raw)?;
+                Ok(SimulatedMessage {
+                    index,
+                    body: v["body"].as_str().unwrap_or_default().to_owned(),
+                    at: from_ms(v["at"].as_i64().unwrap_or(0)),
+                })
+            })
+            .collect()
     }
 
     async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {

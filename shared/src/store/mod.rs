@@ -101,6 +101,19 @@ pub enum GuardState {
     Reclaimed,
 }
 
+/// A message that the sender recorded instead of posting it to Twilio, because the agent's
+/// channel is in simulation mode (for trying an agent without a Twilio account).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimulatedMessage {
+    /// Its position in the conversation's outbox, from 1.
+    pub index: u64,
+    /// What would have been posted as `Body` (or a template's sid and variables).
+    pub body: String,
+    /// When it was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 /// The outcome of a completed turn, recorded under each inbound message it answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompletedTurn {
@@ -200,6 +213,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         message_sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError>;
+
+    /// Appends a simulated send to the conversation's outbox; returns its index.
+    async fn record_simulated(
+        &self,
+        session: &SessionId,
+        body: &str,
+        at: OffsetDateTime,
+    ) -> Result<u64, StoreError>;
+    /// The conversation's simulated sends after index `after` (0: all), oldest first.
+    async fn simulated(
+        &self,
+        session: &SessionId,
+        after: u64,
+    ) -> Result<Vec<SimulatedMessage>, StoreError>;
 
     /// Counts a failed attempt at the message `key` and returns the failures so far. Failures
     /// are counted here rather than by the bus, because the bus also counts the deliveries that

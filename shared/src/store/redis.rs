@@ -8,7 +8,7 @@
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
 //! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
-//! `P:failures:<key>`.
+//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends).
 
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, Store, StoreError, Turn,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
+    StoreError, Turn,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -485,6 +486,47 @@ impl Store for RedisStore {
         Ok(h.get("status")
             .and_then(|s| MessageStatus::parse(s))
             .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+
+    async fn record_simulated(
+        &self,
+        session: &SessionId,
+        body: &str,
+        at: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let entry = serde_json::json!({"body": body, "at": ms(at)});
+        self.conn()
+            .rpush(
+                self.key(&format!("outbox:{{{session}}}")),
+                entry.to_string(),
+            )
+            .await
+            .map_err(err("record simulated"))
+    }
+
+    async fn simulated(
+        &self,
+        session: &SessionId,
+        after: u64,
+    ) -> Result<Vec<SimulatedMessage>, StoreError> {
+        let start = isize::try_from(after).unwrap_or(isize::MAX);
+        let raw: Vec<String> = self
+            .conn()
+            .lrange(self.key(&format!("outbox:{{{session}}}")), start, -1)
+            .await
+            .map_err(err("simulated"))?;
+        raw.iter()
+            .zip(after.saturating_add(1)..)
+            .map(|(r, index)| {
+                let v: serde_json::Value = serde_json::from_str(r)
+                    .map_err(|e| StoreError::from_display("decode outbox", e))?;
+                Ok(SimulatedMessage {
+                    index,
+                    body: v["body"].as_str().unwrap_or_default().to_owned(),
+                    at: from_ms(v["at"].as_i64().unwrap_or(0)),
+                })
+            })
+            .collect()
     }
 
     async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {
