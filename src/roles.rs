@@ -16,7 +16,7 @@ use shared::{
     config::{Backends, Settings},
     crypto::Keyring,
     directory::ChannelDirectory,
-    dispatch::DispatchConfig,
+    dispatch::{Coalesce, DispatchConfig},
     shutdown::{self, Shutdown},
     store::{Store, redis::RedisStore},
 };
@@ -169,9 +169,10 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         let router = ingress::health::routes().with_state(state.clone());
         tasks.spawn(serve_http(listener, router, shutdown.clone()));
     }
-    let dispatch = |concurrency| DispatchConfig {
+    let dispatch = |concurrency, coalesce| DispatchConfig {
         concurrency,
         shutdown_grace: settings.shutdown_grace(),
+        coalesce,
     };
     if roles.worker {
         let ctx = worker::TurnContext {
@@ -182,7 +183,11 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             history_window: settings.history_window,
             retry: settings.agent_retry.clone(),
         };
-        let config = dispatch(settings.worker_concurrency);
+        let coalesce = Coalesce {
+            window: std::time::Duration::from_millis(settings.coalesce_ms),
+            max: settings.coalesce_max.max(1),
+        };
+        let config = dispatch(settings.worker_concurrency, Some(coalesce));
         let s = shutdown.clone();
         tasks.spawn(async move { Ok(worker::run(ctx, config, s).await?) });
     }
@@ -199,7 +204,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             retry: settings.send_retry.clone(),
             twilio_timeout: settings.twilio_timeout(),
         };
-        let config = dispatch(settings.sender_concurrency);
+        let config = dispatch(settings.sender_concurrency, None);
         let s = sender_shutdown.clone();
         sender_tasks.spawn(async move { Ok(sender::run(ctx, config, s).await?) });
     }

@@ -134,6 +134,7 @@ on_both!(super::WINDOW =>
     retry_in_redelivers_after_the_delay,
     subscribers_share_the_queue,
     only_the_oldest_of_a_conversation_is_next,
+    adjacent_messages_of_a_conversation_can_be_taken_together,
     published_messages_survive_reopen,
     dead_letters_crud_in_order,
 );
@@ -396,6 +397,47 @@ async fn only_the_oldest_of_a_conversation_is_next(rig: Rig) {
         is_next(&by_text, "second").await,
         "{n}: next once the older is acked"
     );
+    for (_, d) in by_text {
+        d.ack().await.unwrap();
+    }
+}
+
+async fn adjacent_messages_of_a_conversation_can_be_taken_together(rig: Rig) {
+    let (bus, n) = (rig.bus(), rig.name);
+    for (i, t) in ["one", "two", "three"].iter().enumerate() {
+        publish(bus.as_ref(), Topic::Inbound, "a1.100", &format!("b-{i}"), t).await;
+        if i == 0 {
+            publish(bus.as_ref(), Topic::Inbound, "a1.200", "b-x", "elsewhere").await;
+        }
+    }
+    let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
+    let mut by_text = HashMap::new();
+    for _ in 0..4 {
+        let d = next(&mut sub, n).await;
+        by_text.insert(text(d.as_ref()), d);
+    }
+    let (one, two, three) = (
+        by_text["one"].position(),
+        by_text["two"].position(),
+        by_text["three"].position(),
+    );
+    assert!(
+        one < two && two < three,
+        "{n}: positions follow publish order"
+    );
+    let after_one = by_text["two"].is_next_after(one).await.unwrap();
+    assert!(
+        after_one,
+        "{n}: a message of another conversation in between does not count"
+    );
+    assert!(by_text["three"].is_next_after(two).await.unwrap(), "{n}");
+    assert!(
+        !by_text["three"].is_next_after(one).await.unwrap(),
+        "{n}: 'two' lies between"
+    );
+    // Once 'two' is finished, 'three' directly follows 'one'.
+    by_text.remove("two").unwrap().ack().await.unwrap();
+    assert!(by_text["three"].is_next_after(one).await.unwrap(), "{n}");
     for (_, d) in by_text {
         d.ack().await.unwrap();
     }

@@ -79,7 +79,15 @@ impl Failure {
 }
 
 impl Handler<OutboundReply> for SendContext {
-    async fn handle(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
+    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, OutboundReply)>) {
+        for (delivery, reply) in batch {
+            self.send_one(delivery, reply).await;
+        }
+    }
+}
+
+impl SendContext {
+    async fn send_one(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
         let failures_key = format!("send:{}", reply.id);
         let result = with_keep_alive(delivery.as_ref(), send(self, &reply)).await;
         let attempt = match &result {

@@ -98,6 +98,18 @@ pub struct Settings {
         default_value_t = 15_000
     )]
     pub twilio_timeout_ms: u64,
+    /// Burst coalescing: how long after a user's message its turn waits for more messages of the
+    /// same user to handle them as one turn, in ms. 0 adds no latency: only messages that queued
+    /// up while the previous turn ran are taken together.
+    #[arg(long = "coalesce-ms", env = "WAGATE_COALESCE_MS", default_value_t = 0)]
+    pub coalesce_ms: u64,
+    /// Most messages handled as one turn.
+    #[arg(
+        long = "coalesce-max",
+        env = "WAGATE_COALESCE_MAX",
+        default_value_t = 10
+    )]
+    pub coalesce_max: usize,
     /// Delays between attempts of an agent turn (e.g. "1s,5s,30s,2m"); after the last, a dead letter.
     #[arg(
         long = "agent-retry",

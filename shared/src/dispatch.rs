@@ -21,10 +21,27 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// Handles one decoded message and settles its delivery (ack, retry or dead letter).
+/// Handles decoded messages and settles their deliveries (ack, retry or dead letter).
 pub trait Handler<T>: Send + Sync + 'static {
-    /// Handles `message`; must settle `delivery` before returning.
-    fn handle(&self, delivery: Box<dyn Delivery>, message: T) -> impl Future<Output = ()> + Send;
+    /// Handles messages of one conversation, oldest first: one, or several that came back to
+    /// back and are handled as one (burst coalescing); must settle every delivery.
+    fn handle(&self, batch: Vec<(Box<dyn Delivery>, T)>) -> impl Future<Output = ()> + Send;
+
+    /// When the message was received, for the coalescing window; `None` if unknown.
+    fn received_at(&self, _message: &T) -> Option<time::OffsetDateTime> {
+        None
+    }
+}
+
+/// Burst coalescing: messages of one conversation queued back to back go to the handler
+/// together.
+#[derive(Debug, Clone, Copy)]
+pub struct Coalesce {
+    /// How long after a message was received its turn waits for more (zero: take only what is
+    /// already queued, adding no latency).
+    pub window: Duration,
+    /// Most messages in one batch.
+    pub max: usize,
 }
 
 /// Tuning of a dispatcher.
@@ -34,6 +51,8 @@ pub struct DispatchConfig {
     pub concurrency: usize,
     /// Time given to in-flight messages on shutdown.
     pub shutdown_grace: Duration,
+    /// Whether and how messages of a conversation are coalesced.
+    pub coalesce: Option<Coalesce>,
 }
 
 struct Item<T> {
@@ -124,6 +143,7 @@ where
                 queues.clone(),
                 key,
                 first,
+                config.coalesce,
                 shutdown.clone(),
             ));
         }
@@ -154,6 +174,7 @@ async fn drain<T, H: Handler<T>>(
     queues: Queues<T>,
     key: String,
     first: Item<T>,
+    coalesce: Option<Coalesce>,
     shutdown: Shutdown,
 ) {
     let mut next = Some(first);
@@ -163,7 +184,18 @@ async fn drain<T, H: Handler<T>>(
             let _ = item.delivery.retry_in(Duration::ZERO).await;
         } else {
             match item.delivery.is_next_in_conversation().await {
-                Ok(true) => handler.handle(item.delivery, item.message).await,
+                Ok(true) => {
+                    let batch = match coalesce {
+                        Some(c) => gather(handler.as_ref(), &queues, &key, item, c).await,
+                        None => vec![item],
+                    };
+                    if batch.len() > 1 {
+                        metrics::counter!("wagate_coalesced_total")
+                            .increment(batch.len() as u64 - 1);
+                    }
+                    let batch = batch.into_iter().map(|i| (i.delivery, i.message)).collect();
+                    handler.handle(batch).await;
+                }
                 Ok(false) => {
                     metrics::counter!("wagate_order_waits_total").increment(1);
                     let _ = item.delivery.retry_in(order_wait()).await;
@@ -183,6 +215,42 @@ async fn drain<T, H: Handler<T>>(
             }
         };
     }
+}
+
+/// Takes, after `first`, the messages queued behind it that directly follow it in the
+/// conversation (waiting out the window first), up to the batch limit.
+async fn gather<T, H: Handler<T>>(
+    handler: &H,
+    queues: &Queues<T>,
+    key: &str,
+    first: Item<T>,
+    coalesce: Coalesce,
+) -> Vec<Item<T>> {
+    if let Some(received) = handler.received_at(&first.message) {
+        let age = time::OffsetDateTime::now_utc() - received;
+        if let Ok(left) =
+            Duration::try_from(time::Duration::try_from(coalesce.window).unwrap_or_default() - age)
+        {
+            with_keep_alive(first.delivery.as_ref(), tokio::time::sleep(left)).await;
+        }
+    }
+    let mut batch = vec![first];
+    while batch.len() < coalesce.max {
+        let candidate = {
+            let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+            q.get_mut(key).and_then(VecDeque::pop_front)
+        };
+        let Some(candidate) = candidate else { break };
+        let previous = batch.last().map_or(0, |i| i.delivery.position());
+        if matches!(candidate.delivery.is_next_after(previous).await, Ok(true)) {
+            batch.push(candidate);
+        } else {
+            let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+            q.entry(key.to_owned()).or_default().push_front(candidate);
+            break;
+        }
+    }
+    batch
 }
 
 /// Runs `work` while telling the bus every few seconds that this delivery is still being worked

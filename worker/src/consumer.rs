@@ -14,8 +14,12 @@ use crate::turn::{TurnContext, handle};
 pub use shared::dispatch::DispatchConfig as WorkerConfig;
 
 impl Handler<InboundMessage> for TurnContext {
-    async fn handle(&self, delivery: Box<dyn Delivery>, message: InboundMessage) {
-        handle(self, delivery, message).await;
+    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, InboundMessage)>) {
+        handle(self, batch).await;
+    }
+
+    fn received_at(&self, message: &InboundMessage) -> Option<time::OffsetDateTime> {
+        Some(message.received_at)
     }
 }
 

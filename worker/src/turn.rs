@@ -1,7 +1,8 @@
-//! One inbound message, start to finish. Every step is idempotent, so a message delivered twice
-//! (a worker died before its ack) ends the same way: the lead counts it once, the turn is
-//! stored once, and a turn that was already completed republishes its stored reply under the
-//! same dedupe id instead of running the agent again.
+//! One turn, start to finish: one inbound message, or several that one user sent back to back
+//! (burst coalescing). Every step is idempotent, so a message delivered twice (a worker died
+//! before its ack) ends the same way: the lead counts it once, the turn is stored once, and a
+//! message whose turn was completed republishes the stored reply under the same reply id
+//! instead of running the agent again.
 
 use std::{sync::Arc, time::Instant};
 
@@ -51,39 +52,76 @@ impl From<shared::bus::BusError> for Failure {
     }
 }
 
-/// Handles one delivery and settles it: ack, retry later, or dead letter then ack.
-pub async fn handle(ctx: &TurnContext, delivery: Box<dyn Delivery>, msg: InboundMessage) {
+/// One inbound message of a turn and its delivery.
+pub type Item = (Box<dyn Delivery>, InboundMessage);
+
+/// Handles one conversation's messages (one, or a burst handled as one turn) and settles every
+/// delivery: ack, retry later, or dead letter then ack.
+pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
     let started = Instant::now();
-    let failures_key = format!("turn:{}:{}", msg.agent_id, msg.message_sid);
-    let result = process(ctx, delivery.as_ref(), &msg).await;
+    // Messages whose turn was completed before (they were delivered again) only republish
+    // their stored reply; the rest make the new turn.
+    let mut fresh = Vec::with_capacity(batch.len());
+    let mut items = batch.into_iter();
+    for (delivery, msg) in items.by_ref() {
+        match ctx
+            .store
+            .completed_turn(&msg.session_id(), msg.message_sid.as_str())
+            .await
+        {
+            Ok(Some(done)) => match publish_reply(ctx, &msg, &done).await {
+                Ok(()) => ack(delivery.as_ref(), &msg).await,
+                Err(_) => {
+                    let _ = delivery.retry_in(RETRY_SOON).await;
+                }
+            },
+            Ok(None) => fresh.push((delivery, msg)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the session; trying later");
+                let _ = delivery.retry_in(RETRY_SOON).await;
+                break;
+            }
+        }
+    }
+    // Behind a message that could not be looked at, nothing may go ahead of it.
+    for (delivery, _) in items {
+        let _ = delivery.retry_in(RETRY_SOON).await;
+    }
+    if fresh.is_empty() {
+        return;
+    }
+    let msgs: Vec<InboundMessage> = fresh.iter().map(|(_, m)| m.clone()).collect();
+    let first = &msgs[0];
+    let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
+    let result = process(ctx, fresh[0].0.as_ref(), &msgs).await;
     let attempt = match &result {
         Ok(()) => 0,
         Err(_) => ctx
             .store
             .count_failure(&failures_key)
             .await
-            .unwrap_or_else(|_| delivery.attempt()),
+            .unwrap_or_else(|_| fresh[0].0.attempt()),
     };
     let outcome = match result {
         Ok(()) => {
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(sid = %msg.message_sid, error = %e, "ack failed; the message will come again and republish its stored reply");
+            for (delivery, msg) in &fresh {
+                ack(delivery.as_ref(), msg).await;
             }
             "replied"
         }
         Err(Failure::Transient(reason)) => match ctx.retry.delay_after(attempt) {
             Some(delay) => {
-                tracing::warn!(sid = %msg.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
-                if let Err(e) = delivery.retry_in(delay).await {
-                    tracing::warn!(error = %e, "could not schedule the retry; it comes back after the ack wait");
+                tracing::warn!(sid = %first.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
+                for (delivery, _) in &fresh {
+                    if let Err(e) = delivery.retry_in(delay).await {
+                        tracing::warn!(error = %e, "could not schedule the retry; it comes back after the ack wait");
+                    }
                 }
                 "retry"
             }
-            None => dead_letter(ctx, delivery.as_ref(), &msg, reason, attempt).await,
+            None => dead_letter(ctx, &fresh, reason, attempt).await,
         },
-        Err(Failure::Permanent(reason)) => {
-            dead_letter(ctx, delivery.as_ref(), &msg, reason, attempt).await
-        }
+        Err(Failure::Permanent(reason)) => dead_letter(ctx, &fresh, reason, attempt).await,
     };
     if outcome != "retry" {
         let _ = ctx.store.clear_failures(&failures_key).await;
@@ -92,75 +130,87 @@ pub async fn handle(ctx: &TurnContext, delivery: Box<dyn Delivery>, msg: Inbound
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
 }
 
-async fn dead_letter(
-    ctx: &TurnContext,
-    delivery: &dyn Delivery,
-    msg: &InboundMessage,
-    reason: String,
-    attempts: u64,
-) -> &'static str {
-    tracing::error!(sid = %msg.message_sid, agent = %msg.agent_id, attempts, %reason, "agent turn failed for good: dead letter");
-    let letter = DeadLetter {
-        id: String::new(),
-        stage: Stage::Agent,
-        reason,
-        code: None,
-        attempts,
-        failed_at: OffsetDateTime::now_utc(),
-        agent_id: msg.agent_id.clone(),
-        message: DeadMessage::Inbound(Box::new(msg.clone())),
-    };
-    match ctx.bus.put_dead_letter(&letter).await {
-        Ok(_) => {
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(error = %e, "ack after dead letter failed");
-            }
-            "dead_letter"
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not store the dead letter; keeping the message");
-            let _ = delivery.retry_in(std::time::Duration::from_secs(5)).await;
-            "retry"
-        }
+/// How soon a message comes back after a failure that is not the turn's (the store could not
+/// be read, a reply could not be republished).
+const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(500);
+
+async fn ack(delivery: &dyn Delivery, msg: &InboundMessage) {
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(sid = %msg.message_sid, error = %e, "ack failed; the message will come again and republish its stored reply");
     }
 }
 
+/// Each message of a failed turn becomes a dead letter of its own (replaying one runs the agent
+/// again on it).
+async fn dead_letter(
+    ctx: &TurnContext,
+    items: &[Item],
+    reason: String,
+    attempts: u64,
+) -> &'static str {
+    let mut outcome = "dead_letter";
+    for (delivery, msg) in items {
+        tracing::error!(sid = %msg.message_sid, agent = %msg.agent_id, attempts, %reason, "agent turn failed for good: dead letter");
+        let letter = DeadLetter {
+            id: String::new(),
+            stage: Stage::Agent,
+            reason: reason.clone(),
+            code: None,
+            attempts,
+            failed_at: OffsetDateTime::now_utc(),
+            agent_id: msg.agent_id.clone(),
+            message: DeadMessage::Inbound(Box::new(msg.clone())),
+        };
+        match ctx.bus.put_dead_letter(&letter).await {
+            Ok(_) => ack(delivery.as_ref(), msg).await,
+            Err(e) => {
+                tracing::error!(error = %e, "could not store the dead letter; keeping the message");
+                let _ = delivery.retry_in(std::time::Duration::from_secs(5)).await;
+                outcome = "retry";
+            }
+        }
+    }
+    outcome
+}
+
+/// Runs one turn over `msgs` (oldest first, all of one conversation, none completed yet).
 async fn process(
     ctx: &TurnContext,
     delivery: &dyn Delivery,
-    msg: &InboundMessage,
+    msgs: &[InboundMessage],
 ) -> Result<(), Failure> {
-    let session = msg.session_id();
-    let turn_key = msg.message_sid.as_str();
-    if let Some(done) = ctx.store.completed_turn(&session, turn_key).await? {
-        return publish_reply(ctx, msg, &done).await;
-    }
-    let agent = match ctx.directory.lookup(&msg.agent_id).await {
+    let Some(last) = msgs.last() else {
+        return Ok(());
+    };
+    let session = last.session_id();
+    let agent = match ctx.directory.lookup(&last.agent_id).await {
         Ok(Lookup::Found(c)) => c.agent.clone(),
         Ok(_) => {
             return Err(Failure::Permanent(format!(
                 "agent {} no longer exists",
-                msg.agent_id
+                last.agent_id
             )));
         }
         Err(e) => return Err(Failure::Transient(e.to_string())),
     };
-    ctx.store
-        .record_lead(&LeadSighting {
-            session: &session,
-            message_sid: &msg.message_sid,
-            profile_name: msg.profile_name.as_deref(),
-            at: msg.received_at,
-        })
-        .await?;
-    ctx.store.stamp_inbound(&session, msg.received_at).await?;
+    for msg in msgs {
+        ctx.store
+            .record_lead(&LeadSighting {
+                session: &session,
+                message_sid: &msg.message_sid,
+                profile_name: msg.profile_name.as_deref(),
+                at: msg.received_at,
+            })
+            .await?;
+    }
+    ctx.store.stamp_inbound(&session, last.received_at).await?;
     let history = ctx.store.history(&session, ctx.history_window).await?;
     let session_text = session.to_string();
     let input = TurnInput {
         agent: &agent,
         session_id: &session_text,
         history: &history,
-        messages: std::slice::from_ref(msg),
+        messages: msgs,
     };
     let started = Instant::now();
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;
@@ -169,11 +219,14 @@ async fn process(
         AgentError::Transient(s) => Failure::Transient(s),
         AgentError::Permanent(s) => Failure::Permanent(s),
     })?;
-    let mut turns = vec![Turn {
-        role: Role::User,
-        content: user_text(msg),
-        at: msg.received_at,
-    }];
+    let mut turns: Vec<Turn> = msgs
+        .iter()
+        .map(|m| Turn {
+            role: Role::User,
+            content: user_text(m),
+            at: m.received_at,
+        })
+        .collect();
     if !reply.trim().is_empty() {
         turns.push(Turn {
             role: Role::Assistant,
@@ -182,14 +235,15 @@ async fn process(
         });
     }
     let completed = CompletedTurn {
-        reply_id: OutboundReply::id_for_inbound(&msg.message_sid),
+        reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
         reply,
     };
+    let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
         .store
-        .complete_turn(&session, &[turn_key.to_owned()], &turns, &completed)
+        .complete_turn(&session, &keys, &turns, &completed)
         .await?;
-    publish_reply(ctx, msg, &stored).await
+    publish_reply(ctx, last, &stored).await
 }
 
 async fn publish_reply(

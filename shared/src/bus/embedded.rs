@@ -190,6 +190,13 @@ impl QueueState {
         }
     }
 
+    fn is_next_after(&self, seq: u64, position: u64, conversation: &str) -> bool {
+        self.conversations
+            .get(conversation)
+            .and_then(|seqs| seqs.range(position.saturating_add(1)..).next())
+            .is_none_or(|&between| between >= seq)
+    }
+
     fn is_next(&self, seq: u64, conversation: &str) -> bool {
         self.conversations
             .get(conversation)
@@ -588,5 +595,17 @@ impl Delivery for EmbeddedDelivery {
             .queue
             .lock()
             .is_next(self.held.seq, &self.conversation))
+    }
+
+    fn position(&self) -> u64 {
+        self.held.seq
+    }
+
+    async fn is_next_after(&self, position: u64) -> Result<bool, BusError> {
+        Ok(self
+            .held
+            .queue
+            .lock()
+            .is_next_after(self.held.seq, position, &self.conversation))
     }
 }

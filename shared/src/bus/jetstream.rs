@@ -213,6 +213,28 @@ impl Delivery for JetStreamDelivery {
             Err(e) => Err(BusError::from_display("conversation order", e)),
         }
     }
+
+    fn position(&self) -> u64 {
+        self.message.info().map_or(0, |i| i.stream_sequence)
+    }
+
+    async fn is_next_after(&self, position: u64) -> Result<bool, BusError> {
+        let mine = self.position();
+        match self
+            .stream
+            .direct_get_next_for_subject(
+                self.message.subject.as_str(),
+                Some(position.saturating_add(1)),
+            )
+            .await
+        {
+            Ok(next) => Ok(next.sequence >= mine),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(true)
+            }
+            Err(e) => Err(BusError::from_display("conversation order", e)),
+        }
+    }
 }
 
 #[async_trait]

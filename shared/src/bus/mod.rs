@@ -73,6 +73,12 @@ pub trait Delivery: Send + Sync {
     /// message only when it is, so a conversation's messages are handled in arrival order and
     /// one at a time across every process; otherwise it hands the message back for a moment.
     async fn is_next_in_conversation(&self) -> Result<bool, BusError>;
+    /// The message's position in its queue (increasing in publish order).
+    fn position(&self) -> u64;
+    /// Whether no unfinished message of this conversation lies between the message at
+    /// `position` and this one: then both can be handled together as one turn (burst
+    /// coalescing) without passing over a message another process holds.
+    async fn is_next_after(&self, position: u64) -> Result<bool, BusError>;
 }
 
 /// Durable queues and the dead-letter store.
