@@ -12,7 +12,7 @@ use std::{
 };
 
 use rand::RngExt;
-use support::harness::{Mode, World, deliver_like_twilio, inbound_form, sid};
+use support::harness::{Mode, World, deliver_like_twilio, echoed_lines, inbound_form, sid};
 
 const USERS: u64 = 8;
 const MESSAGES: u64 = 10;
@@ -59,27 +59,121 @@ async fn kill_9_under_traffic_loses_and_repeats_nothing() {
     eprintln!("embedded: killed with SIGKILL and restarted {kills} times");
 
     let total = (USERS * MESSAGES) as usize;
+    let answered = || {
+        echoed_lines(&w.twilio.sent())
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+    };
     w.wagate
         .wait_until(
             Duration::from_secs(60),
             "every accepted message to be answered",
-            || w.twilio.sent().len() >= total,
+            || answered() >= total,
         )
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sent = w.twilio.sent();
+    let lines = echoed_lines(&w.twilio.sent());
     for u in 0..USERS {
         let user = format!("+1415557{u:04}");
-        let bodies: Vec<String> = sent
-            .iter()
-            .filter(|m| m.to == format!("whatsapp:{user}"))
-            .map(|m| m.body.clone().unwrap_or_default())
-            .collect();
         let expected: Vec<String> = (0..MESSAGES).map(|m| format!("{user} #{m}")).collect();
         assert_eq!(
-            bodies, expected,
+            lines[&format!("whatsapp:{user}")],
+            expected,
             "{user}: each message answered once, in order"
         );
     }
-    assert_eq!(sent.len(), total);
+    assert_eq!(answered(), total);
+}
+
+#[tokio::test]
+async fn first_start_creates_its_secrets_privately_and_a_second_process_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fresh");
+    let port = support::harness::free_port();
+    let admin_port = support::harness::free_port();
+    let spawn = |port: u16, admin: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wagate"))
+            .arg("serve")
+            .env_clear()
+            .env("WAGATE_DATA_DIR", &data)
+            .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = support::harness::Proc(spawn(port, admin_port));
+    let token_path = data.join("admin.token");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready && token_path.exists() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "embedded wagate did not start"
+        );
+        assert!(
+            first.0.try_wait().unwrap().is_none(),
+            "embedded wagate exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in ["master.key", "admin.token"] {
+        let mode = std::fs::metadata(data.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{name} is readable by its owner only");
+    }
+    assert!(data.join("wagate.redb").exists(), "one data file");
+    // The generated token opens the admin API.
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{admin_port}/v1/agents"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A second process on the same data folder fails at once, saying why.
+    let second = spawn(support::harness::free_port(), support::harness::free_port())
+        .wait_with_output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another wagate process is using") && err.contains("wagate.redb"),
+        "{err}"
+    );
+    // The first start said where its secrets are.
+    let _ = first.0.kill();
+    let out = first
+        .0
+        .stderr
+        .take()
+        .map(|mut e| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            s
+        })
+        .unwrap_or_default();
+    assert!(
+        out.contains(&format!(
+            "created the admin token in {}",
+            token_path.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        !out.contains(token.trim()),
+        "the token itself is never printed"
+    );
 }

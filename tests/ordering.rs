@@ -22,6 +22,8 @@ async fn conversations_stay_in_order_across_worker_and_sender_processes() {
     hook.set_delay(Duration::from_millis(40));
     hook.set_reply(|req| serde_json::json!({"reply": req["message"]["body"]}));
     let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &[]).await;
+    // Coalescing off: this test is about order alone (one turn per message); bursts are
+    // tested in tests/coalescing.rs.
     let mut others = Vec::new();
     for role in ["worker", "worker", "worker", "sender", "sender"] {
         others.push(
@@ -29,7 +31,10 @@ async fn conversations_stay_in_order_across_worker_and_sender_processes() {
                 role,
                 &servers,
                 &twilio.base_url,
-                &[("WAGATE_PUBLIC_URL", &ingress.public_url)],
+                &[
+                    ("WAGATE_PUBLIC_URL", &ingress.public_url),
+                    ("WAGATE_COALESCE_MAX", "1"),
+                ],
             )
             .await,
         );

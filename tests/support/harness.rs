@@ -482,6 +482,24 @@ pub async fn deliver_like_twilio(http: &reqwest::Client, url: &str, fields: &[(S
     panic!("a message was never accepted");
 }
 
+/// The lines of the echo replies Twilio received, per recipient (`whatsapp:+…`), in order. With
+/// burst coalescing one reply can echo several messages, one per line, so tests of "each
+/// message answered once, in order" compare lines, not replies.
+pub fn echoed_lines(
+    sent: &[crate::support::fake_twilio::SentMessage],
+) -> std::collections::HashMap<String, Vec<String>> {
+    let mut lines: std::collections::HashMap<String, Vec<String>> =
+        std::collections::HashMap::new();
+    for m in sent {
+        let body = m.body.clone().unwrap_or_default();
+        lines
+            .entry(m.to.clone())
+            .or_default()
+            .extend(body.lines().map(str::to_owned));
+    }
+    lines
+}
+
 /// A fixed 64-byte master key for tests.
 pub fn test_master_key() -> String {
     use base64::Engine;
