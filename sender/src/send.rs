@@ -1,6 +1,7 @@
 //! One reply, start to finish. Parts go out in order, each behind a send guard keyed by the
 //! reply id and part index, so a redelivered reply skips the parts that went out and a part is
-//! posted to Twilio once. Free-form text is refused outside WhatsApp's 24-hour window.
+//! posted to Twilio once. Free-form text is refused outside WhatsApp's 24-hour window and to
+//! users who opted out ([`shared::window`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,14 +13,13 @@ use shared::{
     envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{GuardState, Store},
-    twilio::rest::{FailureClass, OUTSIDE_WINDOW, UNSUBSCRIBED},
+    twilio::rest::FailureClass,
+    window::free_form_refusal,
 };
 use time::OffsetDateTime;
 
 use crate::twilio_client::{SendError, TwilioClient};
 
-/// WhatsApp's customer-service window.
-pub const WINDOW: time::Duration = time::Duration::hours(24);
 /// Longest `Retry-After` waited for inside one attempt; longer ones go back to the queue.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
 /// Posts of one part inside one attempt (the first and the rate-limit retries).
@@ -180,27 +180,17 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         });
     }
     if let ReplyContent::Text { .. } = reply.content {
-        let last = ctx
-            .store
-            .last_inbound(&reply.session_id())
-            .await
-            .map_err(Failure::transient)?;
-        let open = last.is_some_and(|at| OffsetDateTime::now_utc() - at < WINDOW);
-        if !open {
+        let refusal = free_form_refusal(
+            ctx.store.as_ref(),
+            &reply.session_id(),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(Failure::transient)?;
+        if let Some(refusal) = refusal {
             return Err(Failure::Permanent {
-                reason: "outside the 24-hour window: the user has not written in the last 24 hours; send a template (content_sid)".into(),
-                code: Some(OUTSIDE_WINDOW),
-            });
-        }
-        let opted_out = ctx
-            .store
-            .opted_out_at(&reply.session_id())
-            .await
-            .map_err(Failure::transient)?;
-        if opted_out.is_some_and(|out| last.is_none_or(|at| out >= at)) {
-            return Err(Failure::Permanent {
-                reason: "the user opted out (Twilio 21610: they sent STOP); nothing is sent until they write again".into(),
-                code: Some(UNSUBSCRIBED),
+                reason: refusal.explain().to_owned(),
+                code: Some(refusal.code()),
             });
         }
     }

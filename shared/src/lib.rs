@@ -19,6 +19,7 @@
 //! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
 //! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
 //! - [`shutdown`]: the signal every long-running loop watches.
+//! - [`window`]: WhatsApp's 24-hour window and opt-outs, the rule for free-form text.
 
 pub mod agent;
 pub mod bus;
@@ -34,3 +35,4 @@ pub mod shutdown;
 pub mod store;
 pub mod text;
 pub mod twilio;
+pub mod window;

@@ -9,19 +9,17 @@ use axum::{
     http::StatusCode,
 };
 use serde::Deserialize;
+use shared::window::free_form_refusal;
 use shared::{
     bus::Topic,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{OutboundReply, ReplyContent},
     text::{MAX_BODY_UTF16, split_reply},
 };
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use super::{ApiError, load_agent, parse_json};
 use crate::AppState;
-
-/// WhatsApp's customer-service window.
-pub const WINDOW: Duration = Duration::hours(24);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,28 +75,12 @@ pub async fn send(
             if parts.is_empty() {
                 return Err(ApiError::invalid("body must not be empty"));
             }
-            let last = state
-                .store
-                .last_inbound(&session)
-                .await
-                .map_err(ApiError::unavailable)?;
-            let open = last.is_some_and(|at| OffsetDateTime::now_utc() - at < WINDOW);
-            if !open {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "outside the 24-hour window: this user has not written in the last 24 hours, so WhatsApp only allows a template (send content_sid instead of body)",
-                ));
-            }
-            let opted_out = state
-                .store
-                .opted_out_at(&session)
-                .await
-                .map_err(ApiError::unavailable)?;
-            if opted_out.is_some_and(|out| last.is_none_or(|at| out >= at)) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "this user opted out (they sent STOP): no free-form messages until they write again",
-                ));
+            let refusal =
+                free_form_refusal(state.store.as_ref(), &session, OffsetDateTime::now_utc())
+                    .await
+                    .map_err(ApiError::unavailable)?;
+            if let Some(refusal) = refusal {
+                return Err(ApiError::new(StatusCode::CONFLICT, refusal.explain()));
             }
             ReplyContent::Text { parts }
         }
