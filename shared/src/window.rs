@@ -51,7 +51,7 @@ pub async fn free_form_refusal(
     now: OffsetDateTime,
 ) -> Result<Option<Refusal>, StoreError> {
     let last = store.last_inbound(session).await?;
-    if !last.is_some_and(|at| now - at < CUSTOMER_SERVICE_WINDOW) {
+    if last.is_none_or(|at| now - at >= CUSTOMER_SERVICE_WINDOW) {
         return Ok(Some(Refusal::OutsideWindow));
     }
     let opted_out = store.opted_out_at(session).await?;
