@@ -52,23 +52,7 @@ pub struct ChatArgs {
 
 /// Runs the chat until end of input.
 pub fn main(args: ChatArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("wagate chat: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wagate chat: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::run_command("chat", run(args))
 }
 
 struct Admin {

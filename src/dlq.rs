@@ -92,23 +92,7 @@ impl Filter {
 
 /// Runs the command; prints the outcome or the error.
 pub fn main(args: DlqArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("wagate dlq: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wagate dlq: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::run_command("dlq", run(args))
 }
 
 async fn run(args: DlqArgs) -> Result<(), String> {

@@ -122,6 +122,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs an operator command (`chat`, `dlq`) to completion: exit status 0, or 1 with the error
+/// on stderr as `wagate <name>: …`.
+fn run_command(name: &str, command: impl Future<Output = Result<(), String>>) -> ExitCode {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|runtime| runtime.block_on(command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wagate {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_tracing() {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_default_env()
