@@ -1081,6 +1081,11 @@ mod tests {
             value in "\\PC{0,6}",
         ) {
             prop_assume!(!params.iter().any(|(n, _)| *n == name));
+            // Twilio's string-to-sign has no delimiters, so `https://host:4` with no params and
+            // the port-less URL (which the SDKs also accept) plus a param named `:4` sign the
+            // same string. That ambiguity is the algorithm's; no Twilio field name starts with
+            // `:`.
+            prop_assume!(!name.starts_with(':'));
             let signature = compute_signature(&token, &url, &params);
             let mut more = params.clone();
             more.push((name, value));
