@@ -554,11 +554,6 @@ where
     }
 }
 
-/// Whether `path` exists (for tests that look at the data folder).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
-}
-
 /// One test's world: servers, fake Twilio with the test account, and a ready `wagate serve`.
 pub struct World {
     pub servers: Servers,
