@@ -18,6 +18,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shared::{config::Settings, crypto::Keyring};
 
+/// mimalloc instead of the system allocator: the hot paths allocate many small short-lived
+/// buffers on several threads, where glibc's malloc spent ~15% of ingress CPU in its locks and
+/// consolidation (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Puts AI agents on WhatsApp through Twilio.
 #[derive(Parser)]
 #[command(name = "wagate", version, about, long_about = None)]

@@ -250,7 +250,7 @@ async fn inbound(
     );
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(published)) => {
-            tracing::info!(sid = %message.message_sid, duplicate = matches!(published, shared::bus::Published::Duplicate), "inbound message accepted");
+            tracing::debug!(sid = %message.message_sid, duplicate = matches!(published, shared::bus::Published::Duplicate), "inbound message accepted");
             outcome("inbound", "accepted");
             metrics::histogram!("wagate_webhook_seconds").record(started.elapsed().as_secs_f64());
             ([(header::CONTENT_TYPE, "text/xml")], EMPTY_TWIML).into_response()
@@ -305,7 +305,7 @@ async fn status(
     }
     match state.store.record_status(&update).await {
         Ok(applied) => {
-            tracing::info!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");
+            tracing::debug!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");
             outcome("status", "accepted");
             StatusCode::NO_CONTENT.into_response()
         }

@@ -252,7 +252,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         };
         match posted {
             Ok(sid) => {
-                tracing::info!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
+                tracing::debug!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
                 record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
             }
             Err(e) if e.class == FailureClass::Ambiguous => {

@@ -39,12 +39,18 @@ pub fn parse(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
     Ok(out)
 }
 
+/// `+` is a space and `%XX` a byte; a `+` is replaced before percent-decoding (so `%2B` stays a
+/// plus) by decoding the runs between pluses. Runs without `%` are copied as they are, so a
+/// typical Twilio field costs one allocation and one UTF-8 check.
 fn decode(raw: &[u8]) -> Option<String> {
-    let plus_as_space: Vec<u8> = raw
-        .iter()
-        .map(|b| if *b == b'+' { b' ' } else { *b })
-        .collect();
-    let bytes: Vec<u8> = percent_decode(&plus_as_space).collect();
+    let mut bytes = Vec::with_capacity(raw.len());
+    for (i, run) in raw.split(|b| *b == b'+').enumerate() {
+        if i > 0 {
+            bytes.push(b' ');
+        }
+        let decoded: std::borrow::Cow<'_, [u8]> = percent_decode(run).into();
+        bytes.extend_from_slice(&decoded);
+    }
     String::from_utf8(bytes).ok()
 }
 

@@ -1,0 +1,152 @@
+//! What a benchmark cannot reach from here, stood in for on loopback: Twilio's Messages API
+//! (answering like Twilio, 201 with the message resource) and a business's agent endpoint that
+//! takes a fixed time to think. Every reply Twilio receives is routed to the conversation that
+//! waits for it, so the bench checks each message was answered exactly once.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Result;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::post,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The phone number of conversation `i`, `+1555` and seven digits.
+pub fn phone(i: usize) -> String {
+    format!("+1555{i:07}")
+}
+
+fn conversation_of(to: &str) -> Option<usize> {
+    to.strip_prefix("whatsapp:+1555")?.parse().ok()
+}
+
+/// Where the replies of each conversation go, and what arrived that nobody expected.
+pub struct Replies {
+    inboxes: Vec<mpsc::UnboundedSender<String>>,
+    /// Messages Twilio received, all told.
+    pub received: AtomicU64,
+    /// Messages to a number that is not one of the bench's conversations.
+    pub stray: AtomicU64,
+    sids: AtomicU64,
+}
+
+impl Replies {
+    /// Inboxes for conversations `0..n`, and the receiving ends for the conversations to await.
+    pub fn new(n: usize) -> (Arc<Replies>, Vec<mpsc::UnboundedReceiver<String>>) {
+        let (inboxes, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        (
+            Arc::new(Replies {
+                inboxes,
+                received: AtomicU64::new(0),
+                stray: AtomicU64::new(0),
+                sids: AtomicU64::new(0),
+            }),
+            receivers,
+        )
+    }
+}
+
+/// Serves Twilio's `POST /2010-04-01/Accounts/{AccountSid}/Messages.json` on a free port.
+pub async fn twilio(replies: Arc<Replies>) -> Result<SocketAddr> {
+    let app = Router::new()
+        .route(
+            "/2010-04-01/Accounts/{account}/Messages.json",
+            post(create_message),
+        )
+        .with_state(replies);
+    serve(app).await
+}
+
+async fn create_message(
+    State(replies): State<Arc<Replies>>,
+    Path(account): Path<String>,
+    body: Bytes,
+) -> impl IntoResponse {
+    let form = match shared::twilio::form::parse(&body) {
+        Ok(f) => f,
+        Err(_) => return (StatusCode::BAD_REQUEST, Json(json!({"code": 20001}))),
+    };
+    let field = |name: &str| shared::twilio::form::first(&form, name).unwrap_or_default();
+    let (to, from, text) = (field("To"), field("From"), field("Body"));
+    replies.received.fetch_add(1, Ordering::Relaxed);
+    match conversation_of(to).and_then(|i| replies.inboxes.get(i)) {
+        Some(inbox) => {
+            let _ = inbox.send(text.to_owned());
+        }
+        None => {
+            replies.stray.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let n = replies.sids.fetch_add(1, Ordering::Relaxed);
+    let sid = format!("SM{n:032x}");
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "account_sid": account,
+            "api_version": "2010-04-01",
+            "body": text,
+            "date_created": "Tue, 24 Nov 2026 12:00:00 +0000",
+            "date_sent": null,
+            "date_updated": "Tue, 24 Nov 2026 12:00:00 +0000",
+            "direction": "outbound-api",
+            "error_code": null,
+            "error_message": null,
+            "from": from,
+            "messaging_service_sid": null,
+            "num_media": "0",
+            "num_segments": "1",
+            "price": null,
+            "price_unit": "USD",
+            "sid": sid,
+            "status": "queued",
+            "subresource_uris": {"media": format!("/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json")},
+            "to": to,
+            "uri": format!("/2010-04-01/Accounts/{account}/Messages/{sid}.json"),
+        })),
+    )
+}
+
+/// Serves an agent webhook (`POST /agent`) that waits `latency`, then answers with the user's
+/// last message, as wagate's webhook backend expects: `{"reply": "…"}`.
+pub async fn slow_agent(latency: Duration) -> Result<SocketAddr> {
+    let app = Router::new()
+        .route("/agent", post(think))
+        .with_state(latency);
+    serve(app).await
+}
+
+async fn think(State(latency): State<Duration>, body: Bytes) -> impl IntoResponse {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let last = request["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    tokio::time::sleep(latency).await;
+    Json(json!({ "reply": last }))
+}
+
+async fn serve(app: Router) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("a fake server stopped: {e}");
+        }
+    });
+    Ok(addr)
+}

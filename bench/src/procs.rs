@@ -1,0 +1,218 @@
+//! The processes a benchmark runs beside itself (nats-server, redis-server, wagate, node), each
+//! killed when its handle drops, and what the kernel says each one cost (CPU time, peak RSS).
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A free TCP port on loopback (bound, then released for the child to take).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The repository root, where `target/`, `.venv/` and `bench/express/` are.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A child process of the bench; killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    /// What it is, for error messages and the report.
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `command`, sending its stdout and stderr to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Proc> {
+        let out = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// The process id, for /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the process accepts TCP connections on `port`.
+    pub async fn wait_port(&mut self, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited early with {status}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("{} did not listen on port {port} within 30 s", self.name)
+    }
+
+    /// CPU time (user + system, all threads) used so far, in seconds.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds_of(&self.pid().to_string())
+    }
+
+    /// Peak resident set size so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .context("no VmHWM in /proc status")?;
+        Ok(kib / 1024.0)
+    }
+}
+
+/// CPU time (user + system, all threads) of process `pid` ("self" for this one), in seconds.
+fn cpu_seconds_of(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15, and
+    // the first field after the name is field 3.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("odd /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// CPU time of the bench process itself (the load generator and the fakes), in seconds.
+pub fn own_cpu_seconds() -> Result<f64> {
+    cpu_seconds_of("self")
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A nats-server with JetStream and a redis-server, both fresh in `dir`, on free ports.
+pub struct Servers {
+    /// The NATS URL for wagate and the probe.
+    pub nats_url: String,
+    /// The Redis URL for wagate.
+    pub redis_url: String,
+    /// The nats-server process.
+    pub nats: Proc,
+    /// The redis-server process.
+    pub redis: Proc,
+}
+
+impl Servers {
+    /// Starts both: JetStream on disk with nats-server's defaults, Redis with its AOF fsync'd
+    /// every second (Redis's recommended durability for AOF).
+    pub async fn start(dir: &Path) -> Result<Servers> {
+        std::fs::create_dir_all(dir)?;
+        let nats_port = free_port()?;
+        let mut nats_cmd = Command::new(nats_binary());
+        nats_cmd
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &nats_port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(dir.join("nats"));
+        let mut nats = Proc::spawn("nats-server", nats_cmd, &dir.join("nats.log"))?;
+        nats.wait_port(nats_port).await?;
+        let redis_port = free_port()?;
+        let mut redis_cmd = Command::new("redis-server");
+        redis_cmd
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ])
+            .arg("--dir")
+            .arg(dir);
+        let mut redis = Proc::spawn("redis-server", redis_cmd, &dir.join("redis.log"))?;
+        redis.wait_port(redis_port).await?;
+        Ok(Servers {
+            nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+            nats,
+            redis,
+        })
+    }
+}
+
+/// The nats-server binary: the project venv's (2.15, installed by scripts/test-deps) or PATH's.
+pub fn nats_binary() -> PathBuf {
+    let venv = repo().join(".venv/bin/nats-server");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("nats-server")
+    }
+}
+
+/// First line of `program --version`-like output, for the report.
+pub fn version_of(program: &Path, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,611 @@
+//! The five benchmarks, each on fresh servers of its own, and the table they print.
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::{
+    fakes::{self, Replies},
+    load::{self, AUTH_TOKEN, Target},
+    pipeline::{self, Driven},
+    procs::{self, Proc, Servers, free_port, nats_binary, repo, version_of},
+    report::{Report, median, verdict},
+    wagate::{AGENT, Deployment, Wagate},
+};
+
+/// What to run and for how long.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Rounds of each P1 target and runs of each P2 deployment; medians are over these.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Length of one P1 round, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// HTTP connections of the P1 load generator.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Benchmarks to run, comma-separated (p1..p5; p5 comes from the P2 runs).
+    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
+    only: Vec<String>,
+    /// Where the table is written as well.
+    #[arg(long, default_value = "target/bench/report.md")]
+    out: std::path::PathBuf,
+}
+
+/// Runs the chosen benchmarks and prints the report.
+pub async fn run(options: Options) -> Result<()> {
+    let dir = crate::run_dir()?;
+    let mut all = String::new();
+    let mut report = Report::default();
+    machine(&mut report);
+    emit(&mut report, &mut all);
+    let wants = |p: &str| options.only.iter().any(|o| o == p);
+    if wants("p1") {
+        p1(&dir.join("p1"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("p2") || wants("p5") {
+        p2_p5(&dir.join("p2"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("p3") {
+        p3(&dir.join("p3"), &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("p4") {
+        p4(&dir.join("p4"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    let out = repo().join(&options.out);
+    std::fs::write(&out, &all).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("\nwritten to {}; logs in {}", out.display(), dir.display());
+    Ok(())
+}
+
+fn emit(report: &mut Report, all: &mut String) {
+    let text = report.flush();
+    print!("{text}");
+    all.push_str(&text);
+}
+
+fn machine(report: &mut Report) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or("unknown".into(), |kib| {
+            format!("{:.1} GiB", kib / 1024.0 / 1024.0)
+        });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let commit = version_of(Path::new("git"), &["rev-parse", "--short", "HEAD"]);
+    report.section("Machine and versions", "");
+    report.line(&format!("- {cores} cores ({cpu}), {memory} of memory"));
+    report.line(&format!("- wagate {commit}, release build"));
+    report.line(&format!(
+        "- {}",
+        version_of(Path::new("rustc"), &["--version"])
+    ));
+    report.line(&format!(
+        "- nats-server {}",
+        version_of(&nats_binary(), &["--version"])
+    ));
+    report.line(&format!(
+        "- {}",
+        version_of(Path::new("redis-server"), &["--version"])
+    ));
+    report.line(&format!(
+        "- node {}, express and twilio as pinned in bench/express/package-lock.json",
+        version_of(Path::new("node"), &["--version"])
+    ));
+}
+
+struct P1Target<'a> {
+    name: &'static str,
+    target: Target,
+    proc: &'a Proc,
+    rates: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    errors: u64,
+    cpu_us: Vec<f64>,
+    client_cpu_us: Vec<f64>,
+    nats_cpu_us: Vec<f64>,
+}
+
+async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let servers = Servers::start(dir).await?;
+    let (replies, _inboxes) = Replies::new(0);
+    let twilio = fakes::twilio(replies).await?;
+    let deployment = Deployment {
+        dir,
+        servers: Some(&servers),
+        twilio_base: format!("http://{twilio}"),
+        env: vec![],
+    };
+    let ingress = deployment.start("ingress", "ingress").await?;
+    ingress.set_up_agent(json!({"kind": "echo"})).await?;
+
+    let probe_port = free_port()?;
+    let mut probe_cmd = Command::new(std::env::current_exe()?);
+    probe_cmd
+        .arg("probe")
+        .args(["--listen", &format!("127.0.0.1:{probe_port}")])
+        .args(["--nats-url", &servers.nats_url]);
+    let mut probe = Proc::spawn("limit probe", probe_cmd, &dir.join("probe.log"))?;
+    probe.wait_port(probe_port).await?;
+
+    let express_port = free_port()?;
+    let mut express_cmd = Command::new("node");
+    express_cmd
+        .arg(repo().join("bench/express/server.js"))
+        .env("PORT", express_port.to_string())
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("NODE_ENV", "production");
+    let mut express = Proc::spawn("express", express_cmd, &dir.join("express.log"))?;
+    express.wait_port(express_port).await?;
+
+    let mut targets = [
+        P1Target::new(
+            "wagate ingress",
+            Target::local(ingress.port, AGENT),
+            &ingress.proc,
+        ),
+        P1Target::new("limit probe", Target::local(probe_port, AGENT), &probe),
+        P1Target::new(
+            "Express + twilio.webhook()",
+            Target::local(express_port, AGENT),
+            &express,
+        ),
+    ];
+    let mut sid = 0u64;
+    let cap = 60_000 * options.seconds as usize;
+    for t in &targets {
+        let warm = Arc::new(load::presign(&t.target, sid, cap / 5));
+        sid += warm.len() as u64;
+        load::run(&t.target, warm, options.concurrency, Duration::from_secs(1)).await?;
+    }
+    for round in 0..options.rounds {
+        for t in &mut targets {
+            let target = t.target.clone();
+            let first = sid;
+            let requests = Arc::new(
+                tokio::task::spawn_blocking(move || load::presign(&target, first, cap)).await?,
+            );
+            sid += cap as u64;
+            let cpu_before = t.proc.cpu_seconds()?;
+            let client_before = procs::own_cpu_seconds()?;
+            let nats_before = servers.nats.cpu_seconds()?;
+            let outcome = load::run(
+                &t.target,
+                requests,
+                options.concurrency,
+                Duration::from_secs(options.seconds),
+            )
+            .await?;
+            let cpu = t.proc.cpu_seconds()? - cpu_before;
+            let client = procs::own_cpu_seconds()? - client_before;
+            let nats = servers.nats.cpu_seconds()? - nats_before;
+            eprintln!(
+                "P1 round {round}: {} {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                t.name,
+                outcome.rate(),
+                outcome.quantile_ms(0.5),
+                outcome.quantile_ms(0.99),
+                outcome.errors
+            );
+            t.rates.push(outcome.rate());
+            t.p50.push(outcome.quantile_ms(0.5));
+            t.p99.push(outcome.quantile_ms(0.99));
+            t.errors += outcome.errors;
+            let per = |seconds: f64| seconds * 1e6 / outcome.ok.max(1) as f64;
+            t.cpu_us.push(per(cpu));
+            t.client_cpu_us.push(per(client));
+            t.nats_cpu_us.push(per(nats));
+        }
+    }
+    let [wagate, probe_t, express_t] = &targets;
+    report.section(
+        "P1 ingress",
+        &format!(
+            "Signed webhooks with unique MessageSids, pre-signed, over {} keep-alive connections; {} rounds of {} s per target, interleaved; medians. wagate and the probe answer only after JetStream acknowledged the message; Express only verifies.",
+            options.concurrency, options.rounds, options.seconds
+        ),
+    );
+    report.header(&[
+        "target",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "non-200",
+        "server CPU µs/request",
+        "nats-server CPU µs/request",
+        "load generator CPU µs/request",
+    ]);
+    for t in &targets {
+        report.row(vec![
+            t.name.into(),
+            format!("{:.0}", median(&t.rates)),
+            format!("{:.2}", median(&t.p50)),
+            format!("{:.2}", median(&t.p99)),
+            t.errors.to_string(),
+            format!("{:.1}", median(&t.cpu_us)),
+            format!("{:.1}", median(&t.nats_cpu_us)),
+            format!("{:.1}", median(&t.client_cpu_us)),
+        ]);
+    }
+    let of_limit = median(&wagate.rates) / median(&probe_t.rates);
+    let of_peer = median(&wagate.rates) / median(&express_t.rates);
+    let p99 = median(&wagate.p99);
+    report.line("");
+    report.header(&["goal", "measured", "verdict"]);
+    report.row(vec![
+        "wagate ≥ 80% of the limit probe".into(),
+        format!("{:.0}%", of_limit * 100.0),
+        verdict(of_limit >= 0.8).into(),
+    ]);
+    report.row(vec![
+        "wagate ≥ 7× Express".into(),
+        format!("{of_peer:.1}×"),
+        verdict(of_peer >= 7.0).into(),
+    ]);
+    report.row(vec![
+        format!("wagate p99 ≤ 10 ms at concurrency {}", options.concurrency),
+        format!("{p99:.2} ms"),
+        verdict(p99 <= 10.0).into(),
+    ]);
+    Ok(())
+}
+
+impl<'a> P1Target<'a> {
+    fn new(name: &'static str, target: Target, proc: &'a Proc) -> Self {
+        P1Target {
+            name,
+            target,
+            proc,
+            rates: vec![],
+            p50: vec![],
+            p99: vec![],
+            errors: 0,
+            cpu_us: vec![],
+            client_cpu_us: vec![],
+            nats_cpu_us: vec![],
+        }
+    }
+}
+
+/// How the wagate processes of a pipeline run are laid out.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// `wagate serve` on NATS + Redis: every role in one process.
+    Serve,
+    /// `wagate serve` with no NATS or Redis: the embedded store.
+    Embedded,
+    /// One ingress, `workers` worker and one sender process, on NATS + Redis.
+    Split { workers: usize },
+}
+
+struct PipelineSpec {
+    layout: Layout,
+    /// `None`: the echo agent; otherwise a webhook agent taking this long.
+    agent_latency: Option<Duration>,
+    env: Vec<(String, String)>,
+    conversations: usize,
+    rounds: usize,
+    runs: usize,
+    warmup: usize,
+}
+
+struct PipelineFigures {
+    drives: Vec<Driven>,
+    /// CPU time of all wagate processes per reply, µs, per run.
+    wagate_cpu_us: Vec<f64>,
+    /// CPU time of nats-server + redis-server per reply, µs, per run.
+    servers_cpu_us: Vec<f64>,
+    /// Peak RSS of each wagate process, MiB.
+    rss: Vec<(String, f64)>,
+}
+
+impl PipelineFigures {
+    fn rates(&self) -> Vec<f64> {
+        self.drives.iter().map(Driven::rate).collect()
+    }
+
+    fn exact(&self) -> bool {
+        self.drives.iter().all(Driven::exact)
+    }
+
+    fn checked(&self) -> String {
+        let replies: u64 = self.drives.iter().map(|d| d.replies).sum();
+        let bad: u64 = self
+            .drives
+            .iter()
+            .map(|d| d.wrong + d.missing + d.extra)
+            .sum();
+        if bad == 0 {
+            format!("all {replies} exactly once")
+        } else {
+            format!("{bad} WRONG of {replies}")
+        }
+    }
+
+    fn rss_text(&self) -> String {
+        self.rss
+            .iter()
+            .map(|(n, m)| format!("{n} {m:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
+    std::fs::create_dir_all(dir)?;
+    let servers = match spec.layout {
+        Layout::Embedded => None,
+        _ => Some(Servers::start(dir).await?),
+    };
+    let conversations = spec.conversations * spec.runs + spec.warmup;
+    let (replies, inboxes) = Replies::new(conversations);
+    let mut inboxes: Vec<_> = inboxes.into_iter().enumerate().collect();
+    let twilio = fakes::twilio(replies).await?;
+    let deployment = Deployment {
+        dir,
+        servers: servers.as_ref(),
+        twilio_base: format!("http://{twilio}"),
+        env: spec.env.clone(),
+    };
+    let mut procs: Vec<Wagate> = Vec::new();
+    match spec.layout {
+        Layout::Serve | Layout::Embedded => procs.push(deployment.start("serve", "serve").await?),
+        Layout::Split { workers } => {
+            procs.push(deployment.start("ingress", "ingress").await?);
+            for w in 1..=workers {
+                procs.push(deployment.start("worker", &format!("worker{w}")).await?);
+            }
+            procs.push(deployment.start("sender", "sender").await?);
+        }
+    }
+    let backend: Value = match spec.agent_latency {
+        None => json!({"kind": "echo"}),
+        Some(latency) => {
+            let agent = fakes::slow_agent(latency).await?;
+            json!({"kind": "webhook", "url": format!("http://{agent}/agent"), "secret": "bench-agent-secret"})
+        }
+    };
+    procs[0].set_up_agent(backend).await?;
+    let target = Target::local(procs[0].port, AGENT);
+    let warm: Vec<_> = inboxes.drain(..spec.warmup).collect();
+    let warmed = pipeline::drive(&target, warm, 2, 0).await?;
+    if !warmed.exact() {
+        anyhow::bail!("the warm-up was not answered exactly once: {warmed:?}");
+    }
+    let mut figures = PipelineFigures {
+        drives: vec![],
+        wagate_cpu_us: vec![],
+        servers_cpu_us: vec![],
+        rss: vec![],
+    };
+    let cpu =
+        |procs: &[Wagate]| -> Result<f64> { procs.iter().map(|w| w.proc.cpu_seconds()).sum() };
+    let servers_cpu = || -> Result<f64> {
+        match &servers {
+            Some(s) => Ok(s.nats.cpu_seconds()? + s.redis.cpu_seconds()?),
+            None => Ok(0.0),
+        }
+    };
+    for run in 0..spec.runs {
+        let batch: Vec<_> = inboxes.drain(..spec.conversations).collect();
+        let (w0, s0) = (cpu(&procs)?, servers_cpu()?);
+        let driven = pipeline::drive(&target, batch, spec.rounds, run as u32 + 1).await?;
+        let (w1, s1) = (cpu(&procs)?, servers_cpu()?);
+        let replies = driven.replies.max(1) as f64;
+        figures.wagate_cpu_us.push((w1 - w0) * 1e6 / replies);
+        figures.servers_cpu_us.push((s1 - s0) * 1e6 / replies);
+        eprintln!(
+            "  run {run}: {:.0} replies/s ({} replies in {:.2} s, {} wrong, {} missing, {} extra, {} retried), wagate CPU {:.0} µs/reply",
+            driven.rate(),
+            driven.replies,
+            driven.seconds,
+            driven.wrong,
+            driven.missing,
+            driven.extra,
+            driven.retries,
+            (w1 - w0) * 1e6 / replies
+        );
+        figures.drives.push(driven);
+    }
+    for w in &procs {
+        figures
+            .rss
+            .push((w.proc.name.clone(), w.proc.peak_rss_mib()?));
+    }
+    Ok(figures)
+}
+
+async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    let layouts = [
+        ("serve on NATS + Redis", Layout::Serve),
+        (
+            "ingress + worker + sender on NATS + Redis",
+            Layout::Split { workers: 1 },
+        ),
+        ("serve, embedded store", Layout::Embedded),
+    ];
+    let mut rows = Vec::new();
+    for (i, (name, layout)) in layouts.into_iter().enumerate() {
+        eprintln!("P2: {name}");
+        let spec = PipelineSpec {
+            layout,
+            agent_latency: None,
+            env: vec![],
+            conversations: 1000,
+            rounds: 10,
+            runs: options.rounds,
+            warmup: 200,
+        };
+        let figures = pipeline(&dir.join(format!("layout{i}")), &spec).await?;
+        rows.push((name, figures));
+    }
+    report.section(
+        "P2 pipeline and P5 cost",
+        &format!(
+            "1,000 conversations at once, each sending 10 messages one after the other (the next when the reply came), echo agent, fake Twilio on loopback; {} runs per layout after a warm-up, medians. Every reply is checked to arrive once with its message's text. CPU is user + system time from /proc over the measured run.",
+            options.rounds
+        ),
+    );
+    report.header(&[
+        "layout",
+        "replies/s",
+        "checked",
+        "wagate CPU µs/reply",
+        "nats + redis CPU µs/reply",
+        "peak RSS MiB",
+    ]);
+    for (name, f) in &rows {
+        report.row(vec![
+            (*name).into(),
+            format!("{:.0}", median(&f.rates())),
+            f.checked(),
+            format!("{:.0}", median(&f.wagate_cpu_us)),
+            format!("{:.0}", median(&f.servers_cpu_us)),
+            f.rss_text(),
+        ]);
+    }
+    let serve = &rows[0].1;
+    let rate = median(&serve.rates());
+    let cost = median(&serve.wagate_cpu_us);
+    report.line("");
+    report.header(&["goal", "measured", "verdict"]);
+    report.row(vec![
+        "P2 ≥ 5,000 replies/s (serve on NATS + Redis), each exactly once".into(),
+        format!("{rate:.0}/s"),
+        verdict(rate >= 5000.0 && serve.exact()).into(),
+    ]);
+    report.row(vec![
+        "P5 ≤ 150 µs of wagate CPU per reply".into(),
+        format!("{cost:.0} µs"),
+        verdict(cost <= 150.0).into(),
+    ]);
+    Ok(())
+}
+
+async fn p3(dir: &Path, report: &mut Report) -> Result<()> {
+    const CONVERSATIONS: usize = 10_000;
+    const LATENCY: Duration = Duration::from_secs(2);
+    eprintln!("P3: {CONVERSATIONS} conversations, agent latency {LATENCY:?}");
+    let spec = PipelineSpec {
+        layout: Layout::Split { workers: 1 },
+        agent_latency: Some(LATENCY),
+        env: vec![(
+            "WAGATE_WORKER_CONCURRENCY".into(),
+            CONVERSATIONS.to_string(),
+        )],
+        conversations: CONVERSATIONS,
+        rounds: 3,
+        runs: 1,
+        warmup: 100,
+    };
+    let f = pipeline(dir, &spec).await?;
+    let bound = CONVERSATIONS as f64 / LATENCY.as_secs_f64();
+    let rate = median(&f.rates());
+    let worker_rss = f
+        .rss
+        .iter()
+        .find(|(n, _)| n == "worker1")
+        .map_or(f64::NAN, |(_, m)| *m);
+    report.section(
+        "P3 slow agents",
+        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with WAGATE_WORKER_CONCURRENCY=10000, one ingress, one sender. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages.",
+    );
+    report.header(&[
+        "replies/s",
+        "of the bound",
+        "checked",
+        "worker peak RSS MiB",
+        "all peak RSS MiB",
+    ]);
+    report.row(vec![
+        format!("{rate:.0}"),
+        format!("{:.0}%", rate / bound * 100.0),
+        f.checked(),
+        format!("{worker_rss:.0}"),
+        f.rss_text(),
+    ]);
+    report.line("");
+    report.header(&["goal", "measured", "verdict"]);
+    report.row(vec![
+        "P3 ≥ 80% of the bound".into(),
+        format!("{:.0}%", rate / bound * 100.0),
+        verdict(rate / bound >= 0.8 && f.exact()).into(),
+    ]);
+    report.row(vec![
+        "P3 worker RSS ≤ 300 MB".into(),
+        format!("{:.0} MB", worker_rss * 1.048_576),
+        verdict(worker_rss * 1.048_576 <= 300.0).into(),
+    ]);
+    Ok(())
+}
+
+async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    const CONCURRENCY: usize = 200;
+    const LATENCY: Duration = Duration::from_millis(250);
+    let mut rates = [vec![], vec![]];
+    for workers in [1, 2] {
+        eprintln!("P4: {workers} worker process(es)");
+        let spec = PipelineSpec {
+            layout: Layout::Split { workers },
+            agent_latency: Some(LATENCY),
+            env: vec![("WAGATE_WORKER_CONCURRENCY".into(), CONCURRENCY.to_string())],
+            conversations: 1000,
+            rounds: 4,
+            runs: options.rounds,
+            warmup: 100,
+        };
+        let f = pipeline(&dir.join(format!("workers{workers}")), &spec).await?;
+        if !f.exact() {
+            anyhow::bail!("P4 with {workers} workers: {}", f.checked());
+        }
+        rates[workers - 1] = f.rates();
+    }
+    let (one, two) = (median(&rates[0]), median(&rates[1]));
+    let bound = CONCURRENCY as f64 / LATENCY.as_secs_f64();
+    report.section(
+        "P4 scaling",
+        &format!(
+            "1,000 conversations × 4 messages, webhook agent answering after 250 ms, WAGATE_WORKER_CONCURRENCY={CONCURRENCY} per worker process, so one process is bound at {bound:.0} replies/s; one ingress and one sender; {} runs each, medians.",
+            options.rounds
+        ),
+    );
+    report.header(&["worker processes", "replies/s", "of the bound"]);
+    report.row(vec![
+        "1".into(),
+        format!("{one:.0}"),
+        format!("{:.0}%", one / bound * 100.0),
+    ]);
+    report.row(vec![
+        "2".into(),
+        format!("{two:.0}"),
+        format!("{:.0}%", two / bound / 2.0 * 100.0),
+    ]);
+    report.line("");
+    report.header(&["goal", "measured", "verdict"]);
+    report.row(vec![
+        "P4 2 workers ≥ 1.8× 1 worker".into(),
+        format!("{:.2}×", two / one),
+        verdict(two / one >= 1.8).into(),
+    ]);
+    Ok(())
+}
