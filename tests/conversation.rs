@@ -231,6 +231,34 @@ async fn webhook_backend_is_signed_and_its_reply_is_sent() {
 }
 
 #[tokio::test]
+async fn worker_concurrency_bounds_the_agent_calls_running_at_once() {
+    const SECRET: &str = "whsec-0123456789abcdef";
+    let hook = FakeAgentWebhook::start(SECRET).await;
+    hook.set_delay(Duration::from_millis(400));
+    let w = World::start_with(&[("WAGATE_WORKER_CONCURRENCY", "2")]).await;
+    w.wagate
+        .agent(
+            "biz",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": SECRET}),
+        )
+        .await;
+    w.wagate.channel("biz", true).await;
+    for i in 0..6u64 {
+        let from = format!("+1415555{i:04}");
+        assert_eq!(
+            w.wagate.inbound("biz", &sid(i), &from, "hi").await.status(),
+            200
+        );
+    }
+    w.twilio.wait_for_sent(6, WAIT).await;
+    assert_eq!(
+        hook.max_in_flight(),
+        2,
+        "six conversations, WAGATE_WORKER_CONCURRENCY=2: two agent calls at a time"
+    );
+}
+
+#[tokio::test]
 async fn one_lead_per_phone_whatever_the_concurrency() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;

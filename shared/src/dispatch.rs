@@ -58,7 +58,7 @@ pub struct DispatchConfig {
 struct Item<T> {
     delivery: Box<dyn Delivery>,
     message: T,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 type Queues<T> = Arc<Mutex<HashMap<String, VecDeque<Item<T>>>>>;
@@ -122,7 +122,7 @@ where
         let item = Item {
             delivery,
             message,
-            _permit: permit,
+            permit,
         };
         let first = {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,8 +193,14 @@ async fn drain<T, H: Handler<T>>(
                         metrics::counter!("wagate_coalesced_total")
                             .increment(batch.len() as u64 - 1);
                     }
-                    let batch = batch.into_iter().map(|i| (i.delivery, i.message)).collect();
+                    // The permits are held until the batch is handled: they are what bounds
+                    // the agent calls (or Twilio posts) running at once.
+                    let (permits, batch): (Vec<_>, Vec<_>) = batch
+                        .into_iter()
+                        .map(|i| (i.permit, (i.delivery, i.message)))
+                        .unzip();
                     handler.handle(batch).await;
+                    drop(permits);
                 }
                 Ok(false) => {
                     metrics::counter!("wagate_order_waits_total").increment(1);

@@ -110,6 +110,11 @@ impl FakeAgentWebhook {
         self.shared.state().delay = delay;
     }
 
+    /// The most requests that were being answered at the same time (while the delay ran).
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.state().max_in_flight
+    }
+
     /// Replaces the answer body; the rule gets the request body and returns the JSON to send.
     pub fn set_reply(&self, rule: impl Fn(&Value) -> Value + Send + Sync + 'static) {
         self.shared.state().reply = Some(Arc::new(rule));
@@ -158,6 +163,8 @@ struct FakeState {
     delay: Duration,
     reply: Option<ReplyRule>,
     statuses: VecDeque<u16>,
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 async fn handle(
@@ -178,12 +185,15 @@ async fn handle(
     let (n, delay) = {
         let mut state = shared.state();
         state.requests.push(parsed.clone().unwrap_or(Value::Null));
+        state.in_flight += 1;
+        state.max_in_flight = state.max_in_flight.max(state.in_flight);
         (state.requests.len(), state.delay)
     };
     shared.changed.notify_waiters();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    shared.state().in_flight -= 1;
 
     if let Err(why) = verify(&shared.secret, &headers, &body) {
         shared.state().bad_signatures += 1;
