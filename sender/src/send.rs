@@ -123,7 +123,8 @@ impl SendContext {
                 dead_letter(self, delivery.as_ref(), &reply, reason, code, attempt).await
             }
         };
-        if outcome != "retry" {
+        // Failures are only ever counted before a redelivery: a first attempt has none.
+        if outcome != "retry" && delivery.attempt() > 1 {
             let _ = self.store.clear_failures(&failures_key).await;
         }
         metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(1);

@@ -123,7 +123,8 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
         },
         Err(Failure::Permanent(reason)) => dead_letter(ctx, &fresh, reason, attempt).await,
     };
-    if outcome != "retry" {
+    // Failures are only ever counted before a redelivery, so a first attempt has none to clear.
+    if outcome != "retry" && fresh.iter().any(|(d, _)| d.attempt() > 1) {
         let _ = ctx.store.clear_failures(&failures_key).await;
     }
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
@@ -193,18 +194,26 @@ async fn process(
         }
         Err(e) => return Err(Failure::Transient(e.to_string())),
     };
-    for msg in msgs {
-        ctx.store
-            .record_lead(&LeadSighting {
-                session: &session,
-                message_sid: &msg.message_sid,
-                profile_name: msg.profile_name.as_deref(),
-                at: msg.received_at,
-            })
-            .await?;
-    }
-    ctx.store.stamp_inbound(&session, last.received_at).await?;
-    let history = ctx.store.history(&session, ctx.history_window).await?;
+    // The lead, the 24-hour clock and the history are independent: asked for at once, the
+    // store gets them in one round trip.
+    let leads = async {
+        for msg in msgs {
+            ctx.store
+                .record_lead(&LeadSighting {
+                    session: &session,
+                    message_sid: &msg.message_sid,
+                    profile_name: msg.profile_name.as_deref(),
+                    at: msg.received_at,
+                })
+                .await?;
+        }
+        Ok(())
+    };
+    let ((), (), history) = futures::try_join!(
+        leads,
+        ctx.store.stamp_inbound(&session, last.received_at),
+        ctx.store.history(&session, ctx.history_window),
+    )?;
     let session_text = session.to_string();
     let input = TurnInput {
         agent: &agent,
