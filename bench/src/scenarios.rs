@@ -29,9 +29,18 @@ pub struct Options {
     /// Benchmarks to run, comma-separated (p1..p5; p5 comes from the P2 runs).
     #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
     only: Vec<String>,
+    /// Extra settings for every wagate process, e.g. `--wagate-env WAGATE_COALESCE_MS=50`.
+    #[arg(long = "wagate-env", value_parser = parse_setting)]
+    wagate_env: Vec<(String, String)>,
     /// Where the table is written as well.
     #[arg(long, default_value = "target/bench/report.md")]
     out: std::path::PathBuf,
+}
+
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))
 }
 
 /// Runs the chosen benchmarks and prints the report.
@@ -51,7 +60,7 @@ pub async fn run(options: Options) -> Result<()> {
         emit(&mut report, &mut all);
     }
     if wants("p3") {
-        p3(&dir.join("p3"), &mut report).await?;
+        p3(&dir.join("p3"), &options, &mut report).await?;
         emit(&mut report, &mut all);
     }
     if wants("p4") {
@@ -134,7 +143,7 @@ async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         dir,
         servers: Some(&servers),
         twilio_base: format!("http://{twilio}"),
-        env: vec![],
+        env: options.wagate_env.clone(),
     };
     let ingress = deployment.start("ingress", "ingress").await?;
     ingress.set_up_agent(json!({"kind": "echo"})).await?;
@@ -450,7 +459,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
         let spec = PipelineSpec {
             layout,
             agent_latency: None,
-            env: vec![],
+            env: options.wagate_env.clone(),
             conversations: 1000,
             rounds: 10,
             runs: options.rounds,
@@ -502,17 +511,20 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
     Ok(())
 }
 
-async fn p3(dir: &Path, report: &mut Report) -> Result<()> {
+async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     const CONVERSATIONS: usize = 10_000;
     const LATENCY: Duration = Duration::from_secs(2);
     eprintln!("P3: {CONVERSATIONS} conversations, agent latency {LATENCY:?}");
     let spec = PipelineSpec {
         layout: Layout::Split { workers: 1 },
         agent_latency: Some(LATENCY),
-        env: vec![(
-            "WAGATE_WORKER_CONCURRENCY".into(),
+        env: [(
+            "WAGATE_WORKER_CONCURRENCY".to_owned(),
             CONVERSATIONS.to_string(),
-        )],
+        )]
+        .into_iter()
+        .chain(options.wagate_env.iter().cloned())
+        .collect(),
         conversations: CONVERSATIONS,
         rounds: 3,
         runs: 1,

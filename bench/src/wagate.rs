@@ -55,7 +55,16 @@ impl Deployment<'_> {
         let admin_port = free_port()?;
         let metrics_port = free_port()?;
         let key = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
-        let mut cmd = Command::new(binary());
+        // WAGATE_BENCH_WRAP_<ROLE> runs that role under a profiler, e.g.
+        // WAGATE_BENCH_WRAP_WORKER=heaptrack (its output lands in the current folder).
+        let mut cmd = match std::env::var(format!("WAGATE_BENCH_WRAP_{}", role.to_uppercase())) {
+            Ok(wrapper) => {
+                let mut c = Command::new(wrapper);
+                c.arg(binary());
+                c
+            }
+            Err(_) => Command::new(binary()),
+        };
         cmd.arg(role)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -61,6 +61,8 @@ impl Call<'_> {
             .post(format!("{}/chat/completions", self.base_url))
             .timeout(self.timeout)
             .json(&json!({"model": self.model, "messages": messages}));
+        // The request holds the encoded body; the tree must not wait with it for the model.
+        drop(messages);
         if let Some(key) = self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }

@@ -38,14 +38,16 @@ pub async fn reply(
             .map(|m| json!({"role": "user", "content": user_text(m)})),
     );
     let last = input.messages.last();
-    let body = json!({
+    // Only the encoded bytes live on while the agent thinks: with thousands of slow turns in
+    // flight, keeping the JSON tree as well cost megabytes (docs/benchmarks.md, P3).
+    let body = serde_json::to_vec(&json!({
         "agent_id": input.agent.id,
         "session_id": input.session_id,
         "from": last.map(|m| m.from.as_str()),
         "messages": messages,
         "message": last,
-    });
-    let body = serde_json::to_vec(&body).map_err(|e| AgentError::Permanent(e.to_string()))?;
+    }))
+    .map_err(|e| AgentError::Permanent(e.to_string()))?;
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
     let signature = sign(secret, &timestamp, &body)?;
     let response = http
