@@ -109,10 +109,17 @@ pub fn own_cpu_seconds() -> Result<f64> {
     cpu_seconds_of("self")
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// Kills the process and waits for it to go.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -139,6 +146,19 @@ pub struct Servers {
     pub nats: Proc,
     /// The redis-server process.
     pub redis: Proc,
+    /// Their data (JetStream's store, Redis's AOF): gigabytes after P1, removed on drop; the
+    /// logs beside it stay.
+    data: Vec<PathBuf>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.nats.stop();
+        self.redis.stop();
+        for path in &self.data {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
 }
 
 impl Servers {
@@ -173,7 +193,8 @@ impl Servers {
                 "everysec",
             ])
             .arg("--dir")
-            .arg(dir);
+            .arg(dir)
+            .args(["--appenddirname", "redis-aof"]);
         let mut redis = Proc::spawn("redis-server", redis_cmd, &dir.join("redis.log"))?;
         redis.wait_port(redis_port).await?;
         Ok(Servers {
@@ -181,6 +202,7 @@ impl Servers {
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
             nats,
             redis,
+            data: vec![dir.join("nats"), dir.join("redis-aof")],
         })
     }
 }
