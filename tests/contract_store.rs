@@ -13,7 +13,8 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, LeadSighting, Role, Store, Turn, redis::RedisStore,
+        Change, CompletedTurn, GuardState, LeadSighting, Role, Store, Turn, TurnStart,
+        WindowClocks, redis::RedisStore,
     },
     twilio::status::{MessageStatus, StatusUpdate},
 };
@@ -107,11 +108,13 @@ on_both!(
     agents_channels_and_change_notifications,
     history_window_and_order,
     a_turn_completes_once_under_concurrency,
+    a_turn_begins_with_earlier_answers_leads_window_and_history,
     leads_count_each_message_once,
     leads_are_listed_by_first_contact,
     window_and_opt_out_never_go_back,
     send_guard_states_and_lease,
     send_guard_is_claimed_once_under_concurrency,
+    a_first_part_is_claimed_with_the_window_clocks,
     sent_parts_round_trip,
     statuses_only_move_forward,
     failures_are_counted_and_cleared,
@@ -429,6 +432,119 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     );
 }
 
+async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let sids: Vec<MessageSid> = (1..=3).map(msid).collect();
+    let sighting = |i: usize, ms: i64, name: Option<&'static str>| LeadSighting {
+        session: &s,
+        message_sid: &sids[i],
+        profile_name: name,
+        at: at(ms),
+    };
+    let earlier = CompletedTurn {
+        reply_id: "in-1".into(),
+        reply: "first answer".into(),
+    };
+    let turns = [
+        turn(Role::User, "one", 0),
+        turn(Role::Assistant, "first answer", 1),
+    ];
+    store
+        .complete_turn(&s, &[sid(1)], &turns, &earlier)
+        .await
+        .unwrap();
+
+    let batch = [
+        sighting(0, 10, Some("Ada")),
+        sighting(1, 30, None),
+        sighting(2, 20, Some("Ada L.")),
+    ];
+    let start = store.begin_turn(&s, &batch, 10).await.unwrap();
+    assert_eq!(
+        start,
+        TurnStart {
+            completed: vec![Some(earlier.clone()), None, None],
+            history: turns.to_vec(),
+        },
+        "{n}: the answered message is told apart, the history is read"
+    );
+    assert_eq!(
+        store.last_inbound(&s).await.unwrap(),
+        Some(at(30)),
+        "{n}: the clock moves to the latest message, not the last of the batch"
+    );
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(
+        (
+            lead.message_count,
+            lead.first_seen,
+            lead.last_seen,
+            lead.profile_name.as_deref()
+        ),
+        (3, at(10), at(30), Some("Ada L.")),
+        "{n}: every message counted toward the lead"
+    );
+
+    // The same batch again (a redelivery) counts nothing and moves nothing; on Redis, after
+    // the scripts were lost (as after a restart), so they are loaded again.
+    if let Kind::Redis(servers) = &rig.kind {
+        let client = redis::Client::open(servers.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let again = store.begin_turn(&s, &batch, 1).await.unwrap();
+    assert_eq!(again.completed, start.completed, "{n}");
+    assert_eq!(again.history, turns[1..], "{n}: the last turn only");
+    let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
+    assert_eq!(lead.message_count, 3, "{n}: counted once per sid");
+
+    // An older message does not move the clock back; no history wanted, none read.
+    let late = store
+        .begin_turn(&s, &[sighting(1, 5, None)], 0)
+        .await
+        .unwrap();
+    assert!(late.history.is_empty(), "{n}");
+    assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(30)), "{n}");
+
+    // Every message answered before: no history is needed.
+    let answered = store
+        .begin_turn(&s, &[sighting(0, 10, None)], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        answered,
+        TurnStart {
+            completed: vec![Some(earlier)],
+            history: vec![],
+        },
+        "{n}"
+    );
+
+    let none = store.begin_turn(&s, &[], 10).await.unwrap();
+    assert!(none.completed.is_empty() && none.history.is_empty(), "{n}");
+    let other = session("a1", "+14155550101");
+    let foreign = LeadSighting {
+        session: &other,
+        message_sid: &sids[0],
+        profile_name: None,
+        at: at(40),
+    };
+    assert!(
+        store.begin_turn(&s, &[foreign], 10).await.is_err(),
+        "{n}: the messages of one session only"
+    );
+    assert_eq!(
+        store.last_inbound(&other).await.unwrap(),
+        None,
+        "{n}: a refused call changes nothing"
+    );
+}
+
 async fn leads_count_each_message_once(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let s = session("a1", "+14155550100");
@@ -695,6 +811,51 @@ async fn send_guard_is_claimed_once_under_concurrency(rig: Rig) {
     let claimed = states.iter().filter(|s| **s == GuardState::Claimed).count();
     let busy = states.iter().filter(|s| **s == GuardState::Busy).count();
     assert_eq!((claimed, busy), (1, 19), "{n}: {states:?}");
+}
+
+async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let lease = Duration::from_secs(60);
+    assert_eq!(
+        store.claim_send_with_clocks(&s, "c1", lease).await.unwrap(),
+        (GuardState::Claimed, WindowClocks::default()),
+        "{n}: a user who never wrote has no clocks"
+    );
+    store.stamp_inbound(&s, at(1_000)).await.unwrap();
+    store.opt_out(&s, at(500)).await.unwrap();
+    let clocks = WindowClocks {
+        last_inbound: Some(at(1_000)),
+        opted_out_at: Some(at(500)),
+    };
+    assert_eq!(
+        store.claim_send_with_clocks(&s, "c1", lease).await.unwrap(),
+        (GuardState::Busy, clocks),
+        "{n}: held by the first claim"
+    );
+    store
+        .mark_sent("c1", "SMfirst", &reply("in-1", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_send_with_clocks(&s, "c1", lease).await.unwrap(),
+        (GuardState::Sent("SMfirst".into()), clocks),
+        "{n}"
+    );
+    assert_eq!(
+        store.claim_send("c2", lease).await.unwrap(),
+        GuardState::Claimed,
+        "{n}: guards are per part"
+    );
+    let other = session("a1", "+14155550101");
+    assert_eq!(
+        store
+            .claim_send_with_clocks(&other, "c3", lease)
+            .await
+            .unwrap(),
+        (GuardState::Claimed, WindowClocks::default()),
+        "{n}: clocks are per conversation"
+    );
 }
 
 async fn sent_parts_round_trip(rig: Rig) {

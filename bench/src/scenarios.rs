@@ -29,6 +29,10 @@ pub struct Options {
     /// Benchmarks to run, comma-separated (p1..p5; p5 comes from the P2 runs).
     #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
     only: Vec<String>,
+    /// P2 layouts to run, comma-separated: serve (on NATS + Redis), split (one process per
+    /// role), embedded. The P2 and P5 goals are read off `serve`, so it always runs.
+    #[arg(long, value_delimiter = ',', default_value = "serve,split,embedded")]
+    layouts: Vec<String>,
     /// Extra settings for every wagate process, e.g. `--wagate-env WAGATE_COALESCE_MS=50`.
     #[arg(long = "wagate-env", value_parser = parse_setting)]
     wagate_env: Vec<(String, String)>,
@@ -321,8 +325,10 @@ struct PipelineFigures {
     drives: Vec<Driven>,
     /// CPU time of all wagate processes per reply, µs, per run.
     wagate_cpu_us: Vec<f64>,
-    /// CPU time of nats-server + redis-server per reply, µs, per run.
-    servers_cpu_us: Vec<f64>,
+    /// CPU time of nats-server and of redis-server per reply, µs, per run.
+    servers_cpu_us: Vec<(f64, f64)>,
+    /// CPU time of the bench itself (users' side and fake Twilio) per reply, µs, per run.
+    bench_cpu_us: Vec<f64>,
     /// Peak RSS of each wagate process, MiB.
     rss: Vec<(String, f64)>,
 }
@@ -404,24 +410,28 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
         drives: vec![],
         wagate_cpu_us: vec![],
         servers_cpu_us: vec![],
+        bench_cpu_us: vec![],
         rss: vec![],
     };
     let cpu =
         |procs: &[Wagate]| -> Result<f64> { procs.iter().map(|w| w.proc.cpu_seconds()).sum() };
-    let servers_cpu = || -> Result<f64> {
+    let servers_cpu = || -> Result<(f64, f64)> {
         match &servers {
-            Some(s) => Ok(s.nats.cpu_seconds()? + s.redis.cpu_seconds()?),
-            None => Ok(0.0),
+            Some(s) => Ok((s.nats.cpu_seconds()?, s.redis.cpu_seconds()?)),
+            None => Ok((0.0, 0.0)),
         }
     };
     for run in 0..spec.runs {
         let batch: Vec<_> = inboxes.drain(..spec.conversations).collect();
-        let (w0, s0) = (cpu(&procs)?, servers_cpu()?);
+        let (w0, s0, b0) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
         let driven = pipeline::drive(&target, batch, spec.rounds, run as u32 + 1).await?;
-        let (w1, s1) = (cpu(&procs)?, servers_cpu()?);
+        let (w1, s1, b1) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
         let replies = driven.replies.max(1) as f64;
         figures.wagate_cpu_us.push((w1 - w0) * 1e6 / replies);
-        figures.servers_cpu_us.push((s1 - s0) * 1e6 / replies);
+        figures
+            .servers_cpu_us
+            .push(((s1.0 - s0.0) * 1e6 / replies, (s1.1 - s0.1) * 1e6 / replies));
+        figures.bench_cpu_us.push((b1 - b0) * 1e6 / replies);
         eprintln!(
             "  run {run}: {:.0} replies/s ({} replies in {:.2} s, {} wrong, {} missing, {} extra, {} retried), wagate CPU {:.0} µs/reply",
             driven.rate(),
@@ -445,15 +455,19 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
 
 async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     let layouts = [
-        ("serve on NATS + Redis", Layout::Serve),
+        ("serve", "serve on NATS + Redis", Layout::Serve),
         (
+            "split",
             "ingress + worker + sender on NATS + Redis",
             Layout::Split { workers: 1 },
         ),
-        ("serve, embedded store", Layout::Embedded),
+        ("embedded", "serve, embedded store", Layout::Embedded),
     ];
+    let layouts = layouts
+        .into_iter()
+        .filter(|(key, _, _)| *key == "serve" || options.layouts.iter().any(|l| l == key));
     let mut rows = Vec::new();
-    for (i, (name, layout)) in layouts.into_iter().enumerate() {
+    for (i, (_, name, layout)) in layouts.enumerate() {
         eprintln!("P2: {name}");
         let spec = PipelineSpec {
             layout,
@@ -479,7 +493,9 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
         "replies/s",
         "checked",
         "wagate CPU µs/reply",
-        "nats + redis CPU µs/reply",
+        "nats-server CPU µs/reply",
+        "redis-server CPU µs/reply",
+        "bench (users + fake Twilio) CPU µs/reply",
         "peak RSS MiB",
     ]);
     for (name, f) in &rows {
@@ -488,7 +504,15 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
             format!("{:.0}", median(&f.rates())),
             f.checked(),
             format!("{:.0}", median(&f.wagate_cpu_us)),
-            format!("{:.0}", median(&f.servers_cpu_us)),
+            format!(
+                "{:.0}",
+                median(&f.servers_cpu_us.iter().map(|c| c.0).collect::<Vec<_>>())
+            ),
+            format!(
+                "{:.0}",
+                median(&f.servers_cpu_us.iter().map(|c| c.1).collect::<Vec<_>>())
+            ),
+            format!("{:.0}", median(&f.bench_cpu_us)),
             f.rss_text(),
         ]);
     }

@@ -14,7 +14,7 @@ use shared::{
     retry::RetrySchedule,
     store::{GuardState, Store},
     twilio::rest::FailureClass,
-    window::free_form_refusal,
+    window::refusal,
 };
 use time::OffsetDateTime;
 
@@ -180,21 +180,6 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
             code: None,
         });
     }
-    if let ReplyContent::Text { .. } = reply.content {
-        let refusal = free_form_refusal(
-            ctx.store.as_ref(),
-            &reply.session_id(),
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .map_err(Failure::transient)?;
-        if let Some(refusal) = refusal {
-            return Err(Failure::Permanent {
-                reason: refusal.explain().to_owned(),
-                code: Some(refusal.code()),
-            });
-        }
-    }
     let from = format!("whatsapp:{}", channel.channel.phone_number);
     let callback = ctx
         .public_url
@@ -217,12 +202,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
     for (index, content) in parts.iter().enumerate() {
         let key = format!("{}:{index}", reply.id);
         let body = content.iter().find(|(k, _)| *k == "Body").map(|(_, v)| *v);
-        match ctx
-            .store
-            .claim_send(&key, ctx.guard_lease())
-            .await
-            .map_err(Failure::transient)?
-        {
+        match claim(ctx, reply, index, &key).await? {
             GuardState::Sent(_) => continue,
             GuardState::Busy => return Err(Failure::Wait(Duration::from_secs(1))),
             GuardState::Reclaimed => {
@@ -288,6 +268,41 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Takes the guard of part `index`. Before the first part of free-form text, the window
+/// clocks are read in the same round trip and a send WhatsApp would refuse stops here (the
+/// guard given back), before anything is posted.
+async fn claim(
+    ctx: &SendContext,
+    reply: &OutboundReply,
+    index: usize,
+    key: &str,
+) -> Result<GuardState, Failure> {
+    if index > 0 || !matches!(reply.content, ReplyContent::Text { .. }) {
+        return ctx
+            .store
+            .claim_send(key, ctx.guard_lease())
+            .await
+            .map_err(Failure::transient);
+    }
+    let (state, clocks) = ctx
+        .store
+        .claim_send_with_clocks(&reply.session_id(), key, ctx.guard_lease())
+        .await
+        .map_err(Failure::transient)?;
+    let Some(refusal) = refusal(clocks, OffsetDateTime::now_utc()) else {
+        return Ok(state);
+    };
+    // A part taken over from a dead sender keeps its lapsed guard, so whoever takes it next
+    // still looks in Twilio's list first.
+    if state == GuardState::Claimed {
+        let _ = ctx.store.release_send(key).await;
+    }
+    Err(Failure::Permanent {
+        reason: refusal.explain().to_owned(),
+        code: Some(refusal.code()),
+    })
 }
 
 /// Records a posted part. Twilio has the message now, so this must not give up on a blip:

@@ -6,7 +6,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::{
     domain::SessionId,
-    store::{Store, StoreError},
+    store::{Store, StoreError, WindowClocks},
     twilio::rest::{OUTSIDE_WINDOW, UNSUBSCRIBED},
 };
 
@@ -51,13 +51,28 @@ pub async fn free_form_refusal(
     now: OffsetDateTime,
 ) -> Result<Option<Refusal>, StoreError> {
     // Both asked at once: one round trip to the store instead of two.
-    let (last, opted_out) =
+    let (last_inbound, opted_out_at) =
         futures::try_join!(store.last_inbound(session), store.opted_out_at(session))?;
+    Ok(refusal(
+        WindowClocks {
+            last_inbound,
+            opted_out_at,
+        },
+        now,
+    ))
+}
+
+/// Whether free-form text would be refused at `now` to a user with these clocks, and why.
+pub fn refusal(clocks: WindowClocks, now: OffsetDateTime) -> Option<Refusal> {
+    let last = clocks.last_inbound;
     if last.is_none_or(|at| now - at >= CUSTOMER_SERVICE_WINDOW) {
-        return Ok(Some(Refusal::OutsideWindow));
+        return Some(Refusal::OutsideWindow);
     }
-    if opted_out.is_some_and(|out| last.is_none_or(|at| out >= at)) {
-        return Ok(Some(Refusal::OptedOut));
+    if clocks
+        .opted_out_at
+        .is_some_and(|out| last.is_none_or(|at| out >= at))
+    {
+        return Some(Refusal::OptedOut);
     }
-    Ok(None)
+    None
 }

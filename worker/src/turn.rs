@@ -10,9 +10,10 @@ use shared::{
     bus::{Bus, Delivery, Topic},
     directory::{ChannelDirectory, Lookup},
     dispatch::with_keep_alive,
+    domain::SessionId,
     envelope::{DeadLetter, DeadMessage, InboundMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
-    store::{CompletedTurn, LeadSighting, Role, Store, Turn},
+    store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, split_reply},
 };
 use time::OffsetDateTime;
@@ -59,52 +60,68 @@ pub type Item = (Box<dyn Delivery>, InboundMessage);
 /// delivery: ack, retry later, or dead letter then ack.
 pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
     let started = Instant::now();
+    let Some((_, first)) = batch.first() else {
+        return;
+    };
+    let session = first.session_id();
+    let sightings: Vec<LeadSighting<'_>> = batch
+        .iter()
+        .map(|(_, m)| LeadSighting {
+            session: &session,
+            message_sid: &m.message_sid,
+            profile_name: m.profile_name.as_deref(),
+            at: m.received_at,
+        })
+        .collect();
+    let start = ctx
+        .store
+        .begin_turn(&session, &sightings, ctx.history_window)
+        .await;
+    drop(sightings);
+    let TurnStart { completed, history } = match start {
+        Ok(start) => start,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the session; trying later");
+            for (delivery, _) in &batch {
+                let _ = delivery.retry_in(RETRY_SOON).await;
+            }
+            return;
+        }
+    };
     // Messages whose turn was completed before (they were delivered again) only republish
     // their stored reply; the rest make the new turn.
-    let mut fresh = Vec::with_capacity(batch.len());
-    let mut items = batch.into_iter();
-    for (delivery, msg) in items.by_ref() {
-        match ctx
-            .store
-            .completed_turn(&msg.session_id(), msg.message_sid.as_str())
-            .await
-        {
-            Ok(Some(done)) => match publish_reply(ctx, &msg, &done).await {
+    let mut deliveries = Vec::with_capacity(batch.len());
+    let mut msgs = Vec::with_capacity(batch.len());
+    for ((delivery, msg), done) in batch.into_iter().zip(completed) {
+        match done {
+            Some(done) => match publish_reply(ctx, &msg, &done).await {
                 Ok(()) => ack(delivery.as_ref(), &msg).await,
                 Err(_) => {
                     let _ = delivery.retry_in(RETRY_SOON).await;
                 }
             },
-            Ok(None) => fresh.push((delivery, msg)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the session; trying later");
-                let _ = delivery.retry_in(RETRY_SOON).await;
-                break;
+            None => {
+                deliveries.push(delivery);
+                msgs.push(msg);
             }
         }
     }
-    // Behind a message that could not be looked at, nothing may go ahead of it.
-    for (delivery, _) in items {
-        let _ = delivery.retry_in(RETRY_SOON).await;
-    }
-    if fresh.is_empty() {
+    let (Some(first_delivery), Some(first)) = (deliveries.first(), msgs.first()) else {
         return;
-    }
-    let msgs: Vec<InboundMessage> = fresh.iter().map(|(_, m)| m.clone()).collect();
-    let first = &msgs[0];
+    };
     let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
-    let result = process(ctx, fresh[0].0.as_ref(), &msgs).await;
+    let result = process(ctx, first_delivery.as_ref(), &session, &msgs, &history).await;
     let attempt = match &result {
         Ok(()) => 0,
         Err(_) => ctx
             .store
             .count_failure(&failures_key)
             .await
-            .unwrap_or_else(|_| fresh[0].0.attempt()),
+            .unwrap_or_else(|_| first_delivery.attempt()),
     };
     let outcome = match result {
         Ok(()) => {
-            for (delivery, msg) in &fresh {
+            for (delivery, msg) in deliveries.iter().zip(&msgs) {
                 ack(delivery.as_ref(), msg).await;
             }
             "replied"
@@ -112,19 +129,21 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
         Err(Failure::Transient(reason)) => match ctx.retry.delay_after(attempt) {
             Some(delay) => {
                 tracing::warn!(sid = %first.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
-                for (delivery, _) in &fresh {
+                for delivery in &deliveries {
                     if let Err(e) = delivery.retry_in(delay).await {
                         tracing::warn!(error = %e, "could not schedule the retry; it comes back after the ack wait");
                     }
                 }
                 "retry"
             }
-            None => dead_letter(ctx, &fresh, reason, attempt).await,
+            None => dead_letter(ctx, &deliveries, &msgs, reason, attempt).await,
         },
-        Err(Failure::Permanent(reason)) => dead_letter(ctx, &fresh, reason, attempt).await,
+        Err(Failure::Permanent(reason)) => {
+            dead_letter(ctx, &deliveries, &msgs, reason, attempt).await
+        }
     };
     // Failures are only ever counted before a redelivery, so a first attempt has none to clear.
-    if outcome != "retry" && fresh.iter().any(|(d, _)| d.attempt() > 1) {
+    if outcome != "retry" && deliveries.iter().any(|d| d.attempt() > 1) {
         let _ = ctx.store.clear_failures(&failures_key).await;
     }
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
@@ -145,12 +164,13 @@ async fn ack(delivery: &dyn Delivery, msg: &InboundMessage) {
 /// again on it).
 async fn dead_letter(
     ctx: &TurnContext,
-    items: &[Item],
+    deliveries: &[Box<dyn Delivery>],
+    msgs: &[InboundMessage],
     reason: String,
     attempts: u64,
 ) -> &'static str {
     let mut outcome = "dead_letter";
-    for (delivery, msg) in items {
+    for (delivery, msg) in deliveries.iter().zip(msgs) {
         tracing::error!(sid = %msg.message_sid, agent = %msg.agent_id, attempts, %reason, "agent turn failed for good: dead letter");
         let letter = DeadLetter {
             id: String::new(),
@@ -174,16 +194,18 @@ async fn dead_letter(
     outcome
 }
 
-/// Runs one turn over `msgs` (oldest first, all of one conversation, none completed yet).
+/// Runs one turn over `msgs` (oldest first, all of one conversation, none completed yet), with
+/// the `history` read when the turn began.
 async fn process(
     ctx: &TurnContext,
     delivery: &dyn Delivery,
+    session: &SessionId,
     msgs: &[InboundMessage],
+    history: &[Turn],
 ) -> Result<(), Failure> {
     let Some(last) = msgs.last() else {
         return Ok(());
     };
-    let session = last.session_id();
     let agent = match ctx.directory.lookup(&last.agent_id).await {
         Ok(Lookup::Found(c)) => c.agent.clone(),
         Ok(_) => {
@@ -194,31 +216,11 @@ async fn process(
         }
         Err(e) => return Err(Failure::Transient(e.to_string())),
     };
-    // The lead, the 24-hour clock and the history are independent: asked for at once, the
-    // store gets them in one round trip.
-    let leads = async {
-        for msg in msgs {
-            ctx.store
-                .record_lead(&LeadSighting {
-                    session: &session,
-                    message_sid: &msg.message_sid,
-                    profile_name: msg.profile_name.as_deref(),
-                    at: msg.received_at,
-                })
-                .await?;
-        }
-        Ok(())
-    };
-    let ((), (), history) = futures::try_join!(
-        leads,
-        ctx.store.stamp_inbound(&session, last.received_at),
-        ctx.store.history(&session, ctx.history_window),
-    )?;
     let session_text = session.to_string();
     let input = TurnInput {
         agent: &agent,
         session_id: &session_text,
-        history: &history,
+        history,
         messages: msgs,
     };
     let started = Instant::now();
@@ -250,7 +252,7 @@ async fn process(
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
         .store
-        .complete_turn(&session, &keys, &turns, &completed)
+        .complete_turn(session, &keys, &turns, &completed)
         .await?;
     publish_reply(ctx, last, &stored).await
 }

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
-    StoreError, Turn,
+    StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -220,6 +220,88 @@ fn stamp_max(txn: &WriteTransaction, kind: &str, session: &str, at: i64) -> Resu
     Ok(())
 }
 
+/// Takes the send guard `key` for `lease` unless the part was sent or is held by a live lease.
+fn claim(txn: &WriteTransaction, key: &str, lease: Duration) -> Result<GuardState, DbError> {
+    let mut guards = Expiring::open(txn)?;
+    let now = guards.now;
+    let state = match guards.get(("guard", "", key))? {
+        None => GuardState::Claimed,
+        Some(held) => match Guard::parse(&held) {
+            Guard::Sent(sid) => return Ok(GuardState::Sent(sid)),
+            Guard::Pending(deadline) if deadline > now => return Ok(GuardState::Busy),
+            Guard::Pending(_) => GuardState::Reclaimed,
+        },
+    };
+    let deadline = now.saturating_add(duration_ms(lease).max(1));
+    guards.put(
+        ("guard", "", key),
+        &Guard::pending(deadline),
+        duration_ms(GUARD_TTL),
+    )?;
+    Ok(state)
+}
+
+/// One message as lead capture counts it, owned so it can go to the database's writer.
+struct Sighting {
+    sid: String,
+    profile_name: Option<String>,
+    at: i64,
+}
+
+impl Sighting {
+    fn of(s: &LeadSighting<'_>) -> Self {
+        Self {
+            sid: s.message_sid.as_str().to_owned(),
+            profile_name: s.profile_name.filter(|p| !p.is_empty()).map(str::to_owned),
+            at: ms(s.at),
+        }
+    }
+}
+
+/// Counts one message toward the lead of `user` of `agent`, creating the lead on first
+/// contact; a message already counted (its "seen" mark is live) changes nothing.
+fn count_lead(
+    txn: &WriteTransaction,
+    seen: &mut Expiring<'_>,
+    agent: &str,
+    user: &str,
+    sighting: &Sighting,
+) -> Result<(), DbError> {
+    if seen.get(("leadseen", agent, &sighting.sid))?.is_some() {
+        return Ok(());
+    }
+    seen.put(
+        ("leadseen", agent, &sighting.sid),
+        &[],
+        duration_ms(GUARD_TTL),
+    )?;
+    let mut leads = txn.open_table(LEADS)?;
+    let stored = leads
+        .get((agent, user))?
+        .map(|v| serde_json::from_slice::<LeadRecord>(v.value()))
+        .transpose()?;
+    let at = sighting.at;
+    let mut lead = match stored {
+        None => LeadRecord {
+            first_seen: at,
+            last_seen: at,
+            profile_name: None,
+            message_count: 0,
+        },
+        Some(mut lead) => {
+            lead.first_seen = lead.first_seen.min(at);
+            lead.last_seen = lead.last_seen.max(at);
+            lead
+        }
+    };
+    if sighting.profile_name.is_some() {
+        lead.profile_name.clone_from(&sighting.profile_name);
+    }
+    lead.message_count += 1;
+    leads.insert((agent, user), serde_json::to_vec(&lead)?.as_slice())?;
+    Ok(())
+}
+
 /// The store of embedded mode (one process, no Redis), from
 /// [`crate::embedded::Embedded::open`]. Clones share the change notifications.
 #[derive(Clone)]
@@ -375,6 +457,61 @@ impl Store for EmbeddedStore {
             .boxed())
     }
 
+    async fn begin_turn(
+        &self,
+        session: &SessionId,
+        sightings: &[LeadSighting<'_>],
+        history: usize,
+    ) -> Result<TurnStart, StoreError> {
+        if sightings.iter().any(|s| s.session != session) {
+            return Err(StoreError(
+                "begin_turn takes the messages of one session".into(),
+            ));
+        }
+        let Some(latest) = sightings.iter().map(|s| ms(s.at)).max() else {
+            return Ok(TurnStart {
+                completed: Vec::new(),
+                history: Vec::new(),
+            });
+        };
+        let sightings: Vec<Sighting> = sightings.iter().map(Sighting::of).collect();
+        let agent = session.agent().as_str().to_owned();
+        let user = session.user().to_owned();
+        let session = session.to_string();
+        let (completed, turns) = self
+            .db
+            .write(move |txn| {
+                stamp_max(txn, "window", &session, latest)?;
+                let mut records = Expiring::open(txn)?;
+                let mut completed = Vec::with_capacity(sightings.len());
+                for sighting in &sightings {
+                    count_lead(txn, &mut records, &agent, &user, sighting)?;
+                    completed.push(records.get(("turn", &session, &sighting.sid))?);
+                }
+                let mut turns = Vec::new();
+                if completed.iter().any(Option::is_none) {
+                    let table = txn.open_table(TURNS)?;
+                    for row in table
+                        .range((session.as_str(), 0)..=(session.as_str(), u64::MAX))?
+                        .rev()
+                        .take(history)
+                    {
+                        turns.push(row?.1.value().to_vec());
+                    }
+                    turns.reverse();
+                }
+                Ok((completed, turns))
+            })
+            .await?;
+        Ok(TurnStart {
+            completed: completed
+                .iter()
+                .map(|r| r.as_deref().map(decode).transpose())
+                .collect::<Result<_, _>>()?,
+            history: turns.iter().map(|r| decode(r)).collect::<Result<_, _>>()?,
+        })
+    }
+
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
         if last == 0 {
             return Ok(Vec::new());
@@ -450,47 +587,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn record_lead(&self, s: &LeadSighting<'_>) -> Result<(), StoreError> {
+        let sighting = Sighting::of(s);
         let agent = s.session.agent().as_str().to_owned();
         let user = s.session.user().to_owned();
-        let sid = s.message_sid.as_str().to_owned();
-        let profile_name = s.profile_name.filter(|p| !p.is_empty()).map(str::to_owned);
-        let at = ms(s.at);
-        let ttl = duration_ms(GUARD_TTL);
         Ok(self
             .db
             .write(move |txn| {
                 let mut seen = Expiring::open(txn)?;
-                if seen.get(("leadseen", &agent, &sid))?.is_some() {
-                    return Ok(());
-                }
-                seen.put(("leadseen", &agent, &sid), &[], ttl)?;
-                let mut leads = txn.open_table(LEADS)?;
-                let stored = leads
-                    .get((agent.as_str(), user.as_str()))?
-                    .map(|v| serde_json::from_slice::<LeadRecord>(v.value()))
-                    .transpose()?;
-                let mut lead = match stored {
-                    None => LeadRecord {
-                        first_seen: at,
-                        last_seen: at,
-                        profile_name: None,
-                        message_count: 0,
-                    },
-                    Some(mut lead) => {
-                        lead.first_seen = lead.first_seen.min(at);
-                        lead.last_seen = lead.last_seen.max(at);
-                        lead
-                    }
-                };
-                if profile_name.is_some() {
-                    lead.profile_name.clone_from(&profile_name);
-                }
-                lead.message_count += 1;
-                leads.insert(
-                    (agent.as_str(), user.as_str()),
-                    serde_json::to_vec(&lead)?.as_slice(),
-                )?;
-                Ok(())
+                count_lead(txn, &mut seen, &agent, &user, &sighting)
             })
             .await?)
     }
@@ -563,29 +667,35 @@ impl Store for EmbeddedStore {
 
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
         let key = key.to_owned();
-        let lease_ms = duration_ms(lease).max(1);
-        let ttl = duration_ms(GUARD_TTL);
-        let state = self
+        Ok(self.db.write(move |txn| claim(txn, &key, lease)).await?)
+    }
+
+    async fn claim_send_with_clocks(
+        &self,
+        session: &SessionId,
+        key: &str,
+        lease: Duration,
+    ) -> Result<(GuardState, WindowClocks), StoreError> {
+        let key = key.to_owned();
+        let session = session.to_string();
+        let (state, last_inbound, opted_out_at) = self
             .db
             .write(move |txn| {
-                let mut guards = Expiring::open(txn)?;
-                let now = guards.now;
-                let state = match guards.get(("guard", "", &key))? {
-                    None => GuardState::Claimed,
-                    Some(held) => match Guard::parse(&held) {
-                        Guard::Sent(sid) => return Ok(GuardState::Sent(sid)),
-                        Guard::Pending(deadline) if deadline > now => {
-                            return Ok(GuardState::Busy);
-                        }
-                        Guard::Pending(_) => GuardState::Reclaimed,
-                    },
+                let state = claim(txn, &key, lease)?;
+                let clocks = txn.open_table(CLOCKS)?;
+                let read = |kind: &str| -> Result<Option<i64>, DbError> {
+                    Ok(clocks.get((kind, session.as_str()))?.map(|v| v.value()))
                 };
-                let deadline = now.saturating_add(lease_ms);
-                guards.put(("guard", "", &key), &Guard::pending(deadline), ttl)?;
-                Ok(state)
+                Ok((state, read("window")?, read("optout")?))
             })
             .await?;
-        Ok(state)
+        Ok((
+            state,
+            WindowClocks {
+                last_inbound: last_inbound.map(from_ms),
+                opted_out_at: opted_out_at.map(from_ms),
+            },
+        ))
     }
 
     async fn mark_sent(

@@ -123,6 +123,25 @@ pub struct CompletedTurn {
     pub reply: String,
 }
 
+/// What a turn starts from ([`Store::begin_turn`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnStart {
+    /// For each message of the turn, in order: the completed turn that answered it, when it
+    /// was answered before (the message was delivered again).
+    pub completed: Vec<Option<CompletedTurn>>,
+    /// The session's last turns, oldest first; empty when every message was answered before.
+    pub history: Vec<Turn>,
+}
+
+/// The clocks of WhatsApp's rule for free-form text ([`crate::window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowClocks {
+    /// When the user last wrote.
+    pub last_inbound: Option<OffsetDateTime>,
+    /// When the user last opted out.
+    pub opted_out_at: Option<OffsetDateTime>,
+}
+
 /// A change to an agent's settings, for caches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -148,6 +167,18 @@ pub trait Store: Send + Sync + 'static {
     /// Notifications of changes to agents and channels, from any process.
     async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError>;
 
+    /// Starts a turn over `sightings`, the messages of one conversation, oldest first: finds
+    /// which were answered before, counts each toward its user's lead, moves the 24-hour window
+    /// clock to the latest and reads the last `history` turns. The same as `completed_turn` and
+    /// `record_lead` per message, `stamp_inbound` and `history`, in one round trip, because the
+    /// worker does this for every message. Every part is idempotent, so a message delivered
+    /// twice changes nothing the second time.
+    async fn begin_turn(
+        &self,
+        session: &SessionId,
+        sightings: &[LeadSighting<'_>],
+        history: usize,
+    ) -> Result<TurnStart, StoreError>;
     /// The last `last` turns of a session, oldest first.
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError>;
     /// The completed turn that answered the inbound message `turn_key`, if there is one.
@@ -191,6 +222,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes the send guard of one reply part for `lease`, unless it was sent or is held.
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError>;
+    /// Takes the send guard of one reply part, as `claim_send`, and reads the window clocks of
+    /// `session`, in one round trip: what a sender asks before it posts a reply's first part.
+    async fn claim_send_with_clocks(
+        &self,
+        session: &SessionId,
+        key: &str,
+        lease: Duration,
+    ) -> Result<(GuardState, WindowClocks), StoreError>;
     /// Records that the part was posted, as Twilio message `message_sid`; `part` is that one
     /// part as a reply of its own (with an id of its own), kept so that a failure Twilio reports
     /// later by status callback can become a dead letter that replays just this part.

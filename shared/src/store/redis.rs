@@ -10,7 +10,7 @@
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends).
 
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream::BoxStream};
@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
-    StoreError, Turn,
+    StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -29,35 +29,63 @@ use crate::{
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
+// KEYS[1] = lead hash, KEYS[2] = leads by first contact, KEYS[3..] = one "seen" mark per
+// message; ARGV[1] = user, ARGV[2] = ttl (s), then per message its profile name and time (ms).
 const RECORD_LEAD: &str = r#"
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4]) then return 0 end
-local at = tonumber(ARGV[3])
-if redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[3]) == 1 then
-  redis.call('HSET', KEYS[1], 'phone', ARGV[1], 'last_seen', ARGV[3])
-  redis.call('ZADD', KEYS[2], at, ARGV[1])
-else
-  local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
-  if at < first then
-    redis.call('HSET', KEYS[1], 'first_seen', ARGV[3])
-    redis.call('ZADD', KEYS[2], at, ARGV[1])
+local counted = 0
+for i = 3, #KEYS do
+  local profile = ARGV[2 * i - 3]
+  local at_text = ARGV[2 * i - 2]
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
+    local at = tonumber(at_text)
+    if redis.call('HSETNX', KEYS[1], 'first_seen', at_text) == 1 then
+      redis.call('HSET', KEYS[1], 'phone', ARGV[1], 'last_seen', at_text)
+      redis.call('ZADD', KEYS[2], at, ARGV[1])
+    else
+      local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
+      if at < first then
+        redis.call('HSET', KEYS[1], 'first_seen', at_text)
+        redis.call('ZADD', KEYS[2], at, ARGV[1])
+      end
+      local last = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '0')
+      if at > last then redis.call('HSET', KEYS[1], 'last_seen', at_text) end
+    end
+    if profile ~= '' then redis.call('HSET', KEYS[1], 'profile_name', profile) end
+    redis.call('HINCRBY', KEYS[1], 'message_count', 1)
+    counted = counted + 1
   end
-  local last = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '0')
-  if at > last then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
 end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'profile_name', ARGV[2]) end
-redis.call('HINCRBY', KEYS[1], 'message_count', 1)
-return 1
+return counted
+"#;
+
+// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3..] = turn records of the messages;
+// ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted.
+const BEGIN_TURN: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+local done = {}
+local fresh = false
+for i = 3, #KEYS do
+  local record = redis.call('GET', KEYS[i])
+  done[i - 2] = record
+  if not record then fresh = true end
+end
+local history = {}
+local wanted = tonumber(ARGV[2])
+if fresh and wanted > 0 then history = redis.call('LRANGE', KEYS[2], -wanted, -1) end
+return {done, history}
 "#;
 
 // KEYS[1] = session list, KEYS[2..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
-// ARGV[3] = number of turns, ARGV[4..] = turns.
+// ARGV[3] = number of turns, ARGV[4..] = turns. Returns the earlier record, or nil when this one
+// was stored.
 const COMPLETE_TURN: &str = r#"
 local prev = redis.call('GET', KEYS[2])
 if prev then return prev end
 local n = tonumber(ARGV[3])
 for i = 4, 3 + n do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2]) end
-return ARGV[1]
+return false
 "#;
 
 const STAMP_MAX: &str = r#"
@@ -95,6 +123,76 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'error_code', AR
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
+
+/// The scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    record_lead: Script::new(RECORD_LEAD),
+    begin_turn: Script::new(BEGIN_TURN),
+    complete_turn: Script::new(COMPLETE_TURN),
+    stamp_max: Script::new(STAMP_MAX),
+    claim_send: Script::new(CLAIM_SEND),
+    release_send: Script::new(RELEASE_SEND),
+    record_status: Script::new(RECORD_STATUS),
+});
+
+struct Scripts {
+    record_lead: Script,
+    begin_turn: Script,
+    complete_turn: Script,
+    stamp_max: Script,
+    claim_send: Script,
+    release_send: Script,
+    record_status: Script,
+}
+
+impl Scripts {
+    /// The scripts that run in pipelines ([`RedisStore::scripted`]).
+    fn pipelined(&self) -> [&Script; 3] {
+        [&self.begin_turn, &self.record_lead, &self.claim_send]
+    }
+}
+
+/// What [`CLAIM_SEND`] answered.
+fn guard_state(answer: &str) -> GuardState {
+    match answer {
+        "claimed" => GuardState::Claimed,
+        "reclaimed" => GuardState::Reclaimed,
+        "busy" => GuardState::Busy,
+        other => GuardState::Sent(other.trim_start_matches("sent:").to_owned()),
+    }
+}
+
+/// `EVALSHA` of `script` as a command of its own, for pipelines, which `Script` cannot join.
+fn evalsha(script: &Script, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    cmd
+}
+
+/// The keys of the lead of `session`'s user and of the "seen" marks of `sids`, in the order
+/// [`RECORD_LEAD`] takes them.
+fn lead_keys<'a>(
+    store: &RedisStore,
+    session: &SessionId,
+    sids: impl Iterator<Item = &'a MessageSid>,
+) -> Vec<String> {
+    let agent = session.agent();
+    let user = session.user();
+    let mut keys = vec![
+        store.key(&format!("lead:{{{agent}}}:{user}")),
+        store.key(&format!("leads:{{{agent}}}")),
+    ];
+    keys.extend(sids.map(|sid| store.key(&format!("leadseen:{{{agent}}}:{sid}"))));
+    keys
+}
+
+/// The arguments of [`RECORD_LEAD`] after the keys.
+fn lead_args(cmd: &mut redis::Cmd, session: &SessionId, sightings: &[LeadSighting<'_>]) {
+    cmd.arg(session.user()).arg(GUARD_TTL.as_secs());
+    for s in sightings {
+        cmd.arg(s.profile_name.unwrap_or("")).arg(ms(s.at));
+    }
+}
 
 /// The store on Redis.
 #[derive(Clone)]
@@ -135,6 +233,34 @@ impl RedisStore {
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
+    fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = evalsha(&SCRIPTS.claim_send, &[self.key(&format!("guard:{key}"))]);
+        cmd.arg(ms(OffsetDateTime::now_utc()))
+            .arg(lease_ms)
+            .arg(GUARD_TTL.as_secs());
+        cmd
+    }
+
+    /// Runs a pipeline of `EVALSHA`s in one round trip. A Redis that lost its scripts (a
+    /// restart, `SCRIPT FLUSH`) answers `NOSCRIPT`: they are loaded and the pipeline sent once
+    /// more, which is safe because the scripts that were found ran idempotent steps.
+    async fn scripted<T: redis::FromRedisValue>(
+        &self,
+        pipeline: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        match pipeline.query_async(&mut self.conn()).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for script in SCRIPTS.pipelined() {
+                    script.load_async(&mut self.conn()).await?;
+                }
+                pipeline.query_async(&mut self.conn()).await
+            }
+            other => other,
+        }
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -257,6 +383,64 @@ impl Store for RedisStore {
         Ok(tokio_stream_from(rx))
     }
 
+    async fn begin_turn(
+        &self,
+        session: &SessionId,
+        sightings: &[LeadSighting<'_>],
+        history: usize,
+    ) -> Result<TurnStart, StoreError> {
+        if sightings.iter().any(|s| s.session != session) {
+            return Err(StoreError(
+                "begin_turn takes the messages of one session".into(),
+            ));
+        }
+        let Some(latest) = sightings.iter().map(|s| s.at).max() else {
+            return Ok(TurnStart {
+                completed: Vec::new(),
+                history: Vec::new(),
+            });
+        };
+        let mut keys = vec![
+            self.key(&format!("window:{{{session}}}")),
+            self.key(&format!("session:{{{session}}}")),
+        ];
+        keys.extend(
+            sightings
+                .iter()
+                .map(|s| self.key(&format!("turn:{{{session}}}:{}", s.message_sid))),
+        );
+        let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
+        begin.arg(ms(latest)).arg(history);
+        let mut lead = evalsha(
+            &SCRIPTS.record_lead,
+            &lead_keys(self, session, sightings.iter().map(|s| s.message_sid)),
+        );
+        lead_args(&mut lead, session, sightings);
+        type Reply = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>), i64);
+        let ((completed, turns), _): Reply = self
+            .scripted(redis::pipe().add_command(begin).add_command(lead))
+            .await
+            .map_err(err("begin turn"))?;
+        let completed = completed
+            .iter()
+            .map(|r| {
+                r.as_deref()
+                    .map(|r| {
+                        serde_json::from_slice(r)
+                            .map_err(|e| StoreError::from_display("decode turn record", e))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let history = turns
+            .iter()
+            .map(|r| {
+                serde_json::from_slice(r).map_err(|e| StoreError::from_display("decode turn", e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TurnStart { completed, history })
+    }
+
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
         // LRANGE from -0 would be the whole list.
         if last == 0 {
@@ -296,8 +480,9 @@ impl Store for RedisStore {
                 "complete_turn needs at least one turn key".into(),
             ));
         }
-        let script = Script::new(COMPLETE_TURN);
-        let mut inv = script.key(self.key(&format!("session:{{{session}}}")));
+        let mut inv = SCRIPTS
+            .complete_turn
+            .key(self.key(&format!("session:{{{session}}}")));
         for k in turn_keys {
             inv.key(self.key(&format!("turn:{{{session}}}:{k}")));
         }
@@ -307,27 +492,27 @@ impl Store for RedisStore {
         for t in turns {
             inv.arg(to_json(t)?);
         }
-        let stored: Vec<u8> = inv
+        let earlier: Option<Vec<u8>> = inv
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("complete turn"))?;
-        serde_json::from_slice(&stored)
-            .map_err(|e| StoreError::from_display("decode turn record", e))
+        match earlier {
+            Some(earlier) => serde_json::from_slice(&earlier)
+                .map_err(|e| StoreError::from_display("decode turn record", e)),
+            None => Ok(completed.clone()),
+        }
     }
 
     async fn record_lead(&self, s: &LeadSighting<'_>) -> Result<(), StoreError> {
-        let agent = s.session.agent();
-        let user = s.session.user();
-        let _: i64 = Script::new(RECORD_LEAD)
-            .key(self.key(&format!("lead:{{{agent}}}:{user}")))
-            .key(self.key(&format!("leads:{{{agent}}}")))
-            .key(self.key(&format!("leadseen:{{{agent}}}:{}", s.message_sid)))
-            .arg(user)
-            .arg(s.profile_name.unwrap_or(""))
-            .arg(ms(s.at))
-            .arg(GUARD_TTL.as_secs())
-            .invoke_async(&mut self.conn())
+        let mut cmd = evalsha(
+            &SCRIPTS.record_lead,
+            &lead_keys(self, s.session, std::iter::once(s.message_sid)),
+        );
+        lead_args(&mut cmd, s.session, std::slice::from_ref(s));
+        let _: i64 = self
+            .scripted(redis::pipe().add_command(cmd))
             .await
+            .map(|(n,): (i64,)| n)
             .map_err(err("record lead"))?;
         Ok(())
     }
@@ -363,7 +548,8 @@ impl Store for RedisStore {
         session: &SessionId,
         at: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let _: i64 = Script::new(STAMP_MAX)
+        let _: i64 = SCRIPTS
+            .stamp_max
             .key(self.key(&format!("window:{{{session}}}")))
             .arg(ms(at))
             .invoke_async(&mut self.conn())
@@ -385,7 +571,8 @@ impl Store for RedisStore {
     }
 
     async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
-        let _: i64 = Script::new(STAMP_MAX)
+        let _: i64 = SCRIPTS
+            .stamp_max
             .key(self.key(&format!("optout:{{{session}}}")))
             .arg(ms(at))
             .invoke_async(&mut self.conn())
@@ -407,21 +594,38 @@ impl Store for RedisStore {
     }
 
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
-        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
-        let r: String = Script::new(CLAIM_SEND)
-            .key(self.key(&format!("guard:{key}")))
-            .arg(ms(OffsetDateTime::now_utc()))
-            .arg(lease_ms)
-            .arg(GUARD_TTL.as_secs())
-            .invoke_async(&mut self.conn())
+        let (answer,): (String,) = self
+            .scripted(redis::pipe().add_command(self.claim_cmd(key, lease)))
             .await
             .map_err(err("claim send"))?;
-        Ok(match r.as_str() {
-            "claimed" => GuardState::Claimed,
-            "reclaimed" => GuardState::Reclaimed,
-            "busy" => GuardState::Busy,
-            other => GuardState::Sent(other.trim_start_matches("sent:").to_owned()),
-        })
+        Ok(guard_state(&answer))
+    }
+
+    async fn claim_send_with_clocks(
+        &self,
+        session: &SessionId,
+        key: &str,
+        lease: Duration,
+    ) -> Result<(GuardState, WindowClocks), StoreError> {
+        let clocks = redis::cmd("MGET")
+            .arg(self.key(&format!("window:{{{session}}}")))
+            .arg(self.key(&format!("optout:{{{session}}}")))
+            .clone();
+        let ((last_inbound, opted_out_at), answer): ((Option<i64>, Option<i64>), String) = self
+            .scripted(
+                redis::pipe()
+                    .add_command(clocks)
+                    .add_command(self.claim_cmd(key, lease)),
+            )
+            .await
+            .map_err(err("claim send"))?;
+        Ok((
+            guard_state(&answer),
+            WindowClocks {
+                last_inbound: last_inbound.map(from_ms),
+                opted_out_at: opted_out_at.map(from_ms),
+            },
+        ))
     }
 
     async fn mark_sent(
@@ -452,7 +656,8 @@ impl Store for RedisStore {
     }
 
     async fn release_send(&self, key: &str) -> Result<(), StoreError> {
-        let _: i64 = Script::new(RELEASE_SEND)
+        let _: i64 = SCRIPTS
+            .release_send
             .key(self.key(&format!("guard:{key}")))
             .invoke_async(&mut self.conn())
             .await
@@ -461,7 +666,8 @@ impl Store for RedisStore {
     }
 
     async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
-        let applied: i64 = Script::new(RECORD_STATUS)
+        let applied: i64 = SCRIPTS
+            .record_status
             .key(self.key(&format!("status:{}", u.message_sid)))
             .arg(u.status.as_str())
             .arg(u.status.rank())
