@@ -179,7 +179,11 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
             bus: deps.bus.clone(),
             store: deps.store.clone(),
             directory: deps.directory.clone(),
-            runner: worker::agent::AgentRunner::new(deps.keyring.clone(), settings.agent_timeout()),
+            runner: worker::agent::AgentRunner::new(
+                deps.keyring.clone(),
+                settings.agent_timeout(),
+                settings.worker_concurrency,
+            ),
             history_window: settings.history_window,
             retry: settings.agent_retry.clone(),
         };

@@ -46,11 +46,18 @@ pub struct AgentRunner {
 }
 
 impl AgentRunner {
-    /// A runner with `default_timeout` for backends that do not set their own.
-    pub fn new(keyring: std::sync::Arc<Keyring>, default_timeout: Duration) -> Self {
+    /// A runner with `default_timeout` for backends that do not set their own, making up to
+    /// `concurrency` agent calls at once. As many connections per agent host stay open between
+    /// turns: with fewer, a busy worker closes connections only to open them again for the
+    /// next turn, paying a TCP (and TLS) handshake per call.
+    pub fn new(
+        keyring: std::sync::Arc<Keyring>,
+        default_timeout: Duration,
+        concurrency: usize,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(concurrency)
             .build()
             .unwrap_or_default();
         Self {
