@@ -110,11 +110,40 @@ pub fn own_cpu_seconds() -> Result<f64> {
 }
 
 impl Proc {
-    /// Kills the process and waits for it to go.
+    /// Kills the process and whatever it started (a profiler given as a
+    /// `WAGATE_BENCH_WRAP_<ROLE>` wrapper runs wagate as its child), then reaps it.
     pub fn stop(&mut self) {
+        let descendants = descendants(self.pid());
         let _ = self.child.kill();
+        if !descendants.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(descendants.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.wait();
     }
+}
+
+/// The processes below `pid`, from `/proc/<pid>/task/<tid>/children`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    found
 }
 
 impl Drop for Proc {
