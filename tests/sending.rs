@@ -119,6 +119,22 @@ async fn the_sender_itself_refuses_free_text_once_the_window_closed() {
     assert_eq!(dl[0]["code"], 63016);
     assert!(dl[0]["reason"].as_str().unwrap().contains("24-hour window"));
     assert_eq!(w.twilio.sent().len(), 1);
+
+    // The user writes again, so the window is open: the refused reply, replayed, goes out at
+    // once, because its send guard was given back when it was refused (a guard left held
+    // would keep it waiting for its lease, longer than WAIT).
+    w.wagate.inbound("demo", &sid(2), FROM, "back").await;
+    w.twilio.wait_for_sent(2, WAIT).await;
+    let id = dl[0]["id"].as_str().unwrap();
+    let r = w
+        .wagate
+        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "replay: {}", r.status());
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[2].body.as_deref(), Some("too late"));
 }
 
 #[tokio::test]
