@@ -500,6 +500,15 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
     let again = store.begin_turn(&s, &batch, 1).await.unwrap();
     assert_eq!(again.completed, start.completed, "{n}");
     assert_eq!(again.history, turns[1..], "{n}: the last turn only");
+    assert_eq!(
+        store
+            .begin_turn(&s, &batch, usize::MAX)
+            .await
+            .unwrap()
+            .history,
+        turns,
+        "{n}: as much history as there is"
+    );
     let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
     assert_eq!(lead.message_count, 3, "{n}: counted once per sid");
 

@@ -59,7 +59,8 @@ return counted
 "#;
 
 // KEYS[1] = window clock, KEYS[2] = session list, KEYS[3..] = turn records of the messages;
-// ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted.
+// ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as digits (a Lua
+// number would lose digits, and LRANGE takes no exponent).
 const BEGIN_TURN: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
@@ -71,8 +72,7 @@ for i = 3, #KEYS do
   if not record then fresh = true end
 end
 local history = {}
-local wanted = tonumber(ARGV[2])
-if fresh and wanted > 0 then history = redis.call('LRANGE', KEYS[2], -wanted, -1) end
+if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. ARGV[2], -1) end
 return {done, history}
 "#;
 
@@ -410,7 +410,7 @@ impl Store for RedisStore {
                 .map(|s| self.key(&format!("turn:{{{session}}}:{}", s.message_sid))),
         );
         let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
-        begin.arg(ms(latest)).arg(history);
+        begin.arg(ms(latest)).arg(history.min(i64::MAX as usize));
         let mut lead = evalsha(
             &SCRIPTS.record_lead,
             &lead_keys(self, session, sightings.iter().map(|s| s.message_sid)),
