@@ -4,7 +4,7 @@
 //! (`<p>.inbound.<agent>.<user>`), so JetStream's per-subject order is the conversation's order.
 //! Publishes set `Nats-Msg-Id`, so JetStream drops duplicates within its window.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self, AckKind, Context,
@@ -143,8 +143,9 @@ impl JetStreamBus {
 
 struct JetStreamDelivery {
     message: jetstream::Message,
-    /// The work queue the message came from, to look up its conversation's oldest message.
-    stream: Stream,
+    /// The work queue the message came from, to look up its conversation's oldest message;
+    /// shared, because a `Stream` carries its whole configuration.
+    stream: Arc<Stream>,
 }
 
 #[async_trait]
@@ -268,7 +269,7 @@ impl Bus for JetStreamBus {
 
     async fn subscribe(&self, topic: Topic) -> Result<Deliveries, BusError> {
         let consumer = self.consumer(topic).await?;
-        let stream = self.stream(topic).clone();
+        let stream = Arc::new(self.stream(topic).clone());
         let batch = self.max_in_flight.min(1000);
         let messages = consumer
             .stream()
