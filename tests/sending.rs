@@ -34,6 +34,16 @@ async fn wait_dead_letters(w: &World, n: usize) -> Vec<serde_json::Value> {
     .await
 }
 
+/// Replays a dead letter through the admin API.
+async fn replay(w: &World, letter: &serde_json::Value) -> reqwest::Response {
+    let id = letter["id"].as_str().unwrap();
+    w.wagate
+        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn free_text_outside_the_window_is_refused_and_templates_go_out() {
     let w = World::start().await;
@@ -125,13 +135,7 @@ async fn the_sender_itself_refuses_free_text_once_the_window_closed() {
     // would keep it waiting for its lease, longer than WAIT).
     w.wagate.inbound("demo", &sid(2), FROM, "back").await;
     w.twilio.wait_for_sent(2, WAIT).await;
-    let id = dl[0]["id"].as_str().unwrap();
-    let r = w
-        .wagate
-        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&w, &dl[0]).await;
     assert!(r.status().is_success(), "replay: {}", r.status());
     let sent = w.twilio.wait_for_sent(3, WAIT).await;
     assert_eq!(sent[2].body.as_deref(), Some("too late"));
@@ -361,13 +365,7 @@ async fn a_63016_reported_by_status_callback_becomes_a_dead_letter_that_replays_
         dl[0]["message"]["content"]["parts"],
         serde_json::json!(["late news"])
     );
-    let id = dl[0]["id"].as_str().unwrap();
-    let r = w
-        .wagate
-        .admin(Method::POST, &format!("/v1/dead-letters/{id}/replay"))
-        .send()
-        .await
-        .unwrap();
+    let r = replay(&w, &dl[0]).await;
     assert_eq!(r.status(), 200);
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
     assert_eq!(sent[1].body.as_deref(), Some("late news"));

@@ -463,16 +463,8 @@ impl Store for EmbeddedStore {
         sightings: &[LeadSighting<'_>],
         history: usize,
     ) -> Result<TurnStart, StoreError> {
-        if sightings.iter().any(|s| s.session != session) {
-            return Err(StoreError(
-                "begin_turn takes the messages of one session".into(),
-            ));
-        }
-        let Some(latest) = sightings.iter().map(|s| ms(s.at)).max() else {
-            return Ok(TurnStart {
-                completed: Vec::new(),
-                history: Vec::new(),
-            });
+        let Some(latest) = super::latest_sighting(session, sightings)?.map(ms) else {
+            return Ok(TurnStart::default());
         };
         let sightings: Vec<Sighting> = sightings.iter().map(Sighting::of).collect();
         let agent = session.agent().as_str().to_owned();

@@ -124,7 +124,7 @@ pub struct CompletedTurn {
 }
 
 /// What a turn starts from ([`Store::begin_turn`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TurnStart {
     /// For each message of the turn, in order: the completed turn that answered it, when it
     /// was answered before (the message was delivered again).
@@ -276,6 +276,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;
+}
+
+/// The time of the latest of `sightings`, which must all be messages of `session`: what both
+/// stores check before [`Store::begin_turn`]. `None` when there are none.
+fn latest_sighting(
+    session: &SessionId,
+    sightings: &[LeadSighting<'_>],
+) -> Result<Option<OffsetDateTime>, StoreError> {
+    if sightings.iter().any(|s| s.session != session) {
+        return Err(StoreError(
+            "begin_turn takes the messages of one session".into(),
+        ));
+    }
+    Ok(sightings.iter().map(|s| s.at).max())
 }
 
 /// How long records that only guard against duplicates are kept.

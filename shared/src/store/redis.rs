@@ -389,16 +389,8 @@ impl Store for RedisStore {
         sightings: &[LeadSighting<'_>],
         history: usize,
     ) -> Result<TurnStart, StoreError> {
-        if sightings.iter().any(|s| s.session != session) {
-            return Err(StoreError(
-                "begin_turn takes the messages of one session".into(),
-            ));
-        }
-        let Some(latest) = sightings.iter().map(|s| s.at).max() else {
-            return Ok(TurnStart {
-                completed: Vec::new(),
-                history: Vec::new(),
-            });
+        let Some(latest) = super::latest_sighting(session, sightings)? else {
+            return Ok(TurnStart::default());
         };
         let mut keys = vec![
             self.key(&format!("window:{{{session}}}")),
