@@ -112,6 +112,10 @@ fn install_metrics() -> Option<PrometheusHandle> {
     PrometheusBuilder::new().install_recorder().ok()
 }
 
+/// How long, in a staged shutdown, the sender keeps taking deliveries after the worker
+/// stopped: JetStream hands a published reply to a waiting pull within milliseconds.
+const REPLY_SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Runs `roles` until shutdown or until one of them fails.
 pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     settings.validate()?;
@@ -235,11 +239,22 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    // The replies of the turns that just finished were published, not yet delivered: the
+    // sender goes on taking deliveries for a moment, so it starts sending them before it stops.
+    if roles.worker && roles.sender {
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + REPLY_SETTLE)).await;
+    }
     sender_shutdown.cancel();
     let back = tokio::time::timeout_at(deadline, async {
         while sender_tasks.join_next().await.is_some() {}
     })
     .await;
+    if let Err(e) = tokio::time::timeout_at(deadline, deps.bus.flush())
+        .await
+        .unwrap_or(Ok(()))
+    {
+        tracing::warn!(error = %e, "could not flush the last acks; their messages come back after the ack wait");
+    }
     if front.is_err() || back.is_err() {
         tracing::warn!(
             "shutdown deadline passed; exiting with work in flight (it will be redelivered)"

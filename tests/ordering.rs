@@ -109,3 +109,48 @@ async fn conversations_stay_in_order_across_worker_and_sender_processes() {
     );
     drop(others);
 }
+
+/// Messages of one conversation that wait in one worker behind a slow turn go one after the
+/// other as soon as the turn before them is done: the worker knows it acked that turn, so the
+/// next message does not wait for JetStream to apply the ack (acks are sent, not confirmed).
+#[tokio::test]
+async fn queued_messages_of_a_conversation_follow_without_waiting_for_their_turn() {
+    let servers = Servers::start().await;
+    let twilio = FakeTwilio::start().await;
+    twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+    let hook = FakeAgentWebhook::start("whsec-0123456789abcdef").await;
+    // Slow enough that every later message is queued before the first turn ends.
+    hook.set_delay(Duration::from_millis(300));
+    hook.set_reply(|req| serde_json::json!({"reply": req["message"]["body"]}));
+    let wagate = Wagate::start(&servers, &twilio.base_url, &[("WAGATE_COALESCE_MAX", "1")]).await;
+    wagate.agent("biz", serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-0123456789abcdef"})).await;
+    wagate.channel("biz", true).await;
+
+    const MESSAGES: u64 = 5;
+    let user = "+14155550400";
+    for m in 0..MESSAGES {
+        let r = wagate.inbound("biz", &sid(m), user, &format!("#{m}")).await;
+        assert_eq!(r.status(), 200);
+    }
+    let sent = twilio
+        .wait_for_sent(MESSAGES as usize, Duration::from_secs(30))
+        .await;
+    let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    let expected: Vec<String> = (0..MESSAGES).map(|m| format!("#{m}")).collect();
+    assert_eq!(bodies, expected, "in order");
+    let metrics = wagate
+        .http
+        .get(format!("{}/metrics", wagate.public_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let waits: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("wagate_order_waits_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(waits, 0.0, "no message was handed back to wait: {metrics}");
+}

@@ -79,15 +79,18 @@ impl Failure {
 }
 
 impl Handler<OutboundReply> for SendContext {
-    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, OutboundReply)>) {
+    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, OutboundReply)>) -> bool {
+        let mut finished = true;
         for (delivery, reply) in batch {
-            self.send_one(delivery, reply).await;
+            finished &= self.send_one(delivery, reply).await;
         }
+        finished
     }
 }
 
 impl SendContext {
-    async fn send_one(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) {
+    /// Sends one reply and settles its delivery; true when it was acknowledged.
+    async fn send_one(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) -> bool {
         let failures_key = format!("send:{}", reply.id);
         let result = with_keep_alive(delivery.as_ref(), send(self, &reply)).await;
         let attempt = match &result {
@@ -98,10 +101,14 @@ impl SendContext {
                 .await
                 .unwrap_or_else(|_| delivery.attempt()),
         };
+        let mut acked = false;
         let outcome = match result {
             Ok(()) => {
-                if let Err(e) = delivery.ack().await {
-                    tracing::warn!(id = %reply.id, error = %e, "ack failed; the send guard keeps the redelivery from posting again");
+                match delivery.ack().await {
+                    Ok(()) => acked = true,
+                    Err(e) => {
+                        tracing::warn!(id = %reply.id, error = %e, "ack failed; the send guard keeps the redelivery from posting again");
+                    }
                 }
                 "sent"
             }
@@ -128,6 +135,7 @@ impl SendContext {
             let _ = self.store.clear_failures(&failures_key).await;
         }
         metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(1);
+        acked || outcome == "dead_letter"
     }
 }
 

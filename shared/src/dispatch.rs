@@ -9,7 +9,7 @@ use std::{
     collections::{HashMap, VecDeque},
     future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -24,8 +24,10 @@ use crate::{
 /// Handles decoded messages and settles their deliveries (ack, retry or dead letter).
 pub trait Handler<T>: Send + Sync + 'static {
     /// Handles messages of one conversation, oldest first: one, or several that came back to
-    /// back and are handled as one (burst coalescing); must settle every delivery.
-    fn handle(&self, batch: Vec<(Box<dyn Delivery>, T)>) -> impl Future<Output = ()> + Send;
+    /// back and are handled as one (burst coalescing); must settle every delivery. Returns
+    /// whether every message of the batch was acknowledged (finished for good), which lets the
+    /// conversation's next queued message skip over them when it checks its turn.
+    fn handle(&self, batch: Vec<(Box<dyn Delivery>, T)>) -> impl Future<Output = bool> + Send;
 
     /// When the message was received, for the coalescing window; `None` if unknown.
     fn received_at(&self, _message: &T) -> Option<time::OffsetDateTime> {
@@ -61,7 +63,57 @@ struct Item<T> {
     permit: OwnedSemaphorePermit,
 }
 
-type Queues<T> = Arc<Mutex<HashMap<String, VecDeque<Item<T>>>>>;
+/// The conversations this process is working on.
+struct Conversations<T> {
+    /// Per conversation with a task draining it: the messages waiting behind the one in hand.
+    queued: HashMap<String, VecDeque<Item<T>>>,
+    /// Per conversation whose task ended a moment ago: the position of the last message it
+    /// finished, and when. That message's ack may not have reached the bus yet, so the
+    /// conversation's next message checks its turn after that position.
+    finished: HashMap<String, (u64, Instant)>,
+    /// When `finished` is next cleared of what it no longer needs.
+    next_sweep: Instant,
+}
+
+impl<T> Default for Conversations<T> {
+    fn default() -> Self {
+        Self {
+            queued: HashMap::new(),
+            finished: HashMap::new(),
+            next_sweep: Instant::now() + FINISHED_MEMORY,
+        }
+    }
+}
+
+/// How long a drained conversation's last finished position is remembered: far longer than an
+/// ack takes to apply, short enough to keep the table to the conversations active just now.
+const FINISHED_MEMORY: Duration = Duration::from_secs(5);
+
+impl<T> Conversations<T> {
+    /// The position of the message the task of `key` finished last, if it ended just now.
+    fn take_finished(&mut self, key: &str) -> Option<u64> {
+        self.finished
+            .remove(key)
+            .filter(|(_, at)| at.elapsed() < FINISHED_MEMORY)
+            .map(|(position, _)| position)
+    }
+
+    /// Ends the task of `key`, remembering the last message it finished.
+    fn end(&mut self, key: &str, finished: Option<u64>) {
+        self.queued.remove(key);
+        let now = Instant::now();
+        if now >= self.next_sweep {
+            self.finished
+                .retain(|_, (_, at)| now.duration_since(*at) < FINISHED_MEMORY);
+            self.next_sweep = now + FINISHED_MEMORY;
+        }
+        if let Some(position) = finished {
+            self.finished.insert(key.to_owned(), (position, now));
+        }
+    }
+}
+
+type Queues<T> = Arc<Mutex<Conversations<T>>>;
 
 /// Runs until `shutdown`, then waits for in-flight messages up to the grace period. `decode`
 /// turns a payload into the message and its conversation key; payloads it refuses are logged
@@ -126,23 +178,23 @@ where
         };
         let first = {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-            match q.get_mut(&key) {
+            match q.queued.get_mut(&key) {
                 Some(waiting) => {
                     waiting.push_back(item);
                     None
                 }
                 None => {
-                    q.insert(key.clone(), VecDeque::new());
-                    Some(item)
+                    q.queued.insert(key.clone(), VecDeque::new());
+                    Some((item, q.take_finished(&key)))
                 }
             }
         };
-        if let Some(first) = first {
+        if let Some((first, finished)) = first {
             tracker.spawn(drain(
                 handler.clone(),
                 queues.clone(),
                 key,
-                first,
+                (first, finished),
                 config.coalesce,
                 shutdown.clone(),
             ));
@@ -168,22 +220,31 @@ fn order_wait() -> Duration {
     Duration::from_millis(rand::rng().random_range(50..150))
 }
 
-/// Handles a conversation's queued messages in order until its queue is empty.
+/// Handles a conversation's queued messages in order until its queue is empty. `first` comes
+/// with the position of the conversation's last message this process finished, if that was
+/// just now.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
     queues: Queues<T>,
     key: String,
-    first: Item<T>,
+    first: (Item<T>, Option<u64>),
     coalesce: Option<Coalesce>,
     shutdown: Shutdown,
 ) {
+    let (first, mut finished) = first;
     let mut next = Some(first);
     while let Some(item) = next {
         if shutdown.is_cancelled() {
             // Not started: hand it back at once so another process takes it.
             let _ = item.delivery.retry_in(Duration::ZERO).await;
         } else {
-            match item.delivery.is_next_in_conversation().await {
+            // After a message this process finished, the next one only has to be the first
+            // after it: the finished one may still be stored until its ack is applied.
+            let turn = match finished.take() {
+                Some(position) => item.delivery.is_next_after(position).await,
+                None => item.delivery.is_next_in_conversation().await,
+            };
+            match turn {
                 Ok(true) => {
                     let batch = match coalesce {
                         Some(c) => gather(handler.as_ref(), &queues, &key, item, c).await,
@@ -195,11 +256,14 @@ async fn drain<T, H: Handler<T>>(
                     }
                     // The permits are held until the batch is handled: they are what bounds
                     // the agent calls (or Twilio posts) running at once.
+                    let last = batch.iter().map(|i| i.delivery.position()).max();
                     let (permits, batch): (Vec<_>, Vec<_>) = batch
                         .into_iter()
                         .map(|i| (i.permit, (i.delivery, i.message)))
                         .unzip();
-                    handler.handle(batch).await;
+                    if handler.handle(batch).await {
+                        finished = last;
+                    }
                     drop(permits);
                 }
                 Ok(false) => {
@@ -213,10 +277,10 @@ async fn drain<T, H: Handler<T>>(
             }
         }
         let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-        next = match q.get_mut(&key).and_then(VecDeque::pop_front) {
+        next = match q.queued.get_mut(&key).and_then(VecDeque::pop_front) {
             Some(item) => Some(item),
             None => {
-                q.remove(&key);
+                q.end(&key, finished);
                 None
             }
         };
@@ -244,7 +308,7 @@ async fn gather<T, H: Handler<T>>(
     while batch.len() < coalesce.max {
         let candidate = {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-            q.get_mut(key).and_then(VecDeque::pop_front)
+            q.queued.get_mut(key).and_then(VecDeque::pop_front)
         };
         let Some(candidate) = candidate else { break };
         let previous = batch.last().map_or(0, |i| i.delivery.position());
@@ -252,7 +316,10 @@ async fn gather<T, H: Handler<T>>(
             batch.push(candidate);
         } else {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-            q.entry(key.to_owned()).or_default().push_front(candidate);
+            q.queued
+                .entry(key.to_owned())
+                .or_default()
+                .push_front(candidate);
             break;
         }
     }

@@ -52,6 +52,22 @@ async fn wait_tcp(port: u16, what: &str, child: &mut Child) {
     panic!("{what} did not listen on port {port} within 15s");
 }
 
+/// Whether the server on `port` answers `say` with a reply starting with `expect`.
+async fn greets(port: u16, say: &[u8], expect: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(say).await?;
+        let mut got = vec![0; expect.len()];
+        stream.read_exact(&mut got).await?;
+        Ok::<_, std::io::Error>(got == expect)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), exchange).await,
+        Ok(Ok(true))
+    )
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
@@ -144,21 +160,31 @@ impl Servers {
                 dir,
             };
         }
-        let nats_port = free_port();
-        let redis_port = free_port();
-        let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
-        let mut redis = spawn_redis(redis_port, dir.path());
-        wait_tcp(redis_port, "redis-server", &mut redis).await;
-        Servers {
-            mode,
-            nats_url: format!("nats://127.0.0.1:{nats_port}"),
-            redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
-            redis_port,
-            nats_port,
-            nats: Some(nats),
-            redis: Some(Proc(redis)),
-            dir,
+        // A port found free can be taken by another test's server before ours binds it; then
+        // what answers there is not ours, and both are started again on other ports.
+        for _ in 0..5 {
+            let nats_port = free_port();
+            let redis_port = free_port();
+            let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
+            let mut redis = spawn_redis(redis_port, dir.path());
+            wait_tcp(redis_port, "redis-server", &mut redis).await;
+            let redis = Proc(redis);
+            if greets(nats_port, b"", b"INFO").await
+                && greets(redis_port, b"PING\r\n", b"+PONG").await
+            {
+                return Servers {
+                    mode,
+                    nats_url: format!("nats://127.0.0.1:{nats_port}"),
+                    redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+                    redis_port,
+                    nats_port,
+                    nats: Some(nats),
+                    redis: Some(redis),
+                    dir,
+                };
+            }
         }
+        panic!("could not start nats-server and redis-server on free ports");
     }
 
     /// Kills redis-server (SIGKILL) and starts it again on the same port and data (AOF).

@@ -14,8 +14,8 @@ use crate::turn::{TurnContext, handle};
 pub use shared::dispatch::DispatchConfig as WorkerConfig;
 
 impl Handler<InboundMessage> for TurnContext {
-    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, InboundMessage)>) {
-        handle(self, batch).await;
+    async fn handle(&self, batch: Vec<(Box<dyn Delivery>, InboundMessage)>) -> bool {
+        handle(self, batch).await
     }
 
     fn received_at(&self, message: &InboundMessage) -> Option<time::OffsetDateTime> {

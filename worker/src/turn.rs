@@ -57,11 +57,11 @@ impl From<shared::bus::BusError> for Failure {
 pub type Item = (Box<dyn Delivery>, InboundMessage);
 
 /// Handles one conversation's messages (one, or a burst handled as one turn) and settles every
-/// delivery: ack, retry later, or dead letter then ack.
-pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
+/// delivery: ack, retry later, or dead letter then ack. True when every message was acked.
+pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     let started = Instant::now();
     let Some((_, first)) = batch.first() else {
-        return;
+        return true;
     };
     let session = first.session_id();
     let sightings: Vec<LeadSighting<'_>> = batch
@@ -85,19 +85,21 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
             for (delivery, _) in &batch {
                 let _ = delivery.retry_in(RETRY_SOON).await;
             }
-            return;
+            return false;
         }
     };
     // Messages whose turn was completed before (they were delivered again) only republish
     // their stored reply; the rest make the new turn.
     let mut deliveries = Vec::with_capacity(batch.len());
     let mut msgs = Vec::with_capacity(batch.len());
+    let mut acked = true;
     for ((delivery, msg), done) in batch.into_iter().zip(completed) {
         match done {
             Some(done) => match publish_reply(ctx, &msg, &done).await {
-                Ok(()) => ack(delivery.as_ref(), &msg).await,
+                Ok(()) => acked &= ack(delivery.as_ref(), &msg).await,
                 Err(_) => {
                     let _ = delivery.retry_in(RETRY_SOON).await;
+                    acked = false;
                 }
             },
             None => {
@@ -107,7 +109,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
         }
     }
     let (Some(first_delivery), Some(first)) = (deliveries.first(), msgs.first()) else {
-        return;
+        return acked;
     };
     let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
     let result = process(ctx, first_delivery.as_ref(), &session, &msgs, &history).await;
@@ -122,7 +124,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
     let outcome = match result {
         Ok(()) => {
             for (delivery, msg) in deliveries.iter().zip(&msgs) {
-                ack(delivery.as_ref(), msg).await;
+                acked &= ack(delivery.as_ref(), msg).await;
             }
             "replied"
         }
@@ -148,15 +150,21 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) {
     }
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
+    acked && outcome != "retry"
 }
 
 /// How soon a message comes back after a failure that is not the turn's (the store could not
 /// be read, a reply could not be republished).
 const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(500);
 
-async fn ack(delivery: &dyn Delivery, msg: &InboundMessage) {
-    if let Err(e) = delivery.ack().await {
-        tracing::warn!(sid = %msg.message_sid, error = %e, "ack failed; the message will come again and republish its stored reply");
+/// Acks one delivery; false (and logged) when the ack could not be sent.
+async fn ack(delivery: &dyn Delivery, msg: &InboundMessage) -> bool {
+    match delivery.ack().await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(sid = %msg.message_sid, error = %e, "ack failed; the message will come again and republish its stored reply");
+            false
+        }
     }
 }
 
@@ -183,7 +191,9 @@ async fn dead_letter(
             message: DeadMessage::Inbound(Box::new(msg.clone())),
         };
         match ctx.bus.put_dead_letter(&letter).await {
-            Ok(_) => ack(delivery.as_ref(), msg).await,
+            Ok(_) => {
+                ack(delivery.as_ref(), msg).await;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not store the dead letter; keeping the message");
                 let _ = delivery.retry_in(std::time::Duration::from_secs(5)).await;

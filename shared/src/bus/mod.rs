@@ -63,7 +63,11 @@ pub trait Delivery: Send + Sync {
     fn payload(&self) -> &[u8];
     /// Which delivery this is, from 1.
     fn attempt(&self) -> u64;
-    /// Done: the message will not come again. Returns once the bus has recorded it.
+    /// Done: the message will not come again. May return before the bus has applied it (on
+    /// JetStream the ack is sent, not confirmed): an ack lost on the way brings the message back
+    /// after the ack wait, where its stored outcome is reused. Because of that gap, a consumer
+    /// that acked a message checks the next one of the conversation with
+    /// [`Self::is_next_after`] the acked position, which does not look at the acked message.
     async fn ack(&self) -> Result<(), BusError>;
     /// Not done: deliver again after `delay`.
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError>;
@@ -112,4 +116,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Whether the bus answers.
     async fn ready(&self) -> Result<(), BusError>;
+
+    /// Waits until what this process sent (acks are sent, not confirmed) has left it; called
+    /// before exiting. A bus inside the process has nothing in transit.
+    async fn flush(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
