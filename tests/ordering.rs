@@ -138,15 +138,7 @@ async fn queued_messages_of_a_conversation_follow_without_waiting_for_their_turn
     let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
     let expected: Vec<String> = (0..MESSAGES).map(|m| format!("#{m}")).collect();
     assert_eq!(bodies, expected, "in order");
-    let metrics = wagate
-        .http
-        .get(format!("{}/metrics", wagate.public_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = wagate.metrics().await;
     let waits: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("wagate_order_waits_total"))

@@ -342,15 +342,6 @@ async fn health_readiness_and_metrics_answer() {
         w.wagate.inbound("demo", &sid(1), FROM, "hi").await.status(),
         200
     );
-    let m = w
-        .wagate
-        .http
-        .get(format!("{}/metrics", w.wagate.public_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = w.wagate.metrics().await;
     assert!(m.contains("wagate_webhooks_total"), "{m}");
 }

@@ -384,6 +384,18 @@ impl Wagate {
         r.json().await.unwrap()
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.public_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// GETs an admin path and returns its JSON, asserting a 200.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         let r = self.admin(reqwest::Method::GET, path).send().await.unwrap();
