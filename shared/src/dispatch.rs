@@ -194,7 +194,8 @@ where
                 handler.clone(),
                 queues.clone(),
                 key,
-                (first, finished),
+                first,
+                finished,
                 config.coalesce,
                 shutdown.clone(),
             ));
@@ -220,18 +221,17 @@ fn order_wait() -> Duration {
     Duration::from_millis(rand::rng().random_range(50..150))
 }
 
-/// Handles a conversation's queued messages in order until its queue is empty. `first` comes
-/// with the position of the conversation's last message this process finished, if that was
-/// just now.
+/// Handles a conversation's queued messages in order until its queue is empty. `finished` is
+/// the position of the conversation's last message this process finished, if that was just now.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
     queues: Queues<T>,
     key: String,
-    first: (Item<T>, Option<u64>),
+    first: Item<T>,
+    mut finished: Option<u64>,
     coalesce: Option<Coalesce>,
     shutdown: Shutdown,
 ) {
-    let (first, mut finished) = first;
     let mut next = Some(first);
     while let Some(item) = next {
         if shutdown.is_cancelled() {

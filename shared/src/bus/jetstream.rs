@@ -164,8 +164,8 @@ impl Delivery for JetStreamDelivery {
     async fn ack(&self) -> Result<(), BusError> {
         // Sent, not confirmed: a confirmed ack is a request the server answers, and dropping
         // that answer took P2 from 4,100-4,500 to 4,500-4,800 replies/s (docs/benchmarks.md).
-        // The client only fails to send when it is closed, so the send is retried; an ack lost
-        // on a dropped connection only brings the message back after the ack wait.
+        // Sending fails only while the client is closing; it is tried a few times all the same.
+        // An ack lost on a dropped connection only brings the message back after the ack wait.
         let mut wait = Duration::from_millis(100);
         let mut last = None;
         for _ in 0..ACK_ATTEMPTS {

@@ -209,6 +209,24 @@ fn last_turn(
     })
 }
 
+/// The last `n` turns of `session` as stored, oldest first.
+fn last_turns(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    session: &str,
+    n: usize,
+) -> Result<Vec<Vec<u8>>, DbError> {
+    let mut rows = Vec::new();
+    for row in table
+        .range((session, 0)..=(session, u64::MAX))?
+        .rev()
+        .take(n)
+    {
+        rows.push(row?.1.value().to_vec());
+    }
+    rows.reverse();
+    Ok(rows)
+}
+
 /// Moves a clock to `at` unless it already shows a later time; an absent clock counts as the
 /// epoch, as the Redis store's script does.
 fn stamp_max(txn: &WriteTransaction, kind: &str, session: &str, at: i64) -> Result<(), DbError> {
@@ -480,18 +498,11 @@ impl Store for EmbeddedStore {
                     count_lead(txn, &mut records, &agent, &user, sighting)?;
                     completed.push(records.get(("turn", &session, &sighting.sid))?);
                 }
-                let mut turns = Vec::new();
-                if completed.iter().any(Option::is_none) {
-                    let table = txn.open_table(TURNS)?;
-                    for row in table
-                        .range((session.as_str(), 0)..=(session.as_str(), u64::MAX))?
-                        .rev()
-                        .take(history)
-                    {
-                        turns.push(row?.1.value().to_vec());
-                    }
-                    turns.reverse();
-                }
+                let turns = if completed.iter().any(Option::is_none) {
+                    last_turns(&txn.open_table(TURNS)?, &session, history)?
+                } else {
+                    Vec::new()
+                };
                 Ok((completed, turns))
             })
             .await?;
@@ -509,22 +520,10 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         let session = session.to_string();
-        let mut rows = self
+        let rows = self
             .db
-            .read(move |txn| {
-                let table = txn.open_table(TURNS)?;
-                let mut rows = Vec::new();
-                for row in table
-                    .range((session.as_str(), 0)..=(session.as_str(), u64::MAX))?
-                    .rev()
-                    .take(last)
-                {
-                    rows.push(row?.1.value().to_vec());
-                }
-                Ok(rows)
-            })
+            .read(move |txn| last_turns(&txn.open_table(TURNS)?, &session, last))
             .await?;
-        rows.reverse();
         rows.iter().map(|r| decode(r)).collect()
     }
 

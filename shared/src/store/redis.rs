@@ -268,8 +268,7 @@ impl RedisStore {
         key: String,
     ) -> Result<Option<T>, StoreError> {
         let raw: Option<Vec<u8>> = self.conn().get(key).await.map_err(err("get"))?;
-        raw.map(|r| serde_json::from_slice(&r).map_err(|e| StoreError::from_display("decode", e)))
-            .transpose()
+        raw.map(|r| from_json(&r, "decode")).transpose()
     }
 
     async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
@@ -284,6 +283,10 @@ impl RedisStore {
 
 fn err(context: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
     move |e| StoreError::from_display(context, e)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], context: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::from_display(context, e))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -413,24 +416,20 @@ impl Store for RedisStore {
             .scripted(redis::pipe().add_command(begin).add_command(lead))
             .await
             .map_err(err("begin turn"))?;
-        let completed = completed
-            .iter()
-            .map(|r| {
-                r.as_deref()
-                    .map(|r| {
-                        serde_json::from_slice(r)
-                            .map_err(|e| StoreError::from_display("decode turn record", e))
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let history = turns
-            .iter()
-            .map(|r| {
-                serde_json::from_slice(r).map_err(|e| StoreError::from_display("decode turn", e))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(TurnStart { completed, history })
+        Ok(TurnStart {
+            completed: completed
+                .iter()
+                .map(|r| {
+                    r.as_deref()
+                        .map(|r| from_json(r, "decode turn record"))
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?,
+            history: turns
+                .iter()
+                .map(|r| from_json(r, "decode turn"))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
@@ -444,11 +443,7 @@ impl Store for RedisStore {
             .lrange(self.key(&format!("session:{{{session}}}")), start, -1)
             .await
             .map_err(err("history"))?;
-        raw.iter()
-            .map(|r| {
-                serde_json::from_slice(r).map_err(|e| StoreError::from_display("decode turn", e))
-            })
-            .collect()
+        raw.iter().map(|r| from_json(r, "decode turn")).collect()
     }
 
     async fn completed_turn(
@@ -489,8 +484,7 @@ impl Store for RedisStore {
             .await
             .map_err(err("complete turn"))?;
         match earlier {
-            Some(earlier) => serde_json::from_slice(&earlier)
-                .map_err(|e| StoreError::from_display("decode turn record", e)),
+            Some(earlier) => from_json(&earlier, "decode turn record"),
             None => Ok(completed.clone()),
         }
     }
@@ -501,10 +495,9 @@ impl Store for RedisStore {
             &lead_keys(self, s.session, std::iter::once(s.message_sid)),
         );
         lead_args(&mut cmd, s.session, std::slice::from_ref(s));
-        let _: i64 = self
+        let _: (i64,) = self
             .scripted(redis::pipe().add_command(cmd))
             .await
-            .map(|(n,): (i64,)| n)
             .map_err(err("record lead"))?;
         Ok(())
     }
