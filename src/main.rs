@@ -111,7 +111,18 @@ fn main() -> ExitCode {
             },
         ),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match settings.threads.map(std::num::NonZeroUsize::get) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wagate: cannot start the async runtime: {e}");

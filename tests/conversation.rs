@@ -260,7 +260,18 @@ async fn worker_concurrency_bounds_the_agent_calls_running_at_once() {
 
 #[tokio::test]
 async fn one_lead_per_phone_whatever_the_concurrency() {
-    let w = World::start().await;
+    one_lead_per_phone_under(&[]).await;
+}
+
+/// The same on a single-threaded process: every role's tasks share one thread.
+#[tokio::test]
+async fn one_lead_per_phone_on_one_thread() {
+    one_lead_per_phone_under(&[("WAGATE_THREADS", "1")]).await;
+}
+
+/// 5 phones × 8 messages posted at once: every message echoed once, one lead per phone.
+async fn one_lead_per_phone_under(env: &[(&str, &str)]) {
+    let w = World::start_with(env).await;
     w.wagate.echo_agent("demo").await;
     let phones: Vec<String> = (0..5).map(|i| format!("+1415555020{i}")).collect();
     let mut posts = Vec::new();

@@ -70,6 +70,13 @@ fn only_one_of_nats_and_redis_is_an_error_naming_the_other() {
     assert!(text.contains("WAGATE_NATS_URL"), "{text}");
 }
 
+#[test]
+fn zero_threads_is_refused() {
+    let (ok, text) = wagate(&["serve"], &[("WAGATE_THREADS", "0")]);
+    assert!(!ok);
+    assert!(text.contains("--threads"), "{text}");
+}
+
 #[tokio::test]
 async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
     let servers = Servers::start().await;

@@ -29,9 +29,14 @@ pub struct Options {
     /// Benchmarks to run, comma-separated (p1..p5; p5 comes from the P2 runs).
     #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
     only: Vec<String>,
-    /// P2 layouts to run, comma-separated: serve (on NATS + Redis), split (one process per
-    /// role), embedded. The P2 and P5 goals are read off `serve`, so it always runs.
-    #[arg(long, value_delimiter = ',', default_value = "serve,split,embedded")]
+    /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
+    /// one runtime thread per core), split (one process per role), embedded. The P2 and P5 goals
+    /// are read off `serve`, so it always runs.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "serve,serve-cores,split,embedded"
+    )]
     layouts: Vec<String>,
     /// Extra settings for every wagate process, e.g. `--wagate-env WAGATE_COALESCE_MS=50`.
     #[arg(long = "wagate-env", value_parser = parse_setting)]
@@ -39,6 +44,23 @@ pub struct Options {
     /// Where the table is written as well.
     #[arg(long, default_value = "target/bench/report.md")]
     out: std::path::PathBuf,
+}
+
+/// The settings of the wagate processes of a pipeline run: `WAGATE_THREADS=1` (unless
+/// `threads_per_core`), as docs/benchmarks.md advises where wagate shares the machine's two cores
+/// with nats-server, redis-server and the bench; then the run's own, then `--wagate-env`, which
+/// wins.
+fn pipeline_env(
+    options: &Options,
+    threads_per_core: bool,
+    own: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let threads = (!threads_per_core).then(|| ("WAGATE_THREADS".to_owned(), "1".to_owned()));
+    threads
+        .into_iter()
+        .chain(own.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+        .chain(options.wagate_env.iter().cloned())
+        .collect()
 }
 
 fn parse_setting(text: &str) -> Result<(String, String), String> {
@@ -455,24 +477,31 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
 
 async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     let layouts = [
-        ("serve", "serve on NATS + Redis", Layout::Serve),
+        ("serve", "serve on NATS + Redis", Layout::Serve, false),
+        (
+            "serve-cores",
+            "serve on NATS + Redis, a thread per core",
+            Layout::Serve,
+            true,
+        ),
         (
             "split",
             "ingress + worker + sender on NATS + Redis",
             Layout::Split { workers: 1 },
+            false,
         ),
-        ("embedded", "serve, embedded store", Layout::Embedded),
+        ("embedded", "serve, embedded store", Layout::Embedded, false),
     ];
     let layouts = layouts
         .into_iter()
-        .filter(|(key, _, _)| *key == "serve" || options.layouts.iter().any(|l| l == key));
+        .filter(|(key, ..)| *key == "serve" || options.layouts.iter().any(|l| l == key));
     let mut rows = Vec::new();
-    for (i, (_, name, layout)) in layouts.enumerate() {
+    for (i, (_, name, layout, threads_per_core)) in layouts.enumerate() {
         eprintln!("P2: {name}");
         let spec = PipelineSpec {
             layout,
             agent_latency: None,
-            env: options.wagate_env.clone(),
+            env: pipeline_env(options, threads_per_core, &[]),
             conversations: 1000,
             rounds: 10,
             runs: options.rounds,
@@ -484,7 +513,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
     report.section(
         "P2 pipeline and P5 cost",
         &format!(
-            "1,000 conversations at once, each sending 10 messages one after the other (the next when the reply came), echo agent, fake Twilio on loopback; {} runs per layout after a warm-up, medians. Every reply is checked to arrive once with its message's text. CPU is user + system time from /proc over the measured run.",
+            "1,000 conversations at once, each sending 10 messages one after the other (the next when the reply came), echo agent, fake Twilio on loopback; {} runs per layout after a warm-up, medians. Every reply is checked to arrive once with its message's text. CPU is user + system time from /proc over the measured run. wagate runs with WAGATE_THREADS=1 except where the layout says a thread per core.",
             options.rounds
         ),
     );
@@ -541,13 +570,11 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     let spec = PipelineSpec {
         layout: Layout::Split { workers: 1 },
         agent_latency: Some(LATENCY),
-        env: [(
-            "WAGATE_WORKER_CONCURRENCY".to_owned(),
-            CONVERSATIONS.to_string(),
-        )]
-        .into_iter()
-        .chain(options.wagate_env.iter().cloned())
-        .collect(),
+        env: pipeline_env(
+            options,
+            false,
+            &[("WAGATE_WORKER_CONCURRENCY", CONVERSATIONS.to_string())],
+        ),
         conversations: CONVERSATIONS,
         rounds: 3,
         runs: 1,
@@ -563,7 +590,7 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         .map_or(f64::NAN, |(_, m)| *m);
     report.section(
         "P3 slow agents",
-        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with WAGATE_WORKER_CONCURRENCY=10000, one ingress, one sender. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages.",
+        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with WAGATE_WORKER_CONCURRENCY=10000, one ingress, one sender, each with WAGATE_THREADS=1. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages.",
     );
     report.header(&[
         "replies/s",
@@ -603,7 +630,11 @@ async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         let spec = PipelineSpec {
             layout: Layout::Split { workers },
             agent_latency: Some(LATENCY),
-            env: vec![("WAGATE_WORKER_CONCURRENCY".into(), CONCURRENCY.to_string())],
+            env: pipeline_env(
+                options,
+                false,
+                &[("WAGATE_WORKER_CONCURRENCY", CONCURRENCY.to_string())],
+            ),
             conversations: 1000,
             rounds: 4,
             runs: options.rounds,
@@ -620,7 +651,7 @@ async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     report.section(
         "P4 scaling",
         &format!(
-            "1,000 conversations × 4 messages, webhook agent answering after 250 ms, WAGATE_WORKER_CONCURRENCY={CONCURRENCY} per worker process, so one process is bound at {bound:.0} replies/s; one ingress and one sender; {} runs each, medians.",
+            "1,000 conversations × 4 messages, webhook agent answering after 250 ms, WAGATE_WORKER_CONCURRENCY={CONCURRENCY} per worker process, so one process is bound at {bound:.0} replies/s; one ingress and one sender; WAGATE_THREADS=1; {} runs each, medians.",
             options.rounds
         ),
     );
