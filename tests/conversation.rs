@@ -258,6 +258,46 @@ async fn worker_concurrency_bounds_the_agent_calls_running_at_once() {
     );
 }
 
+/// An HTTPS agent that offers HTTP/2 and caps its streams at 2 still gets as many calls at
+/// once as `WAGATE_WORKER_CONCURRENCY` allows: on one HTTP/2 connection, the calls beyond the
+/// host's stream cap would wait in line, spending their agent timeout.
+#[tokio::test]
+async fn worker_concurrency_holds_against_an_agent_host_that_caps_http2_streams() {
+    const SECRET: &str = "whsec-0123456789abcdef";
+    let hook = FakeAgentWebhook::start_tls(SECRET, 2).await;
+    hook.set_delay(Duration::from_millis(600));
+    let ca = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/agent-tls/ca.pem"
+    );
+    let w = World::start_with(&[("WAGATE_WORKER_CONCURRENCY", "6"), ("SSL_CERT_FILE", ca)]).await;
+    w.wagate
+        .agent(
+            "biz",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": SECRET}),
+        )
+        .await;
+    w.wagate.channel("biz", true).await;
+    for i in 0..6u64 {
+        let from = format!("+1415555{i:04}");
+        assert_eq!(
+            w.wagate.inbound("biz", &sid(i), &from, "hi").await.status(),
+            200
+        );
+    }
+    let sent = w.twilio.wait_for_sent(6, WAIT).await;
+    assert!(
+        sent.iter()
+            .all(|m| m.body.as_deref() == Some("webhook says: hi")),
+        "{sent:?}"
+    );
+    assert_eq!(
+        hook.max_in_flight(),
+        6,
+        "six conversations, WAGATE_WORKER_CONCURRENCY=6: six agent calls at a time"
+    );
+}
+
 #[tokio::test]
 async fn one_lead_per_phone_whatever_the_concurrency() {
     one_lead_per_phone_under(&[]).await;

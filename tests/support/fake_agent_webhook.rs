@@ -53,11 +53,7 @@ impl FakeAgentWebhook {
         let addr = listener
             .local_addr()
             .expect("fake agent webhook: local_addr");
-        let shared = Arc::new(Shared {
-            secret: secret.as_bytes().to_vec(),
-            state: Mutex::new(FakeState::default()),
-            changed: Notify::new(),
-        });
+        let shared = Self::shared(secret);
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -67,6 +63,76 @@ impl FakeAgentWebhook {
             shared,
             _server: Arc::new(ServerGuard(task.abort_handle())),
         }
+    }
+
+    /// The same endpoint over HTTPS, as hosted agents are reached: `https://127.0.0.1:PORT/agent`
+    /// with the certificate of `tests/fixtures/agent-tls` (trust `ca.pem`, e.g. through
+    /// `SSL_CERT_FILE`). It offers HTTP/2 and HTTP/1.1 by ALPN, like most HTTPS hosts, and
+    /// runs at most `h2_streams` requests at once on one HTTP/2 connection, as such hosts cap
+    /// their streams (100 to 250 is usual).
+    pub async fn start_tls(secret: &str, h2_streams: u32) -> FakeAgentWebhook {
+        use hyper_util::{
+            rt::{TokioExecutor, TokioIo},
+            server::conn::auto,
+            service::TowerToHyperService,
+        };
+        use tokio_rustls::rustls::{
+            self,
+            pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/agent-tls");
+        let certs = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+            .expect("fake agent webhook: read cert.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("fake agent webhook: parse cert.pem");
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem"))
+            .expect("fake agent webhook: read key.pem");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("fake agent webhook: TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("fake agent webhook: certificate and key");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("fake agent webhook: bind 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("fake agent webhook: local_addr");
+        let shared = Self::shared(secret);
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let service = TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(h2_streams);
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeAgentWebhook {
+            url: format!("https://{addr}{PATH}"),
+            shared,
+            _server: Arc::new(ServerGuard(task.abort_handle())),
+        }
+    }
+
+    fn shared(secret: &str) -> Arc<Shared> {
+        Arc::new(Shared {
+            secret: secret.as_bytes().to_vec(),
+            state: Mutex::new(FakeState::default()),
+            changed: Notify::new(),
+        })
     }
 
     /// Every request body that arrived, in order, whether its signature verified or not.

@@ -50,6 +50,12 @@ impl AgentRunner {
     /// `concurrency` agent calls at once. As many connections per agent host stay open between
     /// turns: with fewer, a busy worker closes connections only to open them again for the
     /// next turn, paying a TCP (and TLS) handshake per call.
+    ///
+    /// Agent calls speak HTTP/1.1 only, a connection per call in flight. Over HTTP/2, hyper
+    /// keeps one connection per host and queues the calls beyond the host's stream cap (100 to
+    /// 250 is usual) instead of opening another connection (hyperium/hyper#2197), so a worker
+    /// would run far fewer calls at once than its concurrency, the rest spending their agent
+    /// timeout in line.
     pub fn new(
         keyring: std::sync::Arc<Keyring>,
         default_timeout: Duration,
@@ -57,6 +63,7 @@ impl AgentRunner {
     ) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .http1_only()
             .pool_max_idle_per_host(concurrency)
             .build()
             .unwrap_or_default();
