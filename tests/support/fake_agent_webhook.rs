@@ -47,22 +47,10 @@ pub struct FakeAgentWebhook {
 
 impl FakeAgentWebhook {
     pub async fn start(secret: &str) -> FakeAgentWebhook {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("fake agent webhook: bind 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("fake agent webhook: local_addr");
-        let shared = Self::shared(secret);
-        let app = Router::new().fallback(handle).with_state(shared.clone());
-        let task = tokio::spawn(async move {
+        Self::launch(secret, "http", |listener, app| async move {
             let _ = axum::serve(listener, app).await;
-        });
-        FakeAgentWebhook {
-            url: format!("http://{addr}{PATH}"),
-            shared,
-            _server: Arc::new(ServerGuard(task.abort_handle())),
-        }
+        })
+        .await
     }
 
     /// The same endpoint over HTTPS, as hosted agents are reached: `https://127.0.0.1:PORT/agent`
@@ -96,15 +84,7 @@ impl FakeAgentWebhook {
             .expect("fake agent webhook: certificate and key");
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("fake agent webhook: bind 127.0.0.1:0");
-        let addr = listener
-            .local_addr()
-            .expect("fake agent webhook: local_addr");
-        let shared = Self::shared(secret);
-        let app = Router::new().fallback(handle).with_state(shared.clone());
-        let task = tokio::spawn(async move {
+        Self::launch(secret, "https", move |listener, app| async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let service = TowerToHyperService::new(app.clone());
@@ -119,20 +99,35 @@ impl FakeAgentWebhook {
                         .await;
                 });
             }
-        });
-        FakeAgentWebhook {
-            url: format!("https://{addr}{PATH}"),
-            shared,
-            _server: Arc::new(ServerGuard(task.abort_handle())),
-        }
+        })
+        .await
     }
 
-    fn shared(secret: &str) -> Arc<Shared> {
-        Arc::new(Shared {
+    /// Binds a loopback port and runs `serve` on it with the endpoint's routes; `scheme` is
+    /// what `serve` speaks there.
+    async fn launch<F, Fut>(secret: &str, scheme: &str, serve: F) -> FakeAgentWebhook
+    where
+        F: FnOnce(TcpListener, Router) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("fake agent webhook: bind 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("fake agent webhook: local_addr");
+        let shared = Arc::new(Shared {
             secret: secret.as_bytes().to_vec(),
             state: Mutex::new(FakeState::default()),
             changed: Notify::new(),
-        })
+        });
+        let app = Router::new().fallback(handle).with_state(shared.clone());
+        let task = tokio::spawn(serve(listener, app));
+        FakeAgentWebhook {
+            url: format!("{scheme}://{addr}{PATH}"),
+            shared,
+            _server: Arc::new(ServerGuard(task.abort_handle())),
+        }
     }
 
     /// Every request body that arrived, in order, whether its signature verified or not.
