@@ -111,18 +111,7 @@ fn main() -> ExitCode {
             },
         ),
     };
-    let runtime = match settings.threads.map(std::num::NonZeroUsize::get) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    }
-    .enable_all()
-    .build();
-    let runtime = match runtime {
+    let runtime = match runtime(settings.threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wagate: cannot start the async runtime: {e}");
@@ -137,6 +126,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A runtime of `threads` threads (`WAGATE_THREADS`): one runs its tasks on tokio's
+/// single-threaded scheduler, with no hand-offs between threads; unset, one thread per core.
+fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads.map(std::num::NonZeroUsize::get) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
 }
 
 /// Runs an operator command (`chat`, `dlq`) to completion: exit status 0, or 1 with the error

@@ -1,6 +1,11 @@
 //! Running the roles: connect the bus and the store, start the listeners and consumers of the
 //! roles asked for, log one line when ready, and on SIGTERM stop taking work and give in-flight
 //! work the configured grace period.
+//!
+//! `serve` runs the worker and the sender each on a runtime and thread of their own, with their
+//! own NATS and Redis connections: three roles in one process then cost what three processes
+//! cost, without tasks of one role waiting behind another's on a shared scheduler
+//! (docs/benchmarks.md, change 12).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -40,16 +45,8 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
             nats_url,
             redis_url,
         } => {
-            let options = JetStreamOptions {
-                prefix: settings.prefix.clone(),
-                max_in_flight: settings.worker_concurrency.max(settings.sender_concurrency),
-                duplicate_window: std::time::Duration::from_millis(
-                    settings.dedupe_window_ms.max(1000),
-                ),
-            };
-            let bus = JetStreamBus::connect(&nats_url, options).await?;
-            let store = RedisStore::connect(&redis_url, &settings.prefix).await?;
-            (Arc::new(bus), Arc::new(store))
+            let max_in_flight = settings.worker_concurrency.max(settings.sender_concurrency);
+            connect_remote(settings, &nats_url, &redis_url, max_in_flight).await?
         }
         Backends::Embedded => {
             if roles != Roles::ALL {
@@ -100,6 +97,182 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
         directory,
         admin_token,
     })
+}
+
+/// Connects to NATS and Redis; `max_in_flight` bounds the deliveries the bus holds at once.
+async fn connect_remote(
+    settings: &Settings,
+    nats_url: &str,
+    redis_url: &str,
+    max_in_flight: usize,
+) -> Result<(Arc<dyn Bus>, Arc<dyn Store>)> {
+    let options = JetStreamOptions {
+        prefix: settings.prefix.clone(),
+        max_in_flight,
+        duplicate_window: std::time::Duration::from_millis(settings.dedupe_window_ms.max(1000)),
+    };
+    let bus = JetStreamBus::connect(nats_url, options).await?;
+    let store = RedisStore::connect(redis_url, &settings.prefix).await?;
+    Ok((Arc::new(bus), Arc::new(store)))
+}
+
+/// Where a role's bus and store come from.
+#[derive(Clone)]
+enum Backing {
+    /// The process's own: embedded mode, or a process that runs one role.
+    Shared {
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+    },
+    /// A role on a runtime of its own connects its own: a NATS or Redis connection is driven by
+    /// a task on the runtime that opened it, so sharing one would hand every call to the other
+    /// runtime's thread and back.
+    Own { nats_url: String, redis_url: String },
+}
+
+impl Backing {
+    async fn open(
+        self,
+        settings: &Settings,
+        max_in_flight: usize,
+    ) -> Result<(Arc<dyn Bus>, Arc<dyn Store>)> {
+        match self {
+            Backing::Shared { bus, store } => Ok((bus, store)),
+            Backing::Own {
+                nats_url,
+                redis_url,
+            } => connect_remote(settings, &nats_url, &redis_url, max_in_flight).await,
+        }
+    }
+}
+
+/// What every role of a process shares, whatever runtime it runs on.
+#[derive(Clone)]
+struct Common {
+    settings: Arc<Settings>,
+    keyring: Arc<Keyring>,
+    directory: Arc<ChannelDirectory>,
+}
+
+impl Common {
+    fn dispatch(&self, concurrency: usize, coalesce: Option<Coalesce>) -> DispatchConfig {
+        DispatchConfig {
+            concurrency,
+            shutdown_grace: self.settings.shutdown_grace(),
+            coalesce,
+        }
+    }
+}
+
+/// How long a role waits, after it stopped, for what it sent to leave the process.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Flushes a role's bus before its runtime ends: acks are sent, not confirmed, so the last
+/// ones may still sit in the connection's buffer.
+async fn flush(bus: &dyn Bus) {
+    match tokio::time::timeout(FLUSH_WAIT, bus.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not flush the last acks; their messages come back after the ack wait");
+        }
+        Err(_) => {
+            tracing::warn!(
+                "the last acks did not leave in time; their messages come back after the ack wait"
+            );
+        }
+    }
+}
+
+/// Told by a role once its connections are open, so that `wagate ready` is logged only then.
+type Started = tokio::sync::oneshot::Sender<()>;
+
+async fn worker_role(
+    common: Common,
+    backing: Backing,
+    shutdown: Shutdown,
+    started: Started,
+) -> Result<()> {
+    let settings = &common.settings;
+    let (bus, store) = backing.open(settings, settings.worker_concurrency).await?;
+    // The process may have stopped waiting; the role runs all the same.
+    let _ = started.send(());
+    let ctx = worker::TurnContext {
+        bus: bus.clone(),
+        store,
+        directory: common.directory.clone(),
+        runner: worker::agent::AgentRunner::new(
+            common.keyring.clone(),
+            settings.agent_timeout(),
+            settings.worker_concurrency,
+        ),
+        history_window: settings.history_window,
+        retry: settings.agent_retry.clone(),
+    };
+    let coalesce = Coalesce {
+        window: std::time::Duration::from_millis(settings.coalesce_ms),
+        max: settings.coalesce_max.max(1),
+    };
+    let config = common.dispatch(settings.worker_concurrency, Some(coalesce));
+    let done = worker::run(ctx, config, shutdown).await;
+    flush(&*bus).await;
+    Ok(done?)
+}
+
+async fn sender_role(
+    common: Common,
+    backing: Backing,
+    shutdown: Shutdown,
+    started: Started,
+) -> Result<()> {
+    let settings = &common.settings;
+    let (bus, store) = backing.open(settings, settings.sender_concurrency).await?;
+    // The process may have stopped waiting; the role runs all the same.
+    let _ = started.send(());
+    let ctx = sender::SendContext {
+        bus: bus.clone(),
+        store,
+        directory: common.directory.clone(),
+        client: sender::twilio_client::TwilioClient::new(
+            &settings.twilio_api_base,
+            settings.twilio_timeout(),
+        ),
+        public_url: settings.public_base().map(str::to_owned),
+        retry: settings.send_retry.clone(),
+        twilio_timeout: settings.twilio_timeout(),
+    };
+    let config = common.dispatch(settings.sender_concurrency, None);
+    let done = sender::run(ctx, config, shutdown).await;
+    flush(&*bus).await;
+    Ok(done?)
+}
+
+/// Runs a role on a runtime of its own, on a thread of its own, and resolves when it ends.
+/// `start` builds the role's future on that runtime, so that the connections it opens are
+/// driven there.
+async fn on_own_runtime<F, Fut>(
+    name: &'static str,
+    threads: Option<std::num::NonZeroUsize>,
+    start: F,
+) -> Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>>,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("wagate-{name}"))
+        .spawn(move || {
+            let done = match crate::runtime(threads) {
+                Ok(runtime) => runtime.block_on(start()),
+                Err(e) => Err(anyhow!("cannot start the {name}'s runtime: {e}")),
+            };
+            // Nobody listens any more once the shutdown deadline has passed.
+            let _ = done_tx.send(done);
+        })
+        .with_context(|| format!("cannot start the {name}'s thread"))?;
+    done_rx
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("the {name} panicked")))
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
@@ -173,48 +346,56 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         let router = ingress::health::routes().with_state(state.clone());
         tasks.spawn(serve_http(listener, router, shutdown.clone()));
     }
-    let dispatch = |concurrency, coalesce| DispatchConfig {
-        concurrency,
-        shutdown_grace: settings.shutdown_grace(),
-        coalesce,
+    let common = Common {
+        settings: Arc::new(settings.clone()),
+        keyring: deps.keyring.clone(),
+        directory: deps.directory.clone(),
     };
-    if roles.worker {
-        let ctx = worker::TurnContext {
+    // One process with several roles (`serve`) gives the worker and the sender a runtime each;
+    // a process of one role runs it on the main runtime.
+    let apart = roles.worker && roles.sender;
+    let backing = match settings.backends()? {
+        Backends::Distributed {
+            nats_url,
+            redis_url,
+        } if apart => Backing::Own {
+            nats_url,
+            redis_url,
+        },
+        _ => Backing::Shared {
             bus: deps.bus.clone(),
             store: deps.store.clone(),
-            directory: deps.directory.clone(),
-            runner: worker::agent::AgentRunner::new(
-                deps.keyring.clone(),
-                settings.agent_timeout(),
-                settings.worker_concurrency,
-            ),
-            history_window: settings.history_window,
-            retry: settings.agent_retry.clone(),
-        };
-        let coalesce = Coalesce {
-            window: std::time::Duration::from_millis(settings.coalesce_ms),
-            max: settings.coalesce_max.max(1),
-        };
-        let config = dispatch(settings.worker_concurrency, Some(coalesce));
-        let s = shutdown.clone();
-        tasks.spawn(async move { Ok(worker::run(ctx, config, s).await?) });
+        },
+    };
+    let mut starting = Vec::new();
+    if roles.worker {
+        let (common, backing, s) = (common.clone(), backing.clone(), shutdown.clone());
+        let (started, start) = tokio::sync::oneshot::channel();
+        starting.push(start);
+        if apart {
+            tasks.spawn(on_own_runtime("worker", settings.threads, move || {
+                worker_role(common, backing, s, started)
+            }));
+        } else {
+            tasks.spawn(worker_role(common, backing, s, started));
+        }
     }
     if roles.sender {
-        let ctx = sender::SendContext {
-            bus: deps.bus.clone(),
-            store: deps.store.clone(),
-            directory: deps.directory.clone(),
-            client: sender::twilio_client::TwilioClient::new(
-                &settings.twilio_api_base,
-                settings.twilio_timeout(),
-            ),
-            public_url: settings.public_base().map(str::to_owned),
-            retry: settings.send_retry.clone(),
-            twilio_timeout: settings.twilio_timeout(),
-        };
-        let config = dispatch(settings.sender_concurrency, None);
-        let s = sender_shutdown.clone();
-        sender_tasks.spawn(async move { Ok(sender::run(ctx, config, s).await?) });
+        let (common, backing, s) = (common.clone(), backing.clone(), sender_shutdown.clone());
+        let (started, start) = tokio::sync::oneshot::channel();
+        starting.push(start);
+        if apart {
+            sender_tasks.spawn(on_own_runtime("sender", settings.threads, move || {
+                sender_role(common, backing, s, started)
+            }));
+        } else {
+            sender_tasks.spawn(sender_role(common, backing, s, started));
+        }
+    }
+    // A role that could not start has dropped its `started`; its error ends the wait below.
+    let mut all_started = true;
+    for start in starting {
+        all_started &= start.await.is_ok();
     }
     let role_names: Vec<&str> = [
         ("ingress", roles.ingress),
@@ -224,7 +405,9 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     .into_iter()
     .filter_map(|(n, on)| on.then_some(n))
     .collect();
-    tracing::info!(roles = %role_names.join(","), listening = %listening.join(", "), "wagate ready");
+    if all_started {
+        tracing::info!(roles = %role_names.join(","), listening = %listening.join(", "), "wagate ready");
+    }
 
     let mut failure = None;
     tokio::select! {
@@ -249,12 +432,6 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         while sender_tasks.join_next().await.is_some() {}
     })
     .await;
-    if let Err(e) = tokio::time::timeout_at(deadline, deps.bus.flush())
-        .await
-        .unwrap_or(Ok(()))
-    {
-        tracing::warn!(error = %e, "could not flush the last acks; their messages come back after the ack wait");
-    }
     if front.is_err() || back.is_err() {
         tracing::warn!(
             "shutdown deadline passed; exiting with work in flight (it will be redelivered)"

@@ -145,9 +145,10 @@ pub struct Settings {
         default_value_t = 512
     )]
     pub spool_max_mb: u64,
-    /// Threads that run the process's tasks. 1 runs them all on one thread, which costs less CPU
-    /// per message (no hand-offs between threads) where wagate shares a few cores with NATS and
-    /// Redis; scale such a deployment by processes. Unset: one thread per core.
+    /// Threads that run a role's tasks (`serve` gives ingress, worker and sender a runtime
+    /// each). 1 runs a role on one thread, which costs less CPU per message (no hand-offs
+    /// between threads) where wagate shares a few cores with NATS and Redis; scale such a
+    /// deployment by processes. Unset: one thread per core.
     #[arg(long = "threads", env = "WAGATE_THREADS")]
     pub threads: Option<std::num::NonZeroUsize>,
     /// Time given to in-flight work on SIGTERM before the process exits, in milliseconds.
