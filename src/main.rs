@@ -68,6 +68,7 @@ impl Roles {
 }
 
 fn main() -> ExitCode {
+    small_pages();
     let cli = Cli::parse();
     init_tracing();
     let (settings, roles) = match cli.command {
@@ -125,6 +126,20 @@ fn main() -> ExitCode {
             eprintln!("wagate: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Turns transparent huge pages off for the process. mimalloc asks the kernel for them, and
+/// then a 2 MiB page is zeroed and counted in full wherever a few bytes of it are touched: a
+/// worker holding 10,000 slow agent calls took 614 MiB with them and 520 without, and a
+/// `serve` under load 70 MiB against 46, at the same CPU per message (docs/benchmarks.md,
+/// change 13). Called first, before the allocator has handed out much.
+fn small_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!(
+            "wagate: could not turn transparent huge pages off ({e}); memory use will be higher"
+        );
     }
 }
 

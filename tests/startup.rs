@@ -5,7 +5,7 @@ mod support;
 
 use std::{process::Command, time::Duration};
 
-use support::harness::{Servers, free_port, test_master_key};
+use support::harness::{Servers, World, free_port, test_master_key};
 
 fn wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
@@ -126,4 +126,19 @@ async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
         text.contains("cannot listen") && text.contains("WAGATE_LISTEN"),
         "{text}"
     );
+}
+
+/// A running wagate has transparent huge pages off: with them, memory is zeroed and counted in
+/// 2 MiB pages wherever the allocator touches a few bytes (docs/benchmarks.md, change 13).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_running_wagate_has_transparent_huge_pages_off() {
+    let world = World::start().await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", world.wagate.pid()))
+        .expect("read the process status");
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
+    assert_eq!(thp.trim(), "0", "{status}");
 }

@@ -317,6 +317,11 @@ impl Wagate {
         panic!("wagate was not ready within 30s:\n{}", self.logs());
     }
 
+    /// The process id, to read what the kernel says about the process.
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -325,7 +330,7 @@ impl Wagate {
     /// Sends SIGTERM and waits for the exit; returns whether it exited 0, and how long it took.
     pub async fn terminate(&mut self) -> (bool, Duration) {
         let started = Instant::now();
-        let pid = self.proc.0.id().to_string();
+        let pid = self.pid().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         loop {
             if let Ok(Some(status)) = self.proc.0.try_wait() {
