@@ -31,12 +31,20 @@ pub struct Driven {
     pub retries: u64,
     /// From the first message sent to the last reply received.
     pub seconds: f64,
+    /// From the first reply received to the last: the time the pipeline was delivering, without
+    /// the first message's own wait for its reply.
+    pub flowing: f64,
 }
 
 impl Driven {
     /// Replies per second.
     pub fn rate(&self) -> f64 {
         self.replies as f64 / self.seconds
+    }
+
+    /// Replies per second while they were coming: what the pipeline sustains once it is full.
+    pub fn flow_rate(&self) -> f64 {
+        self.replies as f64 / self.flowing
     }
 
     /// Whether every message got exactly its one reply.
@@ -69,6 +77,7 @@ pub async fn drive(
         let (http, permits, url) = (http.clone(), permits.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let mut seen = Driven::default();
+            let mut first_reply = None;
             'rounds: for j in 0..rounds {
                 let text = format!("r{run} c{i} m{j}");
                 let sid = format!("SM{run:08x}{i:08x}{j:016x}");
@@ -99,6 +108,7 @@ pub async fn drive(
                     match tokio::time::timeout(REPLY_TIMEOUT, inbox.recv()).await {
                         Ok(Some(reply)) if reply == text => {
                             seen.replies += 1;
+                            first_reply.get_or_insert_with(Instant::now);
                             break;
                         }
                         Ok(Some(_)) => seen.wrong += 1,
@@ -109,14 +119,19 @@ pub async fn drive(
                     }
                 }
             }
-            (seen, inbox, Instant::now())
+            (seen, inbox, first_reply, Instant::now())
         }));
     }
     let mut total = Driven::default();
     let mut last = started;
+    let mut first = None::<Instant>;
     let mut inboxes = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (seen, inbox, done) = task.await?;
+        let (seen, inbox, first_reply, done) = task.await?;
+        first = match (first, first_reply) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         total.replies += seen.replies;
         total.wrong += seen.wrong;
         total.missing += seen.missing;
@@ -125,6 +140,7 @@ pub async fn drive(
         inboxes.push(inbox);
     }
     total.seconds = (last - started).as_secs_f64();
+    total.flowing = (last - first.unwrap_or(started)).as_secs_f64();
     // A duplicate would arrive after its original: give stragglers a moment, then count them.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for mut inbox in inboxes {
