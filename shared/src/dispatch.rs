@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    bus::{Bus, BusError, Delivery, Topic},
+    bus::{Bus, BusError, Deliveries, Delivery, Topic},
     shutdown::Shutdown,
 };
 
@@ -115,6 +115,37 @@ impl<T> Conversations<T> {
 
 type Queues<T> = Arc<Mutex<Conversations<T>>>;
 
+/// How long to wait before asking the bus again for a subscription it could not give.
+const SUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+/// How long one attempt to subscribe may take: a request in flight when NATS went away is
+/// never answered, and would otherwise hold the role until the process is stopped.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Subscribes to `topic`, asking again while the bus is unreachable (NATS restarting, say), so
+/// that a role outlives an outage that begins before it has subscribed; `None` on shutdown.
+async fn subscribe(bus: &dyn Bus, topic: Topic, shutdown: &Shutdown) -> Option<Deliveries> {
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            a = tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.subscribe(topic)) => a,
+        };
+        match attempt {
+            Ok(Ok(deliveries)) => return Some(deliveries),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, topic = topic.as_str(), "could not subscribe; retrying")
+            }
+            Err(_) => tracing::warn!(
+                topic = topic.as_str(),
+                "the bus did not answer the subscription in time; retrying"
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(SUBSCRIBE_RETRY) => {}
+        }
+    }
+}
+
 /// Runs until `shutdown`, then waits for in-flight messages up to the grace period. `decode`
 /// turns a payload into the message and its conversation key; payloads it refuses are logged
 /// and acknowledged (they are not messages of this pipeline).
@@ -134,7 +165,9 @@ where
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let queues: Queues<T> = Arc::default();
     let tracker = TaskTracker::new();
-    let mut deliveries = bus.subscribe(topic).await?;
+    let Some(mut deliveries) = subscribe(&*bus, topic, &shutdown).await else {
+        return Ok(());
+    };
     tracing::info!(
         topic = topic.as_str(),
         concurrency = config.concurrency,
@@ -159,7 +192,10 @@ where
             None => {
                 tracing::warn!(topic = topic.as_str(), "subscription ended; resubscribing");
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                deliveries = bus.subscribe(topic).await?;
+                match subscribe(&*bus, topic, &shutdown).await {
+                    Some(d) => deliveries = d,
+                    None => break,
+                }
                 continue;
             }
         };
