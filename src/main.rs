@@ -13,7 +13,7 @@ mod dlq;
 mod first_start;
 mod roles;
 
-use std::process::ExitCode;
+use std::{num::NonZeroUsize, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use shared::{config::Settings, crypto::Keyring};
@@ -65,6 +65,24 @@ impl Roles {
         worker: true,
         sender: true,
     };
+
+    /// Whether the worker and the sender run on runtimes of their own beside the main one:
+    /// in one process with several roles, so that no role's burst queues the others.
+    fn apart(self) -> bool {
+        self.worker && self.sender
+    }
+
+    /// Threads of each of the process's runtimes: `WAGATE_THREADS`, or else the cores shared
+    /// out among its runtimes, at least one each. `serve` on two cores then runs each role on
+    /// one thread, which measured cheapest where the roles share the cores with NATS and Redis
+    /// (docs/benchmarks.md, change 14).
+    fn threads(self, setting: Option<NonZeroUsize>) -> NonZeroUsize {
+        setting.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+            let runtimes = if self.apart() { 3 } else { 1 };
+            NonZeroUsize::new(cores / runtimes).unwrap_or(NonZeroUsize::MIN)
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -112,7 +130,8 @@ fn main() -> ExitCode {
             },
         ),
     };
-    let runtime = match runtime(settings.threads) {
+    let threads = roles.threads(settings.threads);
+    let runtime = match runtime(threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wagate: cannot start the async runtime: {e}");
@@ -143,17 +162,16 @@ fn small_pages() {
     }
 }
 
-/// A runtime of `threads` threads (`WAGATE_THREADS`): one runs its tasks on tokio's
-/// single-threaded scheduler, with no hand-offs between threads; unset, one thread per core.
-fn runtime(threads: Option<std::num::NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads.map(std::num::NonZeroUsize::get) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+/// A runtime of `threads` threads: one runs its tasks on tokio's single-threaded scheduler,
+/// with no hand-offs between threads.
+fn runtime(threads: NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads.get() {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(n);
             builder
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()
     .build()
@@ -190,5 +208,30 @@ fn init_tracing() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE_ROLE: Roles = Roles {
+        ingress: false,
+        worker: true,
+        sender: false,
+    };
+
+    #[test]
+    fn the_setting_decides_the_threads_when_given() {
+        let four = NonZeroUsize::new(4);
+        assert_eq!(Roles::ALL.threads(four), NonZeroUsize::new(4).unwrap());
+        assert_eq!(ONE_ROLE.threads(four), NonZeroUsize::new(4).unwrap());
+    }
+
+    #[test]
+    fn unset_the_cores_are_shared_out_among_the_runtimes() {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        assert_eq!(ONE_ROLE.threads(None).get(), cores);
+        assert_eq!(Roles::ALL.threads(None).get(), (cores / 3).max(1));
     }
 }

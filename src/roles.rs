@@ -251,7 +251,7 @@ async fn sender_role(
 /// driven there.
 async fn on_own_runtime<F, Fut>(
     name: &'static str,
-    threads: Option<std::num::NonZeroUsize>,
+    threads: std::num::NonZeroUsize,
     start: F,
 ) -> Result<()>
 where
@@ -353,7 +353,8 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     };
     // One process with several roles (`serve`) gives the worker and the sender a runtime each;
     // a process of one role runs it on the main runtime.
-    let apart = roles.worker && roles.sender;
+    let apart = roles.apart();
+    let threads = roles.threads(settings.threads);
     let backing = match settings.backends()? {
         Backends::Distributed {
             nats_url,
@@ -373,7 +374,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         let (started, start) = tokio::sync::oneshot::channel();
         starting.push(start);
         if apart {
-            tasks.spawn(on_own_runtime("worker", settings.threads, move || {
+            tasks.spawn(on_own_runtime("worker", threads, move || {
                 worker_role(common, backing, s, started)
             }));
         } else {
@@ -385,7 +386,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         let (started, start) = tokio::sync::oneshot::channel();
         starting.push(start);
         if apart {
-            sender_tasks.spawn(on_own_runtime("sender", settings.threads, move || {
+            sender_tasks.spawn(on_own_runtime("sender", threads, move || {
                 sender_role(common, backing, s, started)
             }));
         } else {

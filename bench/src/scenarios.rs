@@ -30,8 +30,8 @@ pub struct Options {
     #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
     only: Vec<String>,
     /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
-    /// one runtime thread per core), split (one process per role), embedded. The P2 and P5 goals
-    /// are read off `serve`, so it always runs.
+    /// a runtime thread per core for each role), split (one process per role), embedded. The
+    /// P2 and P5 goals are read off `serve`, so it always runs.
     #[arg(
         long,
         value_delimiter = ',',
@@ -46,18 +46,21 @@ pub struct Options {
     out: std::path::PathBuf,
 }
 
-/// The settings of the wagate processes of a pipeline run: `WAGATE_THREADS=1` (unless
-/// `threads_per_core`), as docs/benchmarks.md advises where wagate shares the machine's two cores
-/// with nats-server, redis-server and the bench; then the run's own, then `--wagate-env`, which
-/// wins.
+/// The settings of the wagate processes of a pipeline run: `WAGATE_THREADS=1`, as
+/// docs/benchmarks.md advises where wagate shares the machine's two cores with nats-server,
+/// redis-server and the bench, or with `threads_per_core` a thread per core for each role; then
+/// the run's own, then `--wagate-env`, which wins.
 fn pipeline_env(
     options: &Options,
     threads_per_core: bool,
     own: &[(&str, String)],
 ) -> Vec<(String, String)> {
-    let threads = (!threads_per_core).then(|| ("WAGATE_THREADS".to_owned(), "1".to_owned()));
-    threads
-        .into_iter()
+    let threads = if threads_per_core {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    } else {
+        1
+    };
+    std::iter::once(("WAGATE_THREADS".to_owned(), threads.to_string()))
         .chain(own.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
         .chain(options.wagate_env.iter().cloned())
         .collect()
@@ -495,7 +498,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
         ("serve", "serve on NATS + Redis", Layout::Serve, false),
         (
             "serve-cores",
-            "serve on NATS + Redis, a thread per core",
+            "serve on NATS + Redis, a thread per core for each role",
             Layout::Serve,
             true,
         ),
@@ -528,7 +531,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
     report.section(
         "P2 pipeline and P5 cost",
         &format!(
-            "1,000 conversations at once, each sending 10 messages one after the other (the next when the reply came), echo agent, fake Twilio on loopback; {} runs per layout after a warm-up, medians. Every reply is checked to arrive once with its message's text. CPU is user + system time from /proc over the measured run. wagate runs with WAGATE_THREADS=1 except where the layout says a thread per core.",
+            "1,000 conversations at once, each sending 10 messages one after the other (the next when the reply came), echo agent, fake Twilio on loopback; {} runs per layout after a warm-up, medians. Every reply is checked to arrive once with its message's text. CPU is user + system time from /proc over the measured run. wagate runs with WAGATE_THREADS=1 except where the layout says a thread per core (WAGATE_THREADS set to the number of cores).",
             options.rounds
         ),
     );

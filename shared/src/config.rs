@@ -148,7 +148,8 @@ pub struct Settings {
     /// Threads that run a role's tasks (`serve` gives ingress, worker and sender a runtime
     /// each). 1 runs a role on one thread, which costs less CPU per message (no hand-offs
     /// between threads) where wagate shares a few cores with NATS and Redis; scale such a
-    /// deployment by processes. Unset: one thread per core.
+    /// deployment by processes. Unset: the cores shared out among the process's runtimes (a
+    /// process of one role gets them all, `serve` a third each, at least one).
     #[arg(long = "threads", env = "WAGATE_THREADS")]
     pub threads: Option<std::num::NonZeroUsize>,
     /// Time given to in-flight work on SIGTERM before the process exits, in milliseconds.
