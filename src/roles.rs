@@ -186,6 +186,27 @@ async fn flush(bus: &dyn Bus) {
 /// Told by a role once its connections are open, so that `wagate ready` is logged only then.
 type Started = tokio::sync::oneshot::Sender<()>;
 
+/// Opens a role's connections, says so through `started`, runs `role` on them, and flushes the
+/// bus once the role has stopped.
+async fn with_connections<F, Fut>(
+    settings: &Settings,
+    backing: Backing,
+    max_in_flight: usize,
+    started: Started,
+    role: F,
+) -> Result<()>
+where
+    F: FnOnce(Arc<dyn Bus>, Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = Result<(), shared::bus::BusError>>,
+{
+    let (bus, store) = backing.open(settings, max_in_flight).await?;
+    // The process may have stopped waiting; the role runs all the same.
+    let _ = started.send(());
+    let done = role(bus.clone(), store).await;
+    flush(&*bus).await;
+    Ok(done?)
+}
+
 async fn worker_role(
     common: Common,
     backing: Backing,
@@ -193,29 +214,33 @@ async fn worker_role(
     started: Started,
 ) -> Result<()> {
     let settings = &common.settings;
-    let (bus, store) = backing.open(settings, settings.worker_concurrency).await?;
-    // The process may have stopped waiting; the role runs all the same.
-    let _ = started.send(());
-    let ctx = worker::TurnContext {
-        bus: bus.clone(),
-        store,
-        directory: common.directory.clone(),
-        runner: worker::agent::AgentRunner::new(
-            common.keyring.clone(),
-            settings.agent_timeout(),
-            settings.worker_concurrency,
-        ),
-        history_window: settings.history_window,
-        retry: settings.agent_retry.clone(),
-    };
-    let coalesce = Coalesce {
-        window: std::time::Duration::from_millis(settings.coalesce_ms),
-        max: settings.coalesce_max.max(1),
-    };
-    let config = common.dispatch(settings.worker_concurrency, Some(coalesce));
-    let done = worker::run(ctx, config, shutdown).await;
-    flush(&*bus).await;
-    Ok(done?)
+    with_connections(
+        settings,
+        backing,
+        settings.worker_concurrency,
+        started,
+        |bus, store| {
+            let ctx = worker::TurnContext {
+                bus,
+                store,
+                directory: common.directory.clone(),
+                runner: worker::agent::AgentRunner::new(
+                    common.keyring.clone(),
+                    settings.agent_timeout(),
+                    settings.worker_concurrency,
+                ),
+                history_window: settings.history_window,
+                retry: settings.agent_retry.clone(),
+            };
+            let coalesce = Coalesce {
+                window: std::time::Duration::from_millis(settings.coalesce_ms),
+                max: settings.coalesce_max.max(1),
+            };
+            let config = common.dispatch(settings.worker_concurrency, Some(coalesce));
+            worker::run(ctx, config, shutdown)
+        },
+    )
+    .await
 }
 
 async fn sender_role(
@@ -225,25 +250,60 @@ async fn sender_role(
     started: Started,
 ) -> Result<()> {
     let settings = &common.settings;
-    let (bus, store) = backing.open(settings, settings.sender_concurrency).await?;
-    // The process may have stopped waiting; the role runs all the same.
-    let _ = started.send(());
-    let ctx = sender::SendContext {
-        bus: bus.clone(),
-        store,
-        directory: common.directory.clone(),
-        client: sender::twilio_client::TwilioClient::new(
-            &settings.twilio_api_base,
-            settings.twilio_timeout(),
-        ),
-        public_url: settings.public_base().map(str::to_owned),
-        retry: settings.send_retry.clone(),
-        twilio_timeout: settings.twilio_timeout(),
-    };
-    let config = common.dispatch(settings.sender_concurrency, None);
-    let done = sender::run(ctx, config, shutdown).await;
-    flush(&*bus).await;
-    Ok(done?)
+    with_connections(
+        settings,
+        backing,
+        settings.sender_concurrency,
+        started,
+        |bus, store| {
+            let ctx = sender::SendContext {
+                bus,
+                store,
+                directory: common.directory.clone(),
+                client: sender::twilio_client::TwilioClient::new(
+                    &settings.twilio_api_base,
+                    settings.twilio_timeout(),
+                ),
+                public_url: settings.public_base().map(str::to_owned),
+                retry: settings.send_retry.clone(),
+                twilio_timeout: settings.twilio_timeout(),
+            };
+            let config = common.dispatch(settings.sender_concurrency, None);
+            sender::run(ctx, config, shutdown)
+        },
+    )
+    .await
+}
+
+/// Where a role's tasks run: on a runtime and thread of their own (`serve`), or on the main
+/// runtime.
+#[derive(Clone, Copy)]
+struct Placement {
+    apart: bool,
+    threads: std::num::NonZeroUsize,
+}
+
+impl Placement {
+    /// Starts the role that `start` builds into `tasks`, and returns the receiver its
+    /// [`Started`] answers.
+    fn spawn<F, Fut>(
+        self,
+        tasks: &mut JoinSet<Result<()>>,
+        name: &'static str,
+        start: F,
+    ) -> tokio::sync::oneshot::Receiver<()>
+    where
+        F: FnOnce(Started) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let (started, receiver) = tokio::sync::oneshot::channel();
+        if self.apart {
+            tasks.spawn(on_own_runtime(name, self.threads, move || start(started)));
+        } else {
+            tasks.spawn(start(started));
+        }
+        receiver
+    }
 }
 
 /// Runs a role on a runtime of its own, on a thread of its own, and resolves when it ends.
@@ -354,7 +414,10 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     // One process with several roles (`serve`) gives the worker and the sender a runtime each;
     // a process of one role runs it on the main runtime.
     let apart = roles.apart();
-    let threads = roles.threads(settings.threads);
+    let placement = Placement {
+        apart,
+        threads: roles.threads(settings.threads),
+    };
     let backing = match settings.backends()? {
         Backends::Distributed {
             nats_url,
@@ -371,27 +434,17 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     let mut starting = Vec::new();
     if roles.worker {
         let (common, backing, s) = (common.clone(), backing.clone(), shutdown.clone());
-        let (started, start) = tokio::sync::oneshot::channel();
-        starting.push(start);
-        if apart {
-            tasks.spawn(on_own_runtime("worker", threads, move || {
-                worker_role(common, backing, s, started)
-            }));
-        } else {
-            tasks.spawn(worker_role(common, backing, s, started));
-        }
+        starting.push(placement.spawn(&mut tasks, "worker", move |started| {
+            worker_role(common, backing, s, started)
+        }));
     }
     if roles.sender {
         let (common, backing, s) = (common.clone(), backing.clone(), sender_shutdown.clone());
-        let (started, start) = tokio::sync::oneshot::channel();
-        starting.push(start);
-        if apart {
-            sender_tasks.spawn(on_own_runtime("sender", threads, move || {
+        starting.push(
+            placement.spawn(&mut sender_tasks, "sender", move |started| {
                 sender_role(common, backing, s, started)
-            }));
-        } else {
-            sender_tasks.spawn(sender_role(common, backing, s, started));
-        }
+            }),
+        );
     }
     // A role that could not start has dropped its `started`; its error ends the wait below.
     let mut all_started = true;
