@@ -245,20 +245,53 @@ async fn worker_concurrency_bounds_the_agent_calls_running_at_once() {
 /// host's stream cap would wait in line, spending their agent timeout.
 #[tokio::test]
 async fn worker_concurrency_holds_against_an_agent_host_that_caps_http2_streams() {
-    let hook = FakeAgentWebhook::start_tls(HOOK_SECRET, 2).await;
-    let ca = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/agent-tls/ca.pem"
-    );
+    let hook = FakeAgentWebhook::start_tls(HOOK_SECRET, Some(2)).await;
     assert_eq!(
-        six_conversations_at_once(
-            &hook,
-            &[("WAGATE_WORKER_CONCURRENCY", "6"), ("SSL_CERT_FILE", ca)]
-        )
-        .await,
+        six_conversations_at_once(&hook, &tls_settings()).await,
         6,
         "six conversations, WAGATE_WORKER_CONCURRENCY=6: six agent calls at a time"
     );
+    assert_eq!(
+        hook.connections(),
+        vec!["h2"; 3],
+        "two streams per connection: a new HTTP/2 connection each time the others are full"
+    );
+}
+
+/// A host that allows more streams than the worker has calls gets them all on one connection,
+/// instead of a connection (with its buffers and TLS state) per call.
+#[tokio::test]
+async fn agent_calls_share_one_http2_connection_within_the_hosts_stream_cap() {
+    let hook = FakeAgentWebhook::start_tls(HOOK_SECRET, Some(100)).await;
+    assert_eq!(six_conversations_at_once(&hook, &tls_settings()).await, 6);
+    assert_eq!(hook.connections(), vec!["h2"]);
+}
+
+/// An HTTPS host that answers ALPN with HTTP/1.1 still gets every call at once, a connection
+/// per call.
+#[tokio::test]
+async fn an_https_agent_host_without_http2_gets_http1_connections() {
+    let hook = FakeAgentWebhook::start_tls(HOOK_SECRET, None).await;
+    assert_eq!(six_conversations_at_once(&hook, &tls_settings()).await, 6);
+    let connections = hook.connections();
+    assert!(
+        connections.len() >= 6 && connections.iter().all(|c| c == "http/1.1"),
+        "{connections:?}"
+    );
+}
+
+/// Six calls at once, trusting the CA of `tests/fixtures/agent-tls`.
+fn tls_settings() -> [(&'static str, &'static str); 2] {
+    [
+        ("WAGATE_WORKER_CONCURRENCY", "6"),
+        (
+            "SSL_CERT_FILE",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/agent-tls/ca.pem"
+            ),
+        ),
+    ]
 }
 
 const HOOK_SECRET: &str = "whsec-0123456789abcdef";

@@ -119,13 +119,79 @@ async fn create_message(
     )
 }
 
+/// How the fake agent is reached.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentHost {
+    /// `http://`, HTTP/1.1 only: a connection per call in flight.
+    PlainHttp1,
+    /// `https://` with the certificate of `tests/fixtures/agent-tls`, offering HTTP/2 (with
+    /// this many streams per connection) and HTTP/1.1 by ALPN, as hosted agents and model
+    /// APIs are reached.
+    Https { h2_streams: u32 },
+}
+
+/// The CA that signed the HTTPS fake agent's certificate, for wagate's `SSL_CERT_FILE`.
+pub const AGENT_CA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/agent-tls/ca.pem"
+);
+
 /// Serves an agent webhook (`POST /agent`) that waits `latency`, then answers with the user's
-/// last message, as wagate's webhook backend expects: `{"reply": "…"}`.
-pub async fn slow_agent(latency: Duration) -> Result<SocketAddr> {
+/// last message, as wagate's webhook backend expects: `{"reply": "…"}`. Returns its URL.
+pub async fn slow_agent(latency: Duration, host: AgentHost) -> Result<String> {
     let app = Router::new()
         .route("/agent", post(think))
         .with_state(latency);
-    serve(app).await
+    Ok(match host {
+        AgentHost::PlainHttp1 => format!("http://{}/agent", serve(app).await?),
+        AgentHost::Https { h2_streams } => {
+            format!("https://{}/agent", serve_tls(app, h2_streams).await?)
+        }
+    })
+}
+
+async fn serve_tls(app: Router, h2_streams: u32) -> Result<SocketAddr> {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let dir = std::path::Path::new(AGENT_CA)
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no directory around {AGENT_CA}"))?;
+    let certs =
+        CertificateDer::pem_file_iter(dir.join("cert.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http2().max_concurrent_streams(h2_streams);
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
 }
 
 async fn think(State(latency): State<Duration>, body: Bytes) -> impl IntoResponse {

@@ -47,7 +47,7 @@ pub struct FakeAgentWebhook {
 
 impl FakeAgentWebhook {
     pub async fn start(secret: &str) -> FakeAgentWebhook {
-        Self::launch(secret, "http", |listener, app| async move {
+        Self::launch(secret, "http", |listener, app, _| async move {
             let _ = axum::serve(listener, app).await;
         })
         .await
@@ -55,10 +55,11 @@ impl FakeAgentWebhook {
 
     /// The same endpoint over HTTPS, as hosted agents are reached: `https://127.0.0.1:PORT/agent`
     /// with the certificate of `tests/fixtures/agent-tls` (trust `ca.pem`, e.g. through
-    /// `SSL_CERT_FILE`). It offers HTTP/2 and HTTP/1.1 by ALPN, like most HTTPS hosts, and
-    /// runs at most `h2_streams` requests at once on one HTTP/2 connection, as such hosts cap
-    /// their streams (100 to 250 is usual).
-    pub async fn start_tls(secret: &str, h2_streams: u32) -> FakeAgentWebhook {
+    /// `SSL_CERT_FILE`). With `h2_streams`, it offers HTTP/2 and HTTP/1.1 by ALPN, like most
+    /// HTTPS hosts, and runs at most that many requests at once on one HTTP/2 connection, as
+    /// such hosts cap their streams (100 to 250 is usual); without, it offers HTTP/1.1 only.
+    /// [`FakeAgentWebhook::connections`] tells what each connection spoke.
+    pub async fn start_tls(secret: &str, h2_streams: Option<u32>) -> FakeAgentWebhook {
         use hyper_util::{
             rt::{TokioExecutor, TokioIo},
             server::conn::auto,
@@ -82,18 +83,29 @@ impl FakeAgentWebhook {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .expect("fake agent webhook: certificate and key");
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tls.alpn_protocols = match h2_streams {
+            Some(_) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            None => vec![b"http/1.1".to_vec()],
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        Self::launch(secret, "https", move |listener, app| async move {
+        Self::launch(secret, "https", move |listener, app, shared| async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let service = TowerToHyperService::new(app.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    let alpn = stream.get_ref().1.alpn_protocol().unwrap_or_default();
+                    shared
+                        .state()
+                        .connections
+                        .push(String::from_utf8_lossy(alpn).into_owned());
                     let mut builder = auto::Builder::new(TokioExecutor::new());
-                    builder.http2().max_concurrent_streams(h2_streams);
+                    builder
+                        .http2()
+                        .max_concurrent_streams(h2_streams.unwrap_or_default());
                     let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -107,7 +119,7 @@ impl FakeAgentWebhook {
     /// what `serve` speaks there.
     async fn launch<F, Fut>(secret: &str, scheme: &str, serve: F) -> FakeAgentWebhook
     where
-        F: FnOnce(TcpListener, Router) -> Fut,
+        F: FnOnce(TcpListener, Router, Arc<Shared>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -122,12 +134,18 @@ impl FakeAgentWebhook {
             changed: Notify::new(),
         });
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let task = tokio::spawn(serve(listener, app));
+        let task = tokio::spawn(serve(listener, app, shared.clone()));
         FakeAgentWebhook {
             url: format!("{scheme}://{addr}{PATH}"),
             shared,
             _server: Arc::new(ServerGuard(task.abort_handle())),
         }
+    }
+
+    /// The protocol each TLS connection agreed on by ALPN (`h2`, `http/1.1`), in the order
+    /// they were accepted.
+    pub fn connections(&self) -> Vec<String> {
+        self.shared.state().connections.clone()
     }
 
     /// Every request body that arrived, in order, whether its signature verified or not.
@@ -226,6 +244,7 @@ struct FakeState {
     statuses: VecDeque<u16>,
     in_flight: usize,
     max_in_flight: usize,
+    connections: Vec<String>,
 }
 
 async fn handle(

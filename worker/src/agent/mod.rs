@@ -3,9 +3,10 @@
 
 mod echo;
 mod openai;
+mod transport;
 mod webhook;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use shared::{
     agent::{Agent, Backend},
@@ -40,33 +41,23 @@ pub struct TurnInput<'a> {
 /// Runs agent backends; holds the HTTP client they share.
 #[derive(Clone)]
 pub struct AgentRunner {
-    http: reqwest::Client,
+    http: Arc<transport::Transport>,
     keyring: std::sync::Arc<Keyring>,
     default_timeout: Duration,
 }
 
 impl AgentRunner {
     /// A runner with `default_timeout` for backends that do not set their own, making up to
-    /// `concurrency` agent calls at once. As many connections per agent host stay open between
-    /// turns: with fewer, a busy worker closes connections only to open them again for the
-    /// next turn, paying a TCP (and TLS) handshake per call.
-    ///
-    /// Agent calls speak HTTP/1.1 only, a connection per call in flight. Over HTTP/2, hyper
-    /// keeps one connection per host and queues the calls beyond the host's stream cap (100 to
-    /// 250 is usual) instead of opening another connection (hyperium/hyper#2197), so a worker
-    /// would run far fewer calls at once than its concurrency, the rest spending their agent
-    /// timeout in line.
+    /// `concurrency` agent calls at once (see [`transport`] for how they reach the hosts).
     pub fn new(
         keyring: std::sync::Arc<Keyring>,
         default_timeout: Duration,
         concurrency: usize,
     ) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .http1_only()
-            .pool_max_idle_per_host(concurrency)
-            .build()
-            .unwrap_or_default();
+        let http = Arc::new(transport::Transport::new(
+            concurrency,
+            Duration::from_secs(10),
+        ));
         Self {
             http,
             keyring,
@@ -154,8 +145,12 @@ pub fn user_text(m: &InboundMessage) -> String {
 }
 
 /// Classifies an HTTP failure of a backend.
-fn http_failure(backend: &str, status: reqwest::StatusCode, body: &str) -> AgentError {
-    let snippet: String = body.chars().take(200).collect();
+fn http_failure(backend: &str, answer: &transport::Answer) -> AgentError {
+    let snippet: String = String::from_utf8_lossy(&answer.body)
+        .chars()
+        .take(200)
+        .collect();
+    let status = answer.status;
     let text = format!("{backend} answered HTTP {}: {snippet}", status.as_u16());
     if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
         AgentError::Transient(text)
@@ -164,19 +159,18 @@ fn http_failure(backend: &str, status: reqwest::StatusCode, body: &str) -> Agent
     }
 }
 
-fn send_failure(backend: &str, e: &reqwest::Error) -> AgentError {
-    if e.is_timeout() {
-        AgentError::Transient(format!("{backend} did not answer in time"))
-    } else {
-        AgentError::Transient(format!("{backend} unreachable: {}", without_url(e)))
-    }
+/// A header value made of text wagate composed; a byte HTTP does not allow is a bad setting.
+fn header_value(text: String) -> Result<http::HeaderValue, AgentError> {
+    http::HeaderValue::try_from(text).map_err(|_| {
+        AgentError::Permanent("a header value holds a byte HTTP does not allow".into())
+    })
 }
 
-/// Error text without the URL, which may carry credentials in query strings.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(url) = e.url() {
-        s = s.replace(url.as_str(), "<url>");
+fn send_failure(backend: &str, e: &transport::CallError) -> AgentError {
+    match e {
+        transport::CallError::TooLarge => AgentError::Permanent(format!("{backend} {e}")),
+        transport::CallError::Timeout | transport::CallError::Unreachable(_) => {
+            AgentError::Transient(format!("{backend} {e}"))
+        }
     }
-    s
 }

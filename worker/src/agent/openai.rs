@@ -8,10 +8,19 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use shared::store::Role;
 
-use super::{AgentError, TurnInput, http_failure, send_failure, user_text};
+use http::{
+    HeaderValue,
+    header::{AUTHORIZATION, CONTENT_TYPE},
+};
+
+use super::{
+    AgentError, TurnInput, header_value, http_failure, send_failure,
+    transport::{Post, Transport},
+    user_text,
+};
 
 pub struct Call<'a> {
-    pub http: &'a reqwest::Client,
+    pub http: &'a Transport,
     pub base_url: &'a str,
     pub model: &'a str,
     pub api_key: Option<&'a SecretString>,
@@ -56,29 +65,31 @@ impl Call<'_> {
                 messages.push(json!({"role": "user", "content": parts}));
             }
         }
-        let mut request = self
-            .http
-            .post(format!("{}/chat/completions", self.base_url))
-            .timeout(self.timeout)
-            .json(&json!({"model": self.model, "messages": messages}));
+        let body = serde_json::to_vec(&json!({"model": self.model, "messages": messages}))
+            .map_err(|e| AgentError::Permanent(e.to_string()))?;
         // The request holds the encoded body; the tree must not wait with it for the model.
         drop(messages);
+        let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         if let Some(key) = self.api_key {
-            request = request.bearer_auth(key.expose_secret());
+            let mut bearer = header_value(format!("Bearer {}", key.expose_secret()))?;
+            bearer.set_sensitive(true);
+            headers.push((AUTHORIZATION, bearer));
         }
-        let response = request
-            .send()
+        let url = format!("{}/chat/completions", self.base_url);
+        let answer = self
+            .http
+            .post(Post {
+                url: &url,
+                headers,
+                body: body.into(),
+                timeout: self.timeout,
+            })
             .await
             .map_err(|e| send_failure("the model endpoint", &e))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| send_failure("the model endpoint", &e))?;
-        if !status.is_success() {
-            return Err(http_failure("the model endpoint", status, &body));
+        if !answer.status.is_success() {
+            return Err(http_failure("the model endpoint", &answer));
         }
-        let v: Value = serde_json::from_str(&body).map_err(|_| {
+        let v: Value = serde_json::from_slice(&answer.body).map_err(|_| {
             AgentError::Permanent("the model endpoint answered something that is not JSON".into())
         })?;
         v.pointer("/choices/0/message/content")

@@ -11,10 +11,16 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use shared::store::Role;
 
-use super::{AgentError, TurnInput, http_failure, send_failure, user_text};
+use http::{HeaderName, HeaderValue, header::CONTENT_TYPE};
+
+use super::{
+    AgentError, TurnInput, header_value, http_failure, send_failure,
+    transport::{Post, Transport},
+    user_text,
+};
 
 pub async fn reply(
-    http: &reqwest::Client,
+    http: &Transport,
     url: &str,
     secret: &SecretString,
     timeout: Duration,
@@ -50,25 +56,29 @@ pub async fn reply(
     .map_err(|e| AgentError::Permanent(e.to_string()))?;
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
     let signature = sign(secret, &timestamp, &body)?;
-    let response = http
-        .post(url)
-        .timeout(timeout)
-        .header("content-type", "application/json")
-        .header("x-wagate-timestamp", &timestamp)
-        .header("x-wagate-signature", format!("v1={signature}"))
-        .body(body)
-        .send()
+    let answer = http
+        .post(Post {
+            url,
+            headers: vec![
+                (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (
+                    HeaderName::from_static("x-wagate-timestamp"),
+                    header_value(timestamp)?,
+                ),
+                (
+                    HeaderName::from_static("x-wagate-signature"),
+                    header_value(format!("v1={signature}"))?,
+                ),
+            ],
+            body: body.into(),
+            timeout,
+        })
         .await
         .map_err(|e| send_failure("the agent webhook", &e))?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| send_failure("the agent webhook", &e))?;
-    if !status.is_success() {
-        return Err(http_failure("the agent webhook", status, &text));
+    if !answer.status.is_success() {
+        return Err(http_failure("the agent webhook", &answer));
     }
-    let v: Value = serde_json::from_str(&text).map_err(|_| {
+    let v: Value = serde_json::from_slice(&answer.body).map_err(|_| {
         AgentError::Permanent("the agent webhook answered something that is not JSON".into())
     })?;
     v.get("reply")

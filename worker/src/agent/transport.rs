@@ -1,0 +1,528 @@
+//! How agent calls reach their hosts.
+//!
+//! A worker may run thousands of agent calls at once, most of them waiting on a model. Over
+//! HTTP/1.1 each waiting call holds a connection of its own, with hyper's buffers and, over
+//! HTTPS, TLS state: about 27 KB per call, most of a worker's memory (docs/benchmarks.md, P3).
+//! HTTP/2 carries many calls on one connection, but hyper keeps a single HTTP/2 connection per
+//! host and queues the calls beyond the host's stream cap instead of opening another
+//! (hyperium/hyper#2197), so a worker would run far fewer calls at once than asked.
+//!
+//! So HTTPS hosts that offer HTTP/2 by ALPN get a pool of HTTP/2 connections kept here, on the
+//! `h2` crate: a call takes a stream on the first connection below the cap the host announced,
+//! and a new connection is opened only when every one is full. Plain `http://` hosts, hosts
+//! that answer ALPN with HTTP/1.1, and every host when a proxy is configured go through
+//! reqwest over HTTP/1.1, a connection per call in flight.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, client::SendRequest};
+use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{self, pki_types::ServerName},
+};
+
+/// The most an agent's answer may hold; a reply longer than this is no WhatsApp reply.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Streams put on one HTTP/2 connection even when the host allows more, so that a burst is
+/// spread over a few connections (and the host's threads) rather than queued on one socket.
+const MAX_STREAMS_PER_CONNECTION: usize = 1000;
+/// An HTTP/2 connection without a call for this long is let go, as reqwest does with HTTP/1.1.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a host that answered ALPN with HTTP/1.1 only is not asked again.
+const HTTP1_HOST_RECHECK: Duration = Duration::from_secs(600);
+/// Attempts of a call that the host refused before processing it (GOAWAY, REFUSED_STREAM).
+const ATTEMPTS: usize = 3;
+/// The response window of an HTTP/2 connection: many answers arrive at once on one.
+const CONNECTION_WINDOW: u32 = 4 << 20;
+/// The most header bytes an answer may carry.
+const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// One POST to an agent host.
+pub struct Post<'a> {
+    /// Where to.
+    pub url: &'a str,
+    /// Headers besides `content-length`, which is set from the body.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The encoded request.
+    pub body: Bytes,
+    /// For the whole call: connecting, sending and reading the answer.
+    pub timeout: Duration,
+}
+
+/// What the host answered.
+pub struct Answer {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The body, at most [`MAX_ANSWER_BYTES`].
+    pub body: Bytes,
+}
+
+/// Why a call got no answer. The texts never hold the URL, which may carry credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The timeout of the call ran out.
+    #[error("did not answer in time")]
+    Timeout,
+    /// The host could not be reached, or the connection failed.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The answer was longer than [`MAX_ANSWER_BYTES`].
+    #[error("answered more than {MAX_ANSWER_BYTES} bytes")]
+    TooLarge,
+}
+
+/// The agent client of a worker: HTTP/2 connections pooled per host where the host offers
+/// HTTP/2 over TLS, reqwest over HTTP/1.1 everywhere else.
+pub struct Transport {
+    http1: reqwest::Client,
+    http2: Option<Arc<Http2Pool>>,
+}
+
+impl Transport {
+    /// A transport whose HTTP/1.1 side keeps up to `concurrency` connections per host open
+    /// between calls: with fewer, a busy worker closes connections only to open them again for
+    /// the next turn, paying a TCP (and TLS) handshake per call.
+    pub fn new(concurrency: usize, connect_timeout: Duration) -> Self {
+        let http1 = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .http1_only()
+            .pool_max_idle_per_host(concurrency)
+            .build()
+            .unwrap_or_default();
+        let http2 = if proxy_configured() {
+            tracing::info!("a proxy is configured: agent calls go through it over HTTP/1.1");
+            None
+        } else {
+            match Http2Pool::new(connect_timeout) {
+                Ok(pool) => Some(Arc::new(pool)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no TLS configuration for HTTP/2 agent calls; they use HTTP/1.1");
+                    None
+                }
+            }
+        };
+        Self { http1, http2 }
+    }
+
+    /// Sends `post` and reads the answer.
+    pub async fn post(&self, post: Post<'_>) -> Result<Answer, CallError> {
+        let timeout = post.timeout;
+        tokio::time::timeout(timeout, self.exchange(post))
+            .await
+            .unwrap_or(Err(CallError::Timeout))
+    }
+
+    async fn exchange(&self, post: Post<'_>) -> Result<Answer, CallError> {
+        if let Some(pool) = &self.http2
+            && let Some(target) = Target::https(post.url)
+        {
+            let host = pool.host(&target);
+            let mut attempts = 0;
+            while let Route::Http2(lease) = host.lease(pool).await? {
+                match lease.exchange(&target.uri, &post).await {
+                    Err(Exchange::Refused(e)) if attempts + 1 < ATTEMPTS => {
+                        tracing::debug!(error = %e, "an agent host refused a call before processing it; sending it again");
+                        attempts += 1;
+                    }
+                    Err(Exchange::Refused(e)) => return Err(CallError::Unreachable(e.to_string())),
+                    Err(Exchange::Failed(e)) => return Err(e),
+                    Ok(answer) => return Ok(answer),
+                }
+            }
+        }
+        self.exchange_http1(post).await
+    }
+
+    async fn exchange_http1(&self, post: Post<'_>) -> Result<Answer, CallError> {
+        let mut request = self.http1.post(post.url).body(post.body);
+        for (name, value) in post.headers {
+            request = request.header(name, value);
+        }
+        let mut response = request.send().await.map_err(reqwest_failure)?;
+        let status = response.status();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(reqwest_failure)? {
+            append(&mut body, &chunk)?;
+        }
+        Ok(Answer {
+            status,
+            body: body.freeze(),
+        })
+    }
+}
+
+fn append(body: &mut BytesMut, chunk: &[u8]) -> Result<(), CallError> {
+    if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+        return Err(CallError::TooLarge);
+    }
+    body.extend_from_slice(chunk);
+    Ok(())
+}
+
+fn reqwest_failure(e: reqwest::Error) -> CallError {
+    if e.is_timeout() {
+        return CallError::Timeout;
+    }
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(url.as_str(), "<url>");
+    }
+    CallError::Unreachable(text)
+}
+
+/// reqwest sends calls through a proxy named in these; the HTTP/2 pool does not speak to
+/// proxies, so with one configured every call goes through reqwest.
+fn proxy_configured() -> bool {
+    ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
+/// An `https://` URL taken apart for the pool.
+struct Target {
+    uri: Uri,
+    server: ServerName<'static>,
+    /// `host:port`, the pool's key.
+    authority: String,
+    host: String,
+    port: u16,
+}
+
+impl Target {
+    fn https(url: &str) -> Option<Target> {
+        let parsed = reqwest::Url::parse(url).ok()?;
+        // reqwest turns credentials in the URL into an Authorization header; left to it.
+        if parsed.scheme() != "https"
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+        {
+            return None;
+        }
+        let port = parsed.port_or_known_default()?;
+        let host = parsed
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server = match host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::from(ip),
+            Err(_) => ServerName::try_from(host.clone()).ok()?,
+        };
+        Some(Target {
+            uri: parsed.as_str().parse().ok()?,
+            server,
+            authority: format!("{host}:{port}"),
+            host,
+            port,
+        })
+    }
+}
+
+struct Http2Pool {
+    tls: TlsConnector,
+    connect_timeout: Duration,
+    hosts: Mutex<HashMap<String, Arc<Host>>>,
+    epoch: Instant,
+}
+
+impl Http2Pool {
+    fn new(connect_timeout: Duration) -> Result<Self, rustls::Error> {
+        use rustls_platform_verifier::BuilderVerifierExt;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_platform_verifier()?
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            tls: TlsConnector::from(Arc::new(config)),
+            connect_timeout,
+            hosts: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn host(&self, target: &Target) -> Arc<Host> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        hosts
+            .entry(target.authority.clone())
+            .or_insert_with(|| {
+                Arc::new(Host {
+                    host: target.host.clone(),
+                    port: target.port,
+                    server: target.server.clone(),
+                    state: Mutex::new(HostState::default()),
+                    opened: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Opens a connection to `host`: `None` when the host chose HTTP/1.1 by ALPN. Returns
+    /// once the host's settings (its stream cap) are in, which its answer to a PING proves.
+    async fn open(&self, host: &Host) -> Result<Option<Arc<Conn>>, String> {
+        tokio::time::timeout(self.connect_timeout, self.open_within(host))
+            .await
+            .unwrap_or_else(|_| Err("connect: timed out".to_owned()))
+    }
+
+    async fn open_within(&self, host: &Host) -> Result<Option<Arc<Conn>>, String> {
+        let tcp = connect_tcp(&host.host, host.port).await?;
+        let tls = self
+            .tls
+            .connect(host.server.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Ok(None);
+        }
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let ping = connection.ping_pong();
+        let conn = Arc::new(Conn {
+            send,
+            in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+        });
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "an HTTP/2 connection to an agent host ended");
+            }
+            watched.closed.store(true, Ordering::Release);
+        });
+        if let Some(mut ping) = ping {
+            ping.ping(h2::Ping::opaque())
+                .await
+                .map_err(|e| format!("HTTP/2 settings: {e}"))?;
+        }
+        Ok(Some(conn))
+    }
+}
+
+async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("DNS: {e}"))?;
+    let mut last = String::from("DNS: no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                // Requests are written whole; waiting to coalesce them only adds latency.
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(e) => last = format!("connect: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// The HTTP/2 connections of one host.
+struct Host {
+    host: String,
+    port: u16,
+    server: ServerName<'static>,
+    state: Mutex<HostState>,
+    /// Woken when a connection attempt ends, for the calls that waited on it.
+    opened: Notify,
+}
+
+#[derive(Default)]
+struct HostState {
+    conns: Vec<Arc<Conn>>,
+    /// A connection is being opened; other calls wait for it rather than open their own.
+    connecting: bool,
+    /// Connection attempts that failed so far; a call that waited on one sees it fail too.
+    failures: u64,
+    last_failure: String,
+    http1_until: Option<Instant>,
+}
+
+enum Route {
+    Http1,
+    Http2(Lease),
+}
+
+impl Host {
+    /// A stream on a connection with room. When every connection is full, one connection is
+    /// opened, by a task of its own so that a call timing out does not abandon it, and every
+    /// call that found no room waits for it.
+    async fn lease(self: &Arc<Self>, pool: &Arc<Http2Pool>) -> Result<Route, CallError> {
+        loop {
+            let (opened, failures) = {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if state.http1_until.is_some_and(|t| Instant::now() < t) {
+                    return Ok(Route::Http1);
+                }
+                let now = pool.now_ms();
+                state.conns.retain(|c| c.usable(now));
+                if let Some(conn) = state.conns.iter().find(|c| c.has_room()) {
+                    conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                    return Ok(Route::Http2(Lease {
+                        conn: conn.clone(),
+                        pool: pool.clone(),
+                    }));
+                }
+                let opened = self.opened.notified();
+                if !state.connecting {
+                    state.connecting = true;
+                    let (host, pool) = (self.clone(), pool.clone());
+                    tokio::spawn(async move {
+                        let result = pool.open(&host).await;
+                        host.opened_with(result);
+                    });
+                }
+                (opened, state.failures)
+            };
+            opened.await;
+            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.failures != failures {
+                return Err(CallError::Unreachable(state.last_failure.clone()));
+            }
+        }
+    }
+
+    fn opened_with(&self, result: Result<Option<Arc<Conn>>, String>) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.connecting = false;
+            match result {
+                Ok(Some(conn)) => {
+                    tracing::debug!(
+                        host = %self.host,
+                        connections = state.conns.len() + 1,
+                        streams = conn.send.current_max_send_streams(),
+                        "opened an HTTP/2 connection to an agent host"
+                    );
+                    state.conns.push(conn);
+                }
+                Ok(None) => {
+                    state.http1_until = Some(Instant::now() + HTTP1_HOST_RECHECK);
+                }
+                Err(e) => {
+                    state.failures += 1;
+                    state.last_failure = e;
+                }
+            }
+        }
+        self.opened.notify_waiters();
+    }
+}
+
+/// One HTTP/2 connection to an agent host.
+struct Conn {
+    send: SendRequest<Bytes>,
+    in_flight: AtomicUsize,
+    closed: AtomicBool,
+    idle_since_ms: AtomicU64,
+}
+
+impl Conn {
+    fn has_room(&self) -> bool {
+        let cap = self
+            .send
+            .current_max_send_streams()
+            .min(MAX_STREAMS_PER_CONNECTION);
+        self.in_flight.load(Ordering::Acquire) < cap
+    }
+
+    /// Open, and either busy or idle for less than [`IDLE_TIMEOUT`].
+    fn usable(&self, now_ms: u64) -> bool {
+        let idle_ms = now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+        !self.closed.load(Ordering::Acquire)
+            && (self.in_flight.load(Ordering::Acquire) > 0
+                || u128::from(idle_ms) < IDLE_TIMEOUT.as_millis())
+    }
+}
+
+/// A stream taken on a connection, given back when dropped.
+struct Lease {
+    conn: Arc<Conn>,
+    pool: Arc<Http2Pool>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn
+                .idle_since_ms
+                .store(self.pool.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+enum Exchange {
+    /// The host did not process the request, so it may be sent again.
+    Refused(h2::Error),
+    Failed(CallError),
+}
+
+impl Lease {
+    async fn exchange(self, uri: &Uri, post: &Post<'_>) -> Result<Answer, Exchange> {
+        let failed = |e: h2::Error| Exchange::Failed(CallError::Unreachable(e.to_string()));
+        // Nothing was sent on a connection that is not ready, or that refused the stream.
+        let unsent = |e: h2::Error| {
+            self.conn.closed.store(true, Ordering::Release);
+            Exchange::Refused(e)
+        };
+        let mut send = self.conn.send.clone().ready().await.map_err(unsent)?;
+        let mut request = Request::post(uri.clone());
+        for (name, value) in &post.headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .header(http::header::CONTENT_LENGTH, post.body.len())
+            .body(())
+            .map_err(|e| Exchange::Failed(CallError::Unreachable(e.to_string())))?;
+        let (response, mut stream) = send
+            .send_request(request, post.body.is_empty())
+            .map_err(unsent)?;
+        if !post.body.is_empty() {
+            stream.send_data(post.body.clone(), true).map_err(failed)?;
+        }
+        let response = response.await.map_err(|e| {
+            // REFUSED_STREAM, or a graceful GOAWAY that ended this stream, is the host's word
+            // that it did not process the request (RFC 9113, 6.8 and 8.7).
+            if e.reason() == Some(Reason::REFUSED_STREAM) {
+                Exchange::Refused(e)
+            } else if e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR) {
+                unsent(e)
+            } else {
+                failed(e)
+            }
+        })?;
+        let status = response.status();
+        let mut recv = response.into_body();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(failed)?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            append(&mut body, &chunk).map_err(Exchange::Failed)?;
+        }
+        Ok(Answer {
+            status,
+            body: body.freeze(),
+        })
+    }
+}
