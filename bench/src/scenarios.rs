@@ -457,8 +457,9 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
         bench_cpu_us: vec![],
         rss: vec![],
     };
-    let cpu =
-        |procs: &[Wagate]| -> Result<f64> { procs.iter().map(|w| w.proc.cpu_seconds()).sum() };
+    let cpu = |procs: &[Wagate]| -> Result<Vec<f64>> {
+        procs.iter().map(|w| w.proc.cpu_seconds()).collect()
+    };
     let servers_cpu = || -> Result<(f64, f64)> {
         match &servers {
             Some(s) => Ok((s.nats.cpu_seconds()?, s.redis.cpu_seconds()?)),
@@ -471,13 +472,19 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
         let driven = pipeline::drive(&target, batch, spec.rounds, run as u32 + 1).await?;
         let (w1, s1, b1) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
         let replies = driven.replies.max(1) as f64;
-        figures.wagate_cpu_us.push((w1 - w0) * 1e6 / replies);
+        let each: Vec<f64> = w1
+            .iter()
+            .zip(&w0)
+            .map(|(b, a)| (b - a) * 1e6 / replies)
+            .collect();
+        let wagate: f64 = each.iter().sum();
+        figures.wagate_cpu_us.push(wagate);
         figures
             .servers_cpu_us
             .push(((s1.0 - s0.0) * 1e6 / replies, (s1.1 - s0.1) * 1e6 / replies));
         figures.bench_cpu_us.push((b1 - b0) * 1e6 / replies);
         eprintln!(
-            "  run {run}: {:.0} replies/s ({} replies in {:.2} s, {} wrong, {} missing, {} extra, {} retried), wagate CPU {:.0} µs/reply",
+            "  run {run}: {:.0} replies/s ({} replies in {:.2} s, {} wrong, {} missing, {} extra, {} retried), wagate CPU {wagate:.0} µs/reply ({}); nats-server {:.0}, redis-server {:.0}, bench {:.0}",
             driven.rate(),
             driven.replies,
             driven.seconds,
@@ -485,7 +492,15 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
             driven.missing,
             driven.extra,
             driven.retries,
-            (w1 - w0) * 1e6 / replies
+            procs
+                .iter()
+                .zip(&each)
+                .map(|(w, c)| format!("{} {c:.0}", w.proc.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (s1.0 - s0.0) * 1e6 / replies,
+            (s1.1 - s0.1) * 1e6 / replies,
+            (b1 - b0) * 1e6 / replies,
         );
         figures.drives.push(driven);
     }
@@ -630,6 +645,7 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         "of the bound",
         "replies/s once flowing",
         "wagate CPU µs/reply",
+        "nats-server, redis-server, bench CPU µs/reply",
         "all CPU µs/reply",
         "checked",
         "worker peak RSS MiB",
@@ -643,6 +659,12 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
             format!("{:.0}%", rate / bound * 100.0),
             format!("{flow:.0} ({:.0}%)", flow / bound * 100.0),
             format!("{:.0}", median(&f.wagate_cpu_us)),
+            format!(
+                "{:.0}, {:.0}, {:.0}",
+                median(&f.servers_cpu_us.iter().map(|c| c.0).collect::<Vec<_>>()),
+                median(&f.servers_cpu_us.iter().map(|c| c.1).collect::<Vec<_>>()),
+                median(&f.bench_cpu_us)
+            ),
             format!("{:.0}", median(&f.all_cpu_us())),
             f.checked(),
             format!("{:.0}", worker_rss(f)),
