@@ -94,10 +94,7 @@ impl Transport {
     /// between calls: with fewer, a busy worker closes connections only to open them again for
     /// the next turn, paying a TCP (and TLS) handshake per call.
     pub fn new(concurrency: usize, connect_timeout: Duration) -> Self {
-        let http1 = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .http1_only()
-            .pool_max_idle_per_host(concurrency)
+        let http1 = http1_client(concurrency, connect_timeout)
             .build()
             .unwrap_or_default();
         let http2 = if proxy_configured() {
@@ -113,6 +110,33 @@ impl Transport {
             }
         };
         Self { http1, http2 }
+    }
+
+    /// A transport that trusts only `roots`, on both sides, whatever the platform trusts or a
+    /// proxy configured in the environment: for tests against hosts with a test certificate.
+    #[cfg(test)]
+    fn with_roots(
+        concurrency: usize,
+        connect_timeout: Duration,
+        roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Self {
+        let certs = roots
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der).expect("a root certificate"));
+        let http1 = http1_client(concurrency, connect_timeout)
+            .no_proxy()
+            .tls_certs_only(certs)
+            .build()
+            .expect("an HTTP/1.1 client");
+        let mut store = rustls::RootCertStore::empty();
+        for der in roots {
+            store.add(der.clone()).expect("a root certificate");
+        }
+        let pool = Http2Pool::with_roots(connect_timeout, store).expect("a TLS configuration");
+        Self {
+            http1,
+            http2: Some(Arc::new(pool)),
+        }
     }
 
     /// Sends `post` and reads the answer.
@@ -160,6 +184,14 @@ impl Transport {
             body: body.freeze(),
         })
     }
+}
+
+/// The HTTP/1.1 side of [`Transport::new`].
+fn http1_client(concurrency: usize, connect_timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .http1_only()
+        .pool_max_idle_per_host(concurrency)
 }
 
 fn append(body: &mut BytesMut, chunk: &[u8]) -> Result<(), CallError> {
@@ -239,18 +271,41 @@ struct Http2Pool {
 impl Http2Pool {
     fn new(connect_timeout: Duration) -> Result<Self, rustls::Error> {
         use rustls_platform_verifier::BuilderVerifierExt;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
+        let config = Self::tls_builder()?
             .with_platform_verifier()?
             .with_no_client_auth();
+        Ok(Self::with_config(config, connect_timeout))
+    }
+
+    /// A pool whose hosts must have certificates that `roots` vouch for.
+    #[cfg(test)]
+    fn with_roots(
+        connect_timeout: Duration,
+        roots: rustls::RootCertStore,
+    ) -> Result<Self, rustls::Error> {
+        let config = Self::tls_builder()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self::with_config(config, connect_timeout))
+    }
+
+    /// TLS as every pool speaks it, before the choice of whom to trust.
+    fn tls_builder()
+    -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, rustls::Error>
+    {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()
+    }
+
+    /// A pool on `config`, offering HTTP/2 and HTTP/1.1 by ALPN.
+    fn with_config(mut config: rustls::ClientConfig, connect_timeout: Duration) -> Self {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Self {
+        Self {
             tls: TlsConnector::from(Arc::new(config)),
             connect_timeout,
             hosts: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
-        })
+        }
     }
 
     fn host(&self, target: &Target) -> Arc<Host> {
@@ -275,19 +330,35 @@ impl Http2Pool {
 
     /// Opens a connection to `host`: `None` when the host chose HTTP/1.1 by ALPN. Returns
     /// once the host's settings (its stream cap) are in, which its answer to a PING proves.
+    /// A host that is shutting down may send a new connection away at once; another attempt
+    /// may well reach one that is not, so that is tried a few times within the timeout.
     async fn open(&self, host: &Host) -> Result<Option<Arc<Conn>>, String> {
-        tokio::time::timeout(self.connect_timeout, self.open_within(host))
+        let attempts = async {
+            for _ in 0..ATTEMPTS {
+                match self.open_within(host).await {
+                    Err(Opening::SentAway) => {
+                        tracing::debug!(host = %host.host, "an agent host sent a new HTTP/2 connection away; opening another");
+                    }
+                    Err(Opening::Failed(e)) => return Err(e),
+                    Ok(conn) => return Ok(conn),
+                }
+            }
+            Err("HTTP/2: the host sent every new connection away (GOAWAY)".to_owned())
+        };
+        tokio::time::timeout(self.connect_timeout, attempts)
             .await
             .unwrap_or_else(|_| Err("connect: timed out".to_owned()))
     }
 
-    async fn open_within(&self, host: &Host) -> Result<Option<Arc<Conn>>, String> {
-        let tcp = connect_tcp(&host.host, host.port).await?;
+    async fn open_within(&self, host: &Host) -> Result<Option<Arc<Conn>>, Opening> {
+        let tcp = connect_tcp(&host.host, host.port)
+            .await
+            .map_err(Opening::Failed)?;
         let tls = self
             .tls
             .connect(host.server.clone(), tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| Opening::Failed(format!("TLS: {e}")))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Ok(None);
         }
@@ -296,7 +367,7 @@ impl Http2Pool {
             .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            .map_err(|e| Opening::Failed(format!("HTTP/2 handshake: {e}")))?;
         let ping = connection.ping_pong();
         let conn = Arc::new(Conn {
             send,
@@ -311,13 +382,30 @@ impl Http2Pool {
             }
             watched.closed.store(true, Ordering::Release);
         });
-        if let Some(mut ping) = ping {
-            ping.ping(h2::Ping::opaque())
-                .await
-                .map_err(|e| format!("HTTP/2 settings: {e}"))?;
+        if let Some(mut ping) = ping
+            && let Err(e) = ping.ping(h2::Ping::opaque()).await
+        {
+            // h2 closes a connection that was sent away while no stream was open, which is
+            // why the PING failed; the connection's own error tells whether that happened.
+            return Err(match conn.send.clone().ready().await {
+                Err(e) if sent_away(&e) => Opening::SentAway,
+                _ => Opening::Failed(format!("HTTP/2 settings: {e}")),
+            });
         }
         Ok(Some(conn))
     }
+}
+
+/// Why a connection was not opened.
+enum Opening {
+    Failed(String),
+    /// The host said GOAWAY before any call went out on the connection.
+    SentAway,
+}
+
+/// A graceful GOAWAY from the host: streams it did not take were not processed (RFC 9113, 6.8).
+fn sent_away(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
 }
 
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
@@ -499,14 +587,16 @@ impl Lease {
             .send_request(request, post.body.is_empty())
             .map_err(unsent)?;
         if !post.body.is_empty() {
-            stream.send_data(post.body.clone(), true).map_err(failed)?;
+            // This fails only when the stream or the connection has already ended (the host
+            // may have refused the stream right after its headers); the response tells why.
+            let _ = stream.send_data(post.body.clone(), true);
         }
         let response = response.await.map_err(|e| {
             // REFUSED_STREAM, or a graceful GOAWAY that ended this stream, is the host's word
             // that it did not process the request (RFC 9113, 6.8 and 8.7).
             if e.reason() == Some(Reason::REFUSED_STREAM) {
                 Exchange::Refused(e)
-            } else if e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR) {
+            } else if sent_away(&e) {
                 unsent(e)
             } else {
                 failed(e)
@@ -526,3 +616,7 @@ impl Lease {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "transport_tests.rs"]
+mod tests;
