@@ -41,8 +41,12 @@ const MAX_STREAMS_PER_CONNECTION: usize = 1000;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a host that answered ALPN with HTTP/1.1 only is not asked again.
 const HTTP1_HOST_RECHECK: Duration = Duration::from_secs(600);
-/// Attempts of a call that the host refused before processing it (GOAWAY, REFUSED_STREAM).
+/// Attempts of a call that the host refused before processing it (REFUSED_STREAM), and of
+/// opening a connection that the host sends away at once.
 const ATTEMPTS: usize = 3;
+/// Connections a call may find ended or going away (GOAWAY) before it was processed, moving
+/// on to another each time: a host that restarts sends all of them away.
+const RETIRED_CONNECTIONS: usize = 8;
 /// The response window of an HTTP/2 connection: many answers arrive at once on one.
 const CONNECTION_WINDOW: u32 = 4 << 20;
 /// The most header bytes an answer may carry.
@@ -152,14 +156,21 @@ impl Transport {
             && let Some(target) = Target::https(post.url)
         {
             let host = pool.host(&target);
-            let mut attempts = 0;
+            let (mut refused, mut retired) = (0, 0);
             while let Route::Http2(lease) = host.lease(pool).await? {
                 match lease.exchange(&target.uri, &post).await {
-                    Err(Exchange::Refused(e)) if attempts + 1 < ATTEMPTS => {
+                    Err(Exchange::Refused(e)) if refused + 1 < ATTEMPTS => {
                         tracing::debug!(error = %e, "an agent host refused a call before processing it; sending it again");
-                        attempts += 1;
+                        refused += 1;
                     }
-                    Err(Exchange::Refused(e)) => return Err(CallError::Unreachable(e.to_string())),
+                    // A host restarting sends every connection away; each one is retired once.
+                    Err(Exchange::Retired(e)) if retired + 1 < RETIRED_CONNECTIONS => {
+                        tracing::debug!(error = %e, "an agent host's connection ended before the call was processed; sending it on another");
+                        retired += 1;
+                    }
+                    Err(Exchange::Refused(e) | Exchange::Retired(e)) => {
+                        return Err(CallError::Unreachable(e.to_string()));
+                    }
                     Err(Exchange::Failed(e)) => return Err(e),
                     Ok(answer) => return Ok(answer),
                 }
@@ -190,6 +201,9 @@ impl Transport {
 fn http1_client(concurrency: usize, connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
+        // An agent endpoint that redirects is misconfigured: a 301 would turn the POST into a
+        // GET without its body. The 3xx is reported instead, as the HTTP/2 side does.
+        .redirect(reqwest::redirect::Policy::none())
         .http1_only()
         .pool_max_idle_per_host(concurrency)
 }
@@ -363,6 +377,7 @@ impl Http2Pool {
             return Ok(None);
         }
         let (send, mut connection) = h2::client::Builder::new()
+            .enable_push(false)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
@@ -372,15 +387,17 @@ impl Http2Pool {
         let conn = Arc::new(Conn {
             send,
             in_flight: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
+            closed: Arc::new(AtomicBool::new(false)),
             idle_since_ms: AtomicU64::new(self.now_ms()),
         });
-        let watched = conn.clone();
+        // The task holds the flag, not the connection: h2 ends a connection once no stream and
+        // no `SendRequest` is left, so the pool letting go of an idle one closes it.
+        let closed = conn.closed.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "an HTTP/2 connection to an agent host ended");
             }
-            watched.closed.store(true, Ordering::Release);
+            closed.store(true, Ordering::Release);
         });
         if let Some(mut ping) = ping
             && let Err(e) = ping.ping(h2::Ping::opaque()).await
@@ -391,6 +408,14 @@ impl Http2Pool {
                 Err(e) if sent_away(&e) => Opening::SentAway,
                 _ => Opening::Failed(format!("HTTP/2 settings: {e}")),
             });
+        }
+        if conn.send.current_max_send_streams() == 0 {
+            // Legal, and said by servers under load; opening more would only add connections
+            // that take no call either.
+            return Err(Opening::Failed(
+                "HTTP/2: the host allows no request at the moment (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
+                    .to_owned(),
+            ));
         }
         Ok(Some(conn))
     }
@@ -418,12 +443,33 @@ async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
             Ok(tcp) => {
                 // Requests are written whole; waiting to coalesce them only adds latency.
                 let _ = tcp.set_nodelay(true);
+                detect_silent_loss(&tcp);
                 return Ok(tcp);
             }
             Err(e) => last = format!("connect: {e}"),
         }
     }
     Err(last)
+}
+
+/// How long a connection may go without a sign of life from the host while it is idle, or
+/// with a request unacknowledged, before the kernel gives it up.
+const SILENCE: Duration = Duration::from_secs(30);
+
+/// A host that vanished without a word (a NAT or load balancer that forgot the connection)
+/// leaves a connection that shows no error by itself, and the pool would go on giving it calls
+/// that can only time out. Keepalive probes find it while idle, and the user timeout while a
+/// request waits for its acknowledgement; either ends the connection, which retires it.
+fn detect_silent_loss(tcp: &TcpStream) {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(SILENCE)
+        .with_interval(SILENCE / 3);
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_retries(3);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = socket.set_tcp_user_timeout(Some(SILENCE));
 }
 
 /// The HTTP/2 connections of one host.
@@ -522,7 +568,8 @@ impl Host {
 struct Conn {
     send: SendRequest<Bytes>,
     in_flight: AtomicUsize,
-    closed: AtomicBool,
+    /// Set when the connection ended, or when it must take no new call.
+    closed: Arc<AtomicBool>,
     idle_since_ms: AtomicU64,
 }
 
@@ -552,27 +599,36 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn
-                .idle_since_ms
-                .store(self.pool.now_ms(), Ordering::Release);
-        }
+        // Stamped first: a connection seen with no call in flight must not look idle since
+        // before this call.
+        self.conn
+            .idle_since_ms
+            .store(self.pool.now_ms(), Ordering::Release);
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 enum Exchange {
-    /// The host did not process the request, so it may be sent again.
+    /// The host refused the stream without processing it; the connection goes on.
     Refused(h2::Error),
+    /// The connection ended, or is ending, before the request was processed; the pool takes
+    /// no more calls on it, and this one may go on another.
+    Retired(h2::Error),
     Failed(CallError),
 }
 
 impl Lease {
     async fn exchange(self, uri: &Uri, post: &Post<'_>) -> Result<Answer, Exchange> {
         let failed = |e: h2::Error| Exchange::Failed(CallError::Unreachable(e.to_string()));
-        // Nothing was sent on a connection that is not ready, or that refused the stream.
+        // Nothing was sent on a connection that is not ready, or that refused the stream; a
+        // user error is about the request, not the connection.
         let unsent = |e: h2::Error| {
+            // h2's user errors are the ones with neither an I/O error nor a protocol reason.
+            if !e.is_io() && e.reason().is_none() {
+                return failed(e);
+            }
             self.conn.closed.store(true, Ordering::Release);
-            Exchange::Refused(e)
+            Exchange::Retired(e)
         };
         let mut send = self.conn.send.clone().ready().await.map_err(unsent)?;
         let mut request = Request::post(uri.clone());

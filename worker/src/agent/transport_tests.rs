@@ -107,6 +107,8 @@ struct Seen {
     went_away: watch::Sender<bool>,
     /// The `x-call` headers seen, for [`Reply::RefuseFirstOfEachCall`].
     calls: Mutex<HashSet<Vec<u8>>>,
+    /// HTTP/2 connections that the client ended.
+    ended: watch::Sender<usize>,
 }
 
 impl TestHost {
@@ -126,6 +128,7 @@ impl TestHost {
             close: watch::Sender::new(()),
             went_away: watch::Sender::new(false),
             calls: Mutex::new(HashSet::new()),
+            ended: watch::Sender::new(0),
         });
         let acceptor = acceptor(script.h2);
         let accepting = tokio::spawn({
@@ -166,6 +169,12 @@ impl TestHost {
     async fn went_away(&self) {
         let mut went_away = self.seen.went_away.subscribe();
         let _ = went_away.wait_for(|went| *went).await;
+    }
+
+    /// Waits until the client has ended `n` HTTP/2 connections.
+    async fn ended(&self, n: usize) {
+        let mut ended = self.seen.ended.subscribe();
+        let _ = ended.wait_for(|ended| *ended >= n).await;
     }
 
     /// Drops every connection it holds, as a host does with idle ones.
@@ -237,7 +246,10 @@ async fn connection(
             _ = close.changed() => return,
             next = conn.accept() => match next {
                 Some(Ok(stream)) => stream,
-                _ => return,
+                _ => {
+                    seen.ended.send_modify(|n| *n += 1);
+                    return;
+                }
             },
         };
         let number = arrived(&seen, Some(index));
@@ -794,4 +806,103 @@ async fn calls_refused_before_their_body_is_queued_are_sent_again() {
     );
     assert_eq!(host.requests(), 2 * CALLS);
     assert_eq!(host.connections(), 1);
+}
+
+/// A connection the pool lets go of is closed, not left open to the host: the pool dropping
+/// an idle one and a worker dropping its transport both come down to this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_pool_lets_go_of_is_closed() {
+    let host = TestHost::start(Script::default()).await;
+    let transport = transport();
+    answered(call(&transport, &host.url, PATIENT).await);
+
+    drop(transport);
+
+    tokio::time::timeout(PATIENT, host.ended(1))
+        .await
+        .expect("the client ends the connection it no longer holds");
+    assert_eq!(host.connections(), 1);
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS 0 is legal; a host saying it takes no call, and opening
+/// connection after connection to it would only pile them up.
+#[tokio::test]
+async fn a_host_that_allows_no_stream_is_unreachable_without_more_connections() {
+    let host = TestHost::start(Script {
+        max_streams: Some(0),
+        ..Script::default()
+    })
+    .await;
+    let transport = transport();
+
+    let calls = join_all((0..5).map(|_| call(&transport, &host.url, PATIENT))).await;
+
+    for result in calls {
+        let error = failed(result);
+        assert!(
+            matches!(&error, CallError::Unreachable(text) if text.contains("MAX_CONCURRENT_STREAMS")),
+            "{error:?}"
+        );
+    }
+    assert_eq!(host.connections(), 1);
+    assert_eq!(host.requests(), 0);
+}
+
+/// A host restarting sends away every connection it has; a call that meets several of them
+/// moves on each time, and more of them than refusals of a stream are allowed.
+#[tokio::test]
+async fn a_call_moves_past_several_connections_going_away() {
+    let host = TestHost::start(Script {
+        go_away_unprocessed: ATTEMPTS + 1,
+        ..Script::default()
+    })
+    .await;
+    let transport = transport();
+
+    let answer = answered(call(&transport, &host.url, PATIENT).await);
+
+    assert_eq!(answer.body, BODY);
+    assert_eq!(host.connections(), ATTEMPTS + 2);
+    assert_eq!(host.requests(), ATTEMPTS + 2);
+}
+
+#[tokio::test]
+async fn connections_probe_a_host_that_fell_silent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let tcp = connect_tcp("127.0.0.1", addr.port()).await.unwrap();
+
+    let socket = socket2::SockRef::from(&tcp);
+    assert!(socket.keepalive().unwrap());
+    #[cfg(target_os = "linux")]
+    assert_eq!(socket.tcp_user_timeout().unwrap(), Some(SILENCE));
+}
+
+/// A redirect is reported, not followed: following a 301 would send the POST on as a GET
+/// without its body.
+#[tokio::test]
+async fn an_agent_endpoint_that_redirects_gets_its_3xx_reported() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/agent", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let server = tokio::spawn({
+        let requests = requests.clone();
+        async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                requests.fetch_add(1, Ordering::SeqCst);
+                let mut head = [0; 4096];
+                let _ = tcp.read(&mut head).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 301 Moved Permanently\r\nlocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        }
+    });
+
+    let answer = call(&transport(), &url, PATIENT).await.expect("an answer");
+
+    assert_eq!(answer.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    server.abort();
 }
