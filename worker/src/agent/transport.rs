@@ -37,6 +37,9 @@ pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Streams put on one HTTP/2 connection even when the host allows more, so that a burst is
 /// spread over a few connections (and the host's threads) rather than queued on one socket.
 const MAX_STREAMS_PER_CONNECTION: usize = 1000;
+/// Connections opened to one host at once when a burst of calls finds every one full: over a
+/// network each takes a few round trips, and one after another they would hold the burst up.
+const MAX_OPENING: usize = 8;
 /// An HTTP/2 connection without a call for this long is let go, as reqwest does with HTTP/1.1.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a host that answered ALPN with HTTP/1.1 only is not asked again.
@@ -485,8 +488,17 @@ struct Host {
 #[derive(Default)]
 struct HostState {
     conns: Vec<Arc<Conn>>,
-    /// A connection is being opened; other calls wait for it rather than open their own.
-    connecting: bool,
+    /// Connections being opened; calls that find no room wait for them rather than open their
+    /// own.
+    connecting: usize,
+    /// Calls waiting for a connection with room since the last attempt ended: those it woke
+    /// count again only if they wait again.
+    waiting: usize,
+    /// Connection attempts ended so far.
+    attempts_ended: u64,
+    /// The stream cap of the newest connection, so how many waiting calls one more serves;
+    /// 0 until a connection told.
+    cap: usize,
     /// Connection attempts that failed so far; a call that waited on one sees it fail too.
     failures: u64,
     last_failure: String,
@@ -499,12 +511,13 @@ enum Route {
 }
 
 impl Host {
-    /// A stream on a connection with room. When every connection is full, one connection is
-    /// opened, by a task of its own so that a call timing out does not abandon it, and every
-    /// call that found no room waits for it.
+    /// A stream on a connection with room. When every connection is full, connections are
+    /// opened, each by a task of its own so that a call timing out does not abandon it, as
+    /// many at once as the waiting calls fill (one until the host's cap is known, at most
+    /// [`MAX_OPENING`]), and every call that found no room waits for them.
     async fn lease(self: &Arc<Self>, pool: &Arc<Http2Pool>) -> Result<Route, CallError> {
         loop {
-            let (opened, failures) = {
+            let (opened, failures, waiting) = {
                 let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
                 if state.http1_until.is_some_and(|t| Instant::now() < t) {
                     return Ok(Route::Http1);
@@ -519,17 +532,27 @@ impl Host {
                     }));
                 }
                 let opened = self.opened.notified();
-                if !state.connecting {
-                    state.connecting = true;
+                state.waiting += 1;
+                let wanted = match state.cap {
+                    0 => 1,
+                    cap => state.waiting.div_ceil(cap).min(MAX_OPENING),
+                };
+                if state.connecting < wanted {
+                    state.connecting += 1;
                     let (host, pool) = (self.clone(), pool.clone());
                     tokio::spawn(async move {
                         let result = pool.open(&host).await;
                         host.opened_with(result);
                     });
                 }
-                (opened, state.failures)
+                let waiting = Waiting {
+                    host: self,
+                    since: state.attempts_ended,
+                };
+                (opened, state.failures, waiting)
             };
             opened.await;
+            drop(waiting);
             let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             if state.failures != failures {
                 return Err(CallError::Unreachable(state.last_failure.clone()));
@@ -540,9 +563,15 @@ impl Host {
     fn opened_with(&self, result: Result<Option<Arc<Conn>>, String>) {
         {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            state.connecting = false;
+            state.connecting = state.connecting.saturating_sub(1);
+            state.attempts_ended += 1;
+            state.waiting = 0;
             match result {
                 Ok(Some(conn)) => {
+                    state.cap = conn
+                        .send
+                        .current_max_send_streams()
+                        .min(MAX_STREAMS_PER_CONNECTION);
                     tracing::debug!(
                         host = %self.host,
                         connections = state.conns.len() + 1,
@@ -561,6 +590,26 @@ impl Host {
             }
         }
         self.opened.notify_waiters();
+    }
+}
+
+/// A call counted among a host's waiting calls until it stops waiting, however that happens
+/// (its timeout may drop it mid-wait), or until an attempt ends and wakes it.
+struct Waiting<'a> {
+    host: &'a Host,
+    since: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .host
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.attempts_ended == self.since {
+            state.waiting = state.waiting.saturating_sub(1);
+        }
     }
 }
 

@@ -109,6 +109,8 @@ struct Seen {
     calls: Mutex<HashSet<Vec<u8>>>,
     /// HTTP/2 connections that the client ended.
     ended: watch::Sender<usize>,
+    /// Connections between TCP accept and the end of the TLS handshake, now and at most.
+    handshaking: Mutex<(usize, usize)>,
 }
 
 impl TestHost {
@@ -129,6 +131,7 @@ impl TestHost {
             went_away: watch::Sender::new(false),
             calls: Mutex::new(HashSet::new()),
             ended: watch::Sender::new(0),
+            handshaking: Mutex::new((0, 0)),
         });
         let acceptor = acceptor(script.h2);
         let accepting = tokio::spawn({
@@ -169,6 +172,11 @@ impl TestHost {
     async fn went_away(&self) {
         let mut went_away = self.seen.went_away.subscribe();
         let _ = went_away.wait_for(|went| *went).await;
+    }
+
+    /// The most connections that were being opened at the same time.
+    fn most_handshaking(&self) -> usize {
+        self.seen.handshaking.lock().unwrap().1
     }
 
     /// Waits until the client has ended `n` HTTP/2 connections.
@@ -218,8 +226,15 @@ async fn connection(
     seen: Arc<Seen>,
 ) {
     let mut close = seen.close.subscribe();
+    {
+        let mut handshaking = seen.handshaking.lock().unwrap();
+        handshaking.0 += 1;
+        handshaking.1 = handshaking.1.max(handshaking.0);
+    }
     tokio::time::sleep(script.tls_delay).await;
-    let Ok(tls) = acceptor.accept(tcp).await else {
+    let accepted = acceptor.accept(tcp).await;
+    seen.handshaking.lock().unwrap().0 -= 1;
+    let Ok(tls) = accepted else {
         return;
     };
     if !script.h2 {
@@ -905,4 +920,30 @@ async fn an_agent_endpoint_that_redirects_gets_its_3xx_reported() {
     assert_eq!(answer.status, StatusCode::MOVED_PERMANENTLY);
     assert_eq!(requests.load(Ordering::SeqCst), 1);
     server.abort();
+}
+
+/// Once the host's stream cap is known, a burst that fills every connection opens the
+/// connections it needs at once rather than one after another, each a few round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_opens_the_connections_it_needs_at_once() {
+    let host = TestHost::start(Script {
+        max_streams: Some(2),
+        tls_delay: Duration::from_millis(500),
+        // Every answer waits for all nine calls, so none frees a stream for another.
+        reply: |_| Reply::EchoOnceSeen(9),
+        ..Script::default()
+    })
+    .await;
+    let transport = transport();
+
+    let calls = join_all((0..9).map(|_| call(&transport, &host.url, PATIENT))).await;
+
+    for result in calls {
+        assert_eq!(answered(result).body, BODY);
+    }
+    assert_eq!(host.connections(), 5, "ceil(9 / 2) connections");
+    assert!(
+        host.most_handshaking() >= 2,
+        "the four connections after the first were opened one at a time"
+    );
 }
