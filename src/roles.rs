@@ -214,6 +214,11 @@ async fn worker_role(
     started: Started,
 ) -> Result<()> {
     let settings = &common.settings;
+    let runner = worker::agent::AgentRunner::new(
+        common.keyring.clone(),
+        settings.agent_timeout(),
+        settings.worker_concurrency,
+    )?;
     with_connections(
         settings,
         backing,
@@ -224,11 +229,7 @@ async fn worker_role(
                 bus,
                 store,
                 directory: common.directory.clone(),
-                runner: worker::agent::AgentRunner::new(
-                    common.keyring.clone(),
-                    settings.agent_timeout(),
-                    settings.worker_concurrency,
-                ),
+                runner,
                 history_window: settings.history_window,
                 retry: settings.agent_retry.clone(),
             };

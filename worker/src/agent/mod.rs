@@ -49,20 +49,20 @@ pub struct AgentRunner {
 impl AgentRunner {
     /// A runner with `default_timeout` for backends that do not set their own, making up to
     /// `concurrency` agent calls at once (see [`transport`] for how they reach the hosts).
+    /// Fails when the HTTP client cannot be set up (no TLS configuration), which a worker must
+    /// say at start rather than at its first agent call.
     pub fn new(
         keyring: std::sync::Arc<Keyring>,
         default_timeout: Duration,
         concurrency: usize,
-    ) -> Self {
-        let http = Arc::new(transport::Transport::new(
-            concurrency,
-            Duration::from_secs(10),
-        ));
-        Self {
-            http,
+    ) -> anyhow::Result<Self> {
+        let http = transport::Transport::new(concurrency, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("cannot set up the agent HTTP client: {e}"))?;
+        Ok(Self {
+            http: Arc::new(http),
             keyring,
             default_timeout,
-        }
+        })
     }
 
     /// Produces the reply of one turn.

@@ -100,10 +100,8 @@ impl Transport {
     /// A transport whose HTTP/1.1 side keeps up to `concurrency` connections per host open
     /// between calls: with fewer, a busy worker closes connections only to open them again for
     /// the next turn, paying a TCP (and TLS) handshake per call.
-    pub fn new(concurrency: usize, connect_timeout: Duration) -> Self {
-        let http1 = http1_client(concurrency, connect_timeout)
-            .build()
-            .unwrap_or_default();
+    pub fn new(concurrency: usize, connect_timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http1 = http1_client(concurrency, connect_timeout).build()?;
         let http2 = if proxy_configured() {
             tracing::info!("a proxy is configured: agent calls go through it over HTTP/1.1");
             None
@@ -116,7 +114,7 @@ impl Transport {
                 }
             }
         };
-        Self { http1, http2 }
+        Ok(Self { http1, http2 })
     }
 
     /// A transport that trusts only `roots`, on both sides, whatever the platform trusts or a
