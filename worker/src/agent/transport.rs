@@ -155,8 +155,8 @@ impl Transport {
     async fn exchange(&self, post: Post<'_>) -> Result<Answer, CallError> {
         if let Some(pool) = &self.http2
             && let Some(target) = Target::https(post.url)
+            && let Some(host) = pool.host(&target)
         {
-            let host = pool.host(&target);
             let (mut refused, mut retired) = (0, 0);
             while let Route::Http2(lease) = host.lease(pool).await? {
                 match lease.exchange(&target.uri, &post).await {
@@ -239,7 +239,6 @@ fn proxy_configured() -> bool {
 /// An `https://` URL taken apart for the pool.
 struct Target {
     uri: Uri,
-    server: ServerName<'static>,
     /// `host:port`, the pool's key.
     authority: String,
     host: String,
@@ -262,13 +261,8 @@ impl Target {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let server = match host.parse::<IpAddr>() {
-            Ok(ip) => ServerName::from(ip),
-            Err(_) => ServerName::try_from(host.clone()).ok()?,
-        };
         Some(Target {
             uri: parsed.as_str().parse().ok()?,
-            server,
             authority: format!("{host}:{port}"),
             host,
             port,
@@ -323,20 +317,26 @@ impl Http2Pool {
         }
     }
 
-    fn host(&self, target: &Target) -> Arc<Host> {
+    /// The host of `target`, kept from the first call to it on; `None` when its name cannot
+    /// be a TLS server name, which is left to reqwest.
+    fn host(&self, target: &Target) -> Option<Arc<Host>> {
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts
-            .entry(target.authority.clone())
-            .or_insert_with(|| {
-                Arc::new(Host {
-                    host: target.host.clone(),
-                    port: target.port,
-                    server: target.server.clone(),
-                    state: Mutex::new(HostState::default()),
-                    opened: Notify::new(),
-                })
-            })
-            .clone()
+        if let Some(host) = hosts.get(&target.authority) {
+            return Some(host.clone());
+        }
+        let server = match target.host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::from(ip),
+            Err(_) => ServerName::try_from(target.host.clone()).ok()?,
+        };
+        let host = Arc::new(Host {
+            host: target.host.clone(),
+            port: target.port,
+            server,
+            state: Mutex::new(HostState::default()),
+            opened: Notify::new(),
+        });
+        hosts.insert(target.authority.clone(), host.clone());
+        Some(host)
     }
 
     fn now_ms(&self) -> u64 {
@@ -434,23 +434,15 @@ fn sent_away(e: &h2::Error) -> bool {
     e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
 }
 
+/// Resolves `host` and tries its addresses in turn, as tokio does.
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
-    let addrs = tokio::net::lookup_host((host, port))
+    let tcp = TcpStream::connect((host, port))
         .await
-        .map_err(|e| format!("DNS: {e}"))?;
-    let mut last = String::from("DNS: no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                // Requests are written whole; waiting to coalesce them only adds latency.
-                let _ = tcp.set_nodelay(true);
-                detect_silent_loss(&tcp);
-                return Ok(tcp);
-            }
-            Err(e) => last = format!("connect: {e}"),
-        }
-    }
-    Err(last)
+        .map_err(|e| format!("connect: {e}"))?;
+    // Requests are written whole; waiting to coalesce them only adds latency.
+    let _ = tcp.set_nodelay(true);
+    detect_silent_loss(&tcp);
+    Ok(tcp)
 }
 
 /// How long a connection may go without a sign of life from the host while it is idle, or
@@ -566,14 +558,11 @@ impl Host {
             state.waiting = 0;
             match result {
                 Ok(Some(conn)) => {
-                    state.cap = conn
-                        .send
-                        .current_max_send_streams()
-                        .min(MAX_STREAMS_PER_CONNECTION);
+                    state.cap = conn.cap();
                     tracing::debug!(
                         host = %self.host,
                         connections = state.conns.len() + 1,
-                        streams = conn.send.current_max_send_streams(),
+                        streams = state.cap,
                         "opened an HTTP/2 connection to an agent host"
                     );
                     state.conns.push(conn);
@@ -621,12 +610,15 @@ struct Conn {
 }
 
 impl Conn {
-    fn has_room(&self) -> bool {
-        let cap = self
-            .send
+    /// The calls it takes at once: the host's stream cap, up to ours.
+    fn cap(&self) -> usize {
+        self.send
             .current_max_send_streams()
-            .min(MAX_STREAMS_PER_CONNECTION);
-        self.in_flight.load(Ordering::Acquire) < cap
+            .min(MAX_STREAMS_PER_CONNECTION)
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) < self.cap()
     }
 
     /// Open, and either busy or idle for less than [`IDLE_TIMEOUT`].
