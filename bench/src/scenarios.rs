@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::{
+    callgrind,
     fakes::{self, AgentHost, Replies},
     load::{self, AUTH_TOKEN, Target},
     pipeline::{self, Driven},
@@ -26,8 +27,9 @@ pub struct Options {
     /// HTTP connections of the P1 load generator.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
-    /// Benchmarks to run, comma-separated (p1..p5; p5 comes from the P2 runs).
-    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4")]
+    /// Benchmarks to run, comma-separated (p1..p5). P5's CPU time per reply comes from the P2
+    /// runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
+    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5")]
     only: Vec<String>,
     /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
     /// a runtime thread per core for each role), split (one process per role), embedded. The
@@ -172,6 +174,7 @@ async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         // The ingress alone never calls Twilio.
         twilio_base: "http://127.0.0.1:9".into(),
         env: options.wagate_env.clone(),
+        wrapper: vec![],
     };
     let ingress = deployment.start("ingress", "ingress").await?;
     ingress.set_up_agent(json!({"kind": "echo"})).await?;
@@ -344,6 +347,8 @@ struct PipelineSpec {
     rounds: usize,
     runs: usize,
     warmup: usize,
+    /// Runs every wagate process under callgrind and counts the instructions of each run.
+    count_instructions: bool,
 }
 
 struct PipelineFigures {
@@ -356,6 +361,8 @@ struct PipelineFigures {
     bench_cpu_us: Vec<f64>,
     /// Peak RSS of each wagate process, MiB.
     rss: Vec<(String, f64)>,
+    /// Instructions of all wagate processes per reply, per run, when they were counted.
+    instructions: Vec<f64>,
 }
 
 impl PipelineFigures {
@@ -424,6 +431,11 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
         servers: servers.as_ref(),
         twilio_base: format!("http://{twilio}"),
         env,
+        wrapper: if spec.count_instructions {
+            callgrind::wrapper(dir)
+        } else {
+            vec![]
+        },
     };
     let mut procs: Vec<Wagate> = Vec::new();
     match spec.layout {
@@ -456,6 +468,7 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
         servers_cpu_us: vec![],
         bench_cpu_us: vec![],
         rss: vec![],
+        instructions: vec![],
     };
     let cpu = |procs: &[Wagate]| -> Result<Vec<f64>> {
         procs.iter().map(|w| w.proc.cpu_seconds()).collect()
@@ -468,10 +481,24 @@ async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
     };
     for run in 0..spec.runs {
         let batch: Vec<_> = inboxes.drain(..spec.conversations).collect();
+        if spec.count_instructions {
+            for w in &procs {
+                callgrind::zero(w.proc.pid())?;
+            }
+        }
         let (w0, s0, b0) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
         let driven = pipeline::drive(&target, batch, spec.rounds, run as u32 + 1).await?;
         let (w1, s1, b1) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
         let replies = driven.replies.max(1) as f64;
+        if spec.count_instructions {
+            let counted = procs
+                .iter()
+                .map(|w| callgrind::dump(w.proc.pid(), dir))
+                .sum::<Result<u64>>()?;
+            let each = counted as f64 / replies;
+            eprintln!("  run {run}: {each:.0} instructions per reply, counted by callgrind");
+            figures.instructions.push(each);
+        }
         let each: Vec<f64> = w1
             .iter()
             .zip(&w0)
@@ -543,6 +570,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
             rounds: 10,
             runs: options.rounds,
             warmup: 200,
+            count_instructions: false,
         };
         let figures = pipeline(&dir.join(format!("layout{i}")), &spec).await?;
         rows.push((name, figures));
@@ -597,6 +625,56 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
         format!("{cost:.0} µs"),
         verdict(cost <= 150.0).into(),
     ]);
+    if options.only.iter().any(|o| o == "p5") {
+        p5_instructions(&dir.join("instructions"), options, report).await?;
+    }
+    Ok(())
+}
+
+/// P5 again, in instructions: `serve` on NATS + Redis under callgrind, which counts what wagate
+/// executes per reply the same whatever the machine's speed that day, so that two builds can
+/// be compared across days.
+async fn p5_instructions(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    report.section(
+        "P5 in instructions",
+        &format!(
+            "wagate serve on NATS + Redis (WAGATE_THREADS=1) under valgrind's callgrind, which counts the instructions a process executes: the same for the same work on a slow day as on a fast one, where CPU seconds are not. 200 conversations × 5 messages per run, {} runs after a warm-up; the counters are zeroed before each run and read after it. Under callgrind wagate runs about fifty times slower, so it batches fewer messages per round trip than at full speed: the count is for comparing builds, not for converting into µs.",
+            options.rounds
+        ),
+    );
+    if !callgrind::available() {
+        report.line("Not measured: valgrind (with callgrind_control) is not installed.");
+        return Ok(());
+    }
+    eprintln!("P5: instructions of serve, under callgrind");
+    let spec = PipelineSpec {
+        layout: Layout::Serve,
+        agent: None,
+        env: pipeline_env(options, false, &[]),
+        conversations: 200,
+        rounds: 5,
+        runs: options.rounds,
+        warmup: 100,
+        count_instructions: true,
+    };
+    let figures = pipeline(dir, &spec).await?;
+    report.header(&[
+        "layout",
+        "instructions per reply (median)",
+        "each run",
+        "checked",
+    ]);
+    report.row(vec![
+        "serve on NATS + Redis".into(),
+        format!("{:.0}", median(&figures.instructions)),
+        figures
+            .instructions
+            .iter()
+            .map(|i| format!("{i:.0}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        figures.checked(),
+    ]);
     Ok(())
 }
 
@@ -625,6 +703,7 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
             rounds: 3,
             runs: 1,
             warmup: 100,
+            count_instructions: false,
         };
         rows.push((name, pipeline(&dir.join(format!("host{i}")), &spec).await?));
     }
@@ -708,6 +787,7 @@ async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
             rounds: 4,
             runs: options.rounds,
             warmup: 100,
+            count_instructions: false,
         };
         let f = pipeline(&dir.join(format!("workers{workers}")), &spec).await?;
         if !f.exact() {

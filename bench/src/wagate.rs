@@ -46,6 +46,10 @@ pub struct Deployment<'a> {
     pub twilio_base: String,
     /// Extra settings, e.g. concurrency.
     pub env: Vec<(String, String)>,
+    /// A program (and its arguments) that runs every wagate process of the deployment, such as
+    /// callgrind for P5's instruction count; empty to run wagate itself, or the role's
+    /// `WAGATE_BENCH_WRAP_<ROLE>` when that is set.
+    pub wrapper: Vec<String>,
 }
 
 impl Deployment<'_> {
@@ -57,13 +61,17 @@ impl Deployment<'_> {
         let key = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
         // WAGATE_BENCH_WRAP_<ROLE> runs that role under a profiler, e.g.
         // WAGATE_BENCH_WRAP_WORKER=heaptrack (its output lands in the current folder).
-        let mut cmd = match std::env::var(format!("WAGATE_BENCH_WRAP_{}", role.to_uppercase())) {
-            Ok(wrapper) => {
-                let mut c = Command::new(wrapper);
-                c.arg(binary());
+        let wrapper = match std::env::var(format!("WAGATE_BENCH_WRAP_{}", role.to_uppercase())) {
+            Ok(program) if self.wrapper.is_empty() => vec![program],
+            _ => self.wrapper.clone(),
+        };
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary());
                 c
             }
-            Err(_) => Command::new(binary()),
+            None => Command::new(binary()),
         };
         cmd.arg(role)
             .env_clear()
@@ -84,7 +92,8 @@ impl Deployment<'_> {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join(format!("{name}.log"));
         let proc = Proc::spawn(name, cmd, &log)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Under callgrind, start-up takes about fifty times as long.
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("wagate ready") {

@@ -29,6 +29,17 @@ use crate::{
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
+/// The key `$fmt` under `$store`'s prefix, built in one formatting pass and one allocation
+/// (a `format!` of the rest and then of the prefix took two of each, about 1,000 instructions
+/// apiece, a dozen times per message). The `let` ends the format arguments' borrow before any
+/// await, so the futures stay `Send`.
+macro_rules! key {
+    ($store:expr, $($fmt:tt)+) => {{
+        let key = $store.key(format_args!($($fmt)+));
+        key
+    }};
+}
+
 // KEYS[1] = lead hash, KEYS[2] = leads by first contact, KEYS[3..] = one "seen" mark per
 // message; ARGV[1] = user, ARGV[2] = ttl (s), then per message its profile name and time (ms).
 const RECORD_LEAD: &str = r#"
@@ -179,10 +190,10 @@ fn lead_keys<'a>(
     let agent = session.agent();
     let user = session.user();
     let mut keys = vec![
-        store.key(&format!("lead:{{{agent}}}:{user}")),
-        store.key(&format!("leads:{{{agent}}}")),
+        key!(store, "lead:{{{agent}}}:{user}"),
+        key!(store, "leads:{{{agent}}}"),
     ];
-    keys.extend(sids.map(|sid| store.key(&format!("leadseen:{{{agent}}}:{sid}"))));
+    keys.extend(sids.map(|sid| key!(store, "leadseen:{{{agent}}}:{sid}")));
     keys
 }
 
@@ -227,7 +238,8 @@ impl RedisStore {
         })
     }
 
-    fn key(&self, rest: &str) -> String {
+    /// The key `rest` under this store's prefix.
+    fn key(&self, rest: impl std::fmt::Display) -> String {
         format!("{}:{rest}", self.prefix)
     }
 
@@ -238,7 +250,7 @@ impl RedisStore {
     /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
     fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
         let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut cmd = evalsha(&SCRIPTS.claim_send, &[self.key(&format!("guard:{key}"))]);
+        let mut cmd = evalsha(&SCRIPTS.claim_send, &[key!(self, "guard:{key}")]);
         cmd.arg(ms(OffsetDateTime::now_utc()))
             .arg(lease_ms)
             .arg(GUARD_TTL.as_secs());
@@ -308,7 +320,7 @@ impl Store for RedisStore {
         let json = serde_json::to_vec(agent).map_err(|e| StoreError::from_display("encode", e))?;
         redis::pipe()
             .atomic()
-            .set(self.key(&format!("agent:{}", agent.id)), json)
+            .set(key!(self, "agent:{}", agent.id), json)
             .sadd(self.key("agents"), agent.id.as_str())
             .exec_async(&mut self.conn())
             .await
@@ -317,7 +329,7 @@ impl Store for RedisStore {
     }
 
     async fn agent(&self, id: &AgentId) -> Result<Option<Agent>, StoreError> {
-        self.get_json(self.key(&format!("agent:{id}"))).await
+        self.get_json(key!(self, "agent:{id}")).await
     }
 
     async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
@@ -329,7 +341,7 @@ impl Store for RedisStore {
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(a) = self.get_json(self.key(&format!("agent:{id}"))).await? {
+            if let Some(a) = self.get_json(key!(self, "agent:{id}")).await? {
                 out.push(a);
             }
         }
@@ -341,14 +353,14 @@ impl Store for RedisStore {
             serde_json::to_vec(channel).map_err(|e| StoreError::from_display("encode", e))?;
         let _: () = self
             .conn()
-            .set(self.key(&format!("channel:{id}")), json)
+            .set(key!(self, "channel:{id}"), json)
             .await
             .map_err(err("put channel"))?;
         self.notify(id).await
     }
 
     async fn channel(&self, id: &AgentId) -> Result<Option<WhatsAppChannel>, StoreError> {
-        self.get_json(self.key(&format!("channel:{id}"))).await
+        self.get_json(key!(self, "channel:{id}")).await
     }
 
     async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError> {
@@ -396,13 +408,13 @@ impl Store for RedisStore {
             return Ok(TurnStart::default());
         };
         let mut keys = vec![
-            self.key(&format!("window:{{{session}}}")),
-            self.key(&format!("session:{{{session}}}")),
+            key!(self, "window:{{{session}}}"),
+            key!(self, "session:{{{session}}}"),
         ];
         keys.extend(
             sightings
                 .iter()
-                .map(|s| self.key(&format!("turn:{{{session}}}:{}", s.message_sid))),
+                .map(|s| key!(self, "turn:{{{session}}}:{}", s.message_sid)),
         );
         let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
         begin.arg(ms(latest)).arg(history.min(i64::MAX as usize));
@@ -440,7 +452,7 @@ impl Store for RedisStore {
         let start = -(isize::try_from(last).unwrap_or(isize::MAX));
         let raw: Vec<Vec<u8>> = self
             .conn()
-            .lrange(self.key(&format!("session:{{{session}}}")), start, -1)
+            .lrange(key!(self, "session:{{{session}}}"), start, -1)
             .await
             .map_err(err("history"))?;
         raw.iter().map(|r| from_json(r, "decode turn")).collect()
@@ -451,7 +463,7 @@ impl Store for RedisStore {
         session: &SessionId,
         turn_key: &str,
     ) -> Result<Option<CompletedTurn>, StoreError> {
-        self.get_json(self.key(&format!("turn:{{{session}}}:{turn_key}")))
+        self.get_json(key!(self, "turn:{{{session}}}:{turn_key}"))
             .await
     }
 
@@ -469,9 +481,9 @@ impl Store for RedisStore {
         }
         let mut inv = SCRIPTS
             .complete_turn
-            .key(self.key(&format!("session:{{{session}}}")));
+            .key(key!(self, "session:{{{session}}}"));
         for k in turn_keys {
-            inv.key(self.key(&format!("turn:{{{session}}}:{k}")));
+            inv.key(key!(self, "turn:{{{session}}}:{k}"));
         }
         inv.arg(to_json(completed)?)
             .arg(GUARD_TTL.as_secs())
@@ -505,14 +517,14 @@ impl Store for RedisStore {
     async fn leads(&self, agent: &AgentId) -> Result<Vec<Lead>, StoreError> {
         let users: Vec<String> = self
             .conn()
-            .zrange(self.key(&format!("leads:{{{agent}}}")), 0, -1)
+            .zrange(key!(self, "leads:{{{agent}}}"), 0, -1)
             .await
             .map_err(err("leads"))?;
         let mut out = Vec::with_capacity(users.len());
         for user in users {
             let h: std::collections::HashMap<String, String> = self
                 .conn()
-                .hgetall(self.key(&format!("lead:{{{agent}}}:{user}")))
+                .hgetall(key!(self, "lead:{{{agent}}}:{user}"))
                 .await
                 .map_err(err("lead"))?;
             let num = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
@@ -535,7 +547,7 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let _: i64 = SCRIPTS
             .stamp_max
-            .key(self.key(&format!("window:{{{session}}}")))
+            .key(key!(self, "window:{{{session}}}"))
             .arg(ms(at))
             .invoke_async(&mut self.conn())
             .await
@@ -549,7 +561,7 @@ impl Store for RedisStore {
     ) -> Result<Option<OffsetDateTime>, StoreError> {
         let v: Option<i64> = self
             .conn()
-            .get(self.key(&format!("window:{{{session}}}")))
+            .get(key!(self, "window:{{{session}}}"))
             .await
             .map_err(err("window"))?;
         Ok(v.map(from_ms))
@@ -558,7 +570,7 @@ impl Store for RedisStore {
     async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
         let _: i64 = SCRIPTS
             .stamp_max
-            .key(self.key(&format!("optout:{{{session}}}")))
+            .key(key!(self, "optout:{{{session}}}"))
             .arg(ms(at))
             .invoke_async(&mut self.conn())
             .await
@@ -572,7 +584,7 @@ impl Store for RedisStore {
     ) -> Result<Option<OffsetDateTime>, StoreError> {
         let v: Option<i64> = self
             .conn()
-            .get(self.key(&format!("optout:{{{session}}}")))
+            .get(key!(self, "optout:{{{session}}}"))
             .await
             .map_err(err("opt-out"))?;
         Ok(v.map(from_ms))
@@ -593,8 +605,8 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<(GuardState, WindowClocks), StoreError> {
         let clocks = redis::cmd("MGET")
-            .arg(self.key(&format!("window:{{{session}}}")))
-            .arg(self.key(&format!("optout:{{{session}}}")))
+            .arg(key!(self, "window:{{{session}}}"))
+            .arg(key!(self, "optout:{{{session}}}"))
             .clone();
         let ((last_inbound, opted_out_at), answer): ((Option<i64>, Option<i64>), String) = self
             .scripted(
@@ -621,12 +633,12 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         redis::pipe()
             .set_ex(
-                self.key(&format!("guard:{key}")),
+                key!(self, "guard:{key}"),
                 format!("sent:{message_sid}"),
                 GUARD_TTL.as_secs(),
             )
             .set_ex(
-                self.key(&format!("sent:{message_sid}")),
+                key!(self, "sent:{message_sid}"),
                 to_json(part)?,
                 GUARD_TTL.as_secs(),
             )
@@ -636,14 +648,13 @@ impl Store for RedisStore {
     }
 
     async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
-        self.get_json(self.key(&format!("sent:{message_sid}")))
-            .await
+        self.get_json(key!(self, "sent:{message_sid}")).await
     }
 
     async fn release_send(&self, key: &str) -> Result<(), StoreError> {
         let _: i64 = SCRIPTS
             .release_send
-            .key(self.key(&format!("guard:{key}")))
+            .key(key!(self, "guard:{key}"))
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("release send"))?;
@@ -653,7 +664,7 @@ impl Store for RedisStore {
     async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
         let applied: i64 = SCRIPTS
             .record_status
-            .key(self.key(&format!("status:{}", u.message_sid)))
+            .key(key!(self, "status:{}", u.message_sid))
             .arg(u.status.as_str())
             .arg(u.status.rank())
             .arg(u.error_code.map(|c| c.to_string()).unwrap_or_default())
@@ -671,7 +682,7 @@ impl Store for RedisStore {
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
         let h: std::collections::HashMap<String, String> = self
             .conn()
-            .hgetall(self.key(&format!("status:{sid}")))
+            .hgetall(key!(self, "status:{sid}"))
             .await
             .map_err(err("status"))?;
         Ok(h.get("status")
@@ -687,10 +698,7 @@ impl Store for RedisStore {
     ) -> Result<u64, StoreError> {
         let entry = serde_json::json!({"body": body, "at": ms(at)});
         self.conn()
-            .rpush(
-                self.key(&format!("outbox:{{{session}}}")),
-                entry.to_string(),
-            )
+            .rpush(key!(self, "outbox:{{{session}}}"), entry.to_string())
             .await
             .map_err(err("record simulated"))
     }
@@ -703,7 +711,7 @@ impl Store for RedisStore {
         let start = isize::try_from(after).unwrap_or(isize::MAX);
         let raw: Vec<String> = self
             .conn()
-            .lrange(self.key(&format!("outbox:{{{session}}}")), start, -1)
+            .lrange(key!(self, "outbox:{{{session}}}"), start, -1)
             .await
             .map_err(err("simulated"))?;
         raw.iter()
@@ -721,7 +729,7 @@ impl Store for RedisStore {
     }
 
     async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {
-        let k = self.key(&format!("failures:{key}"));
+        let k = key!(self, "failures:{key}");
         let (n,): (u64,) = redis::pipe()
             .atomic()
             .incr(&k, 1)
@@ -736,7 +744,7 @@ impl Store for RedisStore {
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
         let _: i64 = self
             .conn()
-            .del(self.key(&format!("failures:{key}")))
+            .del(key!(self, "failures:{key}"))
             .await
             .map_err(err("clear failures"))?;
         Ok(())
