@@ -251,6 +251,11 @@ async fn sender_role(
     started: Started,
 ) -> Result<()> {
     let settings = &common.settings;
+    let client = sender::twilio_client::TwilioClient::new(
+        &settings.twilio_api_base,
+        settings.twilio_timeout(),
+    )
+    .map_err(anyhow::Error::msg)?;
     with_connections(
         settings,
         backing,
@@ -261,10 +266,7 @@ async fn sender_role(
                 bus,
                 store,
                 directory: common.directory.clone(),
-                client: sender::twilio_client::TwilioClient::new(
-                    &settings.twilio_api_base,
-                    settings.twilio_timeout(),
-                ),
+                client,
                 public_url: settings.public_base().map(str::to_owned),
                 retry: settings.send_retry.clone(),
                 twilio_timeout: settings.twilio_timeout(),

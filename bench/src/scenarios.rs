@@ -633,7 +633,8 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
 
 /// P5 again, in instructions: `serve` on NATS + Redis under callgrind, which counts what wagate
 /// executes per reply the same whatever the machine's speed that day, so that two builds can
-/// be compared across days.
+/// be compared across days. Once with the echo agent (P2's pipeline), once with a webhook
+/// agent over HTTPS and HTTP/2 that answers at once (the agent call of P3, without its wait).
 async fn p5_instructions(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     report.section(
         "P5 in instructions",
@@ -646,35 +647,44 @@ async fn p5_instructions(dir: &Path, options: &Options, report: &mut Report) -> 
         report.line("Not measured: valgrind (with callgrind_control) is not installed.");
         return Ok(());
     }
-    eprintln!("P5: instructions of serve, under callgrind");
-    let spec = PipelineSpec {
-        layout: Layout::Serve,
-        agent: None,
-        env: pipeline_env(options, false, &[]),
-        conversations: 200,
-        rounds: 5,
-        runs: options.rounds,
-        warmup: 100,
-        count_instructions: true,
-    };
-    let figures = pipeline(dir, &spec).await?;
+    let agents = [
+        ("echo agent (as P2)", None),
+        (
+            "webhook agent over HTTPS, HTTP/2, answering at once (the call of P3)",
+            Some((Duration::ZERO, AgentHost::Https { h2_streams: 250 })),
+        ),
+    ];
     report.header(&[
-        "layout",
+        "serve on NATS + Redis, with",
         "instructions per reply (median)",
         "each run",
         "checked",
     ]);
-    report.row(vec![
-        "serve on NATS + Redis".into(),
-        format!("{:.0}", median(&figures.instructions)),
-        figures
-            .instructions
-            .iter()
-            .map(|i| format!("{i:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        figures.checked(),
-    ]);
+    for (i, (name, agent)) in agents.into_iter().enumerate() {
+        eprintln!("P5: instructions of serve, under callgrind, {name}");
+        let spec = PipelineSpec {
+            layout: Layout::Serve,
+            agent,
+            env: pipeline_env(options, false, &[]),
+            conversations: 200,
+            rounds: 5,
+            runs: options.rounds,
+            warmup: 100,
+            count_instructions: true,
+        };
+        let figures = pipeline(&dir.join(format!("agent{i}")), &spec).await?;
+        report.row(vec![
+            name.into(),
+            format!("{:.0}", median(&figures.instructions)),
+            figures
+                .instructions
+                .iter()
+                .map(|i| format!("{i:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            figures.checked(),
+        ]);
+    }
     Ok(())
 }
 

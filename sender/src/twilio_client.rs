@@ -76,26 +76,40 @@ struct MessageList {
 #[derive(Clone)]
 pub struct TwilioClient {
     http: reqwest::Client,
-    base: String,
+    /// Parsed once: a URL given as text is parsed again on every request, 8,000 instructions
+    /// a time (docs/benchmarks.md, change 18).
+    base: reqwest::Url,
 }
 
 impl TwilioClient {
-    /// A client of the API at `base` (e.g. `https://api.twilio.com`).
-    pub fn new(base: &str, timeout: Duration) -> Self {
+    /// A client of the API at `base` (e.g. `https://api.twilio.com`). Fails, saying why, when
+    /// `base` cannot be the base of the API's paths or the HTTP client cannot be set up (a
+    /// client without the settings would post without its timeouts).
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
+        let base = reqwest::Url::parse(base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
+            .ok_or_else(|| format!("the Twilio API base {base:?} is not an http(s) URL"))?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
             .build()
-            .unwrap_or_default();
-        Self {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-        }
+            .map_err(|e| format!("cannot set up the HTTP client for Twilio: {e}"))?;
+        Ok(Self { http, base })
     }
 
-    fn messages_url(&self, account: &AccountSid) -> String {
-        format!("{}/2010-04-01/Accounts/{account}/Messages.json", self.base)
+    fn messages_url(&self, account: &AccountSid) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend([
+                "2010-04-01",
+                "Accounts",
+                account.as_str(),
+                "Messages.json",
+            ]);
+        }
+        url
     }
 
     /// Creates a message from form fields (`To`, `From`, `Body` or `ContentSid`, …).
@@ -193,5 +207,59 @@ fn transport_error(e: reqwest::Error) -> SendError {
         code: None,
         message: format!("Twilio unreachable: {message}"),
         retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account() -> AccountSid {
+        AccountSid::parse(&format!("AC{}", "0f".repeat(16))).expect("a valid SID")
+    }
+
+    #[test]
+    fn the_messages_url_follows_the_base_with_or_without_a_path_or_slash() {
+        let sid = account();
+        for (base, expected) in [
+            (
+                "https://api.twilio.com",
+                "https://api.twilio.com/2010-04-01",
+            ),
+            (
+                "https://api.twilio.com/",
+                "https://api.twilio.com/2010-04-01",
+            ),
+            (
+                "http://127.0.0.1:8080/twilio",
+                "http://127.0.0.1:8080/twilio/2010-04-01",
+            ),
+            (
+                "http://127.0.0.1:8080/twilio/",
+                "http://127.0.0.1:8080/twilio/2010-04-01",
+            ),
+        ] {
+            let client = TwilioClient::new(base, Duration::from_secs(1)).expect("a usable base");
+            assert_eq!(
+                client.messages_url(&sid).as_str(),
+                format!("{expected}/Accounts/{sid}/Messages.json"),
+                "base {base}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_base_that_cannot_hold_the_api_paths_is_refused_with_the_reason() {
+        for base in [
+            "api.twilio.com",
+            "mailto:ops@example.com",
+            "ftp://example.com",
+            "http://",
+        ] {
+            let e = TwilioClient::new(base, Duration::from_secs(1))
+                .err()
+                .unwrap_or_else(|| panic!("{base} was accepted"));
+            assert!(e.contains("not an http(s) URL"), "{base}: {e}");
+        }
     }
 }

@@ -283,8 +283,13 @@ impl SessionId {
 }
 
 impl fmt::Display for SessionId {
+    /// Written piece by piece: it is part of several store keys per message, and a nested
+    /// `write!` costs a formatting pass of its own each time.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "twilio_{}_{}", self.agent, self.user)
+        f.write_str("twilio_")?;
+        f.write_str(self.agent.as_str())?;
+        f.write_str("_")?;
+        f.write_str(&self.user)
     }
 }
 
