@@ -238,9 +238,16 @@ impl RedisStore {
         })
     }
 
-    /// The key `rest` under this store's prefix.
+    /// The key `rest` under this store's prefix, in a buffer sized for the longest keys (a
+    /// session's with a MessageSid) so that writing it never grows the buffer.
     fn key(&self, rest: impl std::fmt::Display) -> String {
-        format!("{}:{rest}", self.prefix)
+        use std::fmt::Write;
+        let mut key = String::with_capacity(self.prefix.len() + 128);
+        key.push_str(&self.prefix);
+        key.push(':');
+        // Writing into a String cannot fail.
+        let _ = write!(key, "{rest}");
+        key
     }
 
     fn conn(&self) -> ConnectionManager {
