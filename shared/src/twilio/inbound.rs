@@ -8,8 +8,20 @@ use crate::{
     envelope::{Button, InboundMessage, Location, Media},
 };
 
-/// Most media items Twilio attaches to one message.
-const MAX_MEDIA: usize = 10;
+/// The fields of the media items Twilio attaches to one message (at most 10), named up front
+/// so that no name is formatted per message.
+const MEDIA_FIELDS: [(&str, &str); 10] = [
+    ("MediaUrl0", "MediaContentType0"),
+    ("MediaUrl1", "MediaContentType1"),
+    ("MediaUrl2", "MediaContentType2"),
+    ("MediaUrl3", "MediaContentType3"),
+    ("MediaUrl4", "MediaContentType4"),
+    ("MediaUrl5", "MediaContentType5"),
+    ("MediaUrl6", "MediaContentType6"),
+    ("MediaUrl7", "MediaContentType7"),
+    ("MediaUrl8", "MediaContentType8"),
+    ("MediaUrl9", "MediaContentType9"),
+];
 
 /// Builds the envelope from the decoded form; the error says which field is missing or wrong.
 pub fn parse_inbound(
@@ -33,11 +45,12 @@ pub fn parse_inbound(
             .map(str::to_owned)
     };
 
-    let media = (0..MAX_MEDIA)
-        .filter_map(|i| {
-            optional(&format!("MediaUrl{i}")).map(|url| Media {
+    let media = MEDIA_FIELDS
+        .iter()
+        .filter_map(|(url, content_type)| {
+            optional(url).map(|url| Media {
                 url,
-                content_type: optional(&format!("MediaContentType{i}")),
+                content_type: optional(content_type),
             })
         })
         .collect();
@@ -78,6 +91,47 @@ mod tests {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn keeps_all_ten_media_items_in_order_with_their_types() {
+        let sid = format!("MM{}", "1".repeat(32));
+        let mut list = vec![
+            ("MessageSid".to_string(), sid),
+            ("From".to_string(), "whatsapp:+14155550100".to_string()),
+            ("To".to_string(), "whatsapp:+14155238886".to_string()),
+            ("NumMedia".to_string(), "10".to_string()),
+        ];
+        // Twilio's order is not promised; the types come first here.
+        for i in (0..10).rev() {
+            list.push((format!("MediaContentType{i}"), format!("image/t{i}")));
+        }
+        for i in 0..10 {
+            list.push((
+                format!("MediaUrl{i}"),
+                format!("https://api.twilio.com/m/{i}"),
+            ));
+        }
+        let m = parse_inbound(
+            &AgentId::parse("a").unwrap(),
+            list,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        let seen: Vec<(String, Option<String>)> = m
+            .media
+            .into_iter()
+            .map(|item| (item.url, item.content_type))
+            .collect();
+        let expected: Vec<(String, Option<String>)> = (0..10)
+            .map(|i| {
+                (
+                    format!("https://api.twilio.com/m/{i}"),
+                    Some(format!("image/t{i}")),
+                )
+            })
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]
