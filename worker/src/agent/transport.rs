@@ -9,12 +9,14 @@
 //!
 //! So HTTPS hosts that offer HTTP/2 by ALPN get a pool of HTTP/2 connections kept here, on the
 //! `h2` crate: a call takes a stream on the first connection below the cap the host announced,
-//! and a new connection is opened only when every one is full. Plain `http://` hosts, hosts
-//! that answer ALPN with HTTP/1.1, and every host when a proxy is configured go through
-//! reqwest over HTTP/1.1, a connection per call in flight.
+//! and a new connection is opened only when every one is full. Calls that find every one full
+//! wait in line and are handed, oldest first, the streams that calls give back and those of new
+//! connections: a connection that opens wakes only the calls it can carry, however many wait.
+//! Plain `http://` hosts, hosts that answer ALPN with HTTP/1.1, and every host when a proxy is
+//! configured go through reqwest over HTTP/1.1, a connection per call in flight.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::IpAddr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -26,7 +28,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, client::SendRequest};
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::{net::TcpStream, sync::oneshot};
 use tokio_rustls::{
     TlsConnector,
     rustls::{self, pki_types::ServerName},
@@ -50,6 +52,9 @@ const ATTEMPTS: usize = 3;
 /// Connections a call may find ended or going away (GOAWAY) before it was processed, moving
 /// on to another each time: a host that restarts sends all of them away.
 const RETIRED_CONNECTIONS: usize = 8;
+/// Agent URLs the pool keeps taken apart; past this it starts over, so that URLs of agents
+/// long gone do not pile up.
+const MAX_KNOWN_URLS: usize = 4096;
 /// The response window of an HTTP/2 connection: many answers arrive at once on one.
 const CONNECTION_WINDOW: u32 = 4 << 20;
 /// The most header bytes an answer may carry.
@@ -329,7 +334,7 @@ impl Http2Pool {
     /// What the pool knows of `url`, from its first call on; `None` for URLs left to reqwest
     /// (not `https://`, credentials in the URL, a host name that cannot be a TLS server
     /// name). Agent URLs come from the agents' settings, so the map holds one entry per URL
-    /// configured.
+    /// configured, up to [`MAX_KNOWN_URLS`].
     fn known(&self, url: &str) -> Option<Arc<KnownUrl>> {
         if let Some(known) = self
             .urls
@@ -345,10 +350,17 @@ impl Http2Pool {
                 uri: target.uri,
             }))
         });
-        self.urls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(url.to_owned(), known.clone());
+        let mut urls = self.urls.lock().unwrap_or_else(PoisonError::into_inner);
+        if urls.len() >= MAX_KNOWN_URLS {
+            // Agents come and go and change their URLs; what is forgotten is taken apart again
+            // on its next call, and hosts no call holds lose their idle connections with it.
+            urls.clear();
+            self.hosts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, host| Arc::strong_count(host) > 1);
+        }
+        urls.insert(url.to_owned(), known.clone());
         known
     }
 
@@ -368,7 +380,7 @@ impl Http2Pool {
             port: target.port,
             server,
             state: Mutex::new(HostState::default()),
-            opened: Notify::new(),
+            queued: AtomicUsize::new(0),
         });
         hosts.insert(target.authority.clone(), host.clone());
         Some(host)
@@ -506,27 +518,27 @@ struct Host {
     port: u16,
     server: ServerName<'static>,
     state: Mutex<HostState>,
-    /// Woken when a connection attempt ends, for the calls that waited on it.
-    opened: Notify,
+    /// How many calls wait in [`HostState::waiters`], readable without the lock: a call that
+    /// ends looks at it to learn whether its stream has someone to go to.
+    queued: AtomicUsize,
 }
+
+/// What a waiting call is handed: a route, or why the host could not be reached.
+type Grant = Result<Route, String>;
 
 #[derive(Default)]
 struct HostState {
     conns: Vec<Arc<Conn>>,
-    /// Connections being opened; calls that find no room wait for them rather than open their
-    /// own.
+    /// Connections being opened, each by a task of its own.
     connecting: usize,
-    /// Calls waiting for a connection with room since the last attempt ended: those it woke
-    /// count again only if they wait again.
-    waiting: usize,
-    /// Connection attempts ended so far.
-    attempts_ended: u64,
+    /// Calls that found every connection full, oldest first. Each is handed a stream as one
+    /// frees up or a connection opens, so a connection wakes only the calls it can take.
+    /// Calls that stopped waiting (their timeout ran out) stay until their turn comes and are
+    /// skipped then.
+    waiters: VecDeque<oneshot::Sender<Grant>>,
     /// The stream cap of the newest connection, so how many waiting calls one more serves;
     /// 0 until a connection told.
     cap: usize,
-    /// Connection attempts that failed so far; a call that waited on one sees it fail too.
-    failures: u64,
-    last_failure: String,
     http1_until: Option<Instant>,
 }
 
@@ -536,61 +548,100 @@ enum Route {
 }
 
 impl Host {
-    /// A stream on a connection with room. When every connection is full, connections are
-    /// opened, each by a task of its own so that a call timing out does not abandon it, as
-    /// many at once as the waiting calls fill (one until the host's cap is known, at most
-    /// [`MAX_OPENING`]), and every call that found no room waits for them.
+    /// A stream on a connection with room. When every connection is full, the call waits in
+    /// line and connections are opened, as many at once as the waiting calls fill (one until
+    /// the host's cap is known, at most [`MAX_OPENING`]), each by a task of its own so that a
+    /// call timing out does not abandon it.
     async fn lease(self: &Arc<Self>, pool: &Arc<Http2Pool>) -> Result<Route, CallError> {
-        loop {
-            let (opened, failures, waiting) = {
-                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                if state.http1_until.is_some_and(|t| Instant::now() < t) {
-                    return Ok(Route::Http1);
-                }
-                let now = pool.now_ms();
-                state.conns.retain(|c| c.usable(now));
-                if let Some(conn) = state.conns.iter().find(|c| c.has_room()) {
-                    conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                    return Ok(Route::Http2(Lease {
-                        conn: conn.clone(),
-                        pool: pool.clone(),
-                    }));
-                }
-                let opened = self.opened.notified();
-                state.waiting += 1;
-                let wanted = match state.cap {
-                    0 => 1,
-                    cap => state.waiting.div_ceil(cap).min(MAX_OPENING),
-                };
-                if state.connecting < wanted {
-                    state.connecting += 1;
-                    let (host, pool) = (self.clone(), pool.clone());
-                    tokio::spawn(async move {
-                        let result = pool.open(&host).await;
-                        host.opened_with(result);
-                    });
-                }
-                let waiting = Waiting {
-                    host: self,
-                    since: state.attempts_ended,
-                };
-                (opened, state.failures, waiting)
-            };
-            opened.await;
-            drop(waiting);
-            let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if state.failures != failures {
-                return Err(CallError::Unreachable(state.last_failure.clone()));
+        let (granted, spare) = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.http1_until.is_some_and(|t| Instant::now() < t) {
+                return Ok(Route::Http1);
             }
+            let now = pool.now_ms();
+            state.conns.retain(|c| c.usable(now));
+            if state.waiters.is_empty()
+                && let Some(conn) = state.conns.iter().find(|c| c.has_room())
+            {
+                return Ok(Route::Http2(Lease::new(conn, self, pool)));
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push_back(tx);
+            self.queued.store(state.waiters.len(), Ordering::SeqCst);
+            // Looked at again after joining the line: a call that ended between the look
+            // above and the line's count going up saw no one waiting and gave its stream to
+            // no one.
+            let spare = self.serve_waiters(&mut state, pool);
+            self.open_more(&mut state, pool);
+            (rx, spare)
+        };
+        drop(spare);
+        match granted.await {
+            Ok(Ok(route)) => Ok(route),
+            Ok(Err(e)) => Err(CallError::Unreachable(e)),
+            Err(_) => Err(CallError::Unreachable(
+                "the connection pool let go of the call".to_owned(),
+            )),
         }
     }
 
-    fn opened_with(&self, result: Result<Option<Arc<Conn>>, String>) {
-        {
+    /// Hands streams on connections with room to waiting calls, oldest first. Returns the
+    /// streams of calls that stopped waiting just as theirs came, to be given back once the
+    /// lock is released (giving one back may serve another call, which takes the lock).
+    fn serve_waiters(self: &Arc<Self>, state: &mut HostState, pool: &Arc<Http2Pool>) -> Vec<Lease> {
+        let mut spare = Vec::new();
+        if state.waiters.is_empty() {
+            return spare;
+        }
+        let now = pool.now_ms();
+        state.conns.retain(|c| c.usable(now));
+        for conn in &state.conns {
+            while !state.waiters.is_empty() && conn.has_room() {
+                let Some(waiter) = state.waiters.pop_front() else {
+                    break;
+                };
+                if waiter.is_closed() {
+                    continue;
+                }
+                if let Err(Ok(Route::Http2(lease))) =
+                    waiter.send(Ok(Route::Http2(Lease::new(conn, self, pool))))
+                {
+                    spare.push(lease);
+                }
+            }
+        }
+        self.queued.store(state.waiters.len(), Ordering::SeqCst);
+        spare
+    }
+
+    /// Starts opening connections until as many are underway as the waiting calls fill.
+    fn open_more(self: &Arc<Self>, state: &mut HostState, pool: &Arc<Http2Pool>) {
+        let wanted = match (state.waiters.len(), state.cap) {
+            (0, _) => 0,
+            (_, 0) => 1,
+            (waiting, cap) => waiting.div_ceil(cap).min(MAX_OPENING),
+        };
+        while state.connecting < wanted {
+            state.connecting += 1;
+            let (host, pool) = (self.clone(), pool.clone());
+            tokio::spawn(async move {
+                let result = pool.open(&host).await;
+                host.opened_with(&pool, result);
+            });
+        }
+    }
+
+    /// Takes in what came of one connection attempt. A failure fails the waiting calls only
+    /// when no other attempt is underway: one connection refused in a burst of several does not
+    /// fail the calls the others will carry.
+    fn opened_with(
+        self: &Arc<Self>,
+        pool: &Arc<Http2Pool>,
+        result: Result<Option<Arc<Conn>>, String>,
+    ) {
+        let spare = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.connecting = state.connecting.saturating_sub(1);
-            state.attempts_ended += 1;
-            state.waiting = 0;
             match result {
                 Ok(Some(conn)) => {
                     state.cap = conn.cap();
@@ -601,37 +652,32 @@ impl Host {
                         "opened an HTTP/2 connection to an agent host"
                     );
                     state.conns.push(conn);
+                    let spare = self.serve_waiters(&mut state, pool);
+                    self.open_more(&mut state, pool);
+                    spare
                 }
                 Ok(None) => {
                     state.http1_until = Some(Instant::now() + HTTP1_HOST_RECHECK);
+                    self.answer_all(&mut state, || Ok(Route::Http1));
+                    Vec::new()
                 }
                 Err(e) => {
-                    state.failures += 1;
-                    state.last_failure = e;
+                    if state.connecting == 0 {
+                        self.answer_all(&mut state, || Err(e.clone()));
+                    }
+                    Vec::new()
                 }
             }
-        }
-        self.opened.notify_waiters();
+        };
+        drop(spare);
     }
-}
 
-/// A call counted among a host's waiting calls until it stops waiting, however that happens
-/// (its timeout may drop it mid-wait), or until an attempt ends and wakes it.
-struct Waiting<'a> {
-    host: &'a Host,
-    since: u64,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let mut state = self
-            .host
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if state.attempts_ended == self.since {
-            state.waiting = state.waiting.saturating_sub(1);
+    /// Answers every waiting call the same way.
+    fn answer_all(&self, state: &mut HostState, grant: impl Fn() -> Grant) {
+        for waiter in state.waiters.drain(..) {
+            let _ = waiter.send(grant());
         }
+        self.queued.store(0, Ordering::SeqCst);
     }
 }
 
@@ -653,7 +699,7 @@ impl Conn {
     }
 
     fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) < self.cap()
+        self.in_flight.load(Ordering::SeqCst) < self.cap()
     }
 
     /// Open, and either busy or idle for less than [`IDLE_TIMEOUT`].
@@ -668,7 +714,20 @@ impl Conn {
 /// A stream taken on a connection, given back when dropped.
 struct Lease {
     conn: Arc<Conn>,
+    host: Arc<Host>,
     pool: Arc<Http2Pool>,
+}
+
+impl Lease {
+    /// Takes a stream on `conn`, which the caller saw with room.
+    fn new(conn: &Arc<Conn>, host: &Arc<Host>, pool: &Arc<Http2Pool>) -> Self {
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self {
+            conn: conn.clone(),
+            host: host.clone(),
+            pool: pool.clone(),
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -678,7 +737,21 @@ impl Drop for Lease {
         self.conn
             .idle_since_ms
             .store(self.pool.now_ms(), Ordering::Release);
-        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // The stream is given back before the line is looked at, and a waiting call joins the
+        // line before it looks for room (both sequentially consistent), so one of the two sees
+        // the other: no call waits while a stream is free.
+        self.conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.host.queued.load(Ordering::SeqCst) > 0 {
+            let spare = {
+                let mut state = self
+                    .host
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                self.host.serve_waiters(&mut state, &self.pool)
+            };
+            drop(spare);
+        }
     }
 }
 

@@ -50,6 +50,18 @@ enum Reply {
     Never,
 }
 
+/// What the test host does with a connection it just accepted, chosen by
+/// [`Script::at_accept`] from the connection's number: 0 for the first.
+#[derive(Clone, Copy, Debug)]
+enum AtAccept {
+    /// Goes on to the TLS handshake (after [`Script::tls_delay`]).
+    Proceed,
+    /// Closes it at once: the client's TLS handshake fails.
+    Close,
+    /// Holds it without a word for longer than any test waits.
+    Stall,
+}
+
 /// How the test host behaves.
 #[derive(Clone, Copy)]
 struct Script {
@@ -58,6 +70,8 @@ struct Script {
     h2: bool,
     /// The SETTINGS_MAX_CONCURRENT_STREAMS it announces, if any.
     max_streams: Option<u32>,
+    /// What each connection meets first, by its number.
+    at_accept: fn(usize) -> AtAccept,
     /// How long each connection waits between the TCP accept and the TLS handshake.
     tls_delay: Duration,
     /// The first this many connections send a graceful GOAWAY as soon as the HTTP/2
@@ -75,6 +89,7 @@ impl Default for Script {
         Self {
             h2: true,
             max_streams: None,
+            at_accept: |_| AtAccept::Proceed,
             tls_delay: Duration::ZERO,
             go_away_at_handshake: 0,
             go_away_unprocessed: 0,
@@ -226,6 +241,14 @@ async fn connection(
     seen: Arc<Seen>,
 ) {
     let mut close = seen.close.subscribe();
+    match (script.at_accept)(index) {
+        AtAccept::Proceed => {}
+        AtAccept::Close => return,
+        AtAccept::Stall => {
+            tokio::time::sleep(PATIENT * 3).await;
+            return;
+        }
+    }
     {
         let mut handshaking = seen.handshaking.lock().unwrap();
         handshaking.0 += 1;
@@ -464,6 +487,18 @@ fn failed(result: Result<Answer, CallError>) -> CallError {
         Ok(answer) => panic!("expected an error, got an answer {}", answer.status),
         Err(e) => e,
     }
+}
+
+/// Starts a host on `script`, makes `calls` calls to it at once, and checks that every one
+/// was answered with its own body.
+async fn answered_at_once(script: Script, calls: usize) -> TestHost {
+    let host = TestHost::start(script).await;
+    let transport = transport();
+    let results = join_all((0..calls).map(|_| call(&transport, &host.url, PATIENT))).await;
+    for result in results {
+        assert_eq!(answered(result).body, BODY);
+    }
+    host
 }
 
 /// HTTP/2 connections in the pool that it has not seen close.
@@ -741,23 +776,13 @@ async fn a_connection_outlives_the_call_that_timed_out_waiting_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_beyond_the_stream_cap_open_more_connections() {
     // No answer until all five requests are in: they must be in flight at once.
-    let host = TestHost::start(Script {
+    let script = Script {
         max_streams: Some(2),
         reply: |_| Reply::EchoOnceSeen(5),
         ..Script::default()
-    })
-    .await;
-    let transport = transport();
+    };
 
-    let results = tokio::time::timeout(
-        PATIENT,
-        join_all((0..5).map(|_| call(&transport, &host.url, PATIENT))),
-    )
-    .await
-    .expect("all five calls to be answered");
-    for result in results {
-        assert_eq!(answered(result).body, BODY);
-    }
+    let host = answered_at_once(script, 5).await;
 
     assert_eq!(host.connections(), 3);
     let mut per_connection = host.per_connection();
@@ -926,24 +951,95 @@ async fn an_agent_endpoint_that_redirects_gets_its_3xx_reported() {
 /// connections it needs at once rather than one after another, each a few round trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_opens_the_connections_it_needs_at_once() {
-    let host = TestHost::start(Script {
+    let script = Script {
         max_streams: Some(2),
         tls_delay: Duration::from_millis(500),
         // Every answer waits for all nine calls, so none frees a stream for another.
         reply: |_| Reply::EchoOnceSeen(9),
         ..Script::default()
-    })
-    .await;
-    let transport = transport();
+    };
 
-    let calls = join_all((0..9).map(|_| call(&transport, &host.url, PATIENT))).await;
+    let host = answered_at_once(script, 9).await;
 
-    for result in calls {
-        assert_eq!(answered(result).body, BODY);
-    }
     assert_eq!(host.connections(), 5, "ceil(9 / 2) connections");
     assert!(
         host.most_handshaking() >= 2,
         "the four connections after the first were opened one at a time"
     );
+}
+
+/// A connection refused while others are being opened fails no call: the calls wait for the
+/// connections still coming, and the pool opens another for those left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_in_a_burst_fails_no_call_the_others_carry() {
+    let script = Script {
+        max_streams: Some(2),
+        at_accept: |index| {
+            if index == 2 {
+                AtAccept::Close
+            } else {
+                AtAccept::Proceed
+            }
+        },
+        tls_delay: Duration::from_millis(200),
+        // Every answer waits for all nine calls, so none frees a stream for another.
+        reply: |_| Reply::EchoOnceSeen(9),
+        ..Script::default()
+    };
+
+    let host = answered_at_once(script, 9).await;
+
+    assert_eq!(
+        host.connections(),
+        6,
+        "the first, four at once (one refused), and one more for the call left over"
+    );
+    let mut per_connection = host.per_connection();
+    per_connection.sort_unstable();
+    assert_eq!(
+        per_connection,
+        [0, 1, 2, 2, 2, 2],
+        "the refused one took none"
+    );
+}
+
+/// A call waiting for room takes the stream of a call that ended, not only one on a new
+/// connection: here the new connection never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_takes_the_stream_a_finished_call_gives_back() {
+    let script = Script {
+        max_streams: Some(1),
+        at_accept: |index| {
+            if index == 0 {
+                AtAccept::Proceed
+            } else {
+                AtAccept::Stall
+            }
+        },
+        ..Script::default()
+    };
+
+    let host = answered_at_once(script, 3).await;
+
+    assert_eq!(
+        host.per_connection(),
+        [3],
+        "all three on the one connection"
+    );
+}
+
+/// The pool forgets agent URLs past its limit, and the hosts no call holds with them.
+#[test]
+fn the_pool_forgets_urls_past_its_limit() {
+    let transport = transport();
+    let pool = transport.http2.as_ref().expect("an HTTP/2 pool");
+    let extra = 10;
+    for port in 1..=MAX_KNOWN_URLS + extra {
+        let url = format!("https://127.0.0.1:{port}/agent");
+        assert!(pool.known(&url).is_some(), "{url} is served by the pool");
+    }
+    let urls = pool.urls.lock().unwrap().len();
+    let hosts = pool.hosts.lock().unwrap().len();
+    assert_eq!(urls, extra, "started over at the limit");
+    assert_eq!(hosts, extra, "only the hosts of the URLs kept");
 }
