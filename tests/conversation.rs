@@ -227,7 +227,18 @@ async fn webhook_backend_is_signed_and_its_reply_is_sent() {
     assert_eq!(hook.bad_signatures(), 0);
     let req = &hook.requests()[0];
     assert_eq!(req["session_id"], format!("twilio_biz_{FROM}"));
+    assert_eq!(req["agent_id"], "biz");
+    assert_eq!(req["from"], format!("whatsapp:{FROM}"));
+    assert_eq!(
+        req["messages"],
+        serde_json::json!([{"role": "user", "content": "ping"}])
+    );
     assert_eq!(req["message"]["profile_name"], "Test User");
+    let fields = req["message"]["fields"].as_array().unwrap();
+    assert!(
+        fields.contains(&serde_json::json!(["Body", "ping"])),
+        "every Twilio field reaches the agent as a name and value pair: {fields:?}"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let agent = AgentId::parse("fuzz").expect("valid agent id");
-    if let Ok(m) = parse_inbound(&agent, fields, time::OffsetDateTime::UNIX_EPOCH) {
+    if let Ok(m) = parse_inbound(&agent, &fields, time::OffsetDateTime::UNIX_EPOCH) {
         assert!(m.message_sid.as_str().len() == 34);
         assert!(m.from.as_str().starts_with("whatsapp:"));
         let _ = m.session_id().subject_token();

@@ -226,7 +226,7 @@ async fn inbound(
         outcome("inbound", "disabled");
         return plain(StatusCode::FORBIDDEN, "WhatsApp not enabled");
     }
-    let message = match parse_inbound(&v.agent_id, v.fields, OffsetDateTime::now_utc()) {
+    let message = match parse_inbound(&v.agent_id, &v.fields, OffsetDateTime::now_utc()) {
         Ok(m) => m,
         Err(e) => {
             outcome("inbound", "bad_request");

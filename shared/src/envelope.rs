@@ -1,7 +1,8 @@
 //! What travels on the bus: inbound messages (ingress → worker), replies (worker or admin API →
 //! sender) and dead letters. JSON, so an operator can read a dead letter as it is.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use crate::domain::{AgentId, ContentSid, MessageSid, SessionId, WhatsAppAddress};
@@ -64,7 +65,30 @@ pub struct InboundMessage {
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
     /// Every field Twilio sent, in order, so nothing a later feature needs is lost.
-    pub fields: Vec<(String, String)>,
+    pub fields: TwilioFields,
+}
+
+/// Every field of a Twilio webhook in Twilio's order, carried as the JSON array of name and
+/// value pairs it was written as (`[["Body","hi"],…]`) and not taken apart on the way. Nothing
+/// downstream reads them yet, and decoding them into strings was most of the cost of decoding
+/// an envelope in the worker. The JSON is that of a `Vec<(String, String)>`, so a process that
+/// still decodes them as such reads the envelopes of one that does not, and the other way
+/// round, during a rolling upgrade.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TwilioFields(Box<RawValue>);
+
+impl TwilioFields {
+    /// The fields as a webhook's form gave them.
+    pub fn new(pairs: &[(String, String)]) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(pairs).map(Self)
+    }
+}
+
+impl PartialEq for TwilioFields {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
 impl InboundMessage {
@@ -152,14 +176,28 @@ impl Stage {
     }
 }
 
-/// The message a dead letter keeps: exactly what the failed stage consumed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The message a dead letter keeps: exactly what the failed stage consumed. Written untagged,
+/// as the message itself; read back by its shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum DeadMessage {
     /// An inbound message whose agent turn failed.
     Inbound(Box<InboundMessage>),
     /// A reply that could not be sent.
     Reply(OutboundReply),
+}
+
+impl<'de> Deserialize<'de> for DeadMessage {
+    /// As serde's untagged enums read, the first variant that fits, but from the JSON text
+    /// itself: the raw fields of an inbound message cannot be read from the buffered form that
+    /// serde's untagged enums decode from.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <Box<RawValue>>::deserialize(deserializer)?;
+        serde_json::from_str::<InboundMessage>(raw.get())
+            .map(|m| Self::Inbound(Box::new(m)))
+            .or_else(|_| serde_json::from_str::<OutboundReply>(raw.get()).map(Self::Reply))
+            .map_err(|_| D::Error::custom("the message is neither an inbound message nor a reply"))
+    }
 }
 
 /// A message that failed for good, with why.
@@ -183,4 +221,88 @@ pub struct DeadLetter {
     pub agent_id: AgentId,
     /// The message itself.
     pub message: DeadMessage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::twilio::inbound::parse_inbound;
+
+    fn inbound() -> InboundMessage {
+        let fields: Vec<(String, String)> = [
+            ("MessageSid", "SM0123456789abcdef0123456789abcdef"),
+            ("From", "whatsapp:+14155550100"),
+            ("To", "whatsapp:+14155238886"),
+            ("Body", "hi \"there\"\n"),
+            ("Custom", "kept"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        parse_inbound(
+            &AgentId::parse("a").unwrap(),
+            &fields,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap()
+    }
+
+    /// The fields travel in the form the version before wrote and read (a list of string
+    /// pairs), so old and new processes read each other's envelopes.
+    #[test]
+    fn fields_keep_the_wire_form_of_a_list_of_pairs() {
+        let json = serde_json::to_value(inbound()).unwrap();
+        let before: Vec<(String, String)> = serde_json::from_value(json["fields"].clone()).unwrap();
+        assert_eq!(before[3], ("Body".to_owned(), "hi \"there\"\n".to_owned()));
+        assert_eq!(before.len(), 5);
+
+        let mut written_before = json.clone();
+        written_before["fields"] = serde_json::to_value(&before).unwrap();
+        let read: InboundMessage =
+            serde_json::from_slice(&serde_json::to_vec(&written_before).unwrap()).unwrap();
+        assert_eq!(read, inbound());
+    }
+
+    #[test]
+    fn dead_letters_of_either_stage_read_back_as_written() {
+        let reply = OutboundReply {
+            id: "in-SM1".to_owned(),
+            agent_id: AgentId::parse("a").unwrap(),
+            to: WhatsAppAddress::parse("whatsapp:+14155550100").unwrap(),
+            content: ReplyContent::Text {
+                parts: vec!["hello".to_owned()],
+            },
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        for message in [
+            DeadMessage::Inbound(Box::new(inbound())),
+            DeadMessage::Reply(reply),
+        ] {
+            let letter = DeadLetter {
+                id: String::new(),
+                stage: Stage::Agent,
+                reason: "agent down".to_owned(),
+                code: None,
+                attempts: 3,
+                failed_at: OffsetDateTime::UNIX_EPOCH,
+                agent_id: AgentId::parse("a").unwrap(),
+                message,
+            };
+            let read: DeadLetter =
+                serde_json::from_slice(&serde_json::to_vec(&letter).unwrap()).unwrap();
+            assert_eq!(read, letter);
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_holding_neither_kind_of_message_is_refused_with_why() {
+        let json = r#"{"stage":"agent","reason":"r","code":null,"attempts":1,
+            "failed_at":"1970-01-01T00:00:00Z","agent_id":"a","message":{"to":"nobody"}}"#;
+        let e = serde_json::from_str::<DeadLetter>(json).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("neither an inbound message nor a reply"),
+            "{e}"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use super::form::first;
 use crate::{
     domain::{AgentId, InvalidValue, MessageSid, WhatsAppAddress},
-    envelope::{Button, InboundMessage, Location, Media},
+    envelope::{Button, InboundMessage, Location, Media, TwilioFields},
 };
 
 /// The fields of the media items Twilio attaches to one message (at most 10), named up front
@@ -26,11 +26,11 @@ const MEDIA_FIELDS: [(&str, &str); 10] = [
 /// Builds the envelope from the decoded form; the error says which field is missing or wrong.
 pub fn parse_inbound(
     agent_id: &AgentId,
-    fields: Vec<(String, String)>,
+    fields: &[(String, String)],
     received_at: OffsetDateTime,
 ) -> Result<InboundMessage, InvalidValue> {
     let required = |name: &str| {
-        first(&fields, name)
+        first(fields, name)
             .filter(|v| !v.is_empty())
             .ok_or_else(|| InvalidValue(format!("missing {name}")))
     };
@@ -40,7 +40,7 @@ pub fn parse_inbound(
     let to =
         WhatsAppAddress::parse(required("To")?).map_err(|e| InvalidValue(format!("To: {e}")))?;
     let optional = |name: &str| {
-        first(&fields, name)
+        first(fields, name)
             .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
@@ -67,10 +67,11 @@ pub fn parse_inbound(
         (None, None) => None,
         (payload, text) => Some(Button { payload, text }),
     };
+    let all = TwilioFields::new(fields).map_err(|e| InvalidValue(format!("fields: {e}")))?;
     Ok(InboundMessage {
         agent_id: agent_id.clone(),
         message_sid,
-        body: first(&fields, "Body").unwrap_or_default().to_owned(),
+        body: first(fields, "Body").unwrap_or_default().to_owned(),
         profile_name: optional("ProfileName"),
         wa_id: optional("WaId"),
         from,
@@ -79,7 +80,7 @@ pub fn parse_inbound(
         location,
         button,
         received_at,
-        fields,
+        fields: all,
     })
 }
 
@@ -114,7 +115,7 @@ mod tests {
         }
         let m = parse_inbound(
             &AgentId::parse("a").unwrap(),
-            list,
+            &list,
             OffsetDateTime::UNIX_EPOCH,
         )
         .unwrap();
@@ -155,7 +156,7 @@ mod tests {
         ]);
         let m = parse_inbound(
             &AgentId::parse("a").unwrap(),
-            f.clone(),
+            &f,
             OffsetDateTime::UNIX_EPOCH,
         )
         .unwrap();
@@ -163,7 +164,7 @@ mod tests {
         assert_eq!(m.location.as_ref().unwrap().label.as_deref(), Some("Home"));
         assert_eq!(m.button.as_ref().unwrap().payload.as_deref(), Some("yes"));
         assert_eq!(m.profile_name.as_deref(), Some("Ana"));
-        assert_eq!(m.fields, f);
+        assert_eq!(m.fields, TwilioFields::new(&f).unwrap());
         assert_eq!(m.session_id().to_string(), "twilio_a_+14155550100");
     }
 
@@ -172,7 +173,7 @@ mod tests {
         let a = AgentId::parse("a").unwrap();
         let e = parse_inbound(
             &a,
-            pairs(&[("From", "whatsapp:+1415")]),
+            &pairs(&[("From", "whatsapp:+1415")]),
             OffsetDateTime::UNIX_EPOCH,
         )
         .unwrap_err();
@@ -180,7 +181,7 @@ mod tests {
         let sid = format!("SM{}", "1".repeat(32));
         let e = parse_inbound(
             &a,
-            pairs(&[("MessageSid", &sid), ("From", "+1415"), ("To", "x")]),
+            &pairs(&[("MessageSid", &sid), ("From", "+1415"), ("To", "x")]),
             OffsetDateTime::UNIX_EPOCH,
         )
         .unwrap_err();

@@ -3,13 +3,14 @@
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use sha2::Sha256;
-use shared::store::Role;
+use shared::{domain::AgentId, envelope::InboundMessage, store::Role};
 
 use http::{HeaderName, HeaderValue, header::CONTENT_TYPE};
 
@@ -19,6 +20,24 @@ use super::{
     user_text,
 };
 
+/// The request to the endpoint, written straight from the turn rather than built as a JSON tree
+/// first: the inbound message's Twilio fields are copied through as they came.
+#[derive(Serialize)]
+struct AgentRequest<'a> {
+    agent_id: &'a AgentId,
+    from: Option<&'a str>,
+    message: Option<&'a InboundMessage>,
+    messages: Vec<ChatMessage<'a>>,
+    session_id: &'a str,
+}
+
+/// One turn of the conversation as the endpoint gets it.
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    content: Cow<'a, str>,
+    role: &'static str,
+}
+
 pub async fn reply(
     http: &Transport,
     url: &str,
@@ -26,33 +45,31 @@ pub async fn reply(
     timeout: Duration,
     input: &TurnInput<'_>,
 ) -> Result<String, AgentError> {
-    let mut messages: Vec<Value> = input
+    let messages = input
         .history
         .iter()
-        .map(|t| {
-            let role = match t.role {
+        .map(|t| ChatMessage {
+            content: Cow::Borrowed(&t.content),
+            role: match t.role {
                 Role::User => "user",
                 Role::Assistant => "assistant",
-            };
-            json!({"role": role, "content": t.content})
+            },
         })
+        .chain(input.messages.iter().map(|m| ChatMessage {
+            content: Cow::Owned(user_text(m)),
+            role: "user",
+        }))
         .collect();
-    messages.extend(
-        input
-            .messages
-            .iter()
-            .map(|m| json!({"role": "user", "content": user_text(m)})),
-    );
     let last = input.messages.last();
     // Only the encoded bytes live on while the agent thinks: with thousands of slow turns in
     // flight, keeping the JSON tree as well cost megabytes (docs/benchmarks.md, P3).
-    let body = serde_json::to_vec(&json!({
-        "agent_id": input.agent.id,
-        "session_id": input.session_id,
-        "from": last.map(|m| m.from.as_str()),
-        "messages": messages,
-        "message": last,
-    }))
+    let body = serde_json::to_vec(&AgentRequest {
+        agent_id: &input.agent.id,
+        from: last.map(|m| m.from.as_str()),
+        message: last,
+        messages,
+        session_id: input.session_id,
+    })
     .map_err(|e| AgentError::Permanent(e.to_string()))?;
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
     let signature = sign(secret, &timestamp, &body)?;
