@@ -6,13 +6,14 @@ mod openai;
 mod transport;
 mod webhook;
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
+use serde::Serialize;
 use shared::{
     agent::{Agent, Backend},
     crypto::{Keyring, SecretPurpose},
     envelope::InboundMessage,
-    store::Turn,
+    store::{Role, Turn},
 };
 
 /// Why a turn failed.
@@ -36,6 +37,54 @@ pub struct TurnInput<'a> {
     pub history: &'a [Turn],
     /// The new message (or messages, for a burst handled as one turn).
     pub messages: &'a [InboundMessage],
+}
+
+/// One message of the conversation as chat endpoints take it, `{"content": …, "role": …}`,
+/// written straight into the request: the turns of the history are borrowed, not copied into a
+/// JSON tree first.
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    content: ChatContent<'a>,
+    role: &'static str,
+}
+
+/// A message's content: text, or parts (text and images) for a model that sees images.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<ContentPart<'a>>),
+}
+
+/// One part of a message's content, as OpenAI's Chat Completions API names them.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentPart<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: ImageUrl<'a> },
+}
+
+#[derive(Serialize)]
+struct ImageUrl<'a> {
+    url: &'a str,
+}
+
+impl<'a> ChatMessage<'a> {
+    fn text(role: &'static str, text: impl Into<Cow<'a, str>>) -> Self {
+        Self {
+            content: ChatContent::Text(text.into()),
+            role,
+        }
+    }
+
+    /// A turn of the history.
+    fn turn(t: &'a Turn) -> Self {
+        let role = match t.role {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        Self::text(role, t.content.as_str())
+    }
 }
 
 /// Runs agent backends; holds the HTTP client they share.

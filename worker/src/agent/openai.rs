@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Value, json};
-use shared::store::Role;
+use serde::Serialize;
+use serde_json::Value;
 
 use http::{
     HeaderValue,
@@ -14,10 +14,18 @@ use http::{
 };
 
 use super::{
-    AgentError, TurnInput, header_value, http_failure, send_failure,
+    AgentError, ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, header_value,
+    http_failure, send_failure,
     transport::{Post, Transport},
     user_text,
 };
+
+/// A Chat Completions request.
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    messages: Vec<ChatMessage<'a>>,
+    model: &'a str,
+}
 
 pub struct Call<'a> {
     pub http: &'a Transport,
@@ -30,45 +38,40 @@ pub struct Call<'a> {
 
 impl Call<'_> {
     pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, AgentError> {
-        let mut messages = Vec::with_capacity(input.history.len() + 2);
+        let mut messages = Vec::with_capacity(input.history.len() + 1 + input.messages.len());
         if let Some(p) = self.system_prompt.filter(|p| !p.is_empty()) {
-            messages.push(json!({"role": "system", "content": p}));
+            messages.push(ChatMessage::text("system", p));
         }
-        for t in input.history {
-            let role = match t.role {
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            messages.push(json!({"role": role, "content": t.content}));
-        }
+        messages.extend(input.history.iter().map(ChatMessage::turn));
         for m in input.messages {
-            let images: Vec<&str> = m
-                .media
-                .iter()
-                .filter(|x| {
-                    x.content_type
-                        .as_deref()
-                        .is_some_and(|c| c.starts_with("image/"))
+            let images = m.media.iter().filter(|x| {
+                x.content_type
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("image/"))
+            });
+            let mut parts: Vec<ContentPart<'_>> = images
+                .map(|x| ContentPart::ImageUrl {
+                    image_url: ImageUrl { url: &x.url },
                 })
-                .map(|x| x.url.as_str())
                 .collect();
-            if images.is_empty() {
-                messages.push(json!({"role": "user", "content": user_text(m)}));
+            messages.push(if parts.is_empty() {
+                ChatMessage::text("user", user_text(m))
             } else {
-                let mut parts = Vec::new();
                 if !m.body.is_empty() {
-                    parts.push(json!({"type": "text", "text": m.body}));
+                    parts.insert(0, ContentPart::Text { text: &m.body });
                 }
-                for url in images {
-                    parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+                ChatMessage {
+                    content: ChatContent::Parts(parts),
+                    role: "user",
                 }
-                messages.push(json!({"role": "user", "content": parts}));
-            }
+            });
         }
-        let body = serde_json::to_vec(&json!({"model": self.model, "messages": messages}))
-            .map_err(|e| AgentError::Permanent(e.to_string()))?;
-        // The request holds the encoded body; the tree must not wait with it for the model.
-        drop(messages);
+        // The request holds only the encoded body while the model thinks.
+        let body = serde_json::to_vec(&ChatRequest {
+            messages,
+            model: self.model,
+        })
+        .map_err(|e| AgentError::Permanent(e.to_string()))?;
         let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         if let Some(key) = self.api_key {
             let mut bearer = header_value(format!("Bearer {}", key.expose_secret()))?;

@@ -3,19 +3,19 @@
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`.
 
-use std::{borrow::Cow, time::Duration};
+use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
-use shared::{domain::AgentId, envelope::InboundMessage, store::Role};
+use shared::{domain::AgentId, envelope::InboundMessage};
 
 use http::{HeaderName, HeaderValue, header::CONTENT_TYPE};
 
 use super::{
-    AgentError, TurnInput, header_value, http_failure, send_failure,
+    AgentError, ChatMessage, TurnInput, header_value, http_failure, send_failure,
     transport::{Post, Transport},
     user_text,
 };
@@ -31,13 +31,6 @@ struct AgentRequest<'a> {
     session_id: &'a str,
 }
 
-/// One turn of the conversation as the endpoint gets it.
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    content: Cow<'a, str>,
-    role: &'static str,
-}
-
 pub async fn reply(
     http: &Transport,
     url: &str,
@@ -48,17 +41,13 @@ pub async fn reply(
     let messages = input
         .history
         .iter()
-        .map(|t| ChatMessage {
-            content: Cow::Borrowed(&t.content),
-            role: match t.role {
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            },
-        })
-        .chain(input.messages.iter().map(|m| ChatMessage {
-            content: Cow::Owned(user_text(m)),
-            role: "user",
-        }))
+        .map(ChatMessage::turn)
+        .chain(
+            input
+                .messages
+                .iter()
+                .map(|m| ChatMessage::text("user", user_text(m))),
+        )
         .collect();
     let last = input.messages.last();
     // Only the encoded bytes live on while the agent thinks: with thousands of slow turns in
