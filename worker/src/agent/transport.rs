@@ -17,7 +17,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -26,6 +26,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, stream::FuturesUnordered};
 use h2::{Reason, client::SendRequest};
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use tokio::{net::TcpStream, sync::oneshot};
@@ -481,15 +482,75 @@ fn sent_away(e: &h2::Error) -> bool {
     e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
 }
 
-/// Resolves `host` and tries its addresses in turn, as tokio does.
+/// Resolves `host` and connects to the first of its addresses that answers.
 async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
-    let tcp = TcpStream::connect((host, port))
+    let addrs = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("resolve: {e}"))?
+        .collect();
+    let tcp = connect_any(&interleave_families(addrs)).await?;
     // Requests are written whole; waiting to coalesce them only adds latency.
     let _ = tcp.set_nodelay(true);
     detect_silent_loss(&tcp);
     Ok(tcp)
+}
+
+/// How long an attempt to one address has before the next address is tried beside it
+/// (RFC 8305's Connection Attempt Delay).
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The resolver's addresses, alternating between IPv6 and IPv4 from the family of the first,
+/// as RFC 8305 orders them: a host whose addresses of one family are unreachable is reached
+/// on the other after one attempt delay, not after trying each of them.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (v6, v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv6);
+    let (mut first, mut second) = if first_v6 {
+        (v6.into_iter(), v4.into_iter())
+    } else {
+        (v4.into_iter(), v6.into_iter())
+    };
+    let mut ordered = Vec::new();
+    loop {
+        match (first.next(), second.next()) {
+            (None, None) => return ordered,
+            (a, b) => ordered.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// Connects to the first of `addrs` to answer (Happy Eyeballs, RFC 8305): an attempt starts on
+/// the next address when the one before fails or has not answered within [`ATTEMPT_DELAY`],
+/// the earlier ones going on beside it. Trying them one after another, an address that drops
+/// packets would hold the connection until its timeout, whatever the next address could do.
+async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+    let mut untried = addrs.iter();
+    let mut attempts = FuturesUnordered::new();
+    let mut last_error = "resolve: no address".to_owned();
+    loop {
+        if attempts.is_empty() {
+            match untried.next() {
+                Some(addr) => attempts.push(TcpStream::connect(*addr)),
+                None => return Err(last_error),
+            }
+        }
+        tokio::select! {
+            Some(attempt) = attempts.next() => match attempt {
+                Ok(tcp) => return Ok(tcp),
+                Err(e) => {
+                    last_error = format!("connect: {e}");
+                    if let Some(addr) = untried.next() {
+                        attempts.push(TcpStream::connect(*addr));
+                    }
+                }
+            },
+            () = tokio::time::sleep(ATTEMPT_DELAY), if untried.len() > 0 => {
+                if let Some(addr) = untried.next() {
+                    attempts.push(TcpStream::connect(*addr));
+                }
+            }
+        }
+    }
 }
 
 /// How long a connection may go without a sign of life from the host while it is idle, or

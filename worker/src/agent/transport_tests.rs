@@ -1043,3 +1043,71 @@ fn the_pool_forgets_urls_past_its_limit() {
     assert_eq!(urls, extra, "started over at the limit");
     assert_eq!(hosts, extra, "only the hosts of the URLs kept");
 }
+
+#[test]
+fn addresses_alternate_between_families_from_the_resolvers_first() {
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let resolved = vec![
+        addr("[2001:db8::1]:443"),
+        addr("[2001:db8::2]:443"),
+        addr("[2001:db8::3]:443"),
+        addr("192.0.2.1:443"),
+    ];
+    assert_eq!(
+        interleave_families(resolved),
+        [
+            addr("[2001:db8::1]:443"),
+            addr("192.0.2.1:443"),
+            addr("[2001:db8::2]:443"),
+            addr("[2001:db8::3]:443"),
+        ]
+    );
+    let resolved = vec![addr("192.0.2.1:443"), addr("[2001:db8::1]:443")];
+    assert_eq!(
+        interleave_families(resolved.clone()),
+        resolved,
+        "IPv4 first when the resolver put it first"
+    );
+}
+
+/// An address that takes no connection and refuses none (its accept queue is full, so the
+/// kernel drops the handshake) does not hold up the next address.
+#[tokio::test]
+async fn an_address_that_never_answers_does_not_hold_up_the_next() {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = socket.listen(1).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    // The queue of a backlog of 1 holds two connections; the ones after them hang.
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        queued.push(TcpStream::connect(stuck_addr).await.unwrap());
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(stuck_addr))
+            .await
+            .is_err(),
+        "a connection to the full queue hangs, as one to a host that drops packets"
+    );
+    let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_addr = open.local_addr().unwrap();
+
+    let tcp = tokio::time::timeout(PATIENT, connect_any(&[stuck_addr, open_addr]))
+        .await
+        .expect("the second address to be reached well before the timeout")
+        .expect("a connection");
+
+    assert_eq!(tcp.peer_addr().unwrap(), open_addr);
+}
+
+#[tokio::test]
+async fn when_no_address_answers_the_last_failure_is_told() {
+    // Bound but not listening: connections to it are refused.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused = socket.local_addr().unwrap();
+
+    let e = connect_any(&[refused, refused]).await.unwrap_err();
+    assert!(e.starts_with("connect: "), "{e}");
+    assert_eq!(connect_any(&[]).await.unwrap_err(), "resolve: no address");
+}
