@@ -77,10 +77,19 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
                     "admin token",
                     first_start::generate_token,
                 )?);
+                if let Some(token) = &admin_token {
+                    let file = settings.data_dir.join("admin.token");
+                    shared::config::check_admin_token(token, &file.display().to_string())?;
+                }
             }
             (Arc::new(embedded.bus), Arc::new(embedded.store))
         }
     };
+    if roles.ingress && admin_token.is_none() {
+        tracing::warn!(
+            "WAGATE_ADMIN_TOKEN is not set: the admin API answers 401 to every call until it is"
+        );
+    }
     let master = master.as_ref().ok_or_else(|| {
         anyhow!(
             "WAGATE_MASTER_KEY is required with NATS and Redis: create one with `wagate keygen`"

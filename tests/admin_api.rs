@@ -1090,6 +1090,26 @@ async fn every_route_answers_401_json_without_the_right_bearer_token() {
         }
     }
 
+    // Paths that are not routes answer 401 too before the token is checked, so that the
+    // shape of the API cannot be probed; with the token they are 404.
+    for path in ["/v1/nope", "/", "/v1/agents/demo/nope", "/admin"] {
+        for method in [Method::GET, Method::POST] {
+            let url = format!("{}{path}", w.wagate.admin_url);
+            let a = read(
+                w.wagate
+                    .http
+                    .request(method.clone(), &url)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            p.error(&a, 401, &format!("{method} {path} without a token"));
+            let a = call(&w, method.clone(), path, None).await;
+            p.error(&a, 404, &format!("{method} {path} with the token"));
+        }
+    }
+
     // Nothing of the above took effect.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let demo = call(&w, Method::GET, "/v1/agents/demo", None).await.json();

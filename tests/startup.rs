@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{process::Command, time::Duration};
+use std::{io::Read, process::Command, time::Duration};
 
 use support::harness::{Servers, World, free_port, test_master_key};
 
@@ -15,13 +15,45 @@ fn wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("run wagate");
+    // A process that should have refused to start but did not is killed after a deadline, and
+    // the test fails with its output instead of hanging.
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wagate");
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for wagate") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let text = format!(
         "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
     );
-    (out.status.success(), text)
+    match status {
+        Some(status) => (status.success(), text),
+        None => panic!("wagate {args:?} was still running after 30 s: {text}"),
+    }
 }
 
 #[test]
@@ -68,6 +100,59 @@ fn only_one_of_nats_and_redis_is_an_error_naming_the_other() {
     let (ok, text) = wagate(&["worker"], &[("WAGATE_REDIS_URL", "redis://127.0.0.1:1")]);
     assert!(!ok);
     assert!(text.contains("WAGATE_NATS_URL"), "{text}");
+}
+
+/// No configuration may turn admin authentication off: an empty admin token would match a
+/// request without `Authorization`, so it and any token under 16 characters stop the start,
+/// from the environment or the flag, in either mode, and from the data folder's file.
+#[test]
+fn an_empty_or_short_admin_token_is_a_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let nats = [
+        ("WAGATE_NATS_URL", "nats://127.0.0.1:1"),
+        ("WAGATE_REDIS_URL", "redis://127.0.0.1:1"),
+        ("WAGATE_MASTER_KEY", "unused"),
+    ];
+    for token in ["", "fifteen-chars-x"] {
+        let chars = token.chars().count();
+        let embedded = [("WAGATE_DATA_DIR", data), ("WAGATE_ADMIN_TOKEN", token)];
+        let mut remote = nats.to_vec();
+        remote.push(("WAGATE_ADMIN_TOKEN", token));
+        for (what, env) in [("embedded", &embedded[..]), ("NATS + Redis", &remote[..])] {
+            let (ok, text) = wagate(&["serve"], env);
+            assert!(!ok, "{what}, a {chars}-character token started: {text}");
+            assert!(
+                text.contains("WAGATE_ADMIN_TOKEN") && text.contains("at least 16 characters"),
+                "{what}: {text}"
+            );
+        }
+        let (ok, text) = wagate(
+            &["serve", "--admin-token", token],
+            &[("WAGATE_DATA_DIR", data)],
+        );
+        assert!(
+            !ok && text.contains("at least 16 characters"),
+            "flag: {text}"
+        );
+    }
+    // Checked before anything is created or connected.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    std::fs::write(dir.path().join("admin.token"), "0123456789\n").unwrap();
+    let (ok, text) = wagate(
+        &["serve"],
+        &[
+            ("WAGATE_DATA_DIR", data),
+            ("WAGATE_LISTEN", &format!("127.0.0.1:{}", free_port())),
+            ("WAGATE_ADMIN_LISTEN", &format!("127.0.0.1:{}", free_port())),
+        ],
+    );
+    assert!(!ok, "a 10-character admin.token started: {text}");
+    assert!(
+        text.contains("admin.token") && text.contains("at least 16 characters"),
+        "{text}"
+    );
 }
 
 #[test]

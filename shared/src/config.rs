@@ -30,7 +30,8 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub master_key_previous: Vec<SecretString>,
-    /// Bearer token of the admin API; without it the admin API answers nothing but 401.
+    /// Bearer token of the admin API, at least 16 characters; without it (NATS and Redis mode)
+    /// the admin API answers nothing but 401.
     #[arg(
         long = "admin-token",
         env = "WAGATE_ADMIN_TOKEN",
@@ -175,6 +176,28 @@ pub enum Backends {
     Embedded,
 }
 
+/// Shortest admin token accepted: an empty token would let every caller in (no
+/// `Authorization` compares equal to it), and a short one is guessed quickly.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
+/// Refuses an admin token that is empty or shorter than [`MIN_ADMIN_TOKEN_CHARS`]: no
+/// configuration may mean "no authentication". `source` names where the token came from.
+pub fn check_admin_token(token: &SecretString, source: &str) -> Result<(), ConfigError> {
+    use secrecy::ExposeSecret;
+    let chars = token.expose_secret().chars().count();
+    if chars < MIN_ADMIN_TOKEN_CHARS {
+        return Err(ConfigError(format!(
+            "{source} is {}: the admin token must be at least {MIN_ADMIN_TOKEN_CHARS} characters (unset it in embedded mode to have one generated)",
+            if chars == 0 {
+                "empty".to_owned()
+            } else {
+                format!("only {chars} characters")
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// A setting that cannot work; the text names the variable and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -201,6 +224,9 @@ impl Settings {
     /// Checks what can be checked without connecting to anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.backends()?;
+        if let Some(token) = &self.admin_token {
+            check_admin_token(token, "WAGATE_ADMIN_TOKEN")?;
+        }
         let prefix_ok = !self.prefix.is_empty()
             && self.prefix.len() <= 32
             && self

@@ -54,7 +54,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
         )
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
-        .route_layer(middleware::from_fn_with_state(state, require_token))
+        // `layer`, not `route_layer`: the fallback is behind the token too, so an unknown path
+        // answers 401 to a caller without it and the API's shape cannot be probed.
+        .layer(middleware::from_fn_with_state(state, require_token))
         .layer(middleware::map_response(json_errors))
 }
 
