@@ -372,14 +372,9 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         } else {
             deps.bus.clone()
         };
-    let state = ingress::AppState {
-        bus: ingress_bus,
+    let health = ingress::health::Health {
+        bus: ingress_bus.clone(),
         store: deps.store.clone(),
-        directory: deps.directory.clone(),
-        keyring: deps.keyring.clone(),
-        admin_token: deps.admin_token.clone().map(Arc::new),
-        public_url: settings.public_base().map(Arc::from),
-        webhook_port: settings.listen.port(),
         metrics,
     };
     // Shutdown is staged: ingress and worker stop taking work first; the sender keeps posting
@@ -389,25 +384,37 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     let mut sender_tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut listening = Vec::new();
     if roles.ingress {
+        let state = ingress::AppState {
+            bus: ingress_bus,
+            store: deps.store.clone(),
+            directory: deps.directory.clone(),
+            keyring: deps.keyring.clone(),
+            admin_token: deps.admin_token.clone().map(Arc::new),
+            public_url: settings.public_base().map(Arc::from),
+            webhook_port: settings.listen.port(),
+        };
         let webhooks = bind(settings.listen, "WAGATE_LISTEN").await?;
         let admin = bind(settings.admin_listen, "WAGATE_ADMIN_LISTEN").await?;
         listening.push(format!("webhooks on {}", webhooks.local_addr()?));
         listening.push(format!("admin API on {}", admin.local_addr()?));
         tasks.spawn(serve_http(
             webhooks,
-            ingress::webhook_router(state.clone()),
+            ingress::webhook_router(state.clone(), health.clone()),
             shutdown.clone(),
         ));
         tasks.spawn(serve_http(
             admin,
-            ingress::admin_router(state.clone()),
+            ingress::admin_router(state, health),
             shutdown.clone(),
         ));
     } else if let Some(addr) = settings.metrics_listen {
         let listener = bind(addr, "WAGATE_METRICS_LISTEN").await?;
         listening.push(format!("health and metrics on {}", listener.local_addr()?));
-        let router = ingress::health::routes().with_state(state.clone());
-        tasks.spawn(serve_http(listener, router, shutdown.clone()));
+        tasks.spawn(serve_http(
+            listener,
+            ingress::health::routes(health),
+            shutdown.clone(),
+        ));
     }
     let common = Common {
         settings: Arc::new(settings.clone()),

@@ -5,7 +5,7 @@ mod support;
 
 use std::{process::Command, time::Duration};
 
-use support::harness::{Servers, World, free_port, test_master_key};
+use support::harness::{Servers, Wagate, World, free_port, test_master_key};
 
 fn wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
@@ -141,4 +141,30 @@ async fn a_running_wagate_has_transparent_huge_pages_off() {
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
     assert_eq!(thp.trim(), "0", "{status}");
+}
+
+/// Worker and sender processes serve the probes and `/metrics` on `WAGATE_METRICS_LISTEN`, a
+/// listener of their own.
+#[tokio::test]
+async fn worker_and_sender_serve_probes_and_metrics_on_their_own_listener() {
+    let servers = Servers::start().await;
+    for role in ["worker", "sender"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let wagate = Wagate::start_role(
+            role,
+            &servers,
+            "http://127.0.0.1:1",
+            &[("WAGATE_METRICS_LISTEN", &addr)],
+        )
+        .await;
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let r = wagate
+                .http
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{role} {path}");
+        }
+    }
 }
