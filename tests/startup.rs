@@ -128,6 +128,43 @@ async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
     );
 }
 
+/// A wagate started with a low soft limit of open files (systemd's 1024) raises it to the hard
+/// limit, as Go's runtime does: every held connection takes a descriptor.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_running_wagate_raises_its_open_files_limit_to_the_hard_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ours = getrlimit(Resource::Nofile);
+    let low = Some(ours.maximum.map_or(1024, |hard| hard.min(1024)));
+    if low == ours.maximum {
+        eprintln!("skipped: the hard limit of open files is already 1024 or lower");
+        return;
+    }
+    // The child inherits this process's limits; the other tests here need few descriptors.
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: low,
+            maximum: ours.maximum,
+        },
+    )
+    .expect("lower this process's soft limit");
+    let world = World::start().await;
+    setrlimit(Resource::Nofile, ours).expect("restore this process's soft limit");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", world.wagate.pid()))
+        .expect("read the process limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .expect("the kernel reports Max open files")
+        .split_whitespace()
+        .collect();
+    assert!(
+        open_files.len() >= 2 && open_files[0] == open_files[1],
+        "the soft limit is the hard one: {limits}"
+    );
+}
+
 /// A running wagate has transparent huge pages off: with them, memory is zeroed and counted in
 /// 2 MiB pages wherever the allocator touches a few bytes (docs/benchmarks.md, change 13).
 #[cfg(target_os = "linux")]
