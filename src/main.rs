@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - `roles`: connecting the bus and store and running the roles until shutdown.
+//! - `http`: the listeners, with their timeouts, connection cap and bounded shutdown.
 //! - `dlq`: the `wagate dlq` operator command.
 //! - `chat`: `wagate chat`, a terminal dev phone for an agent in simulation mode.
 //! - `first_start`: the secrets embedded mode creates in its data folder on first start.
@@ -11,6 +12,7 @@
 mod chat;
 mod dlq;
 mod first_start;
+mod http;
 mod roles;
 
 use std::{num::NonZeroUsize, process::ExitCode};

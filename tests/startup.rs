@@ -77,6 +77,20 @@ fn zero_threads_is_refused() {
     assert!(text.contains("--threads"), "{text}");
 }
 
+#[test]
+fn zero_http_limits_are_refused_naming_the_setting() {
+    for var in [
+        "WAGATE_HTTP_HEADER_TIMEOUT_MS",
+        "WAGATE_HTTP_BODY_TIMEOUT_MS",
+        "WAGATE_HTTP_IDLE_TIMEOUT_MS",
+        "WAGATE_HTTP_MAX_CONNECTIONS",
+    ] {
+        let (ok, text) = wagate(&["serve"], &[(var, "0")]);
+        assert!(!ok, "{var}=0 is refused");
+        assert!(text.contains(var), "{var}: {text}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
     let servers = Servers::start().await;
