@@ -78,16 +78,18 @@ fn zero_threads_is_refused() {
 }
 
 #[test]
-fn zero_http_limits_are_refused_naming_the_setting() {
-    for var in [
-        "WAGATE_HTTP_HEADER_TIMEOUT_MS",
-        "WAGATE_HTTP_BODY_TIMEOUT_MS",
-        "WAGATE_HTTP_IDLE_TIMEOUT_MS",
-        "WAGATE_HTTP_MAX_CONNECTIONS",
+fn zero_or_huge_http_limits_are_refused_naming_the_setting() {
+    for (var, value) in [
+        ("WAGATE_HTTP_HEADER_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_BODY_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_IDLE_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_MAX_CONNECTIONS", "0"),
+        ("WAGATE_HTTP_IDLE_TIMEOUT_MS", "18446744073709551615"),
+        ("WAGATE_HTTP_MAX_CONNECTIONS", "18446744073709551615"),
     ] {
-        let (ok, text) = wagate(&["serve"], &[(var, "0")]);
-        assert!(!ok, "{var}=0 is refused");
-        assert!(text.contains(var), "{var}: {text}");
+        let (ok, text) = wagate(&["serve"], &[(var, value)]);
+        assert!(!ok, "{var}={value} is refused");
+        assert!(text.contains(var), "{var}={value}: {text}");
     }
 }
 

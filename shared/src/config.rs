@@ -195,6 +195,9 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
 }
 
+/// The longest HTTP timeout accepted, in ms: a day.
+const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
+
 /// Where the bus and the store live.
 #[derive(Debug, Clone)]
 pub enum Backends {
@@ -275,16 +278,19 @@ impl Settings {
             (self.http_body_timeout_ms, "WAGATE_HTTP_BODY_TIMEOUT_MS"),
             (self.http_idle_timeout_ms, "WAGATE_HTTP_IDLE_TIMEOUT_MS"),
         ] {
-            if value == 0 {
+            // Zero would be no time at all (there is no "off": slow clients would hold
+            // connections for ever); above a day, deadlines stop being meaningful.
+            if !(1..=MAX_HTTP_TIMEOUT_MS).contains(&value) {
                 return Err(ConfigError(format!(
-                    "{name} must be at least 1 (a listener without it lets slow clients hold connections for ever)"
+                    "{name} must be from 1 to {MAX_HTTP_TIMEOUT_MS} (a day)"
                 )));
             }
         }
-        if self.http_max_connections == 0 {
-            return Err(ConfigError(
-                "WAGATE_HTTP_MAX_CONNECTIONS must be at least 1".into(),
-            ));
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.http_max_connections) {
+            return Err(ConfigError(format!(
+                "WAGATE_HTTP_MAX_CONNECTIONS must be from 1 to {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
         }
         Ok(())
     }
