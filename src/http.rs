@@ -84,10 +84,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// `grace`, so that no client holds the process past it.
 ///
 /// A connection over the cap is accepted and closed at once rather than left in the kernel's
-/// backlog: the backlog is first come, first served, so a health check queued behind a thousand
-/// held connections would wait there until each of them got a slot and timed out, whereas
-/// draining it keeps the backlog empty, a refused client learns so at once, and the next one in
-/// after a slot frees (at most a header timeout later) is served.
+/// backlog. The backlog is first come, first served: a health check queued behind a thousand
+/// more held connections would wait until each of them had got a slot and timed out, and once
+/// the backlog is full, new clients' SYNs are dropped and retried only a second later. Drained,
+/// the backlog stays empty, a refused client (a health check among them) learns so at once
+/// instead of hanging, and whoever connects after a slot frees (a client that sends nothing
+/// more is let go within the header, body or idle timeout) is served at once.
 pub async fn serve(
     listener: TcpListener,
     name: &'static str,
