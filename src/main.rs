@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - `roles`: connecting the bus and store and running the roles until shutdown.
+//! - `http`: the listeners, with their timeouts, connection cap and bounded shutdown.
 //! - `dlq`: the `wagate dlq` operator command.
 //! - `chat`: `wagate chat`, a terminal dev phone for an agent in simulation mode.
 //! - `first_start`: the secrets embedded mode creates in its data folder on first start.
@@ -11,6 +12,7 @@
 mod chat;
 mod dlq;
 mod first_start;
+mod http;
 mod roles;
 
 use std::{num::NonZeroUsize, process::ExitCode};
@@ -130,6 +132,7 @@ fn main() -> ExitCode {
             },
         ),
     };
+    raise_open_files_limit();
     let threads = roles.threads(settings.threads);
     let runtime = match runtime(threads) {
         Ok(r) => r,
@@ -159,6 +162,40 @@ fn small_pages() {
         eprintln!(
             "wagate: could not turn transparent huge pages off ({e}); memory use will be higher"
         );
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit, as Go's runtime does. Every
+/// connection a listener holds takes a descriptor, and the soft limit a process often starts
+/// with (1024 under systemd and most shells, kept low for select(2)'s sake, which wagate does
+/// not use) is reached by a thousand slow clients: accept then fails, and even `/healthz` waits
+/// in the backlog. The hard limit is what the operator allowed.
+fn raise_open_files_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let shown = |n: Option<u64>| n.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+        let limit = getrlimit(Resource::Nofile);
+        if limit.current == limit.maximum {
+            tracing::debug!(limit = %shown(limit.current), "the open files limit is already at its hard limit");
+            return;
+        }
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(
+                from = %shown(limit.current),
+                to = %shown(limit.maximum),
+                "raised the open files limit to its hard limit"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                limit = %shown(limit.current),
+                "could not raise the open files limit; the listeners hold at most about that many connections"
+            ),
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use shared::{
 };
 use tokio::task::JoinSet;
 
-use crate::{Roles, first_start};
+use crate::{Roles, first_start, http};
 
 struct Deps {
     bus: Arc<dyn Bus>,
@@ -347,9 +347,26 @@ where
         .unwrap_or_else(|_| Err(anyhow!("the {name} panicked")))
 }
 
+/// Connections the kernel queues for a listener before the accept loop takes them (capped by
+/// `net.core.somaxconn`). tokio's 1024 overflows under a burst of connections while the accept
+/// loop catches up, and then a client (a health check among them) is not answered until its
+/// SYN is sent again a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|s| {
+            // As std and tokio do on Unix: a restart can bind while old connections linger.
+            #[cfg(unix)]
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        })
         .with_context(|| format!("cannot listen on {addr} ({what}); is the port taken?"))
 }
 
@@ -381,42 +398,62 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         } else {
             deps.bus.clone()
         };
-    let state = ingress::AppState {
-        bus: ingress_bus,
+    let health = ingress::health::Health {
+        bus: ingress_bus.clone(),
         store: deps.store.clone(),
-        directory: deps.directory.clone(),
-        keyring: deps.keyring.clone(),
-        admin_token: deps.admin_token.clone().map(Arc::new),
-        public_url: settings.public_base().map(Arc::from),
-        webhook_port: settings.listen.port(),
         metrics,
     };
     // Shutdown is staged: ingress and worker stop taking work first; the sender keeps posting
     // until the worker's in-flight turns are done, so their replies go out before the exit.
+    // The listeners drain beside them, each within the grace whatever its clients do, so that a
+    // held connection delays neither the sender's turn nor the exit.
     let sender_shutdown = Shutdown::new();
+    let mut listeners: JoinSet<Result<()>> = JoinSet::new();
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut sender_tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut listening = Vec::new();
+    let limits = http::Limits::of(&settings);
     if roles.ingress {
+        let state = ingress::AppState {
+            bus: ingress_bus,
+            store: deps.store.clone(),
+            directory: deps.directory.clone(),
+            keyring: deps.keyring.clone(),
+            admin_token: deps.admin_token.clone().map(Arc::new),
+            public_url: settings.public_base().map(Arc::from),
+            webhook_port: settings.listen.port(),
+        };
         let webhooks = bind(settings.listen, "WAGATE_LISTEN").await?;
         let admin = bind(settings.admin_listen, "WAGATE_ADMIN_LISTEN").await?;
         listening.push(format!("webhooks on {}", webhooks.local_addr()?));
         listening.push(format!("admin API on {}", admin.local_addr()?));
-        tasks.spawn(serve_http(
+        listeners.spawn(http::serve(
             webhooks,
-            ingress::webhook_router(state.clone()),
+            "WAGATE_LISTEN",
+            ingress::webhook_router(state.clone(), health.clone()),
+            limits,
             shutdown.clone(),
+            settings.shutdown_grace(),
         ));
-        tasks.spawn(serve_http(
+        listeners.spawn(http::serve(
             admin,
-            ingress::admin_router(state.clone()),
+            "WAGATE_ADMIN_LISTEN",
+            ingress::admin_router(state, health),
+            limits,
             shutdown.clone(),
+            settings.shutdown_grace(),
         ));
     } else if let Some(addr) = settings.metrics_listen {
         let listener = bind(addr, "WAGATE_METRICS_LISTEN").await?;
         listening.push(format!("health and metrics on {}", listener.local_addr()?));
-        let router = ingress::health::routes().with_state(state.clone());
-        tasks.spawn(serve_http(listener, router, shutdown.clone()));
+        listeners.spawn(http::serve(
+            listener,
+            "WAGATE_METRICS_LISTEN",
+            ingress::health::routes(health),
+            limits,
+            shutdown.clone(),
+            settings.shutdown_grace(),
+        ));
     }
     let common = Common {
         settings: Arc::new(settings.clone()),
@@ -478,6 +515,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     let mut failure = None;
     tokio::select! {
         _ = shutdown::signal() => tracing::info!("shutting down"),
+        Some(done) = listeners.join_next() => failure = Some(task_failure(done)),
         Some(done) = tasks.join_next() => failure = Some(task_failure(done)),
         Some(done) = sender_tasks.join_next() => failure = Some(task_failure(done)),
     }
@@ -498,7 +536,11 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         while sender_tasks.join_next().await.is_some() {}
     })
     .await;
-    if front.is_err() || back.is_err() {
+    let http = tokio::time::timeout_at(deadline, async {
+        while listeners.join_next().await.is_some() {}
+    })
+    .await;
+    if front.is_err() || back.is_err() || http.is_err() {
         tracing::warn!(
             "shutdown deadline passed; exiting with work in flight (it will be redelivered)"
         );
@@ -518,15 +560,4 @@ fn task_failure(done: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Err
         Ok(Err(e)) => e,
         Err(e) => anyhow!("a role panicked: {e}"),
     }
-}
-
-async fn serve_http(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    shutdown: Shutdown,
-) -> Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("HTTP server failed")
 }

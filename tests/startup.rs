@@ -5,7 +5,7 @@ mod support;
 
 use std::{io::Read, process::Command, time::Duration};
 
-use support::harness::{Servers, World, free_port, test_master_key};
+use support::harness::{Servers, Wagate, World, free_port, test_master_key};
 
 fn wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
@@ -162,6 +162,22 @@ fn zero_threads_is_refused() {
     assert!(text.contains("--threads"), "{text}");
 }
 
+#[test]
+fn zero_or_huge_http_limits_are_refused_naming_the_setting() {
+    for (var, value) in [
+        ("WAGATE_HTTP_HEADER_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_BODY_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_IDLE_TIMEOUT_MS", "0"),
+        ("WAGATE_HTTP_MAX_CONNECTIONS", "0"),
+        ("WAGATE_HTTP_IDLE_TIMEOUT_MS", "18446744073709551615"),
+        ("WAGATE_HTTP_MAX_CONNECTIONS", "18446744073709551615"),
+    ] {
+        let (ok, text) = wagate(&["serve"], &[(var, value)]);
+        assert!(!ok, "{var}={value} is refused");
+        assert!(text.contains(var), "{var}={value}: {text}");
+    }
+}
+
 #[tokio::test]
 async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
     let servers = Servers::start().await;
@@ -213,6 +229,43 @@ async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
     );
 }
 
+/// A wagate started with a low soft limit of open files (systemd's 1024) raises it to the hard
+/// limit, as Go's runtime does: every held connection takes a descriptor.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_running_wagate_raises_its_open_files_limit_to_the_hard_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ours = getrlimit(Resource::Nofile);
+    let low = Some(ours.maximum.map_or(1024, |hard| hard.min(1024)));
+    if low == ours.maximum {
+        eprintln!("skipped: the hard limit of open files is already 1024 or lower");
+        return;
+    }
+    // The child inherits this process's limits; the other tests here need few descriptors.
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: low,
+            maximum: ours.maximum,
+        },
+    )
+    .expect("lower this process's soft limit");
+    let world = World::start().await;
+    setrlimit(Resource::Nofile, ours).expect("restore this process's soft limit");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", world.wagate.pid()))
+        .expect("read the process limits");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .expect("the kernel reports Max open files")
+        .split_whitespace()
+        .collect();
+    assert!(
+        open_files.len() >= 2 && open_files[0] == open_files[1],
+        "the soft limit is the hard one: {limits}"
+    );
+}
+
 /// A running wagate has transparent huge pages off: with them, memory is zeroed and counted in
 /// 2 MiB pages wherever the allocator touches a few bytes (docs/benchmarks.md, change 13).
 #[cfg(target_os = "linux")]
@@ -226,4 +279,30 @@ async fn a_running_wagate_has_transparent_huge_pages_off() {
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
     assert_eq!(thp.trim(), "0", "{status}");
+}
+
+/// Worker and sender processes serve the probes and `/metrics` on `WAGATE_METRICS_LISTEN`, a
+/// listener of their own.
+#[tokio::test]
+async fn worker_and_sender_serve_probes_and_metrics_on_their_own_listener() {
+    let servers = Servers::start().await;
+    for role in ["worker", "sender"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let wagate = Wagate::start_role(
+            role,
+            &servers,
+            "http://127.0.0.1:1",
+            &[("WAGATE_METRICS_LISTEN", &addr)],
+        )
+        .await;
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let r = wagate
+                .http
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{role} {path}");
+        }
+    }
 }

@@ -324,24 +324,49 @@ async fn status_callbacks_are_verified_and_never_go_backwards() {
     assert_eq!(r.status(), 400);
 }
 
+/// The probes answer on both listeners; `/metrics` only on the admin listener, where it needs
+/// no token (Prometheus scrapes it inside the network), and never on the public one.
 #[tokio::test]
-async fn health_readiness_and_metrics_answer() {
+async fn probes_answer_on_both_listeners_and_metrics_only_on_the_admin_one() {
     let w = World::start().await;
-    for path in ["/healthz", "/readyz", "/metrics"] {
-        let r = w
-            .wagate
-            .http
-            .get(format!("{}{path}", w.wagate.public_url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
+    let get = |url: String| {
+        let http = w.wagate.http.clone();
+        async move { http.get(&url).send().await.unwrap() }
+    };
+    for base in [&w.wagate.public_url, &w.wagate.admin_url] {
+        for path in ["/healthz", "/readyz"] {
+            assert_eq!(
+                get(format!("{base}{path}")).await.status(),
+                200,
+                "{base}{path}"
+            );
+        }
     }
+    assert_eq!(
+        get(format!("{}/metrics", w.wagate.public_url))
+            .await
+            .status(),
+        404,
+        "the public listener serves no metrics"
+    );
     w.wagate.echo_agent("demo").await;
     assert_eq!(
         w.wagate.inbound("demo", &sid(1), FROM, "hi").await.status(),
         200
     );
-    let m = w.wagate.metrics().await;
+    let r = get(format!("{}/metrics", w.wagate.admin_url)).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "{:?}",
+        r.headers()
+    );
+    let m = r.text().await.unwrap();
     assert!(m.contains("wagate_webhooks_total"), "{m}");
+    // The metrics' exemption is theirs alone: the admin API still wants the bearer token.
+    let r = get(format!("{}/v1/agents", w.wagate.admin_url)).await;
+    assert_eq!(r.status(), 401);
 }

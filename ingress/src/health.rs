@@ -1,4 +1,8 @@
-//! Liveness, readiness and Prometheus metrics.
+//! Liveness, readiness and Prometheus metrics. They have a state of their own, [`Health`], so
+//! that every role serves them on its own listener: ingress on its webhook and admin listeners,
+//! worker and sender on `WAGATE_METRICS_LISTEN`, none of them borrowing another role's state.
+
+use std::sync::Arc;
 
 use axum::{
     Router,
@@ -7,20 +11,43 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use metrics_exporter_prometheus::PrometheusHandle;
+use shared::{bus::Bus, store::Store};
 
-use crate::AppState;
+/// What `/readyz` and `/metrics` read.
+#[derive(Clone)]
+pub struct Health {
+    /// The bus whose `ready()` answers `/readyz`.
+    pub bus: Arc<dyn Bus>,
+    /// The store whose `ready()` answers `/readyz`.
+    pub store: Arc<dyn Store>,
+    /// Renders `/metrics`; `None` when the process could not install its recorder.
+    pub metrics: Option<PrometheusHandle>,
+}
 
-/// `/healthz`, `/readyz`, `/metrics`.
-pub fn routes() -> Router<AppState> {
+fn probe_routes() -> Router<Health> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let bus = state.bus.ready().await;
-    let store = state.store.ready().await;
+/// `/healthz` and `/readyz`, for every listener, the public webhook listener included.
+pub fn probes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
+    probe_routes().with_state(health)
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, without a bearer token: for the admin listener and the
+/// worker's and sender's metrics listener, which Prometheus scrapes inside the network. Not for
+/// the public webhook listener, where the metrics would tell anyone the traffic and the agents.
+pub fn routes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
+    probe_routes()
+        .route("/metrics", get(metrics))
+        .with_state(health)
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let bus = health.bus.ready().await;
+    let store = health.store.ready().await;
     match (bus, store) {
         (Ok(()), Ok(())) => (StatusCode::OK, "ready".to_owned()),
         (b, s) => {
@@ -36,8 +63,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    let body = health
         .metrics
         .as_ref()
         .map(|m| m.render())

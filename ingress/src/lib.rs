@@ -6,7 +6,7 @@
 //! - [`webhook`]: `POST /webhooks/twilio/whatsapp/{agent_id}` (inbound messages: verify, publish
 //!   durably, answer empty TwiML) and `…/status` (delivery statuses).
 //! - [`signed_url`]: the URL Twilio signed, rebuilt byte for byte.
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`health`]: `/healthz` and `/readyz` (both listeners), `/metrics` (admin listener only).
 //! - [`spool`]: the local, fsync'd spool that keeps accepted messages while NATS is away.
 //! - [`admin`]: the bearer-protected JSON API of agents, channels, leads, sessions, sends and
 //!   dead letters, one file per resource.
@@ -19,16 +19,20 @@ pub mod state;
 pub mod webhook;
 
 use axum::Router;
+use health::Health;
 pub use state::AppState;
 
-/// The router of the webhook listener (`WAGATE_LISTEN`).
-pub fn webhook_router(state: AppState) -> Router {
-    webhook::routes().merge(health::routes()).with_state(state)
+/// The router of the webhook listener (`WAGATE_LISTEN`): the webhooks and the probes.
+pub fn webhook_router(state: AppState, health: Health) -> Router {
+    webhook::routes()
+        .merge(health::probes(health))
+        .with_state(state)
 }
 
-/// The router of the admin listener (`WAGATE_ADMIN_LISTEN`).
-pub fn admin_router(state: AppState) -> Router {
+/// The router of the admin listener (`WAGATE_ADMIN_LISTEN`): the admin API, the probes and
+/// `/metrics`.
+pub fn admin_router(state: AppState, health: Health) -> Router {
     admin::routes(state.clone())
-        .merge(health::routes())
+        .merge(health::routes(health))
         .with_state(state)
 }

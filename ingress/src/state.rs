@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 use shared::{bus::Bus, crypto::Keyring, directory::ChannelDirectory, store::Store};
 
@@ -23,6 +22,4 @@ pub struct AppState {
     pub public_url: Option<Arc<str>>,
     /// Port of the webhook listener, for webhook URLs when no public URL is configured.
     pub webhook_port: u16,
-    /// Renders `/metrics`.
-    pub metrics: Option<PrometheusHandle>,
 }

@@ -54,6 +54,40 @@ pub struct Settings {
     /// Listener for /healthz, /readyz and /metrics of worker and sender processes.
     #[arg(long = "metrics-listen", env = "WAGATE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Time a client of any listener has to send a request's headers, in ms: from the
+    /// connection's start, and on a kept-alive connection from the previous response (hyper
+    /// starts its timer there), so it also bounds the wait for the next request. Closes
+    /// connections that never finish their headers (slowloris).
+    #[arg(
+        long = "http-header-timeout-ms",
+        env = "WAGATE_HTTP_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub http_header_timeout_ms: u64,
+    /// Time a client has to send a whole request body once its headers are in, in ms (a
+    /// deadline, not a gap between bytes, so a trickle does not keep it alive).
+    #[arg(
+        long = "http-body-timeout-ms",
+        env = "WAGATE_HTTP_BODY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub http_body_timeout_ms: u64,
+    /// A connection with no request in progress on which no byte moved for this long is
+    /// closed, in ms; a kept-alive connection waits at most the shorter of this and the header
+    /// timeout for its next request.
+    #[arg(
+        long = "http-idle-timeout-ms",
+        env = "WAGATE_HTTP_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub http_idle_timeout_ms: u64,
+    /// Connections each listener holds at once; a connection over it is closed at once.
+    #[arg(
+        long = "http-max-connections",
+        env = "WAGATE_HTTP_MAX_CONNECTIONS",
+        default_value_t = 10_000
+    )]
+    pub http_max_connections: usize,
     /// Twilio REST base URL.
     #[arg(
         long = "twilio-api-base",
@@ -162,6 +196,9 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
 }
 
+/// The longest HTTP timeout accepted, in ms: a day.
+const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
+
 /// Where the bus and the store live.
 #[derive(Debug, Clone)]
 pub enum Backends {
@@ -261,6 +298,25 @@ impl Settings {
             return Err(ConfigError(
                 "WAGATE_HISTORY_WINDOW must be at least 1".into(),
             ));
+        }
+        for (value, name) in [
+            (self.http_header_timeout_ms, "WAGATE_HTTP_HEADER_TIMEOUT_MS"),
+            (self.http_body_timeout_ms, "WAGATE_HTTP_BODY_TIMEOUT_MS"),
+            (self.http_idle_timeout_ms, "WAGATE_HTTP_IDLE_TIMEOUT_MS"),
+        ] {
+            // Zero would be no time at all (there is no "off": slow clients would hold
+            // connections for ever); above a day, deadlines stop being meaningful.
+            if !(1..=MAX_HTTP_TIMEOUT_MS).contains(&value) {
+                return Err(ConfigError(format!(
+                    "{name} must be from 1 to {MAX_HTTP_TIMEOUT_MS} (a day)"
+                )));
+            }
+        }
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.http_max_connections) {
+            return Err(ConfigError(format!(
+                "WAGATE_HTTP_MAX_CONNECTIONS must be from 1 to {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
         }
         Ok(())
     }

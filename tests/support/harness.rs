@@ -389,10 +389,11 @@ impl Wagate {
         r.json().await.unwrap()
     }
 
-    /// The Prometheus text of `/metrics`.
+    /// The Prometheus text of `/metrics`, from the admin listener (without a token, as
+    /// Prometheus scrapes it).
     pub async fn metrics(&self) -> String {
         self.http
-            .get(format!("{}/metrics", self.public_url))
+            .get(format!("{}/metrics", self.admin_url))
             .send()
             .await
             .unwrap()
