@@ -895,8 +895,13 @@ async fn statuses_only_move_forward(rig: Rig) {
     };
     let one = msid(1);
     assert_eq!(store.status(&one).await.unwrap(), None, "{n}");
+    // A status this version does not know is recorded when nothing is, and replaced by any
+    // known one.
     let steps = [
+        (MessageStatus::Other, true),
+        (MessageStatus::Other, false),
         (MessageStatus::Queued, true),
+        (MessageStatus::Other, false),
         (MessageStatus::Sent, true),
         (MessageStatus::Delivered, true),
         (MessageStatus::Sent, false),

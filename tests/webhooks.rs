@@ -3,6 +3,8 @@
 
 mod support;
 
+const FORM: &str = "application/x-www-form-urlencoded";
+
 use std::time::Duration;
 
 use support::harness::{AUTH_TOKEN, Wagate, World, inbound_form, sid};
@@ -80,6 +82,7 @@ async fn missing_or_wrong_signature_is_401() {
         .http
         .post(&url)
         .header("x-twilio-signature", sig)
+        .header("content-type", FORM)
         .body(shared::twilio::form::encode(&fields))
         .send()
         .await
@@ -113,6 +116,7 @@ async fn signature_over_public_url_with_or_without_default_port_is_accepted() {
             .http
             .post(&listener)
             .header("x-twilio-signature", sig)
+            .header("content-type", FORM)
             .body(shared::twilio::form::encode(&fields))
             .send()
             .await
@@ -128,6 +132,7 @@ async fn signature_over_public_url_with_or_without_default_port_is_accepted() {
         .http
         .post(&listener)
         .header("x-twilio-signature", sig)
+        .header("content-type", FORM)
         .body(shared::twilio::form::encode(&fields))
         .send()
         .await
@@ -191,6 +196,54 @@ async fn missing_fields_are_400_naming_the_field() {
     assert_eq!(r.status(), 400);
 }
 
+/// Twilio's webhooks are forms: a correctly signed form sent under any other Content-Type (or
+/// none) is not from Twilio, and is refused with 415 and not queued.
+#[tokio::test]
+async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
+    let fields = inbound_form(&sid(1), FROM, "hi");
+    let sig = shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
+    for content_type in [
+        Some("application/json"),
+        Some("text/plain"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/x-www-form-urlencodedx"),
+        None,
+    ] {
+        let mut b = w
+            .wagate
+            .http
+            .post(&url)
+            .header("x-twilio-signature", &sig)
+            .body(shared::twilio::form::encode(&fields));
+        if let Some(t) = content_type {
+            b = b.header("content-type", t);
+        }
+        let r = b.send().await.unwrap();
+        assert_eq!(r.status(), 415, "{content_type:?}");
+    }
+    // The same request as a form, with a charset, is accepted: the refusals were for the type.
+    let r = w
+        .wagate
+        .http
+        .post(&url)
+        .header("x-twilio-signature", &sig)
+        .header(
+            "content-type",
+            "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+        )
+        .body(shared::twilio::form::encode(&fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.twilio.sent().len(), 1, "{sent:?}");
+}
+
 #[tokio::test]
 async fn non_utf8_and_oversized_bodies_are_refused_cleanly() {
     let w = World::start().await;
@@ -201,6 +254,7 @@ async fn non_utf8_and_oversized_bodies_are_refused_cleanly() {
         .http
         .post(&url)
         .header("x-twilio-signature", "x")
+        .header("content-type", FORM)
         .body(b"Body=%FF%FE&From=\xff".to_vec())
         .send()
         .await
@@ -228,7 +282,7 @@ async fn non_utf8_and_oversized_bodies_are_refused_cleanly() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(r.status(), 415);
     // Random bytes never produce a 5xx.
     for seed in 0u8..40 {
         let bytes: Vec<u8> = (0..200u16)
@@ -308,11 +362,26 @@ async fn status_callbacks_are_verified_and_never_go_backwards() {
         )
         .await;
     assert_eq!(r.status(), 401);
-    let r = w
-        .wagate
-        .post_signed(&path, &status("bogus", None), AUTH_TOKEN)
-        .await;
-    assert_eq!(r.status(), 400);
+    // Every status Twilio sends, today's and future ones, is acknowledged: a 400 would make
+    // Twilio retry it for nothing.
+    for s in [
+        "partially_delivered",
+        "canceled",
+        "accepted",
+        "scheduled",
+        "read",
+        "bogus-future-status",
+    ] {
+        let r = w
+            .wagate
+            .post_signed(&path, &status(s, None), AUTH_TOKEN)
+            .await;
+        assert!(
+            r.status() == 200 || r.status() == 204,
+            "{s}: {}",
+            r.status()
+        );
+    }
     let r = w
         .wagate
         .post_signed(

@@ -89,24 +89,18 @@ async fn verify(
             ));
         }
     };
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("application/json"));
-    let fields = if is_json {
-        json_fields(body).ok_or_else(|| {
-            outcome(kind, "bad_request");
-            plain(
-                StatusCode::BAD_REQUEST,
-                "body is not a JSON object of strings",
-            )
-        })?
-    } else {
-        form::parse(body).map_err(|e| {
-            outcome(kind, "bad_request");
-            plain(StatusCode::BAD_REQUEST, format!("not a form body: {e}"))
-        })?
-    };
+    // Twilio's message and status webhooks are always forms; anything else is not from it.
+    if !is_form(headers) {
+        outcome(kind, "bad_request");
+        return Err(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/x-www-form-urlencoded",
+        ));
+    }
+    let fields = form::parse(body).map_err(|e| {
+        outcome(kind, "bad_request");
+        plain(StatusCode::BAD_REQUEST, format!("not a form body: {e}"))
+    })?;
     let Some(signature) = headers
         .get("x-twilio-signature")
         .and_then(|v| v.to_str().ok())
@@ -117,11 +111,7 @@ async fn verify(
     };
     let url = signed_url(state.public_url.as_deref(), headers, uri).unwrap_or_default();
     let token = channel.auth_token.expose_secret().as_bytes();
-    let valid = if is_json {
-        signature::verify_json(token, &url, body, signature)
-    } else {
-        signature::verify_form(token, &url, &fields, signature)
-    };
+    let valid = signature::verify_form(token, &url, &fields, signature);
     if !valid {
         tracing::warn!(
             agent = %agent_id, signed_url = %url,
@@ -196,16 +186,17 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
         .map_err(|e| e.to_string())
 }
 
-fn json_fields(body: &[u8]) -> Option<Vec<(String, String)>> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
-    map.into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => Some((k, s)),
-            serde_json::Value::Number(n) => Some((k, n.to_string())),
-            serde_json::Value::Bool(b) => Some((k, b.to_string())),
-            _ => None,
+/// Whether the request says it carries a form (`application/x-www-form-urlencoded`, any
+/// parameters such as a charset after it).
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         })
-        .collect()
 }
 
 #[tracing::instrument(name = "inbound_webhook", skip_all, fields(agent = %raw_agent))]

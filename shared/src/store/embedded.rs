@@ -747,8 +747,8 @@ impl Store for EmbeddedStore {
                     .get(("status", "", &sid))?
                     .map(|raw| serde_json::from_slice::<StatusRecord>(&raw))
                     .transpose()?
-                    .map_or(0, |r| r.status.rank());
-                if status.rank() <= current {
+                    .map(|r| r.status.rank());
+                if current.is_some_and(|rank| status.rank() <= rank) {
                     return Ok(false);
                 }
                 statuses.put(("status", "", &sid), &record, ttl)?;

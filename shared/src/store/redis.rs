@@ -128,7 +128,7 @@ return 1
 "#;
 
 const RECORD_STATUS: &str = r#"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'rank') or '0')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
 if tonumber(ARGV[2]) <= cur then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'error_code', ARGV[3], 'updated_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -693,7 +693,7 @@ impl Store for RedisStore {
             .await
             .map_err(err("status"))?;
         Ok(h.get("status")
-            .and_then(|s| MessageStatus::parse(s))
+            .map(|s| MessageStatus::parse(s))
             .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
     }
 

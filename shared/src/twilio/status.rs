@@ -30,12 +30,19 @@ pub enum MessageStatus {
     Failed,
     /// Canceled before sending.
     Canceled,
+    /// Delivered to some of its recipients (Twilio's Messaging Services).
+    PartiallyDelivered,
+    /// A status this version does not know (Twilio adds some now and then). It is recorded
+    /// and acknowledged like the others, so that Twilio does not retry it, and ranks lowest: it
+    /// never replaces a status whose meaning is known.
+    #[serde(other)]
+    Other,
 }
 
 impl MessageStatus {
-    /// Parses Twilio's `MessageStatus` value.
-    pub fn parse(raw: &str) -> Option<Self> {
-        Some(match raw {
+    /// Parses Twilio's `MessageStatus` value; a name it does not know is [`Self::Other`].
+    pub fn parse(raw: &str) -> Self {
+        match raw {
             "accepted" => Self::Accepted,
             "scheduled" => Self::Scheduled,
             "queued" => Self::Queued,
@@ -46,8 +53,9 @@ impl MessageStatus {
             "undelivered" => Self::Undelivered,
             "failed" => Self::Failed,
             "canceled" => Self::Canceled,
-            _ => return None,
-        })
+            "partially_delivered" => Self::PartiallyDelivered,
+            _ => Self::Other,
+        }
     }
 
     /// Position in a message's life; a status replaces the stored one only if it ranks higher.
@@ -55,12 +63,13 @@ impl MessageStatus {
     /// the message arrived whatever a stray failure says.
     pub fn rank(self) -> u8 {
         match self {
+            Self::Other => 0,
             Self::Accepted | Self::Scheduled => 1,
             Self::Queued => 2,
             Self::Sending => 3,
             Self::Sent => 4,
             Self::Undelivered | Self::Failed | Self::Canceled => 5,
-            Self::Delivered => 6,
+            Self::Delivered | Self::PartiallyDelivered => 6,
             Self::Read => 7,
         }
     }
@@ -78,6 +87,8 @@ impl MessageStatus {
             Self::Undelivered => "undelivered",
             Self::Failed => "failed",
             Self::Canceled => "canceled",
+            Self::PartiallyDelivered => "partially_delivered",
+            Self::Other => "other",
         }
     }
 }
@@ -103,12 +114,13 @@ pub fn parse_status(fields: &[(String, String)]) -> Result<StatusUpdate, Invalid
     let raw = first(fields, "MessageStatus")
         .or_else(|| first(fields, "SmsStatus"))
         .ok_or_else(|| InvalidValue("missing MessageStatus".into()))?;
-    let status = MessageStatus::parse(raw).ok_or_else(|| {
-        InvalidValue(format!(
-            "unknown MessageStatus '{}'",
-            crate::domain::truncate_for_message(raw)
-        ))
-    })?;
+    let status = MessageStatus::parse(raw);
+    if status == MessageStatus::Other {
+        tracing::info!(
+            status = ?crate::domain::truncate_for_message(raw),
+            "a status callback with a status this version does not know; recorded as other"
+        );
+    }
     Ok(StatusUpdate {
         message_sid: MessageSid::parse(sid)?,
         status,
@@ -120,6 +132,40 @@ pub fn parse_status(fields: &[(String, String)]) -> Result<StatusUpdate, Invalid
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_twilio_sends_parses_and_unknown_ones_rank_lowest() {
+        for name in [
+            "accepted",
+            "scheduled",
+            "queued",
+            "sending",
+            "sent",
+            "delivered",
+            "read",
+            "undelivered",
+            "failed",
+            "canceled",
+            "partially_delivered",
+        ] {
+            assert_eq!(MessageStatus::parse(name).as_str(), name);
+        }
+        let future = MessageStatus::parse("teleported");
+        assert_eq!(future, MessageStatus::Other);
+        assert!(future.rank() < MessageStatus::Accepted.rank());
+        let fields = |status: &str| {
+            vec![
+                ("MessageSid".to_owned(), format!("SM{}", "a".repeat(32))),
+                ("MessageStatus".to_owned(), status.to_owned()),
+            ]
+        };
+        assert_eq!(
+            parse_status(&fields("teleported")).unwrap().status,
+            MessageStatus::Other
+        );
+        let stored: MessageStatus = serde_json::from_str("\"teleported\"").unwrap();
+        assert_eq!(stored, MessageStatus::Other);
+    }
 
     #[test]
     fn late_sent_ranks_below_delivered() {
