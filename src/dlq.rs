@@ -142,9 +142,15 @@ async fn run(args: DlqArgs) -> Result<(), String> {
         DlqCommand::Replay { ids, all, filter } => {
             let mut replayed = Vec::new();
             if all {
+                let mut body: serde_json::Map<String, serde_json::Value> = filter
+                    .pairs()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.into()))
+                    .collect();
+                body.insert("all".into(), true.into());
                 let r = call(
                     http.post(format!("{base}/v1/dead-letters/replay"))
-                        .query(&filter.pairs()),
+                        .json(&body),
                 )
                 .await?;
                 replayed.extend(ids_of(&r));

@@ -798,6 +798,16 @@ async fn messages_are_202_inside_the_window_409_outside_422_when_invalid() {
     )
     .await;
     assert_error(&a, 422, "both body and content_sid");
+    // At most 16,000 characters (not bytes: 16,000 emoji are fine, 16,001 are not).
+    let a = call(
+        &w,
+        Method::POST,
+        path,
+        Some(json!({"to": FROM, "body": "é".repeat(16_001)})),
+    )
+    .await;
+    assert_error(&a, 422, "a body of 16,001 characters");
+    assert!(a.text.contains("16000"), "{}", a.text);
     for to in [
         "4155550100",
         "+1 415 555 0100",
@@ -971,9 +981,41 @@ async fn dead_letters_are_listed_and_replayed() {
         })
         .collect();
     assert_eq!(ids.len(), 2, "{dl:?}");
+    // A bulk replay must say what it takes: no body, `{}`, `{"all": false}` or an empty id
+    // list replay nothing.
     let a = call(&w, Method::POST, "/v1/dead-letters/replay", None).await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    for vague in [json!({}), json!({"all": false}), json!({"ids": []})] {
+        let a = call(
+            &w,
+            Method::POST,
+            "/v1/dead-letters/replay",
+            Some(vague.clone()),
+        )
+        .await;
+        assert_eq!(a.status, 400, "{vague}: {}", a.text);
+    }
+    assert_eq!(dead_letters(&w).await.len(), 2);
+    // By id: only the one named.
+    let first = ids.iter().next().unwrap().clone();
+    let a = call(
+        &w,
+        Method::POST,
+        "/v1/dead-letters/replay",
+        Some(json!({"ids": [first.clone()]})),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(replayed_ids(&a.json()), ids);
+    assert_eq!(replayed_ids(&a.json()), BTreeSet::from([first]));
+    let a = call(
+        &w,
+        Method::POST,
+        "/v1/dead-letters/replay",
+        Some(json!({"all": true})),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(replayed_ids(&a.json()).len(), 1);
     let sent = w.twilio.wait_for_sent(3, WAIT).await;
     let bodies: BTreeSet<&str> = sent.iter().filter_map(|m| m.body.as_deref()).collect();
     assert!(

@@ -434,6 +434,40 @@ async fn long_reply_is_split_in_order_and_whole() {
     );
 }
 
+/// A runaway answer cannot fan out into hundreds of Twilio requests: a reply over 16,000
+/// characters is cut at a word boundary with an ellipsis, sent as its ten or so parts, and
+/// counted in a metric.
+#[tokio::test]
+async fn a_reply_over_the_cap_is_cut_and_counted() {
+    let model = FakeOpenAi::start("k").await;
+    let huge = "runaway ".repeat(10_000);
+    model.set_reply(move |_, _| huge.clone());
+    let w = World::start().await;
+    w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "k"})).await;
+    w.wagate.channel("bot", true).await;
+    w.wagate.inbound("bot", &sid(1), FROM, "go on").await;
+    let capped = shared::text::cap_reply(&"runaway ".repeat(10_000), 16_000).unwrap();
+    let expected = shared::text::split_reply(&capped, 1600);
+    assert!(expected.len() <= 11, "{} parts", expected.len());
+    let sent = w.twilio.wait_for_sent(expected.len(), WAIT).await;
+    let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    assert_eq!(bodies, expected);
+    let chars: usize = bodies.iter().map(|b| b.chars().count()).sum();
+    assert!(chars <= 16_000, "{chars} characters sent");
+    assert!(bodies.last().unwrap().ends_with("runaway…"));
+    support::harness::eventually(WAIT, "the truncation is counted", || async {
+        w.wagate
+            .metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("wagate_replies_truncated_total") && l.ends_with(" 1"))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.twilio.sent().len(), expected.len(), "no more parts");
+}
+
 #[tokio::test]
 async fn same_message_sid_four_times_at_once_gets_one_reply() {
     let w = World::start().await;

@@ -83,6 +83,44 @@ pub const MAX_BODY_UTF16: usize = 1600;
 /// serve well.
 pub const MIN_SENSIBLE_UTF16: usize = 8;
 
+/// Longest text wagate sends as one reply, in characters (Unicode scalar values): ten
+/// WhatsApp messages. Without a cap, one admin call or one runaway agent answer would fan out
+/// into hundreds of Twilio requests, each billed and each a message on the user's phone.
+pub const MAX_REPLY_CHARS: usize = 16_000;
+
+/// `text` cut to at most `max_chars` characters, at the last word boundary that fits, with an
+/// ellipsis after the cut; `None` when it fits as it is. A text without whitespace is cut at a
+/// grapheme boundary, so no visible character is split.
+pub fn cap_reply(text: &str, max_chars: usize) -> Option<String> {
+    let (end, _) = text.char_indices().nth(max_chars)?;
+    // Room for the ellipsis, which counts as one character.
+    let room = text[..end]
+        .char_indices()
+        .nth(max_chars.saturating_sub(1))
+        .map_or(end, |(i, _)| i);
+    let head = &text[..room];
+    let at_word = head
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map(|(i, _)| i)
+        .filter(|&i| !head[..i].trim_end().is_empty());
+    let cut = match at_word {
+        Some(i) => head[..i].trim_end(),
+        None => {
+            // The end of the last whole grapheme (of the full text) that fits.
+            let last = text
+                .grapheme_indices(true)
+                .map(|(i, g)| i + g.len())
+                .take_while(|&end| end <= room)
+                .last()
+                .unwrap_or(0);
+            &head[..last]
+        }
+    };
+    Some(format!("{cut}…"))
+}
+
 /// Splits `text` into parts of at most `max_utf16` UTF-16 code units each.
 ///
 /// Exists because Twilio refuses WhatsApp bodies over [`MAX_BODY_UTF16`]
@@ -1012,5 +1050,31 @@ mod tests {
         fn split_survives_any_limit(text in reply_text(), limit in 0usize..8) {
             check(&text, limit);
         }
+    }
+
+    #[test]
+    fn a_reply_over_the_cap_is_cut_at_a_word_with_an_ellipsis() {
+        assert_eq!(cap_reply("short enough", 20), None);
+        assert_eq!(cap_reply("exactly20charactersX", 20), None);
+        let capped = cap_reply("one two three four", 12).unwrap();
+        assert_eq!(capped, "one two…");
+        assert!(capped.chars().count() <= 12);
+        // No whitespace: cut between graphemes, never inside a flag or an accented letter.
+        let flags = "🇫🇷".repeat(10);
+        let capped = cap_reply(&flags, 7).unwrap();
+        assert_eq!(capped, format!("{}…", "🇫🇷".repeat(3)));
+        let accents = "e\u{301}".repeat(10);
+        assert_eq!(
+            cap_reply(&accents, 6).unwrap(),
+            format!("{}…", "e\u{301}".repeat(2))
+        );
+        let long = "word ".repeat(MAX_REPLY_CHARS);
+        let capped = cap_reply(&long, MAX_REPLY_CHARS).unwrap();
+        assert!(capped.chars().count() <= MAX_REPLY_CHARS);
+        assert!(
+            capped.ends_with("word…"),
+            "{}",
+            &capped[capped.len() - 20..]
+        );
     }
 }

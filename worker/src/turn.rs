@@ -14,7 +14,7 @@ use shared::{
     envelope::{DeadLetter, DeadMessage, InboundMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
-    text::{MAX_BODY_UTF16, split_reply},
+    text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
 };
 use time::OffsetDateTime;
 
@@ -272,7 +272,16 @@ async fn publish_reply(
     msg: &InboundMessage,
     done: &CompletedTurn,
 ) -> Result<(), Failure> {
-    let parts = split_reply(&done.reply, MAX_BODY_UTF16);
+    let capped = cap_reply(&done.reply, MAX_REPLY_CHARS);
+    if capped.is_some() {
+        tracing::warn!(
+            sid = %msg.message_sid,
+            chars = done.reply.chars().count(),
+            "the agent's reply is over {MAX_REPLY_CHARS} characters; cut at a word boundary"
+        );
+        metrics::counter!("wagate_replies_truncated_total").increment(1);
+    }
+    let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), MAX_BODY_UTF16);
     if parts.is_empty() {
         tracing::info!(sid = %msg.message_sid, "the agent had nothing to say");
         return Ok(());

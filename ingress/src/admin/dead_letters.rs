@@ -100,23 +100,79 @@ pub async fn replay_one(
     Ok(Json(serde_json::json!({ "replayed": [letter.id] })))
 }
 
+/// What a bulk replay takes. It must say so explicitly: `{"all": true}`, `{"ids": [...]}`, or
+/// at least one filter (`stage`, `agent`, `reason`, `since`, `until`). An empty body or `{}`
+/// is refused, so that a careless call cannot push every dead letter back at once.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    #[serde(default)]
+    all: bool,
+    ids: Option<Vec<String>>,
+    agent: Option<String>,
+    stage: Option<Stage>,
+    reason: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    since: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    until: Option<OffsetDateTime>,
+}
+
+impl ReplayRequest {
+    /// The filter it names, and the ids it is limited to; 400 when it names nothing.
+    fn scope(self) -> Result<(Filter, Option<Vec<String>>), ApiError> {
+        let filter = Filter {
+            agent: self.agent,
+            stage: self.stage,
+            reason: self.reason,
+            since: self.since,
+            until: self.until,
+        };
+        let filtered = filter.agent.is_some()
+            || filter.stage.is_some()
+            || filter.reason.is_some()
+            || filter.since.is_some()
+            || filter.until.is_some();
+        if self.ids.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "\"ids\" is empty: name the dead letters to replay",
+            ));
+        }
+        if !self.all && self.ids.is_none() && !filtered {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "say which dead letters to replay: {\"all\": true}, {\"ids\": [...]} or a filter such as {\"stage\": \"send\"}",
+            ));
+        }
+        Ok((filter, self.ids))
+    }
+}
+
 pub async fn replay_many(
     State(state): State<AppState>,
-    Query(query): Query<Filter>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let filter = if body.iter().all(u8::is_ascii_whitespace) {
-        query
-    } else {
-        parse_json(&body)?
-    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "a body is required: {\"all\": true}, {\"ids\": [...]} or a filter such as {\"stage\": \"send\"}",
+        ));
+    }
+    let (filter, ids) = parse_json::<ReplayRequest>(&body)?.scope()?;
     let all = state
         .bus
         .dead_letters()
         .await
         .map_err(ApiError::unavailable)?;
     let mut replayed = Vec::new();
-    for letter in all.iter().filter(|d| filter.matches(d)) {
+    let chosen = all.iter().filter(|d| {
+        filter.matches(d)
+            && ids
+                .as_ref()
+                .is_none_or(|ids| ids.iter().any(|i| *i == d.id))
+    });
+    for letter in chosen {
         replay(&state, letter).await?;
         replayed.push(letter.id.clone());
     }

@@ -51,9 +51,9 @@ fn to_csv(leads: &[Lead]) -> String {
         String::from("phone,platform,profile_name,first_seen,last_seen,message_count\r\n");
     for l in leads {
         let fields = [
-            cell(&l.phone, false),
-            cell(&l.platform, false),
-            cell(l.profile_name.as_deref().unwrap_or(""), true),
+            cell(&l.phone),
+            cell(&l.platform),
+            cell(l.profile_name.as_deref().unwrap_or("")),
             l.first_seen.format(&Rfc3339).unwrap_or_default(),
             l.last_seen.format(&Rfc3339).unwrap_or_default(),
             l.message_count.to_string(),
@@ -64,10 +64,13 @@ fn to_csv(leads: &[Lead]) -> String {
     out
 }
 
-/// Quotes a CSV cell; user-chosen text (profile names) that a spreadsheet would run as a
-/// formula gets a leading apostrophe.
-fn cell(value: &str, user_text: bool) -> String {
-    let guarded = if user_text && value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+/// Quotes a CSV cell, and neutralises one that a spreadsheet would run as a formula (OWASP's
+/// CSV injection rule: a leading `=`, `+`, `-`, `@`, tab or carriage return gets an apostrophe
+/// in front). A plain E.164 number (`+` and 8 to 15 digits) is left as it is, so that phone
+/// numbers stay readable; anything else from a user, such as a profile name or a WhatsApp id
+/// that is not a phone number, is guarded.
+fn cell(value: &str) -> String {
+    let guarded = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) && !is_e164(value) {
         format!("'{value}")
     } else {
         value.to_owned()
@@ -79,14 +82,36 @@ fn cell(value: &str, user_text: bool) -> String {
     }
 }
 
+fn is_e164(value: &str) -> bool {
+    value.strip_prefix('+').is_some_and(|digits| {
+        (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn csv_cells() {
-        assert_eq!(cell("+14155550100", false), "+14155550100");
-        assert_eq!(cell("=SUM(A1)", true), "'=SUM(A1)");
-        assert_eq!(cell("a,\"b\"", true), "\"a,\"\"b\"\"\"");
+        assert_eq!(cell("+14155550100"), "+14155550100");
+        assert_eq!(cell("=SUM(A1)"), "'=SUM(A1)");
+        assert_eq!(cell("a,\"b\""), "\"a,\"\"b\"\"\"");
+        for formula in [
+            "+1+cmd|' /C calc'!A0",
+            "-2+3",
+            "@SUM(1)",
+            "\tx",
+            "=HYPERLINK(\"http://x\")",
+            "+14155550100=1",
+            "+1",
+        ] {
+            assert!(
+                cell(formula).trim_start_matches('"').starts_with('\''),
+                "{formula:?}"
+            );
+        }
+        assert_eq!(cell("\r=1"), "\"'\r=1\"");
+        assert_eq!(cell("whatsapp"), "whatsapp");
     }
 }

@@ -14,7 +14,7 @@ use shared::{
     bus::Topic,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{OutboundReply, ReplyContent},
-    text::{MAX_BODY_UTF16, split_reply},
+    text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
 };
 use time::OffsetDateTime;
 
@@ -70,6 +70,12 @@ pub async fn send(
         (Some(text), None) => {
             if req.content_variables.is_some() {
                 return Err(ApiError::invalid("content_variables go with content_sid"));
+            }
+            let chars = text.chars().count();
+            if chars > MAX_REPLY_CHARS {
+                return Err(ApiError::invalid(format!(
+                    "body is {chars} characters; at most {MAX_REPLY_CHARS} go in one call"
+                )));
             }
             let parts = split_reply(&text, MAX_BODY_UTF16);
             if parts.is_empty() {
