@@ -213,7 +213,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         match claim(ctx, reply, index, &key).await? {
             GuardState::Sent(_) => continue,
             GuardState::Busy => return Err(Failure::Wait(Duration::from_secs(1))),
-            GuardState::Reclaimed => {
+            GuardState::Reclaimed(_) => {
                 // The sender that held this part died; it may have posted it first.
                 let since = OffsetDateTime::now_utc() - ctx.guard_lease() * 2;
                 if let Some(sid) =
@@ -226,7 +226,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
                     continue;
                 }
             }
-            GuardState::Claimed => {}
+            GuardState::Claimed(_) => {}
         }
         let mut form = vec![("To", reply.to.as_str()), ("From", from.as_str())];
         form.extend(content.iter().copied());
@@ -304,7 +304,7 @@ async fn claim(
     };
     // A part taken over from a dead sender keeps its lapsed guard, so whoever takes it next
     // still looks in Twilio's list first.
-    if state == GuardState::Claimed {
+    if matches!(state, GuardState::Claimed(_)) {
         let _ = ctx.store.release_send(key).await;
     }
     Err(Failure::Permanent {

@@ -57,6 +57,7 @@ pub async fn free_form_refusal(
         WindowClocks {
             last_inbound,
             opted_out_at,
+            opted_in_at: None,
         },
         now,
     ))
