@@ -1,6 +1,6 @@
-//! The sender end to end: the 24-hour window, templates, Twilio's failures (rate limits,
-//! ambiguous 5xx, permanent codes), send guards of senders that die or take long, dead letters
-//! and their replay.
+//! The sender end to end: the 24-hour window, opt-outs, templates, Twilio's failures (rate
+//! limits, ambiguous 5xx, permanent codes), send guards of senders that die or take long, dead
+//! letters and their replay.
 
 mod support;
 
@@ -58,6 +58,22 @@ fn bodies_to(w: &World, user: &str) -> Vec<String> {
         .filter(|m| m.to == to)
         .map(|m| m.body.unwrap_or_default())
         .collect()
+}
+
+/// Posts a business-initiated message through the admin API; its status and error text.
+async fn admin_send(w: &World, message: serde_json::Value) -> (u16, String) {
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&message)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn template() -> serde_json::Value {
+    serde_json::json!({"to": FROM, "content_sid": format!("HX{}", "ab".repeat(16))})
 }
 
 /// Replays a dead letter through the admin API.
@@ -233,13 +249,14 @@ async fn an_ambiguous_500_is_settled_by_asking_twilio_not_by_sending_twice() {
     assert_eq!(w.twilio.sent().len(), 2);
 }
 
+/// 21610 is not among them: it also opts the user out, so its replay is refused
+/// (`a_21610_from_the_messages_api_opts_the_user_out_templates_included`).
 #[tokio::test]
 async fn permanent_twilio_errors_become_dead_letters_with_their_code() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
     let codes = [
         (21211, "The 'To' number is not a valid phone number."),
-        (21610, "Attempt to send to unsubscribed recipient"),
         (
             21617,
             "The concatenated message body exceeds the 1600 character limit.",
@@ -398,7 +415,7 @@ async fn a_63016_reported_by_status_callback_becomes_a_dead_letter_that_replays_
 }
 
 #[tokio::test]
-async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
+async fn a_21610_reported_by_status_callback_opts_the_user_out_until_they_send_start() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
     w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
@@ -412,22 +429,147 @@ async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
         )
         .await;
     assert!(r.status().is_success());
-    let r = w
-        .wagate
-        .admin(Method::POST, "/v1/agents/demo/messages")
-        .json(&serde_json::json!({"to": FROM, "body": "promo"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
-    assert!(r.text().await.unwrap().contains("opted out"));
+    let (status, error) = admin_send(&w, serde_json::json!({"to": FROM, "body": "promo"})).await;
+    assert_eq!(status, 409, "{error}");
+    assert!(error.contains("opted out"), "{error}");
     assert!(
         dead_letters(&w).await.is_empty(),
         "an opt-out is not a dead letter"
     );
+    // Writing again does not end it (Twilio would refuse with 21610): the reply is refused
+    // without a post.
     w.wagate.inbound("demo", &sid(2), FROM, "I'm back").await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610, "{dl:?}");
+    assert!(
+        dl[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("until they send START")
+    );
+    assert_eq!(posts(&w), 1);
+    w.wagate.inbound("demo", &sid(3), FROM, "start").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("I'm back"));
+    assert_eq!(sent[1].body.as_deref(), Some("start"));
+}
+
+#[tokio::test]
+async fn a_21610_from_the_messages_api_opts_the_user_out_templates_included() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    // A template may go to a user who never wrote; Twilio refuses it: they opted out.
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 21610,
+        message: "Attempt to send to unsubscribed recipient".into(),
+    });
+    let (status, error) = admin_send(&w, template()).await;
+    assert_eq!(status, 202, "{error}");
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610);
+    assert_eq!(dl[0]["attempts"], 1, "not retried");
+    let reason = dl[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Attempt to send to unsubscribed recipient")
+            && reason.contains("opted out"),
+        "{reason}"
+    );
+    assert!(
+        dl[0]["message"]["content"]["content_sid"].is_string(),
+        "{}",
+        dl[0]
+    );
+
+    // Recorded as an opt-out: the admin API refuses templates and free text alike.
+    for message in [template(), serde_json::json!({"to": FROM, "body": "promo"})] {
+        let (status, error) = admin_send(&w, message).await;
+        assert_eq!(status, 409, "{error}");
+        assert!(error.contains("opted out"), "{error}");
+    }
+    // The sender refuses too: the template replayed is a dead letter again, not posted.
+    let r = replay(&w, &dl[0]).await;
+    assert_eq!(r.status(), 200);
+    let again = eventually(WAIT, "the replay refused", || async {
+        let now = dead_letters(&w).await;
+        (now.len() == 1 && now[0]["id"] != dl[0]["id"]).then_some(now)
+    })
+    .await;
+    assert_eq!(again[0]["code"], 21610, "{again:?}");
+    assert!(
+        again[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("until they send START"),
+        "{again:?}"
+    );
+    // Nor does the user writing again end it: the reply is refused without a post.
+    w.wagate.inbound("demo", &sid(1), FROM, "hello?").await;
+    let dl = wait_dead_letters(&w, 2).await;
+    assert!(dl.iter().all(|d| d["code"] == 21610), "{dl:?}");
+    assert_eq!(
+        posts(&w),
+        1,
+        "nothing more was posted to the opted-out user"
+    );
+    assert!(w.twilio.sent().is_empty());
+
+    // UNSTOP opts back in: its reply goes out, and templates again.
+    w.wagate.inbound("demo", &sid(2), FROM, " UNSTOP ").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("UNSTOP"));
+    let (status, error) = admin_send(&w, template()).await;
+    assert_eq!(status, 202, "{error}");
+    w.twilio.wait_for_sent(2, WAIT).await;
+}
+
+#[tokio::test]
+async fn stop_opts_out_without_a_turn_and_only_start_opts_back_in() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate.inbound("demo", &sid(2), FROM, "  Stop \n").await;
+    // Any other message is answered by the agent, but the answer is refused, not posted.
+    w.wagate
+        .inbound("demo", &sid(3), FROM, "please start again")
+        .await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610, "{dl:?}");
+    assert_eq!(
+        dl[0]["message"]["content"]["parts"],
+        serde_json::json!(["please start again"])
+    );
+    for message in [template(), serde_json::json!({"to": FROM, "body": "promo"})] {
+        let (status, error) = admin_send(&w, message).await;
+        assert_eq!(status, 409, "{error}");
+        assert!(error.contains("opted out"), "{error}");
+    }
+    w.wagate.inbound("demo", &sid(4), FROM, "START").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("START"));
+    let (status, error) =
+        admin_send(&w, serde_json::json!({"to": FROM, "body": "welcome back"})).await;
+    assert_eq!(status, 202, "{error}");
+    w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(
+        bodies_to(&w, FROM),
+        ["hi", "START", "welcome back"],
+        "STOP ran no turn and got no reply"
+    );
+    assert_eq!(posts(&w), 3);
+    assert_eq!(dead_letters(&w).await.len(), 1, "STOP is not a dead letter");
+    assert_eq!(
+        w.wagate.session_contents("demo", FROM).await,
+        [
+            "hi",
+            "hi",
+            "please start again",
+            "please start again",
+            "START",
+            "START"
+        ],
+        "the agent never saw STOP"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! reply id and part index, so a redelivered reply skips the parts that went out and a part is
 //! posted to Twilio once. The guard's lease is short, so a dead sender's part is soon taken
 //! over, and renewed while its holder works on it, so a live sender keeps it. Free-form text is
-//! refused outside WhatsApp's 24-hour window and to users who opted out ([`shared::window`]).
+//! refused outside WhatsApp's 24-hour window, and everything to users who opted out
+//! ([`shared::window`]); a 21610 from Twilio records the opt-out.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,8 +15,8 @@ use shared::{
     envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
-    twilio::rest::FailureClass,
-    window::refusal,
+    twilio::rest::{FailureClass, UNSUBSCRIBED},
+    window::{Refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 
@@ -308,6 +309,9 @@ async fn send_part(
         return Err(Failure::transient(e));
     }
     let _ = ctx.store.release_send(part.key).await;
+    if e.code == Some(UNSUBSCRIBED) {
+        return Err(opted_out_at_twilio(ctx, reply, &e).await);
+    }
     Err(match e.class {
         FailureClass::Permanent => Failure::Permanent {
             reason: e.to_string(),
@@ -318,6 +322,26 @@ async fn send_part(
             after: e.retry_after,
         },
     })
+}
+
+/// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
+/// more is posted to them until they send START, and fails the reply for good. If the opt-out
+/// cannot be recorded, the reply is tried again later, which records it then.
+async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendError) -> Failure {
+    tracing::warn!(id = %reply.id, agent = %reply.agent_id, "the user opted out (21610); nothing more goes to them until they send START");
+    if let Err(store) = ctx
+        .store
+        .opt_out(&reply.session_id(), OffsetDateTime::now_utc())
+        .await
+    {
+        return Failure::transient(format!(
+            "{e}; and the opt-out could not be recorded: {store}"
+        ));
+    }
+    Failure::Permanent {
+        reason: format!("{e}: {}", Refusal::OptedOut.explain()),
+        code: Some(UNSUBSCRIBED),
+    }
 }
 
 /// Runs `work` (one part's attempt) while renewing the part's guard every third of the lease,
@@ -352,16 +376,17 @@ async fn renewing<T>(
     }
 }
 
-/// Takes the guard of part `index`. Before the first part of free-form text, the window
-/// clocks are read in the same round trip and a send WhatsApp would refuse stops here (the
-/// guard given back), before anything is posted.
+/// Takes the guard of part `index`. Before the first part, the window clocks are read in the
+/// same round trip and a send WhatsApp would refuse (free-form text outside the window,
+/// anything to a user who opted out) stops here (the guard given back), before anything is
+/// posted.
 async fn claim(
     ctx: &SendContext,
     reply: &OutboundReply,
     index: usize,
     key: &str,
 ) -> Result<GuardState, Failure> {
-    if index > 0 || !matches!(reply.content, ReplyContent::Text { .. }) {
+    if index > 0 {
         return ctx
             .store
             .claim_send(key, ctx.send_lease)
@@ -373,7 +398,11 @@ async fn claim(
         .claim_send_with_clocks(&reply.session_id(), key, ctx.send_lease)
         .await
         .map_err(Failure::transient)?;
-    let Some(refusal) = refusal(clocks, OffsetDateTime::now_utc()) else {
+    let refused = match reply.content {
+        ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
+        ReplyContent::Template { .. } => template_refusal(clocks),
+    };
+    let Some(refusal) = refused else {
         return Ok(state);
     };
     // A part taken over from a dead sender keeps its lapsed guard, so whoever takes it next
