@@ -279,6 +279,7 @@ async fn sender_role(
                 public_url: settings.public_base().map(str::to_owned),
                 retry: settings.send_retry.clone(),
                 twilio_timeout: settings.twilio_timeout(),
+                send_lease: settings.send_lease(),
             };
             let config = common.dispatch(settings.sender_concurrency, None);
             sender::run(ctx, config, shutdown)

@@ -880,6 +880,52 @@ async fn messages_are_202_inside_the_window_409_outside_422_when_invalid() {
     );
 }
 
+#[tokio::test]
+async fn messages_to_an_opted_out_user_are_409_naming_the_opt_out_templates_included() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let path = "/v1/agents/demo/messages";
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    // STOP, then a message whose reply is refused: once that is a dead letter, STOP was
+    // recorded (a conversation's messages are handled in order).
+    w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
+    w.wagate.inbound("demo", &sid(3), FROM, "hello?").await;
+    wait_dead_letters(&w, 1).await;
+    for message in [
+        json!({"to": FROM, "content_sid": template_sid()}),
+        json!({"to": FROM, "body": "inside the window, but opted out"}),
+    ] {
+        let a = call(&w, Method::POST, path, Some(message)).await;
+        assert_error(&a, 409, "a message to an opted-out user");
+        let e = a.json()["error"].as_str().unwrap().to_owned();
+        assert!(e.contains("opted out") && e.contains("START"), "{e}");
+    }
+    let a = call(
+        &w,
+        Method::POST,
+        path,
+        Some(json!({"to": OTHER, "content_sid": template_sid()})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "another user is not opted out: {}", a.text);
+
+    w.wagate.inbound("demo", &sid(4), FROM, "start").await;
+    eventually(WAIT, "the opt-in", || async {
+        (w.twilio.sent().len() == 3).then_some(())
+    })
+    .await;
+    let a = call(
+        &w,
+        Method::POST,
+        path,
+        Some(json!({"to": FROM, "content_sid": template_sid()})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    w.twilio.wait_for_sent(4, WAIT).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dead letters
 

@@ -32,6 +32,8 @@ async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
     twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
     let env = [
         ("WAGATE_TWILIO_TIMEOUT_MS", "1000"),
+        // A part whose sender was killed mid-post waits out its guard's lease: kept short.
+        ("WAGATE_SEND_LEASE_MS", "3000"),
         ("WAGATE_SEND_RETRY", "100ms,200ms,500ms,1s,2s,2s,2s,2s"),
         ("WAGATE_AGENT_RETRY", "100ms,200ms,500ms,1s,2s,2s,2s,2s"),
         ("WAGATE_SPOOL_AFTER_MS", "500"),

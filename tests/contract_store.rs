@@ -114,6 +114,8 @@ on_both!(
     window_and_opt_out_never_go_back,
     send_guard_states_and_lease,
     send_guard_is_claimed_once_under_concurrency,
+    a_send_guard_is_renewed_only_by_its_holder,
+    a_message_found_in_twilios_list_settles_one_part_only,
     a_first_part_is_claimed_with_the_window_clocks,
     sent_parts_round_trip,
     statuses_only_move_forward,
@@ -183,6 +185,23 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         },
         created_at: at(5),
     }
+}
+
+/// Which kind of claim a guard answered, the holder's token aside.
+#[derive(Debug, PartialEq)]
+enum State {
+    Claimed,
+    Reclaimed,
+}
+
+#[track_caller]
+fn assert_state(actual: GuardState, expected: State, what: &str) {
+    let kind = match &actual {
+        GuardState::Claimed(_) => Some(State::Claimed),
+        GuardState::Reclaimed(_) => Some(State::Reclaimed),
+        _ => None,
+    };
+    assert_eq!(kind, Some(expected), "{what}: {actual:?}");
 }
 
 async fn next_change(changes: &mut BoxStream<'static, Change>, n: &str) -> Change {
@@ -725,6 +744,19 @@ async fn window_and_opt_out_never_go_back(rig: Rig) {
         Some(at(2_000)),
         "{n}: separate"
     );
+    assert_eq!(store.opted_in_at(&s).await.unwrap(), None, "{n}");
+    store.opt_in(&s, at(5_000)).await.unwrap();
+    store.opt_in(&s, at(4_500)).await.unwrap();
+    assert_eq!(
+        store.opted_in_at(&s).await.unwrap(),
+        Some(at(5_000)),
+        "{n}: an opt-in never goes back"
+    );
+    assert_eq!(
+        store.opted_out_at(&s).await.unwrap(),
+        Some(at(4_000)),
+        "{n}: an opt-in leaves the opt-out clock as it was"
+    );
     let other = session("a1", "+14155550101");
     assert_eq!(
         store.last_inbound(&other).await.unwrap(),
@@ -732,15 +764,16 @@ async fn window_and_opt_out_never_go_back(rig: Rig) {
         "{n}: per session"
     );
     assert_eq!(store.opted_out_at(&other).await.unwrap(), None, "{n}");
+    assert_eq!(store.opted_in_at(&other).await.unwrap(), None, "{n}");
 }
 
 async fn send_guard_states_and_lease(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let long = Duration::from_secs(60);
-    assert_eq!(
+    assert_state(
         store.claim_send("g1", long).await.unwrap(),
-        GuardState::Claimed,
-        "{n}"
+        State::Claimed,
+        n,
     );
     assert_eq!(
         store.claim_send("g1", long).await.unwrap(),
@@ -748,10 +781,10 @@ async fn send_guard_states_and_lease(rig: Rig) {
         "{n}"
     );
     store.release_send("g1").await.unwrap();
-    assert_eq!(
+    assert_state(
         store.claim_send("g1", long).await.unwrap(),
-        GuardState::Claimed,
-        "{n}"
+        State::Claimed,
+        n,
     );
     store
         .mark_sent("g1", "SMsent1", &reply("in-1", "hi"))
@@ -772,10 +805,10 @@ async fn send_guard_states_and_lease(rig: Rig) {
 
     // A holder that died loses the guard when its lease ends.
     let lease = Duration::from_millis(300);
-    assert_eq!(
+    assert_state(
         store.claim_send("g2", lease).await.unwrap(),
-        GuardState::Claimed,
-        "{n}"
+        State::Claimed,
+        n,
     );
     assert_eq!(
         store.claim_send("g2", lease).await.unwrap(),
@@ -783,10 +816,10 @@ async fn send_guard_states_and_lease(rig: Rig) {
         "{n}"
     );
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(
+    assert_state(
         store.claim_send("g2", long).await.unwrap(),
-        GuardState::Reclaimed,
-        "{n}: the lease ended; the new holder is told it may have been posted"
+        State::Reclaimed,
+        &format!("{n}: the lease ended; the new holder is told it may have been posted"),
     );
     assert_eq!(
         store.claim_send("g2", long).await.unwrap(),
@@ -794,10 +827,10 @@ async fn send_guard_states_and_lease(rig: Rig) {
         "{n}"
     );
     store.release_send("g2").await.unwrap();
-    assert_eq!(
+    assert_state(
         store.claim_send("g2", long).await.unwrap(),
-        GuardState::Claimed,
-        "{n}: released, so nobody held it"
+        State::Claimed,
+        &format!("{n}: released, so nobody held it"),
     );
 }
 
@@ -817,25 +850,200 @@ async fn send_guard_is_claimed_once_under_concurrency(rig: Rig) {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let claimed = states.iter().filter(|s| **s == GuardState::Claimed).count();
+    let claimed = states
+        .iter()
+        .filter(|s| matches!(s, GuardState::Claimed(_)))
+        .count();
     let busy = states.iter().filter(|s| **s == GuardState::Busy).count();
     assert_eq!((claimed, busy), (1, 19), "{n}: {states:?}");
+}
+
+/// Claims `key` until it is no longer busy, or panics after `timeout`.
+async fn claim_when_free(store: &Arc<dyn Store>, key: &str, timeout: Duration) -> GuardState {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let state = store
+            .claim_send(key, Duration::from_secs(60))
+            .await
+            .unwrap();
+        if state != GuardState::Busy {
+            return state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} still busy after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_send_guard_is_renewed_only_by_its_holder(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let lease = Duration::from_millis(400);
+    let GuardState::Claimed(mut hold) = store.claim_send("r1", lease).await.unwrap() else {
+        panic!("{n}: a free guard is claimed");
+    };
+    // Renewed every third of the lease for several leases: nobody else gets the part.
+    let renewing_until = tokio::time::Instant::now() + lease * 4;
+    while tokio::time::Instant::now() < renewing_until {
+        tokio::time::sleep(lease / 3).await;
+        hold = store
+            .renew_send("r1", hold, lease)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{n}: the holder renews its own guard"));
+        assert_eq!(
+            store.claim_send("r1", lease).await.unwrap(),
+            GuardState::Busy,
+            "{n}: a renewed guard stays held"
+        );
+    }
+    // Not renewed: it lapses and another sender takes it over; the old holder cannot renew
+    // the new holder's lease, the new holder can.
+    let taken = claim_when_free(&store, "r1", lease * 3).await;
+    let GuardState::Reclaimed(new_hold) = taken else {
+        panic!("{n}: a lapsed guard is reclaimed, got {taken:?}");
+    };
+    assert_eq!(
+        store.renew_send("r1", hold, lease).await.unwrap(),
+        None,
+        "{n}: a holder whose lease was taken over cannot renew"
+    );
+    assert_eq!(
+        store.claim_send("r1", lease).await.unwrap(),
+        GuardState::Busy,
+        "{n}: the new holder keeps it"
+    );
+    let new_hold = store
+        .renew_send("r1", new_hold, lease)
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{n}: the new holder renews"));
+    store
+        .mark_sent("r1", "SMrenewed", &reply("in-r1", "hi"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.renew_send("r1", new_hold, lease).await.unwrap(),
+        None,
+        "{n}: a sent part is not held any more"
+    );
+    assert_eq!(
+        store.claim_send("r1", lease).await.unwrap(),
+        GuardState::Sent("SMrenewed".into()),
+        "{n}: a renewal never turns a sent part back into a held one"
+    );
+
+    let GuardState::Claimed(released) = store.claim_send("r2", lease).await.unwrap() else {
+        panic!("{n}: a free guard is claimed");
+    };
+    store.release_send("r2").await.unwrap();
+    assert_eq!(
+        store.renew_send("r2", released, lease).await.unwrap(),
+        None,
+        "{n}: a released guard is not renewed"
+    );
+    assert_eq!(
+        store
+            .renew_send("never-claimed", released, lease)
+            .await
+            .unwrap(),
+        None,
+        "{n}"
+    );
+}
+
+async fn a_message_found_in_twilios_list_settles_one_part_only(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let lease = Duration::from_secs(60);
+    let first = reply("in-1-p0", "OK");
+    let second = reply("in-2-p0", "OK");
+    store.mark_sent("in-1:0", "SMfirst", &first).await.unwrap();
+    assert_state(
+        store.claim_send("in-2:0", lease).await.unwrap(),
+        State::Claimed,
+        n,
+    );
+    assert!(
+        !store
+            .settle_sent("in-2:0", "SMfirst", &second)
+            .await
+            .unwrap(),
+        "{n}: a message recorded as another part is not this one"
+    );
+    assert_eq!(
+        store.sent_part("SMfirst").await.unwrap(),
+        Some(first),
+        "{n}: the first part keeps its message"
+    );
+    assert_eq!(
+        store.claim_send("in-2:0", lease).await.unwrap(),
+        GuardState::Busy,
+        "{n}: the guard is still held, not marked sent"
+    );
+    assert!(
+        store
+            .settle_sent("in-2:0", "SMsecond", &second)
+            .await
+            .unwrap(),
+        "{n}: an unrecorded message is settled"
+    );
+    assert!(
+        store
+            .settle_sent("in-2:0", "SMsecond", &second)
+            .await
+            .unwrap(),
+        "{n}: settling again on the same message is this part's still"
+    );
+    assert_eq!(
+        store.claim_send("in-2:0", lease).await.unwrap(),
+        GuardState::Sent("SMsecond".into()),
+        "{n}: the part is marked sent"
+    );
+    assert_eq!(
+        store.sent_part("SMsecond").await.unwrap(),
+        Some(second),
+        "{n}"
+    );
+
+    // Parts racing for one message: exactly one gets it.
+    let racers = (0..10).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let part = reply(&format!("in-race-{i}-p0"), "OK");
+            store
+                .settle_sent(&format!("in-race-{i}:0"), "SMraced", &part)
+                .await
+                .unwrap()
+        })
+    });
+    let won = futures::future::join_all(racers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|won| *won)
+        .count();
+    assert_eq!(won, 1, "{n}: one part per message");
 }
 
 async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let s = session("a1", "+14155550100");
     let lease = Duration::from_secs(60);
+    let (state, clocks) = store.claim_send_with_clocks(&s, "c1", lease).await.unwrap();
+    assert_state(state, State::Claimed, n);
     assert_eq!(
-        store.claim_send_with_clocks(&s, "c1", lease).await.unwrap(),
-        (GuardState::Claimed, WindowClocks::default()),
+        clocks,
+        WindowClocks::default(),
         "{n}: a user who never wrote has no clocks"
     );
     store.stamp_inbound(&s, at(1_000)).await.unwrap();
     store.opt_out(&s, at(500)).await.unwrap();
+    store.opt_in(&s, at(700)).await.unwrap();
     let clocks = WindowClocks {
         last_inbound: Some(at(1_000)),
         opted_out_at: Some(at(500)),
+        opted_in_at: Some(at(700)),
     };
     assert_eq!(
         store.claim_send_with_clocks(&s, "c1", lease).await.unwrap(),
@@ -851,18 +1059,20 @@ async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
         (GuardState::Sent("SMfirst".into()), clocks),
         "{n}"
     );
-    assert_eq!(
+    assert_state(
         store.claim_send("c2", lease).await.unwrap(),
-        GuardState::Claimed,
-        "{n}: guards are per part"
+        State::Claimed,
+        &format!("{n}: guards are per part"),
     );
     let other = session("a1", "+14155550101");
+    let (state, clocks) = store
+        .claim_send_with_clocks(&other, "c3", lease)
+        .await
+        .unwrap();
+    assert_state(state, State::Claimed, n);
     assert_eq!(
-        store
-            .claim_send_with_clocks(&other, "c3", lease)
-            .await
-            .unwrap(),
-        (GuardState::Claimed, WindowClocks::default()),
+        clocks,
+        WindowClocks::default(),
         "{n}: clocks are per conversation"
     );
 }
@@ -1050,6 +1260,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
     store.record_lead(&sighting).await.unwrap();
     store.stamp_inbound(&s, at(0)).await.unwrap();
     store.opt_out(&s, at(1)).await.unwrap();
+    store.opt_in(&s, at(2)).await.unwrap();
     store
         .claim_send("g1", Duration::from_secs(60))
         .await
@@ -1089,6 +1300,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
     assert_eq!(lead.message_count, 1, "{n}: the seen sid is remembered");
     assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(0)), "{n}");
     assert_eq!(store.opted_out_at(&s).await.unwrap(), Some(at(1)), "{n}");
+    assert_eq!(store.opted_in_at(&s).await.unwrap(), Some(at(2)), "{n}");
     assert_eq!(
         store
             .claim_send("g1", Duration::from_secs(60))

@@ -19,7 +19,13 @@ const MESSAGES: u64 = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_traffic_loses_and_repeats_nothing() {
-    let mut w = World::start_in(Mode::Embedded, &[("WAGATE_TWILIO_TIMEOUT_MS", "1000")]).await;
+    // A reply part whose sender is killed mid-post waits out its send guard's lease: short here,
+    // so that kills about every second do not stack up to more than the wait below.
+    let env = [
+        ("WAGATE_TWILIO_TIMEOUT_MS", "1000"),
+        ("WAGATE_SEND_LEASE_MS", "3000"),
+    ];
+    let mut w = World::start_in(Mode::Embedded, &env).await;
     w.wagate.echo_agent("demo").await;
     let url = format!("{}/webhooks/twilio/whatsapp/demo", w.wagate.public_url);
     let done = Arc::new(AtomicBool::new(false));

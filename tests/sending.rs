@@ -1,15 +1,21 @@
-//! The sender end to end: the 24-hour window, templates, Twilio's failures (rate limits,
-//! ambiguous 5xx, permanent codes), dead letters and their replay.
+//! The sender end to end: the 24-hour window, opt-outs, templates, Twilio's failures (rate
+//! limits, ambiguous 5xx, permanent codes), send guards of senders that die or take long, dead
+//! letters and their replay.
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Method;
+use shared::{
+    domain::MessageSid,
+    envelope::OutboundReply,
+    store::{GuardState, Store, redis::RedisStore},
+};
 use support::{
     fake_openai::FakeOpenAi,
     fake_twilio::ScriptedResponse,
-    harness::{World, eventually, sid},
+    harness::{Mode, World, eventually, sid},
 };
 
 const FROM: &str = "+14155550100";
@@ -32,6 +38,42 @@ async fn wait_dead_letters(w: &World, n: usize) -> Vec<serde_json::Value> {
         (d.len() >= n).then_some(d)
     })
     .await
+}
+
+/// The creates Twilio was asked for, made or not.
+fn posts(w: &World) -> usize {
+    w.twilio
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count()
+}
+
+/// The bodies Twilio made for `user`, in order.
+fn bodies_to(w: &World, user: &str) -> Vec<String> {
+    let to = format!("whatsapp:{user}");
+    w.twilio
+        .sent()
+        .into_iter()
+        .filter(|m| m.to == to)
+        .map(|m| m.body.unwrap_or_default())
+        .collect()
+}
+
+/// Posts a business-initiated message through the admin API; its status and error text.
+async fn admin_send(w: &World, message: serde_json::Value) -> (u16, String) {
+    let r = w
+        .wagate
+        .admin(Method::POST, "/v1/agents/demo/messages")
+        .json(&message)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn template() -> serde_json::Value {
+    serde_json::json!({"to": FROM, "content_sid": format!("HX{}", "ab".repeat(16))})
 }
 
 /// Replays a dead letter through the admin API.
@@ -207,13 +249,14 @@ async fn an_ambiguous_500_is_settled_by_asking_twilio_not_by_sending_twice() {
     assert_eq!(w.twilio.sent().len(), 2);
 }
 
+/// 21610 is not among them: it also opts the user out, so its replay is refused
+/// (`a_21610_from_the_messages_api_opts_the_user_out_templates_included`).
 #[tokio::test]
 async fn permanent_twilio_errors_become_dead_letters_with_their_code() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
     let codes = [
         (21211, "The 'To' number is not a valid phone number."),
-        (21610, "Attempt to send to unsubscribed recipient"),
         (
             21617,
             "The concatenated message body exceeds the 1600 character limit.",
@@ -372,7 +415,7 @@ async fn a_63016_reported_by_status_callback_becomes_a_dead_letter_that_replays_
 }
 
 #[tokio::test]
-async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
+async fn a_21610_reported_by_status_callback_opts_the_user_out_until_they_send_start() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
     w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
@@ -386,22 +429,265 @@ async fn a_21610_opt_out_stops_free_text_until_the_user_writes_again() {
         )
         .await;
     assert!(r.status().is_success());
-    let r = w
-        .wagate
-        .admin(Method::POST, "/v1/agents/demo/messages")
-        .json(&serde_json::json!({"to": FROM, "body": "promo"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
-    assert!(r.text().await.unwrap().contains("opted out"));
+    let (status, error) = admin_send(&w, serde_json::json!({"to": FROM, "body": "promo"})).await;
+    assert_eq!(status, 409, "{error}");
+    assert!(error.contains("opted out"), "{error}");
     assert!(
         dead_letters(&w).await.is_empty(),
         "an opt-out is not a dead letter"
     );
+    // Writing again does not end it (Twilio would refuse with 21610): the reply is refused
+    // without a post.
     w.wagate.inbound("demo", &sid(2), FROM, "I'm back").await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610, "{dl:?}");
+    assert!(
+        dl[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("until they send START")
+    );
+    assert_eq!(posts(&w), 1);
+    w.wagate.inbound("demo", &sid(3), FROM, "start").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("I'm back"));
+    assert_eq!(sent[1].body.as_deref(), Some("start"));
+}
+
+#[tokio::test]
+async fn a_21610_from_the_messages_api_opts_the_user_out_templates_included() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    // A template may go to a user who never wrote; Twilio refuses it: they opted out.
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 21610,
+        message: "Attempt to send to unsubscribed recipient".into(),
+    });
+    let (status, error) = admin_send(&w, template()).await;
+    assert_eq!(status, 202, "{error}");
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610);
+    assert_eq!(dl[0]["attempts"], 1, "not retried");
+    let reason = dl[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Attempt to send to unsubscribed recipient")
+            && reason.contains("opted out"),
+        "{reason}"
+    );
+    assert!(
+        dl[0]["message"]["content"]["content_sid"].is_string(),
+        "{}",
+        dl[0]
+    );
+
+    // Recorded as an opt-out: the admin API refuses templates and free text alike.
+    for message in [template(), serde_json::json!({"to": FROM, "body": "promo"})] {
+        let (status, error) = admin_send(&w, message).await;
+        assert_eq!(status, 409, "{error}");
+        assert!(error.contains("opted out"), "{error}");
+    }
+    // The sender refuses too: the template replayed is a dead letter again, not posted.
+    let r = replay(&w, &dl[0]).await;
+    assert_eq!(r.status(), 200);
+    let again = eventually(WAIT, "the replay refused", || async {
+        let now = dead_letters(&w).await;
+        (now.len() == 1 && now[0]["id"] != dl[0]["id"]).then_some(now)
+    })
+    .await;
+    assert_eq!(again[0]["code"], 21610, "{again:?}");
+    assert!(
+        again[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("until they send START"),
+        "{again:?}"
+    );
+    // Nor does the user writing again end it: the reply is refused without a post.
+    w.wagate.inbound("demo", &sid(1), FROM, "hello?").await;
+    let dl = wait_dead_letters(&w, 2).await;
+    assert!(dl.iter().all(|d| d["code"] == 21610), "{dl:?}");
+    assert_eq!(
+        posts(&w),
+        1,
+        "nothing more was posted to the opted-out user"
+    );
+    assert!(w.twilio.sent().is_empty());
+
+    // UNSTOP opts back in: its reply goes out, and templates again.
+    w.wagate.inbound("demo", &sid(2), FROM, " UNSTOP ").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("UNSTOP"));
+    let (status, error) = admin_send(&w, template()).await;
+    assert_eq!(status, 202, "{error}");
+    w.twilio.wait_for_sent(2, WAIT).await;
+}
+
+#[tokio::test]
+async fn stop_opts_out_without_a_turn_and_only_start_opts_back_in() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate.inbound("demo", &sid(2), FROM, "  Stop \n").await;
+    // Any other message is answered by the agent, but the answer is refused, not posted.
+    w.wagate
+        .inbound("demo", &sid(3), FROM, "please start again")
+        .await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 21610, "{dl:?}");
+    assert_eq!(
+        dl[0]["message"]["content"]["parts"],
+        serde_json::json!(["please start again"])
+    );
+    for message in [template(), serde_json::json!({"to": FROM, "body": "promo"})] {
+        let (status, error) = admin_send(&w, message).await;
+        assert_eq!(status, 409, "{error}");
+        assert!(error.contains("opted out"), "{error}");
+    }
+    w.wagate.inbound("demo", &sid(4), FROM, "START").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("START"));
+    let (status, error) =
+        admin_send(&w, serde_json::json!({"to": FROM, "body": "welcome back"})).await;
+    assert_eq!(status, 202, "{error}");
+    w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(
+        bodies_to(&w, FROM),
+        ["hi", "START", "welcome back"],
+        "STOP ran no turn and got no reply"
+    );
+    assert_eq!(posts(&w), 3);
+    assert_eq!(dead_letters(&w).await.len(), 1, "STOP is not a dead letter");
+    assert_eq!(
+        w.wagate.session_contents("demo", FROM).await,
+        [
+            "hi",
+            "hi",
+            "please start again",
+            "please start again",
+            "START",
+            "START"
+        ],
+        "the agent never saw STOP"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_reply_is_neither_lost_nor_doubled_when_its_send_is_ambiguous() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let cases = [
+        ("+14155550101", ScriptedResponse::ServerError),
+        ("+14155550102", ScriptedResponse::AcceptButFail500),
+        ("+14155550103", ScriptedResponse::AcceptButReset),
+    ];
+    for (i, (user, fault)) in cases.into_iter().enumerate() {
+        let what = format!("{fault:?}");
+        let first = i as u64 * 10;
+        w.wagate.inbound("demo", &sid(first + 1), user, "OK").await;
+        eventually(WAIT, "the first OK", || async {
+            (bodies_to(&w, user) == ["OK"]).then_some(())
+        })
+        .await;
+        // The second "OK" in a row, most likely in the same second as the first: its post is
+        // answered ambiguously.
+        let before = posts(&w);
+        w.twilio.push_response(fault);
+        w.wagate.inbound("demo", &sid(first + 2), user, "OK").await;
+        eventually(WAIT, "the second OK posted", || async {
+            (posts(&w) > before).then_some(())
+        })
+        .await;
+        // A conversation's replies go out in order, so once this one is out the second "OK"
+        // was settled, one way or the other.
+        w.wagate
+            .inbound("demo", &sid(first + 3), user, "done")
+            .await;
+        eventually(WAIT, "the reply after it", || async {
+            bodies_to(&w, user)
+                .contains(&"done".to_owned())
+                .then_some(())
+        })
+        .await;
+        assert_eq!(bodies_to(&w, user), ["OK", "OK", "done"], "{what}");
+    }
+    assert!(dead_letters(&w).await.is_empty());
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_part_whose_sender_died_is_taken_over_within_the_lease() {
+    // Embedded mode in any suite: a restarted process gets its unfinished reply back at once
+    // (JetStream would keep it for its 30 s ack wait), so what the reply waits for is the send
+    // guard its dead sender left. With the default Twilio timeout, the lease used to be ~101 s.
+    let lease = Duration::from_secs(3);
+    let mut w = World::start_in(Mode::Embedded, &[("WAGATE_SEND_LEASE_MS", "3000")]).await;
+    w.wagate.echo_agent("demo").await;
+    w.twilio
+        .push_response(ScriptedResponse::Stall(Duration::from_secs(300)));
+    w.wagate
+        .inbound("demo", &sid(1), FROM, "still there?")
+        .await;
+    eventually(WAIT, "the post in flight", || async {
+        (posts(&w) == 1).then_some(())
+    })
+    .await;
+    // The guard was claimed before the post arrived.
+    let claimed_by = Instant::now();
+    w.wagate.restart().await;
+    let margin = Duration::from_secs(8);
+    let sent = w.twilio.wait_for_sent(1, lease + margin).await;
+    let took = claimed_by.elapsed();
+    assert!(took < lease + margin, "taken over after {took:?}");
+    assert_eq!(sent[0].body.as_deref(), Some("still there?"));
+    // Once: the next reply follows it, and nothing else.
+    w.wagate.inbound("demo", &sid(2), FROM, "and now?").await;
+    eventually(WAIT, "the next reply", || async {
+        (w.twilio.sent().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(bodies_to(&w, FROM), ["still there?", "and now?"]);
+}
+
+#[tokio::test]
+async fn a_live_sender_keeps_its_part_through_a_twilio_call_longer_than_the_lease() {
+    // Reaches into Redis to play a second sender: skipped in embedded mode (scripts/test).
+    let lease = Duration::from_millis(1500);
+    let w = World::start_with(&[("WAGATE_SEND_LEASE_MS", "1500")]).await;
+    let other_sender = RedisStore::connect(&w.servers.redis_url, "wagate")
+        .await
+        .unwrap();
+    w.wagate.echo_agent("demo").await;
+    // Twilio makes the message at once but answers after three leases.
+    w.twilio.push_response(ScriptedResponse::Slow(lease * 3));
+    w.wagate
+        .inbound("demo", &sid(1), FROM, "take your time")
+        .await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let key = format!(
+        "{}:0",
+        OutboundReply::id_for_inbound(&MessageSid::parse(&sid(1)).unwrap())
+    );
+    // Another sender tries the part for two leases while the post waits: it is never free.
+    let until = Instant::now() + lease * 2;
+    while Instant::now() < until {
+        let state = other_sender.claim_send(&key, lease).await.unwrap();
+        assert_eq!(state, GuardState::Busy, "the live sender's part was free");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = eventually(WAIT, "the part recorded as sent", || async {
+        match other_sender.claim_send(&key, lease).await.unwrap() {
+            GuardState::Busy => None,
+            state => Some(state),
+        }
+    })
+    .await;
+    assert_eq!(state, GuardState::Sent(sent[0].sid.clone()));
+    assert_eq!(posts(&w), 1);
 }
 
 fn dlq_cli(w: &World, args: &[&str]) -> (bool, String) {

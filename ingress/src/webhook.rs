@@ -128,8 +128,8 @@ async fn verify(
 }
 
 /// What a failure reported by status callback changes: an opted-out user (21610) gets no more
-/// free-form messages until they write again; any other failure becomes a dead letter holding
-/// the part that failed, so it can be replayed (after a template, or once the user wrote).
+/// messages until they send START; any other failure becomes a dead letter holding the part
+/// that failed, so it can be replayed (after a template, or once the user wrote).
 async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), String> {
     if !matches!(
         update.status,
@@ -156,7 +156,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
         return Ok(());
     };
     if update.error_code == Some(rest::UNSUBSCRIBED) {
-        tracing::warn!(agent = %part.agent_id, "the user opted out (21610); free-form replies stop until they write again");
+        tracing::warn!(agent = %part.agent_id, "the user opted out (21610); nothing more goes to them until they send START");
         return state
             .store
             .opt_out(&part.session_id(), OffsetDateTime::now_utc())

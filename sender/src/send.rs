@@ -1,7 +1,9 @@
 //! One reply, start to finish. Parts go out in order, each behind a send guard keyed by the
 //! reply id and part index, so a redelivered reply skips the parts that went out and a part is
-//! posted to Twilio once. Free-form text is refused outside WhatsApp's 24-hour window and to
-//! users who opted out ([`shared::window`]).
+//! posted to Twilio once. The guard's lease is short, so a dead sender's part is soon taken
+//! over, and renewed while its holder works on it, so a live sender keeps it. Free-form text is
+//! refused outside WhatsApp's 24-hour window, and everything to users who opted out
+//! ([`shared::window`]); a 21610 from Twilio records the opt-out.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,9 +14,9 @@ use shared::{
     dispatch::{Handler, with_keep_alive},
     envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
     retry::RetrySchedule,
-    store::{GuardState, Store},
-    twilio::rest::FailureClass,
-    window::refusal,
+    store::{GuardState, Hold, Store},
+    twilio::rest::{FailureClass, UNSUBSCRIBED},
+    window::{Refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 
@@ -39,15 +41,17 @@ pub struct SendContext {
     pub public_url: Option<String>,
     /// When to try a failed send again.
     pub retry: RetrySchedule,
-    /// Time limit of one Twilio call; the send guard's lease is derived from it.
+    /// Time limit of one Twilio call.
     pub twilio_timeout: Duration,
+    /// Lease of a part's send guard (`WAGATE_SEND_LEASE_MS`): how long a dead sender's part
+    /// waits to be taken over. Renewed every third of it while the part is being sent.
+    pub send_lease: Duration,
 }
 
 impl SendContext {
-    /// How long a sender holds a part's guard: longer than any attempt at posting it can take
-    /// (every inline post timing out, with the waits between them), so a live sender never
-    /// loses its part to another; a dead sender's part is taken over after it.
-    fn guard_lease(&self) -> Duration {
+    /// The longest one attempt at a part can take: every inline post timing out, with the waits
+    /// between them. A sender that died may have posted the part at any time in it.
+    fn longest_attempt(&self) -> Duration {
         (self.twilio_timeout + self.inline_wait_cap()) * INLINE_POSTS + Duration::from_secs(1)
     }
 
@@ -188,11 +192,6 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
             code: None,
         });
     }
-    let from = format!("whatsapp:{}", channel.channel.phone_number);
-    let callback = ctx
-        .public_url
-        .as_ref()
-        .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
     let variables;
     let parts: Vec<Vec<(&str, &str)>> = match &reply.content {
         ReplyContent::Text { parts } => parts.iter().map(|p| vec![("Body", p.as_str())]).collect(),
@@ -209,102 +208,206 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
     };
     for (index, content) in parts.iter().enumerate() {
         let key = format!("{}:{index}", reply.id);
-        let body = content.iter().find(|(k, _)| *k == "Body").map(|(_, v)| *v);
-        match claim(ctx, reply, index, &key).await? {
+        let (hold, taken_over) = match claim(ctx, reply, index, &key).await? {
             GuardState::Sent(_) => continue,
             GuardState::Busy => return Err(Failure::Wait(Duration::from_secs(1))),
-            GuardState::Reclaimed => {
-                // The sender that held this part died; it may have posted it first.
-                let since = OffsetDateTime::now_utc() - ctx.guard_lease() * 2;
-                if let Some(sid) =
-                    settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, since).await
-                {
-                    tracing::info!(id = %reply.id, part = index, sid = %sid, "a dead sender had posted this part");
-                    metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
-                        .increment(1);
-                    record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
-                    continue;
-                }
-            }
-            GuardState::Claimed => {}
-        }
-        let mut form = vec![("To", reply.to.as_str()), ("From", from.as_str())];
-        form.extend(content.iter().copied());
-        if let Some(cb) = &callback {
-            form.push(("StatusCallback", cb.as_str()));
-        }
-        let started = OffsetDateTime::now_utc();
-        let posted = if channel.channel.simulation {
-            simulate(ctx, reply, content).await
-        } else {
-            post(ctx, &channel, &form).await
+            GuardState::Claimed(hold) => (hold, false),
+            GuardState::Reclaimed(hold) => (hold, true),
         };
-        match posted {
-            Ok(sid) => {
-                tracing::debug!(id = %reply.id, part = index, sid = %sid, "posted to Twilio");
-                record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
-            }
-            Err(e) if e.class == FailureClass::Ambiguous => {
-                match settle_ambiguous(ctx, &channel, &from, reply.to.as_str(), body, started).await
-                {
-                    Some(sid) => {
-                        tracing::info!(id = %reply.id, part = index, sid = %sid, "ambiguous answer settled: Twilio has the message");
-                        metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found")
-                            .increment(1);
-                        record_sent(ctx, &key, &sid, &single_part(reply, index)).await?;
-                    }
-                    None => {
-                        metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
-                        let _ = ctx.store.release_send(&key).await;
-                        return Err(Failure::transient(e));
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = ctx.store.release_send(&key).await;
-                return Err(match e.class {
-                    FailureClass::Permanent => Failure::Permanent {
-                        reason: e.to_string(),
-                        code: e.code,
-                    },
-                    _ => Failure::Transient {
-                        reason: e.to_string(),
-                        after: e.retry_after,
-                    },
-                });
-            }
-        }
+        let part = Part {
+            key: &key,
+            index,
+            content,
+            taken_over,
+        };
+        renewing(ctx, &key, hold, send_part(ctx, reply, &channel, &part)).await?;
     }
     Ok(())
 }
 
-/// Takes the guard of part `index`. Before the first part of free-form text, the window
-/// clocks are read in the same round trip and a send WhatsApp would refuse stops here (the
-/// guard given back), before anything is posted.
+/// One part of a reply, its guard held.
+struct Part<'a> {
+    /// The send guard's key.
+    key: &'a str,
+    index: usize,
+    /// The form fields of its content (`Body`, or a template's).
+    content: &'a [(&'a str, &'a str)],
+    /// Taken over from a sender whose lease ran out, which may have posted it.
+    taken_over: bool,
+}
+
+impl Part<'_> {
+    fn body(&self) -> Option<&str> {
+        self.content
+            .iter()
+            .find(|(k, _)| *k == "Body")
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Posts one part whose guard this sender holds, and records it; on failure the guard is given
+/// back (or, for an ambiguous answer Twilio's list could not settle, given back for a retry).
+async fn send_part(
+    ctx: &SendContext,
+    reply: &OutboundReply,
+    channel: &ResolvedChannel,
+    part: &Part<'_>,
+) -> Result<(), Failure> {
+    let from = format!("whatsapp:{}", channel.channel.phone_number);
+    let to = reply.to.as_str();
+    let single = single_part(reply, part.index);
+    if part.taken_over {
+        // The sender that held this part died; it may have posted it first, at any time
+        // during its attempt, which ended at most a lease ago.
+        let since = OffsetDateTime::now_utc() - ctx.send_lease - ctx.longest_attempt();
+        let search = Search {
+            from: &from,
+            to,
+            since,
+        };
+        if let Some(sid) = settle_ambiguous(ctx, channel, &search, part, &single).await? {
+            tracing::info!(id = %reply.id, part = part.index, sid = %sid, "a dead sender had posted this part");
+            metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
+            return Ok(());
+        }
+    }
+    let callback = ctx
+        .public_url
+        .as_ref()
+        .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
+    let mut form = vec![("To", to), ("From", from.as_str())];
+    form.extend(part.content.iter().copied());
+    if let Some(cb) = &callback {
+        form.push(("StatusCallback", cb.as_str()));
+    }
+    let started = OffsetDateTime::now_utc();
+    let posted = if channel.channel.simulation {
+        simulate(ctx, reply, part.content).await
+    } else {
+        post(ctx, channel, &form).await
+    };
+    let e = match posted {
+        Ok(sid) => {
+            tracing::debug!(id = %reply.id, part = part.index, sid = %sid, "posted to Twilio");
+            return record_sent(ctx, part.key, &sid, &single).await;
+        }
+        Err(e) => e,
+    };
+    if e.class == FailureClass::Ambiguous {
+        let search = Search {
+            from: &from,
+            to,
+            since: started,
+        };
+        if let Some(sid) = settle_ambiguous(ctx, channel, &search, part, &single).await? {
+            tracing::info!(id = %reply.id, part = part.index, sid = %sid, "ambiguous answer settled: Twilio has the message");
+            metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
+            return Ok(());
+        }
+        metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
+        let _ = ctx.store.release_send(part.key).await;
+        return Err(Failure::transient(e));
+    }
+    let _ = ctx.store.release_send(part.key).await;
+    if e.code == Some(UNSUBSCRIBED) {
+        return Err(opted_out_at_twilio(ctx, reply, &e).await);
+    }
+    Err(match e.class {
+        FailureClass::Permanent => Failure::Permanent {
+            reason: e.to_string(),
+            code: e.code,
+        },
+        _ => Failure::Transient {
+            reason: e.to_string(),
+            after: e.retry_after,
+        },
+    })
+}
+
+/// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
+/// more is posted to them until they send START, and fails the reply for good. If the opt-out
+/// cannot be recorded, the reply is tried again later, which records it then.
+async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendError) -> Failure {
+    tracing::warn!(id = %reply.id, agent = %reply.agent_id, "the user opted out (21610); nothing more goes to them until they send START");
+    if let Err(store) = ctx
+        .store
+        .opt_out(&reply.session_id(), OffsetDateTime::now_utc())
+        .await
+    {
+        return Failure::transient(format!(
+            "{e}; and the opt-out could not be recorded: {store}"
+        ));
+    }
+    Failure::Permanent {
+        reason: format!("{e}: {}", Refusal::OptedOut.explain()),
+        code: Some(UNSUBSCRIBED),
+    }
+}
+
+/// Runs `work` (one part's attempt) while renewing the part's guard every third of the lease,
+/// so that a live sender keeps its part however long Twilio takes. A renewal that finds the
+/// guard taken over (this sender could not reach the store for a whole lease) is logged: the
+/// new holder looks in Twilio's list before posting, which is all that can still be done.
+async fn renewing<T>(
+    ctx: &SendContext,
+    key: &str,
+    mut hold: Hold,
+    work: impl Future<Output = T>,
+) -> T {
+    let period = ctx.send_lease / 3;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = true;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick(), if held => {
+                match ctx.store.renew_send(key, hold, ctx.send_lease).await {
+                    Ok(Some(renewed)) => hold = renewed,
+                    Ok(None) => {
+                        tracing::warn!(key, "a send guard lapsed while its part was being sent; another sender may take it over");
+                        held = false;
+                    }
+                    Err(e) => tracing::warn!(key, error = %e, "could not renew a send guard; trying again"),
+                }
+            }
+        }
+    }
+}
+
+/// Takes the guard of part `index`. Before the first part, the window clocks are read in the
+/// same round trip and a send WhatsApp would refuse (free-form text outside the window,
+/// anything to a user who opted out) stops here (the guard given back), before anything is
+/// posted.
 async fn claim(
     ctx: &SendContext,
     reply: &OutboundReply,
     index: usize,
     key: &str,
 ) -> Result<GuardState, Failure> {
-    if index > 0 || !matches!(reply.content, ReplyContent::Text { .. }) {
+    if index > 0 {
         return ctx
             .store
-            .claim_send(key, ctx.guard_lease())
+            .claim_send(key, ctx.send_lease)
             .await
             .map_err(Failure::transient);
     }
     let (state, clocks) = ctx
         .store
-        .claim_send_with_clocks(&reply.session_id(), key, ctx.guard_lease())
+        .claim_send_with_clocks(&reply.session_id(), key, ctx.send_lease)
         .await
         .map_err(Failure::transient)?;
-    let Some(refusal) = refusal(clocks, OffsetDateTime::now_utc()) else {
+    let refused = match reply.content {
+        ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
+        ReplyContent::Template { .. } => template_refusal(clocks),
+    };
+    let Some(refusal) = refused else {
         return Ok(state);
     };
     // A part taken over from a dead sender keeps its lapsed guard, so whoever takes it next
     // still looks in Twilio's list first.
-    if state == GuardState::Claimed {
+    if matches!(state, GuardState::Claimed(_)) {
         let _ = ctx.store.release_send(key).await;
     }
     Err(Failure::Permanent {
@@ -412,33 +515,67 @@ async fn post(
         .map(|m| m.sid)
 }
 
-/// After an answer that does not say whether Twilio created the message, looks for it among
-/// the recent messages of the conversation. `None` when it is not there or cannot be told.
+/// Where and since when to look for a part in Twilio's list.
+struct Search<'a> {
+    from: &'a str,
+    to: &'a str,
+    /// When the attempt that may have posted it began.
+    since: OffsetDateTime,
+}
+
+/// After an answer that does not say whether Twilio created the part, looks for it among the
+/// conversation's recent messages, and records the one found as this part's. Only a message
+/// that is evidence of this very part counts: from and to the same numbers, with the part's
+/// text, created since the attempt began, and not recorded as another part (a reply that says
+/// "OK" twice must not settle its second "OK" on the first). Twilio's `date_created` has
+/// whole seconds, so the attempt's start is truncated to its second; a message of another part
+/// in that same second is told apart by its record. `None` when there is no such message or it
+/// cannot be told (a template's text is not in the list). An error when a message was found
+/// but could not be recorded: then the guard is kept, to lapse, and whoever takes the part
+/// next looks again rather than posting it.
 async fn settle_ambiguous(
     ctx: &SendContext,
     channel: &ResolvedChannel,
-    from: &str,
-    to: &str,
-    body: Option<&str>,
-    started: OffsetDateTime,
-) -> Option<String> {
-    let body = body?;
-    match ctx
+    search: &Search<'_>,
+    part: &Part<'_>,
+    single: &OutboundReply,
+) -> Result<Option<String>, Failure> {
+    let Some(body) = part.body() else {
+        return Ok(None);
+    };
+    let since = search.since.replace_nanosecond(0).unwrap_or(search.since);
+    let list = match ctx
         .client
-        .recent(&channel.channel.account_sid, &channel.auth_token, from, to)
+        .recent(
+            &channel.channel.account_sid,
+            &channel.auth_token,
+            search.from,
+            search.to,
+        )
         .await
     {
-        Ok(list) => list
-            .into_iter()
-            .find(|m| {
-                m.body.as_deref() == Some(body)
-                    && m.created()
-                        .is_none_or(|at| at >= started - time::Duration::minutes(2))
-            })
-            .map(|m| m.sid),
+        Ok(list) => list,
         Err(e) => {
             tracing::warn!(error = %e, "could not list messages to settle an ambiguous send");
-            None
+            return Ok(None);
+        }
+    };
+    // Newest first from Twilio; the oldest match is the one nearest the attempt.
+    let candidates = list.into_iter().rev().filter(|m| {
+        m.body.as_deref() == Some(body)
+            && m.to.as_deref() == Some(search.to)
+            && m.from.as_deref() == Some(search.from)
+            && m.created().is_some_and(|at| at >= since)
+    });
+    for m in candidates {
+        let ours = ctx
+            .store
+            .settle_sent(part.key, &m.sid, single)
+            .await
+            .map_err(Failure::transient)?;
+        if ours {
+            return Ok(Some(m.sid));
         }
     }
+    Ok(None)
 }

@@ -133,6 +133,17 @@ pub struct Settings {
         default_value_t = 15_000
     )]
     pub twilio_timeout_ms: u64,
+    /// Lease of a reply part's send guard, in milliseconds: after a sender dies mid-send, its
+    /// part (and the conversation behind it) waits this long before another sender takes it
+    /// over. Shorter: faster takeover after a crash. A live sender renews the lease every third
+    /// of it while it posts, so a slow Twilio call does not lose the part to another sender;
+    /// only a sender that cannot reach the store for a whole lease does.
+    #[arg(
+        long = "send-lease-ms",
+        env = "WAGATE_SEND_LEASE_MS",
+        default_value_t = 30_000
+    )]
+    pub send_lease_ms: u64,
     /// Burst coalescing: how long after a user's message its turn waits for more messages of the
     /// same user to handle them as one turn, in ms. 0 adds no latency: only messages that queued
     /// up while the previous turn ran are taken together.
@@ -198,6 +209,9 @@ pub struct Settings {
 
 /// The longest HTTP timeout accepted, in ms: a day.
 const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
+/// Shortest send-guard lease: it is renewed every third of it, and a renewal is a store round
+/// trip that must fit in that time even on a busy store.
+const MIN_SEND_LEASE_MS: u64 = 1_000;
 
 /// Where the bus and the store live.
 #[derive(Debug, Clone)]
@@ -294,6 +308,11 @@ impl Settings {
                 "WAGATE_WORKER_CONCURRENCY and WAGATE_SENDER_CONCURRENCY must be at least 1".into(),
             ));
         }
+        if self.send_lease_ms < MIN_SEND_LEASE_MS {
+            return Err(ConfigError(format!(
+                "WAGATE_SEND_LEASE_MS must be at least {MIN_SEND_LEASE_MS}: a shorter lease leaves too little time to renew it"
+            )));
+        }
         if self.history_window == 0 {
             return Err(ConfigError(
                 "WAGATE_HISTORY_WINDOW must be at least 1".into(),
@@ -334,6 +353,11 @@ impl Settings {
     /// Twilio call timeout.
     pub fn twilio_timeout(&self) -> Duration {
         Duration::from_millis(self.twilio_timeout_ms)
+    }
+
+    /// Lease of a reply part's send guard.
+    pub fn send_lease(&self) -> Duration {
+        Duration::from_millis(self.send_lease_ms)
     }
 
     /// Shutdown deadline.

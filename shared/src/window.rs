@@ -1,6 +1,9 @@
-//! WhatsApp's rule for free-form (non-template) messages: only within 24 hours of the user's
-//! last message, and not to a user who opted out (Twilio 21610) since they last wrote. The admin
-//! API refuses such a send up front and the sender checks again before posting; both ask here.
+//! WhatsApp's rules for what may go to a user: free-form (non-template) text only within 24
+//! hours of the user's last message; nothing at all, templates included, to a user who opted out
+//! (they sent STOP, or Twilio refused with 21610) until they opt back in with START or UNSTOP.
+//! Writing anything else does not end an opt-out, because Twilio keeps refusing with 21610 until
+//! then. The admin API refuses such a send up front and the sender checks again before posting;
+//! both ask here.
 
 use time::{Duration, OffsetDateTime};
 
@@ -13,12 +16,42 @@ use crate::{
 /// WhatsApp's customer-service window.
 pub const CUSTOMER_SERVICE_WINDOW: Duration = Duration::hours(24);
 
-/// Why free-form text may not go to a user now.
+/// Twilio's default opt-out keywords: an inbound message that is one of them opts the user out.
+pub const OPT_OUT_KEYWORDS: [&str; 6] = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"];
+/// The keywords that opt a user back in.
+pub const OPT_IN_KEYWORDS: [&str; 2] = ["START", "UNSTOP"];
+
+/// What an inbound message says about the user's consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyword {
+    /// STOP and the like: no more messages.
+    OptOut,
+    /// START or UNSTOP: messages again.
+    OptIn,
+}
+
+impl Keyword {
+    /// The keyword `body` is, ignoring case and surrounding whitespace; `None` for any other
+    /// text, which leaves the user's consent as it was.
+    pub fn of(body: &str) -> Option<Self> {
+        let word = body.trim();
+        let is = |keywords: &[&str]| keywords.iter().any(|k| k.eq_ignore_ascii_case(word));
+        if is(&OPT_OUT_KEYWORDS) {
+            Some(Self::OptOut)
+        } else if is(&OPT_IN_KEYWORDS) {
+            Some(Self::OptIn)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a message may not go to a user now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The user has not written in the last 24 hours: only a template may go.
     OutsideWindow,
-    /// The user opted out and has not written since.
+    /// The user opted out and has not opted back in.
     OptedOut,
 }
 
@@ -38,41 +71,121 @@ impl Refusal {
                 "outside the 24-hour window: this user has not written in the last 24 hours, so WhatsApp only allows a template (send content_sid instead of body)"
             }
             Self::OptedOut => {
-                "this user opted out (they sent STOP; Twilio 21610): no free-form messages until they write again"
+                "this user opted out (they sent STOP, or Twilio refused with 21610): no messages, templates included, until they send START"
             }
         }
     }
 }
 
-/// Whether free-form text to the user of `session` would be refused at `now`, and why.
-pub async fn free_form_refusal(
-    store: &dyn Store,
-    session: &SessionId,
-    now: OffsetDateTime,
-) -> Result<Option<Refusal>, StoreError> {
-    // Both asked at once: one round trip to the store instead of two.
-    let (last_inbound, opted_out_at) =
-        futures::try_join!(store.last_inbound(session), store.opted_out_at(session))?;
-    Ok(refusal(
-        WindowClocks {
-            last_inbound,
-            opted_out_at,
-        },
-        now,
-    ))
+/// The window clocks of `session`, read at once.
+pub async fn clocks(store: &dyn Store, session: &SessionId) -> Result<WindowClocks, StoreError> {
+    let (last_inbound, opted_out_at, opted_in_at) = futures::try_join!(
+        store.last_inbound(session),
+        store.opted_out_at(session),
+        store.opted_in_at(session)
+    )?;
+    Ok(WindowClocks {
+        last_inbound,
+        opted_out_at,
+        opted_in_at,
+    })
 }
 
-/// Whether free-form text would be refused at `now` to a user with these clocks, and why.
-pub fn refusal(clocks: WindowClocks, now: OffsetDateTime) -> Option<Refusal> {
-    let last = clocks.last_inbound;
-    if last.is_none_or(|at| now - at >= CUSTOMER_SERVICE_WINDOW) {
-        return Some(Refusal::OutsideWindow);
-    }
-    if clocks
+/// Whether the user opted out and has not opted back in since. An opt-in at the very same
+/// millisecond does not count: when unsure, send nothing.
+pub fn opted_out(clocks: WindowClocks) -> bool {
+    clocks
         .opted_out_at
-        .is_some_and(|out| last.is_none_or(|at| out >= at))
-    {
+        .is_some_and(|out| clocks.opted_in_at.is_none_or(|back| out >= back))
+}
+
+/// Whether free-form text would be refused at `now` to a user with these clocks, and why. An
+/// opt-out is named first: a template would not get past it.
+pub fn refusal(clocks: WindowClocks, now: OffsetDateTime) -> Option<Refusal> {
+    if opted_out(clocks) {
         return Some(Refusal::OptedOut);
     }
-    None
+    let last = clocks.last_inbound;
+    last.is_none_or(|at| now - at >= CUSTOMER_SERVICE_WINDOW)
+        .then_some(Refusal::OutsideWindow)
+}
+
+/// Whether a template would be refused to a user with these clocks: only an opt-out stops one.
+pub fn template_refusal(clocks: WindowClocks) -> Option<Refusal> {
+    opted_out(clocks).then_some(Refusal::OptedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_700_000_000 + secs).expect("a valid time")
+    }
+
+    #[test]
+    fn keywords_ignore_case_and_surrounding_whitespace_only() {
+        for stop in [
+            "STOP",
+            "stop",
+            " Stop\n",
+            "stopall",
+            "UNSUBSCRIBE",
+            "cancel",
+            "End",
+            "quit",
+        ] {
+            assert_eq!(Keyword::of(stop), Some(Keyword::OptOut), "{stop:?}");
+        }
+        for start in ["START", " start ", "Unstop"] {
+            assert_eq!(Keyword::of(start), Some(Keyword::OptIn), "{start:?}");
+        }
+        for other in ["please stop", "stop!", "s top", "", "starting", "yes"] {
+            assert_eq!(Keyword::of(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn an_opt_out_lasts_until_an_opt_in_not_until_the_user_writes() {
+        let now = at(100);
+        let written = WindowClocks {
+            last_inbound: Some(at(90)),
+            opted_out_at: Some(at(50)),
+            opted_in_at: None,
+        };
+        assert_eq!(refusal(written, now), Some(Refusal::OptedOut));
+        assert_eq!(template_refusal(written), Some(Refusal::OptedOut));
+        let back = WindowClocks {
+            opted_in_at: Some(at(60)),
+            ..written
+        };
+        assert_eq!(refusal(back, now), None);
+        assert_eq!(template_refusal(back), None);
+        let out_again = WindowClocks {
+            opted_out_at: Some(at(70)),
+            ..back
+        };
+        assert_eq!(refusal(out_again, now), Some(Refusal::OptedOut));
+        let same_instant = WindowClocks {
+            opted_in_at: Some(at(70)),
+            ..out_again
+        };
+        assert!(opted_out(same_instant), "when unsure, send nothing");
+    }
+
+    #[test]
+    fn templates_go_outside_the_window_and_free_text_does_not() {
+        let old = WindowClocks {
+            last_inbound: Some(at(0)),
+            ..WindowClocks::default()
+        };
+        let now = at(0) + CUSTOMER_SERVICE_WINDOW;
+        assert_eq!(refusal(old, now), Some(Refusal::OutsideWindow));
+        assert_eq!(template_refusal(old), None);
+        assert_eq!(
+            refusal(WindowClocks::default(), now),
+            Some(Refusal::OutsideWindow)
+        );
+        assert_eq!(refusal(old, now - Duration::seconds(1)), None);
+    }
 }

@@ -14,8 +14,9 @@
 //!   a missing or non-Basic `Authorization` header is both.
 //! - Scripted responses ([`FakeTwilio::push_response`]) replace the 201 of the next creates
 //!   that pass auth and validation, first in first out; a list (GET) never consumes them.
-//! - `Slow` and `AcceptButFail500` record the message before answering, like a Twilio that
-//!   queued it; `TwilioError`, `RateLimited`, `ServerError` and `Reset` do not record it.
+//! - `Slow`, `AcceptButFail500` and `AcceptButReset` record the message before answering, like
+//!   a Twilio that queued it; `TwilioError`, `RateLimited`, `ServerError`, `Reset` and `Stall`
+//!   do not record it.
 //! - The list (GET) answers newest first and filters `DateSent`, `DateSent<`, `DateSent>` by
 //!   calendar day (UTC) even when a time is given: Twilio documents only day granularity, so
 //!   the fake never answers more precisely than Twilio promises.
@@ -107,6 +108,12 @@ pub enum ScriptedResponse {
     Reset,
     /// Records the message as sent, then answers 500/20500: the ambiguous outcome.
     AcceptButFail500,
+    /// Records the message as sent, then closes the connection without answering: the
+    /// ambiguous outcome of a connection lost after Twilio made the message.
+    AcceptButReset,
+    /// Waits, then closes the connection without answering. Not recorded: a Twilio that hung
+    /// before making the message (for a sender that dies while it waits).
+    Stall(Duration),
 }
 
 /// A running fake Twilio. Cloning shares the same server; it stops when the last clone drops.
@@ -440,6 +447,16 @@ async fn create(
         Some(ScriptedResponse::AcceptButFail500) => {
             let _ = created(shared, account_sid, form);
             twilio_error(500, 20500, "An internal server error has occurred")
+        }
+        Some(ScriptedResponse::AcceptButReset) => {
+            let _ = created(shared, account_sid, form);
+            conn.kill.store(true, Ordering::SeqCst);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Some(ScriptedResponse::Stall(delay)) => {
+            tokio::time::sleep(delay).await;
+            conn.kill.store(true, Ordering::SeqCst);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
     }
 }

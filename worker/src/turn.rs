@@ -3,6 +3,10 @@
 //! before its ack) ends the same way: the lead counts it once, the turn is stored once, and a
 //! message whose turn was completed republishes the stored reply under the same reply id
 //! instead of running the agent again.
+//!
+//! A message that is an opt-out keyword (STOP and the like, as Twilio's) records the opt-out and
+//! runs no turn: the user asked for silence. START or UNSTOP records the opt-in before the turn,
+//! so its reply may go out.
 
 use std::{sync::Arc, time::Instant};
 
@@ -15,6 +19,7 @@ use shared::{
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
+    window::Keyword,
 };
 use time::OffsetDateTime;
 
@@ -102,10 +107,18 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
                     acked = false;
                 }
             },
-            None => {
-                deliveries.push(delivery);
-                msgs.push(msg);
-            }
+            None => match consent(ctx, &session, &msg).await {
+                Ok(Some(Keyword::OptOut)) => acked &= ack(delivery.as_ref(), &msg).await,
+                Ok(_) => {
+                    deliveries.push(delivery);
+                    msgs.push(msg);
+                }
+                Err(e) => {
+                    tracing::warn!(sid = %msg.message_sid, error = %e, "cannot record an opt-out or opt-in; trying later");
+                    let _ = delivery.retry_in(RETRY_SOON).await;
+                    acked = false;
+                }
+            },
         }
     }
     let (Some(first_delivery), Some(first)) = (deliveries.first(), msgs.first()) else {
@@ -156,6 +169,28 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
 /// How soon a message comes back after a failure that is not the turn's (the store could not
 /// be read, a reply could not be republished).
 const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Records what an opt-out or opt-in keyword says, at the time the message was received (so a
+/// redelivery changes nothing), and returns the keyword.
+async fn consent(
+    ctx: &TurnContext,
+    session: &SessionId,
+    msg: &InboundMessage,
+) -> Result<Option<Keyword>, shared::store::StoreError> {
+    let keyword = Keyword::of(&msg.body);
+    match keyword {
+        Some(Keyword::OptOut) => {
+            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted out; nothing more goes to them until they send START");
+            ctx.store.opt_out(session, msg.received_at).await?;
+        }
+        Some(Keyword::OptIn) => {
+            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted back in");
+            ctx.store.opt_in(session, msg.received_at).await?;
+        }
+        None => {}
+    }
+    Ok(keyword)
+}
 
 /// Acks one delivery; false (and logged) when the ack could not be sent.
 async fn ack(delivery: &dyn Delivery, msg: &InboundMessage) -> bool {

@@ -166,12 +166,9 @@ pub async fn replay_many(
         .await
         .map_err(ApiError::unavailable)?;
     let mut replayed = Vec::new();
-    let chosen = all.iter().filter(|d| {
-        filter.matches(d)
-            && ids
-                .as_ref()
-                .is_none_or(|ids| ids.iter().any(|i| *i == d.id))
-    });
+    let chosen = all
+        .iter()
+        .filter(|d| filter.matches(d) && ids.as_ref().is_none_or(|ids| ids.contains(&d.id)));
     for letter in chosen {
         replay(&state, letter).await?;
         replayed.push(letter.id.clone());

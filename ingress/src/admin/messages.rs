@@ -1,6 +1,7 @@
 //! `POST /v1/agents/{agent_id}/messages`: a business-initiated message. Free text only inside
 //! the 24-hour window (WhatsApp's rule; Twilio fails it with 63016 otherwise); a template
-//! (`content_sid`) at any time.
+//! (`content_sid`) at any time; nothing to a user who opted out (Twilio fails it with 21610)
+//! until they send START.
 
 use axum::{
     Json,
@@ -9,12 +10,12 @@ use axum::{
     http::StatusCode,
 };
 use serde::Deserialize;
-use shared::window::free_form_refusal;
 use shared::{
     bus::Topic,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{OutboundReply, ReplyContent},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
+    window::{self, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 
@@ -81,13 +82,6 @@ pub async fn send(
             if parts.is_empty() {
                 return Err(ApiError::invalid("body must not be empty"));
             }
-            let refusal =
-                free_form_refusal(state.store.as_ref(), &session, OffsetDateTime::now_utc())
-                    .await
-                    .map_err(ApiError::unavailable)?;
-            if let Some(refusal) = refusal {
-                return Err(ApiError::new(StatusCode::CONFLICT, refusal.explain()));
-            }
             ReplyContent::Text { parts }
         }
         (None, Some(sid)) => ReplyContent::Template {
@@ -95,6 +89,16 @@ pub async fn send(
             variables: req.content_variables.unwrap_or_default(),
         },
     };
+    let clocks = window::clocks(state.store.as_ref(), &session)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let refused = match content {
+        ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
+        ReplyContent::Template { .. } => template_refusal(clocks),
+    };
+    if let Some(refused) = refused {
+        return Err(ApiError::new(StatusCode::CONFLICT, refused.explain()));
+    }
     let reply = OutboundReply {
         id: format!("api-{}", uuid::Uuid::new_v4().simple()),
         agent_id: agent.id.clone(),

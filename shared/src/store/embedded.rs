@@ -5,8 +5,8 @@
 //! absent once it has passed, and purged a few at a time by later writes.
 //!
 //! Tables: `store_agents` and `store_channels` (id → JSON), `store_turns` ((session, n) → JSON
-//! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`, session) →
-//! ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
+//! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`|`optin`,
+//! session) → ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
 //! message sids, send guards, sent parts, statuses and failure counts, with its expiry index
 //! `store_expiries`.
 
@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
-    StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SimulatedMessage,
+    Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -242,21 +242,31 @@ fn stamp_max(txn: &WriteTransaction, kind: &str, session: &str, at: i64) -> Resu
 fn claim(txn: &WriteTransaction, key: &str, lease: Duration) -> Result<GuardState, DbError> {
     let mut guards = Expiring::open(txn)?;
     let now = guards.now;
-    let state = match guards.get(("guard", "", key))? {
-        None => GuardState::Claimed,
+    let taken_over = match guards.get(("guard", "", key))? {
+        None => false,
         Some(held) => match Guard::parse(&held) {
             Guard::Sent(sid) => return Ok(GuardState::Sent(sid)),
             Guard::Pending(deadline) if deadline > now => return Ok(GuardState::Busy),
-            Guard::Pending(_) => GuardState::Reclaimed,
+            Guard::Pending(_) => true,
         },
     };
-    let deadline = now.saturating_add(duration_ms(lease).max(1));
+    let hold = hold_until(&mut guards, key, lease)?;
+    Ok(if taken_over {
+        GuardState::Reclaimed(hold)
+    } else {
+        GuardState::Claimed(hold)
+    })
+}
+
+/// Writes the guard `key` as held for `lease` from now; the deadline is the holder's token.
+fn hold_until(guards: &mut Expiring<'_>, key: &str, lease: Duration) -> Result<Hold, DbError> {
+    let deadline = guards.now.saturating_add(duration_ms(lease).max(1));
     guards.put(
         ("guard", "", key),
         &Guard::pending(deadline),
         duration_ms(GUARD_TTL),
     )?;
-    Ok(state)
+    Ok(Hold(deadline))
 }
 
 /// One message as lead capture counts it, owned so it can go to the database's writer.
@@ -656,6 +666,14 @@ impl Store for EmbeddedStore {
         Ok(self.clock("optout", session).await?.map(from_ms))
     }
 
+    async fn opt_in(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.stamp("optin", session, at).await
+    }
+
+    async fn opted_in_at(&self, session: &SessionId) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(self.clock("optin", session).await?.map(from_ms))
+    }
+
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
         let key = key.to_owned();
         Ok(self.db.write(move |txn| claim(txn, &key, lease)).await?)
@@ -669,7 +687,7 @@ impl Store for EmbeddedStore {
     ) -> Result<(GuardState, WindowClocks), StoreError> {
         let key = key.to_owned();
         let session = session.to_string();
-        let (state, last_inbound, opted_out_at) = self
+        let (state, last_inbound, opted_out_at, opted_in_at) = self
             .db
             .write(move |txn| {
                 let state = claim(txn, &key, lease)?;
@@ -677,7 +695,7 @@ impl Store for EmbeddedStore {
                 let read = |kind: &str| -> Result<Option<i64>, DbError> {
                     Ok(clocks.get((kind, session.as_str()))?.map(|v| v.value()))
                 };
-                Ok((state, read("window")?, read("optout")?))
+                Ok((state, read("window")?, read("optout")?, read("optin")?))
             })
             .await?;
         Ok((
@@ -685,6 +703,7 @@ impl Store for EmbeddedStore {
             WindowClocks {
                 last_inbound: last_inbound.map(from_ms),
                 opted_out_at: opted_out_at.map(from_ms),
+                opted_in_at: opted_in_at.map(from_ms),
             },
         ))
     }
@@ -709,11 +728,64 @@ impl Store for EmbeddedStore {
             .await?)
     }
 
+    async fn settle_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<bool, StoreError> {
+        let key = key.to_owned();
+        let sid = message_sid.to_owned();
+        let id = part.id.clone();
+        let part = encode(part)?;
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut records = Expiring::open(txn)?;
+                match records.get(("sent", "", &sid))? {
+                    // As the Redis store: a record that cannot be read is another part's.
+                    Some(recorded) => {
+                        let ours = serde_json::from_slice::<OutboundReply>(&recorded)
+                            .is_ok_and(|r| r.id == id);
+                        if !ours {
+                            return Ok(false);
+                        }
+                    }
+                    None => records.put(("sent", "", &sid), &part, ttl)?,
+                }
+                records.put(("guard", "", &key), format!("sent:{sid}").as_bytes(), ttl)?;
+                Ok(true)
+            })
+            .await?)
+    }
+
     async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
         self.get_expiring(("sent", "", message_sid))
             .await?
             .map(|r| decode(&r))
             .transpose()
+    }
+
+    async fn renew_send(
+        &self,
+        key: &str,
+        hold: Hold,
+        lease: Duration,
+    ) -> Result<Option<Hold>, StoreError> {
+        let key = key.to_owned();
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut guards = Expiring::open(txn)?;
+                let held = guards.get(("guard", "", &key))?;
+                // Only the exact bytes this holder wrote: a malformed guard is nobody's.
+                if held.as_deref() != Some(Guard::pending(hold.0).as_slice()) {
+                    return Ok(None);
+                }
+                hold_until(&mut guards, &key, lease).map(Some)
+            })
+            .await?)
     }
 
     async fn release_send(&self, key: &str) -> Result<(), StoreError> {

@@ -89,8 +89,9 @@ pub struct LeadSighting<'a> {
 /// The state of a send guard for one reply part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuardState {
-    /// This caller now holds the part and must post it, then call `mark_sent` (or `release`).
-    Claimed,
+    /// This caller now holds the part and must post it, then call `mark_sent` (or `release`),
+    /// renewing the hold ([`Store::renew_send`]) while that takes.
+    Claimed(Hold),
     /// Already posted; Twilio's message sid.
     Sent(String),
     /// Another sender holds it right now.
@@ -98,8 +99,15 @@ pub enum GuardState {
     /// This caller now holds the part, taken over from a sender whose lease ran out: that
     /// sender may have posted it before dying, so find out (Twilio's message list) before
     /// posting again.
-    Reclaimed,
+    Reclaimed(Hold),
 }
+
+/// One claim of a send guard, to renew it with. It is the lease's deadline (ms since the
+/// epoch) as stored in the guard: every claim writes a later deadline than the lease it took
+/// over, and every renewal a later one again, so a holder whose lease ran out and was taken
+/// over no longer matches the guard and cannot extend the new holder's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold(pub(crate) u64);
 
 /// A message that the sender recorded instead of posting it to Twilio, because the agent's
 /// channel is in simulation mode (for trying an agent without a Twilio account).
@@ -133,13 +141,15 @@ pub struct TurnStart {
     pub history: Vec<Turn>,
 }
 
-/// The clocks of WhatsApp's rule for free-form text ([`crate::window`]).
+/// The clocks of WhatsApp's rules for what may be sent to a user ([`crate::window`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WindowClocks {
     /// When the user last wrote.
     pub last_inbound: Option<OffsetDateTime>,
     /// When the user last opted out.
     pub opted_out_at: Option<OffsetDateTime>,
+    /// When the user last opted back in (START, UNSTOP).
+    pub opted_in_at: Option<OffsetDateTime>,
 }
 
 /// A change to an agent's settings, for caches.
@@ -213,12 +223,17 @@ pub trait Store: Send + Sync + 'static {
     /// When the user last wrote.
     async fn last_inbound(&self, session: &SessionId)
     -> Result<Option<OffsetDateTime>, StoreError>;
-    /// Records that the user opted out (Twilio 21610) at `at`; free-form sends are refused
-    /// until the user writes again after that.
+    /// Records that the user opted out (they sent STOP, or Twilio answered 21610) at `at`
+    /// (never moving the clock backwards); every send is refused until they opt in after that.
     async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError>;
     /// When the user last opted out.
     async fn opted_out_at(&self, session: &SessionId)
     -> Result<Option<OffsetDateTime>, StoreError>;
+    /// Records that the user opted back in (they sent START or UNSTOP) at `at` (never moving
+    /// the clock backwards), which ends an earlier opt-out.
+    async fn opt_in(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError>;
+    /// When the user last opted back in.
+    async fn opted_in_at(&self, session: &SessionId) -> Result<Option<OffsetDateTime>, StoreError>;
 
     /// Takes the send guard of one reply part for `lease`, unless it was sent or is held.
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError>;
@@ -239,8 +254,27 @@ pub trait Store: Send + Sync + 'static {
         message_sid: &str,
         part: &OutboundReply,
     ) -> Result<(), StoreError>;
+    /// Records, as `mark_sent`, that the part went out as `message_sid`, a message found in
+    /// Twilio's list after an ambiguous answer, but only if no other part is recorded as that
+    /// message (atomically): two parts with the same text must not both settle on one message.
+    /// True when the message is now this part's (or already was).
+    async fn settle_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<bool, StoreError>;
     /// The part posted as Twilio message `message_sid`.
     async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError>;
+    /// Extends the guard `key` to `lease` from now, only if `hold` still holds it (no other
+    /// sender took it over after the lease ran out, and it was neither sent nor released).
+    /// The new hold, or `None` when the guard is no longer this claim's.
+    async fn renew_send(
+        &self,
+        key: &str,
+        hold: Hold,
+        lease: Duration,
+    ) -> Result<Option<Hold>, StoreError>;
     /// Gives the guard back without sending (the part will be tried again).
     async fn release_send(&self, key: &str) -> Result<(), StoreError>;
 

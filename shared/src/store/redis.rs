@@ -6,7 +6,7 @@
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
 //! `P:turn:{<session>}:<key>` (record of a completed turn), `P:lead:{<agent>}:<user>` (hash),
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
-//! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
+//! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends).
 
@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Lead, LeadSighting, SimulatedMessage, Store,
-    StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SimulatedMessage,
+    Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -106,19 +106,42 @@ return 1
 "#;
 
 // The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
-// ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s).
+// ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s). A claim answers with the
+// deadline it wrote, the holder's token for renewing ([`RENEW_SEND`]).
 const CLAIM_SEND: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local state = 'claimed:'
 if cur then
   if string.sub(cur, 1, 5) == 'sent:' then return cur end
   local held_until = tonumber(string.sub(cur, 9))
   if held_until and held_until > tonumber(ARGV[1]) then return 'busy' end
-  redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
-  return 'reclaimed'
+  state = 'reclaimed:'
 end
 redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
-return 'claimed'
+return state .. deadline
+"#;
+
+// Extends the guard only while it still holds the deadline its holder wrote.
+// ARGV[1] = that deadline, ARGV[2] = now (ms), ARGV[3] = lease (ms), ARGV[4] = ttl (s).
+const RENEW_SEND: &str = r#"
+if redis.call('GET', KEYS[1]) ~= 'pending:' .. ARGV[1] then return false end
+local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
+redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[4])
+return tostring(deadline)
+"#;
+
+// Records the part (JSON, ARGV[1]) as the one sent as this message unless another part (a
+// different id, ARGV[2]) already is. ARGV[3] = ttl (s). 1 when the message is this part's.
+const SETTLE_SENT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, part = pcall(cjson.decode, cur)
+  if ok and type(part) == 'table' and part['id'] == ARGV[2] then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
 "#;
 
 const RELEASE_SEND: &str = r#"
@@ -142,6 +165,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete_turn: Script::new(COMPLETE_TURN),
     stamp_max: Script::new(STAMP_MAX),
     claim_send: Script::new(CLAIM_SEND),
+    renew_send: Script::new(RENEW_SEND),
+    settle_sent: Script::new(SETTLE_SENT),
     release_send: Script::new(RELEASE_SEND),
     record_status: Script::new(RECORD_STATUS),
 });
@@ -152,6 +177,8 @@ struct Scripts {
     complete_turn: Script,
     stamp_max: Script,
     claim_send: Script,
+    renew_send: Script,
+    settle_sent: Script,
     release_send: Script,
     record_status: Script,
 }
@@ -164,13 +191,23 @@ impl Scripts {
 }
 
 /// What [`CLAIM_SEND`] answered.
-fn guard_state(answer: &str) -> GuardState {
-    match answer {
-        "claimed" => GuardState::Claimed,
-        "reclaimed" => GuardState::Reclaimed,
-        "busy" => GuardState::Busy,
-        other => GuardState::Sent(other.trim_start_matches("sent:").to_owned()),
-    }
+fn guard_state(answer: &str) -> Result<GuardState, StoreError> {
+    let hold = |deadline: &str| {
+        deadline.parse().map(Hold).map_err(|_| {
+            StoreError(format!(
+                "claim send: a guard deadline that is not a number: {deadline:?}"
+            ))
+        })
+    };
+    Ok(if answer == "busy" {
+        GuardState::Busy
+    } else if let Some(deadline) = answer.strip_prefix("claimed:") {
+        GuardState::Claimed(hold(deadline)?)
+    } else if let Some(deadline) = answer.strip_prefix("reclaimed:") {
+        GuardState::Reclaimed(hold(deadline)?)
+    } else {
+        GuardState::Sent(answer.trim_start_matches("sent:").to_owned())
+    })
 }
 
 /// `EVALSHA` of `script` as a command of its own, for pipelines, which `Script` cannot join.
@@ -256,10 +293,9 @@ impl RedisStore {
 
     /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
     fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
-        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut cmd = evalsha(&SCRIPTS.claim_send, &[key!(self, "guard:{key}")]);
         cmd.arg(ms(OffsetDateTime::now_utc()))
-            .arg(lease_ms)
+            .arg(lease_ms(lease))
             .arg(GUARD_TTL.as_secs());
         cmd
     }
@@ -314,6 +350,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 
 fn ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// A lease in ms, at least 1: a lease of 0 would be taken over at once.
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn from_ms(v: i64) -> OffsetDateTime {
@@ -597,12 +638,32 @@ impl Store for RedisStore {
         Ok(v.map(from_ms))
     }
 
+    async fn opt_in(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
+        let _: i64 = SCRIPTS
+            .stamp_max
+            .key(key!(self, "optin:{{{session}}}"))
+            .arg(ms(at))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("opt in"))?;
+        Ok(())
+    }
+
+    async fn opted_in_at(&self, session: &SessionId) -> Result<Option<OffsetDateTime>, StoreError> {
+        let v: Option<i64> = self
+            .conn()
+            .get(key!(self, "optin:{{{session}}}"))
+            .await
+            .map_err(err("opt-in"))?;
+        Ok(v.map(from_ms))
+    }
+
     async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
         let (answer,): (String,) = self
             .scripted(redis::pipe().add_command(self.claim_cmd(key, lease)))
             .await
             .map_err(err("claim send"))?;
-        Ok(guard_state(&answer))
+        guard_state(&answer)
     }
 
     async fn claim_send_with_clocks(
@@ -614,8 +675,10 @@ impl Store for RedisStore {
         let clocks = redis::cmd("MGET")
             .arg(key!(self, "window:{{{session}}}"))
             .arg(key!(self, "optout:{{{session}}}"))
+            .arg(key!(self, "optin:{{{session}}}"))
             .clone();
-        let ((last_inbound, opted_out_at), answer): ((Option<i64>, Option<i64>), String) = self
+        type Clocks = (Option<i64>, Option<i64>, Option<i64>);
+        let ((last_inbound, opted_out_at, opted_in_at), answer): (Clocks, String) = self
             .scripted(
                 redis::pipe()
                     .add_command(clocks)
@@ -624,10 +687,11 @@ impl Store for RedisStore {
             .await
             .map_err(err("claim send"))?;
         Ok((
-            guard_state(&answer),
+            guard_state(&answer)?,
             WindowClocks {
                 last_inbound: last_inbound.map(from_ms),
                 opted_out_at: opted_out_at.map(from_ms),
+                opted_in_at: opted_in_at.map(from_ms),
             },
         ))
     }
@@ -654,8 +718,68 @@ impl Store for RedisStore {
             .map_err(err("mark sent"))
     }
 
+    async fn settle_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<bool, StoreError> {
+        // The claim of the message and the guard are keys of different slots on a cluster, so
+        // they are written in two steps: a sender that dies between them leaves the guard to
+        // lapse, and whoever takes the part next finds the message already this part's.
+        let ours: i64 = SCRIPTS
+            .settle_sent
+            .key(key!(self, "sent:{message_sid}"))
+            .arg(to_json(part)?)
+            .arg(&part.id)
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("settle sent"))?;
+        if ours != 1 {
+            return Ok(false);
+        }
+        let _: () = self
+            .conn()
+            .set_ex(
+                key!(self, "guard:{key}"),
+                format!("sent:{message_sid}"),
+                GUARD_TTL.as_secs(),
+            )
+            .await
+            .map_err(err("settle sent"))?;
+        Ok(true)
+    }
+
     async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
         self.get_json(key!(self, "sent:{message_sid}")).await
+    }
+
+    async fn renew_send(
+        &self,
+        key: &str,
+        hold: Hold,
+        lease: Duration,
+    ) -> Result<Option<Hold>, StoreError> {
+        let renewed: Option<String> = SCRIPTS
+            .renew_send
+            .key(key!(self, "guard:{key}"))
+            .arg(hold.0)
+            .arg(ms(OffsetDateTime::now_utc()))
+            .arg(lease_ms(lease))
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("renew send"))?;
+        renewed
+            .map(|deadline| {
+                deadline.parse().map(Hold).map_err(|_| {
+                    StoreError(format!(
+                        "renew send: a guard deadline that is not a number: {deadline:?}"
+                    ))
+                })
+            })
+            .transpose()
     }
 
     async fn release_send(&self, key: &str) -> Result<(), StoreError> {
