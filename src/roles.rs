@@ -18,7 +18,7 @@ use shared::{
         Bus,
         jetstream::{JetStreamBus, JetStreamOptions},
     },
-    config::{Backends, Settings},
+    config::{Backends, ServerUrl, Settings},
     crypto::Keyring,
     directory::ChannelDirectory,
     dispatch::{Coalesce, DispatchConfig},
@@ -90,6 +90,13 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
             "WAGATE_ADMIN_TOKEN is not set: the admin API answers 401 to every call until it is"
         );
     }
+    // Embedded mode is for trying wagate, often behind a tunnel whose URL changes; a deployment
+    // behind a load balancer should say where Twilio reaches it.
+    if roles.ingress && settings.nats_url.is_some() && settings.public_url.is_none() {
+        tracing::warn!(
+            "WAGATE_PUBLIC_URL is not set: signatures are checked against the URL rebuilt from each request's Host and X-Forwarded-Proto, which fails behind a proxy that rewrites them; set it to the base URL configured in Twilio"
+        );
+    }
     let master = master.as_ref().ok_or_else(|| {
         anyhow!(
             "WAGATE_MASTER_KEY is required with NATS and Redis: create one with `wagate keygen`"
@@ -111,8 +118,8 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
 /// Connects to NATS and Redis; `max_in_flight` bounds the deliveries the bus holds at once.
 async fn connect_remote(
     settings: &Settings,
-    nats_url: &str,
-    redis_url: &str,
+    nats_url: &ServerUrl,
+    redis_url: &ServerUrl,
     max_in_flight: usize,
 ) -> Result<(Arc<dyn Bus>, Arc<dyn Store>)> {
     let options = JetStreamOptions {
@@ -120,8 +127,8 @@ async fn connect_remote(
         max_in_flight,
         duplicate_window: std::time::Duration::from_millis(settings.dedupe_window_ms.max(1000)),
     };
-    let bus = JetStreamBus::connect(nats_url, options).await?;
-    let store = RedisStore::connect(redis_url, &settings.prefix).await?;
+    let bus = JetStreamBus::connect(nats_url.expose(), options).await?;
+    let store = RedisStore::connect(redis_url.expose(), &settings.prefix).await?;
     Ok((Arc::new(bus), Arc::new(store)))
 }
 
@@ -136,7 +143,10 @@ enum Backing {
     /// A role on a runtime of its own connects its own: a NATS or Redis connection is driven by
     /// a task on the runtime that opened it, so sharing one would hand every call to the other
     /// runtime's thread and back.
-    Own { nats_url: String, redis_url: String },
+    Own {
+        nats_url: ServerUrl,
+        redis_url: ServerUrl,
+    },
 }
 
 impl Backing {

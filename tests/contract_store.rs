@@ -184,6 +184,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
             parts: vec![text.into()],
         },
         created_at: at(5),
+        callback_base: None,
     }
 }
 

@@ -114,13 +114,8 @@ async fn session_keeps_the_whole_conversation_and_lead_is_captured() {
     assert_eq!(leads[0]["message_count"], 3);
     let csv = w
         .wagate
-        .admin(reqwest::Method::GET, "/v1/agents/demo/leads?format=csv")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .admin_text("/v1/agents/demo/leads?format=csv")
+        .await;
     assert!(
         csv.starts_with("phone,platform,profile_name,first_seen,last_seen,message_count"),
         "{csv}"

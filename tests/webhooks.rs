@@ -7,7 +7,8 @@ const FORM: &str = "application/x-www-form-urlencoded";
 
 use std::time::Duration;
 
-use support::harness::{AUTH_TOKEN, Wagate, World, inbound_form, sid};
+use shared::twilio::signature::compute_signature;
+use support::harness::{AUTH_TOKEN, Mode, UNSET, Wagate, World, inbound_form, sid};
 
 const FROM: &str = "+14155550100";
 
@@ -438,4 +439,61 @@ async fn probes_answer_on_both_listeners_and_metrics_only_on_the_admin_one() {
     // The metrics' exemption is theirs alone: the admin API still wants the bearer token.
     let r = get(format!("{}/v1/agents", w.wagate.admin_url)).await;
     assert_eq!(r.status(), 401);
+}
+
+/// Without `WAGATE_PUBLIC_URL`, a reply's status callbacks go to the scheme and host that the
+/// inbound webhook's signature was verified against (Twilio signed that URL), while a request
+/// whose `Host` was changed without a matching signature is refused and sends nothing. Ingress
+/// with NATS and Redis also says at start that the public URL is missing.
+#[tokio::test]
+async fn without_a_public_url_status_callbacks_follow_the_verified_webhook_url() {
+    let w = World::start_with(&[("WAGATE_PUBLIC_URL", UNSET)]).await;
+    w.wagate.echo_agent("demo").await;
+    let path = Wagate::inbound_path("demo");
+    let post = |host: &'static str, proto: &'static str, signed: String, sid: String| {
+        let fields = inbound_form(&sid, FROM, "hi");
+        let sig = compute_signature(AUTH_TOKEN.as_bytes(), &signed, &fields);
+        w.wagate
+            .http
+            .post(format!("{}{path}", w.wagate.public_url))
+            .header("host", host)
+            .header("x-forwarded-proto", proto)
+            .header("content-type", FORM)
+            .header("x-twilio-signature", sig)
+            .body(shared::twilio::form::encode(&fields))
+            .send()
+    };
+
+    let forged = post(
+        "evil.example",
+        "https",
+        format!("https://bot.example.test:8443{path}"),
+        sid(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(forged.status(), 401, "a Host the signature does not cover");
+
+    let r = post(
+        "bot.example.test:8443",
+        "https",
+        format!("https://bot.example.test:8443{path}"),
+        sid(2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        sent[0].status_callback.as_deref(),
+        Some("https://bot.example.test:8443/webhooks/twilio/whatsapp/demo/status")
+    );
+    assert_eq!(w.twilio.sent().len(), 1, "the forged request sent nothing");
+
+    let warned = w.wagate.logs().contains("WAGATE_PUBLIC_URL is not set");
+    assert_eq!(
+        warned,
+        w.servers.mode == Mode::Distributed,
+        "the start-up warning appears in NATS + Redis mode only"
+    );
 }

@@ -53,10 +53,12 @@ impl Target {
     }
 }
 
-/// One signed webhook: the form body and its `X-Twilio-Signature`.
+/// One signed webhook: the form body and its `X-Twilio-Signature`, and the path it goes to
+/// when that is not the target's.
 pub struct Signed {
     body: Bytes,
     signature: String,
+    path: Option<String>,
 }
 
 /// The form Twilio posts for an inbound WhatsApp text, with the fields its documentation lists.
@@ -91,7 +93,24 @@ pub fn sign(url: &str, form: &[(String, String)]) -> Signed {
     Signed {
         body: Bytes::from(shared::twilio::form::encode(form)),
         signature: shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), url, form),
+        path: None,
     }
+}
+
+/// `count` webhooks, each to an agent id of its own that nobody created (numbered from
+/// `first`), as a client probing or flooding the public listener would send them.
+pub fn unknown_agents(target: &Target, first: usize, count: usize) -> Vec<Signed> {
+    (first..first + count)
+        .map(|n| {
+            let agent = format!("probe-{n:016x}");
+            let path = format!("/webhooks/twilio/whatsapp/{agent}");
+            let form = inbound_form(&format!("SM{n:032x}"), &phone(n % 1000), "hello");
+            Signed {
+                path: Some(path.clone()),
+                ..sign(&format!("{}{path}", target.base), &form)
+            }
+        })
+        .collect()
 }
 
 /// `count` webhooks for `target` with MessageSids numbered from `first`, from 1,000 users.
@@ -189,7 +208,7 @@ async fn connection(
         if Instant::now() >= deadline {
             break;
         }
-        let request = Request::post(target.path.as_str())
+        let request = Request::post(signed.path.as_deref().unwrap_or(&target.path))
             .header(header::HOST, host.as_str())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header("x-twilio-signature", signed.signature.as_str())

@@ -1,4 +1,4 @@
-//! The five benchmarks, each on fresh servers of its own, and the table they print.
+//! The benchmarks, each on fresh servers of its own, and the table they print.
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
@@ -27,9 +27,9 @@ pub struct Options {
     /// HTTP connections of the P1 load generator.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
-    /// Benchmarks to run, comma-separated (p1..p5). P5's CPU time per reply comes from the P2
-    /// runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
-    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5")]
+    /// Benchmarks to run, comma-separated (p1..p5, h1). P5's CPU time per reply comes from the
+    /// P2 runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
+    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5,h1")]
     only: Vec<String>,
     /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
     /// a runtime thread per core for each role), split (one process per role), embedded. The
@@ -96,6 +96,10 @@ pub async fn run(options: Options) -> Result<()> {
     }
     if wants("p4") {
         p4(&dir.join("p4"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("h1") {
+        h1(&dir.join("h1"), &options, &mut report).await?;
         emit(&mut report, &mut all);
     }
     let out = repo().join(&options.out);
@@ -165,18 +169,23 @@ struct P1Target<'a> {
     nats_cpu_us: Vec<f64>,
 }
 
-async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+/// NATS, Redis and `wagate ingress` alone, which never calls Twilio.
+async fn lone_ingress(dir: &Path, options: &Options) -> Result<(Servers, Wagate)> {
     std::fs::create_dir_all(dir)?;
     let servers = Servers::start(dir).await?;
     let deployment = Deployment {
         dir,
         servers: Some(&servers),
-        // The ingress alone never calls Twilio.
         twilio_base: "http://127.0.0.1:9".into(),
         env: options.wagate_env.clone(),
         wrapper: vec![],
     };
     let ingress = deployment.start("ingress", "ingress").await?;
+    Ok((servers, ingress))
+}
+
+async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    let (servers, ingress) = lone_ingress(dir, options).await?;
     ingress.set_up_agent(json!({"kind": "echo"})).await?;
 
     let probe_port = free_port()?;
@@ -831,6 +840,73 @@ async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         "P4 2 workers ≥ 1.8× 1 worker".into(),
         format!("{:.2}×", two / one),
         verdict(two / one >= 1.8).into(),
+    ]);
+    Ok(())
+}
+
+/// Requests to made-up agent ids in H1: the warm-up, then the measured flood.
+const H1_WARM_UP: usize = 20_000;
+const H1_FLOOD: usize = 200_000;
+
+/// H1: what requests to agent ids that do not exist cost the ingress in memory. Each one is
+/// looked up in the store and remembered as unknown for a while; that memory must stay bounded
+/// however many different ids arrive.
+async fn h1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
+    let (_servers, ingress) = lone_ingress(dir, options).await?;
+    let target = Target::local(ingress.port, AGENT);
+    let flood = |first: usize, count: usize| {
+        let target = target.clone();
+        async move {
+            let signing = target.clone();
+            let requests =
+                tokio::task::spawn_blocking(move || load::unknown_agents(&signing, first, count))
+                    .await?;
+            load::run(
+                &target,
+                Arc::new(requests),
+                options.concurrency,
+                Duration::from_secs(600),
+            )
+            .await
+        }
+    };
+    let warm = flood(0, H1_WARM_UP).await?;
+    let before = ingress.proc.rss_mib()?;
+    let measured = flood(H1_WARM_UP, H1_FLOOD).await?;
+    let after = ingress.proc.rss_mib()?;
+    let growth = after - before;
+    report.section(
+        "H1 requests to unknown agents",
+        &format!(
+            "One ingress on NATS + Redis; {H1_WARM_UP} webhooks to distinct made-up agent ids as a warm-up, then {H1_FLOOD} more to other made-up ids, over {} connections. Every one is answered 404 (`Unknown agent`) after a store lookup; the ingress keeps at most 10,000 unknown ids for 30 s. RSS is the ingress's VmRSS after each phase.",
+            options.concurrency
+        ),
+    );
+    report.header(&[
+        "phase",
+        "requests",
+        "answered 404 or otherwise",
+        "requests/s",
+        "ingress RSS after, MiB",
+    ]);
+    for (phase, outcome, rss) in [("warm-up", &warm, before), ("flood", &measured, after)] {
+        report.row(vec![
+            phase.into(),
+            (outcome.ok + outcome.errors).to_string(),
+            outcome.errors.to_string(),
+            format!(
+                "{:.0}",
+                (outcome.ok + outcome.errors) as f64 / outcome.seconds
+            ),
+            format!("{rss:.1}"),
+        ]);
+    }
+    report.line("");
+    report.header(&["goal", "measured", "verdict"]);
+    report.row(vec![
+        format!("ingress RSS grows < 10 MB over {H1_FLOOD} unknown agent ids"),
+        format!("{:.1} MB", growth * 1.048_576),
+        verdict(growth * 1.048_576 < 10.0).into(),
     ]);
     Ok(())
 }

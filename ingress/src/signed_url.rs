@@ -24,6 +24,15 @@ pub fn signed_url(public_base: Option<&str>, headers: &HeaderMap, uri: &Uri) -> 
     }
 }
 
+/// The scheme and authority of `url` (`https://bot.example.com:8443`), without path or query.
+pub fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find(['/', '?', '#']) {
+        Some(end) => &url[..after_scheme + end],
+        None => url,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +58,15 @@ mod tests {
             "https://bot.example.com:8443/w"
         );
         assert!(signed_url(None, &HeaderMap::new(), &uri).is_none());
+    }
+
+    #[test]
+    fn the_origin_is_scheme_and_authority() {
+        assert_eq!(
+            origin("https://bot.example.com:8443/webhooks/x?y=1"),
+            "https://bot.example.com:8443"
+        );
+        assert_eq!(origin("http://h?q"), "http://h");
+        assert_eq!(origin("http://h"), "http://h");
     }
 }

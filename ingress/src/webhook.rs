@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use shared::{
     directory::{Lookup, ResolvedChannel},
     domain::AgentId,
-    envelope::{DeadLetter, DeadMessage, Stage},
+    envelope::{DeadLetter, DeadMessage, InboundMessage, Stage},
     twilio::{
         form,
         inbound::parse_inbound,
@@ -25,7 +25,10 @@ use shared::{
 };
 use time::OffsetDateTime;
 
-use crate::{AppState, signed_url::signed_url};
+use crate::{
+    AppState,
+    signed_url::{origin, signed_url},
+};
 
 /// Largest webhook body accepted; Twilio's forms are a few KiB.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -59,6 +62,10 @@ struct Verified {
     channel: std::sync::Arc<ResolvedChannel>,
     agent_id: AgentId,
     fields: Vec<(String, String)>,
+    /// Without `WAGATE_PUBLIC_URL`: the scheme and host of the URL the signature was verified
+    /// against. Twilio signed that URL, so unlike a bare `Host` header it is proof of where
+    /// Twilio reaches this ingress, and status callbacks of the reply can be sent there.
+    callback_base: Option<String>,
 }
 
 /// The checks both webhooks share: known agent, parseable body, valid signature.
@@ -120,10 +127,15 @@ async fn verify(
         outcome(kind, "unauthorized");
         return Err(plain(StatusCode::UNAUTHORIZED, "Unauthorized"));
     }
+    let callback_base = match state.public_url {
+        Some(_) => None,
+        None => Some(origin(&url).to_owned()),
+    };
     Ok(Verified {
         channel,
         agent_id,
         fields,
+        callback_base,
     })
 }
 
@@ -218,7 +230,10 @@ async fn inbound(
         return plain(StatusCode::FORBIDDEN, "WhatsApp not enabled");
     }
     let message = match parse_inbound(&v.agent_id, &v.fields, OffsetDateTime::now_utc()) {
-        Ok(m) => m,
+        Ok(m) => InboundMessage {
+            callback_base: v.callback_base,
+            ..m
+        },
         Err(e) => {
             outcome("inbound", "bad_request");
             return plain(StatusCode::BAD_REQUEST, e.0);

@@ -37,7 +37,8 @@ pub struct SendContext {
     pub directory: Arc<ChannelDirectory>,
     /// The Messages API.
     pub client: TwilioClient,
-    /// `WAGATE_PUBLIC_URL`, for the `StatusCallback` of each message.
+    /// `WAGATE_PUBLIC_URL`, for the `StatusCallback` of each message; without it, the one the
+    /// inbound message was verified at (`callback_base`).
     pub public_url: Option<String>,
     /// When to try a failed send again.
     pub retry: RetrySchedule,
@@ -273,7 +274,8 @@ async fn send_part(
     }
     let callback = ctx
         .public_url
-        .as_ref()
+        .as_deref()
+        .or(reply.callback_base.as_deref())
         .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
     let mut form = vec![("To", to), ("From", from.as_str())];
     form.extend(part.content.iter().copied());

@@ -34,8 +34,13 @@ pub enum Backend {
     Echo,
     /// Any OpenAI-compatible Chat Completions endpoint.
     Openai {
-        /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
+        /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`; never
+        /// with credentials, which are kept in `credentials`.
         base_url: String,
+        /// The `user:password` that the URL was given with, sealed: sent as HTTP Basic
+        /// authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials: Option<SealedSecret>,
         /// Model name.
         model: String,
         /// The API key, sealed.
@@ -47,8 +52,13 @@ pub enum Backend {
     },
     /// The business's own endpoint, called with a signed JSON request.
     Webhook {
-        /// Where the conversation is posted.
+        /// Where the conversation is posted; never with credentials, which are kept in
+        /// `credentials`.
         url: String,
+        /// The `user:password` that the URL was given with, sealed: sent as HTTP Basic
+        /// authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials: Option<SealedSecret>,
         /// The HMAC-SHA256 signing secret, sealed.
         secret: SealedSecret,
         /// Per-agent turn timeout in milliseconds, overriding the process default.

@@ -11,11 +11,11 @@ use crate::retry::RetrySchedule;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// NATS server(s), e.g. nats://127.0.0.1:4222. Unset (with WAGATE_REDIS_URL unset): embedded mode.
-    #[arg(long = "nats-url", env = "WAGATE_NATS_URL")]
-    pub nats_url: Option<String>,
+    #[arg(long = "nats-url", env = "WAGATE_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<ServerUrl>,
     /// Redis, e.g. redis://127.0.0.1:6379/0. Unset (with WAGATE_NATS_URL unset): embedded mode.
-    #[arg(long = "redis-url", env = "WAGATE_REDIS_URL")]
-    pub redis_url: Option<String>,
+    #[arg(long = "redis-url", env = "WAGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<ServerUrl>,
     /// Data folder of embedded mode and of the ingress spool.
     #[arg(long = "data-dir", env = "WAGATE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -213,15 +213,48 @@ const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
 /// trip that must fit in that time even on a busy store.
 const MIN_SEND_LEASE_MS: u64 = 1_000;
 
+/// The URL of a server wagate connects to (NATS, Redis). It may carry a password, so it shows
+/// itself only redacted, in `Debug` and `Display` alike, and hands the real text only to the
+/// client that connects ([`ServerUrl::expose`]).
+#[derive(Clone)]
+pub struct ServerUrl(SecretString);
+
+impl ServerUrl {
+    /// The URL as configured, credentials included: for connecting, never for showing.
+    pub fn expose(&self) -> &str {
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+}
+
+impl std::str::FromStr for ServerUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(SecretString::from(s.to_owned())))
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::redact::url(self.expose()))
+    }
+}
+
+impl std::fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerUrl({self})")
+    }
+}
+
 /// Where the bus and the store live.
 #[derive(Debug, Clone)]
 pub enum Backends {
     /// NATS JetStream and Redis: the way to scale across processes and machines.
     Distributed {
         /// NATS URL(s).
-        nats_url: String,
+        nats_url: ServerUrl,
         /// Redis URL.
-        redis_url: String,
+        redis_url: ServerUrl,
     },
     /// Both in one local data file; one process.
     Embedded,

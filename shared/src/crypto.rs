@@ -41,6 +41,8 @@ pub enum SecretPurpose {
     AgentApiKey,
     /// The signing secret of a webhook backend.
     WebhookSecret,
+    /// The `user:password` of an agent backend's URL.
+    UrlCredentials,
 }
 
 impl SecretPurpose {
@@ -49,6 +51,7 @@ impl SecretPurpose {
             Self::TwilioAuthToken => b"twilio-auth-token",
             Self::AgentApiKey => b"agent-api-key",
             Self::WebhookSecret => b"webhook-secret",
+            Self::UrlCredentials => b"url-credentials",
         }
     }
 }

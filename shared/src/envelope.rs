@@ -66,6 +66,10 @@ pub struct InboundMessage {
     pub received_at: OffsetDateTime,
     /// Every field Twilio sent, in order, so nothing a later feature needs is lost.
     pub fields: TwilioFields,
+    /// Where Twilio reached ingress (scheme and host of the verified webhook URL), when
+    /// `WAGATE_PUBLIC_URL` is not set: the reply's status callbacks go there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_base: Option<String>,
 }
 
 /// Every field of a Twilio webhook in Twilio's order, carried as the JSON array of name and
@@ -142,6 +146,10 @@ pub struct OutboundReply {
     /// When the reply was made.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The inbound message's `callback_base`: where status callbacks go when
+    /// `WAGATE_PUBLIC_URL` is not set (admin sends have none and then ask for no callback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_base: Option<String>,
 }
 
 impl OutboundReply {
@@ -273,6 +281,7 @@ mod tests {
                 parts: vec!["hello".to_owned()],
             },
             created_at: OffsetDateTime::UNIX_EPOCH,
+            callback_base: None,
         };
         for message in [
             DeadMessage::Inbound(Box::new(inbound())),

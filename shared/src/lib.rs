@@ -30,6 +30,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod embedded;
 pub mod envelope;
+pub mod redact;
 pub mod retry;
 pub mod shutdown;
 pub mod store;

@@ -106,10 +106,25 @@ pub struct Servers {
     nats_port: u16,
     nats: Option<Proc>,
     redis: Option<Proc>,
+    /// Passwords the servers demand (restarts keep them).
+    auth: ServerAuth,
     pub dir: tempfile::TempDir,
 }
 
-fn spawn_redis(port: u16, dir: &Path) -> Child {
+/// Credentials NATS and Redis demand, for tests of password handling.
+#[derive(Clone, Default)]
+pub struct ServerAuth {
+    /// NATS user and password.
+    pub nats: Option<(String, String)>,
+    /// Redis `requirepass`.
+    pub redis: Option<String>,
+}
+
+fn spawn_redis(port: u16, dir: &Path, auth: &ServerAuth) -> Child {
+    let password: Vec<&str> = match &auth.redis {
+        Some(p) => vec!["--requirepass", p],
+        None => vec![],
+    };
     Command::new("redis-server")
         .args([
             "--port",
@@ -119,6 +134,7 @@ fn spawn_redis(port: u16, dir: &Path) -> Child {
             "--save",
             "",
         ])
+        .args(password)
         .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
         .arg(dir)
         .stdout(Stdio::null())
@@ -127,10 +143,15 @@ fn spawn_redis(port: u16, dir: &Path) -> Child {
         .expect("cannot start redis-server (apt-get install redis-server)")
 }
 
-async fn spawn_nats(port: u16, store: &Path) -> Proc {
+async fn spawn_nats(port: u16, store: &Path, auth: &ServerAuth) -> Proc {
+    let user: Vec<&str> = match &auth.nats {
+        Some((user, password)) => vec!["--user", user, "--pass", password],
+        None => vec![],
+    };
     let mut nats = Command::new(nats_binary())
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(store)
+        .args(user)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -147,6 +168,11 @@ impl Servers {
 
     /// What `mode` needs: both servers, or only a data folder for embedded mode.
     pub async fn start_in(mode: Mode) -> Servers {
+        Self::start_with_auth(mode, ServerAuth::default()).await
+    }
+
+    /// Like [`Servers::start_in`], with servers that demand `auth`; the URLs carry it.
+    pub async fn start_with_auth(mode: Mode, auth: ServerAuth) -> Servers {
         let dir = tempfile::tempdir().expect("tempdir");
         if mode == Mode::Embedded {
             return Servers {
@@ -157,29 +183,43 @@ impl Servers {
                 nats_port: 0,
                 nats: None,
                 redis: None,
+                auth,
                 dir,
             };
         }
+        let nats_userinfo = auth
+            .nats
+            .as_ref()
+            .map_or(String::new(), |(u, p)| format!("{u}:{p}@"));
+        let redis_userinfo = auth
+            .redis
+            .as_ref()
+            .map_or(String::new(), |p| format!(":{p}@"));
+        let redis_hello = match &auth.redis {
+            Some(p) => (format!("AUTH {p}\r\n").into_bytes(), &b"+OK"[..]),
+            None => (b"PING\r\n".to_vec(), &b"+PONG"[..]),
+        };
         // A port found free can be taken by another test's server before ours binds it; then
         // what answers there is not ours, and both are started again on other ports.
         for _ in 0..5 {
             let nats_port = free_port();
             let redis_port = free_port();
-            let nats = spawn_nats(nats_port, &dir.path().join("nats")).await;
-            let mut redis = spawn_redis(redis_port, dir.path());
+            let nats = spawn_nats(nats_port, &dir.path().join("nats"), &auth).await;
+            let mut redis = spawn_redis(redis_port, dir.path(), &auth);
             wait_tcp(redis_port, "redis-server", &mut redis).await;
             let redis = Proc(redis);
             if greets(nats_port, b"", b"INFO").await
-                && greets(redis_port, b"PING\r\n", b"+PONG").await
+                && greets(redis_port, &redis_hello.0, redis_hello.1).await
             {
                 return Servers {
                     mode,
-                    nats_url: format!("nats://127.0.0.1:{nats_port}"),
-                    redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+                    nats_url: format!("nats://{nats_userinfo}127.0.0.1:{nats_port}"),
+                    redis_url: format!("redis://{redis_userinfo}127.0.0.1:{redis_port}/0"),
                     redis_port,
                     nats_port,
                     nats: Some(nats),
                     redis: Some(redis),
+                    auth,
                     dir,
                 };
             }
@@ -191,7 +231,7 @@ impl Servers {
     pub async fn restart_redis(&mut self) {
         assert_eq!(self.mode, Mode::Distributed, "this test needs Redis");
         self.redis = None;
-        let mut redis = spawn_redis(self.redis_port, self.dir.path());
+        let mut redis = spawn_redis(self.redis_port, self.dir.path(), &self.auth);
         wait_tcp(self.redis_port, "redis-server", &mut redis).await;
         self.redis = Some(Proc(redis));
     }
@@ -203,7 +243,8 @@ impl Servers {
 
     /// Starts nats-server again on the same port and store.
     pub async fn restart_nats(&mut self) {
-        self.nats = Some(spawn_nats(self.nats_port, &self.dir.path().join("nats")).await);
+        self.nats =
+            Some(spawn_nats(self.nats_port, &self.dir.path().join("nats"), &self.auth).await);
     }
 
     /// A Redis connection for white-box checks (e.g. that no token is stored).
@@ -223,6 +264,9 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
 pub const AUTH_TOKEN: &str = "f3a9c1d2e4b5a6978877665544332211";
 pub const SANDBOX: &str = "+14155238886";
+/// As the value of a setting passed to [`Wagate::start`]: leave the variable out altogether
+/// (an empty value is a value, and some settings must be absent, not empty).
+pub const UNSET: &str = "<unset>";
 
 /// A running `wagate` process.
 pub struct Wagate {
@@ -278,6 +322,12 @@ impl Wagate {
             all_env.push(("WAGATE_REDIS_URL".into(), servers.redis_url.clone()));
         }
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let unset: Vec<&str> = env
+            .iter()
+            .filter(|(_, v)| *v == UNSET)
+            .map(|(k, _)| *k)
+            .collect();
+        all_env.retain(|(k, _)| !unset.contains(&k.as_str()));
         let mut w = Wagate {
             proc: Proc(spawn_wagate(role, &all_env, &log_path)),
             role: role.to_owned(),
@@ -404,9 +454,14 @@ impl Wagate {
 
     /// GETs an admin path and returns its JSON, asserting a 200.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.admin_text(path).await).unwrap()
+    }
+
+    /// `GET path` of the admin API as text, which must answer 200.
+    pub async fn admin_text(&self, path: &str) -> String {
         let r = self.admin(reqwest::Method::GET, path).send().await.unwrap();
         assert_eq!(r.status(), 200, "GET {path}");
-        r.json().await.unwrap()
+        r.text().await.unwrap()
     }
 
     /// The session of `phone` with `agent`, as the admin API shows it.
@@ -502,6 +557,57 @@ fn spawn_wagate(role: &str, env: &[(String, String)], log_path: &Path) -> Child 
         .stderr(log)
         .spawn()
         .expect("cannot start wagate")
+}
+
+/// Runs `wagate args` with only `env` (and `PATH`) to its end, for commands that finish or
+/// processes that must refuse to start: whether it succeeded, and stdout then stderr.
+pub fn run_wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // A process that should have refused to start but did not is killed after a deadline, and
+    // the test fails with its output instead of hanging.
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wagate");
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for wagate") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = format!(
+        "{}{}",
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
+    );
+    match status {
+        Some(status) => (status.success(), text),
+        None => panic!("wagate {args:?} was still running after 30 s: {text}"),
+    }
 }
 
 /// Posts an inbound form like Twilio: signed with the test token, and again until it is

@@ -327,6 +327,7 @@ async fn publish_reply(
         to: msg.from.clone(),
         content: ReplyContent::Text { parts },
         created_at: OffsetDateTime::now_utc(),
+        callback_base: msg.callback_base.clone(),
     };
     let payload = serde_json::to_vec(&out).map_err(|e| Failure::Permanent(e.to_string()))?;
     let conversation = format!("{}.{}", msg.agent_id, msg.session_id().subject_token());

@@ -5,12 +5,13 @@ use axum::{
     body::Bytes,
     extract::{Path, State},
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use shared::{
     agent::{Agent, Backend},
-    crypto::SecretPurpose,
+    crypto::{SealedSecret, SecretPurpose},
     domain::AgentId,
+    redact,
 };
 use time::OffsetDateTime;
 
@@ -61,18 +62,24 @@ fn backend_view(b: &Backend) -> serde_json::Value {
         Backend::Echo => serde_json::json!({"kind": "echo"}),
         Backend::Openai {
             base_url,
+            credentials,
             model,
             api_key,
             system_prompt,
             timeout_ms,
         } => serde_json::json!({
-            "kind": "openai", "base_url": base_url, "model": model, "api_key_set": api_key.is_some(),
+            "kind": "openai", "base_url": shown_url(base_url, credentials.as_ref()), "model": model,
+            "api_key_set": api_key.is_some(), "credentials_set": credentials.is_some(),
             "system_prompt": system_prompt, "timeout_ms": timeout_ms,
         }),
         Backend::Webhook {
-            url, timeout_ms, ..
+            url,
+            credentials,
+            timeout_ms,
+            ..
         } => serde_json::json!({
-            "kind": "webhook", "url": url, "secret_set": true, "timeout_ms": timeout_ms,
+            "kind": "webhook", "url": shown_url(url, credentials.as_ref()), "secret_set": true,
+            "credentials_set": credentials.is_some(), "timeout_ms": timeout_ms,
         }),
     }
 }
@@ -101,6 +108,37 @@ fn check_url(field: &str, url: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::invalid(format!("{field} must be an http(s) URL")))
+    }
+}
+
+/// An agent URL as stored: without its `user:password`, which is sealed on its own so that it
+/// is encrypted at rest and never shown back (the views show `***` in its place). A URL given
+/// back with `***` as its userinfo keeps the credentials stored before.
+fn seal_credentials(
+    state: &AppState,
+    id: &AgentId,
+    url: &str,
+    previous: Option<&SealedSecret>,
+) -> Result<(String, Option<SealedSecret>), ApiError> {
+    let (bare, userinfo) = redact::split_userinfo(url);
+    let sealed = match userinfo {
+        None => None,
+        Some(u) if u.expose_secret() == redact::MASK => {
+            Some(previous.cloned().ok_or_else(|| {
+                ApiError::invalid("the URL's *** stands for stored credentials, and there are none")
+            })?)
+        }
+        Some(u) => Some(state.keyring.seal(id, SecretPurpose::UrlCredentials, &u)),
+    };
+    Ok((bare, sealed))
+}
+
+/// A stored agent URL as the views show it: never with credentials.
+fn shown_url(url: &str, credentials: Option<&SealedSecret>) -> String {
+    match credentials {
+        Some(_) => redact::masked(url),
+        // Agents saved before credentials were split off may still hold them in the URL.
+        None => redact::url(url),
     }
 }
 
@@ -154,8 +192,19 @@ pub async fn put(
                     _ => None,
                 },
             };
+            let before = match previous {
+                Some(Backend::Openai { credentials, .. }) => credentials.as_ref(),
+                _ => None,
+            };
+            let (base_url, credentials) = seal_credentials(&state, &id, &base_url, before)?;
+            if api_key.is_some() && credentials.is_some() {
+                return Err(ApiError::invalid(
+                    "give the endpoint either an api_key or credentials in base_url, not both: both would be sent as Authorization",
+                ));
+            }
             Backend::Openai {
                 base_url: base_url.trim_end_matches('/').to_owned(),
+                credentials,
                 model,
                 api_key,
                 system_prompt,
@@ -171,7 +220,6 @@ pub async fn put(
             check_timeout(timeout_ms)?;
             let secret = match (secret, previous) {
                 (Some(s), _) => {
-                    use secrecy::ExposeSecret;
                     if s.expose_secret().len() < 16 {
                         return Err(ApiError::invalid("secret must be at least 16 characters"));
                     }
@@ -180,8 +228,14 @@ pub async fn put(
                 (None, Some(Backend::Webhook { secret, .. })) => secret.clone(),
                 (None, _) => return Err(ApiError::invalid("a webhook backend needs a secret")),
             };
+            let before = match previous {
+                Some(Backend::Webhook { credentials, .. }) => credentials.as_ref(),
+                _ => None,
+            };
+            let (url, credentials) = seal_credentials(&state, &id, &url, before)?;
             Backend::Webhook {
                 url,
+                credentials,
                 secret,
                 timeout_ms,
             }

@@ -105,6 +105,7 @@ pub async fn send(
         to: WhatsAppAddress::from_phone(&to),
         content,
         created_at: OffsetDateTime::now_utc(),
+        callback_base: None,
     };
     let payload = serde_json::to_vec(&reply).map_err(ApiError::unavailable)?;
     let conversation = format!("{}.{}", agent.id, session.subject_token());

@@ -15,9 +15,10 @@ use async_nats::jetstream::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use secrecy::ExposeSecret;
 
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
-use crate::envelope::DeadLetter;
+use crate::{envelope::DeadLetter, redact};
 
 /// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
 /// consumers send keep-alives while they work.
@@ -54,15 +55,37 @@ pub struct JetStreamBus {
 impl JetStreamBus {
     /// Connects and creates (or checks) the streams.
     pub async fn connect(url: &str, options: JetStreamOptions) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        // Credentials go to the client as options, never inside the URL: the client logs the
+        // server addresses it tries (at debug), password and all.
+        let mut servers = Vec::new();
+        let mut credentials = None;
+        for item in url.split(',') {
+            let (bare, userinfo) = redact::split_userinfo(item.trim());
+            servers.push(bare);
+            credentials = credentials.or(userinfo);
+        }
+        let mut connect = async_nats::ConnectOptions::new()
             .name("wagate")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url);
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(userinfo) = credentials {
+            connect = match redact::decode_userinfo(&userinfo) {
+                (user, Some(password)) => connect.user_and_password(
+                    user.expose_secret().to_owned(),
+                    password.expose_secret().to_owned(),
+                ),
+                (token, None) => connect.token(token.expose_secret().to_owned()),
+            };
+        }
+        let client = connect.connect(servers.join(","));
+        let shown = redact::url(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)
             .await
-            .map_err(|_| BusError(format!("could not reach NATS at {url} within 10s")))?
+            .map_err(|_| BusError(format!("could not reach NATS at {shown} within 10s")))?
             .map_err(|e| {
-                BusError::from_display(&format!("could not connect to NATS at {url}"), e)
+                BusError::from_display(
+                    &format!("could not connect to NATS at {shown}"),
+                    redact::url(&e.to_string()),
+                )
             })?;
         let js = jetstream::new(client);
         let prefix = options.prefix;

@@ -26,6 +26,7 @@ use crate::{
     agent::{Agent, WhatsAppChannel},
     domain::{AgentId, MessageSid, SessionId},
     envelope::OutboundReply,
+    redact,
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
@@ -253,8 +254,13 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects; fails with a clear message when Redis does not answer.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::from_display(&format!("bad Redis URL {url}"), e))?;
+        let shown = redact::url(url);
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::from_display(
+                &format!("bad Redis URL {shown}"),
+                redact::url(&e.to_string()),
+            )
+        })?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -264,9 +270,12 @@ impl RedisStore {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| StoreError(format!("could not reach Redis at {url} within 10s")))?
+        .map_err(|_| StoreError(format!("could not reach Redis at {shown} within 10s")))?
         .map_err(|e| {
-            StoreError::from_display(&format!("could not connect to Redis at {url}"), e)
+            StoreError::from_display(
+                &format!("could not connect to Redis at {shown}"),
+                redact::url(&e.to_string()),
+            )
         })?;
         Ok(Self {
             client,

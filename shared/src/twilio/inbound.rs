@@ -81,6 +81,7 @@ pub fn parse_inbound(
         button,
         received_at,
         fields: all,
+        callback_base: None,
     })
 }
 

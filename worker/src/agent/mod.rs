@@ -8,6 +8,7 @@ mod webhook;
 
 use std::{borrow::Cow, sync::Arc, time::Duration};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use shared::{
     agent::{Agent, Backend},
@@ -121,21 +122,27 @@ impl AgentRunner {
             Backend::Echo => Ok(echo::reply(input)),
             Backend::Openai {
                 base_url,
+                credentials,
                 model,
                 api_key,
                 system_prompt,
                 timeout_ms,
             } => {
-                let key = api_key
+                let bearer = api_key
                     .as_ref()
                     .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
                     .transpose()
-                    .map_err(|e| AgentError::Permanent(e.to_string()))?;
+                    .map_err(|e| AgentError::Permanent(e.to_string()))?
+                    .map(|k| SecretString::from(format!("Bearer {}", k.expose_secret())));
+                let authorization = match bearer {
+                    Some(b) => Some(b),
+                    None => self.basic_authorization(id, credentials.as_ref())?,
+                };
                 let call = openai::Call {
                     http: &self.http,
                     base_url,
                     model,
-                    api_key: key.as_ref(),
+                    authorization: authorization.as_ref(),
                     system_prompt: system_prompt.as_deref(),
                     timeout: self.timeout(*timeout_ms),
                 };
@@ -143,6 +150,7 @@ impl AgentRunner {
             }
             Backend::Webhook {
                 url,
+                credentials,
                 secret,
                 timeout_ms,
             } => {
@@ -150,9 +158,33 @@ impl AgentRunner {
                     .keyring
                     .open(id, SecretPurpose::WebhookSecret, secret)
                     .map_err(|e| AgentError::Permanent(e.to_string()))?;
-                webhook::reply(&self.http, url, &secret, self.timeout(*timeout_ms), input).await
+                let authorization = self.basic_authorization(id, credentials.as_ref())?;
+                let endpoint = webhook::Endpoint {
+                    url,
+                    secret: &secret,
+                    authorization: authorization.as_ref(),
+                    timeout: self.timeout(*timeout_ms),
+                };
+                webhook::reply(&self.http, &endpoint, input).await
             }
         }
+    }
+
+    /// The `Authorization` of HTTP Basic authentication for the credentials an agent URL was
+    /// saved with.
+    fn basic_authorization(
+        &self,
+        id: &shared::domain::AgentId,
+        credentials: Option<&shared::crypto::SealedSecret>,
+    ) -> Result<Option<SecretString>, AgentError> {
+        credentials
+            .map(|c| {
+                self.keyring
+                    .open(id, SecretPurpose::UrlCredentials, c)
+                    .map(|userinfo| shared::redact::basic_authorization(&userinfo))
+                    .map_err(|e| AgentError::Permanent(e.to_string()))
+            })
+            .transpose()
     }
 
     fn timeout(&self, per_agent_ms: Option<u64>) -> Duration {
@@ -213,6 +245,14 @@ fn header_value(text: String) -> Result<http::HeaderValue, AgentError> {
     http::HeaderValue::try_from(text).map_err(|_| {
         AgentError::Permanent("a header value holds a byte HTTP does not allow".into())
     })
+}
+
+/// A header value that holds a secret: marked sensitive, so that HTTP/2's header compression
+/// leaves it out of its table and debug output does not show it.
+fn sensitive_header(secret: &SecretString) -> Result<http::HeaderValue, AgentError> {
+    let mut value = header_value(secret.expose_secret().to_owned())?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 fn send_failure(backend: &str, e: &transport::CallError) -> AgentError {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -14,8 +14,8 @@ use http::{
 };
 
 use super::{
-    AgentError, ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, header_value,
-    http_failure, send_failure,
+    AgentError, ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, http_failure,
+    send_failure, sensitive_header,
     transport::{Post, Transport},
     user_text,
 };
@@ -31,7 +31,8 @@ pub struct Call<'a> {
     pub http: &'a Transport,
     pub base_url: &'a str,
     pub model: &'a str,
-    pub api_key: Option<&'a SecretString>,
+    /// The whole `Authorization` value: `Bearer <api key>`, or Basic for a URL's credentials.
+    pub authorization: Option<&'a SecretString>,
     pub system_prompt: Option<&'a str>,
     pub timeout: Duration,
 }
@@ -73,10 +74,8 @@ impl Call<'_> {
         })
         .map_err(|e| AgentError::Permanent(e.to_string()))?;
         let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
-        if let Some(key) = self.api_key {
-            let mut bearer = header_value(format!("Bearer {}", key.expose_secret()))?;
-            bearer.set_sensitive(true);
-            headers.push((AUTHORIZATION, bearer));
+        if let Some(authorization) = self.authorization {
+            headers.push((AUTHORIZATION, sensitive_header(authorization)?));
         }
         let url = format!("{}/chat/completions", self.base_url);
         let answer = self

@@ -12,10 +12,13 @@ use serde_json::Value;
 use sha2::Sha256;
 use shared::{domain::AgentId, envelope::InboundMessage};
 
-use http::{HeaderName, HeaderValue, header::CONTENT_TYPE};
+use http::{
+    HeaderName, HeaderValue,
+    header::{AUTHORIZATION, CONTENT_TYPE},
+};
 
 use super::{
-    AgentError, ChatMessage, TurnInput, header_value, http_failure, send_failure,
+    AgentError, ChatMessage, TurnInput, header_value, http_failure, send_failure, sensitive_header,
     transport::{Post, Transport},
     user_text,
 };
@@ -31,11 +34,21 @@ struct AgentRequest<'a> {
     session_id: &'a str,
 }
 
+/// Where and how to call the endpoint.
+pub struct Endpoint<'a> {
+    /// Its URL, without credentials.
+    pub url: &'a str,
+    /// The signing secret.
+    pub secret: &'a SecretString,
+    /// HTTP Basic authentication, when the URL was saved with credentials.
+    pub authorization: Option<&'a SecretString>,
+    /// For the whole call.
+    pub timeout: Duration,
+}
+
 pub async fn reply(
     http: &Transport,
-    url: &str,
-    secret: &SecretString,
-    timeout: Duration,
+    endpoint: &Endpoint<'_>,
     input: &TurnInput<'_>,
 ) -> Result<String, AgentError> {
     let messages = input
@@ -61,23 +74,27 @@ pub async fn reply(
     })
     .map_err(|e| AgentError::Permanent(e.to_string()))?;
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-    let signature = sign(secret, &timestamp, &body)?;
+    let signature = sign(endpoint.secret, &timestamp, &body)?;
+    let mut headers = vec![
+        (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        (
+            HeaderName::from_static("x-wagate-timestamp"),
+            header_value(timestamp)?,
+        ),
+        (
+            HeaderName::from_static("x-wagate-signature"),
+            header_value(format!("v1={signature}"))?,
+        ),
+    ];
+    if let Some(authorization) = endpoint.authorization {
+        headers.push((AUTHORIZATION, sensitive_header(authorization)?));
+    }
     let answer = http
         .post(Post {
-            url,
-            headers: vec![
-                (CONTENT_TYPE, HeaderValue::from_static("application/json")),
-                (
-                    HeaderName::from_static("x-wagate-timestamp"),
-                    header_value(timestamp)?,
-                ),
-                (
-                    HeaderName::from_static("x-wagate-signature"),
-                    header_value(format!("v1={signature}"))?,
-                ),
-            ],
+            url: endpoint.url,
+            headers,
             body: body.into(),
-            timeout,
+            timeout: endpoint.timeout,
         })
         .await
         .map_err(|e| send_failure("the agent webhook", &e))?;
