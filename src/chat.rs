@@ -76,10 +76,10 @@ impl Admin {
             req = req.json(&b);
         }
         let r = req.send().await.map_err(|e| {
-            format!(
+            shared::redact::text(&format!(
                 "cannot reach the admin API at {}: {e} (is wagate running?)",
                 self.base
-            )
+            ))
         })?;
         let status = r.status().as_u16();
         let v = r.json().await.unwrap_or(Value::Null);
@@ -213,7 +213,7 @@ async fn run(args: ChatArgs) -> Result<(), String> {
                             let status = r.status();
                             eprintln!("wagate answered {status}: {}", r.text().await.unwrap_or_default().trim());
                         }
-                        Err(e) => eprintln!("cannot reach the webhook at {post_url}: {e}"),
+                        Err(e) => eprintln!("{}", shared::redact::text(&format!("cannot reach the webhook at {post_url}: {e}"))),
                     }
                 }
                 Some(_) => {}

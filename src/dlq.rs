@@ -104,11 +104,9 @@ async fn run(args: DlqArgs) -> Result<(), String> {
     let call = |req: reqwest::RequestBuilder| {
         let token = token.expose_secret().to_owned();
         async move {
-            let response = req
-                .bearer_auth(token)
-                .send()
-                .await
-                .map_err(|e| format!("cannot reach the admin API at {base}: {e}"))?;
+            let response = req.bearer_auth(token).send().await.map_err(|e| {
+                shared::redact::text(&format!("cannot reach the admin API at {base}: {e}"))
+            })?;
             let status = response.status();
             let body: serde_json::Value = response
                 .json()

@@ -713,11 +713,7 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
         let spec = PipelineSpec {
             layout: Layout::Split { workers: 1 },
             agent: Some((LATENCY, host)),
-            env: pipeline_env(
-                options,
-                false,
-                &[("WAGATE_WORKER_CONCURRENCY", CONVERSATIONS.to_string())],
-            ),
+            env: pipeline_env(options, false, &[]),
             conversations: CONVERSATIONS,
             rounds: 3,
             runs: 1,
@@ -735,7 +731,7 @@ async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     };
     report.section(
         "P3 slow agents",
-        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with WAGATE_WORKER_CONCURRENCY=10000, one ingress, one sender, each with WAGATE_THREADS=1. The agent is reached as hosted agents and model APIs are, over HTTPS offering HTTP/2 (250 streams per connection, as Go's HTTP/2 server allows by default), and, for comparison, as a plain HTTP/1.1 endpoint, which takes a connection per call in flight. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages and their 2 s wait, so a pipeline that handles exactly 5,000 messages a second finishes after about 8 s, at 75% of the bound (the first 10,000 messages take 2 s to enter it, and each of the three rounds waits 2 s). \"Once flowing\" counts from the first reply to the last: the rate the pipeline sustains. \"All CPU\" adds nats-server, redis-server and the bench with its fake agent and fake Twilio to wagate.",
+        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with default settings (WAGATE_WORKER_CONCURRENCY 10,000), one ingress, one sender, each with WAGATE_THREADS=1. The agent is reached as hosted agents and model APIs are, over HTTPS offering HTTP/2 (250 streams per connection, as Go's HTTP/2 server allows by default), and, for comparison, as a plain HTTP/1.1 endpoint, which takes a connection per call in flight. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages and their 2 s wait, so a pipeline that handles exactly 5,000 messages a second finishes after about 8 s, at 75% of the bound (the first 10,000 messages take 2 s to enter it, and each of the three rounds waits 2 s). \"Once flowing\" counts from the first reply to the last: the rate the pipeline sustains. \"All CPU\" adds nats-server, redis-server and the bench with its fake agent and fake Twilio to wagate.",
     );
     report.header(&[
         "agent reached over",

@@ -121,7 +121,7 @@ async fn verify(
     let valid = signature::verify_form(token, &url, &fields, signature);
     if !valid {
         tracing::warn!(
-            agent = %agent_id, signed_url = %url,
+            agent = %agent_id, signed_url = %shared::redact::text(&url),
             "X-Twilio-Signature does not match: check the Auth Token, and that WAGATE_PUBLIC_URL is the URL configured in Twilio"
         );
         outcome(kind, "unauthorized");

@@ -98,11 +98,14 @@ pub struct Settings {
     /// Prefix of every NATS stream, subject and Redis key, so deployments can share servers.
     #[arg(long = "prefix", env = "WAGATE_PREFIX", default_value = "wagate")]
     pub prefix: String,
-    /// Conversations a worker process runs at once.
+    /// Conversations a worker process runs at once. A worker's replies per second are at most
+    /// this divided by the agent's latency, and agents are slow (seconds per turn), so the
+    /// default lets one worker hold 10,000 conversations waiting on their agent: 5,000 replies
+    /// a second at 2 s. A turn waiting on its agent costs memory only (docs/limits.md).
     #[arg(
         long = "worker-concurrency",
         env = "WAGATE_WORKER_CONCURRENCY",
-        default_value_t = 512
+        default_value_t = 10_000
     )]
     pub worker_concurrency: usize,
     /// Replies a sender process posts at once.

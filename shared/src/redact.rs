@@ -18,6 +18,36 @@ pub fn url(text: &str) -> String {
     text.split(',').map(one).collect::<Vec<_>>().join(",")
 }
 
+/// `text`, free text such as a client library's error, with the userinfo of every URL in it
+/// masked. Unlike [`url`] it looks only after a scheme's `://`, and an authority also ends at
+/// whitespace, quotes, brackets and commas.
+pub fn text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, after) = rest.split_at(i + 3);
+        out.push_str(head);
+        let len = after
+            .find(|c: char| {
+                matches!(
+                    c,
+                    '/' | '?' | '#' | ')' | '(' | '"' | '\'' | ',' | '<' | '>'
+                ) || c.is_whitespace()
+            })
+            .unwrap_or(after.len());
+        match after[..len].rfind('@') {
+            Some(at) => {
+                out.push_str(MASK);
+                out.push_str(&after[at..len]);
+            }
+            None => out.push_str(&after[..len]),
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn one(item: &str) -> String {
     match userinfo_range(item) {
         Some((start, end)) => format!("{}{MASK}{}", &item[..start], &item[end..]),
@@ -113,6 +143,22 @@ mod tests {
         ] {
             assert_eq!(url(input), shown, "{input}");
         }
+    }
+
+    #[test]
+    fn free_text_has_every_url_masked() {
+        assert_eq!(
+            text(
+                "error sending request for url (http://u:p@h:1/v1/x): refused; see https://a@b.c/?q=x@y and mailto:x@y"
+            ),
+            "error sending request for url (http://***@h:1/v1/x): refused; see https://***@b.c/?q=x@y and mailto:x@y"
+        );
+        assert_eq!(
+            text("at \"redis://:pw@h\", nats://t@h2"),
+            "at \"redis://***@h\", nats://***@h2"
+        );
+        assert_eq!(text("no url here: a@b"), "no url here: a@b");
+        assert_eq!(text("ends with scheme://"), "ends with scheme://");
     }
 
     #[test]

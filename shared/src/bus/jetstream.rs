@@ -84,7 +84,7 @@ impl JetStreamBus {
             .map_err(|e| {
                 BusError::from_display(
                     &format!("could not connect to NATS at {shown}"),
-                    redact::url(&e.to_string()),
+                    redact::text(&e.to_string()),
                 )
             })?;
         let js = jetstream::new(client);

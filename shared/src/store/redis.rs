@@ -258,7 +258,7 @@ impl RedisStore {
         let client = redis::Client::open(url).map_err(|e| {
             StoreError::from_display(
                 &format!("bad Redis URL {shown}"),
-                redact::url(&e.to_string()),
+                redact::text(&e.to_string()),
             )
         })?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -274,7 +274,7 @@ impl RedisStore {
         .map_err(|e| {
             StoreError::from_display(
                 &format!("could not connect to Redis at {shown}"),
-                redact::url(&e.to_string()),
+                redact::text(&e.to_string()),
             )
         })?;
         Ok(Self {
