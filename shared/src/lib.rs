@@ -7,6 +7,8 @@
 //! - [`twilio`]: Twilio's wire formats: the signature algorithm, strict form parsing, the
 //!   inbound-message and status-callback forms, REST error classification.
 //! - [`crypto`]: AES-SIV sealing of stored secrets, bound to their agent, with key rotation.
+//! - [`key_check`]: the start-up proof that the master key is the one the data was sealed
+//!   with, and the end of a key rotation.
 //! - [`config`]: every setting, from the environment, checked at start; [`retry`]: retry
 //!   schedules as data.
 //! - [`agent`]: agents, their backends and WhatsApp channels as stored.
@@ -30,6 +32,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod embedded;
 pub mod envelope;
+pub mod key_check;
 pub mod retry;
 pub mod shutdown;
 pub mod store;
