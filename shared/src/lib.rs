@@ -18,6 +18,8 @@
 //!   and Redis implementations, and their embedded ones.
 //! - [`embedded`]: embedded mode's one data file (redb), opened by one process at a time, and
 //!   the writer that group-commits every change of the embedded bus and store.
+//! - [`data_dir`]: the data folder and its files, private to their owner, and redb databases
+//!   opened only once they pass an integrity check.
 //! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
 //! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
 //! - [`shutdown`]: the signal every long-running loop watches.
@@ -27,6 +29,7 @@ pub mod agent;
 pub mod bus;
 pub mod config;
 pub mod crypto;
+pub mod data_dir;
 pub mod directory;
 pub mod dispatch;
 pub mod domain;
