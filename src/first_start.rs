@@ -1,6 +1,7 @@
 //! What embedded mode creates on its first start, so that `wagate serve` works with nothing
 //! configured: the master key that encrypts stored secrets and the admin API's token, each in
-//! a file of the data folder readable by its owner only (0600). Later starts read them back.
+//! a file of the data folder readable by its owner only (0600). Later starts read them back,
+//! making them private first if they were not ([`shared::data_dir`] says why).
 //! Their paths are printed, never their contents.
 
 use std::{io::Write, path::Path};
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use rand::RngExt;
 use secrecy::{ExposeSecret, SecretString};
+use shared::data_dir;
 
 /// Reads the secret in `data_dir/name`, creating it with `generate` on the first start.
 pub fn secret_file(
@@ -20,6 +22,7 @@ pub fn secret_file(
     let path = data_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => {
+            data_dir::private_file(&path)?;
             return Ok(SecretString::from(text.trim().to_owned()));
         }
         Ok(_) => anyhow::bail!(
@@ -30,8 +33,8 @@ pub fn secret_file(
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
     let secret = generate();
-    let mut file =
-        create_private(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = data_dir::create_private(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     writeln!(file, "{}", secret.expose_secret())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -41,24 +44,6 @@ pub fn secret_file(
         path.display()
     );
     Ok(secret)
-}
-
-#[cfg(unix)]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-}
-
-#[cfg(not(unix))]
-fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
 }
 
 /// A random admin token: 32 bytes, URL-safe base64.

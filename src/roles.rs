@@ -22,6 +22,7 @@ use shared::{
     crypto::Keyring,
     directory::ChannelDirectory,
     dispatch::{Coalesce, DispatchConfig},
+    key_check,
     shutdown::{self, Shutdown},
     store::{Store, redis::RedisStore},
 };
@@ -105,6 +106,7 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
     let keyring = Arc::new(
         Keyring::from_base64(master, &settings.master_key_previous).context("WAGATE_MASTER_KEY")?,
     );
+    check_master_key(&*store, &keyring).await?;
     let directory = ChannelDirectory::new(store.clone(), keyring.clone());
     Ok(Deps {
         bus,
@@ -113,6 +115,31 @@ async fn connect(settings: &Settings, roles: Roles) -> Result<Deps> {
         directory,
         admin_token,
     })
+}
+
+/// Refuses to start with a master key that the stored data was not sealed with (every webhook
+/// would fail while `/readyz` said ready), and finishes a key rotation; see
+/// [`shared::key_check`].
+async fn check_master_key(store: &dyn Store, keyring: &Keyring) -> Result<()> {
+    let verified = key_check::verify(store, keyring).await?;
+    if verified.resealed > 0 {
+        tracing::info!(
+            secrets = verified.resealed,
+            "sealed stored secrets again with the new master key"
+        );
+    }
+    if verified.rotated {
+        tracing::info!(
+            key_id = keyring.primary_id(),
+            "master key rotation finished: the old keys (WAGATE_MASTER_KEY_PREVIOUS) are no longer needed"
+        );
+    } else if verified.unreadable > 0 {
+        tracing::warn!(
+            secrets = verified.unreadable,
+            "stored secrets that open with none of the master keys held stay as they are, and so does the key check: set them again through the admin API"
+        );
+    }
+    Ok(())
 }
 
 /// Connects to NATS and Redis; `max_in_flight` bounds the deliveries the bus holds at once.

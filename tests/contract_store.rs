@@ -9,6 +9,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use futures::{StreamExt, stream::BoxStream};
 use shared::{
     agent::{Agent, Backend, WhatsAppChannel},
+    crypto::Keyring,
     domain::{AgentId, MessageSid, PhoneNumber, SessionId, WhatsAppAddress},
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
@@ -122,7 +123,34 @@ on_both!(
     failures_are_counted_and_cleared,
     the_simulated_outbox_keeps_order_and_reads_from_an_index,
     everything_survives_reopen,
+    the_key_check_is_written_once_and_replaced_only_as_it_was_read,
 );
+
+/// The master key check: the first check offered stands for every later one, a replacement
+/// applies only over the check it was made from, and the check survives a reopen.
+async fn the_key_check_is_written_once_and_replaced_only_as_it_was_read(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let ring = || Keyring::from_base64(&Keyring::generate_key(), &[]).unwrap();
+    let (first, second) = (ring().seal_key_check(), ring().seal_key_check());
+    assert_eq!(store.key_check(&first).await.unwrap(), first, "{n}");
+    assert_eq!(
+        store.key_check(&second).await.unwrap(),
+        first,
+        "{n}: the stored check stands"
+    );
+    assert!(
+        !store.replace_key_check(&second, &second).await.unwrap(),
+        "{n}: not over a check that is not stored"
+    );
+    assert!(
+        store.replace_key_check(&first, &second).await.unwrap(),
+        "{n}"
+    );
+    drop(store);
+    let store = rig.reopen().await;
+    assert_eq!(store.key_check(&first).await.unwrap(), second, "{n}");
+}
 
 fn agent_id(id: &str) -> AgentId {
     AgentId::parse(id).unwrap()

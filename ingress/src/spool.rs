@@ -22,6 +22,7 @@ use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shared::{
     bus::{Bus, BusError, Deliveries, Published, Topic},
+    data_dir::{self, DataFileError},
     envelope::DeadLetter,
     shutdown::Shutdown,
 };
@@ -84,10 +85,24 @@ impl Entry {
 
 /// Why the spool cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("ingress spool {path}: {reason}")]
-pub struct SpoolError {
-    path: String,
-    reason: String,
+pub enum SpoolError {
+    /// The data folder or the file could not be made private, or the file is empty or
+    /// damaged; the error names it.
+    #[error("ingress spool: {0}")]
+    File(DataFileError),
+    /// Another ingress process has it open.
+    #[error(
+        "ingress spool {0}: another wagate ingress process is using it; give each ingress its own WAGATE_DATA_DIR"
+    )]
+    InUse(String),
+    /// It could not be read or prepared.
+    #[error("ingress spool {path}: {reason}")]
+    Open {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 struct Spool {
@@ -104,18 +119,16 @@ fn db_err(e: impl std::fmt::Display) -> BusError {
 
 impl Spool {
     fn open(path: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
-        let fail = |reason: String| SpoolError {
+        let fail = |reason: String| SpoolError::Open {
             path: path.display().to_string(),
             reason,
         };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+            data_dir::private_dir(dir).map_err(SpoolError::File)?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => fail(
-                "another wagate ingress process is using it; give each ingress its own WAGATE_DATA_DIR".into(),
-            ),
-            other => fail(other.to_string()),
+        let db = data_dir::open_database(path).map_err(|e| match e {
+            DataFileError::InUse(path) => SpoolError::InUse(path.display().to_string()),
+            other => SpoolError::File(other),
         })?;
         let (mut next, mut len, mut bytes) = (0, 0, 0);
         {

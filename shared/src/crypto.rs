@@ -5,7 +5,9 @@
 //! field does not open. A random 16-byte nonce is a further header, so two agents with the same
 //! token do not store equal ciphertexts. The sealed text names the key it was made with
 //! (`v1.<key id>.<nonce>.<ciphertext>`), so keys can rotate: the keyring opens values of every
-//! key it holds and seals with the newest.
+//! key it holds and seals with the newest. A key check, a known text sealed the same way under
+//! a label of its own, lets a process tell at start whether its keyring is the one the stored
+//! data was sealed with ([`crate::key_check`]).
 
 use aes_siv::{KeyInit, siv::Aes256Siv};
 use base64::{Engine, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -66,6 +68,29 @@ impl SealedSecret {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A sealed value as read back from a store that keeps it as plain text; whether it opens
+    /// is for the keyring to say.
+    pub fn from_stored(text: String) -> Self {
+        Self(text)
+    }
+}
+
+/// The key check's associated data: an empty scope, which no agent id is (they are 1 to 64
+/// characters), and a label of its own, so no stored secret can pass for a check or the reverse.
+const KEY_CHECK_SCOPE: &[u8] = b"";
+const KEY_CHECK_LABEL: &[u8] = b"master-key-check";
+/// What a key check seals; not secret, only proof that the key that opens it sealed it.
+const KEY_CHECK_TEXT: &[u8] = b"wagate master key check v1";
+
+/// Which key of the keyring opened a stored key check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The primary key: the data is sealed with the key that seals new values.
+    Primary,
+    /// A key being rotated out (`WAGATE_MASTER_KEY_PREVIOUS`): the check should be sealed again
+    /// with the primary once every stored secret is.
+    Previous,
 }
 
 struct MasterKey {
@@ -147,13 +172,74 @@ impl Keyring {
         purpose: SecretPurpose,
         plaintext: &SecretString,
     ) -> SealedSecret {
+        self.seal_bound(
+            agent.as_str().as_bytes(),
+            purpose.label(),
+            plaintext.expose_secret().as_bytes(),
+        )
+    }
+
+    /// Decrypts a stored value; fails if it was sealed for another agent or purpose.
+    pub fn open(
+        &self,
+        agent: &AgentId,
+        purpose: SecretPurpose,
+        sealed: &SealedSecret,
+    ) -> Result<SecretString, CryptoError> {
+        let (plain, _) = self.open_bound(agent.as_str().as_bytes(), purpose.label(), sealed)?;
+        String::from_utf8(plain)
+            .map(SecretString::from)
+            .map_err(|_| CryptoError::Corrupt)
+    }
+
+    /// Whether `sealed` was made with a key other than the primary (or cannot be read at all):
+    /// what rotation has yet to seal again.
+    pub fn needs_reseal(&self, sealed: &SealedSecret) -> bool {
+        sealed.0.split('.').nth(1) != Some(self.primary.id.as_str())
+    }
+
+    /// A fresh key check: a known text sealed with the primary key, stored beside the data so
+    /// that a later start can tell whether its keyring is the one the data was sealed with.
+    pub fn seal_key_check(&self) -> SealedSecret {
+        self.seal_bound(KEY_CHECK_SCOPE, KEY_CHECK_LABEL, KEY_CHECK_TEXT)
+    }
+
+    /// Opens a stored key check with any key of the keyring, and says which one opened it.
+    pub fn open_key_check(&self, sealed: &SealedSecret) -> Result<KeyCheck, CryptoError> {
+        let (plain, key) = self.open_bound(KEY_CHECK_SCOPE, KEY_CHECK_LABEL, sealed)?;
+        if plain != KEY_CHECK_TEXT {
+            return Err(CryptoError::Corrupt);
+        }
+        Ok(if key.id == self.primary.id {
+            KeyCheck::Primary
+        } else {
+            KeyCheck::Previous
+        })
+    }
+
+    /// Whether keys being rotated out are held besides the primary.
+    pub fn is_rotating(&self) -> bool {
+        !self.previous.is_empty()
+    }
+
+    /// The ids of every key held, the primary first: safe to print (a key id is 4 bytes of a
+    /// hash of the key), and what an operator compares with the id a check names.
+    pub fn key_ids(&self) -> Vec<&str> {
+        std::iter::once(&self.primary)
+            .chain(&self.previous)
+            .map(|k| k.id.as_str())
+            .collect()
+    }
+
+    /// Seals `plaintext` under the primary key, bound to `scope` and `label` as associated data.
+    fn seal_bound(&self, scope: &[u8], label: &[u8], plaintext: &[u8]) -> SealedSecret {
         let mut nonce = [0u8; 16];
         rand::rng().fill(&mut nonce);
-        let headers: [&[u8]; 3] = [agent.as_str().as_bytes(), purpose.label(), &nonce];
+        let headers: [&[u8]; 3] = [scope, label, &nonce];
         let sealed = self
             .primary
             .cipher()
-            .encrypt(headers, plaintext.expose_secret().as_bytes())
+            .encrypt(headers, plaintext)
             // SIV encryption only fails for more headers than the algorithm allows; we pass 3.
             .unwrap_or_default();
         SealedSecret(format!(
@@ -164,13 +250,14 @@ impl Keyring {
         ))
     }
 
-    /// Decrypts a stored value; fails if it was sealed for another agent or purpose.
-    pub fn open(
+    /// Opens a value sealed by [`Self::seal_bound`] with the same `scope` and `label`, with the
+    /// key its text names; returns the plaintext and that key.
+    fn open_bound(
         &self,
-        agent: &AgentId,
-        purpose: SecretPurpose,
+        scope: &[u8],
+        label: &[u8],
         sealed: &SealedSecret,
-    ) -> Result<SecretString, CryptoError> {
+    ) -> Result<(Vec<u8>, &MasterKey), CryptoError> {
         let mut parts = sealed.0.split('.');
         let (Some("v1"), Some(kid), Some(nonce), Some(ct), None) = (
             parts.next(),
@@ -191,14 +278,12 @@ impl Keyring {
         let ct = URL_SAFE_NO_PAD
             .decode(ct)
             .map_err(|_| CryptoError::Corrupt)?;
-        let headers: [&[u8]; 3] = [agent.as_str().as_bytes(), purpose.label(), &nonce];
+        let headers: [&[u8]; 3] = [scope, label, &nonce];
         let plain = key
             .cipher()
             .decrypt(headers, &ct)
             .map_err(|_| CryptoError::Corrupt)?;
-        String::from_utf8(plain)
-            .map(SecretString::from)
-            .map_err(|_| CryptoError::Corrupt)
+        Ok((plain, key))
     }
 
     /// Seals again under the primary key, for rotation.
@@ -252,6 +337,33 @@ mod tests {
             only_new.open(&a, SecretPurpose::WebhookSecret, &sealed),
             Err(CryptoError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn a_key_check_opens_with_the_key_that_sealed_it_and_no_other() {
+        let k1 = Keyring::generate_key();
+        let k2 = Keyring::generate_key();
+        let first = Keyring::from_base64(&k1, &[]).unwrap();
+        let check = first.seal_key_check();
+        assert_eq!(first.open_key_check(&check).unwrap(), KeyCheck::Primary);
+        let rotating = Keyring::from_base64(&k2, std::slice::from_ref(&k1)).unwrap();
+        assert!(rotating.is_rotating());
+        assert_eq!(rotating.open_key_check(&check).unwrap(), KeyCheck::Previous);
+        assert!(rotating.needs_reseal(&check));
+        let wrong = Keyring::from_base64(&k2, &[]).unwrap();
+        assert!(matches!(
+            wrong.open_key_check(&check),
+            Err(CryptoError::UnknownKey(id)) if id == first.primary_id()
+        ));
+        // A stored secret cannot pass for a check, nor a check for a secret.
+        let a = AgentId::parse("a").unwrap();
+        let secret = first.seal(&a, SecretPurpose::WebhookSecret, &SecretString::from("s"));
+        assert!(first.open_key_check(&secret).is_err());
+        assert!(
+            first
+                .open(&a, SecretPurpose::WebhookSecret, &check)
+                .is_err()
+        );
     }
 
     #[test]

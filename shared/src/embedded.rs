@@ -15,10 +15,14 @@ use std::{
     time::Duration,
 };
 
-use redb::{Database, DatabaseError, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::{bus::embedded::EmbeddedBus, store::embedded::EmbeddedStore};
+use crate::{
+    bus::embedded::EmbeddedBus,
+    data_dir::{self, DataFileError},
+    store::embedded::EmbeddedStore,
+};
 
 /// The name of the database file inside the data folder.
 pub const FILE_NAME: &str = "wagate.redb";
@@ -30,14 +34,9 @@ const MAX_BATCH: usize = 1024;
 /// Why embedded mode could not start; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    /// The data folder could not be created.
-    #[error("cannot create the data folder {}: {reason}", .path.display())]
-    Folder {
-        /// The folder.
-        path: PathBuf,
-        /// The operating system's reason.
-        reason: String,
-    },
+    /// The data folder or the file could not be made private, or the file is empty or damaged.
+    #[error(transparent)]
+    File(DataFileError),
     /// Another process (or another handle in this one) has the file open: two writers would
     /// each think they own every queue.
     #[error(
@@ -73,24 +72,17 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Opens (creating the folder and file if missing) `<data_dir>/wagate.redb`, and recovers the
+    /// Opens (creating the folder and file if missing, both private) `<data_dir>/wagate.redb`,
+    /// checks the integrity of every page ([`data_dir::open_database`]), and recovers the
     /// queues: every message not acknowledged before the process stopped is ready again.
     /// Blocks while it reads the file, so call it at startup (or from a blocking task). Fails at
     /// once with [`EmbeddedError::InUse`] if another process has the file open.
     pub fn open(data_dir: &Path, options: EmbeddedOptions) -> Result<Self, EmbeddedError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| EmbeddedError::Folder {
-            path: data_dir.to_owned(),
-            reason: e.to_string(),
-        })?;
+        data_dir::private_dir(data_dir).map_err(EmbeddedError::File)?;
         let path = data_dir.join(FILE_NAME);
-        let database = Database::create(&path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
-                EmbeddedError::InUse(path.clone())
-            }
-            other => EmbeddedError::Open {
-                path: path.clone(),
-                reason: other.to_string(),
-            },
+        let database = data_dir::open_database(&path).map_err(|e| match e {
+            DataFileError::InUse(path) => EmbeddedError::InUse(path),
+            other => EmbeddedError::File(other),
         })?;
         let failed = |e: DbError| EmbeddedError::Open {
             path: path.clone(),

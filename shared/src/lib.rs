@@ -6,7 +6,10 @@
 //!   Twilio sids, session id `twilio_{agent_id}_{phone}`).
 //! - [`twilio`]: Twilio's wire formats: the signature algorithm, strict form parsing, the
 //!   inbound-message and status-callback forms, REST error classification.
-//! - [`crypto`]: AES-SIV sealing of stored secrets, bound to their agent, with key rotation.
+//! - [`crypto`]: AES-SIV sealing of stored secrets, bound to their agent, with key rotation;
+//!   [`redact`]: credentials inside URLs, masked wherever a URL is shown.
+//! - [`key_check`]: the start-up proof that the master key is the one the data was sealed
+//!   with, and the end of a key rotation.
 //! - [`config`]: every setting, from the environment, checked at start; [`retry`]: retry
 //!   schedules as data.
 //! - [`agent`]: agents, their backends and WhatsApp channels as stored.
@@ -16,6 +19,8 @@
 //!   and Redis implementations, and their embedded ones.
 //! - [`embedded`]: embedded mode's one data file (redb), opened by one process at a time, and
 //!   the writer that group-commits every change of the embedded bus and store.
+//! - [`data_dir`]: the data folder and its files, private to their owner, and redb databases
+//!   opened only once they pass an integrity check.
 //! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
 //! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
 //! - [`shutdown`]: the signal every long-running loop watches.
@@ -25,11 +30,13 @@ pub mod agent;
 pub mod bus;
 pub mod config;
 pub mod crypto;
+pub mod data_dir;
 pub mod directory;
 pub mod dispatch;
 pub mod domain;
 pub mod embedded;
 pub mod envelope;
+pub mod key_check;
 pub mod redact;
 pub mod retry;
 pub mod shutdown;

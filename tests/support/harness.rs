@@ -268,6 +268,25 @@ pub const SANDBOX: &str = "+14155238886";
 /// (an empty value is a value, and some settings must be absent, not empty).
 pub const UNSET: &str = "<unset>";
 
+/// A start that ended before the process was ready.
+#[derive(Debug)]
+pub struct Refused {
+    /// How the process exited.
+    pub status: std::process::ExitStatus,
+    /// Everything it logged.
+    pub logs: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wagate exited with {} before it was ready:\n{}",
+            self.status, self.logs
+        )
+    }
+}
+
 /// A running `wagate` process.
 pub struct Wagate {
     proc: Proc,
@@ -293,6 +312,20 @@ impl Wagate {
         twilio_base: &str,
         env: &[(&str, &str)],
     ) -> Wagate {
+        match Self::try_start_role(role, servers, twilio_base, env).await {
+            Ok(w) => w,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// As [`Wagate::start_role`], for a start that may be refused: the process's exit status
+    /// and log when it exits before it is ready (a start that hangs still fails the test).
+    pub async fn try_start_role(
+        role: &str,
+        servers: &Servers,
+        twilio_base: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Wagate, Refused> {
         let port = free_port();
         let admin_port = free_port();
         let public_url = format!("http://127.0.0.1:{port}");
@@ -338,8 +371,8 @@ impl Wagate {
             http: reqwest::Client::new(),
             starts: 1,
         };
-        w.wait_ready().await;
-        w
+        w.wait_ready().await?;
+        Ok(w)
     }
 
     /// Starts the process again (after [`Wagate::kill`]) with the same role, ports and settings.
@@ -347,20 +380,24 @@ impl Wagate {
         self.kill();
         self.proc = Proc(spawn_wagate(&self.role, &self.env, &self.log_path));
         self.starts += 1;
-        self.wait_ready().await;
+        if let Err(why) = self.wait_ready().await {
+            panic!("{why}");
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits for this start's `wagate ready`; the exit status and log if the process exits
+    /// first.
+    async fn wait_ready(&mut self) -> Result<(), Refused> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.logs().matches("wagate ready").count() >= self.starts {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.proc.0.try_wait() {
-                panic!(
-                    "wagate exited with {status} before it was ready:\n{}",
-                    self.logs()
-                );
+                return Err(Refused {
+                    status,
+                    logs: self.logs(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -8,7 +8,8 @@
 //! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`|`optin`,
 //! session) → ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
 //! message sids, send guards, sent parts, statuses and failure counts, with its expiry index
-//! `store_expiries`.
+//! `store_expiries`, and `store_meta` (name → text) for the master key check
+//! ([`crate::key_check`]).
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use super::{
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
+    crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
     embedded::{Db, DbError, now_ms},
     envelope::OutboundReply,
@@ -42,6 +44,10 @@ const EXPIRING: TableDefinition<(&str, &str, &str), (u64, &[u8])> =
     TableDefinition::new("store_expiring");
 const EXPIRIES: TableDefinition<(u64, &str, &str, &str), ()> =
     TableDefinition::new("store_expiries");
+/// Facts about the data itself rather than the pipeline's state: the master key check.
+const META: TableDefinition<&str, &str> = TableDefinition::new("store_meta");
+/// The name of the master key check in [`META`].
+const KEY_CHECK: &str = "key-check";
 
 /// Expired records removed per write: enough to keep up with the rate they are written.
 const PURGE_PER_WRITE: usize = 32;
@@ -348,6 +354,7 @@ impl EmbeddedStore {
         txn.open_table(CLOCKS)?;
         txn.open_table(EXPIRING)?;
         txn.open_table(EXPIRIES)?;
+        txn.open_table(META)?;
         Ok(())
     }
 
@@ -918,6 +925,45 @@ impl Store for EmbeddedStore {
         Ok(self
             .db
             .write(move |txn| Expiring::open(txn)?.remove(("failures", "", &key)))
+            .await?)
+    }
+
+    async fn key_check(&self, fresh: &SealedSecret) -> Result<SealedSecret, StoreError> {
+        let fresh = fresh.as_str().to_owned();
+        let stands = self
+            .db
+            .write(move |txn| {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get(KEY_CHECK)?.map(|v| v.value().to_owned());
+                match stored {
+                    Some(check) => Ok(check),
+                    None => {
+                        meta.insert(KEY_CHECK, fresh.as_str())?;
+                        Ok(fresh.clone())
+                    }
+                }
+            })
+            .await?;
+        Ok(SealedSecret::from_stored(stands))
+    }
+
+    async fn replace_key_check(
+        &self,
+        old: &SealedSecret,
+        new: &SealedSecret,
+    ) -> Result<bool, StoreError> {
+        let (old, new) = (old.as_str().to_owned(), new.as_str().to_owned());
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut meta = txn.open_table(META)?;
+                let current = meta.get(KEY_CHECK)?.map(|v| v.value() == old);
+                if current != Some(true) {
+                    return Ok(false);
+                }
+                meta.insert(KEY_CHECK, new.as_str())?;
+                Ok(true)
+            })
             .await?)
     }
 

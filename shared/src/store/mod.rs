@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 
 use crate::{
     agent::{Agent, WhatsAppChannel},
+    crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
     envelope::OutboundReply,
     twilio::status::{MessageStatus, StatusUpdate},
@@ -307,6 +308,18 @@ pub trait Store: Send + Sync + 'static {
     async fn count_failure(&self, key: &str) -> Result<u64, StoreError>;
     /// Forgets the failures of `key` once it succeeded or became a dead letter.
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
+
+    /// The master key check ([`crate::key_check`]): stores `fresh` unless a check is stored
+    /// already, atomically, and returns the check that stands (`fresh`, or the stored one).
+    /// Processes starting together on new data thus all test their keys against one check.
+    async fn key_check(&self, fresh: &SealedSecret) -> Result<SealedSecret, StoreError>;
+    /// Replaces the key check `old` with `new` (the same check sealed with the primary key, at
+    /// the end of a rotation), only if `old` is still the one stored; true when it was replaced.
+    async fn replace_key_check(
+        &self,
+        old: &SealedSecret,
+        new: &SealedSecret,
+    ) -> Result<bool, StoreError>;
 
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;

@@ -8,7 +8,8 @@
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
 //! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
-//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends).
+//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:meta:key-check` (the
+//! master key check, [`crate::key_check`]).
 
 use std::{sync::LazyLock, time::Duration};
 
@@ -24,6 +25,7 @@ use super::{
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
+    crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
     envelope::OutboundReply,
     redact,
@@ -159,6 +161,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
 
+// KEYS[1] = the key check; ARGV[1] = a fresh check, stored unless one is. Returns the one that
+// stands.
+const KEY_CHECK: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"#;
+
+// KEYS[1] = the key check; replaced by ARGV[2] only while it is still ARGV[1].
+const REPLACE_KEY_CHECK: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
 /// The scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     record_lead: Script::new(RECORD_LEAD),
@@ -170,6 +188,8 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     settle_sent: Script::new(SETTLE_SENT),
     release_send: Script::new(RELEASE_SEND),
     record_status: Script::new(RECORD_STATUS),
+    key_check: Script::new(KEY_CHECK),
+    replace_key_check: Script::new(REPLACE_KEY_CHECK),
 });
 
 struct Scripts {
@@ -182,6 +202,8 @@ struct Scripts {
     settle_sent: Script,
     release_send: Script,
     record_status: Script,
+    key_check: Script,
+    replace_key_check: Script,
 }
 
 impl Scripts {
@@ -888,6 +910,33 @@ impl Store for RedisStore {
             .await
             .map_err(err("clear failures"))?;
         Ok(())
+    }
+
+    async fn key_check(&self, fresh: &SealedSecret) -> Result<SealedSecret, StoreError> {
+        let stands: String = SCRIPTS
+            .key_check
+            .key(self.key("meta:key-check"))
+            .arg(fresh.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("key check"))?;
+        Ok(SealedSecret::from_stored(stands))
+    }
+
+    async fn replace_key_check(
+        &self,
+        old: &SealedSecret,
+        new: &SealedSecret,
+    ) -> Result<bool, StoreError> {
+        let replaced: i64 = SCRIPTS
+            .replace_key_check
+            .key(self.key("meta:key-check"))
+            .arg(old.as_str())
+            .arg(new.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("replace key check"))?;
+        Ok(replaced == 1)
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
