@@ -15,12 +15,13 @@ use std::time::Duration;
 use base64::Engine;
 use futures::StreamExt;
 use reqwest::Method;
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
     fake_openai::FakeOpenAi,
     fake_twilio::ScriptedResponse,
-    harness::{SANDBOX, Wagate, World, eventually, inbound_form, sid},
+    harness::{Mode, SANDBOX, Wagate, World, eventually, inbound_form, sid},
 };
 
 /// A Twilio account of this suite only (the SID is not a secret; its token is).
@@ -763,4 +764,61 @@ async fn files_on_disk_hold_no_secret() {
         "JetStream's store was read: {files:?}"
     );
     assert_no_leaks("files of Redis, NATS and wagate", &corpus);
+}
+
+#[tokio::test]
+async fn a_token_relabelled_with_another_key_id_does_not_open() {
+    // The process holds a second key (one being rotated out). The channel's token, sealed under
+    // the current key, is relabelled in Redis with the second key's id, as someone with write
+    // access to the store could: opening it with that key must fail, so the webhook cannot be
+    // verified and is answered 503 (Twilio retries), not accepted with the token in clear.
+    let other = shared::crypto::Keyring::generate_key();
+    let other_id = shared::crypto::Keyring::from_base64(&other, &[])
+        .unwrap()
+        .primary_id()
+        .to_owned();
+    let w = World::start_in(
+        Mode::Distributed,
+        &[("WAGATE_MASTER_KEY_PREVIOUS", other.expose_secret())],
+    )
+    .await;
+    w.wagate.echo_agent("demo").await;
+    let mut con = w.servers.redis().await;
+    let key = "wagate:channel:demo";
+    let stored: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut channel: Value = serde_json::from_str(&stored).unwrap();
+    let sealed = channel["auth_token"].as_str().unwrap().to_owned();
+    let mut parts: Vec<&str> = sealed.split('.').collect();
+    assert_eq!(parts.len(), 4, "{sealed}");
+    assert_ne!(parts[1], other_id);
+    parts[1] = &other_id;
+    channel["auth_token"] = Value::String(parts.join("."));
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(channel.to_string())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 503, "a token that did not open cannot verify");
+    assert!(
+        w.wagate.logs().contains("cannot load the agent's channel"),
+        "{}",
+        w.wagate.logs()
+    );
+    // Labelled with its own key again, the same ciphertext opens: the 503 was the key's doing.
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(stored)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("hi"));
 }
