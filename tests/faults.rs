@@ -29,14 +29,16 @@ async fn a_slow_twilio_and_a_dropped_connection_still_give_one_message_each() {
     w.twilio.push_response(ScriptedResponse::Reset);
     w.wagate.inbound("demo", &sid(2), FROM, "reset").await;
     w.twilio.wait_for_sent(2, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A third message is a barrier: its reply follows any second post of the first two.
+    w.wagate.inbound("demo", &sid(3), FROM, "after").await;
     let bodies: Vec<String> = w
         .twilio
-        .sent()
+        .wait_for_sent(3, WAIT)
+        .await
         .iter()
         .map(|m| m.body.clone().unwrap())
         .collect();
-    assert_eq!(bodies, ["slow", "reset"]);
+    assert_eq!(bodies, ["slow", "reset", "after"]);
 }
 
 #[tokio::test]
@@ -58,14 +60,21 @@ async fn the_same_message_sid_after_the_bus_forgot_it_is_not_answered_again() {
     for r in futures::future::join_all(repeats).await {
         assert_eq!(r.status(), 200);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(w.twilio.sent().len(), 1, "one reply per MessageSid");
-    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 1);
-    let s = w.wagate.session("demo", FROM).await;
+    // The user's next message is a barrier: it is handled after the repeats, and its reply
+    // follows anything they could have sent.
+    w.wagate.inbound("demo", &sid(8), FROM, "next").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
     assert_eq!(
-        s["messages"].as_array().unwrap().len(),
-        2,
-        "the turn is stored once"
+        bodies,
+        [Some("once"), Some("next")],
+        "one reply per MessageSid"
+    );
+    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 2);
+    assert_eq!(
+        w.wagate.session_contents("demo", FROM).await,
+        ["once", "once", "next", "next"],
+        "each turn is stored once"
     );
 }
 

@@ -21,12 +21,14 @@ async fn accepted_message_gets_empty_twiml_and_duplicates_too() {
         assert_eq!(r.headers()["content-type"], "text/xml");
         assert!(r.text().await.unwrap().contains("<Response></Response>"));
     }
-    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The user's next message is a barrier: its reply follows any reply to the first.
+    w.wagate.inbound("demo", &sid(2), FROM, "next").await;
+    let sent = w.twilio.wait_for_sent(2, Duration::from_secs(10)).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
     assert_eq!(
-        w.twilio.sent().len(),
-        1,
-        "a duplicate MessageSid must not produce a second reply: {sent:?}"
+        bodies,
+        [Some("hi"), Some("next")],
+        "a duplicate MessageSid must not produce a second reply"
     );
 }
 
@@ -129,9 +131,14 @@ async fn missing_or_wrong_signature_is_401() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        w.twilio.sent().is_empty(),
+    // A well-signed message of the same user is a barrier: its reply follows any other.
+    let r = w.wagate.inbound("demo", &sid(2), FROM, "signed").await;
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(10)).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(
+        bodies,
+        [Some("signed")],
         "nothing unauthenticated may be answered"
     );
 }
@@ -280,9 +287,11 @@ async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let sent = w.twilio.wait_for_sent(1, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(w.twilio.sent().len(), 1, "{sent:?}");
+    // The user's next message is a barrier: its reply follows any other.
+    w.wagate.inbound("demo", &sid(2), FROM, "next").await;
+    let sent = w.twilio.wait_for_sent(2, Duration::from_secs(15)).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(bodies, [Some("hi"), Some("next")]);
 }
 
 #[tokio::test]
