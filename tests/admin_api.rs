@@ -866,13 +866,19 @@ async fn messages_are_202_inside_the_window_409_outside_422_when_invalid() {
     .await;
     assert_error(&a, 404, "messages of an unknown agent");
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        w.twilio.sent().len(),
-        3,
-        "refused requests send nothing: {:?}",
-        w.twilio.sent()
-    );
+    // An accepted message to the user is a barrier: sends to one user go out in the order they
+    // were queued, so anything a refused request had queued for them would come before it.
+    let a = call(
+        &w,
+        Method::POST,
+        path,
+        Some(json!({"to": FROM, "body": "last"})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let sent = w.twilio.wait_for_sent(4, WAIT).await;
+    assert_eq!(sent.len(), 4, "refused requests send nothing: {sent:?}");
+    assert_eq!(sent[3].body.as_deref(), Some("last"), "{sent:?}");
     assert!(
         w.twilio.violations().is_empty(),
         "{:?}",
@@ -1198,8 +1204,9 @@ async fn every_route_answers_401_json_without_the_right_bearer_token() {
         }
     }
 
-    // Nothing of the above took effect.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing of the above took effect. The state is read back at once (a refused call that
+    // changed it would have done so before answering); for sends, a template the right token
+    // sends to the user is a barrier: anything queued for them before comes first.
     let demo = call(&w, Method::GET, "/v1/agents/demo", None).await.json();
     assert_eq!(demo["name"], "demo");
     let a = call(&w, Method::GET, "/v1/agents/intruder", None).await;
@@ -1209,7 +1216,16 @@ async fn every_route_answers_401_json_without_the_right_bearer_token() {
         .json();
     assert_eq!(channel["phone_number"], SANDBOX);
     assert_eq!(channel["enabled"], true);
-    assert!(w.twilio.sent().is_empty(), "{:?}", w.twilio.sent());
+    let a = call(
+        &w,
+        Method::POST,
+        "/v1/agents/demo/messages",
+        Some(json!({"to": FROM, "content_sid": template_sid()})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
 
     // And the right token opens every route (none of them answers 401).
     for (method, path, body) in routes() {

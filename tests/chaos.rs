@@ -99,7 +99,21 @@ async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
     while answered() < total && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // With the killing over, one more message per user is a barrier: a conversation's replies
+    // go out in order, so once each user's last one is answered, a late duplicate of an
+    // earlier one would have shown (a part whose sender died waits out its lease first).
+    let http = reqwest::Client::new();
+    let barriers = (0..USERS).map(|u| {
+        let user = format!("+1415556{u:04}");
+        let fields = inbound_form(&sid(u * 1000 + MESSAGES), &user, &format!("{user} last"));
+        let (http, url) = (http.clone(), url.clone());
+        async move { deliver_like_twilio(&http, &url, &fields).await }
+    });
+    futures::future::join_all(barriers).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered() < total + USERS as usize && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let lines = echoed_lines(&twilio.sent());
     let mut problems = Vec::new();
     for u in 0..USERS {
@@ -108,14 +122,17 @@ async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
             .get(&format!("whatsapp:{user}"))
             .cloned()
             .unwrap_or_default();
-        let expected: Vec<String> = (0..MESSAGES).map(|m| format!("{user} #{m}")).collect();
+        let expected: Vec<String> = (0..MESSAGES)
+            .map(|m| format!("{user} #{m}"))
+            .chain([format!("{user} last")])
+            .collect();
         if got != expected {
             problems.push(format!("{user}: got {got:?}"));
         }
     }
     assert!(
-        problems.is_empty() && answered() == total,
-        "after {kills} kills, {} of {total} messages answered:\n{}",
+        problems.is_empty() && answered() == total + USERS as usize,
+        "after {kills} kills, {} of {total} messages (and {USERS} last ones) answered:\n{}",
         answered(),
         problems.join("\n")
     );

@@ -33,8 +33,18 @@ async fn a_burst_within_the_window_is_one_turn_and_echo_joins_it() {
         sent[0].body.as_deref(),
         Some("Hi\nI have a question\nabout my order")
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(w.twilio.sent().len(), 1, "one turn, one reply");
+    // A later message is a barrier: its reply follows any other to the burst.
+    w.wagate.inbound("demo", &sid(4), FROM, "thanks").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(
+        bodies,
+        [
+            Some("Hi\nI have a question\nabout my order"),
+            Some("thanks")
+        ],
+        "one turn, one reply"
+    );
     let turns = w.wagate.session_contents("demo", FROM).await;
     assert_eq!(
         turns,
@@ -42,10 +52,12 @@ async fn a_burst_within_the_window_is_one_turn_and_echo_joins_it() {
             "Hi",
             "I have a question",
             "about my order",
-            "Hi\nI have a question\nabout my order"
+            "Hi\nI have a question\nabout my order",
+            "thanks",
+            "thanks"
         ]
     );
-    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 3);
+    assert_eq!(w.wagate.leads("demo").await[0]["message_count"], 4);
 }
 
 #[tokio::test]
@@ -59,14 +71,20 @@ async fn messages_that_queue_behind_a_slow_turn_go_together_without_a_window() {
     hook.wait_for_requests(1, WAIT).await;
     w.wagate.inbound("biz", &sid(2), FROM, "second").await;
     w.wagate.inbound("biz", &sid(3), FROM, "third").await;
-    let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.twilio.wait_for_sent(2, WAIT).await;
+    // A later message is a barrier: its turn and reply follow any other.
+    w.wagate.inbound("biz", &sid(4), FROM, "fourth").await;
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
     assert_eq!(
         hook.requests().len(),
-        2,
+        3,
         "the two queued messages made one turn"
     );
-    assert_eq!(w.twilio.sent().len(), 2);
+    let bodies: Vec<_> = sent[1..].iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(
+        bodies,
+        [Some("webhook says: third"), Some("webhook says: fourth")]
+    );
     let second = &hook.requests()[1];
     let users: Vec<&str> = second["messages"]
         .as_array()
@@ -80,5 +98,4 @@ async fn messages_that_queue_behind_a_slow_turn_go_together_without_a_window() {
         ["first", "second", "third"],
         "the agent sees the whole burst after the history"
     );
-    assert_eq!(sent[1].body.as_deref(), Some("webhook says: third"));
 }

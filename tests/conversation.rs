@@ -436,7 +436,13 @@ async fn long_reply_is_split_in_order_and_whole() {
 async fn a_reply_over_the_cap_is_cut_and_counted() {
     let model = FakeOpenAi::start("k").await;
     let huge = "runaway ".repeat(10_000);
-    model.set_reply(move |_, _| huge.clone());
+    model.set_reply(move |n, _| {
+        if n == 1 {
+            huge.clone()
+        } else {
+            "that is all".into()
+        }
+    });
     let w = World::start().await;
     w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "k"})).await;
     w.wagate.channel("bot", true).await;
@@ -459,8 +465,14 @@ async fn a_reply_over_the_cap_is_cut_and_counted() {
             .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(w.twilio.sent().len(), expected.len(), "no more parts");
+    // The next reply is a barrier: it follows every part of the first.
+    w.wagate
+        .inbound("bot", &sid(2), FROM, "anything else?")
+        .await;
+    let sent = w.twilio.wait_for_sent(expected.len() + 1, WAIT).await;
+    let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
+    assert_eq!(bodies[..expected.len()], expected, "no more parts");
+    assert_eq!(bodies[expected.len()..], ["that is all"]);
 }
 
 #[tokio::test]
@@ -472,8 +484,11 @@ async fn same_message_sid_four_times_at_once_gets_one_reply() {
     let statuses = futures::future::join_all(posts).await;
     assert!(statuses.iter().all(|r| r.status() == 200));
     w.twilio.wait_for_sent(1, WAIT).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(w.twilio.sent().len(), 1);
+    // The user's next message is a barrier: its reply follows any other to the first.
+    w.wagate.inbound("demo", &sid(43), FROM, "next").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(bodies, [Some("once"), Some("next")]);
     let leads: serde_json::Value = w
         .wagate
         .admin(reqwest::Method::GET, "/v1/agents/demo/leads")
@@ -483,5 +498,8 @@ async fn same_message_sid_four_times_at_once_gets_one_reply() {
         .json()
         .await
         .unwrap();
-    assert_eq!(leads[0]["message_count"], 1);
+    assert_eq!(
+        leads[0]["message_count"], 2,
+        "the two messages, each counted once"
+    );
 }

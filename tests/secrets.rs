@@ -15,12 +15,13 @@ use std::time::Duration;
 use base64::Engine;
 use futures::StreamExt;
 use reqwest::Method;
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
     fake_openai::FakeOpenAi,
     fake_twilio::ScriptedResponse,
-    harness::{SANDBOX, Wagate, World, eventually, inbound_form, sid},
+    harness::{Mode, SANDBOX, Wagate, World, eventually, inbound_form, sid},
 };
 
 /// A Twilio account of this suite only (the SID is not a secret; its token is).
@@ -735,18 +736,14 @@ fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 #[tokio::test]
 async fn files_on_disk_hold_no_secret() {
     // Redis's append-only file keeps every write ever made (overwritten and deleted values
-    // too), and JetStream's file store keeps messages until it compacts: both must be clean.
-    let s = Scenario::run().await;
-    let mut files = Vec::new();
-    files_under(s.w.servers.dir.path(), &mut files);
-    let corpus: Vec<(String, Vec<u8>)> = files
-        .iter()
-        .filter_map(|p| {
-            std::fs::read(p)
-                .ok()
-                .map(|b| (format!("file {}", p.display()), b))
-        })
-        .collect();
+    // too), JetStream's file store keeps messages until it compacts, and ingress's spool keeps
+    // what it accepted while NATS was away: all must be clean. One message is spooled, so the
+    // spool has something to show.
+    let mut s = Scenario::run().await;
+    s.w.servers.kill_nats();
+    s.inbound("hook", 50, FROM, "spooled while NATS is away")
+        .await;
+    let (files, corpus) = files_corpus(s.w.servers.dir.path());
     let aof: Vec<(String, Vec<u8>)> = corpus
         .iter()
         .filter(|(n, _)| n.contains("appendonly"))
@@ -762,5 +759,157 @@ async fn files_on_disk_hold_no_secret() {
             .any(|p| p.to_string_lossy().contains("jetstream")),
         "JetStream's store was read: {files:?}"
     );
+    let spool: Corpus = corpus
+        .iter()
+        .filter(|(n, _)| n.ends_with("spool.redb"))
+        .cloned()
+        .collect();
+    assert!(
+        corpus_contains(&spool, "spooled while NATS is away"),
+        "the spool was read: {files:?}"
+    );
     assert_no_leaks("files of Redis, NATS and wagate", &corpus);
+}
+
+/// Every file under `dir` with its bytes, named for the report.
+fn files_corpus(dir: &std::path::Path) -> (Vec<std::path::PathBuf>, Corpus) {
+    let mut files = Vec::new();
+    files_under(dir, &mut files);
+    let corpus = files
+        .iter()
+        .filter_map(|p| {
+            std::fs::read(p)
+                .ok()
+                .map(|b| (format!("file {}", p.display()), b))
+        })
+        .collect();
+    (files, corpus)
+}
+
+#[tokio::test]
+async fn the_embedded_data_folder_holds_no_secret() {
+    // Embedded mode keeps agents, channels, sessions and the bus's messages in one redb file
+    // in the data folder; what it was given there must be sealed too.
+    let model = FakeOpenAi::start(OPENAI_KEY).await;
+    let hook = FakeAgentWebhook::start(WEBHOOK_SECRET).await;
+    let mut w = World::start_in(Mode::Embedded, &[]).await;
+    w.twilio.add_account(TWILIO_SID, TWILIO_TOKEN);
+    let backends = [
+        (
+            "ai",
+            json!({"kind": "openai", "base_url": model.base_url, "model": "gpt-test", "api_key": OPENAI_KEY}),
+        ),
+        (
+            "hook",
+            json!({"kind": "webhook", "url": hook.url, "secret": WEBHOOK_SECRET}),
+        ),
+    ];
+    for (id, backend) in backends {
+        w.wagate.agent(id, backend).await;
+        let r = w
+            .wagate
+            .admin(Method::PUT, &format!("/v1/agents/{id}/whatsapp"))
+            .json(&json!({
+                "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                "phone_number": SANDBOX, "enabled": true
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The secrets at work: the token checks the webhooks and authenticates the sends, the key
+    // and the secret reach the backends.
+    for (n, id) in [(1, "ai"), (2, "hook")] {
+        let mut form = inbound_form(&sid(n), FROM, &format!("hello {id}"));
+        for (k, v) in form.iter_mut() {
+            if k == "AccountSid" {
+                *v = TWILIO_SID.to_owned();
+            }
+        }
+        let r = w
+            .wagate
+            .post_signed(&Wagate::inbound_path(id), &form, TWILIO_TOKEN)
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(hook.bad_signatures(), 0);
+    // Stopped, so that everything it would write is in the files.
+    let (clean, _) = w.wagate.terminate().await;
+    assert!(clean, "{}", w.wagate.logs());
+
+    let data = w.servers.dir.path().join("data");
+    let (files, corpus) = files_corpus(&data);
+    let redb: Corpus = corpus
+        .iter()
+        .filter(|(n, _)| n.ends_with(".redb"))
+        .cloned()
+        .collect();
+    assert!(
+        corpus_contains(&redb, "hello ai") && corpus_contains(&redb, "hello hook"),
+        "the scan reads the sessions in the embedded store: {files:?}"
+    );
+    assert!(
+        corpus_contains(&redb, TWILIO_SID),
+        "the scan reads the channels in the embedded store: {files:?}"
+    );
+    assert_no_leaks("files of the embedded data folder", &corpus);
+}
+
+#[tokio::test]
+async fn a_token_relabelled_with_another_key_id_does_not_open() {
+    // The process holds a second key (one being rotated out). The channel's token, sealed under
+    // the current key, is relabelled in Redis with the second key's id, as someone with write
+    // access to the store could: opening it with that key must fail, so the webhook cannot be
+    // verified and is answered 503 (Twilio retries), not accepted with the token in clear.
+    let other = shared::crypto::Keyring::generate_key();
+    let other_id = shared::crypto::Keyring::from_base64(&other, &[])
+        .unwrap()
+        .primary_id()
+        .to_owned();
+    let w = World::start_in(
+        Mode::Distributed,
+        &[("WAGATE_MASTER_KEY_PREVIOUS", other.expose_secret())],
+    )
+    .await;
+    w.wagate.echo_agent("demo").await;
+    let mut con = w.servers.redis().await;
+    let key = "wagate:channel:demo";
+    let stored: String = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut channel: Value = serde_json::from_str(&stored).unwrap();
+    let sealed = channel["auth_token"].as_str().unwrap().to_owned();
+    let mut parts: Vec<&str> = sealed.split('.').collect();
+    assert_eq!(parts.len(), 4, "{sealed}");
+    assert_ne!(parts[1], other_id);
+    parts[1] = &other_id;
+    channel["auth_token"] = Value::String(parts.join("."));
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(channel.to_string())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 503, "a token that did not open cannot verify");
+    assert!(
+        w.wagate.logs().contains("cannot load the agent's channel"),
+        "{}",
+        w.wagate.logs()
+    );
+    // Labelled with its own key again, the same ciphertext opens: the 503 was the key's doing.
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(stored)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r = w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    assert_eq!(r.status(), 200);
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(sent[0].body.as_deref(), Some("hi"));
 }

@@ -210,8 +210,11 @@ async fn rate_limits_are_retried_honouring_retry_after() {
         .filter(|r| r.method == "POST")
         .count();
     assert_eq!(posts, 3);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(w.twilio.sent().len(), 1);
+    // The user's next message is a barrier: its reply follows any second post of the first.
+    w.wagate.inbound("demo", &sid(2), FROM, "next").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(bodies, [Some("busy?"), Some("next")]);
 }
 
 #[tokio::test]
@@ -232,21 +235,27 @@ async fn an_ambiguous_500_is_settled_by_asking_twilio_not_by_sending_twice() {
             .then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        w.twilio.sent().len(),
-        1,
-        "no second POST after an ambiguous answer"
-    );
-    assert!(dead_letters(&w).await.is_empty());
 
     // Twilio did not make it (plain 500): the lookup finds nothing and the send is retried.
+    // This message is also the first one's barrier: its reply follows any second post of it.
     w.twilio.push_response(ScriptedResponse::ServerError);
     w.wagate.inbound("demo", &sid(2), FROM, "second").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("second"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(w.twilio.sent().len(), 2);
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(
+        bodies,
+        [Some("exactly once"), Some("second")],
+        "no second POST after an ambiguous answer"
+    );
+    // And a third is the second's barrier.
+    w.wagate.inbound("demo", &sid(3), FROM, "third").await;
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
+    let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
+    assert_eq!(
+        bodies,
+        [Some("exactly once"), Some("second"), Some("third")]
+    );
+    assert!(dead_letters(&w).await.is_empty());
 }
 
 /// 21610 is not among them: it also opts the user out, so its replay is refused

@@ -256,7 +256,13 @@ async fn inbound(
     );
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(published)) => {
-            tracing::debug!(sid = %message.message_sid, duplicate = matches!(published, shared::bus::Published::Duplicate), "inbound message accepted");
+            let duplicate = matches!(published, shared::bus::Published::Duplicate);
+            if duplicate {
+                // Twilio repeated a MessageSid the bus still remembers: answered 200, stored
+                // once. Counted so that retries (and the bus dropping them) can be seen.
+                metrics::counter!("wagate_inbound_duplicates_total").increment(1);
+            }
+            tracing::debug!(sid = %message.message_sid, duplicate, "inbound message accepted");
             outcome("inbound", "accepted");
             metrics::histogram!("wagate_webhook_seconds").record(started.elapsed().as_secs_f64());
             ([(header::CONTENT_TYPE, "text/xml")], EMPTY_TWIML).into_response()

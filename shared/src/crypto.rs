@@ -339,6 +339,69 @@ mod tests {
         ));
     }
 
+    /// The key id in a sealed value is only a label: someone holding the stored data can
+    /// rewrite it. A value sealed under one master key, relabelled with the id of another,
+    /// must still not open under that other key; it would if sealing did not use the key.
+    #[test]
+    fn a_value_sealed_under_one_key_does_not_open_under_another_even_relabelled() {
+        let k1 = ring();
+        let k2 = ring();
+        let a = AgentId::parse("a").unwrap();
+        let sealed = k1.seal(
+            &a,
+            SecretPurpose::TwilioAuthToken,
+            &SecretString::from("secret-token-123"),
+        );
+        assert!(matches!(
+            k2.open(&a, SecretPurpose::TwilioAuthToken, &sealed),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        let relabelled = SealedSecret(sealed.as_str().replacen(
+            &format!("v1.{}.", k1.primary_id()),
+            &format!("v1.{}.", k2.primary_id()),
+            1,
+        ));
+        assert_ne!(relabelled, sealed);
+        assert!(matches!(
+            k2.open(&a, SecretPurpose::TwilioAuthToken, &relabelled),
+            Err(CryptoError::Corrupt)
+        ));
+        // Put back under its own key's id, the same ciphertext opens: the refusal above was
+        // the key's doing.
+        let opened = k1
+            .open(&a, SecretPurpose::TwilioAuthToken, &sealed)
+            .unwrap();
+        assert_eq!(opened.expose_secret(), "secret-token-123");
+    }
+
+    /// The sealed value is AES-SIV under the 64 master-key bytes themselves, with the agent,
+    /// the purpose and the nonce as headers: any AES-SIV implementation given the key opens it.
+    #[test]
+    fn the_ciphertext_is_aes_siv_under_the_master_key_bytes() {
+        let text = Keyring::generate_key();
+        let key: [u8; 64] = STANDARD
+            .decode(text.expose_secret())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let k = Keyring::from_base64(&text, &[]).unwrap();
+        let a = AgentId::parse("a").unwrap();
+        let sealed = k.seal(
+            &a,
+            SecretPurpose::AgentApiKey,
+            &SecretString::from("sk-123"),
+        );
+        let parts: Vec<&str> = sealed.as_str().split('.').collect();
+        let nonce = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+        let ct = URL_SAFE_NO_PAD.decode(parts[3]).unwrap();
+        let headers: [&[u8]; 3] = [b"a", b"agent-api-key", &nonce];
+        let plain = Aes256Siv::new(&key.into()).decrypt(headers, &ct).unwrap();
+        assert_eq!(plain, b"sk-123");
+        let mut other = key;
+        other[63] ^= 1;
+        assert!(Aes256Siv::new(&other.into()).decrypt(headers, &ct).is_err());
+    }
+
     #[test]
     fn a_key_check_opens_with_the_key_that_sealed_it_and_no_other() {
         let k1 = Keyring::generate_key();

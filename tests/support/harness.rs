@@ -247,6 +247,19 @@ impl Servers {
             Some(spawn_nats(self.nats_port, &self.dir.path().join("nats"), &self.auth).await);
     }
 
+    /// The state of a JetStream stream (e.g. `WAGATE_INBOUND`), for white-box checks of what
+    /// the bus holds: `messages` still stored (work queues drop acked ones), `last_sequence`
+    /// ever stored.
+    pub async fn stream_state(&self, name: &str) -> async_nats::jetstream::stream::State {
+        assert_eq!(self.mode, Mode::Distributed, "this test needs NATS");
+        let client = async_nats::connect(&self.nats_url).await.unwrap();
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream(name)
+            .await
+            .unwrap_or_else(|e| panic!("stream {name}: {e}"));
+        stream.info().await.unwrap().state.clone()
+    }
+
     /// A Redis connection for white-box checks (e.g. that no token is stored).
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         assert_eq!(self.mode, Mode::Distributed, "this test needs Redis");
@@ -487,6 +500,16 @@ impl Wagate {
             .text()
             .await
             .unwrap()
+    }
+
+    /// The value of one series of `/metrics` (name and labels exactly as exported, e.g.
+    /// `wagate_inbound_duplicates_total`); 0 for a counter never incremented, which the
+    /// exporter does not list.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
     /// GETs an admin path and returns its JSON, asserting a 200.
