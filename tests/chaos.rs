@@ -17,8 +17,8 @@ use rand::RngExt;
 use support::{
     fake_twilio::FakeTwilio,
     harness::{
-        ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, deliver_like_twilio, echoed_lines, inbound_form,
-        sid,
+        ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, deliver_last_messages, deliver_like_twilio,
+        echoed_lines, inbound_form, sid,
     },
 };
 
@@ -102,14 +102,10 @@ async fn killing_processes_under_traffic_loses_nothing_and_repeats_nothing() {
     // With the killing over, one more message per user is a barrier: a conversation's replies
     // go out in order, so once each user's last one is answered, a late duplicate of an
     // earlier one would have shown (a part whose sender died waits out its lease first).
-    let http = reqwest::Client::new();
-    let barriers = (0..USERS).map(|u| {
-        let user = format!("+1415556{u:04}");
-        let fields = inbound_form(&sid(u * 1000 + MESSAGES), &user, &format!("{user} last"));
-        let (http, url) = (http.clone(), url.clone());
-        async move { deliver_like_twilio(&http, &url, &fields).await }
-    });
-    futures::future::join_all(barriers).await;
+    let last: Vec<(String, String)> = (0..USERS)
+        .map(|u| (format!("+1415556{u:04}"), sid(u * 1000 + MESSAGES)))
+        .collect();
+    deliver_last_messages(&url, &last).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while answered() < total + USERS as usize && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

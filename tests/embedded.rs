@@ -12,7 +12,9 @@ use std::{
 };
 
 use rand::RngExt;
-use support::harness::{Mode, World, deliver_like_twilio, echoed_lines, inbound_form, sid};
+use support::harness::{
+    Mode, World, deliver_last_messages, deliver_like_twilio, echoed_lines, inbound_form, sid,
+};
 
 const USERS: u64 = 8;
 const MESSAGES: u64 = 10;
@@ -30,7 +32,7 @@ async fn kill_9_under_traffic_loses_and_repeats_nothing() {
     let url = format!("{}/webhooks/twilio/whatsapp/demo", w.wagate.public_url);
     let done = Arc::new(AtomicBool::new(false));
     let traffic = {
-        let done = done.clone();
+        let (done, url) = (done.clone(), url.clone());
         tokio::spawn(async move {
             let http = reqwest::Client::new();
             let users = (0..USERS).map(|u| {
@@ -78,11 +80,25 @@ async fn kill_9_under_traffic_loses_and_repeats_nothing() {
             || answered() >= total,
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last: Vec<(String, String)> = (0..USERS)
+        .map(|u| (format!("+1415557{u:04}"), sid(u * 1000 + MESSAGES)))
+        .collect();
+    deliver_last_messages(&url, &last).await;
+    let total = total + USERS as usize;
+    w.wagate
+        .wait_until(
+            Duration::from_secs(60),
+            "each user's last message to be answered",
+            || answered() >= total,
+        )
+        .await;
     let lines = echoed_lines(&w.twilio.sent());
     for u in 0..USERS {
         let user = format!("+1415557{u:04}");
-        let expected: Vec<String> = (0..MESSAGES).map(|m| format!("{user} #{m}")).collect();
+        let expected: Vec<String> = (0..MESSAGES)
+            .map(|m| format!("{user} #{m}"))
+            .chain([format!("{user} last")])
+            .collect();
         assert_eq!(
             lines[&format!("whatsapp:{user}")],
             expected,

@@ -670,6 +670,20 @@ pub fn run_wagate(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     }
 }
 
+/// One last message from each of `users` (`(phone, MessageSid)`), with the text
+/// `"<phone> last"`, delivered like Twilio: a barrier for tests that must show nothing more
+/// arrives for the earlier messages. A conversation's replies go out in order, so once each
+/// user's last message is answered, a late duplicate of an earlier one would have shown.
+pub async fn deliver_last_messages(url: &str, users: &[(String, String)]) {
+    let http = reqwest::Client::new();
+    let sends = users.iter().map(|(user, sid)| {
+        let fields = inbound_form(sid, user, &format!("{user} last"));
+        let http = http.clone();
+        async move { deliver_like_twilio(&http, url, &fields).await }
+    });
+    futures::future::join_all(sends).await;
+}
+
 /// Posts an inbound form like Twilio: signed with the test token, and again until it is
 /// answered 200 (Twilio retries what fails), for tests that kill processes under traffic.
 pub async fn deliver_like_twilio(http: &reqwest::Client, url: &str, fields: &[(String, String)]) {
