@@ -14,7 +14,7 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, LeadSighting, Role, Store, Turn, TurnStart,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, Store, Turn, TurnStart,
         WindowClocks, redis::RedisStore,
     },
     twilio::status::{MessageStatus, StatusUpdate},
@@ -223,14 +223,16 @@ enum State {
     Reclaimed,
 }
 
+/// Asserts the kind of claim, and returns its hold.
 #[track_caller]
-fn assert_state(actual: GuardState, expected: State, what: &str) {
-    let kind = match &actual {
-        GuardState::Claimed(_) => Some(State::Claimed),
-        GuardState::Reclaimed(_) => Some(State::Reclaimed),
-        _ => None,
+fn assert_state(actual: GuardState, expected: State, what: &str) -> Hold {
+    let (kind, hold) = match &actual {
+        GuardState::Claimed(hold) => (Some(State::Claimed), Some(*hold)),
+        GuardState::Reclaimed(hold) => (Some(State::Reclaimed), Some(*hold)),
+        _ => (None, None),
     };
     assert_eq!(kind, Some(expected), "{what}: {actual:?}");
+    hold.unwrap_or_else(|| panic!("{what}: {actual:?}"))
 }
 
 async fn next_change(changes: &mut BoxStream<'static, Change>, n: &str) -> Change {
@@ -799,7 +801,7 @@ async fn window_and_opt_out_never_go_back(rig: Rig) {
 async fn send_guard_states_and_lease(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let long = Duration::from_secs(60);
-    assert_state(
+    let first = assert_state(
         store.claim_send("g1", long).await.unwrap(),
         State::Claimed,
         n,
@@ -809,8 +811,8 @@ async fn send_guard_states_and_lease(rig: Rig) {
         GuardState::Busy,
         "{n}"
     );
-    store.release_send("g1").await.unwrap();
-    assert_state(
+    store.release_send("g1", first).await.unwrap();
+    let second = assert_state(
         store.claim_send("g1", long).await.unwrap(),
         State::Claimed,
         n,
@@ -824,17 +826,17 @@ async fn send_guard_states_and_lease(rig: Rig) {
         GuardState::Sent("SMsent1".into()),
         "{n}"
     );
-    store.release_send("g1").await.unwrap();
+    store.release_send("g1", second).await.unwrap();
     assert_eq!(
         store.claim_send("g1", long).await.unwrap(),
         GuardState::Sent("SMsent1".into()),
         "{n}: a sent part cannot be released"
     );
-    store.release_send("never-claimed").await.unwrap();
+    store.release_send("never-claimed", second).await.unwrap();
 
     // A holder that died loses the guard when its lease ends.
     let lease = Duration::from_millis(300);
-    assert_state(
+    let lapsed = assert_state(
         store.claim_send("g2", lease).await.unwrap(),
         State::Claimed,
         n,
@@ -845,7 +847,7 @@ async fn send_guard_states_and_lease(rig: Rig) {
         "{n}"
     );
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_state(
+    let taker = assert_state(
         store.claim_send("g2", long).await.unwrap(),
         State::Reclaimed,
         &format!("{n}: the lease ended; the new holder is told it may have been posted"),
@@ -855,7 +857,14 @@ async fn send_guard_states_and_lease(rig: Rig) {
         GuardState::Busy,
         "{n}"
     );
-    store.release_send("g2").await.unwrap();
+    // The holder whose lease ran out gives the guard back late: it is the new holder's now.
+    store.release_send("g2", lapsed).await.unwrap();
+    assert_eq!(
+        store.claim_send("g2", long).await.unwrap(),
+        GuardState::Busy,
+        "{n}: a lapsed holder cannot release the guard that was taken over"
+    );
+    store.release_send("g2", taker).await.unwrap();
     assert_state(
         store.claim_send("g2", long).await.unwrap(),
         State::Claimed,
@@ -966,7 +975,7 @@ async fn a_send_guard_is_renewed_only_by_its_holder(rig: Rig) {
     let GuardState::Claimed(released) = store.claim_send("r2", lease).await.unwrap() else {
         panic!("{n}: a free guard is claimed");
     };
-    store.release_send("r2").await.unwrap();
+    store.release_send("r2", released).await.unwrap();
     assert_eq!(
         store.renew_send("r2", released, lease).await.unwrap(),
         None,

@@ -5,7 +5,10 @@
 //! refused outside WhatsApp's 24-hour window, and everything to users who opted out
 //! ([`shared::window`]); a 21610 from Twilio records the opt-out.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use backon::{ExponentialBuilder, Retryable};
 use shared::{
@@ -215,13 +218,15 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
             GuardState::Claimed(hold) => (hold, false),
             GuardState::Reclaimed(hold) => (hold, true),
         };
+        let hold = Mutex::new(Some(hold));
         let part = Part {
             key: &key,
             index,
             content,
             taken_over,
+            hold: &hold,
         };
-        renewing(ctx, &key, hold, send_part(ctx, reply, &channel, &part)).await?;
+        renewing(ctx, &part, send_part(ctx, reply, &channel, &part)).await?;
     }
     Ok(())
 }
@@ -235,9 +240,19 @@ struct Part<'a> {
     content: &'a [(&'a str, &'a str)],
     /// Taken over from a sender whose lease ran out, which may have posted it.
     taken_over: bool,
+    /// This sender's hold on the guard as last renewed; `None` once it lapsed.
+    hold: &'a Mutex<Option<Hold>>,
 }
 
 impl Part<'_> {
+    /// Gives the guard back, if this sender still holds it.
+    async fn release(&self, ctx: &SendContext) {
+        let hold = *self.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(hold) = hold {
+            let _ = ctx.store.release_send(self.key, hold).await;
+        }
+    }
+
     fn body(&self) -> Option<&str> {
         self.content
             .iter()
@@ -307,10 +322,10 @@ async fn send_part(
             return Ok(());
         }
         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
-        let _ = ctx.store.release_send(part.key).await;
+        part.release(ctx).await;
         return Err(Failure::transient(e));
     }
-    let _ = ctx.store.release_send(part.key).await;
+    part.release(ctx).await;
     if e.code == Some(UNSUBSCRIBED) {
         return Err(opted_out_at_twilio(ctx, reply, &e).await);
     }
@@ -350,29 +365,30 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
 /// so that a live sender keeps its part however long Twilio takes. A renewal that finds the
 /// guard taken over (this sender could not reach the store for a whole lease) is logged: the
 /// new holder looks in Twilio's list before posting, which is all that can still be done.
-async fn renewing<T>(
-    ctx: &SendContext,
-    key: &str,
-    mut hold: Hold,
-    work: impl Future<Output = T>,
-) -> T {
+async fn renewing<T>(ctx: &SendContext, part: &Part<'_>, work: impl Future<Output = T>) -> T {
     let period = ctx.send_lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut held = true;
+    let key = part.key;
     tokio::pin!(work);
     loop {
+        let hold = *part.hold.lock().unwrap_or_else(PoisonError::into_inner);
         tokio::select! {
             out = &mut work => return out,
-            _ = ticker.tick(), if held => {
-                match ctx.store.renew_send(key, hold, ctx.send_lease).await {
-                    Ok(Some(renewed)) => hold = renewed,
+            _ = ticker.tick(), if hold.is_some() => {
+                let Some(hold) = hold else { continue };
+                let renewed = match ctx.store.renew_send(key, hold, ctx.send_lease).await {
+                    Ok(Some(renewed)) => Some(renewed),
                     Ok(None) => {
                         tracing::warn!(key, "a send guard lapsed while its part was being sent; another sender may take it over");
-                        held = false;
+                        None
                     }
-                    Err(e) => tracing::warn!(key, error = %e, "could not renew a send guard; trying again"),
-                }
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "could not renew a send guard; trying again");
+                        Some(hold)
+                    }
+                };
+                *part.hold.lock().unwrap_or_else(PoisonError::into_inner) = renewed;
             }
         }
     }
@@ -409,8 +425,8 @@ async fn claim(
     };
     // A part taken over from a dead sender keeps its lapsed guard, so whoever takes it next
     // still looks in Twilio's list first.
-    if matches!(state, GuardState::Claimed(_)) {
-        let _ = ctx.store.release_send(key).await;
+    if let GuardState::Claimed(hold) = state {
+        let _ = ctx.store.release_send(key, hold).await;
     }
     Err(Failure::Permanent {
         reason: refusal.explain().to_owned(),

@@ -795,14 +795,14 @@ impl Store for EmbeddedStore {
             .await?)
     }
 
-    async fn release_send(&self, key: &str) -> Result<(), StoreError> {
+    async fn release_send(&self, key: &str, hold: Hold) -> Result<(), StoreError> {
         let key = key.to_owned();
         Ok(self
             .db
             .write(move |txn| {
                 let mut guards = Expiring::open(txn)?;
                 let held = guards.get(("guard", "", &key))?;
-                if held.is_some_and(|h| matches!(Guard::parse(&h), Guard::Pending(_))) {
+                if held.as_deref() == Some(Guard::pending(hold.0).as_slice()) {
                     guards.remove(("guard", "", &key))?;
                 }
                 Ok(())

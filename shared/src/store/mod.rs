@@ -276,8 +276,10 @@ pub trait Store: Send + Sync + 'static {
         hold: Hold,
         lease: Duration,
     ) -> Result<Option<Hold>, StoreError>;
-    /// Gives the guard back without sending (the part will be tried again).
-    async fn release_send(&self, key: &str) -> Result<(), StoreError>;
+    /// Gives the guard back without sending (the part will be tried again), if `hold` still
+    /// has it: a guard another sender took over after this one's lease ran out stays theirs,
+    /// or a third sender could take it while they post.
+    async fn release_send(&self, key: &str, hold: Hold) -> Result<(), StoreError>;
 
     /// Stores a status callback unless a status later in the message's life is already stored;
     /// true when it was applied.

@@ -147,9 +147,9 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 "#;
 
+// Deletes the guard only while it still holds the deadline its holder wrote (ARGV[1]).
 const RELEASE_SEND: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, 8) == 'pending:' then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#;
 
@@ -813,10 +813,11 @@ impl Store for RedisStore {
             .transpose()
     }
 
-    async fn release_send(&self, key: &str) -> Result<(), StoreError> {
+    async fn release_send(&self, key: &str, hold: Hold) -> Result<(), StoreError> {
         let _: i64 = SCRIPTS
             .release_send
             .key(key!(self, "guard:{key}"))
+            .arg(hold.0)
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("release send"))?;
