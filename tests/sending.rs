@@ -462,6 +462,35 @@ async fn a_21610_reported_by_status_callback_opts_the_user_out_until_they_send_s
     assert_eq!(sent[1].body.as_deref(), Some("start"));
 }
 
+/// Twilio can report a 21610 for a reply after the user has already sent START: the opt-out it
+/// records dates from that reply, so the START that came after it still counts.
+#[tokio::test]
+async fn a_late_21610_for_a_reply_sent_before_start_does_not_undo_the_start() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
+    w.wagate.inbound("demo", &sid(3), FROM, "START").await;
+    let sent_start = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent_start[1].body.as_deref(), Some("START"));
+    let r = w
+        .wagate
+        .post_signed(
+            "/webhooks/twilio/whatsapp/demo/status",
+            &status_form(&sent[0].sid, "undelivered", Some(21610)),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert!(r.status().is_success());
+    let (status, error) = admin_send(&w, serde_json::json!({"to": FROM, "body": "welcome"})).await;
+    assert_eq!(
+        status, 202,
+        "the START after that reply still counts: {error}"
+    );
+    w.twilio.wait_for_sent(3, WAIT).await;
+}
+
 #[tokio::test]
 async fn a_21610_from_the_messages_api_opts_the_user_out_templates_included() {
     let w = World::start().await;

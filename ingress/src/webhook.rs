@@ -169,9 +169,11 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
     };
     if update.error_code == Some(rest::UNSUBSCRIBED) {
         tracing::warn!(agent = %part.agent_id, "the user opted out (21610); nothing more goes to them until they send START");
+        // Stamped when the reply was made, not when the callback came: Twilio may report the
+        // failure after the user has sent START, and that START must still count.
         return state
             .store
-            .opt_out(&part.session_id(), OffsetDateTime::now_utc())
+            .opt_out(&part.session_id(), part.created_at)
             .await
             .map_err(|e| e.to_string());
     }
