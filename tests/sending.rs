@@ -457,9 +457,10 @@ async fn a_21610_reported_by_status_callback_opts_the_user_out_until_they_send_s
             .contains("until they send START")
     );
     assert_eq!(posts(&w), 1);
-    w.wagate.inbound("demo", &sid(3), FROM, "start").await;
+    // YES opts back in, as Twilio's own keyword handling does.
+    w.wagate.inbound("demo", &sid(3), FROM, "Yes").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("start"));
+    assert_eq!(sent[1].body.as_deref(), Some("Yes"));
 }
 
 /// Twilio can report a 21610 for a reply after the user has already sent START: the opt-out it

@@ -18,15 +18,16 @@ pub const CUSTOMER_SERVICE_WINDOW: Duration = Duration::hours(24);
 
 /// Twilio's default opt-out keywords: an inbound message that is one of them opts the user out.
 pub const OPT_OUT_KEYWORDS: [&str; 6] = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"];
-/// The keywords that opt a user back in.
-pub const OPT_IN_KEYWORDS: [&str; 2] = ["START", "UNSTOP"];
+/// Twilio's default opt-in keywords: a user who opted out is back in with one of them. A "yes"
+/// from a user who never opted out changes nothing.
+pub const OPT_IN_KEYWORDS: [&str; 3] = ["START", "YES", "UNSTOP"];
 
 /// What an inbound message says about the user's consent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keyword {
     /// STOP and the like: no more messages.
     OptOut,
-    /// START or UNSTOP: messages again.
+    /// START, YES or UNSTOP: messages again.
     OptIn,
 }
 
@@ -137,10 +138,17 @@ mod tests {
         ] {
             assert_eq!(Keyword::of(stop), Some(Keyword::OptOut), "{stop:?}");
         }
-        for start in ["START", " start ", "Unstop"] {
+        for start in ["START", " start ", "Unstop", "yes", "YES\n"] {
             assert_eq!(Keyword::of(start), Some(Keyword::OptIn), "{start:?}");
         }
-        for other in ["please stop", "stop!", "s top", "", "starting", "yes"] {
+        for other in [
+            "please stop",
+            "stop!",
+            "s top",
+            "",
+            "starting",
+            "yes please",
+        ] {
             assert_eq!(Keyword::of(other), None, "{other:?}");
         }
     }

@@ -5,7 +5,7 @@
 //! instead of running the agent again.
 //!
 //! A message that is an opt-out keyword (STOP and the like, as Twilio's) records the opt-out and
-//! runs no turn: the user asked for silence. START or UNSTOP records the opt-in before the turn,
+//! runs no turn: the user asked for silence. START, YES or UNSTOP records the opt-in before the turn,
 //! so its reply may go out.
 
 use std::{sync::Arc, time::Instant};

@@ -149,7 +149,7 @@ pub struct WindowClocks {
     pub last_inbound: Option<OffsetDateTime>,
     /// When the user last opted out.
     pub opted_out_at: Option<OffsetDateTime>,
-    /// When the user last opted back in (START, UNSTOP).
+    /// When the user last opted back in (START, YES, UNSTOP).
     pub opted_in_at: Option<OffsetDateTime>,
 }
 
@@ -230,7 +230,7 @@ pub trait Store: Send + Sync + 'static {
     /// When the user last opted out.
     async fn opted_out_at(&self, session: &SessionId)
     -> Result<Option<OffsetDateTime>, StoreError>;
-    /// Records that the user opted back in (they sent START or UNSTOP) at `at` (never moving
+    /// Records that the user opted back in (they sent START, YES or UNSTOP) at `at` (never moving
     /// the clock backwards), which ends an earlier opt-out.
     async fn opt_in(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError>;
     /// When the user last opted back in.
