@@ -12,7 +12,9 @@
 mod chat;
 mod dlq;
 mod first_start;
+mod health;
 mod http;
+mod listeners;
 mod roles;
 
 use std::{num::NonZeroUsize, process::ExitCode};

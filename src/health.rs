@@ -1,6 +1,6 @@
-//! Liveness, readiness and Prometheus metrics. They have a state of their own, [`Health`], so
-//! that every role serves them on its own listener: ingress on its webhook and admin listeners,
-//! worker and sender on `WAGATE_METRICS_LISTEN`, none of them borrowing another role's state.
+//! Liveness, readiness and Prometheus metrics: the process's, not a role's. They have a state of
+//! their own, [`Health`], and every listener adds them: ingress's webhook and admin listeners,
+//! the worker's and sender's `WAGATE_METRICS_LISTEN`, none borrowing another role's state.
 
 use std::sync::Arc;
 
