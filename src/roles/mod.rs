@@ -34,6 +34,14 @@ use crate::{Roles, listeners};
 use connect::{Backing, connect};
 use placement::Placement;
 
+/// What a role is started with.
+struct Launch {
+    common: Common,
+    backing: Backing,
+    shutdown: Shutdown,
+    started: placement::Started,
+}
+
 /// What every role of a process shares, whatever runtime it runs on.
 #[derive(Clone)]
 struct Common {
@@ -133,14 +141,24 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     if roles.worker {
         let (common, backing, s) = (common.clone(), backing.clone(), shutdown.clone());
         starting.push(placement.spawn(&mut tasks, "worker", move |started| {
-            worker::worker_role(common, backing, s, started)
+            worker::worker_role(Launch {
+                common,
+                backing,
+                shutdown: s,
+                started,
+            })
         }));
     }
     if roles.sender {
         let (common, backing, s) = (common.clone(), backing.clone(), sender_shutdown.clone());
         starting.push(
             placement.spawn(&mut sender_tasks, "sender", move |started| {
-                sender::sender_role(common, backing, s, started)
+                sender::sender_role(Launch {
+                    common,
+                    backing,
+                    shutdown: s,
+                    started,
+                })
             }),
         );
     }

@@ -1,20 +1,11 @@
 //! The sender role: replies posted to Twilio's Messages API.
 
 use anyhow::Result;
-use shared::shutdown::Shutdown;
 
-use super::{
-    Common,
-    connect::Backing,
-    placement::{Started, with_connections},
-};
+use super::{Launch, placement::with_connections};
 
-pub(super) async fn sender_role(
-    common: Common,
-    backing: Backing,
-    shutdown: Shutdown,
-    started: Started,
-) -> Result<()> {
+pub(super) async fn sender_role(launch: Launch) -> Result<()> {
+    let common = launch.common;
     let settings = &common.settings;
     let client = sender::twilio_client::TwilioClient::new(
         &settings.twilio_api_base,
@@ -23,9 +14,9 @@ pub(super) async fn sender_role(
     .map_err(anyhow::Error::msg)?;
     with_connections(
         settings,
-        backing,
+        launch.backing,
         settings.sender_concurrency,
-        started,
+        launch.started,
         |bus, store| {
             let ctx = sender::SendContext {
                 bus,
@@ -38,7 +29,7 @@ pub(super) async fn sender_role(
                 send_lease: settings.send_lease(),
             };
             let config = common.dispatch(settings.sender_concurrency, None);
-            sender::run(ctx, config, shutdown)
+            sender::run(ctx, config, launch.shutdown)
         },
     )
     .await

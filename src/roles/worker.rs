@@ -1,20 +1,12 @@
 //! The worker role: turns run against the agents, replies published for the sender.
 
 use anyhow::Result;
-use shared::{dispatch::Coalesce, shutdown::Shutdown};
+use shared::dispatch::Coalesce;
 
-use super::{
-    Common,
-    connect::Backing,
-    placement::{Started, with_connections},
-};
+use super::{Launch, placement::with_connections};
 
-pub(super) async fn worker_role(
-    common: Common,
-    backing: Backing,
-    shutdown: Shutdown,
-    started: Started,
-) -> Result<()> {
+pub(super) async fn worker_role(launch: Launch) -> Result<()> {
+    let common = launch.common;
     let settings = &common.settings;
     let runner = worker::agent::AgentRunner::new(
         common.keyring.clone(),
@@ -23,9 +15,9 @@ pub(super) async fn worker_role(
     )?;
     with_connections(
         settings,
-        backing,
+        launch.backing,
         settings.worker_concurrency,
-        started,
+        launch.started,
         |bus, store| {
             let ctx = worker::TurnContext {
                 bus,
@@ -40,7 +32,7 @@ pub(super) async fn worker_role(
                 max: settings.coalesce_max.max(1),
             };
             let config = common.dispatch(settings.worker_concurrency, Some(coalesce));
-            worker::run(ctx, config, shutdown)
+            worker::run(ctx, config, launch.shutdown)
         },
     )
     .await
