@@ -22,7 +22,9 @@ async fn accepted_message_gets_empty_twiml_and_duplicates_too() {
         assert_eq!(r.headers()["content-type"], "text/xml");
         assert!(r.text().await.unwrap().contains("<Response></Response>"));
     }
-    // The user's next message is a barrier: its reply follows any reply to the first.
+    // The user's next message, once the first is answered (sent earlier, the two could be
+    // answered together as one burst), is a barrier: its reply follows any reply to the first.
+    w.twilio.wait_for_sent(1, Duration::from_secs(10)).await;
     w.wagate.inbound("demo", &sid(2), FROM, "next").await;
     let sent = w.twilio.wait_for_sent(2, Duration::from_secs(10)).await;
     let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();
@@ -288,7 +290,9 @@ async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    // The user's next message is a barrier: its reply follows any other.
+    // The user's next message, once the first is answered (sent earlier, the two could be
+    // answered together as one burst), is a barrier: its reply follows any other.
+    w.twilio.wait_for_sent(1, Duration::from_secs(15)).await;
     w.wagate.inbound("demo", &sid(2), FROM, "next").await;
     let sent = w.twilio.wait_for_sent(2, Duration::from_secs(15)).await;
     let bodies: Vec<_> = sent.iter().map(|m| m.body.as_deref()).collect();

@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use shared::{
     directory::{Lookup, ResolvedChannel},
     domain::AgentId,
-    envelope::{DeadLetter, DeadMessage, InboundMessage, Stage},
+    envelope::{DeadLetter, InboundMessage},
     twilio::{
         form,
         inbound::parse_inbound,
@@ -182,16 +182,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
         Some(code) => format!("Twilio reported the message {} with error {code}", update.status.as_str()),
         None => format!("Twilio reported the message {}", update.status.as_str()),
     };
-    let letter = DeadLetter {
-        id: String::new(),
-        stage: Stage::Send,
-        reason,
-        code: update.error_code,
-        attempts: 1,
-        failed_at: OffsetDateTime::now_utc(),
-        agent_id: part.agent_id.clone(),
-        message: DeadMessage::Reply(part),
-    };
+    let letter = DeadLetter::send(part, reason, update.error_code, 1);
     state
         .bus
         .put_dead_letter(&letter)
@@ -241,21 +232,7 @@ async fn inbound(
             return plain(StatusCode::BAD_REQUEST, e.0);
         }
     };
-    let payload = match serde_json::to_vec(&message) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode an inbound message");
-            return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode message");
-        }
-    };
-    let conversation = format!("{}.{}", v.agent_id, message.session_id().subject_token());
-    let dedupe = format!("{}:{}", v.agent_id, message.message_sid);
-    let publish = state.bus.publish(
-        shared::bus::Topic::Inbound,
-        &conversation,
-        &dedupe,
-        payload.into(),
-    );
+    let publish = shared::bus::publish(&*state.bus, &message);
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(published)) => {
             let duplicate = matches!(published, shared::bus::Published::Duplicate);

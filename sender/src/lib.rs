@@ -13,7 +13,7 @@ pub mod twilio_client;
 use std::sync::Arc;
 
 use shared::{
-    bus::{BusError, Topic},
+    bus::BusError,
     dispatch::{self, DispatchConfig},
     envelope::OutboundReply,
     shutdown::Shutdown,
@@ -28,18 +28,5 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), BusError> {
     let bus = ctx.bus.clone();
-    let decode = |payload: &[u8]| {
-        serde_json::from_slice::<OutboundReply>(payload)
-            .map(|r| (r.session_id().to_string(), r))
-            .map_err(|e| e.to_string())
-    };
-    dispatch::run(
-        bus,
-        Topic::Outbound,
-        decode,
-        Arc::new(ctx),
-        config,
-        shutdown,
-    )
-    .await
+    dispatch::run::<OutboundReply, _>(bus, Arc::new(ctx), config, shutdown).await
 }

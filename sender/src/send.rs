@@ -15,7 +15,7 @@ use shared::{
     bus::{Bus, Delivery},
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
     dispatch::{Handler, with_keep_alive},
-    envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
+    envelope::{DeadLetter, OutboundReply, ReplyContent},
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
     twilio::rest::{FailureClass, UNSUBSCRIBED},
@@ -156,16 +156,7 @@ async fn dead_letter(
     attempts: u64,
 ) -> &'static str {
     tracing::error!(id = %reply.id, agent = %reply.agent_id, attempts, %reason, "reply cannot be sent: dead letter");
-    let letter = DeadLetter {
-        id: String::new(),
-        stage: Stage::Send,
-        reason,
-        code,
-        attempts,
-        failed_at: OffsetDateTime::now_utc(),
-        agent_id: reply.agent_id.clone(),
-        message: DeadMessage::Reply(reply.clone()),
-    };
+    let letter = DeadLetter::send(reply.clone(), reason, code, attempts);
     match ctx.bus.put_dead_letter(&letter).await {
         Ok(_) => {
             let _ = delivery.ack().await;

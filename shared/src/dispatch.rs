@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    bus::{Bus, BusError, Deliveries, Delivery, Topic},
+    bus::{Bus, BusError, Deliveries, Delivery, Envelope, Topic},
     shutdown::Shutdown,
 };
 
@@ -146,22 +146,20 @@ async fn subscribe(bus: &dyn Bus, topic: Topic, shutdown: &Shutdown) -> Option<D
     }
 }
 
-/// Runs until `shutdown`, then waits for in-flight messages up to the grace period. `decode`
-/// turns a payload into the message and its conversation key; payloads it refuses are logged
-/// and acknowledged (they are not messages of this pipeline).
-pub async fn run<T, D, H>(
+/// Consumes `T`'s topic until `shutdown`, then waits for in-flight messages up to the grace
+/// period. A payload that is not a `T` is logged and acknowledged (it is not a message of this
+/// pipeline); the others are handled in order per conversation.
+pub async fn run<T, H>(
     bus: Arc<dyn Bus>,
-    topic: Topic,
-    decode: D,
     handler: Arc<H>,
     config: DispatchConfig,
     shutdown: Shutdown,
 ) -> Result<(), BusError>
 where
-    T: Send + 'static,
-    D: Fn(&[u8]) -> Result<(String, T), String>,
+    T: Envelope,
     H: Handler<T>,
 {
+    let topic = T::TOPIC;
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let queues: Queues<T> = Arc::default();
     let tracker = TaskTracker::new();
@@ -199,8 +197,8 @@ where
                 continue;
             }
         };
-        let (key, message) = match decode(delivery.payload()) {
-            Ok(decoded) => decoded,
+        let (key, message) = match serde_json::from_slice::<T>(delivery.payload()) {
+            Ok(message) => (message.session_id().to_string(), message),
             Err(e) => {
                 tracing::error!(error = %e, topic = topic.as_str(), "dropping a payload that is not a message of this pipeline");
                 let _ = delivery.ack().await;
@@ -368,7 +366,10 @@ async fn gather<T, H: Handler<T>>(
 /// Runs `work` while telling the bus every few seconds that this delivery is still being worked
 /// on, so a slow agent does not get its message handed to another worker.
 pub async fn with_keep_alive<T>(delivery: &dyn Delivery, work: impl Future<Output = T>) -> T {
-    let mut ticker = tokio::time::interval(crate::bus::jetstream::ACK_WAIT / 3);
+    let Some(every) = delivery.keep_alive_every() else {
+        return work.await;
+    };
+    let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     tokio::pin!(work);
     loop {

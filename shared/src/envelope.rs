@@ -231,6 +231,54 @@ pub struct DeadLetter {
     pub message: DeadMessage,
 }
 
+impl DeadLetter {
+    /// An inbound message whose agent turn failed for good after `attempts`, failed now.
+    pub fn agent(message: InboundMessage, reason: String, attempts: u64) -> Self {
+        Self::now(
+            Stage::Agent,
+            DeadMessage::Inbound(Box::new(message)),
+            reason,
+            None,
+            attempts,
+        )
+    }
+
+    /// A reply (or one part of it) that cannot be sent, with Twilio's code if there is one,
+    /// failed now.
+    pub fn send(reply: OutboundReply, reason: String, code: Option<u32>, attempts: u64) -> Self {
+        Self::now(
+            Stage::Send,
+            DeadMessage::Reply(reply),
+            reason,
+            code,
+            attempts,
+        )
+    }
+
+    fn now(
+        stage: Stage,
+        message: DeadMessage,
+        reason: String,
+        code: Option<u32>,
+        attempts: u64,
+    ) -> Self {
+        let agent_id = match &message {
+            DeadMessage::Inbound(m) => m.agent_id.clone(),
+            DeadMessage::Reply(r) => r.agent_id.clone(),
+        };
+        Self {
+            id: String::new(),
+            stage,
+            reason,
+            code,
+            attempts,
+            failed_at: OffsetDateTime::now_utc(),
+            agent_id,
+            message,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use shared::{
-    bus::{BusError, Delivery, Topic},
+    bus::{BusError, Delivery},
     dispatch::{self, DispatchConfig, Handler},
     envelope::InboundMessage,
     shutdown::Shutdown,
@@ -30,10 +30,5 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), BusError> {
     let bus = ctx.bus.clone();
-    let decode = |payload: &[u8]| {
-        serde_json::from_slice::<InboundMessage>(payload)
-            .map(|m| (m.session_id().to_string(), m))
-            .map_err(|e| e.to_string())
-    };
-    dispatch::run(bus, Topic::Inbound, decode, Arc::new(ctx), config, shutdown).await
+    dispatch::run::<InboundMessage, _>(bus, Arc::new(ctx), config, shutdown).await
 }

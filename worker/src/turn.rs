@@ -11,11 +11,11 @@
 use std::{sync::Arc, time::Instant};
 
 use shared::{
-    bus::{Bus, Delivery, Topic},
+    bus::{self, Bus, Delivery},
     directory::{ChannelDirectory, Lookup},
     dispatch::with_keep_alive,
     domain::SessionId,
-    envelope::{DeadLetter, DeadMessage, InboundMessage, OutboundReply, ReplyContent, Stage},
+    envelope::{DeadLetter, InboundMessage, OutboundReply, ReplyContent},
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
@@ -215,16 +215,7 @@ async fn dead_letter(
     let mut outcome = "dead_letter";
     for (delivery, msg) in deliveries.iter().zip(msgs) {
         tracing::error!(sid = %msg.message_sid, agent = %msg.agent_id, attempts, %reason, "agent turn failed for good: dead letter");
-        let letter = DeadLetter {
-            id: String::new(),
-            stage: Stage::Agent,
-            reason: reason.clone(),
-            code: None,
-            attempts,
-            failed_at: OffsetDateTime::now_utc(),
-            agent_id: msg.agent_id.clone(),
-            message: DeadMessage::Inbound(Box::new(msg.clone())),
-        };
+        let letter = DeadLetter::agent(msg.clone(), reason.clone(), attempts);
         match ctx.bus.put_dead_letter(&letter).await {
             Ok(_) => {
                 ack(delivery.as_ref(), msg).await;
@@ -329,10 +320,6 @@ async fn publish_reply(
         created_at: OffsetDateTime::now_utc(),
         callback_base: msg.callback_base.clone(),
     };
-    let payload = serde_json::to_vec(&out).map_err(|e| Failure::Permanent(e.to_string()))?;
-    let conversation = format!("{}.{}", msg.agent_id, msg.session_id().subject_token());
-    ctx.bus
-        .publish(Topic::Outbound, &conversation, &out.id, payload.into())
-        .await?;
+    bus::publish(&*ctx.bus, &out).await?;
     Ok(())
 }

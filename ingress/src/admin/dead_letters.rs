@@ -10,7 +10,7 @@ use axum::{
 };
 use serde::Deserialize;
 use shared::{
-    bus::Topic,
+    bus,
     envelope::{DeadLetter, DeadMessage, Stage},
 };
 use time::OffsetDateTime;
@@ -66,17 +66,11 @@ async fn replay(state: &AppState, letter: &DeadLetter) -> Result<(), ApiError> {
         letter.id,
         letter.failed_at.unix_timestamp_nanos()
     );
-    let (topic, session, payload) = match &letter.message {
-        DeadMessage::Inbound(m) => (Topic::Inbound, m.session_id(), serde_json::to_vec(m)),
-        DeadMessage::Reply(r) => (Topic::Outbound, r.session_id(), serde_json::to_vec(r)),
-    };
-    let payload = payload.map_err(ApiError::unavailable)?;
-    let conversation = format!("{}.{}", letter.agent_id, session.subject_token());
-    state
-        .bus
-        .publish(topic, &conversation, &dedupe, payload.into())
-        .await
-        .map_err(ApiError::unavailable)?;
+    match &letter.message {
+        DeadMessage::Inbound(m) => bus::publish_as(&*state.bus, m.as_ref(), &dedupe).await,
+        DeadMessage::Reply(r) => bus::publish_as(&*state.bus, r, &dedupe).await,
+    }
+    .map_err(ApiError::unavailable)?;
     state
         .bus
         .remove_dead_letter(&letter.id)

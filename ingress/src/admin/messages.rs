@@ -11,7 +11,7 @@ use axum::{
 };
 use serde::Deserialize;
 use shared::{
-    bus::Topic,
+    bus,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{OutboundReply, ReplyContent},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
@@ -107,11 +107,7 @@ pub async fn send(
         created_at: OffsetDateTime::now_utc(),
         callback_base: None,
     };
-    let payload = serde_json::to_vec(&reply).map_err(ApiError::unavailable)?;
-    let conversation = format!("{}.{}", agent.id, session.subject_token());
-    state
-        .bus
-        .publish(Topic::Outbound, &conversation, &reply.id, payload.into())
+    bus::publish(&*state.bus, &reply)
         .await
         .map_err(ApiError::unavailable)?;
     tracing::info!(agent = %agent.id, id = %reply.id, parts = reply.content.part_count(), "message queued");

@@ -585,8 +585,12 @@ impl Delivery for EmbeddedDelivery {
     }
 
     async fn keep_alive(&self) -> Result<(), BusError> {
-        // No ack wait to extend: a delivery is held until settled, dropped, or the process ends.
         Ok(())
+    }
+
+    /// No ack wait to extend: a delivery is held until settled, dropped, or the process ends.
+    fn keep_alive_every(&self) -> Option<Duration> {
+        None
     }
 
     async fn is_next_in_conversation(&self) -> Result<bool, BusError> {

@@ -22,7 +22,7 @@ use crate::{envelope::DeadLetter, redact};
 
 /// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
 /// consumers send keep-alives while they work.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Tries of one ack before giving up (about 10 s in all, enough for a NATS reconnect).
 const ACK_ATTEMPTS: usize = 8;
 /// Messages older than this are dropped from the work queues, whatever their state.
@@ -217,6 +217,11 @@ impl Delivery for JetStreamDelivery {
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| BusError::from_display("progress", e))
+    }
+
+    /// A third of the ack wait: two keep-alives may be lost before JetStream redelivers.
+    fn keep_alive_every(&self) -> Option<Duration> {
+        Some(ACK_WAIT / 3)
     }
 
     async fn is_next_in_conversation(&self) -> Result<bool, BusError> {

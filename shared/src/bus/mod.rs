@@ -11,7 +11,65 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::envelope::DeadLetter;
+use crate::{
+    domain::SessionId,
+    envelope::{DeadLetter, InboundMessage, OutboundReply},
+};
+
+/// A kind of message that travels on the bus. Where it goes and how it is keyed are said here,
+/// once: no role formats a subject, a dedupe id or a payload by hand.
+pub trait Envelope: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {
+    /// The queue it travels on.
+    const TOPIC: Topic;
+    /// The conversation it belongs to; a conversation's messages are handled in order.
+    fn session_id(&self) -> SessionId;
+    /// Its id for the bus's duplicate detection: a second message with the same id within the
+    /// duplicate window is dropped.
+    fn dedupe_id(&self) -> String;
+}
+
+impl Envelope for InboundMessage {
+    const TOPIC: Topic = Topic::Inbound;
+    fn session_id(&self) -> SessionId {
+        InboundMessage::session_id(self)
+    }
+    /// Twilio's MessageSid (with the agent, whose webhook it came to): Twilio's retries of a
+    /// webhook are stored once.
+    fn dedupe_id(&self) -> String {
+        format!("{}:{}", self.agent_id, self.message_sid)
+    }
+}
+
+impl Envelope for OutboundReply {
+    const TOPIC: Topic = Topic::Outbound;
+    fn session_id(&self) -> SessionId {
+        OutboundReply::session_id(self)
+    }
+    /// The reply's id: `in-<MessageSid>` for the answer to a message, so that a turn redelivered
+    /// after its reply was published publishes nothing more.
+    fn dedupe_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+/// Publishes `message` on its topic, in its conversation, under its dedupe id.
+pub async fn publish<E: Envelope>(bus: &dyn Bus, message: &E) -> Result<Published, BusError> {
+    publish_as(bus, message, &message.dedupe_id()).await
+}
+
+/// Publishes `message` as [`publish`] does, under `dedupe_id` instead of its own: for a
+/// message sent again on purpose (a replayed dead letter), which its own id would drop.
+pub async fn publish_as<E: Envelope>(
+    bus: &dyn Bus,
+    message: &E,
+    dedupe_id: &str,
+) -> Result<Published, BusError> {
+    let payload = serde_json::to_vec(message).map_err(|e| BusError::from_display("encode", e))?;
+    let session = message.session_id();
+    let conversation = format!("{}.{}", session.agent(), session.subject_token());
+    bus.publish(E::TOPIC, &conversation, dedupe_id, payload.into())
+        .await
+}
 
 /// The two queues of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +131,9 @@ pub trait Delivery: Send + Sync {
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError>;
     /// Still working: extend the time before the bus assumes this consumer died.
     async fn keep_alive(&self) -> Result<(), BusError>;
+    /// How often [`Self::keep_alive`] must be called while the message is worked on, or `None`
+    /// when the bus holds a delivery until it is settled, whatever the time.
+    fn keep_alive_every(&self) -> Option<Duration>;
     /// Whether this is the oldest unfinished message of its conversation. A consumer handles a
     /// message only when it is, so a conversation's messages are handled in arrival order and
     /// one at a time across every process; otherwise it hands the message back for a moment.
