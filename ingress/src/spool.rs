@@ -23,6 +23,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use shared::{
     bus::{Bus, BusError, Deliveries, Published, Topic},
     data_dir::{self, DataFileError},
+    embedded::DbError,
     envelope::DeadLetter,
     shutdown::Shutdown,
 };
@@ -113,8 +114,8 @@ struct Spool {
     max_bytes: u64,
 }
 
-fn db_err(e: impl std::fmt::Display) -> BusError {
-    BusError::from_display("spool", e)
+fn db_err(e: impl Into<DbError>) -> BusError {
+    BusError::Embedded(e.into())
 }
 
 impl Spool {
@@ -157,7 +158,7 @@ impl Spool {
         let raw = entry.encode();
         let size = raw.len() as u64;
         if self.bytes.load(Ordering::SeqCst) + size > self.max_bytes {
-            return Err(BusError(
+            return Err(BusError::Refused(
                 "NATS is unreachable and the ingress spool is full".into(),
             ));
         }
@@ -344,7 +345,7 @@ impl Bus for SpooledBus {
         let spool = self.spool.clone();
         tokio::task::spawn_blocking(move || spool.append(&entry))
             .await
-            .map_err(|e| BusError::from_display("spool", e))??;
+            .map_err(|e| db_err(DbError::Read(std::sync::Arc::new(e))))??;
         metrics::counter!("wagate_spooled_total").increment(1);
         self.wake.notify_one();
         Ok(Published::Stored)

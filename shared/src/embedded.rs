@@ -45,12 +45,13 @@ pub enum EmbeddedError {
     )]
     InUse(PathBuf),
     /// The file could not be opened or prepared.
-    #[error("cannot open {}: {reason}", .path.display())]
+    #[error("cannot open {}: {source}", .path.display())]
     Open {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: DbError,
     },
 }
 
@@ -84,9 +85,9 @@ impl Embedded {
             DataFileError::InUse(path) => EmbeddedError::InUse(path),
             other => EmbeddedError::File(other),
         })?;
-        let failed = |e: DbError| EmbeddedError::Open {
+        let failed = |source: DbError| EmbeddedError::Open {
             path: path.clone(),
-            reason: e.0,
+            source,
         };
         let txn = database
             .begin_write()
@@ -104,28 +105,56 @@ impl Embedded {
     }
 }
 
-/// A failure of the embedded database, as text safe to log.
-#[derive(Debug, Clone)]
-pub(crate) struct DbError(pub(crate) String);
+/// A failure of the embedded database; the text is safe to log. It is `Clone` because one
+/// failed group commit fails every change of the group, each told the same error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// redb failed: storage, a table, a transaction or a commit.
+    #[error("database: {0}")]
+    Redb(#[source] Arc<redb::Error>),
+    /// A stored record is not the JSON it should be.
+    #[error("stored record: {0}")]
+    Record(#[source] Arc<serde_json::Error>),
+    /// The writer thread could not be started.
+    #[error("cannot start the database writer: {0}")]
+    Writer(#[source] Arc<std::io::Error>),
+    /// The writer thread has stopped (it panicked or the process is ending).
+    #[error("the database writer has stopped; restart wagate")]
+    Stopped,
+    /// A change was dropped without being made (its group failed before it ran).
+    #[error("the change was not made")]
+    NotMade,
+    /// A read on the blocking pool did not finish.
+    #[error("a database read did not finish: {0}")]
+    Read(#[source] Arc<tokio::task::JoinError>),
+    /// A stored value is not what it should be.
+    #[error("{0} is malformed")]
+    Malformed(&'static str),
+}
 
 macro_rules! db_error_from {
-    ($($t:ty => $what:literal),* $(,)?) => {
+    ($($t:ty),* $(,)?) => {
         $(impl From<$t> for DbError {
             fn from(e: $t) -> Self {
-                Self(format!(concat!($what, ": {}"), e))
+                Self::Redb(Arc::new(e.into()))
             }
         })*
     };
 }
 
 db_error_from!(
-    redb::Error => "database",
-    redb::StorageError => "storage",
-    redb::TableError => "table",
-    redb::TransactionError => "transaction",
-    redb::CommitError => "commit",
-    serde_json::Error => "stored record",
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
 );
+
+impl From<serde_json::Error> for DbError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Record(Arc::new(e))
+    }
+}
 
 /// A change submitted to the writer: run inside the group's transaction, then told the outcome.
 trait Job: Send {
@@ -166,7 +195,7 @@ where
                 on_commit(&r);
                 Ok(r)
             }
-            (Ok(()), None) => Err(DbError("the change was not made".into())),
+            (Ok(()), None) => Err(DbError::NotMade),
             (Err(e), _) => Err(e),
         };
         // The caller may have gone away; the change stands either way.
@@ -212,7 +241,7 @@ impl Db {
         let writer = std::thread::Builder::new()
             .name("wagate-db-writer".into())
             .spawn(move || write_loop(&db, &queue, &alive))
-            .map_err(|e| DbError(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| DbError::Writer(Arc::new(e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 database,
@@ -265,7 +294,7 @@ impl Db {
         let database = self.inner.database.clone();
         tokio::task::spawn_blocking(move || read(&database.begin_read()?))
             .await
-            .map_err(|e| DbError(format!("read task: {e}")))?
+            .map_err(|e| DbError::Read(Arc::new(e)))?
     }
 
     /// Whether the file can be read and the writer is running.
@@ -278,7 +307,7 @@ impl Db {
 }
 
 fn writer_stopped() -> DbError {
-    DbError("the database writer has stopped; restart wagate".into())
+    DbError::Stopped
 }
 
 /// Commits queued changes in groups until every handle is gone.

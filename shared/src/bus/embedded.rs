@@ -56,12 +56,6 @@ fn topic_code(topic: Topic) -> u8 {
     }
 }
 
-impl From<DbError> for BusError {
-    fn from(e: DbError) -> Self {
-        BusError(e.0)
-    }
-}
-
 /// Where one unfinished message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -440,7 +434,7 @@ impl Bus for EmbeddedBus {
     }
 
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<String, BusError> {
-        let json = serde_json::to_vec(letter).map_err(|e| BusError::from_display("encode", e))?;
+        let json = serde_json::to_vec(letter).map_err(BusError::json("encode a dead letter"))?;
         let id = self
             .db
             .write(move |txn| {

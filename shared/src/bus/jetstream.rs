@@ -80,12 +80,13 @@ impl JetStreamBus {
         let shown = redact::url(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)
             .await
-            .map_err(|_| BusError(format!("could not reach NATS at {shown} within 10s")))?
-            .map_err(|e| {
-                BusError::from_display(
-                    &format!("could not connect to NATS at {shown}"),
-                    redact::text(&e.to_string()),
-                )
+            .map_err(|_| BusError::Connect {
+                url: shown.clone(),
+                reason: "no answer within 10s".into(),
+            })?
+            .map_err(|e| BusError::Connect {
+                url: shown.clone(),
+                reason: redact::text(&e.to_string()),
             })?;
         let js = jetstream::new(client);
         let prefix = options.prefix;
@@ -105,12 +106,9 @@ impl JetStreamBus {
             async move {
                 let name = config.name.clone();
                 js.get_or_create_stream(config).await.map_err(|e| {
-                    BusError::from_display(
-                        &format!(
-                            "could not create stream {name} (JetStream enabled? nats-server -js)"
-                        ),
-                        e,
-                    )
+                    BusError::Refused(format!(
+                        "could not create stream {name} (is JetStream enabled? nats-server -js): {e}"
+                    ))
                 })
             }
         };
@@ -154,7 +152,7 @@ impl JetStreamBus {
                 },
             )
             .await
-            .map_err(|e| BusError::from_display("could not create consumer", e))
+            .map_err(BusError::nats("could not create consumer"))
     }
 
     fn decode_letter(seq: u64, payload: &[u8]) -> Option<DeadLetter> {
@@ -199,24 +197,24 @@ impl Delivery for JetStreamDelivery {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(2));
         }
-        Err(BusError::from_display(
-            "ack",
-            last.map_or_else(String::new, |e| e.to_string()),
-        ))
+        Err(match last {
+            Some(e) => BusError::nats("ack")(e),
+            None => BusError::Refused("ack: no attempt was made".into()),
+        })
     }
 
     async fn retry_in(&self, delay: Duration) -> Result<(), BusError> {
         self.message
             .ack_with(AckKind::Nak(Some(delay)))
             .await
-            .map_err(|e| BusError::from_display("nak", e))
+            .map_err(BusError::nats("nak"))
     }
 
     async fn keep_alive(&self) -> Result<(), BusError> {
         self.message
             .ack_with(AckKind::Progress)
             .await
-            .map_err(|e| BusError::from_display("progress", e))
+            .map_err(BusError::nats("progress"))
     }
 
     /// A third of the ack wait: two keep-alives may be lost before JetStream redelivers.
@@ -230,7 +228,7 @@ impl Delivery for JetStreamDelivery {
         let mine = self
             .message
             .info()
-            .map_err(|e| BusError::from_display("message info", e))?
+            .map_err(BusError::nats("message info"))?
             .stream_sequence;
         match self
             .stream
@@ -241,7 +239,7 @@ impl Delivery for JetStreamDelivery {
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
                 Ok(true)
             }
-            Err(e) => Err(BusError::from_display("conversation order", e)),
+            Err(e) => Err(BusError::nats("conversation order")(e)),
         }
     }
 
@@ -263,7 +261,7 @@ impl Delivery for JetStreamDelivery {
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
                 Ok(true)
             }
-            Err(e) => Err(BusError::from_display("conversation order", e)),
+            Err(e) => Err(BusError::nats("conversation order")(e)),
         }
     }
 }
@@ -289,9 +287,9 @@ impl Bus for JetStreamBus {
                     .message_id(dedupe_id),
             )
             .await
-            .map_err(|e| BusError::from_display("publish", e))?
+            .map_err(BusError::nats("publish"))?
             .await
-            .map_err(|e| BusError::from_display("publish ack", e))?;
+            .map_err(BusError::nats("publish ack"))?;
         Ok(if ack.duplicate {
             Published::Duplicate
         } else {
@@ -308,7 +306,7 @@ impl Bus for JetStreamBus {
             .max_messages_per_batch(batch)
             .messages()
             .await
-            .map_err(|e| BusError::from_display("subscribe", e))?;
+            .map_err(BusError::nats("subscribe"))?;
         Ok(messages
             .map(move |m| {
                 m.map(|message| {
@@ -317,7 +315,7 @@ impl Bus for JetStreamBus {
                         stream: stream.clone(),
                     }) as Box<dyn Delivery>
                 })
-                .map_err(|e| BusError::from_display("pull", e))
+                .map_err(BusError::nats("pull"))
             })
             .boxed())
     }
@@ -329,15 +327,14 @@ impl Bus for JetStreamBus {
             letter.stage.as_str(),
             letter.agent_id
         );
-        let payload =
-            serde_json::to_vec(letter).map_err(|e| BusError::from_display("encode", e))?;
+        let payload = serde_json::to_vec(letter).map_err(BusError::nats("encode"))?;
         let ack = self
             .js
             .publish(subject, payload.into())
             .await
-            .map_err(|e| BusError::from_display("publish dead letter", e))?
+            .map_err(BusError::nats("publish dead letter"))?
             .await
-            .map_err(|e| BusError::from_display("dead letter ack", e))?;
+            .map_err(BusError::nats("dead letter ack"))?;
         Ok(ack.sequence.to_string())
     }
 
@@ -346,7 +343,7 @@ impl Bus for JetStreamBus {
         let state = dlq
             .info()
             .await
-            .map_err(|e| BusError::from_display("dead letters", e))?
+            .map_err(BusError::nats("dead letters"))?
             .state
             .clone();
         let mut out = Vec::new();
@@ -375,7 +372,7 @@ impl Bus for JetStreamBus {
             {
                 Ok(None)
             }
-            Err(e) => Err(BusError::from_display("dead letter", e)),
+            Err(e) => Err(BusError::nats("dead letter")(e)),
         }
     }
 
@@ -389,7 +386,7 @@ impl Bus for JetStreamBus {
                 if self.dead_letter(id).await?.is_none() {
                     Ok(false)
                 } else {
-                    Err(BusError::from_display("remove dead letter", e))
+                    Err(BusError::nats("remove dead letter")(e))
                 }
             }
         }
@@ -400,7 +397,7 @@ impl Bus for JetStreamBus {
             .client()
             .flush()
             .await
-            .map_err(|e| BusError::from_display("flush", e))
+            .map_err(BusError::nats("flush"))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
@@ -408,6 +405,6 @@ impl Bus for JetStreamBus {
             .query_account()
             .await
             .map(|_| ())
-            .map_err(|e| BusError::from_display("JetStream not answering", e))
+            .map_err(BusError::nats("JetStream not answering"))
     }
 }

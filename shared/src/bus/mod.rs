@@ -64,7 +64,7 @@ pub async fn publish_as<E: Envelope>(
     message: &E,
     dedupe_id: &str,
 ) -> Result<Published, BusError> {
-    let payload = serde_json::to_vec(message).map_err(|e| BusError::from_display("encode", e))?;
+    let payload = serde_json::to_vec(message).map_err(BusError::json("encode a message"))?;
     let session = message.session_id();
     let conversation = format!("{}.{}", session.agent(), session.subject_token());
     bus.publish(E::TOPIC, &conversation, dedupe_id, payload.into())
@@ -90,15 +90,60 @@ impl Topic {
     }
 }
 
-/// A failure of the bus; the text is safe to log (no payloads, no secrets).
+/// A failure of the bus. The text is safe to log: it says what was being done and why it
+/// failed, never a payload or a secret.
 #[derive(Debug, thiserror::Error)]
-#[error("bus: {0}")]
-pub struct BusError(pub String);
+pub enum BusError {
+    /// NATS refused a request, or could not be reached.
+    #[error("bus: {context}: {source}")]
+    Nats {
+        /// What was being done.
+        context: &'static str,
+        /// async-nats's error (each request has an error type of its own).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// NATS could not be connected to at start; the URL is shown without its credentials.
+    #[error("bus: could not connect to NATS at {url}: {reason}")]
+    Connect {
+        /// Where, passwords masked.
+        url: String,
+        /// Why (a timeout, or the client's error with any credentials masked).
+        reason: String,
+    },
+    /// The embedded database failed.
+    #[error("bus: {0}")]
+    Embedded(#[from] crate::embedded::DbError),
+    /// A message did not encode, or a stored one did not decode.
+    #[error("bus: {context}: {source}")]
+    Json {
+        /// What was being encoded or decoded.
+        context: &'static str,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The bus is not in the state it must be in (a stream of another configuration, the local
+    /// spool full): a refusal that says what to do, not an outage.
+    #[error("bus: {0}")]
+    Refused(String),
+}
 
 impl BusError {
-    /// Wraps any error's text.
-    pub fn from_display(context: &str, e: impl std::fmt::Display) -> Self {
-        Self(format!("{context}: {e}"))
+    /// A `map_err` for the errors of NATS's requests.
+    pub fn nats<E>(context: &'static str) -> impl Fn(E) -> Self
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        move |e| Self::Nats {
+            context,
+            source: e.into(),
+        }
+    }
+
+    /// A `map_err` for serde_json's errors.
+    pub fn json(context: &'static str) -> impl Fn(serde_json::Error) -> Self {
+        move |source| Self::Json { context, source }
     }
 }
 

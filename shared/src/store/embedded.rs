@@ -58,12 +58,6 @@ const CHANGES_BUFFER: usize = 1024;
 /// A key of `store_expiring`: what the record is, whose, and which.
 type Key<'a> = (&'a str, &'a str, &'a str);
 
-impl From<DbError> for StoreError {
-    fn from(e: DbError) -> Self {
-        StoreError(e.0)
-    }
-}
-
 /// A lead as stored: times in milliseconds, as the Redis store keeps them, so both backends
 /// return the same values.
 #[derive(Serialize, Deserialize)]
@@ -94,11 +88,11 @@ fn duration_ms(d: Duration) -> u64 {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::from_display("encode", e))
+    serde_json::to_vec(v).map_err(StoreError::json("encode"))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|e| StoreError::from_display("decode", e))
+    serde_json::from_slice(raw).map_err(StoreError::json("decode"))
 }
 
 /// The value of `key` unless it has expired.
@@ -564,7 +558,7 @@ impl Store for EmbeddedStore {
         completed: &CompletedTurn,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
-            return Err(StoreError(
+            return Err(StoreError::Invalid(
                 "complete_turn needs at least one turn key".into(),
             ));
         }
@@ -910,7 +904,7 @@ impl Store for EmbeddedStore {
                 let so_far = match counts.get(("failures", "", &key))? {
                     Some(raw) => <[u8; 8]>::try_from(raw.as_slice())
                         .map(u64::from_be_bytes)
-                        .map_err(|_| DbError("a stored failure count is malformed".into()))?,
+                        .map_err(|_| DbError::Malformed("a stored failure count"))?,
                     None => 0,
                 };
                 let now = so_far + 1;

@@ -21,15 +21,49 @@ use crate::{
     twilio::status::{MessageStatus, StatusUpdate},
 };
 
-/// A failure of the store; the text is safe to log.
+/// A failure of the store. The text is safe to log: it says what was being done and why it
+/// failed, never a stored value or a secret.
 #[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// Redis refused a command, or could not be reached.
+    #[error("store: {context}: {source}")]
+    Redis {
+        /// What was being done.
+        context: &'static str,
+        /// Redis's error.
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// Redis could not be connected to at start; the URL is shown without its credentials.
+    #[error("store: could not connect to Redis at {url}: {reason}")]
+    Connect {
+        /// Where, its password masked.
+        url: String,
+        /// Why (a timeout, or Redis's error with any credentials masked).
+        reason: String,
+    },
+    /// The embedded database failed.
+    #[error("store: {0}")]
+    Embedded(#[from] crate::embedded::DbError),
+    /// A record did not encode, or a stored one did not decode.
+    #[error("store: {context}: {source}")]
+    Json {
+        /// What was being encoded or decoded.
+        context: &'static str,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// What the store holds, or was asked, breaks one of its rules (a malformed guard, a turn
+    /// of several sessions): a bug or data of another version, not an outage.
+    #[error("store: {0}")]
+    Invalid(String),
+}
 
 impl StoreError {
-    /// Wraps any error's text.
-    pub fn from_display(context: &str, e: impl std::fmt::Display) -> Self {
-        Self(format!("{context}: {e}"))
+    /// A `map_err` for serde_json's errors.
+    pub fn json(context: &'static str) -> impl Fn(serde_json::Error) -> Self {
+        move |source| Self::Json { context, source }
     }
 }
 
@@ -334,7 +368,7 @@ fn latest_sighting(
     sightings: &[LeadSighting<'_>],
 ) -> Result<Option<OffsetDateTime>, StoreError> {
     if sightings.iter().any(|s| s.session != session) {
-        return Err(StoreError(
+        return Err(StoreError::Invalid(
             "begin_turn takes the messages of one session".into(),
         ));
     }

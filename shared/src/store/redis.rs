@@ -217,7 +217,7 @@ impl Scripts {
 fn guard_state(answer: &str) -> Result<GuardState, StoreError> {
     let hold = |deadline: &str| {
         deadline.parse().map(Hold).map_err(|_| {
-            StoreError(format!(
+            StoreError::Invalid(format!(
                 "claim send: a guard deadline that is not a number: {deadline:?}"
             ))
         })
@@ -276,13 +276,12 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects; fails with a clear message when Redis does not answer.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let shown = redact::url(url);
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::from_display(
-                &format!("bad Redis URL {shown}"),
-                redact::text(&e.to_string()),
-            )
-        })?;
+        let failed = |reason: String| StoreError::Connect {
+            url: redact::url(url),
+            reason: redact::text(&reason),
+        };
+        let client =
+            redis::Client::open(url).map_err(|e| failed(format!("not a Redis URL ({e})")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -292,13 +291,8 @@ impl RedisStore {
             client.get_connection_manager_with_config(config),
         )
         .await
-        .map_err(|_| StoreError(format!("could not reach Redis at {shown} within 10s")))?
-        .map_err(|e| {
-            StoreError::from_display(
-                &format!("could not connect to Redis at {shown}"),
-                redact::text(&e.to_string()),
-            )
-        })?;
+        .map_err(|_| failed("no answer within 10s".into()))?
+        .map_err(|e| failed(e.to_string()))?;
         Ok(Self {
             client,
             conn,
@@ -368,15 +362,18 @@ impl RedisStore {
 }
 
 fn err(context: &'static str) -> impl Fn(redis::RedisError) -> StoreError {
-    move |e| StoreError::from_display(context, e)
+    move |source| StoreError::Redis { context, source }
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(raw: &[u8], context: &str) -> Result<T, StoreError> {
-    serde_json::from_slice(raw).map_err(|e| StoreError::from_display(context, e))
+fn from_json<T: serde::de::DeserializeOwned>(
+    raw: &[u8],
+    context: &'static str,
+) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(StoreError::json(context))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::from_display("encode", e))
+    serde_json::to_vec(v).map_err(StoreError::json("encode"))
 }
 
 fn ms(t: OffsetDateTime) -> i64 {
@@ -396,7 +393,7 @@ fn from_ms(v: i64) -> OffsetDateTime {
 #[async_trait]
 impl Store for RedisStore {
     async fn put_agent(&self, agent: &Agent) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(agent).map_err(|e| StoreError::from_display("encode", e))?;
+        let json = serde_json::to_vec(agent).map_err(StoreError::json("encode agent"))?;
         redis::pipe()
             .atomic()
             .set(key!(self, "agent:{}", agent.id), json)
@@ -428,8 +425,7 @@ impl Store for RedisStore {
     }
 
     async fn put_channel(&self, id: &AgentId, channel: &WhatsAppChannel) -> Result<(), StoreError> {
-        let json =
-            serde_json::to_vec(channel).map_err(|e| StoreError::from_display("encode", e))?;
+        let json = serde_json::to_vec(channel).map_err(StoreError::json("encode channel"))?;
         let _: () = self
             .conn()
             .set(key!(self, "channel:{id}"), json)
@@ -554,7 +550,7 @@ impl Store for RedisStore {
         completed: &CompletedTurn,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
-            return Err(StoreError(
+            return Err(StoreError::Invalid(
                 "complete_turn needs at least one turn key".into(),
             ));
         }
@@ -805,7 +801,7 @@ impl Store for RedisStore {
         renewed
             .map(|deadline| {
                 deadline.parse().map(Hold).map_err(|_| {
-                    StoreError(format!(
+                    StoreError::Invalid(format!(
                         "renew send: a guard deadline that is not a number: {deadline:?}"
                     ))
                 })
@@ -880,8 +876,8 @@ impl Store for RedisStore {
         raw.iter()
             .zip(after.saturating_add(1)..)
             .map(|(r, index)| {
-                let v: serde_json::Value = serde_json::from_str(r)
-                    .map_err(|e| StoreError::from_display("decode outbox", e))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(r).map_err(StoreError::json("decode outbox"))?;
                 Ok(SimulatedMessage {
                     index,
                     body: v["body"].as_str().unwrap_or_default().to_owned(),
@@ -948,7 +944,9 @@ impl Store for RedisStore {
         if pong == "PONG" {
             Ok(())
         } else {
-            Err(StoreError(format!("Redis answered PING with {pong}")))
+            Err(StoreError::Invalid(format!(
+                "Redis answered PING with {pong}"
+            )))
         }
     }
 }
