@@ -6,6 +6,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use rand::RngExt;
 use secrecy::{ExposeSecret, SecretString};
@@ -67,7 +68,7 @@ impl Admin {
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<(u16, Value), String> {
+    ) -> anyhow::Result<(u16, Value)> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -76,30 +77,28 @@ impl Admin {
             req = req.json(&b);
         }
         let r = req.send().await.map_err(|e| {
-            shared::redact::text(&format!(
+            anyhow!(shared::redact::text(&format!(
                 "cannot reach the admin API at {}: {e} (is wagate running?)",
                 self.base
-            ))
+            )))
         })?;
         let status = r.status().as_u16();
         let v = r.json().await.unwrap_or(Value::Null);
         if status == 401 {
-            return Err(
-                "the admin API refused the token: pass --admin-token or WAGATE_ADMIN_TOKEN".into(),
-            );
+            bail!("the admin API refused the token: pass --admin-token or WAGATE_ADMIN_TOKEN");
         }
         Ok((status, v))
     }
 }
 
-fn admin_token(args: &ChatArgs) -> Result<SecretString, String> {
+fn admin_token(args: &ChatArgs) -> anyhow::Result<SecretString> {
     if let Some(t) = &args.admin_token {
         return Ok(t.clone());
     }
     let path = args.data_dir.join("admin.token");
     std::fs::read_to_string(&path)
         .map(|t| SecretString::from(t.trim().to_owned()))
-        .map_err(|_| format!("no admin token: set WAGATE_ADMIN_TOKEN, pass --admin-token, or run next to the data folder ({} not found)", path.display()))
+        .with_context(|| format!("no admin token: set WAGATE_ADMIN_TOKEN, pass --admin-token, or run next to the data folder ({} not found)", path.display()))
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -108,9 +107,9 @@ fn random_hex(bytes: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-async fn run(args: ChatArgs) -> Result<(), String> {
-    let agent = AgentId::parse(&args.agent).map_err(|e| e.0)?;
-    let from = PhoneNumber::parse(&args.from).map_err(|e| format!("--from: {}", e.0))?;
+async fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let agent = AgentId::parse(&args.agent).map_err(|e| anyhow!(e.0))?;
+    let from = PhoneNumber::parse(&args.from).map_err(|e| anyhow!("--from: {}", e.0))?;
     let admin = Admin {
         http: reqwest::Client::new(),
         base: args.admin_url.trim_end_matches('/').to_owned(),
@@ -120,9 +119,7 @@ async fn run(args: ChatArgs) -> Result<(), String> {
         .call(reqwest::Method::GET, &format!("/v1/agents/{agent}"), None)
         .await?;
     if status == 404 {
-        return Err(format!(
-            "there is no agent '{agent}': create it first (PUT /v1/agents/{agent})"
-        ));
+        bail!("there is no agent '{agent}': create it first (PUT /v1/agents/{agent})");
     }
     let (status, channel) = admin
         .call(
@@ -132,9 +129,9 @@ async fn run(args: ChatArgs) -> Result<(), String> {
         )
         .await?;
     if status == 200 && channel["simulation"] != Value::Bool(true) {
-        return Err(format!(
+        bail!(
             "agent '{agent}' posts to Twilio; to chat with it here, put its channel in simulation mode (PUT /v1/agents/{agent}/whatsapp with \"simulation\": true)"
-        ));
+        );
     }
     // A simulated channel gets a fresh token on every start: chat signs with it, and nothing
     // outside wagate uses it.
@@ -154,15 +151,15 @@ async fn run(args: ChatArgs) -> Result<(), String> {
         )
         .await?;
     if status != 200 {
-        return Err(format!(
+        bail!(
             "could not set up the simulated channel: {}",
             channel["error"]
-        ));
+        );
     }
     let signed_url = channel["webhook_url"]
         .as_str()
         .map(|u| u.split('#').next().unwrap_or(u).to_owned())
-        .ok_or("the admin API did not show a webhook_url")?;
+        .context("the admin API did not show a webhook_url")?;
     let post_url = args
         .webhook_url
         .clone()

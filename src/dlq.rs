@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -95,29 +96,33 @@ pub fn main(args: DlqArgs) -> ExitCode {
     crate::run_command("dlq", run(args))
 }
 
-async fn run(args: DlqArgs) -> Result<(), String> {
+async fn run(args: DlqArgs) -> anyhow::Result<()> {
     let token = args
         .admin_token
-        .ok_or("set WAGATE_ADMIN_TOKEN (or --admin-token) to the admin API's token")?;
+        .context("set WAGATE_ADMIN_TOKEN (or --admin-token) to the admin API's token")?;
     let base = args.admin_url.trim_end_matches('/');
     let http = reqwest::Client::new();
     let call = |req: reqwest::RequestBuilder| {
         let token = token.expose_secret().to_owned();
         async move {
             let response = req.bearer_auth(token).send().await.map_err(|e| {
-                shared::redact::text(&format!("cannot reach the admin API at {base}: {e}"))
+                anyhow!(shared::redact::text(&format!(
+                    "cannot reach the admin API at {base}: {e}"
+                )))
             })?;
             let status = response.status();
             let body: serde_json::Value = response
                 .json()
                 .await
-                .map_err(|e| format!("the admin API answered something that is not JSON: {e}"))?;
+                .context("the admin API answered something that is not JSON")?;
             if status.is_success() {
                 Ok(body)
             } else {
-                Err(body["error"]
-                    .as_str()
-                    .map_or_else(|| format!("HTTP {status}"), str::to_owned))
+                Err(anyhow!(
+                    body["error"]
+                        .as_str()
+                        .map_or_else(|| format!("HTTP {status}"), str::to_owned)
+                ))
             }
         }
     };
@@ -153,12 +158,10 @@ async fn run(args: DlqArgs) -> Result<(), String> {
                 .await?;
                 replayed.extend(ids_of(&r));
             } else if ids.is_empty() {
-                return Err(
-                    "give dead-letter ids, or --all (with filters) to replay every match".into(),
-                );
+                bail!("give dead-letter ids, or --all (with filters) to replay every match");
             } else {
                 if !filter.is_empty() {
-                    return Err("filters go with --all".into());
+                    bail!("filters go with --all");
                 }
                 for id in &ids {
                     let r = call(http.post(format!("{base}/v1/dead-letters/{id}/replay"))).await?;

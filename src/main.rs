@@ -218,16 +218,16 @@ fn runtime(threads: NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Runs an operator command (`chat`, `dlq`) to completion: exit status 0, or 1 with the error
 /// on stderr as `wagate <name>: …`.
-fn run_command(name: &str, command: impl Future<Output = Result<(), String>>) -> ExitCode {
+fn run_command(name: &str, command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("wagate {name}: {e}");
+            eprintln!("wagate {name}: {e:#}");
             ExitCode::FAILURE
         }
     }

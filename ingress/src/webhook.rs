@@ -139,10 +139,20 @@ async fn verify(
     })
 }
 
+/// Why a failure reported by status callback could not be acted on (Twilio retries the
+/// callback).
+#[derive(Debug, thiserror::Error)]
+enum ActError {
+    #[error(transparent)]
+    Store(#[from] shared::store::StoreError),
+    #[error(transparent)]
+    Bus(#[from] shared::bus::BusError),
+}
+
 /// What a failure reported by status callback changes: an opted-out user (21610) gets no more
 /// messages until they send START; any other failure becomes a dead letter holding the part
 /// that failed, so it can be replayed (after a template, or once the user wrote).
-async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), String> {
+async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), ActError> {
     if !matches!(
         update.status,
         MessageStatus::Failed | MessageStatus::Undelivered
@@ -153,11 +163,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
     // record follows Twilio's answer), so look again briefly before deciding it is not ours.
     let mut part = None;
     for _ in 0..10 {
-        part = state
-            .store
-            .sent_part(update.message_sid.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+        part = state.store.sent_part(update.message_sid.as_str()).await?;
         if part.is_some() {
             break;
         }
@@ -175,7 +181,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
             .store
             .opt_out(&part.session_id(), part.created_at)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(ActError::from);
     }
     let reason = match update.error_code {
         Some(rest::OUTSIDE_WINDOW) => "outside the 24-hour window (Twilio 63016): the user has not written in the last 24 hours; send a template (content_sid)".to_owned(),
@@ -188,7 +194,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), S
         .put_dead_letter(&letter)
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(ActError::from)
 }
 
 /// Whether the request says it carries a form (`application/x-www-form-urlencoded`, any

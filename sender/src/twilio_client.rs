@@ -81,21 +81,32 @@ pub struct TwilioClient {
     base: reqwest::Url,
 }
 
+/// Why a [`TwilioClient`] could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `WAGATE_TWILIO_API_BASE` cannot be the base of the API's paths.
+    #[error("the Twilio API base {0:?} is not an http(s) URL")]
+    Base(String),
+    /// The HTTP client could not be set up (no TLS configuration).
+    #[error("cannot set up the HTTP client for Twilio: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
 impl TwilioClient {
     /// A client of the API at `base` (e.g. `https://api.twilio.com`). Fails, saying why, when
     /// `base` cannot be the base of the API's paths or the HTTP client cannot be set up (a
     /// client without the settings would post without its timeouts).
-    pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, ClientError> {
         let base = reqwest::Url::parse(base)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
-            .ok_or_else(|| format!("the Twilio API base {base:?} is not an http(s) URL"))?;
+            .ok_or_else(|| ClientError::Base(base.to_owned()))?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
             .build()
-            .map_err(|e| format!("cannot set up the HTTP client for Twilio: {e}"))?;
+            .map_err(ClientError::Http)?;
         Ok(Self { http, base })
     }
 
@@ -259,7 +270,7 @@ mod tests {
             let e = TwilioClient::new(base, Duration::from_secs(1))
                 .err()
                 .unwrap_or_else(|| panic!("{base} was accepted"));
-            assert!(e.contains("not an http(s) URL"), "{base}: {e}");
+            assert!(e.to_string().contains("not an http(s) URL"), "{base}: {e}");
         }
     }
 }

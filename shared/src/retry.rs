@@ -36,7 +36,7 @@ impl RetrySchedule {
 }
 
 impl FromStr for RetrySchedule {
-    type Err = String;
+    type Err = BadDuration;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let delays = s
@@ -60,19 +60,23 @@ impl fmt::Display for RetrySchedule {
     }
 }
 
+/// A text that is not a duration.
+#[derive(Debug, thiserror::Error)]
+#[error("'{0}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")]
+pub struct BadDuration(String);
+
 /// Parses `250ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, BadDuration> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 5s, 2m, 1h)"))?;
+    let bad = || BadDuration(s.to_owned());
+    let n: u64 = num.parse().map_err(|_| bad())?;
     let ms = match unit {
         "ms" => n,
         "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("'{s}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")),
+        _ => return Err(bad()),
     };
     Ok(Duration::from_millis(ms))
 }

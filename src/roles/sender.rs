@@ -10,8 +10,7 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
     let client = sender::twilio_client::TwilioClient::new(
         &settings.twilio_api_base,
         settings.twilio_timeout(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     with_connections(
         settings,
         launch.backing,
