@@ -257,3 +257,25 @@ async fn worker_and_sender_serve_probes_and_metrics_on_their_own_listener() {
         }
     }
 }
+
+/// `WAGATE_NATS_URL` may list several servers, as a NATS cluster is given: a process whose list
+/// starts with a server that is down connects to one that is up.
+#[tokio::test]
+async fn a_list_of_nats_servers_is_taken() {
+    let servers = Servers::start().await;
+    let list = format!("nats://127.0.0.1:{},{}", free_port(), servers.nats_url);
+    let wagate = Wagate::start_role(
+        "ingress",
+        &servers,
+        "http://127.0.0.1:1",
+        &[("WAGATE_NATS_URL", &list)],
+    )
+    .await;
+    let r = wagate
+        .http
+        .get(format!("{}/readyz", wagate.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -76,7 +76,8 @@ impl JetStreamBus {
                 (token, None) => connect.token(token.expose_secret().to_owned()),
             };
         }
-        let client = connect.connect(servers.join(","));
+        // A list, not the joined text: the client reads a string as one address.
+        let client = connect.connect(servers);
         let shown = redact::url(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)
             .await
