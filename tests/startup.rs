@@ -5,7 +5,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::harness::{Servers, Wagate, World, free_port, run_wagate as wagate, test_master_key};
+use support::harness::{
+    Servers, Wagate, World, eventually, free_port, run_wagate as wagate, test_master_key,
+};
 
 #[test]
 fn every_command_has_help() {
@@ -278,4 +280,45 @@ async fn a_list_of_nats_servers_is_taken() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// `/readyz` answers 503 at once when NATS is gone, and 200 again once it is back: a probe that
+/// waited out the client's request timeout instead would be counted as failed by Kubernetes
+/// (one second by default) while holding a connection per probe.
+#[tokio::test]
+async fn readiness_says_503_promptly_while_nats_is_down() {
+    let mut servers = Servers::start().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let wagate = Wagate::start_role(
+        "worker",
+        &servers,
+        "http://127.0.0.1:1",
+        &[("WAGATE_METRICS_LISTEN", &addr)],
+    )
+    .await;
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let readyz = format!("http://{addr}/readyz");
+    servers.kill_nats();
+    let ask = || {
+        let r = probe.get(&readyz).send();
+        async move { r.await.expect("an answer within 2s").status() }
+    };
+    eventually(Duration::from_secs(10), "/readyz says 503", || async {
+        (ask().await == 503).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(ask().await, 503);
+    }
+    servers.restart_nats().await;
+    eventually(
+        Duration::from_secs(15),
+        "/readyz says 200 again",
+        || async { (ask().await == 200).then_some(()) },
+    )
+    .await;
+    drop(wagate);
 }
