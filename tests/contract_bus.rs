@@ -517,6 +517,7 @@ fn dead_letter(reason: &str) -> DeadLetter {
                 parts: vec![format!("text of {reason}")],
             },
             created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            answers_received_at: None,
             callback_base: None,
         }),
     }

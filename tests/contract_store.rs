@@ -212,6 +212,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
             parts: vec![text.into()],
         },
         created_at: at(5),
+        answers_received_at: None,
         callback_base: None,
     }
 }

@@ -803,3 +803,62 @@ async fn the_dlq_command_lists_and_replays() {
         .unwrap();
     assert!(!ok && out.contains("WAGATE_ADMIN_TOKEN"), "{out}");
 }
+
+/// Every stage a message passes exports its latency as a Prometheus histogram (buckets, which
+/// add up across processes; not a summary's quantiles, which do not), and Twilio's status
+/// callbacks are counted by status and error code.
+#[tokio::test]
+async fn every_stage_exports_a_latency_histogram_and_statuses_are_counted_by_code() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "one").await;
+    w.wagate.inbound("demo", &sid(2), FROM, "two").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let path = "/webhooks/twilio/whatsapp/demo/status";
+    for (message, status, code) in [(0, "delivered", None), (1, "undelivered", Some(30008))] {
+        let form = status_form(&sent[message].sid, status, code);
+        let r = w
+            .wagate
+            .post_signed(path, &form, support::harness::AUTH_TOKEN)
+            .await;
+        assert!(r.status().is_success(), "{status}: {}", r.status());
+    }
+    let metrics = eventually(WAIT, "both replies' latencies", || async {
+        let m = w.wagate.metrics().await;
+        m.contains("wagate_reply_seconds_count 2").then_some(m)
+    })
+    .await;
+    for name in [
+        "wagate_webhook_seconds",
+        "wagate_queue_wait_seconds",
+        "wagate_agent_seconds",
+        "wagate_turn_seconds",
+        "wagate_twilio_request_seconds",
+        "wagate_reply_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("{name}_bucket{{le=\"+Inf\"}} ")),
+            "{name} is a histogram:\n{metrics}"
+        );
+        assert!(
+            !metrics.contains(&format!("{name}{{quantile=")),
+            "{name} is not a summary"
+        );
+    }
+    assert_eq!(
+        w.wagate
+            .metric("wagate_message_status_total{status=\"delivered\",error_code=\"\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        w.wagate
+            .metric("wagate_message_status_total{status=\"undelivered\",error_code=\"30008\"}")
+            .await,
+        1.0
+    );
+    assert!(
+        metrics.lines().any(|l| l == "wagate_turns_in_flight 0"),
+        "in-flight turns are a gauge, back to 0 when idle:\n{metrics}"
+    );
+}

@@ -57,6 +57,19 @@ fn outcome(kind: &'static str, result: &'static str) {
     metrics::counter!("wagate_webhooks_total", "kind" => kind, "outcome" => result).increment(1);
 }
 
+/// Counts a message status Twilio reported for the first time, failures by Twilio's error code
+/// (a finite set Twilio documents, so the label cannot grow without bound; only Twilio's
+/// signed callbacks reach here).
+fn count_status(update: &StatusUpdate) {
+    let code = update.error_code.map(|c| c.to_string()).unwrap_or_default();
+    metrics::counter!(
+        "wagate_message_status_total",
+        "status" => update.status.as_str(),
+        "error_code" => code
+    )
+    .increment(1);
+}
+
 /// What a verified webhook carries.
 struct Verified {
     channel: std::sync::Arc<ResolvedChannel>,
@@ -302,6 +315,9 @@ async fn status(
     }
     match state.store.record_status(&update).await {
         Ok(applied) => {
+            if applied {
+                count_status(&update);
+            }
             tracing::debug!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");
             outcome("status", "accepted");
             StatusCode::NO_CONTENT.into_response()

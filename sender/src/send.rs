@@ -7,7 +7,7 @@
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use backon::{ExponentialBuilder, Retryable};
@@ -112,6 +112,10 @@ impl SendContext {
         let mut acked = false;
         let outcome = match result {
             Ok(()) => {
+                if let Some(received) = reply.answers_received_at {
+                    let took = (OffsetDateTime::now_utc() - received).as_seconds_f64();
+                    metrics::histogram!("wagate_reply_seconds").record(took.max(0.0));
+                }
                 match delivery.ack().await {
                     Ok(()) => acked = true,
                     Err(e) => {
@@ -499,9 +503,15 @@ async fn post(
     channel: &ResolvedChannel,
     form: &[(&str, &str)],
 ) -> Result<String, SendError> {
-    let attempt = || {
-        ctx.client
+    let attempt = || async {
+        let started = Instant::now();
+        let answer = ctx
+            .client
             .create(&channel.channel.account_sid, &channel.auth_token, form)
+            .await;
+        metrics::histogram!("wagate_twilio_request_seconds")
+            .record(started.elapsed().as_secs_f64());
+        answer
     };
     attempt
         .retry(

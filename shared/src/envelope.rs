@@ -146,6 +146,15 @@ pub struct OutboundReply {
     /// When the reply was made.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When ingress accepted the inbound message this reply answers (the last of a coalesced
+    /// burst; none for admin sends): the start of the end-to-end latency the sender records
+    /// once the reply is out. Absent in replies of older processes, which then go unmeasured.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub answers_received_at: Option<OffsetDateTime>,
     /// The inbound message's `callback_base`: where status callbacks go when
     /// `WAGATE_PUBLIC_URL` is not set (admin sends have none and then ask for no callback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -329,6 +338,7 @@ mod tests {
                 parts: vec!["hello".to_owned()],
             },
             created_at: OffsetDateTime::UNIX_EPOCH,
+            answers_received_at: None,
             callback_base: None,
         };
         for message in [

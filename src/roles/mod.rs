@@ -19,7 +19,7 @@ mod worker;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use shared::{
     bus::Bus,
     config::{Backends, Settings},
@@ -60,8 +60,19 @@ impl Common {
     }
 }
 
+/// Bucket bounds of every `_seconds` histogram: from a webhook's few milliseconds to a slow
+/// model's minute. Without bounds the exporter writes summaries, whose quantiles cannot be added
+/// up across processes; with one set for all, a dashboard compares stages on the same scale.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
 fn install_metrics() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().ok()
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+        .ok()?
+        .install_recorder()
+        .ok()
 }
 
 /// How long, in a staged shutdown, the sender keeps taking deliveries after the worker

@@ -69,6 +69,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
         return true;
     };
     let session = first.session_id();
+    record_queue_wait(&batch);
     let sightings: Vec<LeadSighting<'_>> = batch
         .iter()
         .map(|(_, m)| LeadSighting {
@@ -125,7 +126,9 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
         return acked;
     };
     let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
+    metrics::gauge!("wagate_turns_in_flight").increment(1.0);
     let result = process(ctx, first_delivery.as_ref(), &session, &msgs, &history).await;
+    metrics::gauge!("wagate_turns_in_flight").decrement(1.0);
     let attempt = match &result {
         Ok(()) => 0,
         Err(_) => ctx
@@ -164,6 +167,18 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
     acked && outcome != "retry"
+}
+
+/// How long each message waited between ingress's 200 and a worker taking it up, counted on
+/// first deliveries only: a retry's wait is the back-off it was told to take, not queueing.
+fn record_queue_wait(batch: &[Item]) {
+    let now = OffsetDateTime::now_utc();
+    for (delivery, msg) in batch {
+        if delivery.attempt() <= 1 {
+            let waited = (now - msg.received_at).as_seconds_f64().max(0.0);
+            metrics::histogram!("wagate_queue_wait_seconds").record(waited);
+        }
+    }
 }
 
 /// How soon a message comes back after a failure that is not the turn's (the store could not
@@ -318,6 +333,7 @@ async fn publish_reply(
         to: msg.from.clone(),
         content: ReplyContent::Text { parts },
         created_at: OffsetDateTime::now_utc(),
+        answers_received_at: Some(msg.received_at),
         callback_base: msg.callback_base.clone(),
     };
     bus::publish(&*ctx.bus, &out).await?;

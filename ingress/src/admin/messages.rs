@@ -105,6 +105,7 @@ pub async fn send(
         to: WhatsAppAddress::from_phone(&to),
         content,
         created_at: OffsetDateTime::now_utc(),
+        answers_received_at: None,
         callback_base: None,
     };
     bus::publish(&*state.bus, &reply)
