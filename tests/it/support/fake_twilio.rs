@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A local stand-in for Twilio's Messages API (`/2010-04-01/Accounts/{AccountSid}/Messages.json`).
 //!
 //! It speaks Twilio's wire format and is strict where Twilio is: every request is checked
@@ -48,7 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 /// The spec slice, compiled in so the fake works in a fresh clone without `shared/`.
-const SPEC_FIXTURE: &str = include_str!("../fixtures/twilio_messages_api.json");
+const SPEC_FIXTURE: &str = include_str!("../../fixtures/twilio_messages_api.json");
 /// Twilio's documented body limit (spec prose, error 21617), counted in UTF-16 code units.
 const BODY_LIMIT_UTF16: usize = 1600;
 /// "You can include up to ten `media_url` parameters per message" (spec prose, error 21623).
