@@ -880,9 +880,14 @@ impl World {
         let servers = Servers::start_in(Mode::from_env()).await;
         let twilio = crate::support::fake_twilio::FakeTwilio::start().await;
         twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
-        let wagate =
-            Wagate::start_role_with_open_files("serve", &servers, &twilio.base_url, env, open_files)
-                .await;
+        let wagate = Wagate::start_role_with_open_files(
+            "serve",
+            &servers,
+            &twilio.base_url,
+            env,
+            open_files,
+        )
+        .await;
         World {
             servers,
             twilio,
