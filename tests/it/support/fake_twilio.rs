@@ -25,7 +25,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -1618,10 +1617,9 @@ fn truncate(s: &str, max: usize) -> String {
 
 struct ClosableListener(TcpListener);
 
-/// Connection info handed to the handler: the peer and the switch that kills its socket.
+/// Connection info handed to the handler: the switch that kills its socket.
 #[derive(Clone, Debug)]
 struct Conn {
-    peer: SocketAddr,
     kill: Arc<AtomicBool>,
 }
 
@@ -1637,12 +1635,9 @@ impl Listener for ClosableListener {
     async fn accept(&mut self) -> (ClosableStream, Conn) {
         loop {
             match self.0.accept().await {
-                Ok((inner, peer)) => {
+                Ok((inner, _peer)) => {
                     let kill = Arc::new(AtomicBool::new(false));
-                    let conn = Conn {
-                        peer,
-                        kill: kill.clone(),
-                    };
+                    let conn = Conn { kill: kill.clone() };
                     return (ClosableStream { inner, kill }, conn);
                 }
                 // e.g. too many open files: back off instead of spinning.
@@ -1652,8 +1647,8 @@ impl Listener for ClosableListener {
     }
 
     fn local_addr(&self) -> io::Result<Conn> {
+        self.0.local_addr()?;
         Ok(Conn {
-            peer: self.0.local_addr()?,
             kill: Arc::new(AtomicBool::new(false)),
         })
     }
