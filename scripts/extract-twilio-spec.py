@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Extract the slice of Twilio's OpenAPI spec that the test fake checks against.
 
-The fake Twilio server in tests/support/fake_twilio.rs validates every request wagate sends
+The fake Twilio server in tests/it/support/fake_twilio.rs validates every request wagate sends
 against the official spec (twilio/twilio-oai, spec/json/twilio_api_v2010.json). That file is
 1.8 MB and lives in shared/, which a fresh CI clone may not have, so this script copies the
 few parts the fake needs into tests/fixtures/twilio_messages_api.json, which is committed:

@@ -2,7 +2,7 @@
 //! conversation are handled one at a time in arrival order, and replies go out in order, while
 //! different conversations run in parallel.
 
-mod support;
+use crate::support;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -23,7 +23,7 @@ async fn conversations_stay_in_order_across_worker_and_sender_processes() {
     hook.set_reply(|req| serde_json::json!({"reply": req["message"]["body"]}));
     let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &[]).await;
     // Coalescing off: this test is about order alone (one turn per message); bursts are
-    // tested in tests/coalescing.rs.
+    // tested in tests/it/coalescing.rs.
     let mut others = Vec::new();
     for role in ["worker", "worker", "worker", "sender", "sender"] {
         others.push(

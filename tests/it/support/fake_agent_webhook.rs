@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A business's own agent endpoint, as wagate's `webhook` backend calls it.
 //!
 //! wagate POSTs JSON to [`FakeAgentWebhook::url`] with

@@ -1,4 +1,4 @@
-mod support;
+use crate::support;
 
 // Auth Tokens, OpenAI API keys and webhook secrets never appear in plaintext: not in Redis, not
 // in the logs (even at debug level), not in any admin API answer, not in any JetStream message.

@@ -2,7 +2,7 @@
 //! `wagate serve` (embedded mode): each typed line reaches the agent signed as Twilio signs, its
 //! replies are printed as they come, and nothing is posted to Twilio (simulation mode).
 
-mod support;
+use crate::support;
 
 use std::{process::Stdio, time::Duration};
 

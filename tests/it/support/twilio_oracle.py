@@ -1,4 +1,4 @@
-"""Reference oracle for tests/signature_differential.rs.
+"""Reference oracle for tests/it/signature_differential.rs.
 
 Reads JSON lines on stdin, answers each with one JSON line on stdout, computed by the official
 twilio-python SDK (``twilio.request_validator.RequestValidator``). The first output line is a

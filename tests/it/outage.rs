@@ -2,7 +2,7 @@
 //! ingress spools what it accepts meanwhile (answering 200) and publishes it in order, and the
 //! pipeline then answers every message once.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! turn comes again), Redis restarting, and SIGTERM with a turn in flight. Each ends with every
 //! message answered exactly once.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! the published vectors, this test checks thousands of random inputs (unicode keys and values,
 //! astral emoji, combining marks, empty values, repeated keys and values, query strings, ports,
 //! http and https) against `twilio.request_validator.RequestValidator` 9.13.0, run as ONE Python
-//! subprocess (`tests/support/twilio_oracle.py`) that answers JSON lines.
+//! subprocess (`tests/it/support/twilio_oracle.py`) that answers JSON lines.
 //!
 //! For every case and every probe (a URL, and params or a body, that Twilio might have signed) the
 //! oracle returns `compute_signature(probe)` and `validate(case url, case params, that signature)`;
@@ -1031,7 +1031,7 @@ fn find_python() -> PathBuf {
 /// Sends every request to one oracle process; returns its answers by id.
 fn run_oracle(requests: Vec<String>) -> HashMap<u64, Value> {
     let python = find_python();
-    let oracle = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/twilio_oracle.py");
+    let oracle = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/twilio_oracle.py");
     let mut child = Command::new(&python)
         .arg(&oracle)
         .stdin(Stdio::piped())

@@ -1,4 +1,4 @@
-mod support;
+use crate::support;
 
 // INTERFACE.md's admin API, every call over real HTTP against a running `wagate serve`: the
 // answers' shapes, bearer authentication on every route, the validation rules, and bad input of

@@ -3,7 +3,7 @@
 //! listener, each timeout closes what it should, connections over the cap are turned away, and
 //! SIGTERM never waits on clients beyond the shutdown grace.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -95,21 +95,23 @@ async fn probe(url: &str) -> (Result<u16, String>, Duration) {
     (status, started.elapsed())
 }
 
-/// Sets this process's soft limit of open files (its children inherit it) and returns the
-/// limits it had.
+/// Raises this process's soft limit of open files to its hard limit (never lowers it: every
+/// test of the binary shares it) and returns the hard limit.
 #[cfg(target_os = "linux")]
-fn set_own_open_files_limit(soft: Option<u64>) -> rustix::process::Rlimit {
+fn raise_own_open_files_limit() -> Option<u64> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let had = getrlimit(Resource::Nofile);
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: soft,
-            maximum: had.maximum,
-        },
-    )
-    .expect("set this process's soft limit of open files");
-    had
+    if had.current != had.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: had.maximum,
+                maximum: had.maximum,
+            },
+        )
+        .expect("raise this process's soft limit of open files");
+    }
+    had.maximum
 }
 
 /// The probe that found this: half-sent requests held open made `/healthz` on both listeners
@@ -120,22 +122,23 @@ fn set_own_open_files_limit(soft: Option<u64>) -> rustix::process::Rlimit {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn probes_and_webhooks_answer_while_thousands_of_half_sent_requests_are_held() {
-    let hard = set_own_open_files_limit(Some(1024)).maximum;
+    // This process holds the clients' ends of every connection.
+    let hard = raise_own_open_files_limit();
     let enough = (2 * HELD_PER_LISTENER + 1_000) as u64;
     if hard.is_some_and(|h| h < enough) {
-        set_own_open_files_limit(hard);
         eprintln!("skipped: this test needs a hard limit of at least {enough} open files");
         return;
     }
     let grace = Duration::from_secs(3);
     // The held requests stay within their header allowance for the whole test.
-    let mut world = World::start_with(&[
-        ("WAGATE_SHUTDOWN_GRACE_MS", "3000"),
-        ("WAGATE_HTTP_HEADER_TIMEOUT_MS", "60000"),
-    ])
+    let mut world = World::start_with_open_files(
+        1024,
+        &[
+            ("WAGATE_SHUTDOWN_GRACE_MS", "3000"),
+            ("WAGATE_HTTP_HEADER_TIMEOUT_MS", "60000"),
+        ],
+    )
     .await;
-    // This process holds the clients' ends of every connection.
-    set_own_open_files_limit(hard);
     let w = &mut world.wagate;
     w.echo_agent("demo").await;
 

@@ -1,7 +1,7 @@
 //! Embedded mode keeps the pipeline's promises in one process: a webhook answered 200 survives
 //! `kill -9`, and after a restart every accepted message is answered exactly once, in order.
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

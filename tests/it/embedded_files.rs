@@ -2,7 +2,7 @@
 //! database file that is empty, not a database, cut short or damaged inside a stored record is
 //! a start-up error naming the file, never a panic and never a silently empty database.
 
-mod support;
+use crate::support;
 
 use std::{
     os::unix::fs::PermissionsExt,

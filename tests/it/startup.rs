@@ -1,7 +1,7 @@
 //! Start-up: `--help` for every command, and a process that cannot start exits non-zero at once
 //! with a message saying what to fix.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -187,24 +187,15 @@ async fn unreachable_nats_or_bad_key_or_taken_port_exit_with_a_reason() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn a_running_wagate_raises_its_open_files_limit_to_the_hard_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    use rustix::process::{Resource, getrlimit};
     let ours = getrlimit(Resource::Nofile);
-    let low = Some(ours.maximum.map_or(1024, |hard| hard.min(1024)));
-    if low == ours.maximum {
+    let low = ours.maximum.map_or(1024, |hard| hard.min(1024));
+    if Some(low) == ours.maximum {
         eprintln!("skipped: the hard limit of open files is already 1024 or lower");
         return;
     }
-    // The child inherits this process's limits; the other tests here need few descriptors.
-    setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: low,
-            maximum: ours.maximum,
-        },
-    )
-    .expect("lower this process's soft limit");
-    let world = World::start().await;
-    setrlimit(Resource::Nofile, ours).expect("restore this process's soft limit");
+    // Only the child starts low: this process's limit is every test's of the binary.
+    let world = World::start_with_open_files(low, &[]).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", world.wagate.pid()))
         .expect("read the process limits");
     let open_files: Vec<&str> = limits

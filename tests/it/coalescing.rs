@@ -1,6 +1,6 @@
 //! Burst coalescing: messages one user sends back to back go to the agent as one turn.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

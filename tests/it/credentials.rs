@@ -1,7 +1,7 @@
 //! Passwords inside URLs never show: not in start-up errors, not in logs (at debug level), not
 //! in what the admin API answers; an agent URL's credentials are stored sealed and still used.
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{Arc, Mutex},

@@ -1,7 +1,7 @@
-//! Self-tests of the test fakes in `tests/support/`: each fake is driven with plain reqwest,
+//! Self-tests of the test fakes in `tests/it/support/`: each fake is driven with plain reqwest,
 //! so a wagate test that fails can trust the fake and look at wagate.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,7 +78,7 @@ fn is_message_sid(sid: &str) -> bool {
 }
 
 fn fixture() -> Value {
-    serde_json::from_str(include_str!("fixtures/twilio_messages_api.json")).unwrap()
+    serde_json::from_str(include_str!("../fixtures/twilio_messages_api.json")).unwrap()
 }
 
 #[tokio::test]

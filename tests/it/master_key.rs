@@ -3,7 +3,7 @@
 //! webhook; a rotation (new key, old one in `WAGATE_MASTER_KEY_PREVIOUS`) seals every stored
 //! secret again, after which the new key alone runs everything. In both modes.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Every row of INTERFACE.md's webhook table, status callbacks, and bad input at the edge:
 //! each answered with the documented status and text, nothing queued, no 5xx.
 
-mod support;
+use crate::support;
 
 const FORM: &str = "application/x-www-form-urlencoded";
 

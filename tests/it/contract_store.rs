@@ -2,7 +2,7 @@
 //! both backends (`<test>::embedded` on a temp folder, `<test>::redis` on a fresh redis-server),
 //! so a behaviour that differs between them is a failing test.
 
-mod support;
+use crate::support;
 
 use std::{path::Path, sync::Arc, time::Duration};
 

@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A local OpenAI-compatible Chat Completions server (`POST {base_url}/chat/completions`).
 //!
 //! - Auth: `Authorization: Bearer <api_key>`; anything else gets 401 with OpenAI's error JSON

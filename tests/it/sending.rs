@@ -2,7 +2,7 @@
 //! limits, ambiguous 5xx, permanent codes), send guards of senders that die or take long, dead
 //! letters and their replay.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! embedded file refuses a second opener (same process and another process), survives kill -9
 //! of a publishing process, and an ignored throughput measurement.
 
-mod support;
+use crate::support;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -649,10 +649,13 @@ mod embedded_only {
 
     /// Runs this test executable again, running only `child::run` with `task`.
     fn child(task: &str, dir: &Path) -> Command {
+        // The test's full name: this module's path without the crate's name.
+        let module = module_path!().split_once("::").expect("a module path").1;
+        let name = format!("{module}::child::run");
         let mut cmd = Command::new(std::env::current_exe().expect("test executable"));
         cmd.args([
             "--exact",
-            "embedded_only::child::run",
+            name.as_str(),
             "--ignored",
             "--nocapture",
             "--test-threads=1",

@@ -1,7 +1,7 @@
 //! Conversations end to end: the exact request Twilio receives, the session kept in Redis, the
 //! agent seeing the history, leads captured once, long replies split, duplicates answered once.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

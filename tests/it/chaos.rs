@@ -3,7 +3,7 @@
 //! Every message that got a 200 is answered exactly once, and each conversation's replies are
 //! in order.
 
-mod support;
+use crate::support;
 
 use std::{
     sync::{

@@ -306,6 +306,8 @@ pub struct Wagate {
     role: String,
     env: Vec<(String, String)>,
     starts: usize,
+    /// The soft limit of open files the process starts with, if not this process's own.
+    open_files: Option<u64>,
     pub public_url: String,
     pub admin_url: String,
     pub log_path: PathBuf,
@@ -338,6 +340,32 @@ impl Wagate {
         servers: &Servers,
         twilio_base: &str,
         env: &[(&str, &str)],
+    ) -> Result<Wagate, Refused> {
+        Self::try_start_limited(role, servers, twilio_base, env, None).await
+    }
+
+    /// As [`Wagate::start_role`], the process starting with a soft limit of `open_files` open
+    /// files (its hard limit stays this process's), as systemd starts a service; this process's
+    /// own limit, which every test in the binary shares, is left as it is.
+    pub async fn start_role_with_open_files(
+        role: &str,
+        servers: &Servers,
+        twilio_base: &str,
+        env: &[(&str, &str)],
+        open_files: u64,
+    ) -> Wagate {
+        match Self::try_start_limited(role, servers, twilio_base, env, Some(open_files)).await {
+            Ok(w) => w,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    async fn try_start_limited(
+        role: &str,
+        servers: &Servers,
+        twilio_base: &str,
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
     ) -> Result<Wagate, Refused> {
         let port = free_port();
         let admin_port = free_port();
@@ -375,7 +403,7 @@ impl Wagate {
             .collect();
         all_env.retain(|(k, _)| !unset.contains(&k.as_str()));
         let mut w = Wagate {
-            proc: Proc(spawn_wagate(role, &all_env, &log_path)),
+            proc: Proc(spawn_wagate(role, &all_env, &log_path, open_files)),
             role: role.to_owned(),
             env: all_env,
             public_url,
@@ -383,6 +411,7 @@ impl Wagate {
             log_path,
             http: reqwest::Client::new(),
             starts: 1,
+            open_files,
         };
         w.wait_ready().await?;
         Ok(w)
@@ -391,7 +420,12 @@ impl Wagate {
     /// Starts the process again (after [`Wagate::kill`]) with the same role, ports and settings.
     pub async fn restart(&mut self) {
         self.kill();
-        self.proc = Proc(spawn_wagate(&self.role, &self.env, &self.log_path));
+        self.proc = Proc(spawn_wagate(
+            &self.role,
+            &self.env,
+            &self.log_path,
+            self.open_files,
+        ));
         self.starts += 1;
         if let Err(why) = self.wait_ready().await {
             panic!("{why}");
@@ -603,20 +637,52 @@ impl Wagate {
     }
 }
 
-fn spawn_wagate(role: &str, env: &[(String, String)], log_path: &Path) -> Child {
+fn spawn_wagate(
+    role: &str,
+    env: &[(String, String)],
+    log_path: &Path,
+    open_files: Option<u64>,
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_wagate"))
-        .arg(role)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wagate"));
+    cmd.arg(role)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("cannot start wagate")
+        .stderr(log);
+    if let Some(soft) = open_files {
+        limit_open_files(&mut cmd, soft);
+    }
+    cmd.spawn().expect("cannot start wagate")
+}
+
+/// Makes the process `cmd` starts begin with a soft limit of `soft` open files (at most its
+/// hard limit, which it keeps), set in the child between fork and exec.
+#[cfg(target_os = "linux")]
+fn limit_open_files(cmd: &mut Command, soft: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    use std::os::unix::process::CommandExt;
+    let hard = getrlimit(Resource::Nofile).maximum;
+    let limit = Rlimit {
+        current: Some(hard.map_or(soft, |h| h.min(soft))),
+        maximum: hard,
+    };
+    // SAFETY: setrlimit is a single system call, safe between fork and exec; nothing is
+    // allocated or locked in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            setrlimit(Resource::Nofile, limit.clone()).map_err(std::io::Error::from)
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn limit_open_files(_cmd: &mut Command, _soft: u64) {
+    panic!("a child's limit of open files is only set on Linux");
 }
 
 /// Runs `wagate args` with only `env` (and `PATH`) to its end, for commands that finish or
@@ -801,6 +867,27 @@ impl World {
         let twilio = crate::support::fake_twilio::FakeTwilio::start().await;
         twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
         let wagate = Wagate::start(&servers, &twilio.base_url, env).await;
+        World {
+            servers,
+            twilio,
+            wagate,
+        }
+    }
+
+    /// A world in the suites' mode whose wagate starts with a soft limit of `open_files` open
+    /// files (see [`Wagate::start_role_with_open_files`]).
+    pub async fn start_with_open_files(open_files: u64, env: &[(&str, &str)]) -> World {
+        let servers = Servers::start_in(Mode::from_env()).await;
+        let twilio = crate::support::fake_twilio::FakeTwilio::start().await;
+        twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+        let wagate = Wagate::start_role_with_open_files(
+            "serve",
+            &servers,
+            &twilio.base_url,
+            env,
+            open_files,
+        )
+        .await;
         World {
             servers,
             twilio,

@@ -1,4 +1,3 @@
-#![allow(dead_code)]
 //! A local stand-in for Twilio's Messages API (`/2010-04-01/Accounts/{AccountSid}/Messages.json`).
 //!
 //! It speaks Twilio's wire format and is strict where Twilio is: every request is checked
@@ -26,7 +25,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -48,7 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 /// The spec slice, compiled in so the fake works in a fresh clone without `shared/`.
-const SPEC_FIXTURE: &str = include_str!("../fixtures/twilio_messages_api.json");
+const SPEC_FIXTURE: &str = include_str!("../../fixtures/twilio_messages_api.json");
 /// Twilio's documented body limit (spec prose, error 21617), counted in UTF-16 code units.
 const BODY_LIMIT_UTF16: usize = 1600;
 /// "You can include up to ten `media_url` parameters per message" (spec prose, error 21623).
@@ -1619,10 +1617,9 @@ fn truncate(s: &str, max: usize) -> String {
 
 struct ClosableListener(TcpListener);
 
-/// Connection info handed to the handler: the peer and the switch that kills its socket.
+/// Connection info handed to the handler: the switch that kills its socket.
 #[derive(Clone, Debug)]
 struct Conn {
-    peer: SocketAddr,
     kill: Arc<AtomicBool>,
 }
 
@@ -1638,12 +1635,9 @@ impl Listener for ClosableListener {
     async fn accept(&mut self) -> (ClosableStream, Conn) {
         loop {
             match self.0.accept().await {
-                Ok((inner, peer)) => {
+                Ok((inner, _peer)) => {
                     let kill = Arc::new(AtomicBool::new(false));
-                    let conn = Conn {
-                        peer,
-                        kill: kill.clone(),
-                    };
+                    let conn = Conn { kill: kill.clone() };
                     return (ClosableStream { inner, kill }, conn);
                 }
                 // e.g. too many open files: back off instead of spinning.
@@ -1653,8 +1647,8 @@ impl Listener for ClosableListener {
     }
 
     fn local_addr(&self) -> io::Result<Conn> {
+        self.0.local_addr()?;
         Ok(Conn {
-            peer: self.0.local_addr()?,
             kill: Arc::new(AtomicBool::new(false)),
         })
     }

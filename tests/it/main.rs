@@ -1,0 +1,26 @@
+//! The integration tests, as one test binary (one link of the workspace instead of one per
+//! suite). Each suite is a module; its tests are named `suite::test`, e.g. `webhooks::...`.
+
+mod support;
+
+mod admin_api;
+mod chaos;
+mod chat;
+mod coalescing;
+mod contract_bus;
+mod contract_store;
+mod conversation;
+mod credentials;
+mod embedded;
+mod embedded_files;
+mod fakes_selftest;
+mod faults;
+mod master_key;
+mod ordering;
+mod outage;
+mod secrets;
+mod sending;
+mod signature_differential;
+mod slow_clients;
+mod startup;
+mod webhooks;
