@@ -186,26 +186,32 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let cluster = RedisCluster { nodes, _dir: dir };
-        until("the cluster to be formed", Duration::from_secs(30), async || {
-            for node in &cluster.nodes {
-                let info = node.query::<String>(&redis::cmd("CLUSTER").arg("INFO")).await;
-                let ok = info.is_ok_and(|i| {
-                    i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:6")
-                });
-                if !ok {
-                    return false;
+        until(
+            "the cluster to be formed",
+            Duration::from_secs(30),
+            async || {
+                for node in &cluster.nodes {
+                    let info = node
+                        .query::<String>(&redis::cmd("CLUSTER").arg("INFO"))
+                        .await;
+                    let ok = info.is_ok_and(|i| {
+                        i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:6")
+                    });
+                    if !ok {
+                        return false;
+                    }
                 }
-            }
-            // Every master has its replica attached.
-            let mut replicas = 0;
-            for node in &cluster.nodes {
-                let info = node.info("replication").await;
-                if info.contains("role:slave") && info.contains("master_link_status:up") {
-                    replicas += 1;
+                // Every master has its replica attached.
+                let mut replicas = 0;
+                for node in &cluster.nodes {
+                    let info = node.info("replication").await;
+                    if info.contains("role:slave") && info.contains("master_link_status:up") {
+                        replicas += 1;
+                    }
                 }
-            }
-            replicas == 3
-        })
+                replicas == 3
+            },
+        )
         .await;
         cluster
     }
@@ -235,7 +241,8 @@ impl RedisCluster {
                 let redis::Value::Array(r) = range else {
                     continue;
                 };
-                let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) = (r.first(), r.get(1))
+                let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+                    (r.first(), r.get(1))
                 else {
                     continue;
                 };
@@ -345,7 +352,9 @@ impl RedisSentinel {
             async || {
                 for s in &setup.sentinels {
                     let quorum = s
-                        .query::<String>(redis::cmd("SENTINEL").arg("CKQUORUM").arg(SENTINEL_MASTER))
+                        .query::<String>(
+                            redis::cmd("SENTINEL").arg("CKQUORUM").arg(SENTINEL_MASTER),
+                        )
                         .await;
                     if !quorum.is_ok_and(|q| q.contains("3 usable")) {
                         return false;

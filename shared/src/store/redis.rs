@@ -297,7 +297,11 @@ impl RedisStore {
         prefix: &str,
     ) -> Result<Self, StoreError> {
         let failed = |reason: String| StoreError::Connect {
-            url: url.split(',').map(redact::url).collect::<Vec<_>>().join(","),
+            url: url
+                .split(',')
+                .map(redact::url)
+                .collect::<Vec<_>>()
+                .join(","),
             reason: redact::text(&reason),
         };
         let redis = tokio::time::timeout(Duration::from_secs(10), Redis::connect(url, topology))
@@ -767,7 +771,9 @@ impl Store for RedisStore {
         // The clocks are the conversation's keys, the guard the part's: two slots on a cluster,
         // so two requests sent together (the pipeline they were is not atomic either).
         type Clocks = (Option<i64>, Option<i64>, Option<i64>);
-        let claim = redis::pipe().add_command(self.claim_cmd(key, lease)).clone();
+        let claim = redis::pipe()
+            .add_command(self.claim_cmd(key, lease))
+            .clone();
         let mut conn = self.conn();
         let (clocks, claimed) = tokio::join!(
             clocks.query_async::<Clocks>(&mut conn),

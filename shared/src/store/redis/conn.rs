@@ -273,11 +273,8 @@ impl SentinelConn {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        *self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((generation, conn.clone()));
+        *self.inner.current.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((generation, conn.clone()));
         Ok((generation, conn))
     }
 
@@ -301,11 +298,7 @@ impl SentinelConn {
     /// Drops the connection of `generation`, unless it was replaced already: the next request
     /// asks Sentinel where the master is.
     fn forget(&self, generation: u64) {
-        let mut current = self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut current = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
         if current.as_ref().is_some_and(|(g, _)| *g == generation) {
             tracing::warn!(
                 "the Redis master's connection failed or it is no longer master; asking Sentinel for the master again"
@@ -323,7 +316,9 @@ fn demoted(value: &Value) -> bool {
             e.kind(),
             Some(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
         ),
-        Value::Array(values) => values.iter().any(|v| matches!(v, Value::ServerError(_)) && demoted(v)),
+        Value::Array(values) => values
+            .iter()
+            .any(|v| matches!(v, Value::ServerError(_)) && demoted(v)),
         _ => false,
     }
 }
