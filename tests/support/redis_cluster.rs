@@ -227,7 +227,7 @@ impl RedisCluster {
 
     /// The node that is master of `slot` now.
     pub async fn master_of_slot(&self, slot: u16) -> usize {
-        for (i, node) in self.nodes.iter().enumerate() {
+        for node in &self.nodes {
             let Ok(slots) = node
                 .query::<redis::Value>(&redis::cmd("CLUSTER").arg("SLOTS"))
                 .await
@@ -256,7 +256,6 @@ impl RedisCluster {
                     return self.nodes.iter().position(|n| n.port == port).unwrap();
                 }
             }
-            let _ = i;
         }
         panic!("no node is master of slot {slot}");
     }
