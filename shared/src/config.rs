@@ -14,8 +14,33 @@ pub struct Settings {
     #[arg(long = "nats-url", env = "WAGATE_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<ServerUrl>,
     /// Redis, e.g. redis://127.0.0.1:6379/0. Unset (with WAGATE_NATS_URL unset): embedded mode.
+    /// With WAGATE_REDIS_CLUSTER=true, a comma-separated list of Redis Cluster nodes; with
+    /// WAGATE_REDIS_SENTINELS, only its password and db count (the host is Sentinel's master).
     #[arg(long = "redis-url", env = "WAGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<ServerUrl>,
+    /// `true`: WAGATE_REDIS_URL names Redis Cluster nodes (`redis://[:password@]host:port,…`).
+    #[arg(
+        long = "redis-cluster",
+        env = "WAGATE_REDIS_CLUSTER",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub redis_cluster: bool,
+    /// Redis Sentinels as `host:port,host:port,…`: the master is found, and followed through a
+    /// failover, through them.
+    #[arg(
+        long = "redis-sentinels",
+        env = "WAGATE_REDIS_SENTINELS",
+        value_delimiter = ','
+    )]
+    pub redis_sentinels: Vec<String>,
+    /// The name of the master the Sentinels watch.
+    #[arg(
+        long = "redis-sentinel-master",
+        env = "WAGATE_REDIS_SENTINEL_MASTER",
+        default_value = "mymaster"
+    )]
+    pub redis_sentinel_master: String,
     /// Data folder of embedded mode and of the ingress spool.
     #[arg(long = "data-dir", env = "WAGATE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -263,6 +288,22 @@ pub enum Backends {
     Embedded,
 }
 
+/// How the Redis of `WAGATE_REDIS_URL` is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One server (its replicas, if any, are not wagate's business).
+    Single,
+    /// A Redis Cluster: `WAGATE_REDIS_URL` lists some of its nodes, comma-separated.
+    Cluster,
+    /// The master that these Sentinels (`host:port`) know as `master`.
+    Sentinel {
+        /// `host:port` of each Sentinel.
+        sentinels: Vec<String>,
+        /// The name the Sentinels monitor the master under.
+        master: String,
+    },
+}
+
 /// Shortest admin token accepted: an empty token would let every caller in (no
 /// `Authorization` compares equal to it), and a short one is guessed quickly.
 pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
@@ -308,9 +349,48 @@ impl Settings {
         }
     }
 
+    /// How the Redis of WAGATE_REDIS_URL is reached: one server, a Redis Cluster, or the master
+    /// that Sentinel names.
+    pub fn redis_topology(&self) -> Result<RedisTopology, ConfigError> {
+        let sentinels: Vec<String> = self
+            .redis_sentinels
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        match (self.redis_cluster, sentinels.is_empty()) {
+            (true, false) => Err(ConfigError(
+                "WAGATE_REDIS_CLUSTER=true and WAGATE_REDIS_SENTINELS are both set: a Redis Cluster does not use Sentinel; set one of them".into(),
+            )),
+            (true, true) => Ok(RedisTopology::Cluster),
+            (false, true) => Ok(RedisTopology::Single),
+            (false, false) => {
+                if let Some(bad) = sentinels.iter().find(|s| {
+                    s.rsplit_once(':')
+                        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+                }) {
+                    return Err(ConfigError(format!(
+                        "WAGATE_REDIS_SENTINELS must be host:port,host:port,…; {bad:?} is not a host:port"
+                    )));
+                }
+                if self.redis_sentinel_master.trim().is_empty() {
+                    return Err(ConfigError(
+                        "WAGATE_REDIS_SENTINEL_MASTER must not be empty".into(),
+                    ));
+                }
+                Ok(RedisTopology::Sentinel {
+                    sentinels,
+                    master: self.redis_sentinel_master.trim().to_owned(),
+                })
+            }
+        }
+    }
+
     /// Checks what can be checked without connecting to anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.backends()?;
+        self.redis_topology()?;
         if let Some(token) = &self.admin_token {
             check_admin_token(token, "WAGATE_ADMIN_TOKEN")?;
         }

@@ -148,7 +148,8 @@ async fn connect_remote(
         duplicate_window: std::time::Duration::from_millis(settings.dedupe_window_ms.max(1000)),
     };
     let bus = JetStreamBus::connect(nats_url.expose(), options).await?;
-    let store = RedisStore::connect(redis_url.expose(), &settings.prefix).await?;
+    let topology = settings.redis_topology()?;
+    let store = RedisStore::connect_to(redis_url.expose(), &topology, &settings.prefix).await?;
     Ok((Arc::new(bus), Arc::new(store)))
 }
 

@@ -1,6 +1,8 @@
 //! The store contract: every test body is written once against `Arc<dyn Store>` and runs on
 //! both backends (`<test>::embedded` on a temp folder, `<test>::redis` on a fresh redis-server),
-//! so a behaviour that differs between them is a failing test.
+//! so a behaviour that differs between them is a failing test. Redis runs it twice more:
+//! `<test>::redis_cluster` on a Redis Cluster and `<test>::redis_sentinel` through Sentinel,
+//! each shared by the tests of this binary, every test under a key prefix of its own.
 
 use crate::support;
 
@@ -15,11 +17,15 @@ use shared::{
     envelope::{OutboundReply, ReplyContent},
     store::{
         Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, Store, Turn, TurnStart,
-        WindowClocks, redis::RedisStore,
+        WindowClocks,
+        redis::{RedisStore, RedisTopology},
     },
     twilio::status::{MessageStatus, StatusUpdate},
 };
-use support::harness::{Servers, sid};
+use support::{
+    harness::{Servers, sid},
+    redis_cluster::{RedisCluster, RedisSentinel, SENTINEL_MASTER},
+};
 use time::OffsetDateTime;
 
 /// One backend under test, and how to open it again (a restart for the embedded store, a new
@@ -33,6 +39,15 @@ struct Rig {
 enum Kind {
     Embedded(tempfile::TempDir),
     Redis(Servers),
+    Cluster(&'static RedisCluster, String),
+    Sentinel(&'static RedisSentinel, String),
+}
+
+/// A key prefix no other test of this binary uses, on the shared cluster and Sentinel setup.
+fn fresh_prefix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("t{n}")
 }
 
 impl Rig {
@@ -56,6 +71,43 @@ impl Rig {
         }
     }
 
+    async fn redis_cluster() -> Rig {
+        let kind = Kind::Cluster(RedisCluster::shared().await, fresh_prefix());
+        Rig {
+            name: "redis cluster",
+            store: Some(connect_kind(&kind).await),
+            kind,
+        }
+    }
+
+    async fn redis_sentinel() -> Rig {
+        let kind = Kind::Sentinel(RedisSentinel::shared().await, fresh_prefix());
+        Rig {
+            name: "redis sentinel",
+            store: Some(connect_kind(&kind).await),
+            kind,
+        }
+    }
+
+    /// `SCRIPT FLUSH` on every Redis server of the rig, as a restart would.
+    async fn flush_scripts(&self) {
+        let urls: Vec<String> = match &self.kind {
+            Kind::Embedded(_) => vec![],
+            Kind::Redis(servers) => vec![servers.redis_url.clone()],
+            Kind::Cluster(c, _) => c.nodes.iter().map(|n| n.url()).collect(),
+            Kind::Sentinel(s, _) => s.data.iter().map(|n| n.url()).collect(),
+        };
+        for url in urls {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
     fn store(&self) -> Arc<dyn Store> {
         self.store.clone().expect("open")
     }
@@ -65,11 +117,32 @@ impl Rig {
         self.store = None;
         let store: Arc<dyn Store> = match &self.kind {
             Kind::Embedded(dir) => Arc::new(open_embedded(dir.path()).store),
-            Kind::Redis(servers) => connect_redis(servers).await,
+            kind => connect_kind(kind).await,
         };
         self.store = Some(store.clone());
         store
     }
+}
+
+async fn connect_kind(kind: &Kind) -> Arc<dyn Store> {
+    let (url, topology, prefix) = match kind {
+        Kind::Embedded(_) => unreachable!("not Redis"),
+        Kind::Redis(servers) => return connect_redis(servers).await,
+        Kind::Cluster(c, prefix) => (c.url(), RedisTopology::Cluster, prefix),
+        Kind::Sentinel(s, prefix) => (
+            s.url(),
+            RedisTopology::Sentinel {
+                sentinels: s.sentinels().split(',').map(str::to_owned).collect(),
+                master: SENTINEL_MASTER.into(),
+            },
+            prefix,
+        ),
+    };
+    Arc::new(
+        RedisStore::connect_to(&url, &topology, prefix)
+            .await
+            .expect("connect to Redis"),
+    )
 }
 
 async fn connect_redis(servers: &Servers) -> Arc<dyn Store> {
@@ -89,7 +162,8 @@ fn open_embedded(dir: &Path) -> Embedded {
     Embedded::open(dir, options).unwrap_or_else(|e| panic!("open embedded: {e}"))
 }
 
-/// Runs each named test body on both backends, as `<name>::embedded` and `<name>::redis`.
+/// Runs each named test body on both backends, as `<name>::embedded` and `<name>::redis`, and
+/// on Redis Cluster and Sentinel as `<name>::redis_cluster` and `<name>::redis_sentinel`.
 macro_rules! on_both {
     ($($test:ident),* $(,)?) => {$(
         mod $test {
@@ -100,6 +174,14 @@ macro_rules! on_both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 super::$test(super::Rig::redis().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$test(super::Rig::redis_cluster().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_sentinel() {
+                super::$test(super::Rig::redis_sentinel().await).await;
             }
         }
     )*};
@@ -539,15 +621,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
 
     // The same batch again (a redelivery) counts nothing and moves nothing; on Redis, after
     // the scripts were lost (as after a restart), so they are loaded again.
-    if let Kind::Redis(servers) = &rig.kind {
-        let client = redis::Client::open(servers.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("SCRIPT")
-            .arg("FLUSH")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    rig.flush_scripts().await;
     let again = store.begin_turn(&s, &batch, 1).await.unwrap();
     assert_eq!(again.completed, start.completed, "{n}");
     assert_eq!(again.history, turns[1..], "{n}: the last turn only");

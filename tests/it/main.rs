@@ -18,6 +18,7 @@ mod faults;
 mod master_key;
 mod ordering;
 mod outage;
+mod redis_cluster;
 mod secrets;
 mod sending;
 mod signature_differential;

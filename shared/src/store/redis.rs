@@ -1,6 +1,12 @@
-//! The store on Redis. Keys start with the deployment prefix; keys that one script touches
-//! together share a `{hash tag}` so the scripts also run on Redis Cluster. Atomic steps are Lua
-//! scripts, so any number of workers and senders can race safely.
+//! The store on Redis: one server, a Redis Cluster or a Sentinel-watched master ([`conn`]).
+//! Keys start with the deployment prefix; keys that one script touches together share a
+//! `{hash tag}` (a conversation's keys `{<session>}`, an agent's leads `{<agent>}`), so every
+//! script, transaction and pipeline touches one slot and runs on Redis Cluster as on one
+//! server. An operation that needs keys of two slots is done in single-slot steps, ordered so
+//! that a crash between them is safe (each says why). Atomic steps are Lua scripts, so any
+//! number of workers and senders can race safely. The same key names serve every deployment,
+//! hash tags being harmless on one server. Writes whose loss in a failover matters wait for a
+//! replica ([`RedisStore::replicated`]); docs/operations.md says what a failover can lose.
 //!
 //! Layout (`P` = prefix): `P:agent:<id>` and `P:channel:<id>` (JSON), `P:agents` (set),
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
@@ -15,7 +21,7 @@ use std::{sync::LazyLock, time::Duration};
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream::BoxStream};
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
@@ -31,6 +37,11 @@ use crate::{
     redact,
     twilio::status::{MessageStatus, StatusUpdate},
 };
+
+mod conn;
+
+pub use crate::config::RedisTopology;
+use conn::{Conn, Redis};
 
 /// The key `$fmt` under `$store`'s prefix, built in one formatting pass and one allocation
 /// (a `format!` of the rest and then of the prefix took two of each, about 1,000 instructions
@@ -268,36 +279,63 @@ fn lead_args(cmd: &mut redis::Cmd, session: &SessionId, sightings: &[LeadSightin
 /// The store on Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
+    redis: Redis,
     prefix: String,
 }
 
 impl RedisStore {
-    /// Connects; fails with a clear message when Redis does not answer.
+    /// Connects to one Redis server; fails with a clear message when Redis does not answer.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_to(url, &RedisTopology::Single, prefix).await
+    }
+
+    /// Connects to the Redis of `url` deployed as `topology`: `url` is one server's URL, a
+    /// comma-separated list of cluster nodes, or (under Sentinel) gives only password and db.
+    pub async fn connect_to(
+        url: &str,
+        topology: &RedisTopology,
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
         let failed = |reason: String| StoreError::Connect {
-            url: redact::url(url),
+            url: url
+                .split(',')
+                .map(redact::url)
+                .collect::<Vec<_>>()
+                .join(","),
             reason: redact::text(&reason),
         };
-        let client =
-            redis::Client::open(url).map_err(|e| failed(format!("not a Redis URL ({e})")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(3);
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| failed("no answer within 10s".into()))?
-        .map_err(|e| failed(e.to_string()))?;
+        let redis = tokio::time::timeout(Duration::from_secs(10), Redis::connect(url, topology))
+            .await
+            .map_err(|_| failed("no answer within 10s".into()))?
+            .map_err(|e| failed(e.to_string()))?;
         Ok(Self {
-            client,
-            conn,
+            redis,
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// Makes a write whose loss in a failover matters (`what`, to `key`) wait until a replica
+    /// has it, when the deployment has failover (cluster, Sentinel). Redis replicates
+    /// asynchronously, so an acknowledged write can die with its master; after this it dies
+    /// only if the replica that has it is not the one promoted (with one replica per master,
+    /// it is). A replica that does not answer within [`conn::REPLICA_WAIT`] is logged, not an
+    /// error: the write did happen, and failing it would only repeat it.
+    async fn replicated(&self, key: &str, what: &'static str) {
+        if !self.redis.replicated() {
+            return;
+        }
+        match self.redis.replicate(key).await {
+            Ok(n) if n >= 1 => {}
+            Ok(_) => tracing::warn!(
+                write = what,
+                "no Redis replica acknowledged the write in time: a failover now could lose it"
+            ),
+            Err(e) => tracing::warn!(
+                write = what,
+                error = %e,
+                "could not wait for a Redis replica: a failover now could lose the write"
+            ),
+        }
     }
 
     /// The key `rest` under this store's prefix, in a buffer sized for the longest keys (a
@@ -312,8 +350,8 @@ impl RedisStore {
         key
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    fn conn(&self) -> Conn {
+        self.redis.conn.clone()
     }
 
     /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
@@ -394,11 +432,18 @@ fn from_ms(v: i64) -> OffsetDateTime {
 impl Store for RedisStore {
     async fn put_agent(&self, agent: &Agent) -> Result<(), StoreError> {
         let json = serde_json::to_vec(agent).map_err(StoreError::json("encode agent"))?;
-        redis::pipe()
-            .atomic()
+        // The agent and the set of agents are keys of two slots on a cluster: the agent is
+        // written first, so the set never names an agent that is missing ([`Self::agents`]
+        // skips one anyway); a crash between the steps leaves an agent that is not listed
+        // until it is put again, which the caller that saw the error does.
+        let _: () = self
+            .conn()
             .set(key!(self, "agent:{}", agent.id), json)
+            .await
+            .map_err(err("put agent"))?;
+        let _: i64 = self
+            .conn()
             .sadd(self.key("agents"), agent.id.as_str())
-            .exec_async(&mut self.conn())
             .await
             .map_err(err("put agent"))?;
         self.notify(&agent.id).await
@@ -440,11 +485,11 @@ impl Store for RedisStore {
 
     async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError> {
         let (tx, rx) = mpsc::channel(1024);
-        let client = self.client.clone();
+        let redis = self.redis.clone();
         let channel = self.key("changes");
         tokio::spawn(async move {
             loop {
-                if let Ok(mut pubsub) = client.get_async_pubsub().await
+                if let Ok(mut pubsub) = redis.pubsub().await
                     && pubsub.subscribe(&channel).await.is_ok()
                 {
                     // Whatever changed while we were not subscribed is unknown.
@@ -498,11 +543,18 @@ impl Store for RedisStore {
             &lead_keys(self, session, sightings.iter().map(|s| s.message_sid)),
         );
         lead_args(&mut lead, session, sightings);
-        type Reply = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>), i64);
-        let ((completed, turns), _): Reply = self
-            .scripted(redis::pipe().add_command(begin).add_command(lead))
-            .await
-            .map_err(err("begin turn"))?;
+        // The conversation's keys and the agent's leads are two slots on a cluster: two
+        // scripts, sent together. Both are idempotent (the lead counts each message once by its
+        // "seen" mark), so when either fails the whole begin is simply done again.
+        let begin = redis::pipe().add_command(begin).clone();
+        let lead = redis::pipe().add_command(lead).clone();
+        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>),);
+        let (begun, counted) = tokio::join!(
+            self.scripted::<Begun>(&begin),
+            self.scripted::<(i64,)>(&lead)
+        );
+        let ((completed, turns),) = begun.map_err(err("begin turn"))?;
+        counted.map_err(err("begin turn"))?;
         Ok(TurnStart {
             completed: completed
                 .iter()
@@ -570,6 +622,12 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("complete turn"))?;
+        if earlier.is_none() {
+            // The turn record is what keeps a redelivered message from running the agent
+            // again, and the turns are the conversation's history.
+            self.replicated(&key!(self, "session:{{{session}}}"), "complete turn")
+                .await;
+        }
         match earlier {
             Some(earlier) => from_json(&earlier, "decode turn record"),
             None => Ok(completed.clone()),
@@ -650,6 +708,9 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("opt out"))?;
+        // Losing it would send to a user who said STOP (or refuse one who said START).
+        self.replicated(&key!(self, "optout:{{{session}}}"), "opt out")
+            .await;
         Ok(())
     }
 
@@ -673,6 +734,9 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("opt in"))?;
+        // Losing it would send to a user who said STOP (or refuse one who said START).
+        self.replicated(&key!(self, "optin:{{{session}}}"), "opt in")
+            .await;
         Ok(())
     }
 
@@ -704,15 +768,19 @@ impl Store for RedisStore {
             .arg(key!(self, "optout:{{{session}}}"))
             .arg(key!(self, "optin:{{{session}}}"))
             .clone();
+        // The clocks are the conversation's keys, the guard the part's: two slots on a cluster,
+        // so two requests sent together (the pipeline they were is not atomic either).
         type Clocks = (Option<i64>, Option<i64>, Option<i64>);
-        let ((last_inbound, opted_out_at, opted_in_at), answer): (Clocks, String) = self
-            .scripted(
-                redis::pipe()
-                    .add_command(clocks)
-                    .add_command(self.claim_cmd(key, lease)),
-            )
-            .await
-            .map_err(err("claim send"))?;
+        let claim = redis::pipe()
+            .add_command(self.claim_cmd(key, lease))
+            .clone();
+        let mut conn = self.conn();
+        let (clocks, claimed) = tokio::join!(
+            clocks.query_async::<Clocks>(&mut conn),
+            self.scripted::<(String,)>(&claim)
+        );
+        let (last_inbound, opted_out_at, opted_in_at) = clocks.map_err(err("claim send"))?;
+        let (answer,) = claimed.map_err(err("claim send"))?;
         Ok((
             guard_state(&answer)?,
             WindowClocks {
@@ -729,20 +797,28 @@ impl Store for RedisStore {
         message_sid: &str,
         part: &OutboundReply,
     ) -> Result<(), StoreError> {
-        redis::pipe()
-            .set_ex(
-                key!(self, "guard:{key}"),
-                format!("sent:{message_sid}"),
-                GUARD_TTL.as_secs(),
-            )
+        // The part sent as the message, then the guard: keys of two slots on a cluster. A guard
+        // that says `sent:` always has its message's part recorded; a sender that dies between
+        // the steps leaves the guard pending, to lapse, and whoever takes the part next finds
+        // the message in Twilio's list and settles on it ([`Self::settle_sent`]) as this part's.
+        let guard = key!(self, "guard:{key}");
+        let _: () = self
+            .conn()
             .set_ex(
                 key!(self, "sent:{message_sid}"),
                 to_json(part)?,
                 GUARD_TTL.as_secs(),
             )
-            .exec_async(&mut self.conn())
             .await
-            .map_err(err("mark sent"))
+            .map_err(err("mark sent"))?;
+        let _: () = self
+            .conn()
+            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
+            .await
+            .map_err(err("mark sent"))?;
+        // The send ledger: a guard lost in a failover would send the part again.
+        self.replicated(&guard, "mark sent").await;
+        Ok(())
     }
 
     async fn settle_sent(
@@ -766,15 +842,13 @@ impl Store for RedisStore {
         if ours != 1 {
             return Ok(false);
         }
+        let guard = key!(self, "guard:{key}");
         let _: () = self
             .conn()
-            .set_ex(
-                key!(self, "guard:{key}"),
-                format!("sent:{message_sid}"),
-                GUARD_TTL.as_secs(),
-            )
+            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
             .await
             .map_err(err("settle sent"))?;
+        self.replicated(&guard, "settle sent").await;
         Ok(true)
     }
 
