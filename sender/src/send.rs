@@ -16,6 +16,7 @@ use shared::{
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
     dispatch::{Handler, with_keep_alive},
     envelope::{DeadLetter, OutboundReply, ReplyContent},
+    failure::Failure,
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
     twilio::rest::{FailureClass, UNSUBSCRIBED},
@@ -64,25 +65,17 @@ impl SendContext {
     }
 }
 
-enum Failure {
+/// Why a reply was not sent this time.
+enum Stop {
     /// Not a failure: another sender holds a part; come back later without counting an attempt.
     Wait(Duration),
-    Transient {
-        reason: String,
-        after: Option<Duration>,
-    },
-    Permanent {
-        reason: String,
-        code: Option<u32>,
-    },
+    /// A part failed.
+    Failed(Failure),
 }
 
-impl Failure {
-    fn transient(reason: impl std::fmt::Display) -> Self {
-        Self::Transient {
-            reason: reason.to_string(),
-            after: None,
-        }
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Self::Failed(f)
     }
 }
 
@@ -102,7 +95,7 @@ impl SendContext {
         let failures_key = format!("send:{}", reply.id);
         let result = with_keep_alive(delivery.as_ref(), send(self, &reply)).await;
         let attempt = match &result {
-            Ok(()) | Err(Failure::Wait(_)) => 0,
+            Ok(()) | Err(Stop::Wait(_)) => 0,
             Err(_) => self
                 .store
                 .count_failure(&failures_key)
@@ -124,23 +117,20 @@ impl SendContext {
                 }
                 "sent"
             }
-            Err(Failure::Wait(delay)) => {
+            Err(Stop::Wait(delay)) => {
                 tracing::debug!(id = %reply.id, ?delay, "a part is held by another sender; waiting");
                 let _ = delivery.retry_in(delay).await;
                 "retry"
             }
-            Err(Failure::Transient { reason, after }) => match self.retry.delay_after(attempt) {
+            Err(Stop::Failed(failure)) => match failure.retry_delay(&self.retry, attempt) {
                 Some(delay) => {
-                    let delay = after.map_or(delay, |a| a.max(delay));
+                    let reason = &failure.reason;
                     tracing::warn!(id = %reply.id, attempt, ?delay, %reason, "send failed, will retry");
                     let _ = delivery.retry_in(delay).await;
                     "retry"
                 }
-                None => dead_letter(self, delivery.as_ref(), &reply, reason, None, attempt).await,
+                None => dead_letter(self, delivery.as_ref(), &reply, failure, attempt).await,
             },
-            Err(Failure::Permanent { reason, code }) => {
-                dead_letter(self, delivery.as_ref(), &reply, reason, code, attempt).await
-            }
         };
         // Failures are only ever counted before a redelivery: a first attempt has none.
         if outcome != "retry" && delivery.attempt() > 1 {
@@ -155,10 +145,10 @@ async fn dead_letter(
     ctx: &SendContext,
     delivery: &dyn Delivery,
     reply: &OutboundReply,
-    reason: String,
-    code: Option<u32>,
+    failure: Failure,
     attempts: u64,
 ) -> &'static str {
+    let Failure { reason, code, .. } = failure;
     tracing::error!(id = %reply.id, agent = %reply.agent_id, attempts, %reason, "reply cannot be sent: dead letter");
     let letter = DeadLetter::send(reply.clone(), reason, code, attempts);
     match ctx.bus.put_dead_letter(&letter).await {
@@ -174,22 +164,18 @@ async fn dead_letter(
     }
 }
 
-async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
+async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
     let channel = match ctx.directory.lookup(&reply.agent_id).await {
         Ok(Lookup::Found(c)) => c,
         Ok(_) => {
-            return Err(Failure::Permanent {
-                reason: format!("agent {} has no WhatsApp channel", reply.agent_id),
-                code: None,
-            });
+            let reason = format!("agent {} has no WhatsApp channel", reply.agent_id);
+            return Err(Failure::permanent(reason).into());
         }
-        Err(e) => return Err(Failure::transient(e)),
+        Err(e) => return Err(Failure::transient(e).into()),
     };
     if !channel.channel.enabled {
-        return Err(Failure::Permanent {
-            reason: "WhatsApp not enabled for this agent; enable it and replay".into(),
-            code: None,
-        });
+        let reason = "WhatsApp not enabled for this agent; enable it and replay";
+        return Err(Failure::permanent(reason).into());
     }
     let variables;
     let parts: Vec<Vec<(&str, &str)>> = match &reply.content {
@@ -209,7 +195,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Failure> {
         let key = format!("{}:{index}", reply.id);
         let (hold, taken_over) = match claim(ctx, reply, index, &key).await? {
             GuardState::Sent(_) => continue,
-            GuardState::Busy => return Err(Failure::Wait(Duration::from_secs(1))),
+            GuardState::Busy => return Err(Stop::Wait(Duration::from_secs(1))),
             GuardState::Claimed(hold) => (hold, false),
             GuardState::Reclaimed(hold) => (hold, true),
         };
@@ -324,16 +310,7 @@ async fn send_part(
     if e.code == Some(UNSUBSCRIBED) {
         return Err(opted_out_at_twilio(ctx, reply, &e).await);
     }
-    Err(match e.class {
-        FailureClass::Permanent => Failure::Permanent {
-            reason: e.to_string(),
-            code: e.code,
-        },
-        _ => Failure::Transient {
-            reason: e.to_string(),
-            after: e.retry_after,
-        },
-    })
+    Err(e.failure())
 }
 
 /// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
@@ -350,10 +327,8 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
             "{e}; and the opt-out could not be recorded: {store}"
         ));
     }
-    Failure::Permanent {
-        reason: format!("{e}: {}", Refusal::OptedOut.explain()),
-        code: Some(UNSUBSCRIBED),
-    }
+    Failure::permanent(format!("{e}: {}", Refusal::OptedOut.explain()))
+        .with_code(Some(UNSUBSCRIBED))
 }
 
 /// Runs `work` (one part's attempt) while renewing the part's guard every third of the lease,
@@ -423,10 +398,7 @@ async fn claim(
     if let GuardState::Claimed(hold) = state {
         let _ = ctx.store.release_send(key, hold).await;
     }
-    Err(Failure::Permanent {
-        reason: refusal.explain().to_owned(),
-        code: Some(refusal.code()),
-    })
+    Err(Failure::permanent(refusal.explain()).with_code(Some(refusal.code())))
 }
 
 /// Records a posted part. Twilio has the message now, so this must not give up on a blip:

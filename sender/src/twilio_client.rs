@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use shared::{
     domain::AccountSid,
+    failure::Failure,
     twilio::rest::{ApiError, FailureClass, classify},
 };
 
@@ -24,6 +25,21 @@ pub struct SendError {
     pub message: String,
     /// Twilio's `Retry-After`, when given.
     pub retry_after: Option<Duration>,
+}
+
+impl SendError {
+    /// The failure this answer is for the reply once it is settled that Twilio did not create
+    /// the message: permanent for what Twilio will refuse again, otherwise worth another attempt,
+    /// no sooner than Twilio's `Retry-After`. Twilio's code goes with it either way.
+    pub fn failure(&self) -> Failure {
+        let failure = match self.class {
+            FailureClass::Permanent => Failure::permanent(self),
+            FailureClass::RetryLater | FailureClass::Ambiguous => {
+                Failure::transient(self).with_retry_after(self.retry_after)
+            }
+        };
+        failure.with_code(self.code)
+    }
 }
 
 impl std::fmt::Display for SendError {

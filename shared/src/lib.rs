@@ -14,6 +14,7 @@
 //!   schedules as data.
 //! - [`agent`]: agents, their backends and WhatsApp channels as stored.
 //! - [`envelope`]: what travels on the bus (inbound messages, replies, dead letters).
+//! - [`failure`]: the one failure model: whether trying again can help, and when.
 //! - [`text`]: splitting replies into WhatsApp-sized parts.
 //! - [`bus`] and [`store`]: the two interfaces the pipeline runs on, with their NATS JetStream
 //!   and Redis implementations, and their embedded ones.
@@ -36,6 +37,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod embedded;
 pub mod envelope;
+pub mod failure;
 pub mod key_check;
 pub mod redact;
 pub mod retry;

@@ -16,6 +16,7 @@ use shared::{
     dispatch::with_keep_alive,
     domain::SessionId,
     envelope::{DeadLetter, InboundMessage, OutboundReply, ReplyContent},
+    failure::Failure,
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
@@ -23,7 +24,7 @@ use shared::{
 };
 use time::OffsetDateTime;
 
-use crate::agent::{AgentError, AgentRunner, TurnInput, user_text};
+use crate::agent::{AgentRunner, TurnInput, user_text};
 
 /// What a turn needs.
 pub struct TurnContext {
@@ -39,23 +40,6 @@ pub struct TurnContext {
     pub history_window: usize,
     /// When to try a failed turn again.
     pub retry: RetrySchedule,
-}
-
-enum Failure {
-    Transient(String),
-    Permanent(String),
-}
-
-impl From<shared::store::StoreError> for Failure {
-    fn from(e: shared::store::StoreError) -> Self {
-        Self::Transient(e.to_string())
-    }
-}
-
-impl From<shared::bus::BusError> for Failure {
-    fn from(e: shared::bus::BusError) -> Self {
-        Self::Transient(e.to_string())
-    }
 }
 
 /// One inbound message of a turn and its delivery.
@@ -144,8 +128,9 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             }
             "replied"
         }
-        Err(Failure::Transient(reason)) => match ctx.retry.delay_after(attempt) {
+        Err(failure) => match failure.retry_delay(&ctx.retry, attempt) {
             Some(delay) => {
+                let reason = &failure.reason;
                 tracing::warn!(sid = %first.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
                 for delivery in &deliveries {
                     if let Err(e) = delivery.retry_in(delay).await {
@@ -154,11 +139,8 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
                 }
                 "retry"
             }
-            None => dead_letter(ctx, &deliveries, &msgs, reason, attempt).await,
+            None => dead_letter(ctx, &deliveries, &msgs, failure.reason, attempt).await,
         },
-        Err(Failure::Permanent(reason)) => {
-            dead_letter(ctx, &deliveries, &msgs, reason, attempt).await
-        }
     };
     // Failures are only ever counted before a redelivery, so a first attempt has none to clear.
     if outcome != "retry" && deliveries.iter().any(|d| d.attempt() > 1) {
@@ -260,12 +242,12 @@ async fn process(
     let agent = match ctx.directory.lookup(&last.agent_id).await {
         Ok(Lookup::Found(c)) => c.agent.clone(),
         Ok(_) => {
-            return Err(Failure::Permanent(format!(
+            return Err(Failure::permanent(format!(
                 "agent {} no longer exists",
                 last.agent_id
             )));
         }
-        Err(e) => return Err(Failure::Transient(e.to_string())),
+        Err(e) => return Err(Failure::transient(e)),
     };
     let session_text = session.to_string();
     let input = TurnInput {
@@ -277,10 +259,7 @@ async fn process(
     let started = Instant::now();
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;
     metrics::histogram!("wagate_agent_seconds").record(started.elapsed().as_secs_f64());
-    let reply = reply.map_err(|e| match e {
-        AgentError::Transient(s) => Failure::Transient(s),
-        AgentError::Permanent(s) => Failure::Permanent(s),
-    })?;
+    let reply = reply?;
     let mut turns: Vec<Turn> = msgs
         .iter()
         .map(|m| Turn {

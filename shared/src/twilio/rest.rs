@@ -15,7 +15,10 @@ pub struct ApiError {
     pub status: Option<u16>,
 }
 
-/// What a sender does about a failed create.
+/// What Twilio's answer to a create says about the message. Not a second failure model: besides
+/// [`crate::failure`]'s question (can trying again help?) it answers whether the message may
+/// exist, which a sender settles from Twilio's list before it either counts the part sent or
+/// turns the answer into a [`crate::failure::Failure`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// Not processed by Twilio; safe to send again after a pause (429, 20429, 63017, 63018, 63038).

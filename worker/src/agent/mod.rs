@@ -14,19 +14,9 @@ use shared::{
     agent::{Agent, Backend},
     crypto::{Keyring, SecretPurpose},
     envelope::InboundMessage,
+    failure::Failure,
     store::{Role, Turn},
 };
-
-/// Why a turn failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// Worth another attempt (timeouts, 429, 5xx, connection failures).
-    #[error("{0}")]
-    Transient(String),
-    /// Will fail again as is (bad credentials, bad request, bad answer).
-    #[error("{0}")]
-    Permanent(String),
-}
 
 /// What a backend gets for one turn.
 pub struct TurnInput<'a> {
@@ -116,7 +106,7 @@ impl AgentRunner {
     }
 
     /// Produces the reply of one turn.
-    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, AgentError> {
+    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, Failure> {
         let id = &input.agent.id;
         match &input.agent.backend {
             Backend::Echo => Ok(echo::reply(input)),
@@ -132,7 +122,7 @@ impl AgentRunner {
                     .as_ref()
                     .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
                     .transpose()
-                    .map_err(|e| AgentError::Permanent(e.to_string()))?
+                    .map_err(Failure::permanent)?
                     .map(|k| SecretString::from(format!("Bearer {}", k.expose_secret())));
                 let authorization = match bearer {
                     Some(b) => Some(b),
@@ -157,7 +147,7 @@ impl AgentRunner {
                 let secret = self
                     .keyring
                     .open(id, SecretPurpose::WebhookSecret, secret)
-                    .map_err(|e| AgentError::Permanent(e.to_string()))?;
+                    .map_err(Failure::permanent)?;
                 let authorization = self.basic_authorization(id, credentials.as_ref())?;
                 let endpoint = webhook::Endpoint {
                     url,
@@ -176,13 +166,13 @@ impl AgentRunner {
         &self,
         id: &shared::domain::AgentId,
         credentials: Option<&shared::crypto::SealedSecret>,
-    ) -> Result<Option<SecretString>, AgentError> {
+    ) -> Result<Option<SecretString>, Failure> {
         credentials
             .map(|c| {
                 self.keyring
                     .open(id, SecretPurpose::UrlCredentials, c)
                     .map(|userinfo| shared::redact::basic_authorization(&userinfo))
-                    .map_err(|e| AgentError::Permanent(e.to_string()))
+                    .map_err(Failure::permanent)
             })
             .transpose()
     }
@@ -226,7 +216,7 @@ pub fn user_text(m: &InboundMessage) -> String {
 }
 
 /// Classifies an HTTP failure of a backend.
-fn http_failure(backend: &str, answer: &transport::Answer) -> AgentError {
+fn http_failure(backend: &str, answer: &transport::Answer) -> Failure {
     let snippet: String = String::from_utf8_lossy(&answer.body)
         .chars()
         .take(200)
@@ -234,32 +224,31 @@ fn http_failure(backend: &str, answer: &transport::Answer) -> AgentError {
     let status = answer.status;
     let text = format!("{backend} answered HTTP {}: {snippet}", status.as_u16());
     if status.as_u16() == 429 || status.as_u16() == 408 || status.is_server_error() {
-        AgentError::Transient(text)
+        Failure::transient(text)
     } else {
-        AgentError::Permanent(text)
+        Failure::permanent(text)
     }
 }
 
 /// A header value made of text wagate composed; a byte HTTP does not allow is a bad setting.
-fn header_value(text: String) -> Result<http::HeaderValue, AgentError> {
-    http::HeaderValue::try_from(text).map_err(|_| {
-        AgentError::Permanent("a header value holds a byte HTTP does not allow".into())
-    })
+fn header_value(text: String) -> Result<http::HeaderValue, Failure> {
+    http::HeaderValue::try_from(text)
+        .map_err(|_| Failure::permanent("a header value holds a byte HTTP does not allow"))
 }
 
 /// A header value that holds a secret: marked sensitive, so that HTTP/2's header compression
 /// leaves it out of its table and debug output does not show it.
-fn sensitive_header(secret: &SecretString) -> Result<http::HeaderValue, AgentError> {
+fn sensitive_header(secret: &SecretString) -> Result<http::HeaderValue, Failure> {
     let mut value = header_value(secret.expose_secret().to_owned())?;
     value.set_sensitive(true);
     Ok(value)
 }
 
-fn send_failure(backend: &str, e: &transport::CallError) -> AgentError {
+fn send_failure(backend: &str, e: &transport::CallError) -> Failure {
     match e {
-        transport::CallError::TooLarge => AgentError::Permanent(format!("{backend} {e}")),
+        transport::CallError::TooLarge => Failure::permanent(format!("{backend} {e}")),
         transport::CallError::Timeout | transport::CallError::Unreachable(_) => {
-            AgentError::Transient(format!("{backend} {e}"))
+            Failure::transient(format!("{backend} {e}"))
         }
     }
 }

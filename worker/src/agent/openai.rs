@@ -13,9 +13,11 @@ use http::{
     header::{AUTHORIZATION, CONTENT_TYPE},
 };
 
+use shared::failure::Failure;
+
 use super::{
-    AgentError, ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, http_failure,
-    send_failure, sensitive_header,
+    ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, http_failure, send_failure,
+    sensitive_header,
     transport::{Post, Transport},
     user_text,
 };
@@ -38,7 +40,7 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, AgentError> {
+    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, Failure> {
         let mut messages = Vec::with_capacity(input.history.len() + 1 + input.messages.len());
         if let Some(p) = self.system_prompt.filter(|p| !p.is_empty()) {
             messages.push(ChatMessage::text("system", p));
@@ -72,7 +74,7 @@ impl Call<'_> {
             messages,
             model: self.model,
         })
-        .map_err(|e| AgentError::Permanent(e.to_string()))?;
+        .map_err(Failure::permanent)?;
         let mut headers = vec![(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
         if let Some(authorization) = self.authorization {
             headers.push((AUTHORIZATION, sensitive_header(authorization)?));
@@ -92,15 +94,13 @@ impl Call<'_> {
             return Err(http_failure("the model endpoint", &answer));
         }
         let v: Value = serde_json::from_slice(&answer.body).map_err(|_| {
-            AgentError::Permanent("the model endpoint answered something that is not JSON".into())
+            Failure::permanent("the model endpoint answered something that is not JSON")
         })?;
         v.pointer("/choices/0/message/content")
             .and_then(Value::as_str)
             .map(str::to_owned)
             .ok_or_else(|| {
-                AgentError::Permanent(
-                    "the model endpoint's answer has no choices[0].message.content".into(),
-                )
+                Failure::permanent("the model endpoint's answer has no choices[0].message.content")
             })
     }
 }

@@ -17,8 +17,10 @@ use http::{
     header::{AUTHORIZATION, CONTENT_TYPE},
 };
 
+use shared::failure::Failure;
+
 use super::{
-    AgentError, ChatMessage, TurnInput, header_value, http_failure, send_failure, sensitive_header,
+    ChatMessage, TurnInput, header_value, http_failure, send_failure, sensitive_header,
     transport::{Post, Transport},
     user_text,
 };
@@ -50,7 +52,7 @@ pub async fn reply(
     http: &Transport,
     endpoint: &Endpoint<'_>,
     input: &TurnInput<'_>,
-) -> Result<String, AgentError> {
+) -> Result<String, Failure> {
     let messages = input
         .history
         .iter()
@@ -72,7 +74,7 @@ pub async fn reply(
         messages,
         session_id: input.session_id,
     })
-    .map_err(|e| AgentError::Permanent(e.to_string()))?;
+    .map_err(Failure::permanent)?;
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
     let signature = sign(endpoint.secret, &timestamp, &body)?;
     let mut headers = vec![
@@ -101,20 +103,17 @@ pub async fn reply(
     if !answer.status.is_success() {
         return Err(http_failure("the agent webhook", &answer));
     }
-    let v: Value = serde_json::from_slice(&answer.body).map_err(|_| {
-        AgentError::Permanent("the agent webhook answered something that is not JSON".into())
-    })?;
+    let v: Value = serde_json::from_slice(&answer.body)
+        .map_err(|_| Failure::permanent("the agent webhook answered something that is not JSON"))?;
     v.get("reply")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or_else(|| {
-            AgentError::Permanent("the agent webhook's answer has no \"reply\" string".into())
-        })
+        .ok_or_else(|| Failure::permanent("the agent webhook's answer has no \"reply\" string"))
 }
 
-fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, AgentError> {
+fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, Failure> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-        .map_err(|_| AgentError::Permanent("bad webhook secret".into()))?;
+        .map_err(|_| Failure::permanent("bad webhook secret"))?;
     mac.update(timestamp.as_bytes());
     mac.update(b".");
     mac.update(body);
