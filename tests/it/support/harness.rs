@@ -674,9 +674,7 @@ fn limit_open_files(cmd: &mut Command, soft: u64) {
     // SAFETY: setrlimit is a single system call, safe between fork and exec; nothing is
     // allocated or locked in the child.
     unsafe {
-        cmd.pre_exec(move || {
-            setrlimit(Resource::Nofile, limit.clone()).map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(move || setrlimit(Resource::Nofile, limit).map_err(std::io::Error::from));
     }
 }
 

@@ -44,15 +44,6 @@ impl Node {
         self.proc = None;
     }
 
-    /// A plain connection to this one server.
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         let client = redis::Client::open(self.url())?;
         let config = redis::AsyncConnectionConfig::new()
@@ -192,7 +183,7 @@ impl RedisCluster {
             async || {
                 for node in &cluster.nodes {
                     let info = node
-                        .query::<String>(&redis::cmd("CLUSTER").arg("INFO"))
+                        .query::<String>(redis::cmd("CLUSTER").arg("INFO"))
                         .await;
                     let ok = info.is_ok_and(|i| {
                         i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:6")
@@ -229,7 +220,7 @@ impl RedisCluster {
     pub async fn master_of_slot(&self, slot: u16) -> usize {
         for node in &self.nodes {
             let Ok(slots) = node
-                .query::<redis::Value>(&redis::cmd("CLUSTER").arg("SLOTS"))
+                .query::<redis::Value>(redis::cmd("CLUSTER").arg("SLOTS"))
                 .await
             else {
                 continue;
