@@ -7,3 +7,4 @@ pub mod fake_agent_webhook;
 pub mod fake_openai;
 pub mod fake_twilio;
 pub mod harness;
+pub mod nats_cluster;
