@@ -22,7 +22,7 @@ use support::{
     fake_twilio::FakeTwilio,
     harness::{
         ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, deliver_last_messages, deliver_like_twilio,
-        echoed_lines, eventually, inbound_form, sid,
+        echoed_lines, eventually, inbound_form, run_wagate, sid,
     },
     nats_cluster::{NatsCluster, single_server},
 };
@@ -107,9 +107,11 @@ async fn leader_failover_of_both_streams_loses_repeats_and_reorders_nothing() {
             "WAGATE_AGENT_RETRY",
             "100ms,200ms,500ms,1s,2s,2s,2s,2s,2s,2s",
         ),
-        // An election after a SIGKILL takes JetStream several seconds; ingress waits that out
-        // instead of spooling (docs/operations.md, "NATS: a JetStream cluster").
-        ("WAGATE_SPOOL_AFTER_MS", "12000"),
+        // An election after a SIGKILL takes JetStream several seconds. Spooling after 10 s, past
+        // the webhook's own 5 s deadline, means never: during an election webhooks answer 503
+        // and are delivered again, instead of being spooled by one ingress and overtaken
+        // through the other (docs/operations.md, "NATS: a JetStream cluster").
+        ("WAGATE_SPOOL_AFTER_MS", "10000"),
     ];
     let (d1, d2) = (data("ingress-1"), data("ingress-2"));
     let with = |extra: &[(&str, &str)]| -> Vec<(String, String)> {
@@ -154,7 +156,7 @@ async fn leader_failover_of_both_streams_loses_repeats_and_reorders_nothing() {
         started.elapsed()
     );
 
-    // Steady traffic: each user writes a message about every 0.8 s, each once the previous one
+    // Steady traffic: each user writes a message about every 0.55 s (plus the webhook's time), each once the previous one
     // was answered 200, through the ingress processes in turn; every 7th is delivered again
     // through the other ingress (a retry that went elsewhere).
     let done = Arc::new(AtomicBool::new(false));
@@ -180,7 +182,7 @@ async fn leader_failover_of_both_streams_loses_repeats_and_reorders_nothing() {
                             deliver_like_twilio(&http, &urls[1 - via], &fields).await;
                             retried.fetch_add(1, Ordering::SeqCst);
                         }
-                        let pause = rand::rng().random_range(600..1000);
+                        let pause = rand::rng().random_range(400..700);
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                 }
@@ -294,6 +296,44 @@ async fn leader_failover_of_both_streams_loses_repeats_and_reorders_nothing() {
     );
     assert!(twilio.violations().is_empty(), "{:?}", twilio.violations());
     drop(procs);
+
+    // What the order check's request costs on R3: a direct get (answered by a replica, the
+    // one next to the client when it has one) against the leader-only STREAM.MSG.GET.
+    let stream = js.get_stream("WAGATE_INBOUND").await.unwrap();
+    let probe = "wagate.inbound.demo.probe";
+    const GETS: u32 = 300;
+    let timed = Instant::now();
+    for _ in 0..GETS {
+        let _ = stream.direct_get_first_for_subject(probe).await;
+    }
+    let direct = timed.elapsed() / GETS;
+    let timed = Instant::now();
+    for _ in 0..GETS {
+        let _ = stream.get_next_raw_message_by_subject(probe).await;
+    }
+    let leader = timed.elapsed() / GETS;
+    eprintln!(
+        "order check on R3: direct get {direct:?}, leader STREAM.MSG.GET {leader:?} (mean of {GETS})"
+    );
+}
+
+#[test]
+fn a_replica_count_jetstream_cannot_have_is_refused_at_start() {
+    for count in ["0", "6", "three"] {
+        let (ok, text) = run_wagate(
+            &["worker"],
+            &[
+                ("WAGATE_NATS_URL", "nats://127.0.0.1:1"),
+                ("WAGATE_REDIS_URL", "redis://127.0.0.1:1"),
+                ("WAGATE_NATS_REPLICAS", count),
+            ],
+        );
+        assert!(!ok, "{count}: {text}");
+        assert!(
+            text.contains("replicas") || text.contains("WAGATE_NATS_REPLICAS"),
+            "{count}: {text}"
+        );
+    }
 }
 
 // ---- Authenticating to NATS ----
