@@ -13,6 +13,21 @@ pub struct Settings {
     /// NATS server(s), e.g. nats://127.0.0.1:4222. Unset (with WAGATE_REDIS_URL unset): embedded mode.
     #[arg(long = "nats-url", env = "WAGATE_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<ServerUrl>,
+    /// Replicas of every JetStream stream wagate creates (1, 3 or 5 on a cluster); a changed
+    /// value is applied to existing streams at start. Set it the same on every process.
+    #[arg(
+        long = "nats-replicas",
+        env = "WAGATE_NATS_REPLICAS",
+        default_value_t = 1
+    )]
+    pub nats_replicas: usize,
+    /// NATS `.creds` file (user JWT and nkey seed) to connect with.
+    #[arg(long = "nats-creds", env = "WAGATE_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA bundle (PEM) that the NATS servers' TLS certificates are checked against; set, TLS
+    /// to NATS is required.
+    #[arg(long = "nats-tls-ca", env = "WAGATE_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
     /// Redis, e.g. redis://127.0.0.1:6379/0. Unset (with WAGATE_NATS_URL unset): embedded mode.
     /// With WAGATE_REDIS_CLUSTER=true, a comma-separated list of Redis Cluster nodes; with
     /// WAGATE_REDIS_SENTINELS, only its password and db count (the host is Sentinel's master).
@@ -390,6 +405,12 @@ impl Settings {
     /// Checks what can be checked without connecting to anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.backends()?;
+        if !(1..=5).contains(&self.nats_replicas) {
+            return Err(ConfigError(
+                "WAGATE_NATS_REPLICAS must be from 1 to 5 (JetStream's limit; 3 on a 3-node cluster)"
+                    .into(),
+            ));
+        }
         self.redis_topology()?;
         if let Some(token) = &self.admin_token {
             check_admin_token(token, "WAGATE_ADMIN_TOKEN")?;

@@ -143,9 +143,14 @@ async fn connect_remote(
     max_in_flight: usize,
 ) -> Result<(Arc<dyn Bus>, Arc<dyn Store>)> {
     let options = JetStreamOptions {
-        prefix: settings.prefix.clone(),
-        max_in_flight,
-        duplicate_window: std::time::Duration::from_millis(settings.dedupe_window_ms.max(1000)),
+        replicas: settings.nats_replicas,
+        credentials_file: settings.nats_creds.clone(),
+        tls_ca: settings.nats_tls_ca.clone(),
+        ..JetStreamOptions::new(
+            settings.prefix.clone(),
+            max_in_flight,
+            std::time::Duration::from_millis(settings.dedupe_window_ms.max(1000)),
+        )
     };
     let bus = JetStreamBus::connect(nats_url.expose(), options).await?;
     let topology = settings.redis_topology()?;

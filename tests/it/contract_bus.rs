@@ -85,11 +85,7 @@ impl Rig {
 }
 
 async fn connect_jetstream(servers: &Servers, duplicate_window: Duration) -> Arc<dyn Bus> {
-    let options = JetStreamOptions {
-        prefix: "wagate".into(),
-        max_in_flight: 64,
-        duplicate_window,
-    };
+    let options = JetStreamOptions::new("wagate", 64, duplicate_window);
     Arc::new(
         JetStreamBus::connect(&servers.nats_url, options)
             .await

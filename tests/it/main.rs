@@ -16,6 +16,7 @@ mod embedded_files;
 mod fakes_selftest;
 mod faults;
 mod master_key;
+mod nats_cluster;
 mod ordering;
 mod outage;
 mod redis_cluster;

@@ -4,11 +4,12 @@
 //! (`<p>.inbound.<agent>.<user>`), so JetStream's per-subject order is the conversation's order.
 //! Publishes set `Nats-Msg-Id`, so JetStream drops duplicates within its window.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self, AckKind, Context,
     consumer::{PullConsumer, pull},
+    context::PublishErrorKind,
     message::PublishMessage,
     stream::{self, RetentionPolicy, StorageType, Stream},
 };
@@ -25,6 +26,9 @@ use crate::{envelope::DeadLetter, redact};
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Tries of one ack before giving up (about 10 s in all, enough for a NATS reconnect).
 const ACK_ATTEMPTS: usize = 8;
+/// How long a publish is tried again while its stream elects a leader or the client
+/// reconnects (a JetStream election after a server died takes a few seconds).
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(20);
 /// Messages older than this are dropped from the work queues, whatever their state.
 const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -39,6 +43,31 @@ pub struct JetStreamOptions {
     /// of a webhook come within seconds; later repeats are caught by the store (completed
     /// turns, send guards), so this only needs to cover the common case cheaply.
     pub duplicate_window: Duration,
+    /// Replicas of every stream created; an existing stream with another count is changed to
+    /// this one at connect (JetStream moves the data; a cluster needs that many servers).
+    pub replicas: usize,
+    /// A `.creds` file (user JWT and nkey seed) to authenticate with.
+    pub credentials_file: Option<PathBuf>,
+    /// A CA bundle (PEM) the servers' certificates must chain to; set, TLS is required.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl JetStreamOptions {
+    /// Options with the given prefix and one replica, no credentials file and no TLS.
+    pub fn new(
+        prefix: impl Into<String>,
+        max_in_flight: usize,
+        duplicate_window: Duration,
+    ) -> Self {
+        Self {
+            prefix: prefix.into(),
+            max_in_flight,
+            duplicate_window,
+            replicas: 1,
+            credentials_file: None,
+            tls_ca: None,
+        }
+    }
 }
 
 /// The bus on NATS JetStream.
@@ -64,6 +93,11 @@ impl JetStreamBus {
             servers.push(bare);
             credentials = credentials.or(userinfo);
         }
+        // TLS (a tls:// URL, WAGATE_NATS_TLS_CA, or a server that requires it) needs rustls's
+        // process-wide crypto provider, which rustls cannot choose by itself when two are
+        // compiled in (async-nats brings ring, reqwest aws-lc-rs). Installing fails only when
+        // one is installed already, which is as good.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut connect = async_nats::ConnectOptions::new()
             .name("wagate")
             .connection_timeout(Duration::from_secs(5));
@@ -76,9 +110,34 @@ impl JetStreamBus {
                 (token, None) => connect.token(token.expose_secret().to_owned()),
             };
         }
+        let shown = redact::url(url);
+        if let Some(path) = &options.credentials_file {
+            // The error names the file, never its content (a seed).
+            connect = connect
+                .credentials_file(path)
+                .await
+                .map_err(|e| BusError::Connect {
+                    url: shown.clone(),
+                    reason: format!(
+                        "WAGATE_NATS_CREDS {}: not a readable .creds file ({})",
+                        path.display(),
+                        e.kind()
+                    ),
+                })?;
+        }
+        if let Some(path) = &options.tls_ca {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(BusError::Connect {
+                    url: shown,
+                    reason: format!("WAGATE_NATS_TLS_CA {}: {e}", path.display()),
+                });
+            }
+            connect = connect
+                .add_root_certificates(path.clone())
+                .require_tls(true);
+        }
         // A list, not the joined text: the client reads a string as one address.
         let client = connect.connect(servers);
-        let shown = redact::url(url);
         let client = tokio::time::timeout(Duration::from_secs(10), client)
             .await
             .map_err(|_| BusError::Connect {
@@ -91,6 +150,7 @@ impl JetStreamBus {
             })?;
         let js = jetstream::new(client);
         let prefix = options.prefix;
+        let replicas = options.replicas.max(1);
         let upper = prefix.to_uppercase();
         let work_queue = |name: &str, topic: Topic| stream::Config {
             name: format!("{upper}_{name}"),
@@ -99,6 +159,7 @@ impl JetStreamBus {
             storage: StorageType::File,
             duplicate_window: options.duplicate_window,
             max_age: MAX_AGE,
+            num_replicas: replicas,
             allow_direct: true,
             ..Default::default()
         };
@@ -106,11 +167,30 @@ impl JetStreamBus {
             let js = js.clone();
             async move {
                 let name = config.name.clone();
-                js.get_or_create_stream(config).await.map_err(|e| {
+                let mut stream = js.get_or_create_stream(config).await.map_err(|e| {
                     BusError::Refused(format!(
                         "could not create stream {name} (is JetStream enabled? nats-server -js): {e}"
                     ))
-                })
+                })?;
+                // An existing stream keeps its configuration (an operator's limits included)
+                // but takes the replica count configured now.
+                let info = stream.info().await.map_err(BusError::nats("stream info"))?;
+                if info.config.num_replicas != replicas {
+                    let mut config = info.config.clone();
+                    let was = config.num_replicas;
+                    config.num_replicas = replicas;
+                    js.update_stream(&config).await.map_err(|e| {
+                        BusError::Refused(format!(
+                            "could not change stream {name} from {was} to {replicas} replicas (WAGATE_NATS_REPLICAS; a cluster needs at least that many JetStream servers): {e}"
+                        ))
+                    })?;
+                    tracing::info!(stream = %name, from = was, to = replicas, "stream replicas changed");
+                    stream = js
+                        .get_stream(&name)
+                        .await
+                        .map_err(BusError::nats("stream"))?;
+                }
+                Ok::<_, BusError>(stream)
             }
         };
         let inbound = create(work_queue("INBOUND", Topic::Inbound)).await?;
@@ -120,6 +200,7 @@ impl JetStreamBus {
             subjects: vec![format!("{prefix}.dlq.>")],
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;
@@ -225,7 +306,11 @@ impl Delivery for JetStreamDelivery {
 
     async fn is_next_in_conversation(&self) -> Result<bool, BusError> {
         // Work-queue streams drop a message once it is acked, so the first message still stored
-        // on the conversation's subject is its oldest unfinished one.
+        // on the conversation's subject is its oldest unfinished one. On a replicated stream
+        // the direct get may be answered by any replica, possibly a lagging one; the answer is
+        // still safe: a replica that stores a message at or after this one has applied every
+        // publish before it, and drops a message only once it was acked (done), so if it holds
+        // no older one on the subject, none is unfinished.
         let mine = self
             .message
             .info()
@@ -237,8 +322,11 @@ impl Delivery for JetStreamDelivery {
             .await
         {
             Ok(first) => Ok(first.sequence >= mine),
+            // This delivery's own message is stored, so "nothing stored" comes from a replica
+            // that has not applied it yet (a direct get may be answered by any replica):
+            // it cannot tell, so not yet (docs/operations.md, "NATS: a JetStream cluster").
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-                Ok(true)
+                Ok(false)
             }
             Err(e) => Err(BusError::nats("conversation order")(e)),
         }
@@ -259,8 +347,10 @@ impl Delivery for JetStreamDelivery {
             .await
         {
             Ok(next) => Ok(next.sequence >= mine),
+            // As above: this message lies after `position`, so a replica that finds nothing
+            // there has not applied it yet.
             Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-                Ok(true)
+                Ok(false)
             }
             Err(e) => Err(BusError::nats("conversation order")(e)),
         }
@@ -279,18 +369,42 @@ impl Bus for JetStreamBus {
         // Joined, not formatted: twice per message, and `format!` starts such a string with
         // no room and grows it.
         let subject = [self.prefix.as_str(), topic.as_str(), conversation].join(".");
-        let ack = self
-            .js
-            .send_publish(
-                subject,
-                PublishMessage::build()
-                    .payload(payload)
-                    .message_id(dedupe_id),
-            )
-            .await
-            .map_err(BusError::nats("publish"))?
-            .await
-            .map_err(BusError::nats("publish ack"))?;
+        // Tried again while the stream has no leader (after its leader died, the replicas
+        // take a few seconds to elect another: "no stream" answers, or no answer) or the
+        // client reconnects; the message id makes a repeat of a publish that was in fact
+        // stored a duplicate, not a second copy. A caller with a deadline of its own (ingress
+        // spools after WAGATE_SPOOL_AFTER_MS) cancels the wait sooner.
+        let deadline = tokio::time::Instant::now() + PUBLISH_RETRY_FOR;
+        let mut wait = Duration::from_millis(50);
+        let ack = loop {
+            let attempt = async {
+                self.js
+                    .send_publish(
+                        subject.clone(),
+                        PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(dedupe_id),
+                    )
+                    .await?
+                    .await
+            };
+            match attempt.await {
+                Ok(ack) => break ack,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::StreamNotFound
+                            | PublishErrorKind::TimedOut
+                            | PublishErrorKind::BrokenPipe
+                    ) && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tracing::debug!(error = %e, "publish not acknowledged; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(BusError::nats("publish")(e)),
+            }
+        };
         Ok(if ack.duplicate {
             Published::Duplicate
         } else {

@@ -24,7 +24,7 @@ fn repo() -> PathBuf {
 }
 
 /// The nats-server binary: `WAGATE_TEST_NATS_SERVER`, the project venv's (2.10+), or PATH's.
-fn nats_binary() -> PathBuf {
+pub fn nats_binary() -> PathBuf {
     if let Ok(p) = std::env::var("WAGATE_TEST_NATS_SERVER") {
         return PathBuf::from(p);
     }

@@ -6,4 +6,5 @@ pub mod fake_agent_webhook;
 pub mod fake_openai;
 pub mod fake_twilio;
 pub mod harness;
+pub mod nats_cluster;
 pub mod redis_cluster;
