@@ -4,7 +4,6 @@
 //! (SIGKILL) and start again on the same ports and store.
 
 use std::{
-    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -245,11 +244,6 @@ impl NatsCluster {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    /// The folder for files of the test (certificates, credentials).
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
     }
 }
 
