@@ -54,12 +54,6 @@ pub struct SendContext {
 }
 
 impl SendContext {
-    /// The longest one attempt at a part can take: every inline post timing out, with the waits
-    /// between them. A sender that died may have posted the part at any time in it.
-    fn longest_attempt(&self) -> Duration {
-        (self.twilio_timeout + self.inline_wait_cap()) * INLINE_POSTS + Duration::from_secs(1)
-    }
-
     fn inline_wait_cap(&self) -> Duration {
         MAX_INLINE_WAIT.min(self.twilio_timeout)
     }
@@ -254,13 +248,17 @@ async fn send_part(
     let to = reply.to.as_str();
     let single = single_part(reply, part.index);
     if part.taken_over {
-        // The sender that held this part died; it may have posted it first, at any time
-        // during its attempt, which ended at most a lease ago.
-        let since = OffsetDateTime::now_utc() - ctx.send_lease - ctx.longest_attempt();
+        // The sender that held this part died; it may have posted it first. Not "within the
+        // last lease": the reply comes back only after the bus's ack wait, and may wait longer
+        // in a backlog, so the dead sender's post can be any age. It cannot be older than the
+        // message the reply answers (a reply republished from its stored turn has a new
+        // `created_at`, not a new inbound time), and a message of an earlier reply with the
+        // same text either predates it or is recorded as that reply's part (which
+        // `settle_ambiguous` skips).
         let search = Search {
             from: &from,
             to,
-            since,
+            since: reply.answers_received_at.unwrap_or(reply.created_at),
         };
         if let Some(sid) = settle_ambiguous(ctx, channel, &search, part, &single).await? {
             tracing::info!(id = %reply.id, part = part.index, sid = %sid, "a dead sender had posted this part");
@@ -510,7 +508,7 @@ async fn post(
 struct Search<'a> {
     from: &'a str,
     to: &'a str,
-    /// When the attempt that may have posted it began.
+    /// The earliest the part can have been posted.
     since: OffsetDateTime,
 }
 

@@ -693,6 +693,42 @@ async fn a_part_whose_sender_died_is_taken_over_within_the_lease() {
 }
 
 #[tokio::test]
+async fn a_part_a_dead_sender_posted_long_ago_is_found_not_posted_again() {
+    // The chaos test's duplicate: a sender died after Twilio made the message, and the reply
+    // came back to a sender only much later than a lease and an attempt (JetStream's ack wait,
+    // a backlog; here the process stays down). The new holder must still find the message.
+    let mut w = World::start_in(
+        Mode::Embedded,
+        &[
+            ("WAGATE_SEND_LEASE_MS", "1000"),
+            ("WAGATE_TWILIO_TIMEOUT_MS", "1000"),
+        ],
+    )
+    .await;
+    w.wagate.echo_agent("demo").await;
+    // Twilio makes the message, then takes far longer than the timeout to answer.
+    w.twilio
+        .push_response(ScriptedResponse::Slow(Duration::from_secs(300)));
+    w.wagate.inbound("demo", &sid(1), FROM, "once only").await;
+    eventually(WAIT, "the message made at Twilio", || async {
+        (w.twilio.sent().len() == 1).then_some(())
+    })
+    .await;
+    w.wagate.kill();
+    // Longer down than a lease plus the longest attempt (four posts with their waits: 9 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    w.wagate.restart().await;
+    w.wagate.inbound("demo", &sid(2), FROM, "and then").await;
+    eventually(WAIT, "the next reply", || async {
+        bodies_to(&w, FROM)
+            .contains(&"and then".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(bodies_to(&w, FROM), ["once only", "and then"]);
+}
+
+#[tokio::test]
 async fn a_live_sender_keeps_its_part_through_a_twilio_call_longer_than_the_lease() {
     // Reaches into Redis to play a second sender: skipped in embedded mode (scripts/test).
     let lease = Duration::from_millis(1500);
