@@ -8,6 +8,7 @@
 //! - `dlq`: the `wagate dlq` operator command.
 //! - `chat`: `wagate chat`, a terminal dev phone for an agent in simulation mode.
 //! - `first_start`: the secrets embedded mode creates in its data folder on first start.
+//! - `telemetry`: logs (text or JSON) and OpenTelemetry traces.
 
 mod chat;
 mod dlq;
@@ -16,6 +17,7 @@ mod health;
 mod http;
 mod listeners;
 mod roles;
+mod telemetry;
 
 use std::{num::NonZeroUsize, process::ExitCode};
 
@@ -92,7 +94,21 @@ impl Roles {
 fn main() -> ExitCode {
     small_pages();
     let cli = Cli::parse();
-    init_tracing();
+    let service = match cli.command {
+        Command::Ingress(_) => "wagate-ingress",
+        Command::Worker(_) => "wagate-worker",
+        Command::Sender(_) => "wagate-sender",
+        _ => "wagate",
+    };
+    // Declared before the runtime, so dropped after it: the last spans are sent once the
+    // roles have stopped.
+    let _telemetry = match telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wagate: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (settings, roles) = match cli.command {
         Command::Keygen => {
             use secrecy::ExposeSecret;
@@ -230,23 +246,6 @@ fn run_command(name: &str, command: impl Future<Output = anyhow::Result<()>>) ->
             eprintln!("wagate {name}: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
-    let json = std::env::var("WAGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

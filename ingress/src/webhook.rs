@@ -223,7 +223,11 @@ fn is_form(headers: &HeaderMap) -> bool {
         })
 }
 
-#[tracing::instrument(name = "inbound_webhook", skip_all, fields(agent = %raw_agent))]
+#[tracing::instrument(
+    name = "inbound_webhook",
+    skip_all,
+    fields(agent = %raw_agent, trace_id = tracing::field::Empty)
+)]
 async fn inbound(
     State(state): State<AppState>,
     Path(raw_agent): Path<String>,
@@ -242,10 +246,16 @@ async fn inbound(
         return plain(StatusCode::FORBIDDEN, "WhatsApp not enabled");
     }
     let message = match parse_inbound(&v.agent_id, &v.fields, OffsetDateTime::now_utc()) {
-        Ok(m) => InboundMessage {
-            callback_base: v.callback_base,
-            ..m
-        },
+        Ok(m) => {
+            // The message's trace starts here; every role continues it (shared::trace).
+            let span = tracing::Span::current();
+            shared::trace::record_trace_id(&span);
+            InboundMessage {
+                callback_base: v.callback_base,
+                traceparent: shared::trace::traceparent(&span),
+                ..m
+            }
+        }
         Err(e) => {
             outcome("inbound", "bad_request");
             return plain(StatusCode::BAD_REQUEST, e.0);

@@ -23,6 +23,7 @@ use shared::{
     window::{Refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::twilio_client::{SendError, TwilioClient};
 
@@ -77,7 +78,10 @@ impl Handler<OutboundReply> for SendContext {
     async fn handle(&self, batch: Vec<(Box<dyn Delivery>, OutboundReply)>) -> bool {
         let mut finished = true;
         for (delivery, reply) in batch {
-            finished &= self.send_one(delivery, reply).await;
+            let span =
+                tracing::info_span!("send", id = %reply.id, trace_id = tracing::field::Empty);
+            shared::trace::continue_trace(&span, reply.traceparent.as_deref());
+            finished &= self.send_one(delivery, reply).instrument(span).await;
         }
         finished
     }

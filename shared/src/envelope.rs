@@ -70,6 +70,10 @@ pub struct InboundMessage {
     /// `WAGATE_PUBLIC_URL` is not set: the reply's status callbacks go there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_base: Option<String>,
+    /// The W3C `traceparent` of ingress's span for this webhook: the worker's turn continues
+    /// its trace (`trace`). Absent from older processes' messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Every field of a Twilio webhook in Twilio's order, carried as the JSON array of name and
@@ -155,6 +159,10 @@ pub struct OutboundReply {
         skip_serializing_if = "Option::is_none"
     )]
     pub answers_received_at: Option<OffsetDateTime>,
+    /// The W3C `traceparent` of the span that made the reply, so that the sender's spans
+    /// join the message's trace (`trace`). Absent from older processes' replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The inbound message's `callback_base`: where status callbacks go when
     /// `WAGATE_PUBLIC_URL` is not set (admin sends have none and then ask for no callback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,7 +209,7 @@ pub enum DeadMessage {
     /// An inbound message whose agent turn failed.
     Inbound(Box<InboundMessage>),
     /// A reply that could not be sent.
-    Reply(OutboundReply),
+    Reply(Box<OutboundReply>),
 }
 
 impl<'de> Deserialize<'de> for DeadMessage {
@@ -212,7 +220,9 @@ impl<'de> Deserialize<'de> for DeadMessage {
         let raw = <Box<RawValue>>::deserialize(deserializer)?;
         serde_json::from_str::<InboundMessage>(raw.get())
             .map(|m| Self::Inbound(Box::new(m)))
-            .or_else(|_| serde_json::from_str::<OutboundReply>(raw.get()).map(Self::Reply))
+            .or_else(|_| {
+                serde_json::from_str::<OutboundReply>(raw.get()).map(|r| Self::Reply(Box::new(r)))
+            })
             .map_err(|_| D::Error::custom("the message is neither an inbound message nor a reply"))
     }
 }
@@ -257,7 +267,7 @@ impl DeadLetter {
     pub fn send(reply: OutboundReply, reason: String, code: Option<u32>, attempts: u64) -> Self {
         Self::now(
             Stage::Send,
-            DeadMessage::Reply(reply),
+            DeadMessage::Reply(Box::new(reply)),
             reason,
             code,
             attempts,
@@ -339,11 +349,12 @@ mod tests {
             },
             created_at: OffsetDateTime::UNIX_EPOCH,
             answers_received_at: None,
+            traceparent: None,
             callback_base: None,
         };
         for message in [
             DeadMessage::Inbound(Box::new(inbound())),
-            DeadMessage::Reply(reply),
+            DeadMessage::Reply(Box::new(reply)),
         ] {
             let letter = DeadLetter {
                 id: String::new(),

@@ -25,6 +25,7 @@
 //! - [`dispatch`]: consuming a topic, conversations in parallel, each one in order.
 //! - [`directory`]: the agents' channel settings, decrypted and cached for the hot path.
 //! - [`shutdown`]: the signal every long-running loop watches.
+//! - [`trace`]: one W3C trace per inbound message, continued by every role.
 //! - [`window`]: WhatsApp's 24-hour window and opt-outs, the rule for free-form text.
 
 pub mod agent;
@@ -44,5 +45,6 @@ pub mod retry;
 pub mod shutdown;
 pub mod store;
 pub mod text;
+pub mod trace;
 pub mod twilio;
 pub mod window;

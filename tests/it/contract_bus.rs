@@ -505,7 +505,7 @@ fn dead_letter(reason: &str) -> DeadLetter {
         attempts: 3,
         failed_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
         agent_id: agent.clone(),
-        message: DeadMessage::Reply(OutboundReply {
+        message: DeadMessage::Reply(Box::new(OutboundReply {
             id: format!("api-{reason}"),
             agent_id: agent,
             to: WhatsAppAddress::parse("whatsapp:+14155550100").unwrap(),
@@ -514,8 +514,9 @@ fn dead_letter(reason: &str) -> DeadLetter {
             },
             created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             answers_received_at: None,
+            traceparent: None,
             callback_base: None,
-        }),
+        })),
     }
 }
 

@@ -295,6 +295,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         },
         created_at: at(5),
         answers_received_at: None,
+        traceparent: None,
         callback_base: None,
     }
 }

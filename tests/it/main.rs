@@ -25,4 +25,5 @@ mod sending;
 mod signature_differential;
 mod slow_clients;
 mod startup;
+mod traces;
 mod webhooks;

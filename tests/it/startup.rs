@@ -116,6 +116,22 @@ fn zero_threads_is_refused() {
 }
 
 #[test]
+fn an_unknown_log_format_or_otlp_protocol_is_refused_naming_the_setting() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    for (env, var) in [
+        (vec![("WAGATE_LOG_FORMAT", "xml")], "WAGATE_LOG_FORMAT"),
+        (
+            vec![endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+    ] {
+        let (ok, text) = wagate(&["serve"], &env);
+        assert!(!ok, "{env:?} is refused");
+        assert!(text.contains(var), "{env:?}: {text}");
+    }
+}
+
+#[test]
 fn zero_or_huge_http_limits_are_refused_naming_the_setting() {
     for (var, value) in [
         ("WAGATE_HTTP_HEADER_TIMEOUT_MS", "0"),

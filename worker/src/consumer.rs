@@ -9,13 +9,20 @@ use shared::{
     shutdown::Shutdown,
 };
 
+use tracing::Instrument;
+
 use crate::turn::{TurnContext, handle};
 
 pub use shared::dispatch::DispatchConfig as WorkerConfig;
 
 impl Handler<InboundMessage> for TurnContext {
+    /// The turn continues the trace of its first message (a burst handled as one turn is
+    /// one span, in the trace where it began).
     async fn handle(&self, batch: Vec<(Box<dyn Delivery>, InboundMessage)>) -> bool {
-        handle(self, batch).await
+        let span = tracing::info_span!("turn", trace_id = tracing::field::Empty);
+        let parent = batch.first().and_then(|(_, m)| m.traceparent.as_deref());
+        shared::trace::continue_trace(&span, parent);
+        handle(self, batch).instrument(span).await
     }
 
     fn received_at(&self, message: &InboundMessage) -> Option<time::OffsetDateTime> {

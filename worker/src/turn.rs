@@ -146,6 +146,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     if outcome != "retry" && deliveries.iter().any(|d| d.attempt() > 1) {
         let _ = ctx.store.clear_failures(&failures_key).await;
     }
+    tracing::debug!(sid = %first.message_sid, messages = msgs.len(), outcome, "turn finished");
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
     acked && outcome != "retry"
@@ -313,6 +314,7 @@ async fn publish_reply(
         content: ReplyContent::Text { parts },
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: Some(msg.received_at),
+        traceparent: shared::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
     };
     bus::publish(&*ctx.bus, &out).await?;

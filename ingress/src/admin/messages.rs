@@ -31,6 +31,8 @@ struct SendRequest {
     content_variables: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// An admin send starts a trace of its own, which the sender continues.
+#[tracing::instrument(name = "admin_send", skip_all, fields(trace_id = tracing::field::Empty))]
 pub async fn send(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -106,6 +108,11 @@ pub async fn send(
         content,
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: None,
+        traceparent: {
+            let span = tracing::Span::current();
+            shared::trace::record_trace_id(&span);
+            shared::trace::traceparent(&span)
+        },
         callback_base: None,
     };
     bus::publish(&*state.bus, &reply)

@@ -82,6 +82,7 @@ pub fn parse_inbound(
         received_at,
         fields: all,
         callback_base: None,
+        traceparent: None,
     })
 }
 
