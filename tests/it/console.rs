@@ -12,7 +12,7 @@ use reqwest::{Method, header};
 use crate::support::{
     browser::Browser,
     fake_twilio::ScriptedResponse,
-    harness::{ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, SANDBOX, World, sid},
+    harness::{ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, SANDBOX, Wagate, World, inbound_form, sid},
 };
 
 const USER: &str = "+14155550100";
@@ -155,6 +155,25 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     assert!(csv.contains(&format!("{USER},whatsapp,Test User")), "{csv}");
     b.screenshot("leads").await;
     pages.push(b.html().await);
+
+    // Channel health: a webhook signed with another token is refused, and Deploy says why.
+    let forged = inbound_form(&sid(3), USER, "forged");
+    let r = w
+        .wagate
+        .post_signed(
+            &Wagate::inbound_path("demo"),
+            &forged,
+            "another-auth-token-0000",
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    b.click_link("Deploy").await;
+    b.wait_for_text("the signature failure", |t| {
+        t.contains("Last signature failure") && t.contains("not the account's current one")
+    })
+    .await;
+    b.wait_for_text("the last message", |t| !t.contains("none yet"))
+        .await;
 
     // An OpenAI-compatible agent: its API key is write-only too.
     b.click_link("Agents").await;

@@ -322,7 +322,22 @@ struct DeployPage {
     status_callback_url: String,
     last_inbound: Option<String>,
     last_send_error: Option<SendError>,
+    last_signature_failure: Option<(String, String)>,
     error: Option<String>,
+}
+
+/// What a refused signature most likely means: Twilio called another URL than the one shown
+/// (a proxy, or `WAGATE_PUBLIC_URL` unset or wrong), or else the Auth Token is not the
+/// account's.
+fn likely_cause(signed_url: &str, webhook_url: &str) -> String {
+    let shown = webhook_url.split('#').next().unwrap_or(webhook_url);
+    if signed_url == shown {
+        "the Auth Token saved here is not the account's current one (it changes when it is rotated in the Twilio Console): enter it again".to_owned()
+    } else {
+        format!(
+            "the signature was checked against {signed_url}, but the webhook URL is {shown}: set WAGATE_PUBLIC_URL to the public address that Twilio calls"
+        )
+    }
 }
 
 async fn deploy_page(
@@ -355,6 +370,10 @@ async fn deploy_page(
             reason: d.reason,
             code: d.code,
         });
+    let last_signature_failure = state
+        .console
+        .last_signature_failure(&agent.id)
+        .map(|f| (shown_time(f.at), likely_cause(&f.signed_url, &webhook_url)));
     let (account_sid, phone_number, error) = match typed {
         Some((form, error)) => (
             form.account_sid.clone(),
@@ -378,6 +397,7 @@ async fn deploy_page(
         status_callback_url,
         last_inbound,
         last_send_error,
+        last_signature_failure,
         error,
     }))
 }

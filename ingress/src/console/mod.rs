@@ -21,7 +21,7 @@ mod people;
 pub mod session;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -48,10 +48,46 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 const MAX_FORM: usize = 64 * 1024;
 
 /// State of the console that lives in one process: the sign-in tickets already used, so that
-/// the link `serve` prints works once.
+/// the link `serve` prints works once, and each agent's last webhook refused for its signature
+/// (for Deploy's channel health; this process's only, and gone on restart).
 #[derive(Clone, Default)]
 pub struct ConsoleState {
     used_tickets: Arc<Mutex<HashSet<String>>>,
+    signature_failures: Arc<Mutex<HashMap<String, SignatureFailure>>>,
+}
+
+/// A webhook refused because its signature did not match.
+#[derive(Clone)]
+pub(crate) struct SignatureFailure {
+    pub(crate) at: OffsetDateTime,
+    /// The URL the signature was checked against, without credentials.
+    pub(crate) signed_url: String,
+}
+
+impl ConsoleState {
+    /// Notes that a webhook of `agent` was refused for its signature, checked against
+    /// `signed_url`.
+    pub fn note_signature_failure(&self, agent: &shared::domain::AgentId, signed_url: &str) {
+        if let Ok(mut failures) = self.signature_failures.lock() {
+            failures.insert(
+                agent.to_string(),
+                SignatureFailure {
+                    at: OffsetDateTime::now_utc(),
+                    signed_url: shared::redact::text(signed_url),
+                },
+            );
+        }
+    }
+
+    pub(crate) fn last_signature_failure(
+        &self,
+        agent: &shared::domain::AgentId,
+    ) -> Option<SignatureFailure> {
+        self.signature_failures
+            .lock()
+            .ok()
+            .and_then(|f| f.get(agent.as_str()).cloned())
+    }
 }
 
 /// The console's routes, to merge into the admin router.
