@@ -12,7 +12,10 @@ use reqwest::{Method, header};
 use crate::support::{
     browser::Browser,
     fake_twilio::ScriptedResponse,
-    harness::{ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, SANDBOX, Wagate, World, inbound_form, sid},
+    harness::{
+        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Proc, SANDBOX, Wagate, World, free_port,
+        inbound_form, sid,
+    },
 };
 
 const USER: &str = "+14155550100";
@@ -155,6 +158,19 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     assert!(csv.contains(&format!("{USER},whatsapp,Test User")), "{csv}");
     b.screenshot("leads").await;
     pages.push(b.html().await);
+    // Search narrows the table.
+    b.fill("Search", "nobody-by-that-name").await;
+    b.click_button("Search").await;
+    b.wait_for_text("an empty search", |t| {
+        t.contains("0 leads") && !t.contains(USER)
+    })
+    .await;
+    b.fill("Search", "test user").await;
+    b.click_button("Search").await;
+    b.wait_for_text("a search by name", |t| {
+        t.contains("1 lead") && t.contains(USER)
+    })
+    .await;
 
     // Channel health: a webhook signed with another token is refused, and Deploy says why.
     let forged = inbound_form(&sid(3), USER, "forged");
@@ -477,4 +493,81 @@ async fn pages_need_a_session_and_forms_their_csrf_token() {
     assert_eq!(r.status(), 303);
     let agent = w.wagate.admin_json("/v1/agents/made").await;
     assert_eq!(agent["backend"]["kind"], "echo");
+}
+
+/// `wagate serve` in embedded mode prints a sign-in link at start, as Jupyter does; it signs in
+/// once.
+#[tokio::test]
+async fn serve_prints_a_sign_in_link_that_works_once() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wagate"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("WAGATE_DATA_DIR", dir.path().join("data"))
+        .env("WAGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start wagate serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let _running = Proc(child);
+    // A reader thread, so that the test's deadline holds even if nothing is printed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a line on stdout");
+    let link = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no link in {line:?}"))
+        .to_owned();
+    assert!(
+        link.starts_with(&format!(
+            "http://127.0.0.1:{admin_port}/signin/link?ticket="
+        )),
+        "{link}"
+    );
+    let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+    assert!(
+        !line.contains(token.trim()),
+        "the admin token is not printed"
+    );
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let first = http.get(&link).send().await.unwrap();
+    assert_eq!(first.status(), 303);
+    let cookie = first.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = http
+        .get(format!("http://127.0.0.1:{admin_port}/agents"))
+        .header(header::COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200, "signed in by the link");
+    let again = http.get(&link).send().await.unwrap();
+    assert_eq!(again.status(), 401, "the link works once");
+    assert!(again.headers().get(header::SET_COOKIE).is_none());
 }
