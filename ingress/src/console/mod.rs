@@ -423,3 +423,61 @@ async fn sign_out(headers: HeaderMap, Extension(_): Extension<SignedIn>) -> Resp
         .insert(header::SET_COOKIE, set_cookie(&headers, "", 0));
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let h = headers(&[
+            ("cookie", "a=1; wagate_console_x=no"),
+            ("cookie", "b=2;wagate_console=yes; c=3"),
+        ]);
+        assert_eq!(cookie_value(&h), Some("yes"));
+        assert_eq!(
+            cookie_value(&headers(&[("cookie", "wagate_consolex=1")])),
+            None
+        );
+        assert_eq!(cookie_value(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_cookie_is_secure_only_over_https() {
+        let plain = set_cookie(&HeaderMap::new(), "v", 60);
+        let plain = plain.to_str().unwrap();
+        assert_eq!(
+            plain,
+            "wagate_console=v; Path=/; Max-Age=60; HttpOnly; SameSite=Strict"
+        );
+        for proto in ["https", "HTTPS", "https, http"] {
+            let h = headers(&[("x-forwarded-proto", proto)]);
+            assert!(
+                set_cookie(&h, "v", 60)
+                    .to_str()
+                    .unwrap()
+                    .ends_with("; Secure")
+            );
+        }
+        let h = headers(&[("x-forwarded-proto", "http, https")]);
+        assert!(!set_cookie(&h, "v", 60).to_str().unwrap().contains("Secure"));
+    }
+
+    #[test]
+    fn the_csrf_field_is_read_from_a_form() {
+        assert_eq!(
+            form_urlencoded_field(b"a=1&csrf=abc%20d&csrf=second", "csrf").as_deref(),
+            Some("abc d")
+        );
+        assert_eq!(form_urlencoded_field(b"a=1", "csrf"), None);
+        assert_eq!(form_urlencoded_field(&[0xff, 0xfe], "csrf"), None);
+    }
+}
