@@ -273,6 +273,13 @@ async fn a_failed_send_shows_in_dead_letters_and_replay_delivers_it() {
         b.client.refresh().await.unwrap();
     }
     b.screenshot("dead-letters").await;
+    // The conversation shows the reply as not delivered, with Twilio's code.
+    b.goto_path("/agents/demo/conversations/+14155550101").await;
+    b.wait_for_text("the undelivered reply", |t| {
+        t.contains("Replies not delivered") && t.contains("Twilio error 21211")
+    })
+    .await;
+    b.click_link("Dead letters").await;
     // Each row names the user and Twilio's code, with its own Replay button.
     let row = b
         .find(

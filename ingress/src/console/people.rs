@@ -19,12 +19,15 @@ use axum::{
 };
 use futures::Stream;
 use serde::Deserialize;
-use shared::store::{Lead, Role, Turn};
+use shared::{
+    envelope::DeadMessage,
+    store::{Lead, Role, Turn},
+};
 
 use super::{Layout, SignedIn, error_page, page, shown_time};
 use crate::{
     AppState,
-    admin::{ApiError, leads, sessions},
+    admin::{ApiError, dead_letters, leads, sessions},
 };
 
 const PAGE_SIZE: usize = 25;
@@ -291,6 +294,13 @@ fn turn_json(t: &Turn) -> String {
         .to_string()
 }
 
+/// A reply to this user that could not be delivered (a dead letter of the send stage).
+struct Undelivered {
+    at: String,
+    code: Option<u32>,
+    reason: String,
+}
+
 #[derive(Template)]
 #[template(path = "transcript.html")]
 struct TranscriptPage {
@@ -298,6 +308,31 @@ struct TranscriptPage {
     agent_id: String,
     phone: String,
     turns: Vec<TurnRow>,
+    undelivered: Vec<Undelivered>,
+}
+
+/// The replies to `phone` that failed for good and wait in the dead letters: the delivery
+/// status that wagate knows per conversation.
+async fn undelivered(
+    state: &AppState,
+    agent_id: &str,
+    phone: &str,
+) -> Result<Vec<Undelivered>, ApiError> {
+    let to = format!("whatsapp:{phone}");
+    let letters = dead_letters::matching(state, &dead_letters::Filter::default()).await?;
+    Ok(letters
+        .into_iter()
+        .filter_map(|d| match &d.message {
+            DeadMessage::Reply(r) if d.agent_id.as_str() == agent_id && r.to.to_string() == to => {
+                Some(Undelivered {
+                    at: shown_time(d.failed_at),
+                    code: d.code,
+                    reason: d.reason.clone(),
+                })
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 async fn transcript(
@@ -305,12 +340,18 @@ async fn transcript(
     Extension(who): Extension<SignedIn>,
     Path((raw, phone)): Path<(String, String)>,
 ) -> Response {
-    match sessions::transcript(&state, &raw, &phone).await {
-        Ok((_, turns)) => page(&TranscriptPage {
+    let found = async {
+        let (_, turns) = sessions::transcript(&state, &raw, &phone).await?;
+        let failed = undelivered(&state, &raw, &phone).await?;
+        Ok::<_, ApiError>((turns, failed))
+    };
+    match found.await {
+        Ok((turns, undelivered)) => page(&TranscriptPage {
             layout: Layout::new(format!("Conversation with {phone}"), &who),
             agent_id: raw,
             phone,
             turns: turns.iter().map(TurnRow::from).collect(),
+            undelivered,
         }),
         Err(e) => error_page(&who, &e),
     }
