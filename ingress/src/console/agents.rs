@@ -1,27 +1,25 @@
-//! The Agents pages: the list, the agent form (create and edit) and Deploy (the WhatsApp
-//! channel). Saving goes through the same functions as the API's `PUT`s, so validation and
-//! the sealing of secrets are the API's. Secret fields are write-only: never shown or filled
-//! in, and left empty they keep what is stored.
+//! The Agents pages: the list and the agent form (create and edit). Saving goes through the
+//! same function as the API's `PUT`, so validation and the sealing of secrets are the API's.
+//! Secret fields are write-only: never shown or filled in, and left empty they keep what is
+//! stored.
 
 use askama::Template;
 use axum::{
     Extension, Form, Router,
     extract::{Path, State},
-    http::HeaderMap,
     response::{IntoResponse, Redirect, Response},
-    routing::{get, post},
+    routing::get,
 };
 use secrecy::SecretString;
 use serde::Deserialize;
-use shared::envelope::Stage;
 
-use super::{Layout, SignedIn, error_page, page, shown_time};
+use super::{Layout, SignedIn, error_page, page};
 use crate::{
     AppState,
     admin::{
         ApiError,
         agents::{self, AgentRequest, BackendRequest},
-        dead_letters, load_agent, whatsapp,
+        load_agent,
     },
 };
 
@@ -30,8 +28,6 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/agents", get(list).post(create))
         .route("/agents/new", get(new))
         .route("/agents/{agent_id}", get(show).post(update))
-        .route("/agents/{agent_id}/deploy", get(deploy).post(save_deploy))
-        .route("/agents/{agent_id}/deploy/disable", post(disable))
 }
 
 /// One row of the agent list.
@@ -49,7 +45,7 @@ struct AgentsPage {
     agents: Vec<AgentRow>,
 }
 
-fn channel_state(c: Option<&shared::agent::WhatsAppChannel>) -> &'static str {
+pub(super) fn channel_state(c: Option<&shared::agent::WhatsAppChannel>) -> &'static str {
     match c {
         None => "not deployed",
         Some(c) if c.simulation => "simulation (Test chat)",
@@ -158,7 +154,7 @@ fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
-fn secret(s: &str) -> Option<SecretString> {
+pub(super) fn secret(s: &str) -> Option<SecretString> {
     non_empty(s).map(SecretString::from)
 }
 
@@ -298,172 +294,5 @@ async fn update(
     match result.await {
         Ok(agent) => Redirect::to(&format!("/agents/{}", agent.id)).into_response(),
         Err(e) => form_error(&who, false, &form, &raw, &e),
-    }
-}
-
-/// The channel's latest trouble that wagate can see: the newest failed send of this agent
-/// (a dead letter at the send stage).
-struct SendError {
-    at: String,
-    reason: String,
-    code: Option<u32>,
-}
-
-#[derive(Template)]
-#[template(path = "deploy.html")]
-struct DeployPage {
-    layout: Layout,
-    agent_id: String,
-    account_sid: String,
-    phone_number: String,
-    token_set: bool,
-    status: &'static str,
-    webhook_url: String,
-    status_callback_url: String,
-    last_inbound: Option<String>,
-    last_send_error: Option<SendError>,
-    last_signature_failure: Option<(String, String)>,
-    error: Option<String>,
-}
-
-/// What a refused signature most likely means: Twilio called another URL than the one shown
-/// (a proxy, or `WAGATE_PUBLIC_URL` unset or wrong), or else the Auth Token is not the
-/// account's.
-fn likely_cause(signed_url: &str, webhook_url: &str) -> String {
-    let shown = webhook_url.split('#').next().unwrap_or(webhook_url);
-    if signed_url == shown {
-        "the Auth Token saved here is not the account's current one (it changes when it is rotated in the Twilio Console): enter it again".to_owned()
-    } else {
-        format!(
-            "the signature was checked against {signed_url}, but the webhook URL is {shown}: set WAGATE_PUBLIC_URL to the public address that Twilio calls"
-        )
-    }
-}
-
-async fn deploy_page(
-    state: &AppState,
-    who: &SignedIn,
-    raw: &str,
-    headers: &HeaderMap,
-    typed: Option<(&DeployForm, String)>,
-) -> Result<Response, ApiError> {
-    let agent = load_agent(state, raw).await?;
-    let channel = state
-        .store
-        .channel(&agent.id)
-        .await
-        .map_err(ApiError::unavailable)?;
-    let host = whatsapp::host(headers);
-    // The URLs to paste into Twilio, the same whether or not a channel exists yet.
-    let (webhook_url, status_callback_url) = whatsapp::webhook_urls(state, &agent.id, host);
-    let real = channel.as_ref().filter(|c| !c.simulation);
-    let (_, leads) = crate::admin::leads::of_agent(state, raw).await?;
-    let last_inbound = leads.iter().map(|l| l.last_seen).max().map(shown_time);
-    let filter = dead_letters::Filter::default();
-    let last_send_error = dead_letters::matching(state, &filter)
-        .await?
-        .into_iter()
-        .filter(|d| d.agent_id == agent.id && d.stage == Stage::Send)
-        .max_by_key(|d| d.failed_at)
-        .map(|d| SendError {
-            at: shown_time(d.failed_at),
-            reason: d.reason,
-            code: d.code,
-        });
-    let last_signature_failure = state
-        .console
-        .last_signature_failure(&agent.id)
-        .map(|f| (shown_time(f.at), likely_cause(&f.signed_url, &webhook_url)));
-    let (account_sid, phone_number, error) = match typed {
-        Some((form, error)) => (
-            form.account_sid.clone(),
-            form.phone_number.clone(),
-            Some(error),
-        ),
-        None => (
-            real.map(|c| c.account_sid.to_string()).unwrap_or_default(),
-            real.map(|c| c.phone_number.to_string()).unwrap_or_default(),
-            None,
-        ),
-    };
-    Ok(page(&DeployPage {
-        layout: Layout::new(format!("Deploy {}", agent.id), who),
-        agent_id: agent.id.to_string(),
-        account_sid,
-        phone_number,
-        token_set: real.is_some(),
-        status: channel_state(channel.as_ref()),
-        webhook_url,
-        status_callback_url,
-        last_inbound,
-        last_send_error,
-        last_signature_failure,
-        error,
-    }))
-}
-
-async fn deploy(
-    State(state): State<AppState>,
-    Extension(who): Extension<SignedIn>,
-    Path(raw): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    deploy_page(&state, &who, &raw, &headers, None)
-        .await
-        .unwrap_or_else(|e| error_page(&who, &e))
-}
-
-/// The Deploy form. An empty Auth Token keeps the stored one (for the same account).
-#[derive(Deserialize)]
-struct DeployForm {
-    account_sid: String,
-    #[serde(default)]
-    auth_token: String,
-    phone_number: String,
-}
-
-/// Save & Enable: stores the channel, enabled and posting to Twilio (out of simulation).
-async fn save_deploy(
-    State(state): State<AppState>,
-    Extension(who): Extension<SignedIn>,
-    Path(raw): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<DeployForm>,
-) -> Response {
-    let request = whatsapp::ChannelRequest {
-        account_sid: form.account_sid.trim().to_owned(),
-        auth_token: secret(&form.auth_token),
-        phone_number: form.phone_number.trim().to_owned(),
-        enabled: Some(true),
-        simulation: Some(false),
-    };
-    match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
-        Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
-        Err(e) => {
-            let status = e.status();
-            let shown = deploy_page(
-                &state,
-                &who,
-                &raw,
-                &headers,
-                Some((&form, e.message().to_owned())),
-            )
-            .await;
-            let mut r = shown.unwrap_or_else(|e| error_page(&who, &e));
-            *r.status_mut() = status;
-            r
-        }
-    }
-}
-
-async fn disable(
-    State(state): State<AppState>,
-    Extension(who): Extension<SignedIn>,
-    Path(raw): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    match whatsapp::set_enabled(&state, &raw, whatsapp::host(&headers), false).await {
-        Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
-        Err(e) => error_page(&who, &e),
     }
 }

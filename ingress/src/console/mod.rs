@@ -3,9 +3,10 @@
 //!
 //! # Layout
 //! - [`session`]: the signed session cookie, CSRF tokens and `serve`'s one-time sign-in link.
-//! - this file: routes, sign-in and sign-out, the session and CSRF checks, security headers,
-//!   the embedded assets.
-//! - `agents`: the agent list, the agent form and Deploy.
+//! - `signin`: signing in (token or link) and out.
+//! - this file: routes, the session and CSRF checks, security headers, the embedded assets.
+//! - `agents`: the agent list and the agent form.
+//! - `deploy`: an agent's WhatsApp channel on Twilio, its URLs, steps and health.
 //! - `chat`: Test chat, through the real pipeline with the channel in simulation mode.
 //! - `people`: Leads and Conversations (with live transcripts over server-sent events).
 //! - `dead_letters`: Dead letters and their replay.
@@ -17,8 +18,10 @@
 mod agents;
 mod chat;
 mod dead_letters;
+mod deploy;
 mod people;
 pub mod session;
+mod signin;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,15 +30,14 @@ use std::{
 
 use askama::Template;
 use axum::{
-    Extension, Form, Router,
-    extract::{Query, Request, State},
+    Router,
+    extract::{Request, State},
     http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{Html, IntoResponse, Redirect, Response},
-    routing::{get, post},
+    routing::get,
 };
 use secrecy::SecretString;
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::{AppState, admin::ApiError};
@@ -94,15 +96,15 @@ impl ConsoleState {
 pub fn routes(state: AppState) -> Router<AppState> {
     let signed_in = Router::new()
         .route("/", get(|| async { Redirect::to("/agents") }))
-        .route("/signout", post(sign_out))
+        .merge(signin::sign_out_route())
         .merge(agents::routes())
+        .merge(deploy::routes())
         .merge(chat::routes())
         .merge(people::routes())
         .merge(dead_letters::routes())
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
-        .route("/signin", get(sign_in_page).post(sign_in))
-        .route("/signin/link", get(sign_in_with_ticket))
+        .merge(signin::routes())
         .route("/assets/console.css", get(css))
         .route("/assets/console.js", get(js))
         .merge(signed_in)
@@ -313,115 +315,6 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         body,
     )
         .into_response()
-}
-
-#[derive(Template)]
-#[template(path = "signin.html")]
-struct SignInPage {
-    layout: Layout,
-    failed: bool,
-    disabled: bool,
-}
-
-fn sign_in_form(state: &AppState, failed: bool) -> Response {
-    page(&SignInPage {
-        layout: Layout {
-            title: "Sign in".into(),
-            csrf: None,
-        },
-        failed,
-        disabled: state.admin_token.is_none(),
-    })
-}
-
-async fn sign_in_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let now = OffsetDateTime::now_utc();
-    let signed_in = session_key(&state)
-        .zip(cookie_value(&headers))
-        .is_some_and(|(key, cookie)| key.session(cookie, now).is_some());
-    if signed_in {
-        return Redirect::to("/agents").into_response();
-    }
-    sign_in_form(&state, false)
-}
-
-#[derive(Deserialize)]
-struct SignInForm {
-    token: SecretString,
-}
-
-fn start_session(key: &SessionKey, headers: &HeaderMap) -> Response {
-    let cookie = key.new_session(OffsetDateTime::now_utc());
-    let mut r = Redirect::to("/agents").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        set_cookie(headers, &cookie, session::SESSION_TTL.whole_seconds()),
-    );
-    r
-}
-
-/// Signs in with the admin token, compared in constant time as the API compares it.
-async fn sign_in(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Form(form): Form<SignInForm>,
-) -> Response {
-    use secrecy::ExposeSecret;
-    let given = form.token.expose_secret().trim();
-    match session_key(&state) {
-        Some(key) if crate::admin::is_admin_token(&state, given) => {
-            tracing::info!("console: signed in");
-            start_session(&key, &headers)
-        }
-        _ => {
-            tracing::warn!("console: a sign-in with a wrong admin token was refused");
-            let mut r = sign_in_form(&state, true);
-            *r.status_mut() = StatusCode::UNAUTHORIZED;
-            r
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct TicketQuery {
-    ticket: String,
-}
-
-/// Signs in with the ticket of `serve`'s start link, once.
-async fn sign_in_with_ticket(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<TicketQuery>,
-) -> Response {
-    let Some(key) = session_key(&state) else {
-        return sign_in_form(&state, true);
-    };
-    let fresh = key
-        .ticket(&q.ticket, OffsetDateTime::now_utc())
-        .is_some_and(|nonce| {
-            state
-                .console
-                .used_tickets
-                .lock()
-                .is_ok_and(|mut used| used.insert(nonce))
-        });
-    if fresh {
-        start_session(&key, &headers)
-    } else {
-        let mut r = sign_in_form(&state, true);
-        *r.status_mut() = StatusCode::UNAUTHORIZED;
-        r
-    }
-}
-
-/// Signs out: the browser drops the cookie. The session is stateless (see [`session`]), so a
-/// copy of the cookie taken earlier stays valid until it expires; rotating the admin token ends
-/// every session.
-async fn sign_out(headers: HeaderMap, Extension(_): Extension<SignedIn>) -> Response {
-    let mut r = Redirect::to("/signin").into_response();
-    r.headers_mut()
-        .insert(header::SET_COOKIE, set_cookie(&headers, "", 0));
-    r
 }
 
 #[cfg(test)]
