@@ -13,7 +13,7 @@ use crate::support::{
     browser::Browser,
     fake_twilio::ScriptedResponse,
     harness::{
-        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Proc, SANDBOX, Wagate, World, free_port,
+        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Proc, SANDBOX, Wagate, World, eventually, free_port,
         inbound_form, sid,
     },
 };
@@ -207,6 +207,17 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     b.wait_for_path("/agents/gpt").await;
     b.screenshot("agent").await;
     pages.push(b.html().await);
+    // Edited with the API key left empty: the name changes, the stored key stays.
+    b.fill("Name", "GPT renamed").await;
+    b.click_button("Save agent").await;
+    b.wait_for_path("/agents/gpt").await;
+    let agent = eventually(WAIT, "the renamed agent", || async {
+        let a = w.wagate.admin_json("/v1/agents/gpt").await;
+        (a["name"] == "GPT renamed").then_some(a)
+    })
+    .await;
+    assert_eq!(agent["backend"]["api_key_set"], true, "{agent}");
+    assert_eq!(agent["backend"]["model"], "small", "{agent}");
 
     // No page shows a secret once entered, whichever page it is.
     for path in [
