@@ -158,6 +158,11 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     assert!(csv.contains(&format!("{USER},whatsapp,Test User")), "{csv}");
     b.screenshot("leads").await;
     pages.push(b.html().await);
+    // Newest first unless asked otherwise, and the table says so.
+    assert!(
+        b.html().await.contains("aria-sort=\"descending\"><a"),
+        "the default sort is marked"
+    );
     // Search narrows the table.
     b.fill("Search", "nobody-by-that-name").await;
     b.click_button("Search").await;
