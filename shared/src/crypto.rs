@@ -320,6 +320,17 @@ mod tests {
     }
 
     #[test]
+    fn derived_keys_depend_on_the_master_key_and_the_label() {
+        let key = Keyring::generate_key();
+        let one = Keyring::from_base64(&key, &[]).unwrap();
+        let same = Keyring::from_base64(&key, &[]).unwrap();
+        let derive = |k: &Keyring, label| *k.derive_key(label).expose_secret();
+        assert_eq!(derive(&one, "console"), derive(&same, "console"));
+        assert_ne!(derive(&one, "console"), derive(&one, "other"));
+        assert_ne!(derive(&one, "console"), derive(&ring(), "console"));
+    }
+
+    #[test]
     fn round_trip_and_binding() {
         let k = ring();
         let a = AgentId::parse("a").unwrap();
