@@ -34,16 +34,23 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what}); is the port taken?"))
 }
 
+/// What the listeners say once bound.
+pub struct Bound {
+    /// What each listens on, for the ready line.
+    pub listening: Vec<String>,
+    /// In embedded mode, the console's one-time sign-in link, to print at start.
+    pub sign_in_link: Option<String>,
+}
+
 /// Binds the listeners and serves them on `tasks` until `shutdown`; ingress's when `ingress`
-/// is given, else the metrics listener if one is configured. Returns what each listens on, for
-/// the ready line.
+/// is given, else the metrics listener if one is configured.
 pub async fn start(
     settings: &Settings,
     ingress: Option<ingress::AppState>,
     health: health::Health,
     shutdown: &Shutdown,
     tasks: &mut JoinSet<Result<()>>,
-) -> Result<Vec<String>> {
+) -> Result<Bound> {
     let limits = http::Limits::of(settings);
     let serve = |listener, what, router| {
         http::serve(
@@ -56,11 +63,16 @@ pub async fn start(
         )
     };
     let mut listening = Vec::new();
+    let mut sign_in_link = None;
     if let Some(state) = ingress {
         let webhooks = bind(settings.listen, "WAGATE_LISTEN").await?;
         let admin = bind(settings.admin_listen, "WAGATE_ADMIN_LISTEN").await?;
         listening.push(format!("webhooks on {}", webhooks.local_addr()?));
-        listening.push(format!("admin API on {}", admin.local_addr()?));
+        let admin_addr = admin.local_addr()?;
+        listening.push(format!("admin API on {admin_addr}"));
+        if matches!(settings.backends(), Ok(shared::config::Backends::Embedded)) {
+            sign_in_link = ingress::console::sign_in_link(&state, &browsable(admin_addr));
+        }
         let public = ingress::webhook_router(state.clone()).merge(health::probes(health.clone()));
         tasks.spawn(serve(webhooks, "WAGATE_LISTEN", public));
         let admin_routes = ingress::admin_router(state).merge(health::routes(health));
@@ -74,5 +86,19 @@ pub async fn start(
             health::routes(health),
         ));
     }
-    Ok(listening)
+    Ok(Bound {
+        listening,
+        sign_in_link,
+    })
+}
+
+/// The admin listener's address as a browser on this machine reaches it.
+fn browsable(addr: SocketAddr) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && addr.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("http://{host}:{}", addr.port())
 }

@@ -10,8 +10,11 @@
 //! - [`spool`]: the local, fsync'd spool that keeps accepted messages while NATS is away.
 //! - [`admin`]: the bearer-protected JSON API of agents, channels, leads, sessions, sends and
 //!   dead letters, one file per resource.
+//! - [`console`]: the web console on the admin listener's `/`, signed in with the admin token,
+//!   a client of the same functions as the API.
 
 pub mod admin;
+pub mod console;
 pub mod signed_url;
 pub mod spool;
 pub mod state;
@@ -25,7 +28,10 @@ pub fn webhook_router(state: AppState) -> Router {
     webhook::routes().with_state(state)
 }
 
-/// The routes of the admin listener (`WAGATE_ADMIN_LISTEN`): the admin API.
+/// The routes of the admin listener (`WAGATE_ADMIN_LISTEN`): the admin API under `/v1`, and
+/// the console. The API's fallback (401 without the bearer token) stays the fallback.
 pub fn admin_router(state: AppState) -> Router {
-    admin::routes(state.clone()).with_state(state)
+    admin::routes(state.clone())
+        .merge(console::routes(state.clone()))
+        .with_state(state)
 }

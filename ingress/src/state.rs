@@ -22,4 +22,6 @@ pub struct AppState {
     pub public_url: Option<Arc<str>>,
     /// Port of the webhook listener, for webhook URLs when no public URL is configured.
     pub webhook_port: u16,
+    /// What the console keeps in this process (used sign-in tickets).
+    pub console: crate::console::ConsoleState,
 }

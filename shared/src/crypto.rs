@@ -217,6 +217,20 @@ impl Keyring {
         })
     }
 
+    /// A 32-byte key for `label`: HMAC-SHA256 keyed by the primary master key over the label
+    /// (HMAC as a pseudorandom function, as HKDF-Expand of RFC 5869 uses it). Every process
+    /// given the same master key derives the same key, so what one process signs (a console
+    /// session cookie) another behind the same load balancer accepts, while the master key
+    /// itself never signs anything.
+    pub fn derive_key(&self, label: &str) -> SecretBox<[u8; 32]> {
+        use hmac::{KeyInit as _, Mac};
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(self.primary.bytes.expose_secret())
+            .expect("HMAC takes a key of any length");
+        mac.update(b"wagate-derive\0");
+        mac.update(label.as_bytes());
+        SecretBox::new(Box::new(mac.finalize().into_bytes().into()))
+    }
+
     /// Whether keys being rotated out are held besides the primary.
     pub fn is_rotating(&self) -> bool {
         !self.previous.is_empty()
@@ -303,6 +317,17 @@ mod tests {
 
     fn ring() -> Keyring {
         Keyring::from_base64(&Keyring::generate_key(), &[]).unwrap()
+    }
+
+    #[test]
+    fn derived_keys_depend_on_the_master_key_and_the_label() {
+        let key = Keyring::generate_key();
+        let one = Keyring::from_base64(&key, &[]).unwrap();
+        let same = Keyring::from_base64(&key, &[]).unwrap();
+        let derive = |k: &Keyring, label| *k.derive_key(label).expose_secret();
+        assert_eq!(derive(&one, "console"), derive(&same, "console"));
+        assert_ne!(derive(&one, "console"), derive(&one, "other"));
+        assert_ne!(derive(&one, "console"), derive(&ring(), "console"));
     }
 
     #[test]

@@ -120,9 +120,12 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         admin_token: deps.admin_token.clone().map(Arc::new),
         public_url: settings.public_base().map(Arc::from),
         webhook_port: settings.listen.port(),
+        console: ingress::console::ConsoleState::default(),
     });
-    let listening =
-        listeners::start(&settings, ingress_state, health, &shutdown, &mut listeners).await?;
+    let listeners::Bound {
+        listening,
+        sign_in_link,
+    } = listeners::start(&settings, ingress_state, health, &shutdown, &mut listeners).await?;
     let common = Common {
         settings: Arc::new(settings.clone()),
         keyring: deps.keyring.clone(),
@@ -188,6 +191,13 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     .collect();
     if all_started {
         tracing::info!(roles = %role_names.join(","), listening = %listening.join(", "), "wagate ready");
+        // As Jupyter does: a link that signs the browser in once, printed on the terminal (not
+        // logged: logs are often shipped elsewhere, and the link is a credential until used).
+        if let Some(link) = sign_in_link {
+            println!(
+                "Console: open {link} to sign in (the link works once, for 15 minutes; later, sign in with the admin token)"
+            );
+        }
     }
 
     let mut failure = None;

@@ -7,6 +7,7 @@ mod admin_api;
 mod chaos;
 mod chat;
 mod coalescing;
+mod console;
 mod contract_bus;
 mod contract_store;
 mod conversation;

@@ -18,16 +18,19 @@ use time::OffsetDateTime;
 use super::{ApiError, load_agent, parse_json, whatsapp::ChannelView};
 use crate::AppState;
 
+/// What `PUT /v1/agents/{agent_id}` (and the console's agent form) asks for. A secret left out
+/// keeps the one stored before.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AgentRequest {
-    name: Option<String>,
-    backend: BackendRequest,
+pub(crate) struct AgentRequest {
+    pub(crate) name: Option<String>,
+    pub(crate) backend: BackendRequest,
 }
 
+/// The backend part of an [`AgentRequest`].
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-enum BackendRequest {
+pub(crate) enum BackendRequest {
     // A struct variant, so that `deny_unknown_fields` refuses `{"kind": "echo", "x": 1}` too.
     Echo {},
     Openai {
@@ -57,7 +60,8 @@ pub struct AgentView {
     updated_at: OffsetDateTime,
 }
 
-fn backend_view(b: &Backend) -> serde_json::Value {
+/// A backend as the API and the console show it: secrets only as "is set".
+pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
     match b {
         Backend::Echo => serde_json::json!({"kind": "echo"}),
         Backend::Openai {
@@ -156,8 +160,19 @@ pub async fn put(
     Path(raw): Path<String>,
     body: Bytes,
 ) -> Result<Json<AgentView>, ApiError> {
-    let id = AgentId::parse(&raw).map_err(|e| ApiError::invalid(e.0))?;
     let req: AgentRequest = parse_json(&body)?;
+    let agent = save(&state, &raw, req).await?;
+    Ok(Json(view(&state, agent).await?))
+}
+
+/// Validates and stores an agent (created or changed), sealing the secrets it is given: what
+/// the API's `PUT` and the console's agent form both do.
+pub(crate) async fn save(
+    state: &AppState,
+    raw: &str,
+    req: AgentRequest,
+) -> Result<Agent, ApiError> {
+    let id = AgentId::parse(raw).map_err(|e| ApiError::invalid(e.0))?;
     let existing = state
         .store
         .agent(&id)
@@ -196,7 +211,7 @@ pub async fn put(
                 Some(Backend::Openai { credentials, .. }) => credentials.as_ref(),
                 _ => None,
             };
-            let (base_url, credentials) = seal_credentials(&state, &id, &base_url, before)?;
+            let (base_url, credentials) = seal_credentials(state, &id, &base_url, before)?;
             if api_key.is_some() && credentials.is_some() {
                 return Err(ApiError::invalid(
                     "give the endpoint either an api_key or credentials in base_url, not both: both would be sent as Authorization",
@@ -232,7 +247,7 @@ pub async fn put(
                 Some(Backend::Webhook { credentials, .. }) => credentials.as_ref(),
                 _ => None,
             };
-            let (url, credentials) = seal_credentials(&state, &id, &url, before)?;
+            let (url, credentials) = seal_credentials(state, &id, &url, before)?;
             Backend::Webhook {
                 url,
                 credentials,
@@ -256,7 +271,7 @@ pub async fn put(
         .map_err(ApiError::unavailable)?;
     state.directory.forget(&id);
     tracing::info!(agent = %id, "agent saved");
-    Ok(Json(view(&state, agent).await?))
+    Ok(agent)
 }
 
 pub async fn get(

@@ -49,14 +49,20 @@ pub async fn list(
     State(state): State<AppState>,
     Query(filter): Query<Filter>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    Ok(Json(matching(&state, &filter).await?))
+}
+
+/// The dead letters `filter` takes: the API's list and the console's Dead letters page.
+pub(crate) async fn matching(
+    state: &AppState,
+    filter: &Filter,
+) -> Result<Vec<DeadLetter>, ApiError> {
     let all = state
         .bus
         .dead_letters()
         .await
         .map_err(ApiError::unavailable)?;
-    Ok(Json(
-        all.into_iter().filter(|d| filter.matches(d)).collect(),
-    ))
+    Ok(all.into_iter().filter(|d| filter.matches(d)).collect())
 }
 
 /// Publishes a dead letter's message back into its stage, then removes the letter.
@@ -84,14 +90,20 @@ pub async fn replay_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = replay_id(&state, &id).await?;
+    Ok(Json(serde_json::json!({ "replayed": [id] })))
+}
+
+/// Replays the dead letter `id` (404 when there is none); its id.
+pub(crate) async fn replay_id(state: &AppState, id: &str) -> Result<String, ApiError> {
     let letter = state
         .bus
-        .dead_letter(&id)
+        .dead_letter(id)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or_else(|| ApiError::not_found("no such dead letter"))?;
-    replay(&state, &letter).await?;
-    Ok(Json(serde_json::json!({ "replayed": [letter.id] })))
+    replay(state, &letter).await?;
+    Ok(letter.id)
 }
 
 /// What a bulk replay takes. It must say so explicitly: `{"all": true}`, `{"ids": [...]}`, or
@@ -113,6 +125,14 @@ pub struct ReplayRequest {
 }
 
 impl ReplayRequest {
+    /// Every dead letter: `{"all": true}`.
+    pub(crate) fn all() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
     /// The filter it names, and the ids it is limited to; 400 when it names nothing.
     fn scope(self) -> Result<(Filter, Option<Vec<String>>), ApiError> {
         let filter = Filter {
@@ -153,19 +173,26 @@ pub async fn replay_many(
             "a body is required: {\"all\": true}, {\"ids\": [...]} or a filter such as {\"stage\": \"send\"}",
         ));
     }
-    let (filter, ids) = parse_json::<ReplayRequest>(&body)?.scope()?;
-    let all = state
-        .bus
-        .dead_letters()
-        .await
-        .map_err(ApiError::unavailable)?;
+    let request = parse_json::<ReplayRequest>(&body)?;
+    let replayed = replay_scope(&state, request).await?;
+    Ok(Json(serde_json::json!({ "replayed": replayed })))
+}
+
+/// Replays what `request` names; the ids replayed. The console's Replay all sends
+/// `{"all": true}`.
+pub(crate) async fn replay_scope(
+    state: &AppState,
+    request: ReplayRequest,
+) -> Result<Vec<String>, ApiError> {
+    let (filter, ids) = request.scope()?;
+    let all = matching(state, &filter).await?;
     let mut replayed = Vec::new();
     let chosen = all
         .iter()
-        .filter(|d| filter.matches(d) && ids.as_ref().is_none_or(|ids| ids.contains(&d.id)));
+        .filter(|d| ids.as_ref().is_none_or(|ids| ids.contains(&d.id)));
     for letter in chosen {
-        replay(&state, letter).await?;
+        replay(state, letter).await?;
         replayed.push(letter.id.clone());
     }
-    Ok(Json(serde_json::json!({ "replayed": replayed })))
+    Ok(replayed)
 }

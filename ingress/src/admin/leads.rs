@@ -23,27 +23,41 @@ pub async fn list(
     Path(raw): Path<String>,
     Query(q): Query<LeadsQuery>,
 ) -> Result<Response, ApiError> {
-    let agent = load_agent(&state, &raw).await?;
+    let (agent, leads) = of_agent(&state, &raw).await?;
+    match q.format.as_deref() {
+        None | Some("json") => Ok(Json(leads).into_response()),
+        Some("csv") => Ok(csv_download(&agent, &leads)),
+        Some(_) => Err(ApiError::invalid("format must be json or csv")),
+    }
+}
+
+/// The agent's leads (404 for an unknown agent): the API's list and the console's Leads.
+pub(crate) async fn of_agent(
+    state: &AppState,
+    raw: &str,
+) -> Result<(shared::agent::Agent, Vec<Lead>), ApiError> {
+    let agent = load_agent(state, raw).await?;
     let leads = state
         .store
         .leads(&agent.id)
         .await
         .map_err(ApiError::unavailable)?;
-    match q.format.as_deref() {
-        None | Some("json") => Ok(Json(leads).into_response()),
-        Some("csv") => Ok((
-            [
-                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-                (
-                    header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"leads-{}.csv\"", agent.id),
-                ),
-            ],
-            to_csv(&leads),
-        )
-            .into_response()),
-        Some(_) => Err(ApiError::invalid("format must be json or csv")),
-    }
+    Ok((agent, leads))
+}
+
+/// The leads as a CSV attachment: `?format=csv` and the console's Download CSV.
+pub(crate) fn csv_download(agent: &shared::agent::Agent, leads: &[Lead]) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"leads-{}.csv\"", agent.id),
+            ),
+        ],
+        to_csv(leads),
+    )
+        .into_response()
 }
 
 fn to_csv(leads: &[Lead]) -> String {

@@ -1,12 +1,12 @@
 //! The admin API: JSON in and out, `Authorization: Bearer $WAGATE_ADMIN_TOKEN` on every call,
 //! errors as `{"error": "…"}`. No answer ever carries an Auth Token, API key or secret.
 
-mod agents;
-mod dead_letters;
-mod leads;
+pub(crate) mod agents;
+pub(crate) mod dead_letters;
+pub(crate) mod leads;
 mod messages;
-mod sessions;
-mod whatsapp;
+pub(crate) mod sessions;
+pub(crate) mod whatsapp;
 
 use axum::{
     Json, Router,
@@ -83,21 +83,29 @@ async fn json_errors(response: Response) -> Response {
     ApiError::new(status, message).into_response()
 }
 
+/// Whether `given` is the admin token, compared in constant time so that the time taken says
+/// nothing about how much of a guess was right. False when the admin API is disabled.
+pub(crate) fn is_admin_token(state: &AppState, given: &str) -> bool {
+    state.admin_token.as_ref().is_some_and(|expected| {
+        bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes()))
+    })
+}
+
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = &state.admin_token else {
+    if state.admin_token.is_none() {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "the admin API is disabled: set WAGATE_ADMIN_TOKEN",
         )
         .into_response();
-    };
+    }
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+    if is_admin_token(&state, given) {
         next.run(request).await
     } else {
         ApiError::new(
@@ -122,6 +130,16 @@ impl ApiError {
             status,
             message: message.into(),
         }
+    }
+
+    /// Its status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What it says (never a secret).
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// 404.

@@ -19,14 +19,16 @@ use time::OffsetDateTime;
 use super::{ApiError, load_agent, parse_json};
 use crate::AppState;
 
+/// What `PUT /v1/agents/{agent_id}/whatsapp` (and the console's Deploy form) asks for. An Auth
+/// Token left out keeps the one stored for the same account.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChannelRequest {
-    account_sid: String,
-    auth_token: Option<SecretString>,
-    phone_number: String,
-    enabled: Option<bool>,
-    simulation: Option<bool>,
+pub(crate) struct ChannelRequest {
+    pub(crate) account_sid: String,
+    pub(crate) auth_token: Option<SecretString>,
+    pub(crate) phone_number: String,
+    pub(crate) enabled: Option<bool>,
+    pub(crate) simulation: Option<bool>,
 }
 
 /// Twilio's connection overrides, as a URL fragment (Twilio does not sign it): retry up to 3
@@ -38,12 +40,12 @@ pub const TWILIO_RETRIES: &str = "#rc=3&rp=ct,rt,5xx";
 /// A channel as the API shows it: never the token.
 #[derive(Serialize)]
 pub struct ChannelView {
-    enabled: bool,
-    account_sid: AccountSid,
-    phone_number: PhoneNumber,
-    webhook_url: String,
-    status_callback_url: String,
-    simulation: bool,
+    pub(crate) enabled: bool,
+    pub(crate) account_sid: AccountSid,
+    pub(crate) phone_number: PhoneNumber,
+    pub(crate) webhook_url: String,
+    pub(crate) status_callback_url: String,
+    pub(crate) simulation: bool,
 }
 
 impl ChannelView {
@@ -55,16 +57,26 @@ impl ChannelView {
         channel: &WhatsAppChannel,
         host: Option<&str>,
     ) -> Self {
-        let base = webhook_base(state, host);
+        let (webhook_url, status_callback_url) = webhook_urls(state, id, host);
         Self {
             enabled: channel.enabled,
             account_sid: channel.account_sid.clone(),
             phone_number: channel.phone_number.clone(),
-            webhook_url: format!("{base}/webhooks/twilio/whatsapp/{id}{TWILIO_RETRIES}"),
-            status_callback_url: format!("{base}/webhooks/twilio/whatsapp/{id}/status"),
+            webhook_url,
+            status_callback_url,
             simulation: channel.simulation,
         }
     }
+}
+
+/// The agent's webhook URL (with Twilio's retry overrides) and status callback URL, to paste
+/// into Twilio; `host` as in [`ChannelView::new`].
+pub(crate) fn webhook_urls(state: &AppState, id: &AgentId, host: Option<&str>) -> (String, String) {
+    let base = webhook_base(state, host);
+    (
+        format!("{base}/webhooks/twilio/whatsapp/{id}{TWILIO_RETRIES}"),
+        format!("{base}/webhooks/twilio/whatsapp/{id}/status"),
+    )
 }
 
 fn webhook_base(state: &AppState, host: Option<&str>) -> String {
@@ -78,11 +90,13 @@ fn webhook_base(state: &AppState, host: Option<&str>) -> String {
     format!("http://{hostname}:{}", state.webhook_port)
 }
 
-fn host(headers: &HeaderMap) -> Option<&str> {
+/// The Host of an admin request.
+pub(crate) fn host(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::HOST).and_then(|v| v.to_str().ok())
 }
 
-fn parse_phone(raw: &str) -> Result<PhoneNumber, ApiError> {
+/// A user's or sender's number as given (`whatsapp:` prefix allowed).
+pub(crate) fn parse_phone(raw: &str) -> Result<PhoneNumber, ApiError> {
     let raw = raw.strip_prefix("whatsapp:").unwrap_or(raw);
     PhoneNumber::parse(raw).map_err(|e| ApiError::invalid(format!("phone_number: {}", e.0)))
 }
@@ -93,8 +107,19 @@ pub async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ChannelView>, ApiError> {
-    let agent = load_agent(&state, &raw).await?;
     let req: ChannelRequest = parse_json(&body)?;
+    save(&state, &raw, req, host(&headers)).await.map(Json)
+}
+
+/// Validates and stores an agent's channel, sealing the Auth Token: what the API's `PUT` and
+/// the console's Deploy form both do.
+pub(crate) async fn save(
+    state: &AppState,
+    raw: &str,
+    req: ChannelRequest,
+    host: Option<&str>,
+) -> Result<ChannelView, ApiError> {
+    let agent = load_agent(state, raw).await?;
     let account_sid =
         AccountSid::parse(req.account_sid.trim()).map_err(|e| ApiError::invalid(e.0))?;
     let phone_number = parse_phone(&req.phone_number)?;
@@ -141,12 +166,7 @@ pub async fn put(
         .map_err(ApiError::unavailable)?;
     state.directory.forget(&agent.id);
     tracing::info!(agent = %agent.id, enabled = channel.enabled, "WhatsApp channel saved");
-    Ok(Json(ChannelView::new(
-        &state,
-        &agent.id,
-        &channel,
-        host(&headers),
-    )))
+    Ok(ChannelView::new(state, &agent.id, &channel, host))
 }
 
 pub async fn get(
@@ -187,24 +207,36 @@ pub async fn simulated(
     Path((raw, raw_phone)): Path<(String, String)>,
     Query(q): Query<OutboxQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let agent = load_agent(&state, &raw).await?;
-    let phone = parse_phone(&raw_phone.replace(' ', "+"))?;
-    let session = shared::domain::SessionId::for_phone(&agent.id, &phone);
-    let messages = state
-        .store
-        .simulated(&session, q.after)
-        .await
-        .map_err(ApiError::unavailable)?;
+    let messages = simulated_after(&state, &raw, &raw_phone, q.after).await?;
     Ok(Json(serde_json::json!({ "messages": messages })))
 }
 
-async fn set_enabled(
-    state: AppState,
-    raw: String,
-    headers: HeaderMap,
+/// The replies recorded for a simulated user after index `after`: the API's outbox and the
+/// console's Test chat.
+pub(crate) async fn simulated_after(
+    state: &AppState,
+    raw: &str,
+    raw_phone: &str,
+    after: u64,
+) -> Result<Vec<shared::store::SimulatedMessage>, ApiError> {
+    let agent = load_agent(state, raw).await?;
+    let phone = parse_phone(&raw_phone.replace(' ', "+"))?;
+    let session = shared::domain::SessionId::for_phone(&agent.id, &phone);
+    state
+        .store
+        .simulated(&session, after)
+        .await
+        .map_err(ApiError::unavailable)
+}
+
+/// Switches an agent's channel on or off: the API's enable/disable and the console's Disable.
+pub(crate) async fn set_enabled(
+    state: &AppState,
+    raw: &str,
+    host: Option<&str>,
     enabled: bool,
-) -> Result<Json<ChannelView>, ApiError> {
-    let agent = load_agent(&state, &raw).await?;
+) -> Result<ChannelView, ApiError> {
+    let agent = load_agent(state, raw).await?;
     let mut channel = state
         .store
         .channel(&agent.id)
@@ -224,12 +256,7 @@ async fn set_enabled(
         .map_err(ApiError::unavailable)?;
     state.directory.forget(&agent.id);
     tracing::info!(agent = %agent.id, enabled, "WhatsApp channel switched");
-    Ok(Json(ChannelView::new(
-        &state,
-        &agent.id,
-        &channel,
-        host(&headers),
-    )))
+    Ok(ChannelView::new(state, &agent.id, &channel, host))
 }
 
 pub async fn enable(
@@ -237,7 +264,9 @@ pub async fn enable(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
-    set_enabled(state, raw, headers, true).await
+    set_enabled(&state, &raw, host(&headers), true)
+        .await
+        .map(Json)
 }
 
 pub async fn disable(
@@ -245,5 +274,7 @@ pub async fn disable(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
-    set_enabled(state, raw, headers, false).await
+    set_enabled(&state, &raw, host(&headers), false)
+        .await
+        .map(Json)
 }

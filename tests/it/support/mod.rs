@@ -2,6 +2,7 @@
 //! `redis-server` processes and the real `wagate` binary per test, and local HTTP servers that
 //! speak Twilio's, OpenAI's and an agent webhook's wire formats.
 
+pub mod browser;
 pub mod fake_agent_webhook;
 pub mod fake_openai;
 pub mod fake_twilio;

@@ -1,0 +1,394 @@
+//! Leads and Conversations: who wrote to an agent, and what was said. Both read the same
+//! functions as the API (`admin::leads`, `admin::sessions`).
+//!
+//! The live views are server-sent events that look at the store once a second and send what
+//! changed. Polling the store, rather than listening inside this process, is what makes them
+//! work whichever ingress, worker or sender process handled the message.
+
+use std::{convert::Infallible, time::Duration};
+
+use askama::Template;
+use axum::{
+    Extension, Router,
+    extract::{Path, Query, State},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use futures::Stream;
+use serde::Deserialize;
+use shared::{
+    envelope::DeadMessage,
+    store::{Lead, Role, Turn},
+};
+
+use super::{Layout, SignedIn, error_page, page, shown_time};
+use crate::{
+    AppState,
+    admin::{ApiError, dead_letters, leads, sessions},
+};
+
+const PAGE_SIZE: usize = 25;
+/// How often a live view looks at the store.
+const POLL: Duration = Duration::from_secs(1);
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/agents/{agent_id}/leads", get(leads_page))
+        .route("/agents/{agent_id}/leads.csv", get(leads_csv))
+        .route("/agents/{agent_id}/conversations", get(conversations))
+        .route(
+            "/agents/{agent_id}/conversations/events",
+            get(conversation_events),
+        )
+        .route("/agents/{agent_id}/conversations/{phone}", get(transcript))
+        .route(
+            "/agents/{agent_id}/conversations/{phone}/events",
+            get(transcript_events),
+        )
+}
+
+/// A lead as a table row.
+struct LeadRow {
+    phone: String,
+    name: String,
+    first_seen: String,
+    last_seen: String,
+    messages: u64,
+}
+
+impl From<&Lead> for LeadRow {
+    fn from(l: &Lead) -> Self {
+        Self {
+            phone: l.phone.clone(),
+            name: l.profile_name.clone().unwrap_or_default(),
+            first_seen: shown_time(l.first_seen),
+            last_seen: shown_time(l.last_seen),
+            messages: l.message_count,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct LeadsQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    sort: String,
+    #[serde(default)]
+    page: usize,
+}
+
+#[derive(Template)]
+#[template(path = "leads.html")]
+struct LeadsPage {
+    layout: Layout,
+    agent_id: String,
+    rows: Vec<LeadRow>,
+    q: String,
+    sort: String,
+    page: usize,
+    pages: usize,
+    total: usize,
+}
+
+/// Sorts leads by a column name of the table (`-` in front: descending); newest first when
+/// the name is not one of them.
+fn sort_leads(leads: &mut [Lead], sort: &str) {
+    let (descending, key) = match sort.strip_prefix('-') {
+        Some(k) => (true, k),
+        None => (false, sort),
+    };
+    match key {
+        "phone" => leads.sort_by(|a, b| a.phone.cmp(&b.phone)),
+        "name" => leads.sort_by(|a, b| a.profile_name.cmp(&b.profile_name)),
+        "first_seen" => leads.sort_by_key(|l| l.first_seen),
+        "messages" => leads.sort_by_key(|l| l.message_count),
+        "last_seen" => leads.sort_by_key(|l| l.last_seen),
+        _ => {
+            leads.sort_by_key(|l| std::cmp::Reverse(l.last_seen));
+            return;
+        }
+    }
+    if descending {
+        leads.reverse();
+    }
+}
+
+fn matches(lead: &Lead, q: &str) -> bool {
+    let q = q.trim().to_lowercase();
+    q.is_empty()
+        || lead.phone.contains(&q)
+        || lead
+            .profile_name
+            .as_deref()
+            .is_some_and(|n| n.to_lowercase().contains(&q))
+}
+
+async fn leads_page(
+    State(state): State<AppState>,
+    Extension(who): Extension<SignedIn>,
+    Path(raw): Path<String>,
+    Query(query): Query<LeadsQuery>,
+) -> Response {
+    let (agent, mut all) = match leads::of_agent(&state, &raw).await {
+        Ok(x) => x,
+        Err(e) => return error_page(&who, &e),
+    };
+    all.retain(|l| matches(l, &query.q));
+    sort_leads(&mut all, &query.sort);
+    let total = all.len();
+    let pages = total.div_ceil(PAGE_SIZE).max(1);
+    let page_no = query.page.clamp(1, pages);
+    let rows = all
+        .iter()
+        .skip((page_no - 1) * PAGE_SIZE)
+        .take(PAGE_SIZE)
+        .map(LeadRow::from)
+        .collect();
+    page(&LeadsPage {
+        layout: Layout::new(format!("Leads of {}", agent.id), &who),
+        agent_id: agent.id.to_string(),
+        rows,
+        q: query.q,
+        sort: query.sort,
+        page: page_no,
+        pages,
+        total,
+    })
+}
+
+async fn leads_csv(
+    State(state): State<AppState>,
+    Extension(who): Extension<SignedIn>,
+    Path(raw): Path<String>,
+) -> Response {
+    match leads::of_agent(&state, &raw).await {
+        Ok((agent, leads)) => leads::csv_download(&agent, &leads),
+        Err(e) => error_page(&who, &e),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "conversations.html")]
+struct ConversationsPage {
+    layout: Layout,
+    agent_id: String,
+    rows: Vec<LeadRow>,
+}
+
+/// Conversations, most recent first: one per lead, since every user who wrote is a lead.
+async fn recent(state: &AppState, raw: &str) -> Result<(String, Vec<Lead>), ApiError> {
+    let (agent, mut all) = leads::of_agent(state, raw).await?;
+    sort_leads(&mut all, "");
+    Ok((agent.id.to_string(), all))
+}
+
+async fn conversations(
+    State(state): State<AppState>,
+    Extension(who): Extension<SignedIn>,
+    Path(raw): Path<String>,
+) -> Response {
+    match recent(&state, &raw).await {
+        Ok((agent_id, all)) => page(&ConversationsPage {
+            layout: Layout::new(format!("Conversations of {agent_id}"), &who),
+            rows: all.iter().map(LeadRow::from).collect(),
+            agent_id,
+        }),
+        Err(e) => error_page(&who, &e),
+    }
+}
+
+/// A stream that calls `step` once a [`POLL`], sending the events it returns, until the
+/// browser goes away.
+fn every_poll<S, F, Fut>(seed: S, step: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    S: Send + 'static,
+    F: Fn(S) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (Vec<Event>, S)> + Send,
+{
+    let step = std::sync::Arc::new(step);
+    futures::stream::unfold((seed, true), move |(seed, first)| {
+        let step = step.clone();
+        async move {
+            if !first {
+                tokio::time::sleep(POLL).await;
+            }
+            let (events, seed) = step(seed).await;
+            Some((
+                futures::stream::iter(events.into_iter().map(Ok)),
+                (seed, false),
+            ))
+        }
+    })
+    .flatten()
+}
+
+use futures::StreamExt as _;
+
+/// The conversation list, sent whole as JSON whenever it changed.
+async fn conversation_events(State(state): State<AppState>, Path(raw): Path<String>) -> Response {
+    if let Err(e) = recent(&state, &raw).await {
+        return e.into_response();
+    }
+    let stream = every_poll(String::new(), move |last: String| {
+        let state = state.clone();
+        let raw = raw.clone();
+        async move {
+            let Ok((agent_id, all)) = recent(&state, &raw).await else {
+                return (Vec::new(), last);
+            };
+            let rows: Vec<_> = all
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "phone": l.phone,
+                        "name": l.profile_name,
+                        "last_seen": shown_time(l.last_seen),
+                        "messages": l.message_count,
+                        "href": format!("/agents/{agent_id}/conversations/{}", l.phone),
+                    })
+                })
+                .collect();
+            let data = serde_json::Value::from(rows).to_string();
+            if data == last {
+                (Vec::new(), last)
+            } else {
+                (
+                    vec![Event::default().event("conversations").data(data.clone())],
+                    data,
+                )
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// A turn as shown in a transcript.
+struct TurnRow {
+    mine: bool,
+    who: &'static str,
+    text: String,
+    at: String,
+}
+
+impl From<&Turn> for TurnRow {
+    fn from(t: &Turn) -> Self {
+        let user = t.role == Role::User;
+        Self {
+            mine: user,
+            who: if user { "User" } else { "Agent" },
+            text: t.content.clone(),
+            at: shown_time(t.at),
+        }
+    }
+}
+
+fn turn_json(t: &Turn) -> String {
+    let row = TurnRow::from(t);
+    serde_json::json!({"user": row.mine, "who": row.who, "text": row.text, "at": row.at})
+        .to_string()
+}
+
+/// A reply to this user that could not be delivered (a dead letter of the send stage).
+struct Undelivered {
+    at: String,
+    code: Option<u32>,
+    reason: String,
+}
+
+#[derive(Template)]
+#[template(path = "transcript.html")]
+struct TranscriptPage {
+    layout: Layout,
+    agent_id: String,
+    phone: String,
+    turns: Vec<TurnRow>,
+    undelivered: Vec<Undelivered>,
+}
+
+/// The replies to `phone` that failed for good and wait in the dead letters: the delivery
+/// status that wagate knows per conversation.
+async fn undelivered(
+    state: &AppState,
+    agent_id: &str,
+    phone: &str,
+) -> Result<Vec<Undelivered>, ApiError> {
+    let to = format!("whatsapp:{phone}");
+    let letters = dead_letters::matching(state, &dead_letters::Filter::default()).await?;
+    Ok(letters
+        .into_iter()
+        .filter_map(|d| match &d.message {
+            DeadMessage::Reply(r) if d.agent_id.as_str() == agent_id && r.to.to_string() == to => {
+                Some(Undelivered {
+                    at: shown_time(d.failed_at),
+                    code: d.code,
+                    reason: d.reason.clone(),
+                })
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+async fn transcript(
+    State(state): State<AppState>,
+    Extension(who): Extension<SignedIn>,
+    Path((raw, phone)): Path<(String, String)>,
+) -> Response {
+    let found = async {
+        let (_, turns) = sessions::transcript(&state, &raw, &phone).await?;
+        let failed = undelivered(&state, &raw, &phone).await?;
+        Ok::<_, ApiError>((turns, failed))
+    };
+    match found.await {
+        Ok((turns, undelivered)) => page(&TranscriptPage {
+            layout: Layout::new(format!("Conversation with {phone}"), &who),
+            agent_id: raw,
+            phone,
+            turns: turns.iter().map(TurnRow::from).collect(),
+            undelivered,
+        }),
+        Err(e) => error_page(&who, &e),
+    }
+}
+
+#[derive(Deserialize)]
+struct AfterQuery {
+    #[serde(default)]
+    after: usize,
+}
+
+/// The turns of a conversation after the first `after`, each as a `turn` event, as they are
+/// stored: the user's messages and the agent's replies.
+async fn transcript_events(
+    State(state): State<AppState>,
+    Path((raw, phone)): Path<(String, String)>,
+    Query(q): Query<AfterQuery>,
+) -> Response {
+    if let Err(e) = sessions::transcript(&state, &raw, &phone).await {
+        return e.into_response();
+    }
+    let stream = every_poll(q.after, move |seen: usize| {
+        let state = state.clone();
+        let (raw, phone) = (raw.clone(), phone.clone());
+        async move {
+            let Ok((_, turns)) = sessions::transcript(&state, &raw, &phone).await else {
+                return (Vec::new(), seen);
+            };
+            let events = turns
+                .iter()
+                .skip(seen)
+                .map(|t| Event::default().event("turn").data(turn_json(t)))
+                .collect();
+            (events, turns.len().max(seen))
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
