@@ -35,3 +35,55 @@ pub fn admin_router(state: AppState) -> Router {
         .merge(console::routes(state.clone()))
         .with_state(state)
 }
+
+/// Registers ingress's metric families at zero, with their help text, when the process starts:
+/// dashboards and alerts then never query a series that does not exist yet (a rate over a
+/// missing series is "no data", not 0). docs/operations.md lists them.
+pub fn register_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        "wagate_webhook_seconds",
+        metrics::Unit::Seconds,
+        "An accepted inbound webhook, from request to 200"
+    );
+    let _ = metrics::histogram!("wagate_webhook_seconds");
+    describe_counter!("wagate_webhooks_total", "Webhooks by kind and outcome");
+    for kind in ["inbound", "status"] {
+        for outcome in [
+            "accepted",
+            "unauthorized",
+            "unknown_agent",
+            "disabled",
+            "bad_request",
+            "unavailable",
+        ] {
+            metrics::counter!("wagate_webhooks_total", "kind" => kind, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    describe_counter!(
+        "wagate_inbound_duplicates_total",
+        "Twilio retries of a MessageSid already queued"
+    );
+    metrics::counter!("wagate_inbound_duplicates_total").increment(0);
+    describe_counter!(
+        "wagate_spooled_total",
+        "Messages kept in the local spool while NATS was away"
+    );
+    metrics::counter!("wagate_spooled_total").increment(0);
+    describe_counter!(
+        "wagate_spool_drained_total",
+        "Spooled messages published since"
+    );
+    metrics::counter!("wagate_spool_drained_total").increment(0);
+    describe_gauge!("wagate_spool_messages", "Messages waiting in the spool");
+    metrics::gauge!("wagate_spool_messages").set(0.0);
+    describe_counter!(
+        "wagate_message_status_total",
+        "Twilio's status callbacks, each status of a message once; failures by error code"
+    );
+    for status in ["sent", "delivered", "read", "failed", "undelivered"] {
+        metrics::counter!("wagate_message_status_total", "status" => status, "error_code" => "")
+            .increment(0);
+    }
+}

@@ -374,6 +374,10 @@ impl Bus for SpooledBus {
     async fn ready(&self) -> Result<(), BusError> {
         self.inner.ready().await
     }
+
+    async fn backlog(&self, topic: Topic) -> Result<u64, BusError> {
+        self.inner.backlog(topic).await
+    }
 }
 
 #[cfg(test)]

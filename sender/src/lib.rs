@@ -30,3 +30,40 @@ pub async fn run(
     let bus = ctx.bus.clone();
     dispatch::run::<OutboundReply, _>(bus, Arc::new(ctx), config, shutdown).await
 }
+
+/// Registers the sender's metric families at zero, with their help text, when the process
+/// starts (see `ingress::register_metrics`).
+pub fn register_metrics() {
+    metrics::describe_gauge!(
+        "wagate_backlog_messages",
+        "Messages of the topic stored and not yet acknowledged (the consumers' lag)"
+    );
+    metrics::gauge!("wagate_backlog_messages", "topic" => "outbound").set(0.0);
+    use metrics::{describe_counter, describe_histogram};
+    for (name, help) in [
+        ("wagate_twilio_request_seconds", "One Messages API request"),
+        (
+            "wagate_reply_seconds",
+            "From ingress's 200 for a message to its reply accepted by Twilio",
+        ),
+    ] {
+        describe_histogram!(name, metrics::Unit::Seconds, help);
+        let _ = metrics::histogram!(name);
+    }
+    describe_counter!("wagate_replies_total", "Replies by how they ended");
+    for outcome in ["sent", "retry", "dead_letter"] {
+        metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(0);
+    }
+    describe_counter!(
+        "wagate_send_ambiguous_total",
+        "Answers that left open whether Twilio created the message, by what its list said"
+    );
+    for resolution in ["found", "not_found"] {
+        metrics::counter!("wagate_send_ambiguous_total", "resolution" => resolution).increment(0);
+    }
+    describe_counter!(
+        "wagate_twilio_rate_limited_total",
+        "429s and Twilio's rate-limit codes, waited out in place"
+    );
+    metrics::counter!("wagate_twilio_rate_limited_total").increment(0);
+}

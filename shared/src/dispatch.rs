@@ -146,6 +146,31 @@ async fn subscribe(bus: &dyn Bus, topic: Topic, shutdown: &Shutdown) -> Option<D
     }
 }
 
+/// How often a consumer reads its topic's backlog for `wagate_backlog_messages`.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the gauge `wagate_backlog_messages{topic}` current while the consumer runs: the lag
+/// that says whether to add workers or senders, on any bus (KEDA and the NATS exporter read
+/// JetStream's own figure; this one also works embedded and without an exporter). Every
+/// consumer process reports the same figure, so dashboards take the max, not the sum.
+async fn watch_backlog(bus: Arc<dyn Bus>, topic: Topic, shutdown: Shutdown) {
+    let gauge = metrics::gauge!("wagate_backlog_messages", "topic" => topic.as_str());
+    let mut every = tokio::time::interval(BACKLOG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match bus.backlog(topic).await {
+            Ok(n) => gauge.set(n as f64),
+            Err(e) => {
+                tracing::debug!(error = %e, topic = topic.as_str(), "could not read the backlog")
+            }
+        }
+    }
+}
+
 /// Consumes `T`'s topic until `shutdown`, then waits for in-flight messages up to the grace
 /// period. A payload that is not a `T` is logged and acknowledged (it is not a message of this
 /// pipeline); the others are handled in order per conversation.
@@ -171,6 +196,7 @@ where
         concurrency = config.concurrency,
         "consuming"
     );
+    tracker.spawn(watch_backlog(bus.clone(), topic, shutdown.clone()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,

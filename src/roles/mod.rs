@@ -84,6 +84,15 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
     settings.validate()?;
     let deps = connect(&settings, roles).await?;
     let metrics = install_metrics();
+    if roles.ingress {
+        ingress::register_metrics();
+    }
+    if roles.worker {
+        ::worker::register_metrics();
+    }
+    if roles.sender {
+        ::sender::register_metrics();
+    }
     let shutdown = Shutdown::new();
     deps.directory.clone().watch(shutdown.clone()).await?;
     // Ingress keeps what it accepted in a local spool while NATS is away.

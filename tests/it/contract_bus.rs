@@ -133,6 +133,7 @@ on_both!(super::WINDOW =>
     adjacent_messages_of_a_conversation_can_be_taken_together,
     published_messages_survive_reopen,
     dead_letters_crud_in_order,
+    the_backlog_counts_what_is_not_yet_acknowledged,
 );
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -189,6 +190,32 @@ async fn publish_consume_ack(rig: Rig) {
     )
     .await;
     assert_quiet(&mut outbound, n, QUIET, "the other topic is empty").await;
+}
+
+/// The backlog is stored and not yet acknowledged: a delivered message being handled still
+/// counts, an acked one no longer does, and the other topic's are not counted.
+async fn the_backlog_counts_what_is_not_yet_acknowledged(rig: Rig) {
+    let (bus, n) = (rig.bus(), rig.name);
+    assert_eq!(bus.backlog(Topic::Inbound).await.unwrap(), 0, "{n}");
+    for (conv, id) in [("a1.1", "b-1"), ("a1.2", "b-2"), ("a1.3", "b-3")] {
+        publish(bus.as_ref(), Topic::Inbound, conv, id, id).await;
+    }
+    publish(bus.as_ref(), Topic::Outbound, "a1.1", "b-4", "reply").await;
+    assert_eq!(bus.backlog(Topic::Inbound).await.unwrap(), 3, "{n}");
+    assert_eq!(bus.backlog(Topic::Outbound).await.unwrap(), 1, "{n}");
+    let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
+    let first = next(&mut sub, n).await;
+    assert_eq!(
+        bus.backlog(Topic::Inbound).await.unwrap(),
+        3,
+        "{n}: delivered, not acked"
+    );
+    first.ack().await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while bus.backlog(Topic::Inbound).await.unwrap() != 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(bus.backlog(Topic::Inbound).await.unwrap(), 2, "{n}: acked");
 }
 
 async fn delivery_follows_publish_order(rig: Rig) {

@@ -843,6 +843,51 @@ async fn the_dlq_command_lists_and_replays() {
 /// Every stage a message passes exports its latency as a Prometheus histogram (buckets, which
 /// add up across processes; not a summary's quantiles, which do not), and Twilio's status
 /// callbacks are counted by status and error code.
+/// The metric names of docs/operations.md's table (its first column, in backticks).
+fn documented_metrics() -> Vec<String> {
+    let docs = include_str!("../../docs/operations.md");
+    let table = docs
+        .split("### Metrics")
+        .nth(1)
+        .expect("docs/operations.md has a Metrics section");
+    table
+        .lines()
+        .skip_while(|l| !l.starts_with("| metric"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| row.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2).map(str::to_owned))
+        .collect()
+}
+
+/// Every documented metric family exists as soon as the process is up, before any traffic:
+/// a dashboard's or alert's query finds 0, not "no data".
+#[tokio::test]
+async fn every_documented_metric_is_exported_at_zero_from_the_start() {
+    let w = World::start().await;
+    let documented = documented_metrics();
+    assert!(documented.len() >= 20, "{documented:?}");
+    let metrics = w.wagate.metrics().await;
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|name| {
+            !metrics.lines().any(|l| {
+                l.starts_with(&format!("{name} "))
+                    || l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name}_count"))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not exported at start: {missing:?}\n{metrics}"
+    );
+    assert!(
+        metrics.contains("wagate_webhooks_total{kind=\"inbound\",outcome=\"accepted\"} 0"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn every_stage_exports_a_latency_histogram_and_statuses_are_counted_by_code() {
     let w = World::start().await;

@@ -15,3 +15,48 @@ pub mod turn;
 
 pub use consumer::{WorkerConfig, run};
 pub use turn::TurnContext;
+
+/// Registers the worker's metric families at zero, with their help text, when the process
+/// starts (see `ingress::register_metrics`).
+pub fn register_metrics() {
+    metrics::describe_gauge!(
+        "wagate_backlog_messages",
+        "Messages of the topic stored and not yet acknowledged (the consumers' lag)"
+    );
+    metrics::gauge!("wagate_backlog_messages", "topic" => "inbound").set(0.0);
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for (name, help) in [
+        (
+            "wagate_queue_wait_seconds",
+            "From ingress's 200 to a worker taking the message up (first deliveries)",
+        ),
+        ("wagate_agent_seconds", "One agent call"),
+        ("wagate_turn_seconds", "One turn, store and bus included"),
+    ] {
+        describe_histogram!(name, metrics::Unit::Seconds, help);
+        let _ = metrics::histogram!(name);
+    }
+    describe_counter!("wagate_turns_total", "Turns by how they ended");
+    for outcome in ["replied", "retry", "dead_letter"] {
+        metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(0);
+    }
+    describe_gauge!("wagate_turns_in_flight", "Agent calls running now");
+    metrics::gauge!("wagate_turns_in_flight").set(0.0);
+    for (name, help) in [
+        (
+            "wagate_coalesced_total",
+            "Messages handled together with others as one burst",
+        ),
+        (
+            "wagate_order_waits_total",
+            "Deliveries handed back to keep a conversation in order",
+        ),
+        (
+            "wagate_replies_truncated_total",
+            "Agent replies cut at the longest reply",
+        ),
+    ] {
+        describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+}

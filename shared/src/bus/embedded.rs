@@ -497,6 +497,10 @@ impl Bus for EmbeddedBus {
     async fn ready(&self) -> Result<(), BusError> {
         Ok(self.db.ready().await?)
     }
+
+    async fn backlog(&self, topic: Topic) -> Result<u64, BusError> {
+        Ok(self.queue(topic).lock().entries.len() as u64)
+    }
 }
 
 /// A stored dead letter with its id; one that no longer decodes is left out of listings (as

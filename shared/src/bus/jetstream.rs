@@ -515,6 +515,18 @@ impl Bus for JetStreamBus {
             .map_err(BusError::nats("flush"))
     }
 
+    /// A work queue keeps exactly the messages not yet acknowledged.
+    async fn backlog(&self, topic: Topic) -> Result<u64, BusError> {
+        // Fetching the stream is one STREAM.INFO request, whose answer has the state.
+        let name = &self.stream(topic).cached_info().config.name;
+        let stream = self
+            .js
+            .get_stream(name)
+            .await
+            .map_err(BusError::nats("stream info"))?;
+        Ok(stream.cached_info().state.messages)
+    }
+
     async fn ready(&self) -> Result<(), BusError> {
         self.js
             .query_account()

@@ -223,6 +223,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Whether the bus answers.
     async fn ready(&self) -> Result<(), BusError>;
 
+    /// Messages of `topic` stored and not yet acknowledged: waiting, held back for a retry, or
+    /// being handled now. The consumers' lag, as the gauge `wagate_backlog_messages` shows it.
+    async fn backlog(&self, topic: Topic) -> Result<u64, BusError>;
+
     /// Waits until what this process sent (acks are sent, not confirmed) has left it; called
     /// before exiting. A bus inside the process has nothing in transit.
     async fn flush(&self) -> Result<(), BusError> {
