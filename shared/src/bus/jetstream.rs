@@ -29,6 +29,22 @@ const ACK_ATTEMPTS: usize = 8;
 /// How long a publish is tried again while its stream elects a leader or the client
 /// reconnects (a JetStream election after a server died takes a few seconds).
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(20);
+
+/// Whether a publish that failed this way can succeed when tried again. Only a message too big
+/// for the server and the expected-last checks (which wagate does not use) cannot. Everything
+/// else, including the JetStream API errors async-nats reports as `Other` (a stream offline or
+/// a cluster temporarily unavailable while it elects a leader), is tried again until the
+/// deadline: a publish that failed at once used to make ingress spool the message, and its
+/// later messages then queued behind the spool while other ingress processes published
+/// theirs directly, out of order.
+fn may_pass_on_retry(kind: PublishErrorKind) -> bool {
+    !matches!(
+        kind,
+        PublishErrorKind::MaxPayloadExceeded
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::WrongLastSequence
+    )
+}
 /// Messages older than this are dropped from the work queues, whatever their state.
 const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 
@@ -391,12 +407,8 @@ impl Bus for JetStreamBus {
             match attempt.await {
                 Ok(ack) => break ack,
                 Err(e)
-                    if matches!(
-                        e.kind(),
-                        PublishErrorKind::StreamNotFound
-                            | PublishErrorKind::TimedOut
-                            | PublishErrorKind::BrokenPipe
-                    ) && tokio::time::Instant::now() + wait < deadline =>
+                    if may_pass_on_retry(e.kind())
+                        && tokio::time::Instant::now() + wait < deadline =>
                 {
                     tracing::debug!(error = %e, "publish not acknowledged; trying again");
                     tokio::time::sleep(wait).await;
@@ -533,5 +545,30 @@ impl Bus for JetStreamBus {
             .await
             .map(|_| ())
             .map_err(BusError::nats("JetStream not answering"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_message_the_server_can_never_take_is_not_tried_again() {
+        for kind in [
+            PublishErrorKind::StreamNotFound,
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::MaxAckPending,
+            PublishErrorKind::Other,
+        ] {
+            assert!(may_pass_on_retry(kind), "{kind}");
+        }
+        for kind in [
+            PublishErrorKind::MaxPayloadExceeded,
+            PublishErrorKind::WrongLastMessageId,
+            PublishErrorKind::WrongLastSequence,
+        ] {
+            assert!(!may_pass_on_retry(kind), "{kind}");
+        }
     }
 }
