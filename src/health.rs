@@ -25,22 +25,24 @@ pub struct Health {
     pub metrics: Option<PrometheusHandle>,
 }
 
-fn probe_routes() -> Router<Health> {
+/// `/healthz` and `/readyz` for the public webhook listener: a 503 names the backend that is
+/// not ready and nothing more. Its error (a host name, a port, a server's message) is for the
+/// operator's probes on the internal listeners and the log, not for anyone on the internet.
+pub fn probes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz_brief))
+        .with_state(health)
+}
+
+/// `/healthz`, `/readyz` (with the backends' errors) and `/metrics`, without a bearer token:
+/// for the admin listener and the worker's and sender's metrics listener, which Prometheus and
+/// the orchestrator's probes reach inside the network. Not for the public webhook listener,
+/// where the metrics would tell anyone the traffic and the agents.
+pub fn routes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-}
-
-/// `/healthz` and `/readyz`, for every listener, the public webhook listener included.
-pub fn probes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
-    probe_routes().with_state(health)
-}
-
-/// `/healthz`, `/readyz` and `/metrics`, without a bearer token: for the admin listener and the
-/// worker's and sender's metrics listener, which Prometheus scrapes inside the network. Not for
-/// the public webhook listener, where the metrics would tell anyone the traffic and the agents.
-pub fn routes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
-    probe_routes()
         .route("/metrics", get(metrics))
         .with_state(health)
 }
@@ -52,8 +54,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(health: Health) -> Router<S> {
 /// says which backend did not answer.
 const READY_DEADLINE: Duration = Duration::from_millis(800);
 
-async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    let late = |what: &str| format!("{what} did not answer within {READY_DEADLINE:?}");
+/// The backends that are not ready, each with why.
+async fn not_ready(health: &Health) -> Vec<(&'static str, String)> {
+    let late = || format!("did not answer within {READY_DEADLINE:?}");
     let (bus, store) = tokio::join!(
         tokio::time::timeout(READY_DEADLINE, health.bus.ready()),
         tokio::time::timeout(READY_DEADLINE, health.store.ready()),
@@ -61,19 +64,39 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let mut why = Vec::new();
     match bus {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => why.push(e.to_string()),
-        Err(_) => why.push(late("the bus")),
+        Ok(Err(e)) => why.push(("the bus", e.to_string())),
+        Err(_) => why.push(("the bus", late())),
     }
     match store {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => why.push(e.to_string()),
-        Err(_) => why.push(late("the store")),
+        Ok(Err(e)) => why.push(("the store", e.to_string())),
+        Err(_) => why.push(("the store", late())),
     }
+    why
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let why = not_ready(&health).await;
     if why.is_empty() {
-        (StatusCode::OK, "ready".to_owned())
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, why.join("; "))
+        return (StatusCode::OK, "ready".to_owned());
     }
+    let text: Vec<String> = why.iter().map(|(what, e)| format!("{what}: {e}")).collect();
+    (StatusCode::SERVICE_UNAVAILABLE, text.join("; "))
+}
+
+async fn readyz_brief(State(health): State<Health>) -> impl IntoResponse {
+    let why = not_ready(&health).await;
+    if why.is_empty() {
+        return (StatusCode::OK, "ready".to_owned());
+    }
+    for (what, e) in &why {
+        tracing::debug!(backend = what, error = %e, "not ready");
+    }
+    let names: Vec<&str> = why.iter().map(|(what, _)| *what).collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}", names.join(", ")),
+    )
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {

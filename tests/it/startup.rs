@@ -329,3 +329,40 @@ async fn readiness_says_503_promptly_while_nats_is_down() {
     .await;
     drop(wagate);
 }
+
+/// The public listener's `/readyz` names the backend that is down and nothing of its error
+/// (hosts, ports, server messages); the admin listener's tells the operator why.
+#[tokio::test]
+async fn public_readiness_names_the_backend_and_keeps_its_error_inside() {
+    let mut servers = Servers::start().await;
+    let wagate = Wagate::start_role("ingress", &servers, "http://127.0.0.1:1", &[]).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    servers.kill_nats();
+    let ask = |base: String| {
+        let r = http.get(format!("{base}/readyz")).send();
+        async move {
+            let r = r.await.expect("an answer within 2s");
+            (r.status(), r.text().await.unwrap_or_default())
+        }
+    };
+    let public = eventually(
+        Duration::from_secs(10),
+        "public /readyz says 503",
+        || async {
+            let (status, body) = ask(wagate.public_url.clone()).await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(public, "not ready: the bus");
+    let (status, inside) = ask(wagate.admin_url.clone()).await;
+    assert_eq!(status, 503);
+    assert!(
+        inside.starts_with("the bus: ") && inside.len() > public.len(),
+        "{inside}"
+    );
+    servers.restart_nats().await;
+}
