@@ -135,6 +135,14 @@ pub struct Settings {
         default_value = "https://api.twilio.com"
     )]
     pub twilio_api_base: String,
+    /// Largest inbound medium (photo, voice note, document) a worker fetches from Twilio, in
+    /// bytes; a larger one reaches the agent as a notice.
+    #[arg(
+        long = "media-max-bytes",
+        env = "WAGATE_MEDIA_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub media_max_bytes: u64,
     /// Prefix of every NATS stream, subject and Redis key, so deployments can share servers.
     #[arg(long = "prefix", env = "WAGATE_PREFIX", default_value = "wagate")]
     pub prefix: String,

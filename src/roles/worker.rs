@@ -5,6 +5,9 @@ use shared::dispatch::Coalesce;
 
 use super::{Launch, placement::with_connections};
 
+/// Time limit of fetching one inbound medium from Twilio (its API, then its CDN).
+const MEDIA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(super) async fn worker_role(launch: Launch) -> Result<()> {
     let common = launch.common;
     let settings = &common.settings;
@@ -12,6 +15,11 @@ pub(super) async fn worker_role(launch: Launch) -> Result<()> {
         common.keyring.clone(),
         settings.agent_timeout(),
         settings.worker_concurrency,
+    )?;
+    let media = worker::media::MediaFetcher::new(
+        &settings.twilio_api_base,
+        settings.media_max_bytes,
+        MEDIA_TIMEOUT,
     )?;
     with_connections(
         settings,
@@ -26,6 +34,7 @@ pub(super) async fn worker_role(launch: Launch) -> Result<()> {
                 runner,
                 history_window: settings.history_window,
                 retry: settings.agent_retry.clone(),
+                media,
             };
             let coalesce = Coalesce {
                 window: std::time::Duration::from_millis(settings.coalesce_ms),

@@ -17,6 +17,7 @@ mod embedded_files;
 mod fakes_selftest;
 mod faults;
 mod master_key;
+mod media;
 mod nats_cluster;
 mod ordering;
 mod outage;

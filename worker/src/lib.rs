@@ -8,9 +8,12 @@
 //!   split reply published, then ack. Safe to repeat: a redelivered message republishes the
 //!   stored reply instead of running the agent again.
 //! - [`agent`]: the backends (`echo`, `openai`, `webhook`) behind one call.
+//! - [`media`]: inbound photos fetched from Twilio with the account's credentials, for models
+//!   that see images.
 
 pub mod agent;
 pub mod consumer;
+pub mod media;
 pub mod turn;
 
 pub use consumer::{WorkerConfig, run};

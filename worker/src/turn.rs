@@ -40,6 +40,8 @@ pub struct TurnContext {
     pub history_window: usize,
     /// When to try a failed turn again.
     pub retry: RetrySchedule,
+    /// Fetches inbound images from Twilio for models that see them.
+    pub media: crate::media::MediaFetcher,
 }
 
 /// One inbound message of a turn and its delivery.
@@ -240,8 +242,8 @@ async fn process(
     let Some(last) = msgs.last() else {
         return Ok(());
     };
-    let agent = match ctx.directory.lookup(&last.agent_id).await {
-        Ok(Lookup::Found(c)) => c.agent.clone(),
+    let channel = match ctx.directory.lookup(&last.agent_id).await {
+        Ok(Lookup::Found(c)) => c,
         Ok(_) => {
             return Err(Failure::permanent(format!(
                 "agent {} no longer exists",
@@ -251,11 +253,13 @@ async fn process(
         Err(e) => return Err(Failure::transient(e)),
     };
     let session_text = session.to_string();
+    let media = ctx.media.images_for(&channel, msgs).await;
     let input = TurnInput {
-        agent: &agent,
+        agent: &channel.agent,
         session_id: &session_text,
         history,
         messages: msgs,
+        media: &media,
     };
     let started = Instant::now();
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;

@@ -157,6 +157,22 @@ impl FakeTwilio {
             .insert(account_sid.to_owned(), auth_token.to_owned());
     }
 
+    /// Serves a medium of an inbound message as Twilio does: `GET` on its Media resource with
+    /// the account's Basic auth answers 307 to `location` (Twilio's media CDN). Returns the
+    /// `MediaUrl` a webhook carries for it.
+    pub fn add_media(
+        &self,
+        account_sid: &str,
+        message_sid: &str,
+        media_sid: &str,
+        location: &str,
+    ) -> String {
+        let path =
+            format!("/2010-04-01/Accounts/{account_sid}/Messages/{message_sid}/Media/{media_sid}");
+        self.state().media.insert(path.clone(), location.to_owned());
+        format!("{}{path}", self.base_url)
+    }
+
     /// Every accepted create, in arrival order.
     pub fn sent(&self) -> Vec<SentMessage> {
         self.state()
@@ -275,6 +291,8 @@ struct FakeState {
     violations: Vec<String>,
     script: VecDeque<ScriptedResponse>,
     counter: u64,
+    /// Media resources (their paths) and where each redirects.
+    media: HashMap<String, String>,
 }
 
 /// A sent message plus what the API shows about it.
@@ -314,6 +332,21 @@ async fn handle(
     shared.state().requests.push(raw.clone());
     let what = format!("{} {}", raw.method, raw.path);
 
+    let media = shared.state().media.get(&raw.path).cloned();
+    if let Some(location) = media {
+        let account_sid = raw.path.split('/').nth(3).unwrap_or("").to_owned();
+        if method != Method::GET {
+            return twilio_error(405, 20004, "Method not allowed");
+        }
+        if !authenticated(&shared, &what, &account_sid, raw.authorization.as_deref()) {
+            return twilio_error(401, 20003, "Authenticate");
+        }
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response();
+    }
     let Some(account_sid) = messages_path_account(&raw.path) else {
         shared.violation(format!(
             "{what}: no such endpoint in the fake (only {})",

@@ -28,6 +28,8 @@ pub struct TurnInput<'a> {
     pub history: &'a [Turn],
     /// The new message (or messages, for a burst handled as one turn).
     pub messages: &'a [InboundMessage],
+    /// The images of `messages` fetched for a model that sees them, by `MediaUrl`.
+    pub media: &'a [crate::media::Medium],
 }
 
 /// One message of the conversation as chat endpoints take it, `{"content": …, "role": …}`,

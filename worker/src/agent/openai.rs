@@ -46,15 +46,29 @@ impl Call<'_> {
             messages.push(ChatMessage::text("system", p));
         }
         messages.extend(input.history.iter().map(ChatMessage::turn));
+        // Each fetched image inline as a data URL (a model cannot open Twilio's link, which
+        // needs the account's credentials); one that could not be fetched as a notice.
+        let inline: Vec<(&str, Result<String, String>)> = input
+            .media
+            .iter()
+            .map(|m| {
+                let part = match &m.fetched {
+                    Ok(f) => Ok(f.data_url()),
+                    Err(e) => Err(format!("[the user sent an image; it {e}]")),
+                };
+                (m.url.as_str(), part)
+            })
+            .collect();
         for m in input.messages {
-            let images = m.media.iter().filter(|x| {
-                x.content_type
-                    .as_deref()
-                    .is_some_and(|c| c.starts_with("image/"))
-            });
-            let mut parts: Vec<ContentPart<'_>> = images
-                .map(|x| ContentPart::ImageUrl {
-                    image_url: ImageUrl { url: &x.url },
+            let mut parts: Vec<ContentPart<'_>> = m
+                .media
+                .iter()
+                .filter_map(|x| inline.iter().find(|(url, _)| *url == x.url))
+                .map(|(_, part)| match part {
+                    Ok(data_url) => ContentPart::ImageUrl {
+                        image_url: ImageUrl { url: data_url },
+                    },
+                    Err(notice) => ContentPart::Text { text: notice },
                 })
                 .collect();
             messages.push(if parts.is_empty() {

@@ -1,0 +1,274 @@
+//! Inbound media (photos, voice notes, documents). Twilio's `MediaUrl` is on its API host and
+//! needs the account's credentials, so a model given the bare link could never open it. The
+//! worker fetches each medium itself, with HTTP Basic auth (Account SID and Auth Token), and
+//! only from the origin of `WAGATE_TWILIO_API_BASE`: the Auth Token must never reach a host a
+//! webhook's sender chose. Twilio answers with a redirect to its media CDN, followed without
+//! the credentials. Each fetch has a size limit (`WAGATE_MEDIA_MAX_BYTES`) and a time limit,
+//! and what cannot be fetched reaches the agent as a notice, never as a failed turn: the user's
+//! words still get an answer.
+
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::{StatusCode, Url, header};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Redirects followed after Twilio's API (it sends one, to the CDN).
+const MAX_REDIRECTS: usize = 3;
+
+/// Why a medium was not fetched; the text is what the agent is told, so it holds no URL's
+/// query or credentials.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MediaError {
+    /// Not a URL on the Twilio API's origin: not fetched at all.
+    #[error("was not fetched: it is not on Twilio's API host")]
+    ForeignHost,
+    /// Not a URL.
+    #[error("was not fetched: its URL is malformed")]
+    Malformed,
+    /// Over `WAGATE_MEDIA_MAX_BYTES`.
+    #[error("is too large (over {0} bytes)")]
+    TooLarge(u64),
+    /// Twilio or its CDN answered with an error.
+    #[error("could not be fetched: Twilio answered HTTP {0}")]
+    Status(u16),
+    /// A redirect that leaves HTTPS, has no location, or one redirect too many.
+    #[error("could not be fetched: Twilio's redirect could not be followed")]
+    Redirect,
+    /// Declared an image, served as something else.
+    #[error("is not an image (the server sent {0})")]
+    NotAnImage(String),
+    /// No answer in time, or the connection failed.
+    #[error("could not be downloaded: {0}")]
+    Transfer(String),
+}
+
+/// A fetched medium.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The content type the server gave (without parameters), else the one Twilio declared.
+    pub content_type: String,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl Fetched {
+    /// As a `data:` URL, the way OpenAI-compatible models take an image inline.
+    pub fn data_url(&self) -> String {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&self.bytes);
+        format!("data:{};base64,{encoded}", self.content_type)
+    }
+}
+
+/// A medium of the turn's messages and what fetching it gave.
+#[derive(Debug)]
+pub struct Medium {
+    /// Its `MediaUrl`, as the message has it.
+    pub url: String,
+    /// The medium, or why the agent gets a notice instead.
+    pub fetched: Result<Fetched, MediaError>,
+}
+
+/// Fetches inbound media from Twilio.
+pub struct MediaFetcher {
+    client: reqwest::Client,
+    api: Url,
+    max_bytes: u64,
+    timeout: Duration,
+}
+
+impl MediaFetcher {
+    /// A fetcher for media on `api_base`'s origin, of at most `max_bytes`, each fetch within
+    /// `timeout`. Redirects are followed by hand, so that the credentials go to the API host
+    /// and nowhere else.
+    pub fn new(api_base: &str, max_bytes: u64, timeout: Duration) -> anyhow::Result<Self> {
+        let api = Url::parse(api_base)
+            .map_err(|e| anyhow::anyhow!("WAGATE_TWILIO_API_BASE is not a URL: {e}"))?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the media HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            api,
+            max_bytes,
+            timeout,
+        })
+    }
+
+    /// Fetches the images of `msgs` for an agent whose model sees them (OpenAI-compatible),
+    /// with the channel's credentials, one after the other (a message has at most ten).
+    /// Other agents and other media get nothing fetched: they keep the text lines of
+    /// `user_text`.
+    pub async fn images_for(
+        &self,
+        channel: &shared::directory::ResolvedChannel,
+        msgs: &[shared::envelope::InboundMessage],
+    ) -> Vec<Medium> {
+        if !matches!(channel.agent.backend, shared::agent::Backend::Openai { .. }) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for media in msgs.iter().flat_map(|m| &m.media) {
+            let declared = media.content_type.as_deref();
+            if !declared.is_some_and(|c| c.starts_with("image/")) {
+                continue;
+            }
+            let fetched = self
+                .fetch(
+                    &media.url,
+                    declared,
+                    channel.channel.account_sid.as_str(),
+                    &channel.auth_token,
+                )
+                .await
+                .and_then(|f| {
+                    // The model is told it is an image; a server that says otherwise is not
+                    // believed to have sent one.
+                    if f.content_type.starts_with("image/") {
+                        Ok(f)
+                    } else {
+                        Err(MediaError::NotAnImage(f.content_type))
+                    }
+                });
+            if let Err(e) = &fetched {
+                tracing::warn!(error = %e, "an inbound image reaches the agent as a notice");
+            }
+            out.push(Medium {
+                url: media.url.clone(),
+                fetched,
+            });
+        }
+        out
+    }
+
+    /// Fetches `url` with the account's credentials; `declared` is Twilio's
+    /// `MediaContentType{N}`, used when the server gives none.
+    pub async fn fetch(
+        &self,
+        url: &str,
+        declared: Option<&str>,
+        account_sid: &str,
+        auth_token: &SecretString,
+    ) -> Result<Fetched, MediaError> {
+        let url = Url::parse(url).map_err(|_| MediaError::Malformed)?;
+        if url.origin() != self.api.origin() {
+            tracing::warn!(
+                host = url.host_str().unwrap_or(""),
+                "a MediaUrl not on Twilio's API host was not fetched"
+            );
+            return Err(MediaError::ForeignHost);
+        }
+        tokio::time::timeout(
+            self.timeout,
+            self.fetch_from_api(url, declared, account_sid, auth_token),
+        )
+        .await
+        .map_err(|_| MediaError::Transfer(format!("no answer within {:?}", self.timeout)))?
+    }
+
+    async fn fetch_from_api(
+        &self,
+        url: Url,
+        declared: Option<&str>,
+        account_sid: &str,
+        auth_token: &SecretString,
+    ) -> Result<Fetched, MediaError> {
+        let mut response = self
+            .client
+            .get(url)
+            .basic_auth(account_sid, Some(auth_token.expose_secret()))
+            .send()
+            .await
+            .map_err(transfer)?;
+        let mut redirects = 0;
+        while response.status().is_redirection() {
+            redirects += 1;
+            let next = response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| response.url().join(l).ok())
+                .filter(|next| next.scheme() == "https" || next.scheme() == self.api.scheme())
+                .filter(|_| redirects <= MAX_REDIRECTS)
+                .ok_or(MediaError::Redirect)?;
+            // Without credentials: the CDN's URL is signed, and it is not Twilio's API.
+            response = self.client.get(next).send().await.map_err(transfer)?;
+        }
+        if response.status() != StatusCode::OK {
+            return Err(MediaError::Status(response.status().as_u16()));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.max_bytes)
+        {
+            return Err(MediaError::TooLarge(self.max_bytes));
+        }
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .or(declared)
+            .and_then(|v| v.split(';').next())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "application/octet-stream".to_owned());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transfer)? {
+            if (bytes.len() + chunk.len()) as u64 > self.max_bytes {
+                return Err(MediaError::TooLarge(self.max_bytes));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Fetched {
+            content_type,
+            bytes,
+        })
+    }
+}
+
+/// A transfer error, without the URL (which reqwest's text includes).
+fn transfer(e: reqwest::Error) -> MediaError {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "the transfer failed"
+    };
+    MediaError::Transfer(what.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_url_off_the_api_origin_is_refused_before_any_request() {
+        let f = MediaFetcher::new("https://api.twilio.com", 1024, Duration::from_secs(1)).unwrap();
+        let token = SecretString::from("token");
+        for url in [
+            "https://evil.example/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1",
+            "http://api.twilio.com/2010-04-01/x",
+            "https://api.twilio.com:8443/x",
+            "https://api.twilio.com.evil.example/x",
+        ] {
+            let got = f.fetch(url, None, "AC1", &token).await;
+            assert_eq!(got, Err(MediaError::ForeignHost), "{url}");
+        }
+        assert_eq!(
+            f.fetch("not a url", None, "AC1", &token).await,
+            Err(MediaError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_data_url_carries_the_type_and_the_bytes() {
+        let f = Fetched {
+            content_type: "image/png".into(),
+            bytes: vec![1, 2, 3],
+        };
+        assert_eq!(f.data_url(), "data:image/png;base64,AQID");
+    }
+}
