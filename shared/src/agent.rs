@@ -26,6 +26,11 @@ pub struct Agent {
     pub updated_at: OffsetDateTime,
 }
 
+/// The transcription model of an OpenAI-compatible agent that names none: OpenAI's.
+pub fn default_transcription_model() -> Option<String> {
+    Some("whisper-1".to_owned())
+}
+
 /// What produces an agent's replies.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -49,6 +54,11 @@ pub enum Backend {
         system_prompt: Option<String>,
         /// Per-agent turn timeout in milliseconds, overriding the process default.
         timeout_ms: Option<u64>,
+        /// The model that transcribes voice notes (`POST {base_url}/audio/transcriptions`);
+        /// `None` turns transcription off, and voice notes reach the agent as a notice.
+        /// Agents saved before it existed get the default.
+        #[serde(default = "default_transcription_model")]
+        transcription_model: Option<String>,
     },
     /// The business's own endpoint, called with a signed JSON request.
     Webhook {

@@ -27,9 +27,12 @@ const WAIT: Duration = Duration::from_secs(20);
 const FROM: &str = "+14155550177";
 /// A PNG's first bytes: what the CDN serves.
 const PICTURE: &[u8] = b"\x89PNG\r\n\x1a\n-a-picture-";
+/// An Ogg stream's first bytes: a voice note.
+const VOICE: &[u8] = b"OggS\0\x02-a-voice-note-";
 
 /// A CDN (or any other host): serves [`PICTURE`] as `image/png` on every path (a bigger body
-/// on `/big`) and records each request's path and `Authorization` header.
+/// on `/big`, [`VOICE`] as `audio/ogg` on `/voice.ogg`) and records each request's path and
+/// `Authorization` header.
 async fn host() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
     type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
     async fn serve(State(seen): State<Seen>, uri: Uri, headers: HeaderMap) -> impl IntoResponse {
@@ -37,12 +40,12 @@ async fn host() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
             .get(header::AUTHORIZATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         seen.lock().unwrap().push((uri.path().to_owned(), auth));
-        let body = if uri.path() == "/big" {
-            vec![0u8; 4096]
-        } else {
-            PICTURE.to_vec()
+        let (content_type, body) = match uri.path() {
+            "/big" => ("image/png", vec![0u8; 4096]),
+            "/voice.ogg" => ("audio/ogg", VOICE.to_vec()),
+            _ => ("image/png", PICTURE.to_vec()),
         };
-        ([(header::CONTENT_TYPE, "image/png")], body)
+        ([(header::CONTENT_TYPE, content_type)], body)
     }
     let seen: Seen = Arc::default();
     let app = Router::new().fallback(serve).with_state(seen.clone());
@@ -54,6 +57,11 @@ async fn host() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
 
 /// An inbound message with one image.
 fn with_image(sid: &str, body: &str, url: &str) -> Vec<(String, String)> {
+    with_medium(sid, body, url, "image/png")
+}
+
+/// An inbound message with one medium of `content_type`.
+fn with_medium(sid: &str, body: &str, url: &str, content_type: &str) -> Vec<(String, String)> {
     let mut form = inbound_form(sid, FROM, body);
     for (k, v) in form.iter_mut() {
         if k == "NumMedia" {
@@ -61,7 +69,7 @@ fn with_image(sid: &str, body: &str, url: &str) -> Vec<(String, String)> {
         }
     }
     form.push(("MediaUrl0".into(), url.into()));
-    form.push(("MediaContentType0".into(), "image/png".into()));
+    form.push(("MediaContentType0".into(), content_type.into()));
     form
 }
 
@@ -178,5 +186,94 @@ async fn an_image_reaches_the_model_inline_and_the_token_only_twilios_api() {
         "{parts:?}"
     );
     w.twilio.wait_for_sent(3, WAIT).await;
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+/// A voice note is transcribed by the agent's transcription model, and its words are the
+/// user's turn, marked as a voice note, for the model and in the history; with transcription
+/// turned off (`null`), the model is told, and nothing is uploaded.
+#[tokio::test]
+async fn a_voice_note_is_heard_as_its_transcript() {
+    let (cdn, _) = host().await;
+    let model = FakeOpenAi::start("sk-ears").await;
+    let w = World::start().await;
+    let backend = |transcription: serde_json::Value| {
+        serde_json::json!({
+            "kind": "openai", "base_url": model.base_url, "model": "gpt-ears",
+            "api_key": "sk-ears", "transcription_model": transcription
+        })
+    };
+    w.wagate
+        .agent("ears", backend(serde_json::json!("whisper-1")))
+        .await;
+    w.wagate.channel("ears", true).await;
+    let path = support::harness::Wagate::inbound_path("ears");
+    let voice = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000011",
+        &format!("{cdn}/voice.ogg"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_medium(&sid(1), "", &voice, "audio/ogg"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = model.wait_for_requests(1, WAIT).await;
+    let heard = format!("[voice note] heard {} bytes", VOICE.len());
+    let messages = requests[0]["messages"].as_array().unwrap();
+    assert_eq!(
+        messages.last().unwrap()["content"],
+        heard.as_str(),
+        "{messages:?}"
+    );
+    let uploads = model.transcriptions();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0].model, "whisper-1");
+    assert_eq!(uploads[0].content_type, "audio/ogg");
+    assert_eq!(uploads[0].file_name, "voice-note.ogg");
+    assert_eq!(uploads[0].bytes, VOICE);
+    w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(
+        w.wagate
+            .session_contents("ears", FROM)
+            .await
+            .first()
+            .map(String::as_str),
+        Some(heard.as_str()),
+        "the history keeps the words"
+    );
+
+    // Transcription off: a notice, and no upload.
+    w.wagate
+        .agent("ears", backend(serde_json::Value::Null))
+        .await;
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_medium(&sid(2), "", &voice, "audio/ogg"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let last = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(
+        last["content"]
+            .as_str()
+            .is_some_and(|t| t.contains("no transcription model")),
+        "{last:?}"
+    );
+    assert_eq!(model.transcriptions().len(), 1, "nothing more uploaded");
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }

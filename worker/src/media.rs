@@ -35,9 +35,12 @@ pub enum MediaError {
     /// A redirect that leaves HTTPS, has no location, or one redirect too many.
     #[error("could not be fetched: Twilio's redirect could not be followed")]
     Redirect,
-    /// Declared an image, served as something else.
-    #[error("is not an image (the server sent {0})")]
-    NotAnImage(String),
+    /// Declared an image or audio, served as something else.
+    #[error("is not what Twilio declared (the server sent {0})")]
+    Unexpected(String),
+    /// Audio for an agent whose transcription is turned off.
+    #[error("was not transcribed: this agent has no transcription model")]
+    NotTranscribed,
     /// No answer in time, or the connection failed.
     #[error("could not be downloaded: {0}")]
     Transfer(String),
@@ -60,13 +63,43 @@ impl Fetched {
     }
 }
 
+/// What a medium is to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A photo or sticker: shown to the model inline.
+    Image,
+    /// A voice note or audio file: transcribed.
+    Audio,
+}
+
 /// A medium of the turn's messages and what fetching it gave.
 #[derive(Debug)]
 pub struct Medium {
     /// Its `MediaUrl`, as the message has it.
     pub url: String,
+    /// Image or audio.
+    pub kind: Kind,
     /// The medium, or why the agent gets a notice instead.
     pub fetched: Result<Fetched, MediaError>,
+    /// For audio, once transcribed: the words, or why there are none.
+    pub transcript: Option<Result<String, String>>,
+}
+
+impl Medium {
+    /// How the medium reads in the user's turn (the history and the model's text): a voice
+    /// note as its transcript, marked as one; anything the agent cannot have as a notice.
+    /// `None` for an image shown to the model inline.
+    pub fn as_text(&self) -> Option<String> {
+        match (&self.kind, &self.fetched, &self.transcript) {
+            (Kind::Audio, _, Some(Ok(words))) => Some(format!("[voice note] {words}")),
+            (Kind::Audio, _, Some(Err(why))) => Some(format!(
+                "[the user sent a voice note; it could not be transcribed: {why}]"
+            )),
+            (Kind::Audio, Err(e), None) => Some(format!("[the user sent a voice note; it {e}]")),
+            (Kind::Image, Err(e), _) => Some(format!("[the user sent an image; it {e}]")),
+            (Kind::Image, Ok(_), _) | (Kind::Audio, Ok(_), None) => None,
+        }
+    }
 }
 
 /// Fetches inbound media from Twilio.
@@ -97,22 +130,37 @@ impl MediaFetcher {
         })
     }
 
-    /// Fetches the images of `msgs` for an agent whose model sees them (OpenAI-compatible),
-    /// with the channel's credentials, one after the other (a message has at most ten).
-    /// Other agents and other media get nothing fetched: they keep the text lines of
-    /// `user_text`.
-    pub async fn images_for(
+    /// Fetches the images and voice notes of `msgs` for an OpenAI-compatible agent (its model
+    /// sees images; its transcription model, unless turned off, hears audio), with the
+    /// channel's credentials, one after the other (a message has at most ten). Other agents and
+    /// other media get nothing fetched: they keep the text lines of `user_text`.
+    pub async fn fetch_for(
         &self,
         channel: &shared::directory::ResolvedChannel,
         msgs: &[shared::envelope::InboundMessage],
     ) -> Vec<Medium> {
-        if !matches!(channel.agent.backend, shared::agent::Backend::Openai { .. }) {
+        let shared::agent::Backend::Openai {
+            transcription_model,
+            ..
+        } = &channel.agent.backend
+        else {
             return Vec::new();
-        }
+        };
         let mut out = Vec::new();
         for media in msgs.iter().flat_map(|m| &m.media) {
             let declared = media.content_type.as_deref();
-            if !declared.is_some_and(|c| c.starts_with("image/")) {
+            let kind = match declared.and_then(|c| c.split('/').next()) {
+                Some("image") => Kind::Image,
+                Some("audio") => Kind::Audio,
+                _ => continue,
+            };
+            if kind == Kind::Audio && transcription_model.is_none() {
+                out.push(Medium {
+                    url: media.url.clone(),
+                    kind,
+                    fetched: Err(MediaError::NotTranscribed),
+                    transcript: None,
+                });
                 continue;
             }
             let fetched = self
@@ -124,20 +172,26 @@ impl MediaFetcher {
                 )
                 .await
                 .and_then(|f| {
-                    // The model is told it is an image; a server that says otherwise is not
-                    // believed to have sent one.
-                    if f.content_type.starts_with("image/") {
+                    // The model is told what it is; a server that says otherwise is not
+                    // believed to have sent it.
+                    let expected = match kind {
+                        Kind::Image => "image/",
+                        Kind::Audio => "audio/",
+                    };
+                    if f.content_type.starts_with(expected) {
                         Ok(f)
                     } else {
-                        Err(MediaError::NotAnImage(f.content_type))
+                        Err(MediaError::Unexpected(f.content_type))
                     }
                 });
             if let Err(e) = &fetched {
-                tracing::warn!(error = %e, "an inbound image reaches the agent as a notice");
+                tracing::warn!(error = %e, "an inbound medium reaches the agent as a notice");
             }
             out.push(Medium {
                 url: media.url.clone(),
+                kind,
                 fetched,
+                transcript: None,
             });
         }
         out

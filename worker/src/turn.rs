@@ -253,7 +253,8 @@ async fn process(
         Err(e) => return Err(Failure::transient(e)),
     };
     let session_text = session.to_string();
-    let media = ctx.media.images_for(&channel, msgs).await;
+    let mut media = ctx.media.fetch_for(&channel, msgs).await;
+    ctx.runner.transcribe(&channel.agent, &mut media).await;
     let input = TurnInput {
         agent: &channel.agent,
         session_id: &session_text,
@@ -269,7 +270,7 @@ async fn process(
         .iter()
         .map(|m| Turn {
             role: Role::User,
-            content: user_text(m),
+            content: user_text(m, &media),
             at: m.received_at,
         })
         .collect();

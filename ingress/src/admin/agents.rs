@@ -39,6 +39,9 @@ pub(crate) enum BackendRequest {
         api_key: Option<SecretString>,
         system_prompt: Option<String>,
         timeout_ms: Option<u64>,
+        /// Left out: `whisper-1`; `null`: no transcription.
+        #[serde(default = "shared::agent::default_transcription_model")]
+        transcription_model: Option<String>,
     },
     Webhook {
         url: String,
@@ -71,10 +74,12 @@ pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
             api_key,
             system_prompt,
             timeout_ms,
+            transcription_model,
         } => serde_json::json!({
             "kind": "openai", "base_url": shown_url(base_url, credentials.as_ref()), "model": model,
             "api_key_set": api_key.is_some(), "credentials_set": credentials.is_some(),
             "system_prompt": system_prompt, "timeout_ms": timeout_ms,
+            "transcription_model": transcription_model,
         }),
         Backend::Webhook {
             url,
@@ -194,10 +199,19 @@ pub(crate) async fn save(
             api_key,
             system_prompt,
             timeout_ms,
+            transcription_model,
         } => {
             check_url("base_url", &base_url)?;
             if model.trim().is_empty() {
                 return Err(ApiError::invalid("model must not be empty"));
+            }
+            if transcription_model
+                .as_deref()
+                .is_some_and(|m| m.trim().is_empty())
+            {
+                return Err(ApiError::invalid(
+                    "transcription_model must not be empty: give a model, or null for none",
+                ));
             }
             check_timeout(timeout_ms)?;
             let api_key = match api_key {
@@ -224,6 +238,7 @@ pub(crate) async fn save(
                 api_key,
                 system_prompt,
                 timeout_ms,
+                transcription_model,
             }
         }
         BackendRequest::Webhook {

@@ -168,6 +168,7 @@ impl AgentForm {
                 api_key: secret(&self.api_key),
                 system_prompt: non_empty(&self.system_prompt),
                 timeout_ms: None,
+                transcription_model: shared::agent::default_transcription_model(),
             },
             "webhook" => BackendRequest::Webhook {
                 url: self.webhook_url.trim().to_owned(),

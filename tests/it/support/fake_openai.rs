@@ -109,6 +109,77 @@ impl FakeOpenAi {
     pub fn violations(&self) -> Vec<String> {
         self.shared.state().violations.clone()
     }
+
+    /// Audio received at `/v1/audio/transcriptions` (authorized and well-formed), in order.
+    pub fn transcriptions(&self) -> Vec<Transcribed> {
+        self.shared.state().transcriptions.clone()
+    }
+}
+
+/// One upload to `POST /v1/audio/transcriptions`, answered `{"text": "heard N bytes"}`.
+#[derive(Debug, Clone)]
+pub struct Transcribed {
+    pub model: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// OpenAI's audio transcription endpoint: multipart with `model` and `file`.
+async fn transcription(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Response {
+    if let Some(denied) = auth_failure(&shared.api_key, headers) {
+        return denied;
+    }
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| multer::parse_boundary(v).ok());
+    let Some(boundary) = boundary else {
+        shared
+            .state()
+            .violations
+            .push("POST /v1/audio/transcriptions: not multipart/form-data".into());
+        return openai_error(400, "not multipart", "invalid_request_error", None, None);
+    };
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut model, mut file) = (None, None);
+    while let Ok(Some(field)) = multipart.next_field().await {
+        match field.name() {
+            Some("model") => model = field.text().await.ok(),
+            Some("file") => {
+                let name = field.file_name().unwrap_or("").to_owned();
+                let ct = field
+                    .content_type()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default();
+                file = field.bytes().await.ok().map(|b| (name, ct, b.to_vec()));
+            }
+            _ => {}
+        }
+    }
+    let (Some(model), Some((file_name, content_type, bytes))) = (model, file) else {
+        shared
+            .state()
+            .violations
+            .push("POST /v1/audio/transcriptions: model and file are required".into());
+        return openai_error(
+            400,
+            "model and file are required",
+            "invalid_request_error",
+            None,
+            None,
+        );
+    };
+    let text = format!("heard {} bytes", bytes.len());
+    shared.state().transcriptions.push(Transcribed {
+        model,
+        file_name,
+        content_type,
+        bytes,
+    });
+    shared.changed.notify_waiters();
+    (StatusCode::OK, axum::Json(json!({ "text": text }))).into_response()
 }
 
 /// The text the default reply rule quotes: the last `user` message's text (string content,
@@ -178,6 +249,7 @@ impl Shared {
 #[derive(Default)]
 struct FakeState {
     requests: Vec<Value>,
+    transcriptions: Vec<Transcribed>,
     violations: Vec<String>,
     delay: Duration,
     reply: Option<ReplyRule>,
@@ -191,6 +263,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::POST && uri.path() == "/v1/audio/transcriptions" {
+        return transcription(&shared, &headers, body).await;
+    }
     if method != Method::POST || uri.path() != "/v1/chat/completions" {
         shared.state().violations.push(format!(
             "{method} {}: not an endpoint of the fake (POST /v1/chat/completions)",

@@ -84,6 +84,8 @@ impl<'a> ChatMessage<'a> {
 #[derive(Clone)]
 pub struct AgentRunner {
     http: Arc<transport::Transport>,
+    /// For uploads (voice notes to transcription): multipart over HTTP/1.1, a few at a time.
+    files: reqwest::Client,
     keyring: std::sync::Arc<Keyring>,
     default_timeout: Duration,
 }
@@ -100,8 +102,13 @@ impl AgentRunner {
     ) -> anyhow::Result<Self> {
         let http = transport::Transport::new(concurrency, Duration::from_secs(10))
             .map_err(|e| anyhow::anyhow!("cannot set up the agent HTTP client: {e}"))?;
+        let files = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the upload HTTP client: {e}"))?;
         Ok(Self {
             http: Arc::new(http),
+            files,
             keyring,
             default_timeout,
         })
@@ -119,17 +126,10 @@ impl AgentRunner {
                 api_key,
                 system_prompt,
                 timeout_ms,
+                ..
             } => {
-                let bearer = api_key
-                    .as_ref()
-                    .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
-                    .transpose()
-                    .map_err(Failure::permanent)?
-                    .map(|k| SecretString::from(format!("Bearer {}", k.expose_secret())));
-                let authorization = match bearer {
-                    Some(b) => Some(b),
-                    None => self.basic_authorization(id, credentials.as_ref())?,
-                };
+                let authorization =
+                    self.openai_authorization(id, api_key.as_ref(), credentials.as_ref())?;
                 let call = openai::Call {
                     http: &self.http,
                     base_url,
@@ -162,6 +162,67 @@ impl AgentRunner {
         }
     }
 
+    /// Transcribes the voice notes among `media` with the agent's transcription model, one
+    /// after the other, into each medium's `transcript`: the user's words, for the history
+    /// and the model. Nothing for an agent that does not transcribe (`fetch_for` then left a
+    /// notice).
+    pub async fn transcribe(&self, agent: &Agent, media: &mut [crate::media::Medium]) {
+        let Backend::Openai {
+            base_url,
+            credentials,
+            api_key,
+            transcription_model: Some(model),
+            timeout_ms,
+            ..
+        } = &agent.backend
+        else {
+            return;
+        };
+        for medium in media {
+            let (crate::media::Kind::Audio, Ok(audio)) = (medium.kind, &medium.fetched) else {
+                continue;
+            };
+            let authorization = match self.openai_authorization(
+                &agent.id,
+                api_key.as_ref(),
+                credentials.as_ref(),
+            ) {
+                Ok(a) => a,
+                Err(e) => {
+                    medium.transcript = Some(Err(e.reason));
+                    continue;
+                }
+            };
+            let call = openai::Transcription {
+                http: &self.files,
+                base_url,
+                model,
+                authorization: authorization.as_ref(),
+                timeout: self.timeout(*timeout_ms),
+            };
+            medium.transcript = Some(call.text(audio).await);
+        }
+    }
+
+    /// The `Authorization` of an OpenAI-compatible endpoint: its API key as a bearer token,
+    /// else the credentials its URL was saved with.
+    fn openai_authorization(
+        &self,
+        id: &shared::domain::AgentId,
+        api_key: Option<&shared::crypto::SealedSecret>,
+        credentials: Option<&shared::crypto::SealedSecret>,
+    ) -> Result<Option<SecretString>, Failure> {
+        let bearer = api_key
+            .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
+            .transpose()
+            .map_err(Failure::permanent)?
+            .map(|k| SecretString::from(format!("Bearer {}", k.expose_secret())));
+        match bearer {
+            Some(b) => Ok(Some(b)),
+            None => self.basic_authorization(id, credentials),
+        }
+    }
+
     /// The `Authorization` of HTTP Basic authentication for the credentials an agent URL was
     /// saved with.
     fn basic_authorization(
@@ -184,19 +245,26 @@ impl AgentRunner {
     }
 }
 
-/// The text of a user turn as kept in the session: the body, then one line per attachment,
-/// location or button, so the history says what the user sent.
-pub fn user_text(m: &InboundMessage) -> String {
+/// The text of a user turn as kept in the session: the body, then one line per attachment
+/// (a voice note as its transcript, a medium that could not be had as a notice, others as
+/// their type and link), location or button, so the history says what the user sent.
+pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String {
     let mut lines = Vec::new();
     if !m.body.is_empty() {
         lines.push(m.body.clone());
     }
     for media in &m.media {
-        lines.push(format!(
-            "[{}: {}]",
-            media.content_type.as_deref().unwrap_or("media"),
-            media.url
-        ));
+        let heard = fetched
+            .iter()
+            .find(|f| f.url == media.url)
+            .and_then(crate::media::Medium::as_text);
+        lines.push(heard.unwrap_or_else(|| {
+            format!(
+                "[{}: {}]",
+                media.content_type.as_deref().unwrap_or("media"),
+                media.url
+            )
+        }));
     }
     if let Some(l) = &m.location {
         let name = l.label.as_deref().or(l.address.as_deref()).unwrap_or("");

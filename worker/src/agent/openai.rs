@@ -15,6 +15,8 @@ use http::{
 
 use shared::failure::Failure;
 
+use crate::media::{Fetched, Kind};
+
 use super::{
     ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, http_failure, send_failure,
     sensitive_header,
@@ -51,10 +53,11 @@ impl Call<'_> {
         let inline: Vec<(&str, Result<String, String>)> = input
             .media
             .iter()
+            .filter(|m| m.kind == Kind::Image)
             .map(|m| {
                 let part = match &m.fetched {
                     Ok(f) => Ok(f.data_url()),
-                    Err(e) => Err(format!("[the user sent an image; it {e}]")),
+                    Err(_) => Err(m.as_text().unwrap_or_default()),
                 };
                 (m.url.as_str(), part)
             })
@@ -72,7 +75,7 @@ impl Call<'_> {
                 })
                 .collect();
             messages.push(if parts.is_empty() {
-                ChatMessage::text("user", user_text(m))
+                ChatMessage::text("user", user_text(m, input.media))
             } else {
                 if !m.body.is_empty() {
                     parts.insert(0, ContentPart::Text { text: &m.body });
@@ -116,5 +119,67 @@ impl Call<'_> {
             .ok_or_else(|| {
                 Failure::permanent("the model endpoint's answer has no choices[0].message.content")
             })
+    }
+}
+
+/// A voice note to text: `POST {base_url}/audio/transcriptions`, multipart, as OpenAI's audio
+/// API (and the servers that copy it: whisper.cpp, faster-whisper, vLLM) take it.
+pub struct Transcription<'a> {
+    pub http: &'a reqwest::Client,
+    pub base_url: &'a str,
+    pub model: &'a str,
+    pub authorization: Option<&'a SecretString>,
+    pub timeout: Duration,
+}
+
+impl Transcription<'_> {
+    /// The words of `audio`, or why there are none (said to the agent, so no secrets).
+    pub async fn text(&self, audio: &Fetched) -> Result<String, String> {
+        let extension = audio
+            .content_type
+            .split('/')
+            .nth(1)
+            .and_then(|s| s.split(['+', ';']).next())
+            .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or("bin");
+        let file = reqwest::multipart::Part::bytes(audio.bytes.clone())
+            .file_name(format!("voice-note.{extension}"))
+            .mime_str(&audio.content_type)
+            .map_err(|_| "its content type is not a MIME type".to_owned())?;
+        let form = reqwest::multipart::Form::new()
+            .text("model", self.model.to_owned())
+            .part("file", file);
+        let mut request = self
+            .http
+            .post(format!("{}/audio/transcriptions", self.base_url))
+            .multipart(form)
+            .timeout(self.timeout);
+        if let Some(authorization) = self.authorization {
+            request = request.header(
+                AUTHORIZATION,
+                super::sensitive_header(authorization).map_err(|f| f.reason)?,
+            );
+        }
+        let answer = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                "the transcription endpoint did not answer in time".to_owned()
+            } else {
+                "the transcription endpoint could not be reached".to_owned()
+            }
+        })?;
+        let status = answer.status();
+        if !status.is_success() {
+            return Err(format!(
+                "the transcription endpoint answered HTTP {}",
+                status.as_u16()
+            ));
+        }
+        let v: Value = answer.json().await.map_err(|_| {
+            "the transcription endpoint answered something that is not JSON".to_owned()
+        })?;
+        v.get("text")
+            .and_then(Value::as_str)
+            .map(|t| t.trim().to_owned())
+            .ok_or_else(|| "the transcription endpoint's answer has no text".to_owned())
     }
 }

@@ -61,7 +61,7 @@ pub async fn reply(
             input
                 .messages
                 .iter()
-                .map(|m| ChatMessage::text("user", user_text(m))),
+                .map(|m| ChatMessage::text("user", user_text(m, input.media))),
         )
         .collect();
     let last = input.messages.last();
