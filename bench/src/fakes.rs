@@ -59,12 +59,18 @@ impl Replies {
     }
 }
 
-/// Serves Twilio's `POST /2010-04-01/Accounts/{AccountSid}/Messages.json` on a free port.
+/// Serves Twilio's `POST /2010-04-01/Accounts/{AccountSid}/Messages.json` on a free port, and
+/// the typing indicator each turn asks for (`POST /v2/Indicators/Typing.json`, as the
+/// Messaging API's host), accepted as Twilio accepts it.
 pub async fn twilio(replies: Arc<Replies>) -> Result<SocketAddr> {
     let app = Router::new()
         .route(
             "/2010-04-01/Accounts/{account}/Messages.json",
             post(create_message),
+        )
+        .route(
+            "/v2/Indicators/Typing.json",
+            post(|| async { Json(json!({"success": true})) }),
         )
         .with_state(replies);
     serve(app).await

@@ -135,6 +135,13 @@ pub struct Settings {
         default_value = "https://api.twilio.com"
     )]
     pub twilio_api_base: String,
+    /// Twilio Messaging v2 base URL (the WhatsApp typing indicator).
+    #[arg(
+        long = "twilio-messaging-base",
+        env = "WAGATE_TWILIO_MESSAGING_BASE",
+        default_value = "https://messaging.twilio.com"
+    )]
+    pub twilio_messaging_base: String,
     /// Largest inbound medium (photo, voice note, document) a worker fetches from Twilio, in
     /// bytes; a larger one reaches the agent as a notice.
     #[arg(
@@ -441,12 +448,13 @@ impl Settings {
                 "WAGATE_PUBLIC_URL must start with https:// (or http://), e.g. https://bot.example.com".into(),
             ));
         }
-        if !(self.twilio_api_base.starts_with("https://")
-            || self.twilio_api_base.starts_with("http://"))
-        {
-            return Err(ConfigError(
-                "WAGATE_TWILIO_API_BASE must be an http(s) URL".into(),
-            ));
+        for (name, value) in [
+            ("WAGATE_TWILIO_API_BASE", &self.twilio_api_base),
+            ("WAGATE_TWILIO_MESSAGING_BASE", &self.twilio_messaging_base),
+        ] {
+            if !(value.starts_with("https://") || value.starts_with("http://")) {
+                return Err(ConfigError(format!("{name} must be an http(s) URL")));
+            }
         }
         if self.worker_concurrency == 0 || self.sender_concurrency == 0 {
             return Err(ConfigError(

@@ -21,6 +21,7 @@ pub(super) async fn worker_role(launch: Launch) -> Result<()> {
         settings.media_max_bytes,
         MEDIA_TIMEOUT,
     )?;
+    let typing = worker::typing::Typing::new(&settings.twilio_messaging_base)?;
     with_connections(
         settings,
         launch.backing,
@@ -35,6 +36,7 @@ pub(super) async fn worker_role(launch: Launch) -> Result<()> {
                 history_window: settings.history_window,
                 retry: settings.agent_retry.clone(),
                 media,
+                typing,
             };
             let coalesce = Coalesce {
                 window: std::time::Duration::from_millis(settings.coalesce_ms),

@@ -169,48 +169,6 @@ async fn openai_backend_gets_the_first_exchange_with_the_second_message() {
 }
 
 #[tokio::test]
-async fn openai_backend_sends_images_as_image_parts() {
-    let model = FakeOpenAi::start("sk-test-key-123").await;
-    let w = World::start().await;
-    w.wagate.agent("bot", serde_json::json!({
-        "kind": "openai", "base_url": model.base_url, "model": "gpt-test", "api_key": "sk-test-key-123"
-    })).await;
-    w.wagate.channel("bot", true).await;
-    let mut form = support::harness::inbound_form(&sid(5), FROM, "what is this?");
-    form.extend([
-        (
-            "MediaUrl0".to_string(),
-            "https://api.twilio.com/2010-04-01/Accounts/AC/Messages/MM/Media/ME1".to_string(),
-        ),
-        ("MediaContentType0".to_string(), "image/jpeg".to_string()),
-    ]);
-    form.iter_mut().for_each(|(k, v)| {
-        if k == "NumMedia" {
-            *v = "1".into()
-        }
-    });
-    let r = w
-        .wagate
-        .post_signed("/webhooks/twilio/whatsapp/bot", &form, AUTH_TOKEN)
-        .await;
-    assert_eq!(r.status(), 200);
-    let req = &model.wait_for_requests(1, WAIT).await[0];
-    let content = req["messages"].as_array().unwrap().last().unwrap()["content"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert_eq!(
-        content[0],
-        serde_json::json!({"type": "text", "text": "what is this?"})
-    );
-    assert_eq!(content[1]["type"], "image_url");
-    assert_eq!(
-        content[1]["image_url"]["url"],
-        "https://api.twilio.com/2010-04-01/Accounts/AC/Messages/MM/Media/ME1"
-    );
-}
-
-#[tokio::test]
 async fn webhook_backend_is_signed_and_its_reply_is_sent() {
     let hook = FakeAgentWebhook::start("whsec-0123456789abcdef").await;
     let w = World::start().await;
@@ -501,5 +459,28 @@ async fn same_message_sid_four_times_at_once_gets_one_reply() {
     assert_eq!(
         leads[0]["message_count"], 2,
         "the two messages, each counted once"
+    );
+}
+
+/// A turn shows the user the typing indicator on the message it answers (Twilio's Messaging
+/// v2 `Indicators/Typing`, with the account's credentials), beside the reply, not before it.
+#[tokio::test]
+async fn a_turn_shows_the_typing_indicator_on_the_message_it_answers() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate
+        .inbound("demo", &sid(7), FROM, "are you there?")
+        .await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+    let shown = support::harness::eventually(WAIT, "the typing indicator", || async {
+        let t = w.twilio.typing_indicators();
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    assert_eq!(shown, vec![(ACCOUNT_SID.to_owned(), sid(7))]);
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
     );
 }

@@ -8,13 +8,15 @@
 //!   split reply published, then ack. Safe to repeat: a redelivered message republishes the
 //!   stored reply instead of running the agent again.
 //! - [`agent`]: the backends (`echo`, `openai`, `webhook`) behind one call.
-//! - [`media`]: inbound photos fetched from Twilio with the account's credentials, for models
-//!   that see images.
+//! - [`media`]: inbound photos and voice notes fetched from Twilio with the account's
+//!   credentials, for models that see images and transcription models that hear audio.
+//! - [`typing`]: the WhatsApp typing indicator shown while a turn runs.
 
 pub mod agent;
 pub mod consumer;
 pub mod media;
 pub mod turn;
+pub mod typing;
 
 pub use consumer::{WorkerConfig, run};
 pub use turn::TurnContext;

@@ -42,6 +42,8 @@ pub struct TurnContext {
     pub retry: RetrySchedule,
     /// Fetches inbound images from Twilio for models that see them.
     pub media: crate::media::MediaFetcher,
+    /// Shows the user that a reply is being written.
+    pub typing: crate::typing::Typing,
 }
 
 /// One inbound message of a turn and its delivery.
@@ -252,6 +254,7 @@ async fn process(
         }
         Err(e) => return Err(Failure::transient(e)),
     };
+    ctx.typing.show(&channel, last.message_sid.as_str());
     let session_text = session.to_string();
     let mut media = ctx.media.fetch_for(&channel, msgs).await;
     ctx.runner.transcribe(&channel.agent, &mut media).await;

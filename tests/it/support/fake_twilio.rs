@@ -173,6 +173,11 @@ impl FakeTwilio {
         format!("{}{path}", self.base_url)
     }
 
+    /// Typing indicators accepted, as (account, messageId), in arrival order.
+    pub fn typing_indicators(&self) -> Vec<(String, String)> {
+        self.state().typing.clone()
+    }
+
     /// Every accepted create, in arrival order.
     pub fn sent(&self) -> Vec<SentMessage> {
         self.state()
@@ -293,6 +298,8 @@ struct FakeState {
     counter: u64,
     /// Media resources (their paths) and where each redirects.
     media: HashMap<String, String>,
+    /// Typing indicators accepted: (account, messageId).
+    typing: Vec<(String, String)>,
 }
 
 /// A sent message plus what the API shows about it.
@@ -332,6 +339,9 @@ async fn handle(
     shared.state().requests.push(raw.clone());
     let what = format!("{} {}", raw.method, raw.path);
 
+    if raw.path == "/v2/Indicators/Typing.json" {
+        return typing(&shared, &what, &method, &raw);
+    }
     let media = shared.state().media.get(&raw.path).cloned();
     if let Some(location) = media {
         let account_sid = raw.path.split('/').nth(3).unwrap_or("").to_owned();
@@ -379,6 +389,38 @@ fn messages_path_account(path: &str) -> Option<String> {
         .strip_prefix("/2010-04-01/Accounts/")?
         .strip_suffix("/Messages.json")?;
     (!sid.is_empty() && !sid.contains('/')).then(|| sid.to_owned())
+}
+
+/// Messaging v2's typing indicator (Twilio's `CreateTypingIndicator`): form-encoded `channel`
+/// (`whatsapp`) and `messageId` (an `SM` or `MM` sid), HTTP Basic auth of an account; answers
+/// `{"success": true}`.
+fn typing(shared: &Shared, what: &str, method: &Method, raw: &RawRequest) -> Response {
+    if *method != Method::POST {
+        shared.violation(format!("{what}: method not allowed (only POST)"));
+        return twilio_error(405, 20004, "Method not allowed");
+    }
+    let account = raw
+        .authorization
+        .as_deref()
+        .and_then(parse_basic)
+        .map(|(user, _)| user)
+        .unwrap_or_default();
+    if !authenticated(shared, what, &account, raw.authorization.as_deref()) {
+        return twilio_error(401, 20003, "Authenticate");
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(&raw.body).into_owned().collect();
+    let message_id = form.get("messageId").cloned().unwrap_or_default();
+    let sid_like = message_id.len() == 34
+        && (message_id.starts_with("SM") || message_id.starts_with("MM"))
+        && message_id[2..].bytes().all(|b| b.is_ascii_hexdigit());
+    if form.get("channel").map(String::as_str) != Some("whatsapp") || !sid_like {
+        shared.violation(format!(
+            "{what}: channel must be whatsapp and messageId an SM/MM sid: {form:?}"
+        ));
+        return twilio_error(400, 21211, "Invalid parameter");
+    }
+    shared.state().typing.push((account, message_id));
+    (StatusCode::OK, axum::Json(json!({ "success": true }))).into_response()
 }
 
 /// Whether the Basic credentials are a registered pair for the path's account.
