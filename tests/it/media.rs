@@ -19,6 +19,7 @@ use axum::{
 };
 use base64::Engine;
 use support::{
+    fake_agent_webhook::FakeAgentWebhook,
     fake_openai::FakeOpenAi,
     harness::{ACCOUNT_SID, World, inbound_form, sid},
 };
@@ -276,4 +277,54 @@ async fn a_voice_note_is_heard_as_its_transcript() {
     );
     assert_eq!(model.transcriptions().len(), 1, "nothing more uploaded");
     assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+/// A webhook agent gets each medium of the turn with its bytes, so it needs no Twilio
+/// credentials: a document here, with Twilio's link, content type and size.
+#[tokio::test]
+async fn a_webhook_agent_gets_the_media_bytes_in_its_request() {
+    let (cdn, cdn_seen) = host().await;
+    let hook = FakeAgentWebhook::start("whsec-media-0123456789").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "biz",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-media-0123456789"}),
+        )
+        .await;
+    w.wagate.channel("biz", true).await;
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000021",
+        &format!("{cdn}/picture.png"),
+    );
+    let path = support::harness::Wagate::inbound_path("biz");
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_medium(&sid(1), "see attached", &url, "image/png"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = hook.wait_for_requests(1, WAIT).await;
+    let media = requests[0]["media"].as_array().expect("media").clone();
+    assert_eq!(media.len(), 1, "{media:?}");
+    assert_eq!(media[0]["url"], url.as_str());
+    assert_eq!(media[0]["content_type"], "image/png");
+    assert_eq!(media[0]["size"], PICTURE.len());
+    assert_eq!(
+        media[0]["data_base64"],
+        base64::engine::general_purpose::STANDARD
+            .encode(PICTURE)
+            .as_str()
+    );
+    assert_eq!(
+        cdn_seen.lock().unwrap()[0].1,
+        None,
+        "the CDN got no credentials"
+    );
+    assert_eq!(hook.bad_signatures(), 0);
 }

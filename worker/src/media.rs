@@ -70,6 +70,8 @@ pub enum Kind {
     Image,
     /// A voice note or audio file: transcribed.
     Audio,
+    /// Anything else (a document, a video, a contact card): passed on to a webhook agent.
+    Other,
 }
 
 /// A medium of the turn's messages and what fetching it gave.
@@ -97,7 +99,8 @@ impl Medium {
             )),
             (Kind::Audio, Err(e), None) => Some(format!("[the user sent a voice note; it {e}]")),
             (Kind::Image, Err(e), _) => Some(format!("[the user sent an image; it {e}]")),
-            (Kind::Image, Ok(_), _) | (Kind::Audio, Ok(_), None) => None,
+            (Kind::Other, Err(e), _) => Some(format!("[the user sent a file; it {e}]")),
+            (Kind::Image | Kind::Other, Ok(_), _) | (Kind::Audio, Ok(_), None) => None,
         }
     }
 }
@@ -130,21 +133,23 @@ impl MediaFetcher {
         })
     }
 
-    /// Fetches the images and voice notes of `msgs` for an OpenAI-compatible agent (its model
-    /// sees images; its transcription model, unless turned off, hears audio), with the
-    /// channel's credentials, one after the other (a message has at most ten). Other agents and
+    /// Fetches the media of `msgs` an agent can use, with the channel's credentials, one after
+    /// the other (a message has at most ten): for an OpenAI-compatible agent its images (its
+    /// model sees them) and voice notes (its transcription model, unless turned off, hears
+    /// them); for a webhook agent every medium, passed on in its request. The echo agent and
     /// other media get nothing fetched: they keep the text lines of `user_text`.
     pub async fn fetch_for(
         &self,
         channel: &shared::directory::ResolvedChannel,
         msgs: &[shared::envelope::InboundMessage],
     ) -> Vec<Medium> {
-        let shared::agent::Backend::Openai {
-            transcription_model,
-            ..
-        } = &channel.agent.backend
-        else {
-            return Vec::new();
+        let (openai, transcription_model) = match &channel.agent.backend {
+            shared::agent::Backend::Openai {
+                transcription_model,
+                ..
+            } => (true, transcription_model.as_ref()),
+            shared::agent::Backend::Webhook { .. } => (false, None),
+            shared::agent::Backend::Echo => return Vec::new(),
         };
         let mut out = Vec::new();
         for media in msgs.iter().flat_map(|m| &m.media) {
@@ -152,9 +157,10 @@ impl MediaFetcher {
             let kind = match declared.and_then(|c| c.split('/').next()) {
                 Some("image") => Kind::Image,
                 Some("audio") => Kind::Audio,
-                _ => continue,
+                _ if openai => continue,
+                _ => Kind::Other,
             };
-            if kind == Kind::Audio && transcription_model.is_none() {
+            if openai && kind == Kind::Audio && transcription_model.is_none() {
                 out.push(Medium {
                     url: media.url.clone(),
                     kind,
@@ -177,6 +183,7 @@ impl MediaFetcher {
                     let expected = match kind {
                         Kind::Image => "image/",
                         Kind::Audio => "audio/",
+                        Kind::Other => "",
                     };
                     if f.content_type.starts_with(expected) {
                         Ok(f)

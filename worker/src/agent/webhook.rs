@@ -2,9 +2,14 @@
 //! came from wagate: `X-Wagate-Timestamp: <unix seconds>` and
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`.
+//!
+//! The request's `media` carries each medium of the turn's messages with its bytes in base64
+//! (`url`, `content_type`, `size`, `data_base64`, or `error` when it could not be fetched), so
+//! the endpoint needs no Twilio credentials; `WAGATE_MEDIA_MAX_BYTES` bounds each.
 
 use std::time::Duration;
 
+use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -33,7 +38,24 @@ struct AgentRequest<'a> {
     from: Option<&'a str>,
     message: Option<&'a InboundMessage>,
     messages: Vec<ChatMessage<'a>>,
+    /// The media of the turn's messages, each with its bytes (or why there are none).
+    media: Vec<MediumView<'a>>,
     session_id: &'a str,
+}
+
+/// A medium as the endpoint gets it: Twilio's link (which needs the account's credentials), the
+/// content type and size, and the bytes in base64; or, when it could not be fetched, `error`.
+#[derive(Serialize)]
+struct MediumView<'a> {
+    url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// Where and how to call the endpoint.
@@ -72,6 +94,26 @@ pub async fn reply(
         from: last.map(|m| m.from.as_str()),
         message: last,
         messages,
+        media: input
+            .media
+            .iter()
+            .map(|m| match &m.fetched {
+                Ok(f) => MediumView {
+                    url: &m.url,
+                    content_type: Some(&f.content_type),
+                    size: Some(f.bytes.len()),
+                    data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&f.bytes)),
+                    error: None,
+                },
+                Err(e) => MediumView {
+                    url: &m.url,
+                    content_type: None,
+                    size: None,
+                    data_base64: None,
+                    error: Some(e.to_string()),
+                },
+            })
+            .collect(),
         session_id: input.session_id,
     })
     .map_err(Failure::permanent)?;
