@@ -177,7 +177,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
     }
     let variables;
     let parts: Vec<Vec<(&str, &str)>> = match &reply.content {
-        ReplyContent::Text { parts } => parts.iter().map(|p| vec![("Body", p.as_str())]).collect(),
+        ReplyContent::Text { parts } => text_posts(parts, &reply.media),
         ReplyContent::Template {
             content_sid,
             variables: vars,
@@ -427,18 +427,51 @@ async fn record_sent(
         .map_err(Failure::transient)
 }
 
+/// The messages of a text reply: one per medium (WhatsApp takes one medium a message), the first
+/// with the reply's first part as its caption, then the remaining parts as text.
+fn text_posts<'a>(parts: &'a [String], media: &'a [String]) -> Vec<Vec<(&'static str, &'a str)>> {
+    let mut posts: Vec<Vec<(&'static str, &'a str)>> = media
+        .iter()
+        .map(|url| vec![("MediaUrl", url.as_str())])
+        .collect();
+    let mut text = parts.iter();
+    if let Some(first) = posts.first_mut()
+        && let Some(caption) = text.next()
+    {
+        first.insert(0, ("Body", caption.as_str()));
+    }
+    posts.extend(text.map(|p| vec![("Body", p.as_str())]));
+    posts
+}
+
 /// Part `index` of `reply` as a reply of its own, with an id of its own so that replaying it
 /// (after Twilio reported it failed) is not stopped by the original part's send guard.
 fn single_part(reply: &OutboundReply, index: usize) -> OutboundReply {
-    let content = match &reply.content {
-        ReplyContent::Text { parts } => ReplyContent::Text {
-            parts: parts.get(index).cloned().into_iter().collect(),
-        },
-        template @ ReplyContent::Template { .. } => template.clone(),
+    let (content, media) = match &reply.content {
+        ReplyContent::Text { parts } => {
+            let post = text_posts(parts, &reply.media)
+                .into_iter()
+                .nth(index)
+                .unwrap_or_default();
+            let field = |name: &str| {
+                post.iter()
+                    .filter(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+                    .collect::<Vec<String>>()
+            };
+            (
+                ReplyContent::Text {
+                    parts: field("Body"),
+                },
+                field("MediaUrl"),
+            )
+        }
+        template @ ReplyContent::Template { .. } => (template.clone(), Vec::new()),
     };
     OutboundReply {
         id: format!("{}-p{index}", reply.id),
         content,
+        media,
         ..reply.clone()
     }
 }

@@ -159,6 +159,10 @@ pub struct OutboundReply {
         skip_serializing_if = "Option::is_none"
     )]
     pub answers_received_at: Option<OffsetDateTime>,
+    /// Media to send (public https URLs Twilio fetches), one a message, the first with the
+    /// reply's first part as its caption. Absent from older replies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<String>,
     /// The W3C `traceparent` of the span that made the reply, so that the sender's spans
     /// join the message's trace (`trace`). Absent from older processes' replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -349,6 +353,7 @@ mod tests {
             },
             created_at: OffsetDateTime::UNIX_EPOCH,
             answers_received_at: None,
+            media: Vec::new(),
             traceparent: None,
             callback_base: None,
         };

@@ -295,6 +295,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         },
         created_at: at(5),
         answers_received_at: None,
+        media: Vec::new(),
         traceparent: None,
         callback_base: None,
     }
@@ -451,6 +452,7 @@ async fn history_window_and_order(rig: Rig) {
         let record = CompletedTurn {
             reply_id: format!("in-{i}"),
             reply: format!("a{i}"),
+            media: Vec::new(),
         };
         let key = sid(100 + i as u64);
         let stood = store
@@ -507,6 +509,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
             let record = CompletedTurn {
                 reply_id: format!("in-{i}"),
                 reply: format!("reply {i}"),
+                media: Vec::new(),
             };
             store
                 .complete_turn(&s, &keys, &turns, &record)
@@ -579,6 +582,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
     let earlier = CompletedTurn {
         reply_id: "in-1".into(),
         reply: "first answer".into(),
+        media: Vec::new(),
     };
     let turns = [
         turn(Role::User, "one", 0),
@@ -1359,6 +1363,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
     let record = CompletedTurn {
         reply_id: "in-1".into(),
         reply: "hi".into(),
+        media: Vec::new(),
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store

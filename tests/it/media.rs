@@ -328,3 +328,77 @@ async fn a_webhook_agent_gets_the_media_bytes_in_its_request() {
     );
     assert_eq!(hook.bad_signatures(), 0);
 }
+
+/// An agent's answer with media goes out one medium a message (WhatsApp takes one), the first
+/// with the reply's text as its caption; the history keeps the links.
+#[tokio::test]
+async fn media_in_an_agents_answer_go_out_one_a_message_the_first_with_the_caption() {
+    let hook = FakeAgentWebhook::start("whsec-media-0123456789").await;
+    hook.set_reply(|_| {
+        serde_json::json!({
+            "reply": "here are both",
+            "media": ["https://cdn.example.com/a.jpg", "https://cdn.example.com/b.pdf"]
+        })
+    });
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "biz",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-media-0123456789"}),
+        )
+        .await;
+    w.wagate.channel("biz", true).await;
+    w.wagate
+        .inbound("biz", &sid(1), FROM, "send me the files")
+        .await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let media_of = |i: usize| -> Vec<String> {
+        sent[i]
+            .form
+            .iter()
+            .filter(|(k, _)| k == "MediaUrl")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert_eq!(media_of(0), ["https://cdn.example.com/a.jpg"]);
+    assert_eq!(sent[0].body.as_deref(), Some("here are both"));
+    assert_eq!(media_of(1), ["https://cdn.example.com/b.pdf"]);
+    assert_eq!(sent[1].body, None);
+    assert_eq!(
+        w.wagate
+            .session_contents("biz", FROM)
+            .await
+            .last()
+            .map(String::as_str),
+        Some(
+            "here are both\n[media: https://cdn.example.com/a.jpg]\n[media: https://cdn.example.com/b.pdf]"
+        )
+    );
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+
+    // Not an https URL: the turn fails for good (a dead letter says why), nothing is sent.
+    hook.set_reply(|_| serde_json::json!({"reply": "x", "media": ["file:///etc/passwd"]}));
+    w.wagate.inbound("biz", &sid(2), FROM, "again").await;
+    let letters = support::harness::eventually(WAIT, "a dead letter", || async {
+        let r = w
+            .wagate
+            .admin(reqwest::Method::GET, "/v1/dead-letters")
+            .send()
+            .await
+            .unwrap();
+        let list: Vec<serde_json::Value> = r.json().await.unwrap();
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("https")),
+        "{letters:?}"
+    );
+    assert_eq!(w.twilio.sent().len(), 2);
+}

@@ -277,16 +277,25 @@ async fn process(
             at: m.received_at,
         })
         .collect();
-    if !reply.trim().is_empty() {
+    if !reply.text.trim().is_empty() || !reply.media.is_empty() {
+        // The history says what was sent, media as their links.
+        let mut content = reply.text.clone();
+        for url in &reply.media {
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            content.push_str(&format!("[media: {url}]"));
+        }
         turns.push(Turn {
             role: Role::Assistant,
-            content: reply.clone(),
+            content,
             at: OffsetDateTime::now_utc(),
         });
     }
     let completed = CompletedTurn {
         reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
-        reply,
+        reply: reply.text,
+        media: reply.media,
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
@@ -311,7 +320,7 @@ async fn publish_reply(
         metrics::counter!("wagate_replies_truncated_total").increment(1);
     }
     let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), MAX_BODY_UTF16);
-    if parts.is_empty() {
+    if parts.is_empty() && done.media.is_empty() {
         tracing::info!(sid = %msg.message_sid, "the agent had nothing to say");
         return Ok(());
     }
@@ -322,6 +331,7 @@ async fn publish_reply(
         content: ReplyContent::Text { parts },
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: Some(msg.received_at),
+        media: done.media.clone(),
         traceparent: shared::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
     };

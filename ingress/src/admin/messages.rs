@@ -108,6 +108,7 @@ pub async fn send(
         content,
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: None,
+        media: Vec::new(),
         traceparent: {
             let span = tracing::Span::current();
             shared::trace::record_trace_id(&span);

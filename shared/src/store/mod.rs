@@ -164,6 +164,10 @@ pub struct CompletedTurn {
     pub reply_id: String,
     /// The agent's reply text (may be empty: nothing to send).
     pub reply: String,
+    /// Media the agent sends with it (public https URLs), so that a redelivered message
+    /// republishes them too. Absent from older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media: Vec<String>,
 }
 
 /// What a turn starts from ([`Store::begin_turn`]).

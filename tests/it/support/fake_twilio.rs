@@ -203,7 +203,8 @@ impl FakeTwilio {
         }
     }
 
-    /// Every request of any kind, rejected ones included, in arrival order.
+    /// Every request to the REST API (api.twilio.com: messages and media) of any kind, rejected
+    /// ones included, in arrival order; typing indicators are in `typing_indicators`.
     pub fn requests(&self) -> Vec<RawRequest> {
         self.state().requests.clone()
     }
@@ -336,12 +337,13 @@ async fn handle(
         content_type: header_str(header::CONTENT_TYPE),
         body: body.to_vec(),
     };
-    shared.state().requests.push(raw.clone());
     let what = format!("{} {}", raw.method, raw.path);
-
+    // Typing indicators are the Messaging API's, kept apart (`typing_indicators`): the
+    // requests list is the REST API's, whose posts tests count.
     if raw.path == "/v2/Indicators/Typing.json" {
         return typing(&shared, &what, &method, &raw);
     }
+    shared.state().requests.push(raw.clone());
     let media = shared.state().media.get(&raw.path).cloned();
     if let Some(location) = media {
         let account_sid = raw.path.split('/').nth(3).unwrap_or("").to_owned();

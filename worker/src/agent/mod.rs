@@ -18,6 +18,25 @@ use shared::{
     store::{Role, Turn},
 };
 
+/// What an agent answered: text, and media for the user (public https URLs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentReply {
+    /// The reply text (may be empty).
+    pub text: String,
+    /// Media to send, in order.
+    pub media: Vec<String>,
+}
+
+impl AgentReply {
+    /// Text only.
+    fn text(text: String) -> Self {
+        Self {
+            text,
+            media: Vec::new(),
+        }
+    }
+}
+
 /// What a backend gets for one turn.
 pub struct TurnInput<'a> {
     /// The agent.
@@ -115,10 +134,10 @@ impl AgentRunner {
     }
 
     /// Produces the reply of one turn.
-    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<String, Failure> {
+    pub async fn reply(&self, input: &TurnInput<'_>) -> Result<AgentReply, Failure> {
         let id = &input.agent.id;
         match &input.agent.backend {
-            Backend::Echo => Ok(echo::reply(input)),
+            Backend::Echo => Ok(AgentReply::text(echo::reply(input))),
             Backend::Openai {
                 base_url,
                 credentials,
@@ -138,7 +157,7 @@ impl AgentRunner {
                     system_prompt: system_prompt.as_deref(),
                     timeout: self.timeout(*timeout_ms),
                 };
-                call.reply(input).await
+                call.reply(input).await.map(AgentReply::text)
             }
             Backend::Webhook {
                 url,

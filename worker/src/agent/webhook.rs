@@ -1,7 +1,9 @@
 //! The business's own agent endpoint. The request is JSON, signed so the endpoint can check it
 //! came from wagate: `X-Wagate-Timestamp: <unix seconds>` and
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
-//! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`.
+//! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`, and may
+//! carry `"media": ["https://…"]` (up to 10; sent one a message, the first with the reply as
+//! its caption).
 //!
 //! The request's `media` carries each medium of the turn's messages with its bytes in base64
 //! (`url`, `content_type`, `size`, `data_base64`, or `error` when it could not be fetched), so
@@ -74,7 +76,7 @@ pub async fn reply(
     http: &Transport,
     endpoint: &Endpoint<'_>,
     input: &TurnInput<'_>,
-) -> Result<String, Failure> {
+) -> Result<super::AgentReply, Failure> {
     let messages = input
         .history
         .iter()
@@ -147,10 +149,67 @@ pub async fn reply(
     }
     let v: Value = serde_json::from_slice(&answer.body)
         .map_err(|_| Failure::permanent("the agent webhook answered something that is not JSON"))?;
-    v.get("reply")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| Failure::permanent("the agent webhook's answer has no \"reply\" string"))
+    answer_of(&v)
+}
+
+/// Most media a reply may carry (Twilio's limit of `MediaUrl`s on one message, and plenty for
+/// a chat).
+const MAX_MEDIA: usize = 10;
+
+/// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one.
+fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
+    let text = match v.get("reply") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"reply\" is not a string",
+            ));
+        }
+    };
+    let media = match v.get("media") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_MEDIA {
+                return Err(Failure::permanent(format!(
+                    "the agent webhook's \"media\" has more than {MAX_MEDIA} URLs"
+                )));
+            }
+            items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .filter(|u| is_public_media_url(u))
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            Failure::permanent(
+                                "the agent webhook's \"media\" must be https URLs (Twilio fetches them)",
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"media\" is not a list",
+            ));
+        }
+    };
+    if text.is_none() && media.is_empty() {
+        return Err(Failure::permanent(
+            "the agent webhook's answer has neither a \"reply\" string nor \"media\"",
+        ));
+    }
+    Ok(super::AgentReply {
+        text: text.unwrap_or_default(),
+        media,
+    })
+}
+
+/// An https URL with a host, at most 2048 bytes: what Twilio can fetch a medium from.
+fn is_public_media_url(url: &str) -> bool {
+    url.len() <= 2048
+        && reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some())
 }
 
 fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, Failure> {
