@@ -15,6 +15,7 @@ mod credentials;
 mod embedded;
 mod embedded_files;
 mod fakes_selftest;
+mod lifecycle;
 mod faults;
 mod master_key;
 mod nats_cluster;
