@@ -249,9 +249,17 @@ async fn deleting_an_agent_removes_its_data_and_its_webhook_answers_404() {
     w.wagate.echo_agent("keeper").await;
     // In distributed mode a second ingress process has the channel cached; the deletion made
     // through the first must reach it.
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_string_lossy().into_owned();
     let other_ingress = match w.servers.mode {
         Mode::Distributed => Some(
-            Wagate::start_role("ingress", &w.servers, &w.twilio.base_url, &[]).await,
+            Wagate::start_role(
+                "ingress",
+                &w.servers,
+                &w.twilio.base_url,
+                &[("WAGATE_DATA_DIR", &spool_dir)],
+            )
+            .await,
         ),
         Mode::Embedded => None,
     };
