@@ -108,7 +108,7 @@ async fn forgetting_a_session_starts_a_new_history_and_keeps_the_lead_and_the_op
 
 #[tokio::test]
 async fn erasing_a_lead_leaves_no_trace_of_the_number_in_any_backend() {
-    let w = World::start().await;
+    let mut w = World::start().await;
     w.wagate.echo_agent("demo").await;
     w.wagate.inbound("demo", &sid(1), OTHER, "keep me").await;
     w.twilio.wait_for_sent(1, WAIT).await;
@@ -181,6 +181,36 @@ async fn erasing_a_lead_leaves_no_trace_of_the_number_in_any_backend() {
     }
     let (status, _) = call(&w.wagate, Method::DELETE, "/v1/agents/nobody/leads/+14155550123").await;
     assert_eq!(status, 404);
+    if w.servers.mode == Mode::Embedded {
+        // redb frees the pages of deleted records but does not overwrite them: until they are
+        // reused, the bytes stay in the file. Compacting moves the live pages together and
+        // truncates the rest, so what the scan then finds is what the database still holds.
+        w.wagate.terminate().await;
+        let file = w.servers.dir.path().join("data").join("wagate.redb");
+        let mut db = redb::Database::open(&file).unwrap();
+        while db.compact().unwrap() {}
+        drop(db);
+        let found = files_with_number(w.servers.dir.path());
+        assert!(found.is_empty(), "the number is still in {found:?}");
+    }
+}
+
+/// The files under `dir` whose bytes hold the number's digits.
+fn files_with_number(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_with_number(&path));
+        } else if std::fs::read(&path)
+            .unwrap()
+            .windows(DIGITS.len())
+            .any(|w| w == DIGITS.as_bytes())
+        {
+            found.push(path);
+        }
+    }
+    found
 }
 
 /// Where the user's number still is: every Redis key (its name and its value, whatever its
