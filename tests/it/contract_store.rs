@@ -1470,7 +1470,10 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         .unwrap();
     store.opt_out(&s, at(12)).await.unwrap();
     store.opt_in(&s, at(13)).await.unwrap();
-    store.record_simulated(&s, "simulated", at(14)).await.unwrap();
+    store
+        .record_simulated(&s, "simulated", at(14))
+        .await
+        .unwrap();
     let mut part = reply(&format!("in-{n}-part-0"), "sent part");
     part.agent_id = agent_id(agent);
     part.to = WhatsAppAddress::parse(&format!("whatsapp:{phone}")).unwrap();
@@ -1509,7 +1512,10 @@ async fn forgetting_a_session_keeps_what_is_not_the_conversation(rig: Rig) {
     store.opt_out(&s, at(20)).await.unwrap();
 
     store.forget_session(&s).await.unwrap();
-    assert!(store.history(&s, usize::MAX).await.unwrap().is_empty(), "{n}");
+    assert!(
+        store.history(&s, usize::MAX).await.unwrap().is_empty(),
+        "{n}"
+    );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
     assert!(
         store.completed_turn(&s, &key).await.unwrap().is_some(),
@@ -1547,7 +1553,10 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     let other_key = footprint(&store, "a1", "+14155550111", 2).await;
 
     store.erase_user(&s).await.unwrap();
-    assert!(store.history(&s, usize::MAX).await.unwrap().is_empty(), "{n}");
+    assert!(
+        store.history(&s, usize::MAX).await.unwrap().is_empty(),
+        "{n}"
+    );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
     assert_eq!(store.completed_turn(&s, &key).await.unwrap(), None, "{n}");
     for (clock, value) in [
@@ -1570,7 +1579,14 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     assert_eq!(leads, ["+14155550111"], "{n}");
 
     assert_eq!(store.history(&other, 10).await.unwrap().len(), 2, "{n}");
-    assert!(store.completed_turn(&other, &other_key).await.unwrap().is_some(), "{n}");
+    assert!(
+        store
+            .completed_turn(&other, &other_key)
+            .await
+            .unwrap()
+            .is_some(),
+        "{n}"
+    );
     assert!(store.last_inbound(&other).await.unwrap().is_some(), "{n}");
     assert!(store.sent_part(&sid(1002)).await.unwrap().is_some(), "{n}");
     assert!(store.sent_part(&sid(2002)).await.unwrap().is_some(), "{n}");
@@ -1587,7 +1603,10 @@ async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
     assert_eq!(next_change(&mut changes, n).await, Change::All, "{n}");
     store.put_agent(&agent("a1", "Ay")).await.unwrap();
     store.put_agent(&agent("b2", "Bee")).await.unwrap();
-    store.put_channel(&agent_id("a1"), &channel(true)).await.unwrap();
+    store
+        .put_channel(&agent_id("a1"), &channel(true))
+        .await
+        .unwrap();
     for _ in 0..3 {
         next_change(&mut changes, n).await;
     }
@@ -1599,7 +1618,10 @@ async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
         "{n}"
     );
     assert!(store.agent(&agent_id("a1")).await.unwrap().is_none(), "{n}");
-    assert!(store.channel(&agent_id("a1")).await.unwrap().is_none(), "{n}");
+    assert!(
+        store.channel(&agent_id("a1")).await.unwrap().is_none(),
+        "{n}"
+    );
     let ids: Vec<String> = store
         .agents()
         .await
@@ -1608,5 +1630,8 @@ async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
         .map(|a| a.id.to_string())
         .collect();
     assert_eq!(ids, ["b2"], "{n}");
-    assert!(!store.delete_agent(&agent_id("a1")).await.unwrap(), "{n}: already gone");
+    assert!(
+        !store.delete_agent(&agent_id("a1")).await.unwrap(),
+        "{n}: already gone"
+    );
 }

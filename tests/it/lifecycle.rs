@@ -48,7 +48,9 @@ async fn opted_out_with_a_dead_letter(w: &World, agent: &str, first: u64) {
         .await;
     w.twilio.wait_for_sent(sent + 1, WAIT).await;
     w.wagate.inbound(agent, &sid(first + 1), USER, "STOP").await;
-    w.wagate.inbound(agent, &sid(first + 2), USER, "hello?").await;
+    w.wagate
+        .inbound(agent, &sid(first + 2), USER, "hello?")
+        .await;
     eventually(WAIT, "the refused reply's dead letter", || async {
         (dead_letters(&w.wagate).await.len() > before).then_some(())
     })
@@ -100,7 +102,12 @@ async fn forgetting_a_session_starts_a_new_history_and_keeps_the_lead_and_the_op
         .unwrap();
     assert_eq!(r.status(), 409, "still opted out after forgetting");
 
-    let (status, body) = call(&w.wagate, Method::DELETE, "/v1/agents/nobody/sessions/+1415").await;
+    let (status, body) = call(
+        &w.wagate,
+        Method::DELETE,
+        "/v1/agents/nobody/sessions/+1415",
+    )
+    .await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = call(&w.wagate, Method::DELETE, "/v1/agents/demo/sessions/12ab").await;
     assert_eq!(status, 422, "{body}");
@@ -179,7 +186,12 @@ async fn erasing_a_lead_leaves_no_trace_of_the_number_in_any_backend() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let (status, _) = call(&w.wagate, Method::DELETE, "/v1/agents/nobody/leads/+14155550123").await;
+    let (status, _) = call(
+        &w.wagate,
+        Method::DELETE,
+        "/v1/agents/nobody/leads/+14155550123",
+    )
+    .await;
     assert_eq!(status, 404);
     if w.servers.mode == Mode::Embedded {
         // redb frees the pages of deleted records but does not overwrite them: until they are
@@ -232,12 +244,14 @@ async fn traces(servers: &Servers) -> Vec<String> {
             "list" => redis.lrange(&key, 0, -1).await,
             "set" => redis.smembers(&key).await,
             "zset" => redis.zrange_withscores(&key, 0, -1).await,
-            "stream" => redis::cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut redis)
-                .await,
+            "stream" => {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut redis)
+                    .await
+            }
             "none" => continue,
             other => panic!("a Redis key of a type this scan does not read: {other}"),
         }
@@ -317,7 +331,10 @@ async fn deleting_an_agent_removes_its_data_and_its_webhook_answers_404() {
         .await;
     }
 
-    assert_eq!(call(&w.wagate, Method::DELETE, "/v1/agents/doomed").await.0, 204);
+    assert_eq!(
+        call(&w.wagate, Method::DELETE, "/v1/agents/doomed").await.0,
+        204
+    );
     let (status, _) = call(&w.wagate, Method::GET, "/v1/agents/doomed").await;
     assert_eq!(status, 404);
     let r = w.wagate.inbound("doomed", &sid(40), USER, "anyone?").await;
@@ -344,7 +361,10 @@ async fn deleting_an_agent_removes_its_data_and_its_webhook_answers_404() {
         letters.iter().all(|d| d["agent_id"] != "doomed"),
         "{letters:?}"
     );
-    assert_eq!(call(&w.wagate, Method::DELETE, "/v1/agents/doomed").await.0, 404);
+    assert_eq!(
+        call(&w.wagate, Method::DELETE, "/v1/agents/doomed").await.0,
+        404
+    );
 
     // The same id again starts with nothing of the old agent's.
     w.wagate.echo_agent("doomed").await;

@@ -5,10 +5,7 @@ use axum::{
     extract::{Path, State},
 };
 use serde::Serialize;
-use shared::{
-    domain::SessionId,
-    store::Turn,
-};
+use shared::{domain::SessionId, store::Turn};
 
 use super::{ApiError, load_agent};
 use crate::AppState;

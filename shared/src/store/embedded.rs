@@ -538,16 +538,18 @@ impl Store for EmbeddedStore {
                     .remove((agent.as_str(), user.as_str()))?;
                 let mut records = Expiring::open(txn)?;
                 let mut doomed = Vec::new();
-                for row in records
-                    .values
-                    .range(("turn", session.as_str(), "")..=("turn", session.as_str(), "\u{10ffff}"))?
-                {
+                for row in records.values.range(
+                    ("turn", session.as_str(), "")..=("turn", session.as_str(), "\u{10ffff}"),
+                )? {
                     let (key, _) = row?;
                     doomed.push(("turn", key.value().2.to_owned()));
                 }
                 // Sent parts are keyed by Twilio's sid alone: the one process's store is small
                 // enough to read them all, rather than keep an index as the Redis store does.
-                for row in records.values.range(("sent", "", "")..=("sent", "", "\u{10ffff}"))? {
+                for row in records
+                    .values
+                    .range(("sent", "", "")..=("sent", "", "\u{10ffff}"))?
+                {
                     let (key, value) = row?;
                     let ours = serde_json::from_slice::<OutboundReply>(value.value().1)
                         .is_ok_and(|part| part.agent_id == agent && part.to.user() == user);
@@ -558,7 +560,11 @@ impl Store for EmbeddedStore {
                     }
                 }
                 for (kind, name) in &doomed {
-                    let scope = if *kind == "turn" { session.as_str() } else { "" };
+                    let scope = if *kind == "turn" {
+                        session.as_str()
+                    } else {
+                        ""
+                    };
                     records.remove((kind, scope, name))?;
                 }
                 Ok(())

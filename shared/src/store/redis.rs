@@ -407,7 +407,10 @@ impl RedisStore {
             .atomic()
             .sadd(&index, message_sid)
             .ignore()
-            .expire(&index, i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX))
+            .expire(
+                &index,
+                i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
+            )
             .ignore()
             .query_async(&mut self.conn())
             .await
@@ -623,11 +626,7 @@ impl Store for RedisStore {
             key!(self, "optout:{{{session}}}"),
             key!(self, "optin:{{{session}}}"),
         ]);
-        let _: i64 = self
-            .conn()
-            .del(&keys)
-            .await
-            .map_err(err("erase user"))?;
+        let _: i64 = self.conn().del(&keys).await.map_err(err("erase user"))?;
         // The lead, in the agent's slot.
         let agent = session.agent();
         let user = session.user();
