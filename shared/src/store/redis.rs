@@ -551,11 +551,14 @@ impl Store for RedisStore {
         // Three slots on a cluster (agent, channel, the set): the channel goes first, so that
         // from then on no webhook is accepted; a crash before the rest leaves the agent listed
         // without a channel, and deleting it again finishes.
+        let channel = key!(self, "channel:{id}");
         let _: i64 = self
             .conn()
-            .del(key!(self, "channel:{id}"))
+            .del(&channel)
             .await
             .map_err(err("delete agent"))?;
+        // A channel back after a failover would take the deleted agent's webhooks again.
+        self.replicated(&channel, "delete agent").await;
         let existed: i64 = self
             .conn()
             .del(key!(self, "agent:{id}"))
@@ -617,28 +620,33 @@ impl Store for RedisStore {
             .into_iter()
             .filter(|k| k.starts_with(&own_turns))
             .collect();
+        let history = key!(self, "session:{{{session}}}");
         keys.extend([
             turn_index,
             sent_index,
-            key!(self, "session:{{{session}}}"),
+            history.clone(),
             key!(self, "outbox:{{{session}}}"),
             key!(self, "window:{{{session}}}"),
             key!(self, "optout:{{{session}}}"),
             key!(self, "optin:{{{session}}}"),
         ]);
         let _: i64 = self.conn().del(&keys).await.map_err(err("erase user"))?;
+        // An erasure undone by a failover would bring back what the person asked to erase.
+        self.replicated(&history, "erase user").await;
         // The lead, in the agent's slot.
         let agent = session.agent();
         let user = session.user();
+        let lead = key!(self, "lead:{{{agent}}}:{user}");
         let _: () = redis::pipe()
             .atomic()
-            .del(key!(self, "lead:{{{agent}}}:{user}"))
+            .del(&lead)
             .ignore()
             .zrem(key!(self, "leads:{{{agent}}}"), user)
             .ignore()
             .query_async(&mut self.conn())
             .await
             .map_err(err("erase user"))?;
+        self.replicated(&lead, "erase user").await;
         Ok(())
     }
 
