@@ -1,7 +1,8 @@
 //! The data lifecycle: `DELETE /v1/agents/{agent_id}/sessions/{phone}` forgets a conversation,
 //! `DELETE /v1/agents/{agent_id}/leads/{phone}` erases a person, `DELETE /v1/agents/{agent_id}`
 //! removes an agent with all its data. Each answers 204, also when there was nothing left to
-//! delete, so that a call repeated after a timeout or a crash finishes the job.
+//! delete (an agent that is gone: 204 while anything of it was left), so that a call repeated
+//! after a timeout or a crash finishes the job.
 //!
 //! What each keeps and why is said at [`shared::store::Store::forget_session`] and
 //! [`shared::store::Store::erase_user`]. Messages still queued on the bus when the call is made
@@ -15,11 +16,11 @@ use axum::{
 };
 use shared::{
     agent::Agent,
-    domain::{PhoneNumber, SessionId, WhatsAppAddress},
+    domain::{AgentId, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{DeadLetter, DeadMessage},
 };
 
-use super::{ApiError, load_agent};
+use super::{ApiError, existing_agent_id, load_agent};
 use crate::AppState;
 
 pub async fn forget_session(
@@ -48,12 +49,27 @@ pub async fn erase_lead(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// 204 when the agent was deleted; for an agent that is gone, 204 while something of it was
+/// still left (a message in flight at the deletion may have stored a lead and a dead letter
+/// after it), swept now, and 404 once nothing is.
 pub async fn delete_agent(
     State(state): State<AppState>,
     Path(raw_agent): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let agent = load_agent(&state, &raw_agent).await?;
-    delete(&state, &agent).await?;
+    let id = existing_agent_id(&raw_agent)?;
+    let found = state
+        .store
+        .agent(&id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    if let Some(agent) = found {
+        delete(&state, &agent).await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if sweep(&state, &id).await? == 0 {
+        return Err(ApiError::not_found("Unknown agent"));
+    }
+    tracing::info!(agent = %id, "what was left of a deleted agent was erased");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -84,34 +100,38 @@ pub(crate) async fn erase_person(state: &AppState, session: &SessionId) -> Resul
 /// find), and once more after: a message taken in between, before the channel was gone, may
 /// have made a new lead.
 pub(crate) async fn delete(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
-    erase_leads(state, agent).await?;
-    remove_dead_letters(state, |d| d.agent_id == agent.id).await?;
+    sweep(state, &agent.id).await?;
     state
         .store
         .delete_agent(&agent.id)
         .await
         .map_err(ApiError::unavailable)?;
-    erase_leads(state, agent).await?;
+    erase_leads(state, &agent.id).await?;
     tracing::info!(agent = %agent.id, "agent deleted");
     Ok(())
 }
 
-async fn erase_leads(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
-    let leads = state
-        .store
-        .leads(&agent.id)
-        .await
-        .map_err(ApiError::unavailable)?;
+/// Erases every lead of the agent `id` and removes its dead letters; how many there were.
+async fn sweep(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
+    let leads = erase_leads(state, id).await?;
+    let letters = remove_dead_letters(state, |d| d.agent_id == *id).await?;
+    Ok(leads + letters)
+}
+
+/// Erases every lead of the agent `id` ([`erase_person`]); how many there were.
+async fn erase_leads(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
+    let leads = state.store.leads(id).await.map_err(ApiError::unavailable)?;
+    let found = leads.len();
     for lead in leads {
         // A lead is named by the user part of the address its messages came from (a phone
         // number, or another WhatsApp id), so the address rebuilt from it names its session.
         let Ok(address) = WhatsAppAddress::parse(&format!("whatsapp:{}", lead.phone)) else {
-            tracing::warn!(agent = %agent.id, "a lead whose number is not an address was kept");
+            tracing::warn!(agent = %id, "a lead whose number is not an address was kept");
             continue;
         };
-        erase_person(state, &SessionId::new(&agent.id, &address)).await?;
+        erase_person(state, &SessionId::new(id, &address)).await?;
     }
-    Ok(())
+    Ok(found)
 }
 
 /// The conversation a dead letter belongs to.
@@ -122,21 +142,24 @@ fn dead_letter_session(letter: &DeadLetter) -> SessionId {
     }
 }
 
+/// Removes the dead letters `whose` picks; how many there were.
 async fn remove_dead_letters(
     state: &AppState,
     whose: impl Fn(&DeadLetter) -> bool,
-) -> Result<(), ApiError> {
+) -> Result<usize, ApiError> {
     let letters = state
         .bus
         .dead_letters()
         .await
         .map_err(ApiError::unavailable)?;
+    let mut removed = 0;
     for letter in letters.iter().filter(|d| whose(d)) {
         state
             .bus
             .remove_dead_letter(&letter.id)
             .await
             .map_err(ApiError::unavailable)?;
+        removed += 1;
     }
-    Ok(())
+    Ok(removed)
 }
