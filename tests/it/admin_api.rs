@@ -1128,6 +1128,18 @@ fn routes() -> Vec<(Method, String, Option<Value>)> {
         (Method::GET, "/v1/dead-letters".into(), None),
         (Method::POST, "/v1/dead-letters/1/replay".into(), None),
         (Method::POST, "/v1/dead-letters/replay".into(), None),
+        (
+            Method::DELETE,
+            format!("/v1/agents/demo/sessions/{encoded}"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/agents/demo/leads/{encoded}"),
+            None,
+        ),
+        // Last: the calls above need the agent.
+        (Method::DELETE, "/v1/agents/demo".into(), None),
     ]
 }
 
@@ -1483,6 +1495,17 @@ async fn unknown_agents_are_404_on_every_agent_route() {
             "/v1/agents/nobody/messages".into(),
             Some(json!({"to": FROM, "body": "hi"})),
         ),
+        (
+            Method::DELETE,
+            format!("/v1/agents/nobody/sessions/{encoded}"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/agents/nobody/leads/{encoded}"),
+            None,
+        ),
+        (Method::DELETE, "/v1/agents/nobody".into(), None),
     ];
     for (method, path, body) in calls {
         let a = call(&w, method.clone(), &path, body).await;
@@ -1719,7 +1742,7 @@ async fn methods_a_route_lacks_answer_json_errors() {
     let mut p = Problems::default();
     w.wagate.echo_agent("demo").await;
     for (method, path) in [
-        (Method::DELETE, "/v1/agents/demo"),
+        (Method::DELETE, "/v1/agents/demo/whatsapp"),
         (Method::PATCH, "/v1/agents/demo/whatsapp"),
         (Method::GET, "/v1/agents/demo/messages"),
         (Method::PUT, "/v1/dead-letters"),

@@ -594,3 +594,68 @@ async fn serve_prints_a_sign_in_link_that_works_once() {
     assert_eq!(again.status(), 401, "the link works once");
     assert!(again.headers().get(header::SET_COOKIE).is_none());
 }
+
+#[tokio::test]
+async fn an_operator_forgets_a_conversation_erases_a_lead_and_deletes_the_agent() {
+    let w = World::start().await;
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    create_echo_agent(&b, "demo").await;
+    deploy(&b, "demo").await;
+    let (one, two) = ("+14155550101", "+14155550102");
+    w.wagate.inbound("demo", &sid(1), one, "hello one").await;
+    w.wagate.inbound("demo", &sid(2), two, "hello two").await;
+    w.twilio.wait_for_sent(2, WAIT).await;
+
+    // Forget conversation asks first; dismissed, the transcript stays.
+    b.goto_path(&format!("/agents/demo/conversations/{one}"))
+        .await;
+    b.wait_for_text("the transcript", |t| t.contains("hello one"))
+        .await;
+    b.click_button("Forget conversation").await;
+    b.client.dismiss_alert().await.expect("a confirmation");
+    assert!(b.text().await.contains("hello one"));
+    b.click_button("Forget conversation").await;
+    b.client.accept_alert().await.expect("a confirmation");
+    b.wait_for_text("the forgotten transcript", |t| !t.contains("hello one"))
+        .await;
+    assert!(w.wagate.session_contents("demo", one).await.is_empty());
+    assert_eq!(w.wagate.leads("demo").await.len(), 2, "the lead stays");
+
+    // Erase on the lead's row.
+    b.goto_path("/agents/demo/leads").await;
+    let row = b
+        .find(
+            Locator::XPath(&format!("//tr[td[normalize-space(.)='{two}']]")),
+            "the lead's row",
+        )
+        .await;
+    row.find(Locator::XPath(".//button[normalize-space(.)='Erase']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.client.accept_alert().await.expect("a confirmation");
+    b.wait_for_text("the erased lead gone", |t| !t.contains(two))
+        .await;
+    let leads = w.wagate.leads("demo").await;
+    assert_eq!(leads.len(), 1, "{leads:?}");
+    assert!(w.wagate.session_contents("demo", two).await.is_empty());
+
+    // Delete agent on its page.
+    b.goto_path("/agents/demo").await;
+    b.click_button("Delete agent").await;
+    b.client.accept_alert().await.expect("a confirmation");
+    b.wait_for_path("/agents").await;
+    let r = w
+        .wagate
+        .admin(Method::GET, "/v1/agents/demo")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = w.wagate.inbound("demo", &sid(3), one, "anyone?").await;
+    assert_eq!(r.status(), 404);
+    b.close().await;
+}

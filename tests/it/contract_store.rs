@@ -206,6 +206,9 @@ on_both!(
     the_simulated_outbox_keeps_order_and_reads_from_an_index,
     everything_survives_reopen,
     the_key_check_is_written_once_and_replaced_only_as_it_was_read,
+    forgetting_a_session_keeps_what_is_not_the_conversation,
+    erasing_a_user_removes_everything_of_theirs_and_nothing_else,
+    deleting_an_agent_removes_it_and_tells_every_cache,
 );
 
 /// The master key check: the first check offered stands for every later one, a replacement
@@ -1443,4 +1446,197 @@ async fn everything_survives_reopen(mut rig: Rig) {
         "{n}"
     );
     assert_eq!(store.count_failure("k1").await.unwrap(), 2, "{n}");
+}
+
+/// One user's footprint in a store, as the pipeline leaves it: a turn with its record, a lead,
+/// the window and opt-out clocks, a simulated send, and a part sent (with a status and one
+/// settled after an ambiguous answer). Returns the message sid of the turn's record.
+async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> String {
+    let s = session(agent, phone);
+    let message = msid(n);
+    let sighting = LeadSighting {
+        session: &s,
+        message_sid: &message,
+        profile_name: Some("Ada"),
+        at: at(10),
+    };
+    store.begin_turn(&s, &[sighting], 10).await.unwrap();
+    let record = CompletedTurn {
+        reply_id: format!("in-{n}"),
+        reply: format!("answer {n}"),
+    };
+    let turns = [
+        turn(Role::User, &format!("question {n}"), 10),
+        turn(Role::Assistant, &format!("answer {n}"), 11),
+    ];
+    store
+        .complete_turn(&s, &[sid(n)], &turns, &record)
+        .await
+        .unwrap();
+    store.opt_out(&s, at(12)).await.unwrap();
+    store.opt_in(&s, at(13)).await.unwrap();
+    store
+        .record_simulated(&s, "simulated", at(14))
+        .await
+        .unwrap();
+    let mut part = reply(&format!("in-{n}-part-0"), "sent part");
+    part.agent_id = agent_id(agent);
+    part.to = WhatsAppAddress::parse(&format!("whatsapp:{phone}")).unwrap();
+    store
+        .mark_sent(&format!("in-{n}#0"), &sid(1000 + n), &part)
+        .await
+        .unwrap();
+    let mut settled = part.clone();
+    settled.id = format!("in-{n}-part-1");
+    assert!(
+        store
+            .settle_sent(&format!("in-{n}#1"), &sid(2000 + n), &settled)
+            .await
+            .unwrap()
+    );
+    store
+        .record_status(&StatusUpdate {
+            message_sid: msid(1000 + n),
+            status: MessageStatus::Delivered,
+            error_code: None,
+            to: Some(format!("whatsapp:{phone}")),
+        })
+        .await
+        .unwrap();
+    sid(n)
+}
+
+/// Forgetting a conversation empties its history and outbox, so the next turn starts afresh,
+/// and keeps the lead, the clocks (an opt-out above all) and the turn records.
+async fn forgetting_a_session_keeps_what_is_not_the_conversation(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550111");
+    let key = footprint(&store, "a1", "+14155550100", 1).await;
+    footprint(&store, "a1", "+14155550111", 2).await;
+    store.opt_out(&s, at(20)).await.unwrap();
+
+    store.forget_session(&s).await.unwrap();
+    assert!(
+        store.history(&s, usize::MAX).await.unwrap().is_empty(),
+        "{n}"
+    );
+    assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
+    assert!(
+        store.completed_turn(&s, &key).await.unwrap().is_some(),
+        "{n}: a redelivered message is still known as answered"
+    );
+    assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(10)), "{n}");
+    assert_eq!(
+        store.opted_out_at(&s).await.unwrap(),
+        Some(at(20)),
+        "{n}: an opt-out is never forgotten with the conversation"
+    );
+    assert_eq!(store.leads(&agent_id("a1")).await.unwrap().len(), 2, "{n}");
+    assert_eq!(store.history(&other, 10).await.unwrap().len(), 2, "{n}");
+    assert_eq!(store.simulated(&other, 0).await.unwrap().len(), 1, "{n}");
+
+    store.forget_session(&s).await.unwrap();
+    let again = msid(3);
+    let sighting = LeadSighting {
+        session: &s,
+        message_sid: &again,
+        profile_name: None,
+        at: at(30),
+    };
+    let start = store.begin_turn(&s, &[sighting], 10).await.unwrap();
+    assert!(start.history.is_empty(), "{n}: a new history: {start:?}");
+}
+
+/// Erasing a user leaves nothing stored under their number or about the messages to them,
+/// and touches no other user.
+async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550111");
+    let key = footprint(&store, "a1", "+14155550100", 1).await;
+    let other_key = footprint(&store, "a1", "+14155550111", 2).await;
+
+    store.erase_user(&s).await.unwrap();
+    assert!(
+        store.history(&s, usize::MAX).await.unwrap().is_empty(),
+        "{n}"
+    );
+    assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
+    assert_eq!(store.completed_turn(&s, &key).await.unwrap(), None, "{n}");
+    for (clock, value) in [
+        ("window", store.last_inbound(&s).await.unwrap()),
+        ("opt-out", store.opted_out_at(&s).await.unwrap()),
+        ("opt-in", store.opted_in_at(&s).await.unwrap()),
+    ] {
+        assert_eq!(value, None, "{n}: the {clock} clock");
+    }
+    assert_eq!(store.sent_part(&sid(1001)).await.unwrap(), None, "{n}");
+    assert_eq!(store.sent_part(&sid(2001)).await.unwrap(), None, "{n}");
+    assert_eq!(store.status(&msid(1001)).await.unwrap(), None, "{n}");
+    let leads: Vec<String> = store
+        .leads(&agent_id("a1"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.phone)
+        .collect();
+    assert_eq!(leads, ["+14155550111"], "{n}");
+
+    assert_eq!(store.history(&other, 10).await.unwrap().len(), 2, "{n}");
+    assert!(
+        store
+            .completed_turn(&other, &other_key)
+            .await
+            .unwrap()
+            .is_some(),
+        "{n}"
+    );
+    assert!(store.last_inbound(&other).await.unwrap().is_some(), "{n}");
+    assert!(store.sent_part(&sid(1002)).await.unwrap().is_some(), "{n}");
+    assert!(store.sent_part(&sid(2002)).await.unwrap().is_some(), "{n}");
+    assert!(store.status(&msid(1002)).await.unwrap().is_some(), "{n}");
+    assert_eq!(store.simulated(&other, 0).await.unwrap().len(), 1, "{n}");
+
+    store.erase_user(&s).await.unwrap();
+}
+
+/// Deleting an agent removes it and its channel, and every process's caches hear of it.
+async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let mut changes = store.changes().await.unwrap();
+    assert_eq!(next_change(&mut changes, n).await, Change::All, "{n}");
+    store.put_agent(&agent("a1", "Ay")).await.unwrap();
+    store.put_agent(&agent("b2", "Bee")).await.unwrap();
+    store
+        .put_channel(&agent_id("a1"), &channel(true))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        next_change(&mut changes, n).await;
+    }
+
+    assert!(store.delete_agent(&agent_id("a1")).await.unwrap(), "{n}");
+    assert_eq!(
+        next_change(&mut changes, n).await,
+        Change::Agent(agent_id("a1")),
+        "{n}"
+    );
+    assert!(store.agent(&agent_id("a1")).await.unwrap().is_none(), "{n}");
+    assert!(
+        store.channel(&agent_id("a1")).await.unwrap().is_none(),
+        "{n}"
+    );
+    let ids: Vec<String> = store
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id.to_string())
+        .collect();
+    assert_eq!(ids, ["b2"], "{n}");
+    assert!(
+        !store.delete_agent(&agent_id("a1")).await.unwrap(),
+        "{n}: already gone"
+    );
 }

@@ -16,6 +16,7 @@ mod embedded;
 mod embedded_files;
 mod fakes_selftest;
 mod faults;
+mod lifecycle;
 mod master_key;
 mod media;
 mod nats_cluster;

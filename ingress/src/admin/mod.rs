@@ -4,6 +4,7 @@
 pub(crate) mod agents;
 pub(crate) mod dead_letters;
 pub(crate) mod leads;
+pub(crate) mod lifecycle;
 mod messages;
 pub(crate) mod sessions;
 pub(crate) mod whatsapp;
@@ -14,7 +15,7 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
+    routing::{delete, get, post, put},
 };
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
@@ -26,7 +27,12 @@ use crate::AppState;
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/agents", get(agents::list))
-        .route("/v1/agents/{agent_id}", put(agents::put).get(agents::get))
+        .route(
+            "/v1/agents/{agent_id}",
+            put(agents::put)
+                .get(agents::get)
+                .delete(lifecycle::delete_agent),
+        )
         .route(
             "/v1/agents/{agent_id}/whatsapp",
             put(whatsapp::put).get(whatsapp::get),
@@ -44,7 +50,14 @@ pub fn routes(state: AppState) -> Router<AppState> {
             get(whatsapp::simulated),
         )
         .route("/v1/agents/{agent_id}/leads", get(leads::list))
-        .route("/v1/agents/{agent_id}/sessions/{phone}", get(sessions::get))
+        .route(
+            "/v1/agents/{agent_id}/leads/{phone}",
+            delete(lifecycle::erase_lead),
+        )
+        .route(
+            "/v1/agents/{agent_id}/sessions/{phone}",
+            get(sessions::get).delete(lifecycle::forget_session),
+        )
         .route("/v1/agents/{agent_id}/messages", post(messages::send))
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/dead-letters/replay", post(dead_letters::replay_many))

@@ -5,10 +5,7 @@ use axum::{
     extract::{Path, State},
 };
 use serde::Serialize;
-use shared::{
-    domain::{PhoneNumber, SessionId},
-    store::Turn,
-};
+use shared::{domain::SessionId, store::Turn};
 
 use super::{ApiError, load_agent};
 use crate::AppState;
@@ -38,11 +35,7 @@ pub(crate) async fn transcript(
     raw_phone: &str,
 ) -> Result<(SessionId, Vec<Turn>), ApiError> {
     let agent = load_agent(state, raw_agent).await?;
-    let raw_phone = raw_phone.strip_prefix("whatsapp:").unwrap_or(raw_phone);
-    // A `+` typed unencoded in a URL path stays `+`, but some clients send a space for it.
-    let phone =
-        PhoneNumber::parse(&raw_phone.replace(' ', "+")).map_err(|e| ApiError::invalid(e.0))?;
-    let session = SessionId::for_phone(&agent.id, &phone);
+    let session = super::lifecycle::session_of(&agent, raw_phone)?;
     let messages = state
         .store
         .history(&session, usize::MAX)

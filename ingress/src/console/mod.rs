@@ -10,6 +10,7 @@
 //! - `chat`: Test chat, through the real pipeline with the channel in simulation mode.
 //! - `people`: Leads and Conversations (with live transcripts over server-sent events).
 //! - `dead_letters`: Dead letters and their replay.
+//! - `lifecycle`: Forget conversation, Erase (a lead) and Delete agent.
 //!
 //! Every page is an askama template under `templates/` (escaped by default); the only script is
 //! `assets/console.js`, served from this origin, so the Content-Security-Policy allows no inline
@@ -19,6 +20,7 @@ mod agents;
 mod chat;
 mod dead_letters;
 mod deploy;
+mod lifecycle;
 mod people;
 pub mod session;
 mod signin;
@@ -102,6 +104,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .merge(chat::routes())
         .merge(people::routes())
         .merge(dead_letters::routes())
+        .merge(lifecycle::routes())
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
         .merge(signin::routes())

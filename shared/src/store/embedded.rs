@@ -227,6 +227,15 @@ fn last_turns(
     Ok(rows)
 }
 
+/// Removes every row of `session` from a table numbered per session (turns, outbox).
+fn remove_numbered(
+    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
+    session: &str,
+) -> Result<(), DbError> {
+    table.retain_in((session, 0)..=(session, u64::MAX), |_, _| false)?;
+    Ok(())
+}
+
 /// Moves a clock to `at` unless it already shows a later time; an absent clock counts as the
 /// epoch, as the Redis store's script does.
 fn stamp_max(txn: &WriteTransaction, kind: &str, session: &str, at: i64) -> Result<(), DbError> {
@@ -484,6 +493,83 @@ impl Store for EmbeddedStore {
         Ok(futures::stream::once(async { Change::All })
             .chain(later)
             .boxed())
+    }
+
+    async fn delete_agent(&self, id: &AgentId) -> Result<bool, StoreError> {
+        let key = id.as_str().to_owned();
+        let existed = self
+            .db
+            .write(move |txn| {
+                txn.open_table(CHANNELS)?.remove(key.as_str())?;
+                let existed = txn.open_table(AGENTS)?.remove(key.as_str())?.is_some();
+                Ok(existed)
+            })
+            .await?;
+        // No subscriber is not an error.
+        let _ = self.changes.send(id.clone());
+        Ok(existed)
+    }
+
+    async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError> {
+        let session = session.to_string();
+        Ok(self
+            .db
+            .write(move |txn| {
+                remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+                remove_numbered(&mut txn.open_table(OUTBOX)?, &session)
+            })
+            .await?)
+    }
+
+    async fn erase_user(&self, session: &SessionId) -> Result<(), StoreError> {
+        let agent = session.agent().clone();
+        let user = session.user().to_owned();
+        let session = session.to_string();
+        Ok(self
+            .db
+            .write(move |txn| {
+                remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+                remove_numbered(&mut txn.open_table(OUTBOX)?, &session)?;
+                let mut clocks = txn.open_table(CLOCKS)?;
+                for kind in ["window", "optout", "optin"] {
+                    clocks.remove((kind, session.as_str()))?;
+                }
+                txn.open_table(LEADS)?
+                    .remove((agent.as_str(), user.as_str()))?;
+                let mut records = Expiring::open(txn)?;
+                let mut doomed = Vec::new();
+                for row in records.values.range(
+                    ("turn", session.as_str(), "")..=("turn", session.as_str(), "\u{10ffff}"),
+                )? {
+                    let (key, _) = row?;
+                    doomed.push(("turn", key.value().2.to_owned()));
+                }
+                // Sent parts are keyed by Twilio's sid alone: the one process's store is small
+                // enough to read them all, rather than keep an index as the Redis store does.
+                for row in records
+                    .values
+                    .range(("sent", "", "")..=("sent", "", "\u{10ffff}"))?
+                {
+                    let (key, value) = row?;
+                    let ours = serde_json::from_slice::<OutboundReply>(value.value().1)
+                        .is_ok_and(|part| part.agent_id == agent && part.to.user() == user);
+                    if ours {
+                        let sid = key.value().2.to_owned();
+                        doomed.push(("status", sid.clone()));
+                        doomed.push(("sent", sid));
+                    }
+                }
+                for (kind, name) in &doomed {
+                    let scope = if *kind == "turn" {
+                        session.as_str()
+                    } else {
+                        ""
+                    };
+                    records.remove((kind, scope, name))?;
+                }
+                Ok(())
+            })
+            .await?)
     }
 
     async fn begin_turn(

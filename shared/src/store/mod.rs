@@ -215,6 +215,29 @@ pub trait Store: Send + Sync + 'static {
     async fn channel(&self, id: &AgentId) -> Result<Option<WhatsAppChannel>, StoreError>;
     /// Notifications of changes to agents and channels, from any process.
     async fn changes(&self) -> Result<BoxStream<'static, Change>, StoreError>;
+    /// Deletes an agent and its channel, and notifies every process's caches, so that its
+    /// webhook answers 404 at once. Its conversations and leads are not touched here: they are
+    /// erased user by user ([`Store::erase_user`]), which is how the caller finds them (the
+    /// agent's leads). True when there was an agent.
+    async fn delete_agent(&self, id: &AgentId) -> Result<bool, StoreError>;
+
+    /// Forgets a conversation: its history and its simulated outbox, so that the next message
+    /// starts a new history. What is not the conversation but a fact about the user stays: the
+    /// lead; the window clock (the user did write, and WhatsApp keeps its 24-hour window open
+    /// whatever wagate forgets); the opt-out and opt-in clocks (forgetting a conversation must
+    /// never start sending to someone who said STOP); and the turn records, which only keep a
+    /// message delivered again from being answered twice, and lapse after [`GUARD_TTL`].
+    /// Forgetting a conversation that is not there does nothing.
+    async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError>;
+    /// Erases everything stored about the user of `session` with its agent, for a data
+    /// protection request: the lead, the history, the turn records, the window, opt-out and
+    /// opt-in clocks, the simulated outbox, and the parts sent to them with their delivery
+    /// statuses. The opt-out goes too: every record of it holds the number, which is what the
+    /// person asked to have erased, and no message can reach them from wagate without someone
+    /// giving the number again. Send guards, "seen" marks and failure counts stay: they are
+    /// keyed by message ids, hold no number, and lapse after [`GUARD_TTL`]. Dead letters live
+    /// on the bus and are the caller's to remove. Erasing nothing does nothing.
+    async fn erase_user(&self, session: &SessionId) -> Result<(), StoreError>;
 
     /// Starts a turn over `sightings`, the messages of one conversation, oldest first: finds
     /// which were answered before, counts each toward its user's lead, moves the 24-hour window

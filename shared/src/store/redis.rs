@@ -15,7 +15,10 @@
 //! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:meta:key-check` (the
-//! master key check, [`crate::key_check`]).
+//! master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
+//! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
+//! as the records it names.
 
 use std::{sync::LazyLock, time::Duration};
 
@@ -101,15 +104,20 @@ if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. 
 return {done, history}
 "#;
 
-// KEYS[1] = session list, KEYS[2..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
+// KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
+// user finds them without a SCAN), KEYS[3..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
 // ARGV[3] = number of turns, ARGV[4..] = turns. Returns the earlier record, or nil when this one
 // was stored.
 const COMPLETE_TURN: &str = r#"
-local prev = redis.call('GET', KEYS[2])
+local prev = redis.call('GET', KEYS[3])
 if prev then return prev end
 local n = tonumber(ARGV[3])
 for i = 4, 3 + n do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2]) end
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
+  redis.call('SADD', KEYS[2], KEYS[i])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return false
 "#;
 
@@ -389,6 +397,27 @@ impl RedisStore {
         raw.map(|r| from_json(&r, "decode")).transpose()
     }
 
+    /// Adds `message_sid` to the sids of parts sent to `part`'s user, so that erasing the user
+    /// finds the sent parts and statuses, which are keyed by the sid alone. Written after the
+    /// part: a crash between leaves one record unindexed, which lapses after [`GUARD_TTL`].
+    async fn index_sent(&self, part: &OutboundReply, message_sid: &str) -> Result<(), StoreError> {
+        let session = part.session_id();
+        let index = key!(self, "sentto:{{{session}}}");
+        let _: () = redis::pipe()
+            .atomic()
+            .sadd(&index, message_sid)
+            .ignore()
+            .expire(
+                &index,
+                i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
+            )
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("index sent part"))?;
+        Ok(())
+    }
+
     async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
         let _: i64 = self
             .conn()
@@ -518,6 +547,109 @@ impl Store for RedisStore {
         Ok(tokio_stream_from(rx))
     }
 
+    async fn delete_agent(&self, id: &AgentId) -> Result<bool, StoreError> {
+        // Three slots on a cluster (agent, channel, the set): the channel goes first, so that
+        // from then on no webhook is accepted; a crash before the rest leaves the agent listed
+        // without a channel, and deleting it again finishes.
+        let channel = key!(self, "channel:{id}");
+        let _: i64 = self
+            .conn()
+            .del(&channel)
+            .await
+            .map_err(err("delete agent"))?;
+        // A channel back after a failover would take the deleted agent's webhooks again.
+        self.replicated(&channel, "delete agent").await;
+        let existed: i64 = self
+            .conn()
+            .del(key!(self, "agent:{id}"))
+            .await
+            .map_err(err("delete agent"))?;
+        let _: i64 = self
+            .conn()
+            .srem(self.key("agents"), id.as_str())
+            .await
+            .map_err(err("delete agent"))?;
+        self.notify(id).await?;
+        Ok(existed == 1)
+    }
+
+    async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError> {
+        // Both keys carry the session's hash tag: one DEL, one slot.
+        let _: i64 = self
+            .conn()
+            .del(&[
+                key!(self, "session:{{{session}}}"),
+                key!(self, "outbox:{{{session}}}"),
+            ])
+            .await
+            .map_err(err("forget session"))?;
+        Ok(())
+    }
+
+    async fn erase_user(&self, session: &SessionId) -> Result<(), StoreError> {
+        // The sent parts and statuses first (each its own slot), while the index that names
+        // them is still there: a crash part way leaves the index, and erasing again finishes.
+        let sent_index = key!(self, "sentto:{{{session}}}");
+        let sids: Vec<String> = self
+            .conn()
+            .smembers(&sent_index)
+            .await
+            .map_err(err("erase user"))?;
+        for sid in &sids {
+            let _: i64 = self
+                .conn()
+                .del(key!(self, "sent:{sid}"))
+                .await
+                .map_err(err("erase user"))?;
+            let _: i64 = self
+                .conn()
+                .del(key!(self, "status:{sid}"))
+                .await
+                .map_err(err("erase user"))?;
+        }
+        // The conversation's keys, all in its slot: the turn records named by their index
+        // (only keys of this session, whatever the index holds), then everything else.
+        let turn_index = key!(self, "turns:{{{session}}}");
+        let own_turns = key!(self, "turn:{{{session}}}:");
+        let turn_keys: Vec<String> = self
+            .conn()
+            .smembers(&turn_index)
+            .await
+            .map_err(err("erase user"))?;
+        let mut keys: Vec<String> = turn_keys
+            .into_iter()
+            .filter(|k| k.starts_with(&own_turns))
+            .collect();
+        let history = key!(self, "session:{{{session}}}");
+        keys.extend([
+            turn_index,
+            sent_index,
+            history.clone(),
+            key!(self, "outbox:{{{session}}}"),
+            key!(self, "window:{{{session}}}"),
+            key!(self, "optout:{{{session}}}"),
+            key!(self, "optin:{{{session}}}"),
+        ]);
+        let _: i64 = self.conn().del(&keys).await.map_err(err("erase user"))?;
+        // An erasure undone by a failover would bring back what the person asked to erase.
+        self.replicated(&history, "erase user").await;
+        // The lead, in the agent's slot.
+        let agent = session.agent();
+        let user = session.user();
+        let lead = key!(self, "lead:{{{agent}}}:{user}");
+        let _: () = redis::pipe()
+            .atomic()
+            .del(&lead)
+            .ignore()
+            .zrem(key!(self, "leads:{{{agent}}}"), user)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("erase user"))?;
+        self.replicated(&lead, "erase user").await;
+        Ok(())
+    }
+
     async fn begin_turn(
         &self,
         session: &SessionId,
@@ -609,6 +741,7 @@ impl Store for RedisStore {
         let mut inv = SCRIPTS
             .complete_turn
             .key(key!(self, "session:{{{session}}}"));
+        inv.key(key!(self, "turns:{{{session}}}"));
         for k in turn_keys {
             inv.key(key!(self, "turn:{{{session}}}:{k}"));
         }
@@ -818,7 +951,7 @@ impl Store for RedisStore {
             .map_err(err("mark sent"))?;
         // The send ledger: a guard lost in a failover would send the part again.
         self.replicated(&guard, "mark sent").await;
-        Ok(())
+        self.index_sent(part, message_sid).await
     }
 
     async fn settle_sent(
@@ -849,6 +982,7 @@ impl Store for RedisStore {
             .await
             .map_err(err("settle sent"))?;
         self.replicated(&guard, "settle sent").await;
+        self.index_sent(part, message_sid).await?;
         Ok(true)
     }
 

@@ -1,0 +1,165 @@
+//! The data lifecycle: `DELETE /v1/agents/{agent_id}/sessions/{phone}` forgets a conversation,
+//! `DELETE /v1/agents/{agent_id}/leads/{phone}` erases a person, `DELETE /v1/agents/{agent_id}`
+//! removes an agent with all its data. Each answers 204, also when there was nothing left to
+//! delete (an agent that is gone: 204 while anything of it was left), so that a call repeated
+//! after a timeout or a crash finishes the job.
+//!
+//! What each keeps and why is said at [`shared::store::Store::forget_session`] and
+//! [`shared::store::Store::erase_user`]. Messages still queued on the bus when the call is made
+//! (a reply being sent, a turn being run) are not reached: they may store a little again once
+//! handled, and a second call erases that. JetStream erases a removed dead letter securely
+//! (overwritten on disk); the work queues drop acknowledged messages as soon as they are acked.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+};
+use shared::{
+    agent::Agent,
+    domain::{AgentId, PhoneNumber, SessionId, WhatsAppAddress},
+    envelope::{DeadLetter, DeadMessage},
+};
+
+use super::{ApiError, existing_agent_id, load_agent};
+use crate::AppState;
+
+pub async fn forget_session(
+    State(state): State<AppState>,
+    Path((raw_agent, raw_phone)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
+    let session = session_of(&agent, &raw_phone)?;
+    state
+        .store
+        .forget_session(&session)
+        .await
+        .map_err(ApiError::unavailable)?;
+    tracing::info!(agent = %agent.id, "conversation forgotten");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn erase_lead(
+    State(state): State<AppState>,
+    Path((raw_agent, raw_phone)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
+    let session = session_of(&agent, &raw_phone)?;
+    erase_person(&state, &session).await?;
+    tracing::info!(agent = %agent.id, "person erased");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 204 when the agent was deleted; for an agent that is gone, 204 while something of it was
+/// still left (a message in flight at the deletion may have stored a lead and a dead letter
+/// after it), swept now, and 404 once nothing is.
+pub async fn delete_agent(
+    State(state): State<AppState>,
+    Path(raw_agent): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = existing_agent_id(&raw_agent)?;
+    let found = state
+        .store
+        .agent(&id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    if let Some(agent) = found {
+        delete(&state, &agent).await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if sweep(&state, &id).await? == 0 {
+        return Err(ApiError::not_found("Unknown agent"));
+    }
+    tracing::info!(agent = %id, "what was left of a deleted agent was erased");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The conversation of `agent` with the user `raw_phone` names (E.164, with or without
+/// `whatsapp:`); 422 when it is not a phone number.
+pub(crate) fn session_of(agent: &Agent, raw_phone: &str) -> Result<SessionId, ApiError> {
+    let raw_phone = raw_phone.strip_prefix("whatsapp:").unwrap_or(raw_phone);
+    // A `+` typed unencoded in a URL path stays `+`, but some clients send a space for it.
+    let phone =
+        PhoneNumber::parse(&raw_phone.replace(' ', "+")).map_err(|e| ApiError::invalid(e.0))?;
+    Ok(SessionId::for_phone(&agent.id, &phone))
+}
+
+/// Erases the user of `session`: their dead letters first (the bus), then everything the
+/// store holds about them. A dead letter is the person's when the message it keeps came from
+/// them or was going to them.
+pub(crate) async fn erase_person(state: &AppState, session: &SessionId) -> Result<(), ApiError> {
+    remove_dead_letters(state, |d| dead_letter_session(d) == *session).await?;
+    state
+        .store
+        .erase_user(session)
+        .await
+        .map_err(ApiError::unavailable)
+}
+
+/// Deletes `agent` and everything stored for it. Its people are erased before the agent goes
+/// (an agent whose erasure failed half-way is still there to delete again, with its leads to
+/// find), and once more after: a message taken in between, before the channel was gone, may
+/// have made a new lead.
+pub(crate) async fn delete(state: &AppState, agent: &Agent) -> Result<(), ApiError> {
+    sweep(state, &agent.id).await?;
+    state
+        .store
+        .delete_agent(&agent.id)
+        .await
+        .map_err(ApiError::unavailable)?;
+    erase_leads(state, &agent.id).await?;
+    tracing::info!(agent = %agent.id, "agent deleted");
+    Ok(())
+}
+
+/// Erases every lead of the agent `id` and removes its dead letters; how many there were.
+async fn sweep(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
+    let leads = erase_leads(state, id).await?;
+    let letters = remove_dead_letters(state, |d| d.agent_id == *id).await?;
+    Ok(leads + letters)
+}
+
+/// Erases every lead of the agent `id` ([`erase_person`]); how many there were.
+async fn erase_leads(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
+    let leads = state.store.leads(id).await.map_err(ApiError::unavailable)?;
+    let found = leads.len();
+    for lead in leads {
+        // A lead is named by the user part of the address its messages came from (a phone
+        // number, or another WhatsApp id), so the address rebuilt from it names its session.
+        let Ok(address) = WhatsAppAddress::parse(&format!("whatsapp:{}", lead.phone)) else {
+            tracing::warn!(agent = %id, "a lead whose number is not an address was kept");
+            continue;
+        };
+        erase_person(state, &SessionId::new(id, &address)).await?;
+    }
+    Ok(found)
+}
+
+/// The conversation a dead letter belongs to.
+fn dead_letter_session(letter: &DeadLetter) -> SessionId {
+    match &letter.message {
+        DeadMessage::Inbound(m) => m.session_id(),
+        DeadMessage::Reply(r) => r.session_id(),
+    }
+}
+
+/// Removes the dead letters `whose` picks; how many there were.
+async fn remove_dead_letters(
+    state: &AppState,
+    whose: impl Fn(&DeadLetter) -> bool,
+) -> Result<usize, ApiError> {
+    let letters = state
+        .bus
+        .dead_letters()
+        .await
+        .map_err(ApiError::unavailable)?;
+    let mut removed = 0;
+    for letter in letters.iter().filter(|d| whose(d)) {
+        state
+            .bus
+            .remove_dead_letter(&letter.id)
+            .await
+            .map_err(ApiError::unavailable)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
