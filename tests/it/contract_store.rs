@@ -1464,6 +1464,7 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
     let record = CompletedTurn {
         reply_id: format!("in-{n}"),
         reply: format!("answer {n}"),
+        media: Vec::new(),
     };
     let turns = [
         turn(Role::User, &format!("question {n}"), 10),
