@@ -326,10 +326,28 @@ impl Bus for SpooledBus {
         dedupe_id: &str,
         payload: Bytes,
     ) -> Result<Published, BusError> {
+        self.publish_traced(topic, conversation, dedupe_id, payload, None)
+            .await
+    }
+
+    /// A spooled message is later published without the `traceparent` header; its envelope
+    /// still carries it.
+    async fn publish_traced(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Published, BusError> {
         if self.spool.is_empty() {
-            let direct = self
-                .inner
-                .publish(topic, conversation, dedupe_id, payload.clone());
+            let direct = self.inner.publish_traced(
+                topic,
+                conversation,
+                dedupe_id,
+                payload.clone(),
+                traceparent,
+            );
             match tokio::time::timeout(self.publish_timeout, direct).await {
                 Ok(Ok(published)) => return Ok(published),
                 Ok(Err(e)) => tracing::warn!(error = %e, "publishing failed; spooling the message"),

@@ -1,8 +1,9 @@
 //! One W3C trace per inbound message, across processes. Ingress starts the trace when it
-//! accepts a webhook; the message's `traceparent` travels in its envelope, not in a NATS
-//! header, because the envelope is what every path keeps: JetStream, the ingress spool, the
-//! embedded bus, dead letters and their replay. The worker's turn and the sender's posts
-//! continue the trace. Every
+//! accepts a webhook; the message's `traceparent` travels in its envelope, because the envelope
+//! is what every path keeps (JetStream, the ingress spool, the embedded bus, dead letters and
+//! their replay), and in JetStream's `traceparent` message header as well, for tools that
+//! follow traces through NATS. The worker's turn and the sender's posts continue the trace
+//! from the envelope. Every
 //! span of a message records its `trace_id` as a field, so that JSON logs carry it on each
 //! line whether or not spans are exported.
 //!

@@ -1,7 +1,8 @@
 //! One message, three processes, one trace: ingress, worker and sender each export their
 //! spans over OTLP (http/protobuf, to a collector stand-in that decodes OpenTelemetry's own
-//! protobuf messages) under their `service.name`, all under the trace id ingress started, and
-//! each process's JSON log lines about the message carry that `trace_id`.
+//! protobuf messages) under their `service.name`, all under the trace id ingress started; the
+//! message on NATS carries it in its `traceparent` header; and each process's JSON log lines
+//! about the message carry that `trace_id`.
 
 use crate::support;
 
@@ -99,6 +100,10 @@ async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
     let worker = Wagate::start_role("worker", &servers, &twilio.base_url, &env).await;
     let sender = Wagate::start_role("sender", &servers, &twilio.base_url, &env).await;
 
+    // JetStream's messages carry the traceparent as a header too, for tools that follow traces
+    // through NATS: a plain subscriber sees what ingress published.
+    let nats = async_nats::connect(&servers.nats_url).await.unwrap();
+    let mut published = nats.subscribe("wagate.inbound.>").await.unwrap();
     let message_sid = sid(1);
     let answer = ingress
         .inbound("demo", &message_sid, "+14155550100", "trace me")
@@ -131,6 +136,24 @@ async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
         "{services:?}"
     );
     assert_ne!(trace_id, "0".repeat(32));
+    let on_nats = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::StreamExt::next(&mut published),
+    )
+    .await
+    .expect("ingress's publish seen on NATS")
+    .expect("a message");
+    let header = on_nats
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_owned())
+        .expect("a traceparent header");
+    assert_eq!(
+        header.split('-').nth(1),
+        Some(trace_id.as_str()),
+        "{header}"
+    );
 
     // Each process logged about the message with its trace id, and the lines that name the
     // message or its reply all carry it.

@@ -382,6 +382,18 @@ impl Bus for JetStreamBus {
         dedupe_id: &str,
         payload: Bytes,
     ) -> Result<Published, BusError> {
+        self.publish_traced(topic, conversation, dedupe_id, payload, None)
+            .await
+    }
+
+    async fn publish_traced(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Published, BusError> {
         // Joined, not formatted: twice per message, and `format!` starts such a string with
         // no room and grows it.
         let subject = [self.prefix.as_str(), topic.as_str(), conversation].join(".");
@@ -394,15 +406,13 @@ impl Bus for JetStreamBus {
         let mut wait = Duration::from_millis(50);
         let ack = loop {
             let attempt = async {
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .payload(payload.clone())
-                            .message_id(dedupe_id),
-                    )
-                    .await?
-                    .await
+                let mut message = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(dedupe_id);
+                if let Some(traceparent) = traceparent {
+                    message = message.header(crate::trace::TRACEPARENT, traceparent);
+                }
+                self.js.send_publish(subject.clone(), message).await?.await
             };
             match attempt.await {
                 Ok(ack) => break ack,

@@ -26,6 +26,8 @@ pub trait Envelope: serde::Serialize + serde::de::DeserializeOwned + Send + 'sta
     /// Its id for the bus's duplicate detection: a second message with the same id within the
     /// duplicate window is dropped.
     fn dedupe_id(&self) -> String;
+    /// The W3C `traceparent` it carries (`crate::trace`), which NATS also gets as a header.
+    fn traceparent(&self) -> Option<&str>;
 }
 
 impl Envelope for InboundMessage {
@@ -38,6 +40,9 @@ impl Envelope for InboundMessage {
     fn dedupe_id(&self) -> String {
         format!("{}:{}", self.agent_id, self.message_sid)
     }
+    fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
 }
 
 impl Envelope for OutboundReply {
@@ -49,6 +54,9 @@ impl Envelope for OutboundReply {
     /// after its reply was published publishes nothing more.
     fn dedupe_id(&self) -> String {
         self.id.clone()
+    }
+    fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 }
 
@@ -67,8 +75,14 @@ pub async fn publish_as<E: Envelope>(
     let payload = serde_json::to_vec(message).map_err(BusError::json("encode a message"))?;
     let session = message.session_id();
     let conversation = format!("{}.{}", session.agent(), session.subject_token());
-    bus.publish(E::TOPIC, &conversation, dedupe_id, payload.into())
-        .await
+    bus.publish_traced(
+        E::TOPIC,
+        &conversation,
+        dedupe_id,
+        payload.into(),
+        message.traceparent(),
+    )
+    .await
 }
 
 /// The two queues of the pipeline.
@@ -204,6 +218,21 @@ pub trait Bus: Send + Sync + 'static {
         dedupe_id: &str,
         payload: Bytes,
     ) -> Result<Published, BusError>;
+
+    /// [`Bus::publish`], with the message's `traceparent` for a bus that carries headers
+    /// (JetStream's `traceparent` header, for tools that follow traces through NATS). The
+    /// envelope carries it in any case, so a bus without headers loses nothing.
+    async fn publish_traced(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Published, BusError> {
+        let _ = traceparent;
+        self.publish(topic, conversation, dedupe_id, payload).await
+    }
 
     /// Consumes `topic` as one member of its shared consumer group.
     async fn subscribe(&self, topic: Topic) -> Result<Deliveries, BusError>;
