@@ -462,22 +462,43 @@ async fn same_message_sid_four_times_at_once_gets_one_reply() {
     );
 }
 
-/// A turn shows the user the typing indicator on the message it answers (Twilio's Messaging
-/// v2 `Indicators/Typing`, with the account's credentials), beside the reply, not before it.
+/// A turn that takes a while shows the user the typing indicator on the message it answers
+/// (Twilio's Messaging v2 `Indicators/Typing`, with the account's credentials), beside the reply,
+/// not before it; a turn done within a second shows none, saving a Twilio request.
 #[tokio::test]
-async fn a_turn_shows_the_typing_indicator_on_the_message_it_answers() {
+async fn a_slow_turn_shows_the_typing_indicator_and_a_fast_one_does_not() {
+    let hook = FakeAgentWebhook::start("whsec-typing-0123456789").await;
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
-    w.wagate
-        .inbound("demo", &sid(7), FROM, "are you there?")
-        .await;
+    w.wagate.inbound("demo", &sid(6), FROM, "quick").await;
     w.twilio.wait_for_sent(1, WAIT).await;
+    // Absence can only be seen by waiting: past the indicator's delay, none came.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        w.twilio.typing_indicators(),
+        vec![],
+        "a fast turn shows none"
+    );
+
+    hook.set_delay(Duration::from_millis(2500));
+    w.wagate
+        .agent(
+            "slow",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-typing-0123456789"}),
+        )
+        .await;
+    w.wagate.channel("slow", true).await;
+    w.wagate
+        .inbound("slow", &sid(7), FROM, "are you there?")
+        .await;
     let shown = support::harness::eventually(WAIT, "the typing indicator", || async {
         let t = w.twilio.typing_indicators();
         (!t.is_empty()).then_some(t)
     })
     .await;
     assert_eq!(shown, vec![(ACCOUNT_SID.to_owned(), sid(7))]);
+    assert_eq!(w.twilio.sent().len(), 1, "shown while the agent thinks");
+    w.twilio.wait_for_sent(2, WAIT).await;
     assert!(
         w.twilio.violations().is_empty(),
         "{:?}",

@@ -254,7 +254,8 @@ async fn process(
         }
         Err(e) => return Err(Failure::transient(e)),
     };
-    ctx.typing.show(&channel, last.message_sid.as_str());
+    // Held to the end of the turn: a turn done sooner shows no indicator.
+    let _typing = ctx.typing.show(&channel, last.message_sid.as_str());
     let session_text = session.to_string();
     let mut media = ctx.media.fetch_for(&channel, msgs).await;
     ctx.runner.transcribe(&channel.agent, &mut media).await;

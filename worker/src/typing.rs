@@ -2,7 +2,10 @@
 //! reply is being written (`POST {WAGATE_TWILIO_MESSAGING_BASE}/v2/Indicators/Typing.json`,
 //! `channel=whatsapp`, `messageId` = the message being answered), which also marks that message
 //! read. WhatsApp hides the indicator when the reply arrives or after 25 s. It is a courtesy:
-//! sent beside the turn, never waited for, and a failure is only logged.
+//! sent beside the turn, never waited for, and a failure is only logged. As Twilio advises, it
+//! is shown only for a turn that takes a while: a turn that is done within [`SHOW_AFTER`]
+//! shows none, which saves a Twilio request per message for fast agents (the benchmark's echo
+//! agent, every turn).
 
 use std::time::Duration;
 
@@ -11,6 +14,18 @@ use shared::directory::ResolvedChannel;
 
 /// How long one indicator request may take; the indicator means nothing once the reply is out.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a turn runs before its user is shown the indicator.
+pub const SHOW_AFTER: Duration = Duration::from_secs(1);
+
+/// An indicator waiting for [`SHOW_AFTER`]; dropped when the turn ends, it is not sent (or, if
+/// its request is under way, that request is dropped: either way harmless).
+pub struct Pending(tokio::task::AbortHandle);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Sends typing indicators.
 #[derive(Clone)]
@@ -37,11 +52,13 @@ impl Typing {
         })
     }
 
-    /// Shows the user of `message_sid` that a reply is coming, in the background. Not for a
+    /// Shows the user of `message_sid` that a reply is coming once the turn has run for
+    /// [`SHOW_AFTER`], in the background, until the returned guard is dropped. Not for a
     /// channel in simulation mode, which has no Twilio behind it.
-    pub fn show(&self, channel: &ResolvedChannel, message_sid: &str) {
+    #[must_use = "the indicator is cancelled when the guard is dropped"]
+    pub fn show(&self, channel: &ResolvedChannel, message_sid: &str) -> Option<Pending> {
         if channel.channel.simulation {
-            return;
+            return None;
         }
         let request = self
             .client
@@ -51,7 +68,8 @@ impl Typing {
                 Some(channel.auth_token.expose_secret()),
             )
             .form(&[("channel", "whatsapp"), ("messageId", message_sid)]);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(SHOW_AFTER).await;
             match request.send().await {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => tracing::info!(
@@ -64,5 +82,6 @@ impl Typing {
                 ),
             }
         });
+        Some(Pending(task.abort_handle()))
     }
 }
