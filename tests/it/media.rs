@@ -280,7 +280,7 @@ async fn a_voice_note_is_heard_as_its_transcript() {
 }
 
 /// A webhook agent gets each medium of the turn with its bytes, so it needs no Twilio
-/// credentials: a document here, with Twilio's link, content type and size.
+/// credentials: an image here, with Twilio's link, content type and size.
 #[tokio::test]
 async fn a_webhook_agent_gets_the_media_bytes_in_its_request() {
     let (cdn, cdn_seen) = host().await;

@@ -197,18 +197,22 @@ impl AgentRunner {
         else {
             return;
         };
-        for medium in media {
+        let is_audio =
+            |m: &crate::media::Medium| m.kind == crate::media::Kind::Audio && m.fetched.is_ok();
+        if !media.iter().any(is_audio) {
+            return;
+        }
+        // Opened once for all of the turn's voice notes.
+        let authorization =
+            self.openai_authorization(&agent.id, api_key.as_ref(), credentials.as_ref());
+        for medium in media.iter_mut() {
             let (crate::media::Kind::Audio, Ok(audio)) = (medium.kind, &medium.fetched) else {
                 continue;
             };
-            let authorization = match self.openai_authorization(
-                &agent.id,
-                api_key.as_ref(),
-                credentials.as_ref(),
-            ) {
-                Ok(a) => a,
+            let authorization = match &authorization {
+                Ok(a) => a.as_ref(),
                 Err(e) => {
-                    medium.transcript = Some(Err(e.reason));
+                    medium.transcript = Some(Err(e.reason.clone()));
                     continue;
                 }
             };
@@ -216,7 +220,7 @@ impl AgentRunner {
                 http: &self.files,
                 base_url,
                 model,
-                authorization: authorization.as_ref(),
+                authorization,
                 timeout: self.timeout(*timeout_ms),
             };
             medium.transcript = Some(call.text(audio).await);
