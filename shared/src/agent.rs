@@ -18,12 +18,29 @@ pub struct Agent {
     pub name: String,
     /// What produces its replies.
     pub backend: Backend,
+    /// How long a conversation handed to a person stays paused without a word from them
+    /// before the agent takes it back (seconds); agents saved before handoff existed get the
+    /// default.
+    #[serde(default = "default_handoff_resume_after_s")]
+    pub handoff_resume_after_s: u64,
     /// When it was first saved.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// A day: a person who took a conversation over and left it a day gives it back to the agent.
+pub fn default_handoff_resume_after_s() -> u64 {
+    86_400
+}
+
+impl Agent {
+    /// How long a paused conversation waits for its person ([`Agent::handoff_resume_after_s`]).
+    pub fn handoff_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.handoff_resume_after_s)
+    }
 }
 
 /// The transcription model of an OpenAI-compatible agent that names none: OpenAI's.

@@ -199,6 +199,7 @@ mod tests {
                 id: real.clone(),
                 name: "real".into(),
                 backend: Backend::Echo,
+                handoff_resume_after_s: crate::agent::default_handoff_resume_after_s(),
                 created_at: now,
                 updated_at: now,
             })

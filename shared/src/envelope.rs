@@ -7,6 +7,16 @@ use time::OffsetDateTime;
 
 use crate::domain::{AgentId, ContentSid, MessageSid, SessionId, WhatsAppAddress};
 
+/// Most media one reply may carry: Twilio's limit of `MediaUrl`s on one message, and plenty for
+/// a chat.
+pub const MAX_MEDIA: usize = 10;
+
+/// Whether Twilio can fetch a medium from `url`: https with a host, at most 2048 bytes.
+pub fn is_public_media_url(url: &str) -> bool {
+    url.len() <= 2048
+        && url::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some())
+}
+
 /// One media attachment of an inbound message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Media {

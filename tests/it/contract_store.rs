@@ -16,7 +16,7 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, Store, Turn, TurnStart,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pause, Role, Store, Turn, TurnStart,
         WindowClocks,
         redis::{RedisStore, RedisTopology},
     },
@@ -209,7 +209,45 @@ on_both!(
     forgetting_a_session_keeps_what_is_not_the_conversation,
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
+    a_pause_is_read_with_the_turn_replaced_and_lifted,
 );
+
+/// A conversation's pause comes with the turn that begins while it stands (no round trip of
+/// its own), a new pause replaces it, resuming lifts it, and it concerns one conversation.
+async fn a_pause_is_read_with_the_turn_replaced_and_lifted(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550101");
+    let message = msid(1);
+    let sighting = LeadSighting {
+        session: &s,
+        message_sid: &message,
+        profile_name: None,
+        at: at(10),
+    };
+    assert_eq!(store.pause(&s).await.unwrap(), None, "{n}");
+    let by_agent = Pause::new("agent", at(5));
+    store.set_pause(&s, Some(&by_agent)).await.unwrap();
+    let start = store
+        .begin_turn(&s, std::slice::from_ref(&sighting), 10)
+        .await
+        .unwrap();
+    assert_eq!(start.pause.as_ref(), Some(&by_agent), "{n}");
+    assert_eq!(store.pause(&other).await.unwrap(), None, "{n}");
+
+    let mut by_person = Pause::new("Grace", at(5));
+    by_person.active_at = at(50);
+    store.set_pause(&s, Some(&by_person)).await.unwrap();
+    drop(store);
+    let store = rig.reopen().await;
+    assert_eq!(store.pause(&s).await.unwrap(), Some(by_person), "{n}");
+
+    store.set_pause(&s, None).await.unwrap();
+    let start = store.begin_turn(&s, &[sighting], 10).await.unwrap();
+    assert_eq!(start.pause, None, "{n}");
+    store.set_pause(&s, None).await.unwrap();
+}
 
 /// The master key check: the first check offered stands for every later one, a replacement
 /// applies only over the check it was made from, and the check survives a reopen.
@@ -260,6 +298,7 @@ fn agent(id: &str, name: &str) -> Agent {
         id: agent_id(id),
         name: name.into(),
         backend: Backend::Echo,
+        handoff_resume_after_s: 60,
         created_at: at(0),
         updated_at: at(1),
     }
@@ -281,11 +320,7 @@ fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
 }
 
 fn turn(role: Role, content: &str, ms: i64) -> Turn {
-    Turn {
-        role,
-        content: content.into(),
-        at: at(ms),
-    }
+    Turn::new(role, content.into(), at(ms))
 }
 
 fn reply(id: &str, text: &str) -> OutboundReply {
@@ -456,6 +491,7 @@ async fn history_window_and_order(rig: Rig) {
             reply_id: format!("in-{i}"),
             reply: format!("a{i}"),
             media: Vec::new(),
+            handoff: false,
         };
         let key = sid(100 + i as u64);
         let stood = store
@@ -513,6 +549,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
                 reply_id: format!("in-{i}"),
                 reply: format!("reply {i}"),
                 media: Vec::new(),
+                handoff: false,
             };
             store
                 .complete_turn(&s, &keys, &turns, &record)
@@ -586,6 +623,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         reply_id: "in-1".into(),
         reply: "first answer".into(),
         media: Vec::new(),
+        handoff: false,
     };
     let turns = [
         turn(Role::User, "one", 0),
@@ -607,6 +645,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         TurnStart {
             completed: vec![Some(earlier.clone()), None, None],
             history: turns.to_vec(),
+            pause: None,
         },
         "{n}: the answered message is told apart, the history is read"
     );
@@ -663,6 +702,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         TurnStart {
             completed: vec![Some(earlier)],
             history: vec![],
+            pause: None,
         },
         "{n}"
     );
@@ -1367,6 +1407,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
         reply_id: "in-1".into(),
         reply: "hi".into(),
         media: Vec::new(),
+        handoff: false,
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store
@@ -1465,6 +1506,7 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         reply_id: format!("in-{n}"),
         reply: format!("answer {n}"),
         media: Vec::new(),
+        handoff: false,
     };
     let turns = [
         turn(Role::User, &format!("question {n}"), 10),
@@ -1476,6 +1518,10 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         .unwrap();
     store.opt_out(&s, at(12)).await.unwrap();
     store.opt_in(&s, at(13)).await.unwrap();
+    store
+        .set_pause(&s, Some(&Pause::new("Grace", at(13))))
+        .await
+        .unwrap();
     store
         .record_simulated(&s, "simulated", at(14))
         .await
@@ -1523,6 +1569,12 @@ async fn forgetting_a_session_keeps_what_is_not_the_conversation(rig: Rig) {
         "{n}"
     );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
+    assert_eq!(
+        store.pause(&s).await.unwrap(),
+        None,
+        "{n}: a new conversation starts with the agent"
+    );
+    assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     assert!(
         store.completed_turn(&s, &key).await.unwrap().is_some(),
         "{n}: a redelivered message is still known as answered"
@@ -1565,6 +1617,8 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
     assert_eq!(store.completed_turn(&s, &key).await.unwrap(), None, "{n}");
+    assert_eq!(store.pause(&s).await.unwrap(), None, "{n}");
+    assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     for (clock, value) in [
         ("window", store.last_inbound(&s).await.unwrap()),
         ("opt-out", store.opted_out_at(&s).await.unwrap()),

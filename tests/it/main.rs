@@ -16,6 +16,7 @@ mod embedded;
 mod embedded_files;
 mod fakes_selftest;
 mod faults;
+mod handoff;
 mod lifecycle;
 mod master_key;
 mod media;

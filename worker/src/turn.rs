@@ -7,6 +7,9 @@
 //! A message that is an opt-out keyword (STOP and the like, as Twilio's) records the opt-out and
 //! runs no turn: the user asked for silence. START, YES or UNSTOP records the opt-in before the turn,
 //! so its reply may go out.
+//!
+//! A conversation handed to a person (paused) runs no agent either: its messages are recorded
+//! for the person. An agent's answer may hand the conversation over itself (`handoff`).
 
 use std::{sync::Arc, time::Instant};
 
@@ -18,7 +21,7 @@ use shared::{
     envelope::{DeadLetter, InboundMessage, OutboundReply, ReplyContent},
     failure::Failure,
     retry::RetrySchedule,
-    store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
+    store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
     window::Keyword,
 };
@@ -72,7 +75,11 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
         .begin_turn(&session, &sightings, ctx.history_window)
         .await;
     drop(sightings);
-    let TurnStart { completed, history } = match start {
+    let TurnStart {
+        completed,
+        history,
+        pause,
+    } = match start {
         Ok(start) => start,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the session; trying later");
@@ -115,10 +122,16 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     };
     let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
     metrics::gauge!("wagate_turns_in_flight").increment(1.0);
-    let result = process(ctx, first_delivery.as_ref(), &session, &msgs, &history).await;
+    let turn = NewTurn {
+        session: &session,
+        msgs: &msgs,
+        history: &history,
+        pause: pause.as_ref(),
+    };
+    let result = process(ctx, first_delivery.as_ref(), &turn).await;
     metrics::gauge!("wagate_turns_in_flight").decrement(1.0);
     let attempt = match &result {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(_) => ctx
             .store
             .count_failure(&failures_key)
@@ -126,11 +139,11 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             .unwrap_or_else(|_| first_delivery.attempt()),
     };
     let outcome = match result {
-        Ok(()) => {
+        Ok(outcome) => {
             for (delivery, msg) in deliveries.iter().zip(&msgs) {
                 acked &= ack(delivery.as_ref(), msg).await;
             }
-            "replied"
+            outcome
         }
         Err(failure) => match failure.retry_delay(&ctx.retry, attempt) {
             Some(delay) => {
@@ -232,17 +245,29 @@ async fn dead_letter(
     outcome
 }
 
-/// Runs one turn over `msgs` (oldest first, all of one conversation, none completed yet), with
-/// the `history` read when the turn began.
+/// A turn to run: its messages (oldest first, all of one conversation, none completed yet),
+/// and the history and pause read when it began.
+struct NewTurn<'a> {
+    session: &'a SessionId,
+    msgs: &'a [InboundMessage],
+    history: &'a [Turn],
+    pause: Option<&'a Pause>,
+}
+
+/// Runs one turn; how it ended (`replied`, or `paused` when a person has the conversation).
 async fn process(
     ctx: &TurnContext,
     delivery: &dyn Delivery,
-    session: &SessionId,
-    msgs: &[InboundMessage],
-    history: &[Turn],
-) -> Result<(), Failure> {
+    turn: &NewTurn<'_>,
+) -> Result<&'static str, Failure> {
+    let NewTurn {
+        session,
+        msgs,
+        history,
+        pause,
+    } = *turn;
     let Some(last) = msgs.last() else {
-        return Ok(());
+        return Ok("replied");
     };
     let channel = match ctx.directory.lookup(&last.agent_id).await {
         Ok(Lookup::Found(c)) => c,
@@ -254,6 +279,12 @@ async fn process(
         }
         Err(e) => return Err(Failure::transient(e)),
     };
+    if let Some(pause) = pause
+        && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
+    {
+        record_for_the_person(ctx, session, msgs, pause).await?;
+        return Ok("paused");
+    }
     // Held to the end of the turn: a turn done sooner shows no indicator.
     let _typing = ctx.typing.show(&channel, last.message_sid.as_str());
     let session_text = session.to_string();
@@ -272,11 +303,7 @@ async fn process(
     let reply = reply?;
     let mut turns: Vec<Turn> = msgs
         .iter()
-        .map(|m| Turn {
-            role: Role::User,
-            content: user_text(m, &media),
-            at: m.received_at,
-        })
+        .map(|m| Turn::new(Role::User, user_text(m, &media), m.received_at))
         .collect();
     if !reply.text.trim().is_empty() || !reply.media.is_empty() {
         // The history says what was sent, media as their links.
@@ -287,30 +314,73 @@ async fn process(
             }
             content.push_str(&format!("[media: {url}]"));
         }
-        turns.push(Turn {
-            role: Role::Assistant,
+        turns.push(Turn::new(
+            Role::Assistant,
             content,
-            at: OffsetDateTime::now_utc(),
-        });
+            OffsetDateTime::now_utc(),
+        ));
     }
     let completed = CompletedTurn {
         reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
         reply: reply.text,
         media: reply.media,
+        handoff: reply.handoff,
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
         .store
         .complete_turn(session, &keys, &turns, &completed)
         .await?;
-    publish_reply(ctx, last, &stored).await
+    publish_reply(ctx, last, &stored).await?;
+    Ok("replied")
 }
 
+/// While a person has the conversation, its messages go into the history (the person reads
+/// them there, and the agent will see them when it takes the conversation back) and the turn
+/// is completed with nothing to send, so a redelivery changes nothing.
+async fn record_for_the_person(
+    ctx: &TurnContext,
+    session: &SessionId,
+    msgs: &[InboundMessage],
+    pause: &Pause,
+) -> Result<(), Failure> {
+    let turns: Vec<Turn> = msgs
+        .iter()
+        .map(|m| Turn::new(Role::User, user_text(m, &[]), m.received_at))
+        .collect();
+    let completed = CompletedTurn {
+        reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+    };
+    let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
+    ctx.store
+        .complete_turn(session, &keys, &turns, &completed)
+        .await?;
+    tracing::info!(session = %session, paused_by = %pause.by, messages = msgs.len(), "the conversation is with a person; recorded, no agent turn");
+    Ok(())
+}
+
+/// Publishes the reply of a completed turn and, when the agent handed the conversation to a
+/// person with it, pauses the conversation (again, for a redelivered message whose first
+/// delivery died in between: the pause comes after the record, so it is never lost).
 async fn publish_reply(
     ctx: &TurnContext,
     msg: &InboundMessage,
     done: &CompletedTurn,
 ) -> Result<(), Failure> {
+    if done.handoff {
+        let session = msg.session_id();
+        ctx.store
+            .set_pause(
+                &session,
+                Some(&Pause::new("agent", OffsetDateTime::now_utc())),
+            )
+            .await?;
+        tracing::info!(session = %session, sid = %msg.message_sid, "the agent handed the conversation to a person; it stays paused until resumed or idle for the agent's handoff_resume_after_s");
+        metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(1);
+    }
     let capped = cap_reply(&done.reply, MAX_REPLY_CHARS);
     if capped.is_some() {
         tracing::warn!(

@@ -25,7 +25,12 @@ use crate::AppState;
 pub(crate) struct AgentRequest {
     pub(crate) name: Option<String>,
     pub(crate) backend: BackendRequest,
+    /// Left out: what was stored before, else a day.
+    pub(crate) handoff_resume_after_s: Option<u64>,
 }
+
+/// The longest a handed-off conversation may wait for its person: a month.
+const MAX_HANDOFF_RESUME_AFTER_S: u64 = 30 * 86_400;
 
 /// The backend part of an [`AgentRequest`].
 #[derive(Deserialize)]
@@ -57,6 +62,7 @@ pub struct AgentView {
     name: String,
     backend: serde_json::Value,
     whatsapp: Option<ChannelView>,
+    handoff_resume_after_s: u64,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -102,6 +108,7 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
     Ok(AgentView {
         whatsapp: channel.map(|c| ChannelView::new(state, &agent.id, &c, None)),
         backend: backend_view(&agent.backend),
+        handoff_resume_after_s: agent.handoff_resume_after_s,
         id: agent.id,
         name: agent.name,
         created_at: agent.created_at,
@@ -190,6 +197,19 @@ pub(crate) async fn save(
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name must be 1-200 characters"));
     }
+    let handoff_resume_after_s = match req.handoff_resume_after_s {
+        Some(s) if !(1..=MAX_HANDOFF_RESUME_AFTER_S).contains(&s) => {
+            return Err(ApiError::invalid(format!(
+                "handoff_resume_after_s must be between 1 and {MAX_HANDOFF_RESUME_AFTER_S} (30 days)"
+            )));
+        }
+        Some(s) => s,
+        None => existing
+            .as_ref()
+            .map_or_else(shared::agent::default_handoff_resume_after_s, |a| {
+                a.handoff_resume_after_s
+            }),
+    };
     let previous = existing.as_ref().map(|a| &a.backend);
     let backend = match req.backend {
         BackendRequest::Echo {} => Backend::Echo,
@@ -276,6 +296,7 @@ pub(crate) async fn save(
         id: id.clone(),
         name,
         backend,
+        handoff_resume_after_s,
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,
     };

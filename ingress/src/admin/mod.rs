@@ -3,6 +3,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod dead_letters;
+pub(crate) mod handoff;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
 mod messages;
@@ -57,6 +58,14 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route(
             "/v1/agents/{agent_id}/sessions/{phone}",
             get(sessions::get).delete(lifecycle::forget_session),
+        )
+        .route(
+            "/v1/agents/{agent_id}/sessions/{phone}/pause",
+            post(handoff::pause),
+        )
+        .route(
+            "/v1/agents/{agent_id}/sessions/{phone}/resume",
+            post(handoff::resume),
         )
         .route("/v1/agents/{agent_id}/messages", post(messages::send))
         .route("/v1/dead-letters", get(dead_letters::list))

@@ -1,4 +1,5 @@
-//! `GET /v1/agents/{agent_id}/sessions/{phone}`: the whole conversation.
+//! `GET /v1/agents/{agent_id}/sessions/{phone}`: the whole conversation, and whether a person
+//! has it ([`super::handoff`]).
 
 use axum::{
     Json,
@@ -6,24 +7,34 @@ use axum::{
 };
 use serde::Serialize;
 use shared::{domain::SessionId, store::Turn};
+use time::OffsetDateTime;
 
-use super::{ApiError, load_agent};
+use super::{ApiError, handoff::PauseView, load_agent};
 use crate::AppState;
 
 #[derive(Serialize)]
 pub struct SessionView {
     session_id: String,
     messages: Vec<Turn>,
+    #[serde(flatten)]
+    state: PauseView,
 }
 
 pub async fn get(
     State(state): State<AppState>,
     Path((raw_agent, raw_phone)): Path<(String, String)>,
 ) -> Result<Json<SessionView>, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
     let (session, messages) = transcript(&state, &raw_agent, &raw_phone).await?;
+    let pause = state
+        .store
+        .pause(&session)
+        .await
+        .map_err(ApiError::unavailable)?;
     Ok(Json(SessionView {
         session_id: session.to_string(),
         messages,
+        state: PauseView::new(&agent, pause.as_ref(), OffsetDateTime::now_utc()),
     }))
 }
 

@@ -180,6 +180,7 @@ impl AgentForm {
         Ok(AgentRequest {
             name: non_empty(&self.name),
             backend,
+            handoff_resume_after_s: None,
         })
     }
 

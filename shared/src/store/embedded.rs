@@ -5,11 +5,11 @@
 //! absent once it has passed, and purged a few at a time by later writes.
 //!
 //! Tables: `store_agents` and `store_channels` (id → JSON), `store_turns` ((session, n) → JSON
-//! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`|`optin`,
-//! session) → ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
-//! message sids, send guards, sent parts, statuses and failure counts, with its expiry index
-//! `store_expiries`, and `store_meta` (name → text) for the master key check
-//! ([`crate::key_check`]).
+//! turn), `store_leads` ((agent, user) → JSON), `store_pauses` (session → JSON),
+//! `store_clocks` ((`window`|`optout`|`optin`, session) → ms), `store_expiring` ((kind, scope,
+//! key) → (expires at, bytes)) for turn records, seen message sids, send guards, sent parts,
+//! statuses and failure counts, with its expiry index `store_expiries`, and `store_meta`
+//! (name → text) for the master key check ([`crate::key_check`]).
 
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SimulatedMessage,
-    Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause,
+    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -39,6 +39,8 @@ const TURNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_t
 /// Simulated sends per session, by index from 1: `{"body", "at"}` as the Redis store keeps them.
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_outbox");
 const LEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("store_leads");
+/// Paused conversations: session → JSON [`Pause`].
+const PAUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("store_pauses");
 const CLOCKS: TableDefinition<(&str, &str), i64> = TableDefinition::new("store_clocks");
 const EXPIRING: TableDefinition<(&str, &str, &str), (u64, &[u8])> =
     TableDefinition::new("store_expiring");
@@ -354,6 +356,7 @@ impl EmbeddedStore {
         txn.open_table(TURNS)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(LEADS)?;
+        txn.open_table(PAUSES)?;
         txn.open_table(CLOCKS)?;
         txn.open_table(EXPIRING)?;
         txn.open_table(EXPIRIES)?;
@@ -516,6 +519,7 @@ impl Store for EmbeddedStore {
             .db
             .write(move |txn| {
                 remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+                txn.open_table(PAUSES)?.remove(session.as_str())?;
                 remove_numbered(&mut txn.open_table(OUTBOX)?, &session)
             })
             .await?)
@@ -530,6 +534,7 @@ impl Store for EmbeddedStore {
             .write(move |txn| {
                 remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
                 remove_numbered(&mut txn.open_table(OUTBOX)?, &session)?;
+                txn.open_table(PAUSES)?.remove(session.as_str())?;
                 let mut clocks = txn.open_table(CLOCKS)?;
                 for kind in ["window", "optout", "optin"] {
                     clocks.remove((kind, session.as_str()))?;
@@ -585,10 +590,14 @@ impl Store for EmbeddedStore {
         let agent = session.agent().as_str().to_owned();
         let user = session.user().to_owned();
         let session = session.to_string();
-        let (completed, turns) = self
+        let (completed, turns, pause) = self
             .db
             .write(move |txn| {
                 stamp_max(txn, "window", &session, latest)?;
+                let pause = txn
+                    .open_table(PAUSES)?
+                    .get(session.as_str())?
+                    .map(|v| v.value().to_vec());
                 let mut records = Expiring::open(txn)?;
                 let mut completed = Vec::with_capacity(sightings.len());
                 for sighting in &sightings {
@@ -600,7 +609,7 @@ impl Store for EmbeddedStore {
                 } else {
                     Vec::new()
                 };
-                Ok((completed, turns))
+                Ok((completed, turns, pause))
             })
             .await?;
         Ok(TurnStart {
@@ -609,7 +618,32 @@ impl Store for EmbeddedStore {
                 .map(|r| r.as_deref().map(decode).transpose())
                 .collect::<Result<_, _>>()?,
             history: turns.iter().map(|r| decode(r)).collect::<Result<_, _>>()?,
+            pause: pause.map(|p| decode(&p)).transpose()?,
         })
+    }
+
+    async fn set_pause(
+        &self,
+        session: &SessionId,
+        pause: Option<&Pause>,
+    ) -> Result<(), StoreError> {
+        let session = session.to_string();
+        let raw = pause.map(encode).transpose()?;
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut pauses = txn.open_table(PAUSES)?;
+                match &raw {
+                    Some(raw) => pauses.insert(session.as_str(), raw.as_slice())?,
+                    None => pauses.remove(session.as_str())?,
+                };
+                Ok(())
+            })
+            .await?)
+    }
+
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError> {
+        self.get_json(PAUSES, &session.to_string()).await
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {

@@ -87,6 +87,63 @@ pub struct Turn {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// Who wrote a business message that a person sent rather than the agent (an operator's
+    /// name): the agent then sees what was said in its name while it was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+}
+
+impl Turn {
+    /// A turn said by the user or the agent.
+    pub fn new(role: Role, content: String, at: OffsetDateTime) -> Self {
+        Self {
+            role,
+            content,
+            at,
+            author: None,
+        }
+    }
+}
+
+/// A conversation handed to a person: while it stands, inbound messages are recorded and no
+/// agent runs. It lapses after the agent's `handoff_resume_after_s` without a word from the
+/// person ([`Pause::lapses_at`]), so a conversation nobody picked up goes back to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// Who paused it: `agent` (the agent handed off), or the operator's name (`api` when the
+    /// call named none).
+    pub by: String,
+    /// The person's last message to the user, or the pause itself: the idle time counts from
+    /// here.
+    #[serde(with = "time::serde::rfc3339")]
+    pub active_at: OffsetDateTime,
+}
+
+impl Pause {
+    /// A pause starting at `at`.
+    pub fn new(by: impl Into<String>, at: OffsetDateTime) -> Self {
+        Self {
+            since: at,
+            by: by.into(),
+            active_at: at,
+        }
+    }
+
+    /// When the pause ends by itself: `idle` after the person's last activity (`None`: not
+    /// within the calendar's range).
+    pub fn lapses_at(&self, idle: Duration) -> Option<OffsetDateTime> {
+        time::Duration::try_from(idle)
+            .ok()
+            .and_then(|idle| self.active_at.checked_add(idle))
+    }
+
+    /// Whether it still stands at `now`.
+    pub fn holds(&self, now: OffsetDateTime, idle: Duration) -> bool {
+        now - self.active_at < idle
+    }
 }
 
 /// A WhatsApp user captured as a lead of an agent.
@@ -168,6 +225,10 @@ pub struct CompletedTurn {
     /// republishes them too. Absent from older records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<String>,
+    /// The agent handed the conversation to a person with this reply, so that a redelivered
+    /// message pauses the conversation too when the first delivery died before it did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 /// What a turn starts from ([`Store::begin_turn`]).
@@ -178,6 +239,8 @@ pub struct TurnStart {
     pub completed: Vec<Option<CompletedTurn>>,
     /// The session's last turns, oldest first; empty when every message was answered before.
     pub history: Vec<Turn>,
+    /// The conversation's pause, if it has one (it may have lapsed: [`Pause::holds`]).
+    pub pause: Option<Pause>,
 }
 
 /// The clocks of WhatsApp's rules for what may be sent to a user ([`crate::window`]).
@@ -221,8 +284,8 @@ pub trait Store: Send + Sync + 'static {
     /// agent's leads). True when there was an agent.
     async fn delete_agent(&self, id: &AgentId) -> Result<bool, StoreError>;
 
-    /// Forgets a conversation: its history and its simulated outbox, so that the next message
-    /// starts a new history. What is not the conversation but a fact about the user stays: the
+    /// Forgets a conversation: its history, its pause and its simulated outbox, so that the
+    /// next message starts a new history with the agent. What is not the conversation but a fact about the user stays: the
     /// lead; the window clock (the user did write, and WhatsApp keeps its 24-hour window open
     /// whatever wagate forgets); the opt-out and opt-in clocks (forgetting a conversation must
     /// never start sending to someone who said STOP); and the turn records, which only keep a
@@ -230,8 +293,8 @@ pub trait Store: Send + Sync + 'static {
     /// Forgetting a conversation that is not there does nothing.
     async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError>;
     /// Erases everything stored about the user of `session` with its agent, for a data
-    /// protection request: the lead, the history, the turn records, the window, opt-out and
-    /// opt-in clocks, the simulated outbox, and the parts sent to them with their delivery
+    /// protection request: the lead, the history, the pause, the turn records, the window, opt-out
+    /// and opt-in clocks, the simulated outbox, and the parts sent to them with their delivery
     /// statuses. The opt-out goes too: every record of it holds the number, which is what the
     /// person asked to have erased, and no message can reach them from wagate without someone
     /// giving the number again. Send guards, "seen" marks and failure counts stay: they are
@@ -241,9 +304,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts a turn over `sightings`, the messages of one conversation, oldest first: finds
     /// which were answered before, counts each toward its user's lead, moves the 24-hour window
-    /// clock to the latest and reads the last `history` turns. The same as `completed_turn` and
-    /// `record_lead` per message, `stamp_inbound` and `history`, in one round trip, because the
-    /// worker does this for every message. Every part is idempotent, so a message delivered
+    /// clock to the latest and reads the last `history` turns and the pause. The same as
+    /// `completed_turn` and `record_lead` per message, `stamp_inbound`, `history` and `pause`,
+    /// in one round trip, because the worker does this for every message. Every part is idempotent, so a message delivered
     /// twice changes nothing the second time.
     async fn begin_turn(
         &self,
@@ -269,6 +332,13 @@ pub trait Store: Send + Sync + 'static {
         turns: &[Turn],
         completed: &CompletedTurn,
     ) -> Result<CompletedTurn, StoreError>;
+
+    /// Pauses a conversation (a person takes it over), or with `None` resumes it. A pause
+    /// replaces the one before.
+    async fn set_pause(&self, session: &SessionId, pause: Option<&Pause>)
+    -> Result<(), StoreError>;
+    /// The conversation's pause, lapsed or not.
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError>;
 
     /// Counts an inbound message towards its user's lead, creating the lead on first contact.
     /// Idempotent per message sid.

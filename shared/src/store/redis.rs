@@ -12,7 +12,8 @@
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
 //! `P:turn:{<session>}:<key>` (record of a completed turn), `P:lead:{<agent>}:<user>` (hash),
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
-//! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
+//! `P:pause:{<session>}` (JSON), `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
+//! `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:meta:key-check` (the
 //! master key check, [`crate::key_check`]); and two indexes that let a user be erased without
@@ -29,8 +30,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SimulatedMessage,
-    Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause,
+    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -86,22 +87,23 @@ end
 return counted
 "#;
 
-// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3..] = turn records of the messages;
-// ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as digits (a Lua
-// number would lose digits, and LRANGE takes no exponent).
+// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3] = pause, KEYS[4..] = turn records of
+// the messages; ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as
+// digits (a Lua number would lose digits, and LRANGE takes no exponent). A missing pause is
+// Lua's false, which reaches the client as nil.
 const BEGIN_TURN: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 local done = {}
 local fresh = false
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local record = redis.call('GET', KEYS[i])
-  done[i - 2] = record
+  done[i - 3] = record
   if not record then fresh = true end
 end
 local history = {}
 if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. ARGV[2], -1) end
-return {done, history}
+return {done, history, redis.call('GET', KEYS[3])}
 "#;
 
 // KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
@@ -574,11 +576,12 @@ impl Store for RedisStore {
     }
 
     async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError> {
-        // Both keys carry the session's hash tag: one DEL, one slot.
+        // The keys carry the session's hash tag: one DEL, one slot.
         let _: i64 = self
             .conn()
             .del(&[
                 key!(self, "session:{{{session}}}"),
+                key!(self, "pause:{{{session}}}"),
                 key!(self, "outbox:{{{session}}}"),
             ])
             .await
@@ -625,6 +628,7 @@ impl Store for RedisStore {
             turn_index,
             sent_index,
             history.clone(),
+            key!(self, "pause:{{{session}}}"),
             key!(self, "outbox:{{{session}}}"),
             key!(self, "window:{{{session}}}"),
             key!(self, "optout:{{{session}}}"),
@@ -662,6 +666,7 @@ impl Store for RedisStore {
         let mut keys = vec![
             key!(self, "window:{{{session}}}"),
             key!(self, "session:{{{session}}}"),
+            key!(self, "pause:{{{session}}}"),
         ];
         keys.extend(
             sightings
@@ -680,12 +685,12 @@ impl Store for RedisStore {
         // "seen" mark), so when either fails the whole begin is simply done again.
         let begin = redis::pipe().add_command(begin).clone();
         let lead = redis::pipe().add_command(lead).clone();
-        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>),);
+        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
         let (begun, counted) = tokio::join!(
             self.scripted::<Begun>(&begin),
             self.scripted::<(i64,)>(&lead)
         );
-        let ((completed, turns),) = begun.map_err(err("begin turn"))?;
+        let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
         counted.map_err(err("begin turn"))?;
         Ok(TurnStart {
             completed: completed
@@ -700,7 +705,32 @@ impl Store for RedisStore {
                 .iter()
                 .map(|r| from_json(r, "decode turn"))
                 .collect::<Result<_, _>>()?,
+            pause: pause.map(|p| from_json(&p, "decode pause")).transpose()?,
         })
+    }
+
+    async fn set_pause(
+        &self,
+        session: &SessionId,
+        pause: Option<&Pause>,
+    ) -> Result<(), StoreError> {
+        let key = key!(self, "pause:{{{session}}}");
+        match pause {
+            Some(p) => {
+                let raw = serde_json::to_vec(p).map_err(StoreError::json("encode pause"))?;
+                let _: () = self.conn().set(&key, raw).await.map_err(err("pause"))?;
+            }
+            None => {
+                let _: i64 = self.conn().del(&key).await.map_err(err("resume"))?;
+            }
+        }
+        // Lost in a failover, the agent would answer over the person, or stay silent.
+        self.replicated(&key, "pause").await;
+        Ok(())
+    }
+
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError> {
+        self.get_json(key!(self, "pause:{{{session}}}")).await
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {

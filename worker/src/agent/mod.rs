@@ -18,13 +18,16 @@ use shared::{
     store::{Role, Turn},
 };
 
-/// What an agent answered: text, and media for the user (public https URLs).
+/// What an agent answered: text, and media for the user (public https URLs), and whether it
+/// hands the conversation to a person.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentReply {
     /// The reply text (may be empty).
     pub text: String,
     /// Media to send, in order.
     pub media: Vec<String>,
+    /// The agent cannot help further: pause the conversation for a person.
+    pub handoff: bool,
 }
 
 impl AgentReply {
@@ -32,7 +35,7 @@ impl AgentReply {
     fn text(text: String) -> Self {
         Self {
             text,
-            media: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -89,7 +92,9 @@ impl<'a> ChatMessage<'a> {
         }
     }
 
-    /// A turn of the history.
+    /// A turn of the history. A business message a person wrote is the assistant's turn too
+    /// (the user saw it from the business), its author left out: what matters to the model
+    /// is what was said.
     fn turn(t: &'a Turn) -> Self {
         let role = match t.role {
             Role::User => "user",

@@ -3,7 +3,8 @@
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`, and may
 //! carry `"media": ["https://…"]` (up to 10; sent one a message, the first with the reply as
-//! its caption).
+//! its caption) and `"handoff": true` (the reply goes out, then the conversation waits for a
+//! person).
 //!
 //! The request's `media` carries each medium of the turn's messages with its bytes in base64
 //! (`url`, `content_type`, `size`, `data_base64`, or `error` when it could not be fetched), so
@@ -17,7 +18,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
-use shared::{domain::AgentId, envelope::InboundMessage};
+use shared::{
+    domain::AgentId,
+    envelope::{InboundMessage, MAX_MEDIA, is_public_media_url},
+};
 
 use http::{
     HeaderName, HeaderValue,
@@ -152,10 +156,6 @@ pub async fn reply(
     answer_of(&v)
 }
 
-/// Most media a reply may carry (Twilio's limit of `MediaUrl`s on one message, and plenty for
-/// a chat).
-const MAX_MEDIA: usize = 10;
-
 /// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one.
 fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
     let text = match v.get("reply") {
@@ -195,21 +195,25 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
             ));
         }
     };
-    if text.is_none() && media.is_empty() {
+    let handoff = match v.get("handoff") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"handoff\" is not true or false",
+            ));
+        }
+    };
+    if text.is_none() && media.is_empty() && !handoff {
         return Err(Failure::permanent(
-            "the agent webhook's answer has neither a \"reply\" string nor \"media\"",
+            "the agent webhook's answer has neither a \"reply\" string nor \"media\" nor \"handoff\"",
         ));
     }
     Ok(super::AgentReply {
         text: text.unwrap_or_default(),
         media,
+        handoff,
     })
-}
-
-/// An https URL with a host, at most 2048 bytes: what Twilio can fetch a medium from.
-fn is_public_media_url(url: &str) -> bool {
-    url.len() <= 2048
-        && reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some())
 }
 
 fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, Failure> {
