@@ -334,6 +334,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         created_at: at(5),
         answers_received_at: None,
         media: Vec::new(),
+        quick_replies: Vec::new(),
         traceparent: None,
         callback_base: None,
     }
@@ -492,6 +493,7 @@ async fn history_window_and_order(rig: Rig) {
             reply: format!("a{i}"),
             media: Vec::new(),
             handoff: false,
+            quick_replies: Vec::new(),
         };
         let key = sid(100 + i as u64);
         let stood = store
@@ -550,6 +552,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
                 reply: format!("reply {i}"),
                 media: Vec::new(),
                 handoff: false,
+                quick_replies: Vec::new(),
             };
             store
                 .complete_turn(&s, &keys, &turns, &record)
@@ -624,6 +627,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         reply: "first answer".into(),
         media: Vec::new(),
         handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [
         turn(Role::User, "one", 0),
@@ -1408,6 +1412,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
         reply: "hi".into(),
         media: Vec::new(),
         handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store
@@ -1507,6 +1512,7 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         reply: format!("answer {n}"),
         media: Vec::new(),
         handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [
         turn(Role::User, &format!("question {n}"), 10),

@@ -18,7 +18,7 @@ use shared::{
     directory::{ChannelDirectory, Lookup},
     dispatch::with_keep_alive,
     domain::SessionId,
-    envelope::{DeadLetter, InboundMessage, OutboundReply, ReplyContent},
+    envelope::{CONTENT_BODY_CHARS, DeadLetter, InboundMessage, OutboundReply, ReplyContent},
     failure::Failure,
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
@@ -306,13 +306,20 @@ async fn process(
         .map(|m| Turn::new(Role::User, user_text(m, &media), m.received_at))
         .collect();
     if !reply.text.trim().is_empty() || !reply.media.is_empty() {
-        // The history says what was sent, media as their links.
+        // The history says what was sent, media as their links and the choices offered, so
+        // that the agent knows what the user's answer picks from.
         let mut content = reply.text.clone();
         for url in &reply.media {
             if !content.is_empty() {
                 content.push('\n');
             }
             content.push_str(&format!("[media: {url}]"));
+        }
+        if !reply.quick_replies.is_empty() {
+            content.push_str(&format!(
+                "\n[quick replies: {}]",
+                reply.quick_replies.join(" | ")
+            ));
         }
         turns.push(Turn::new(
             Role::Assistant,
@@ -325,6 +332,7 @@ async fn process(
         reply: reply.text,
         media: reply.media,
         handoff: reply.handoff,
+        quick_replies: reply.quick_replies,
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
@@ -353,6 +361,7 @@ async fn record_for_the_person(
         reply: String::new(),
         media: Vec::new(),
         handoff: false,
+        quick_replies: Vec::new(),
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     ctx.store
@@ -390,7 +399,14 @@ async fn publish_reply(
         );
         metrics::counter!("wagate_replies_truncated_total").increment(1);
     }
-    let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), MAX_BODY_UTF16);
+    // With choices, the last part becomes the body of a quick-reply or list-picker content,
+    // which holds less than a message.
+    let limit = if done.quick_replies.is_empty() {
+        MAX_BODY_UTF16
+    } else {
+        CONTENT_BODY_CHARS
+    };
+    let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), limit);
     if parts.is_empty() && done.media.is_empty() {
         tracing::info!(sid = %msg.message_sid, "the agent had nothing to say");
         return Ok(());
@@ -403,6 +419,7 @@ async fn publish_reply(
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: Some(msg.received_at),
         media: done.media.clone(),
+        quick_replies: done.quick_replies.clone(),
         traceparent: shared::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
     };

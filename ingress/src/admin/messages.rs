@@ -141,6 +141,7 @@ pub async fn send(
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: None,
         media: req.media,
+        quick_replies: Vec::new(),
         traceparent: {
             let span = tracing::Span::current();
             shared::trace::record_trace_id(&span);
@@ -191,6 +192,7 @@ async fn by_a_person(
         reply: String::new(),
         media: Vec::new(),
         handoff: false,
+        quick_replies: Vec::new(),
     };
     state
         .store

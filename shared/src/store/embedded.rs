@@ -8,7 +8,7 @@
 //! turn), `store_leads` ((agent, user) → JSON), `store_pauses` (session → JSON),
 //! `store_clocks` ((`window`|`optout`|`optin`, session) → ms), `store_expiring` ((kind, scope,
 //! key) → (expires at, bytes)) for turn records, seen message sids, send guards, sent parts,
-//! statuses and failure counts, with its expiry index `store_expiries`, and `store_meta`
+//! statuses, failure counts and cached Content API sids, with its expiry index `store_expiries`, and `store_meta`
 //! (name → text) for the master key check ([`crate::key_check`]).
 
 use std::time::Duration;
@@ -1079,6 +1079,28 @@ impl Store for EmbeddedStore {
                 Ok(true)
             })
             .await?)
+    }
+
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let raw = self.get_expiring(("content", "", key)).await?;
+        Ok(raw.map(|r| String::from_utf8_lossy(&r).into_owned()))
+    }
+
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
+        let (key, sid) = (key.to_owned(), sid.to_owned());
+        let ttl = duration_ms(super::CONTENT_TTL);
+        let stands = self
+            .db
+            .write(move |txn| {
+                let mut expiring = Expiring::open(txn)?;
+                if let Some(cached) = expiring.get(("content", "", &key))? {
+                    return Ok(cached);
+                }
+                expiring.put(("content", "", &key), sid.as_bytes(), ttl)?;
+                Ok(sid.clone().into_bytes())
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&stands).into_owned())
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

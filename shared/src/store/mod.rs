@@ -229,6 +229,10 @@ pub struct CompletedTurn {
     /// message pauses the conversation too when the first delivery died before it did.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
+    /// Choices the agent offered with the reply, so that a redelivered message republishes
+    /// them too. Absent from older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quick_replies: Vec<String>,
 }
 
 /// What a turn starts from ([`Store::begin_turn`]).
@@ -454,6 +458,16 @@ pub trait Store: Send + Sync + 'static {
         new: &SealedSecret,
     ) -> Result<bool, StoreError>;
 
+    /// The Content API sid (`HX…`) cached under `key`, if there is one. A sender makes a
+    /// quick-reply or list-picker content once and finds it here afterwards, as does every
+    /// other sender and the same one after a restart, rather than making a new content resource
+    /// in the account for each reply.
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Caches `sid` under `key` for [`CONTENT_TTL`] unless a sid is cached there already
+    /// (another sender made the same content at the same time), atomically; returns the sid
+    /// that stands, so that both senders go on with one content.
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError>;
+
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;
 }
@@ -471,6 +485,11 @@ fn latest_sighting(
     }
     Ok(sightings.iter().map(|s| s.at).max())
 }
+
+/// How long a cached Content API sid is kept ([`Store::cache_content_sid`]): a content is
+/// reused for a month, then made again once, so a cache of one-off questions does not grow
+/// forever.
+pub const CONTENT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// How long records that only guard against duplicates are kept.
 pub const GUARD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -15,8 +15,8 @@
 //! `P:pause:{<session>}` (JSON), `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
 //! `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
-//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:meta:key-check` (the
-//! master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:content:<hash>`
+//! (a cached Content API sid), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -191,6 +191,15 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 "#;
 
+// KEYS[1] = a cached content sid; ARGV[1] = a fresh sid, stored for ARGV[2] seconds unless one
+// is. Returns the one that stands.
+const CACHE_CONTENT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"#;
+
 // KEYS[1] = the key check; replaced by ARGV[2] only while it is still ARGV[1].
 const REPLACE_KEY_CHECK: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -211,6 +220,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     record_status: Script::new(RECORD_STATUS),
     key_check: Script::new(KEY_CHECK),
     replace_key_check: Script::new(REPLACE_KEY_CHECK),
+    cache_content: Script::new(CACHE_CONTENT),
 });
 
 struct Scripts {
@@ -225,6 +235,7 @@ struct Scripts {
     record_status: Script,
     key_check: Script,
     replace_key_check: Script,
+    cache_content: Script,
 }
 
 impl Scripts {
@@ -1172,6 +1183,24 @@ impl Store for RedisStore {
             .await
             .map_err(err("replace key check"))?;
         Ok(replaced == 1)
+    }
+
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(key!(self, "content:{key}"))
+            .await
+            .map_err(err("read content sid"))
+    }
+
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
+        SCRIPTS
+            .cache_content
+            .key(key!(self, "content:{key}"))
+            .arg(sid)
+            .arg(super::CONTENT_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("cache content sid"))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -18,8 +18,8 @@ use shared::{
     store::{Role, Turn},
 };
 
-/// What an agent answered: text, and media for the user (public https URLs), and whether it
-/// hands the conversation to a person.
+/// What an agent answered: text, and media for the user (public https URLs), choices for the
+/// user to tap, and whether it hands the conversation to a person.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentReply {
     /// The reply text (may be empty).
@@ -28,6 +28,8 @@ pub struct AgentReply {
     pub media: Vec<String>,
     /// The agent cannot help further: pause the conversation for a person.
     pub handoff: bool,
+    /// Choices offered with the text (quick replies), in order.
+    pub quick_replies: Vec<String>,
 }
 
 impl AgentReply {

@@ -3,7 +3,9 @@
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`, and may
 //! carry `"media": ["https://…"]` (up to 10; sent one a message, the first with the reply as
-//! its caption) and `"handoff": true` (the reply goes out, then the conversation waits for a
+//! its caption), `"quick_replies": ["Yes", "No"]` (up to 10 choices for the user to tap,
+//! offered with the reply: up to 3 as buttons of at most 20 characters, more as a list of items
+//! of at most 24) and `"handoff": true` (the reply goes out, then the conversation waits for a
 //! person).
 //!
 //! The request's `media` carries each medium of the turn's messages with its bytes in base64
@@ -20,7 +22,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use shared::{
     domain::AgentId,
-    envelope::{InboundMessage, MAX_MEDIA, is_public_media_url},
+    envelope::{InboundMessage, MAX_MEDIA, MAX_QUICK_REPLIES, choice_chars, is_public_media_url},
 };
 
 use http::{
@@ -156,7 +158,8 @@ pub async fn reply(
     answer_of(&v)
 }
 
-/// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one.
+/// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one,
+/// and the choices offered with the reply.
 fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
     let text = match v.get("reply") {
         None | Some(Value::Null) => None,
@@ -204,6 +207,12 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
             ));
         }
     };
+    let quick_replies = quick_replies_of(v.get("quick_replies"))?;
+    if !quick_replies.is_empty() && text.as_deref().is_none_or(|t| t.trim().is_empty()) {
+        return Err(Failure::permanent(
+            "the agent webhook's \"quick_replies\" need a \"reply\": the text the choices answer",
+        ));
+    }
     if text.is_none() && media.is_empty() && !handoff {
         return Err(Failure::permanent(
             "the agent webhook's answer has neither a \"reply\" string nor \"media\" nor \"handoff\"",
@@ -213,7 +222,52 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
         text: text.unwrap_or_default(),
         media,
         handoff,
+        quick_replies,
     })
+}
+
+/// Reads `quick_replies`: up to [`MAX_QUICK_REPLIES`] distinct, non-empty strings, each short
+/// enough for what they become (a button's title, or a list's item). WhatsApp would refuse
+/// anything else, and an answer the agent will give again is better refused with the reason
+/// than cut into something the agent did not say.
+fn quick_replies_of(v: Option<&Value>) -> Result<Vec<String>, Failure> {
+    let items = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"quick_replies\" is not a list",
+            ));
+        }
+    };
+    if items.len() > MAX_QUICK_REPLIES {
+        return Err(Failure::permanent(format!(
+            "the agent webhook's \"quick_replies\" has more than {MAX_QUICK_REPLIES} choices"
+        )));
+    }
+    let longest = choice_chars(items.len());
+    let mut choices: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let choice = item.as_str().map(str::trim).unwrap_or_default();
+        if choice.is_empty() {
+            return Err(Failure::permanent(
+                "the agent webhook's \"quick_replies\" must be non-empty strings",
+            ));
+        }
+        if choice.chars().count() > longest {
+            return Err(Failure::permanent(format!(
+                "the agent webhook's quick reply {choice:?} is over {longest} characters (WhatsApp's limit for {} choices)",
+                items.len()
+            )));
+        }
+        if choices.iter().any(|c| c == choice) {
+            return Err(Failure::permanent(format!(
+                "the agent webhook's quick reply {choice:?} is offered twice"
+            )));
+        }
+        choices.push(choice.to_owned());
+    }
+    Ok(choices)
 }
 
 fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, Failure> {
