@@ -210,7 +210,95 @@ on_both!(
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
     a_pause_is_read_with_the_turn_replaced_and_lifted,
+    a_content_sid_is_cached_once_and_survives_reopen,
+    a_completed_turn_keeps_its_quick_replies,
 );
+
+/// A cached Content API sid: absent until cached, the first sid cached stands against a later
+/// one and against racing senders, it is one key's only, and it survives a reopen.
+async fn a_content_sid_is_cached_once_and_survives_reopen(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let (first, second) = (
+        format!("HX{}", "a1".repeat(16)),
+        format!("HX{}", "b2".repeat(16)),
+    );
+    assert_eq!(store.content_sid("k1").await.unwrap(), None, "{n}");
+    assert_eq!(
+        store.cache_content_sid("k1", &first).await.unwrap(),
+        first,
+        "{n}"
+    );
+    assert_eq!(
+        store.cache_content_sid("k1", &second).await.unwrap(),
+        first,
+        "{n}: the first content stands"
+    );
+    assert_eq!(
+        store.content_sid("k1").await.unwrap(),
+        Some(first.clone()),
+        "{n}"
+    );
+    assert_eq!(store.content_sid("k2").await.unwrap(), None, "{n}");
+
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let sid = format!("HX{i:032x}");
+                store.cache_content_sid("k3", &sid).await.unwrap()
+            })
+        })
+        .collect();
+    let mut standing = Vec::new();
+    for racer in racers {
+        standing.push(racer.await.unwrap());
+    }
+    assert!(
+        standing.iter().all(|s| *s == standing[0]),
+        "{n}: {standing:?}"
+    );
+
+    drop(store);
+    let store = rig.reopen().await;
+    assert_eq!(store.content_sid("k1").await.unwrap(), Some(first), "{n}");
+    assert_eq!(
+        store.content_sid("k3").await.unwrap(),
+        Some(standing[0].clone()),
+        "{n}"
+    );
+}
+
+/// The choices an agent offered stay with the completed turn's record, so a redelivered
+/// message republishes them.
+async fn a_completed_turn_keeps_its_quick_replies(rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let s = session("a1", "+14155550100");
+    let record = CompletedTurn {
+        reply_id: "in-1".into(),
+        reply: "Shall I?".into(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: vec!["Yes".into(), "No".into()],
+    };
+    let key = sid(1);
+    let stands = store
+        .complete_turn(
+            &s,
+            std::slice::from_ref(&key),
+            &[turn(Role::Assistant, "Shall I?", 1)],
+            &record,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stands, record, "{n}");
+    assert_eq!(
+        store.completed_turn(&s, &key).await.unwrap(),
+        Some(record),
+        "{n}"
+    );
+}
 
 /// A conversation's pause comes with the turn that begins while it stands (no round trip of
 /// its own), a new pause replaces it, resuming lifts it, and it concerns one conversation.

@@ -23,6 +23,7 @@ mod media;
 mod nats_cluster;
 mod ordering;
 mod outage;
+mod quick_replies;
 mod redis_cluster;
 mod secrets;
 mod sending;
