@@ -278,3 +278,81 @@ fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, F
     mac.update(body);
     Ok(hex::encode(mac.finalize().into_bytes()))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::answer_of;
+
+    fn refused(answer: serde_json::Value) -> String {
+        let failure = answer_of(&answer).expect_err("refused");
+        assert_eq!(
+            failure.kind,
+            shared::failure::Kind::Permanent,
+            "{}",
+            failure.reason
+        );
+        failure.reason
+    }
+
+    #[test]
+    fn quick_replies_come_with_the_reply_trimmed_and_in_order() {
+        let reply = answer_of(&json!({"reply": "Sure?", "quick_replies": [" Yes", "No "]}))
+            .expect("an answer");
+        assert_eq!(reply.quick_replies, ["Yes", "No"]);
+        let plain = answer_of(&json!({"reply": "Hi", "quick_replies": null})).expect("an answer");
+        assert!(plain.quick_replies.is_empty());
+    }
+
+    #[test]
+    fn choices_wider_than_a_button_fit_a_list_of_more_than_three() {
+        let item = "Twenty-four characters!!";
+        assert_eq!(item.chars().count(), 24);
+        let reason = refused(json!({"reply": "Pick", "quick_replies": [item, "b"]}));
+        assert!(reason.contains("over 20 characters"), "{reason}");
+        let four = json!({"reply": "Pick", "quick_replies": [item, "b", "c", "d"]});
+        assert_eq!(answer_of(&four).expect("an answer").quick_replies.len(), 4);
+        let wider = format!("{item}!");
+        let reason = refused(json!({"reply": "Pick", "quick_replies": [wider, "b", "c", "d"]}));
+        assert!(reason.contains("over 24 characters"), "{reason}");
+    }
+
+    #[test]
+    fn bad_quick_replies_are_refused_with_the_reason() {
+        let eleven: Vec<String> = (0..11).map(|i| format!("c{i}")).collect();
+        for (answer, why) in [
+            (
+                json!({"reply": "Pick", "quick_replies": "Yes"}),
+                "is not a list",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": eleven}),
+                "more than 10",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", 2]}),
+                "non-empty strings",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", "  "]}),
+                "non-empty strings",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", "Yes"]}),
+                "offered twice",
+            ),
+            (
+                json!({"quick_replies": ["Yes"], "handoff": true}),
+                "need a \"reply\"",
+            ),
+            (
+                json!({"reply": " ", "quick_replies": ["Yes"]}),
+                "need a \"reply\"",
+            ),
+        ] {
+            let reason = refused(answer.clone());
+            assert!(reason.contains(why), "{answer}: {reason}");
+        }
+    }
+}
