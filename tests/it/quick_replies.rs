@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
+    fake_twilio::ScriptedResponse,
     harness::{AUTH_TOKEN, Wagate, World, eventually, inbound_form, sid},
 };
 
@@ -198,6 +199,32 @@ async fn media_and_the_first_parts_of_a_long_reply_come_first_and_the_choices_la
             .all(|m| m.content_sid.is_none()),
         "only the last message carries the choices"
     );
+    assert!(
+        w.twilio.violations().is_empty(),
+        "{:?}",
+        w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_content_message_twilio_made_behind_an_ambiguous_answer_is_not_posted_again() {
+    // Twilio makes the message and answers 500: the sender must find it in Twilio's list by the
+    // text it shows (the content's body) rather than post the choices a second time.
+    let (w, _hook) = agent_world(yes_no()).await;
+    w.twilio.push_response(ScriptedResponse::AcceptButFail500);
+    w.wagate
+        .inbound("book", &sid(1), FROM, "a table please")
+        .await;
+    let found = r#"wagate_send_ambiguous_total{resolution="found"}"#;
+    eventually(
+        WAIT,
+        "the ambiguous send settled from Twilio's list",
+        || async { (w.wagate.metric(found).await == 1.0).then_some(()) },
+    )
+    .await;
+    let sent = w.twilio.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(sent[0].content_sid.is_some(), "{sent:?}");
     assert!(
         w.twilio.violations().is_empty(),
         "{:?}",
