@@ -48,6 +48,11 @@ pub fn default_transcription_model() -> Option<String> {
     Some("whisper-1".to_owned())
 }
 
+/// Models are offered wagate's tools unless the agent says otherwise.
+pub fn default_tools() -> bool {
+    true
+}
+
 /// What produces an agent's replies.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -76,6 +81,11 @@ pub enum Backend {
         /// Agents saved before it existed get the default.
         #[serde(default = "default_transcription_model")]
         transcription_model: Option<String>,
+        /// Whether the model is offered wagate's tools (`handoff_to_human`, `send_media`):
+        /// off for a server that refuses requests with tools. Agents saved before tools
+        /// existed get them.
+        #[serde(default = "default_tools")]
+        tools: bool,
     },
     /// The business's own endpoint, called with a signed JSON request.
     Webhook {
