@@ -20,7 +20,7 @@ use shared::{
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
     twilio::rest::{FailureClass, UNSUBSCRIBED},
-    window::{Refusal, refusal, template_refusal},
+    window::{Refusal, confirmation_refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -389,6 +389,7 @@ async fn claim(
         .await
         .map_err(Failure::transient)?;
     let refused = match reply.content {
+        _ if reply.confirms_consent() => confirmation_refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Template { .. } => template_refusal(clocks),
     };

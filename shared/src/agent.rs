@@ -118,7 +118,28 @@ pub struct WhatsAppChannel {
     /// and `wagate chat`) instead of being posted to Twilio, to try an agent without Twilio.
     #[serde(default)]
     pub simulation: bool,
+    /// What users opt out and back in with, and what they are told: Twilio's defaults unless
+    /// the business chose its own. Channels saved before these existed get the defaults.
+    #[serde(default)]
+    pub consent: Consent,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// A channel's opt-out settings; `None` is the default (see [`crate::window`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// Words that opt a user out (a message that is just one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_keywords: Option<Vec<String>>,
+    /// Words that opt a user who opted out back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_keywords: Option<Vec<String>>,
+    /// The confirmation of an opt-out; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_reply: Option<String>,
+    /// The confirmation of an opt-in; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_reply: Option<String>,
 }

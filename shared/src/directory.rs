@@ -215,6 +215,7 @@ mod tests {
                     phone_number: PhoneNumber::parse("+14155238886").unwrap(),
                     enabled: true,
                     simulation: false,
+                    consent: Default::default(),
                     updated_at: now,
                 },
             )
