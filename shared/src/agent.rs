@@ -122,9 +122,24 @@ pub struct WhatsAppChannel {
     /// the business chose its own. Channels saved before these existed get the defaults.
     #[serde(default)]
     pub consent: Consent,
+    /// The words a phone sends as `join <words>` to join the Twilio Sandbox, shown where a
+    /// user who has not joined needs them (63015).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_join_code: Option<String>,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// The Twilio Sandbox for WhatsApp's shared number: a channel on it reaches only phones that
+/// joined it, and sends slowly.
+pub const SANDBOX_NUMBER: &str = "+14155238886";
+
+impl WhatsAppChannel {
+    /// Whether the channel is on the Twilio Sandbox.
+    pub fn is_sandbox(&self) -> bool {
+        self.phone_number.as_str() == SANDBOX_NUMBER
+    }
 }
 
 /// A channel's opt-out settings; `None` is the default (see [`crate::window`]).

@@ -216,6 +216,7 @@ mod tests {
                     enabled: true,
                     simulation: false,
                     consent: Default::default(),
+                    sandbox_join_code: None,
                     updated_at: now,
                 },
             )

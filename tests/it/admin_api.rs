@@ -445,6 +445,8 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "optin_keywords",
         "optout_reply",
         "optin_reply",
+        "sandbox",
+        "sandbox_join_code",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -457,6 +459,7 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
     );
     assert_eq!(put["optin_keywords"], json!(["START", "YES", "UNSTOP"]));
     assert!(put["optout_reply"].as_str().unwrap().contains("START"));
+    assert_eq!(put["sandbox"], true, "{SANDBOX} is the Sandbox's number");
     let base = format!("{}/webhooks/twilio/whatsapp/demo", w.wagate.public_url);
     // Twilio's connection overrides ride in the fragment, which Twilio does not sign.
     let webhook_url = format!("{base}#rc=3&rp=ct,rt,5xx");
@@ -522,6 +525,8 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
             "optout_keywords",
             "optout_reply",
             "phone_number",
+            "sandbox",
+            "sandbox_join_code",
             "simulation",
             "status_callback_url",
             "webhook_url"

@@ -606,6 +606,65 @@ async fn stop_opts_out_without_a_turn_and_only_start_opts_back_in() {
     );
 }
 
+/// A send to a phone that has not joined the Sandbox (63015) becomes a dead letter that says
+/// how to join, with the channel's join code; a production number is not the Sandbox.
+#[tokio::test]
+async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let put = |body: serde_json::Value| {
+        let w = &w;
+        async move {
+            let r = w
+                .wagate
+                .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, channel) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "sandbox_join_code": "join ancient-pencil",
+    }))
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["sandbox"], true);
+    assert_eq!(channel["sandbox_join_code"], "ancient-pencil");
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 63015,
+        message:
+            "Channel Sandbox can only send messages to phone numbers that have joined the Sandbox"
+                .into(),
+    });
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 63015, "{dl:?}");
+    let reason = dl[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("joined the Sandbox") && reason.contains("\"join ancient-pencil\""),
+        "{reason}"
+    );
+    let (status, channel) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155550999",
+        "sandbox_join_code": "",
+    }))
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["sandbox"], false);
+    assert_eq!(channel["sandbox_join_code"], serde_json::Value::Null);
+    let (status, error) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "sandbox_join_code": "join <script>",
+    }))
+    .await;
+    assert_eq!(status, 422, "{error}");
+}
+
 /// A channel's own keywords replace Twilio's, its own confirmations are sent (an empty one is
 /// none), and "yes" from a user who never opted out is an ordinary answer.
 #[tokio::test]

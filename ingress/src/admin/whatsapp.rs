@@ -36,6 +36,33 @@ pub(crate) struct ChannelRequest {
     pub(crate) optin_keywords: Option<Vec<String>>,
     pub(crate) optout_reply: Option<String>,
     pub(crate) optin_reply: Option<String>,
+    /// The Sandbox's join words (`join <words>` or just the words); left out keeps what was
+    /// stored, `""` removes it.
+    pub(crate) sandbox_join_code: Option<String>,
+}
+
+/// The words of a Sandbox join code as given (`join ancient-pencil`, or `ancient-pencil`), or
+/// `None` for an empty one.
+fn join_words(raw: &str) -> Result<Option<String>, ApiError> {
+    let raw = raw.trim();
+    let words = raw
+        .strip_prefix("join ")
+        .or_else(|| raw.strip_prefix("JOIN "))
+        .unwrap_or(raw)
+        .trim();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    let fine = words.len() <= 64
+        && words
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ' ');
+    if !fine {
+        return Err(ApiError::invalid(
+            "sandbox_join_code is the Sandbox's words, as \"join ancient-pencil\" (letters, digits and hyphens)",
+        ));
+    }
+    Ok(Some(words.to_owned()))
 }
 
 /// Most keywords of each kind a channel may have.
@@ -140,6 +167,9 @@ pub struct ChannelView {
     pub(crate) simulation: bool,
     #[serde(flatten)]
     pub(crate) consent: ConsentView,
+    /// On the Twilio Sandbox's number.
+    pub(crate) sandbox: bool,
+    pub(crate) sandbox_join_code: Option<String>,
 }
 
 impl ChannelView {
@@ -160,6 +190,8 @@ impl ChannelView {
             status_callback_url,
             simulation: channel.simulation,
             consent: ConsentView::new(&channel.consent),
+            sandbox: channel.is_sandbox(),
+            sandbox_join_code: channel.sandbox_join_code.clone(),
         }
     }
 }
@@ -259,6 +291,10 @@ pub(crate) async fn save(
             .or(existing.as_ref().map(|c| c.enabled))
             .unwrap_or(true),
         consent,
+        sandbox_join_code: match req.sandbox_join_code.as_deref() {
+            Some(raw) => join_words(raw)?,
+            None => existing.as_ref().and_then(|c| c.sandbox_join_code.clone()),
+        },
         updated_at: OffsetDateTime::now_utc(),
     };
     state

@@ -137,6 +137,7 @@ async fn simulated_channel(state: &AppState, agent: &Agent) -> Result<String, Ap
                 optin_keywords: None,
                 optout_reply: None,
                 optin_reply: None,
+                sandbox_join_code: None,
             };
             whatsapp::save(state, agent.id.as_str(), request, None).await?;
             Ok(SIMULATED_NUMBER.to_owned())

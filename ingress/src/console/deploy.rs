@@ -169,6 +169,7 @@ async fn save_deploy(
         optin_keywords: None,
         optout_reply: None,
         optin_reply: None,
+        sandbox_join_code: None,
     };
     match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
         Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
