@@ -25,8 +25,8 @@ use shared::{
     failure::Failure,
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
-    twilio::rest::{FailureClass, UNSUBSCRIBED},
-    window::{Refusal, refusal, template_refusal},
+    twilio::rest::{FailureClass, UNSUBSCRIBED, advice},
+    window::{Refusal, confirmation_refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -429,7 +429,12 @@ async fn send_part(
     if e.code == Some(UNSUBSCRIBED) {
         return Err(opted_out_at_twilio(ctx, reply, &e).await);
     }
-    Err(e.failure())
+    let mut failure = e.failure();
+    let join_code = channel.channel.sandbox_join_code.as_deref();
+    if let Some(advice) = e.code.and_then(|code| advice(code, join_code)) {
+        failure.reason = format!("{}; what to do: {advice}", failure.reason);
+    }
+    Err(failure)
 }
 
 /// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
@@ -510,6 +515,7 @@ async fn claim(
         .await
         .map_err(Failure::transient)?;
     let refused = match reply.content {
+        _ if reply.confirms_consent() => confirmation_refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Template { .. } => template_refusal(clocks),
     };

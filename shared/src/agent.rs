@@ -48,6 +48,11 @@ pub fn default_transcription_model() -> Option<String> {
     Some("whisper-1".to_owned())
 }
 
+/// Models are offered wagate's tools unless the agent says otherwise.
+pub fn default_tools() -> bool {
+    true
+}
+
 /// What produces an agent's replies.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -76,6 +81,11 @@ pub enum Backend {
         /// Agents saved before it existed get the default.
         #[serde(default = "default_transcription_model")]
         transcription_model: Option<String>,
+        /// Whether the model is offered wagate's tools (`handoff_to_human`, `send_media`):
+        /// off for a server that refuses requests with tools. Agents saved before tools
+        /// existed get them.
+        #[serde(default = "default_tools")]
+        tools: bool,
     },
     /// The business's own endpoint, called with a signed JSON request.
     Webhook {
@@ -108,7 +118,43 @@ pub struct WhatsAppChannel {
     /// and `wagate chat`) instead of being posted to Twilio, to try an agent without Twilio.
     #[serde(default)]
     pub simulation: bool,
+    /// What users opt out and back in with, and what they are told: Twilio's defaults unless
+    /// the business chose its own. Channels saved before these existed get the defaults.
+    #[serde(default)]
+    pub consent: Consent,
+    /// The words a phone sends as `join <words>` to join the Twilio Sandbox, shown where a
+    /// user who has not joined needs them (63015).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_join_code: Option<String>,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// The Twilio Sandbox for WhatsApp's shared number: a channel on it reaches only phones that
+/// joined it, and sends slowly.
+pub const SANDBOX_NUMBER: &str = "+14155238886";
+
+impl WhatsAppChannel {
+    /// Whether the channel is on the Twilio Sandbox.
+    pub fn is_sandbox(&self) -> bool {
+        self.phone_number.as_str() == SANDBOX_NUMBER
+    }
+}
+
+/// A channel's opt-out settings; `None` is the default (see [`crate::window`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// Words that opt a user out (a message that is just one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_keywords: Option<Vec<String>>,
+    /// Words that opt a user who opted out back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_keywords: Option<Vec<String>>,
+    /// The confirmation of an opt-out; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_reply: Option<String>,
+    /// The confirmation of an opt-in; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_reply: Option<String>,
 }

@@ -215,6 +215,8 @@ mod tests {
                     phone_number: PhoneNumber::parse("+14155238886").unwrap(),
                     enabled: true,
                     simulation: false,
+                    consent: Default::default(),
+                    sandbox_join_code: None,
                     updated_at: now,
                 },
             )

@@ -173,7 +173,8 @@ impl ReplyContent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboundReply {
     /// Unique id of the reply: `in-<MessageSid>` for answers to an inbound message, `api-<uuid>`
-    /// for admin sends. With the part index it keys the send guard, so a part is posted once.
+    /// for admin sends, `consent-<MessageSid>` for the confirmation of an opt-out or opt-in.
+    /// With the part index it keys the send guard, so a part is posted once.
     pub id: String,
     /// The sending agent.
     pub agent_id: AgentId,
@@ -215,6 +216,18 @@ impl OutboundReply {
     /// The id of the reply that answers an inbound message.
     pub fn id_for_inbound(sid: &MessageSid) -> String {
         format!("in-{}", sid.as_str())
+    }
+
+    /// The id of the confirmation of the opt-out or opt-in that inbound message `sid` was.
+    pub fn id_for_confirmation(sid: &MessageSid) -> String {
+        format!("consent-{}", sid.as_str())
+    }
+
+    /// Whether this is the confirmation of an opt-out or opt-in: it goes out even to the user
+    /// who just opted out, who must hear that it worked (inside the window, as they just
+    /// wrote).
+    pub fn confirms_consent(&self) -> bool {
+        self.id.starts_with("consent-")
     }
 
     /// The conversation this reply belongs to.

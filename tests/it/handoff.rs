@@ -2,7 +2,8 @@
 //! agent; an operator's message goes out in the business's name and into the history with its
 //! author; the agent, given the conversation back, sees everything that was said; an agent can
 //! hand off itself (`"handoff": true`), and a pause nobody picks up lapses after the agent's
-//! `handoff_resume_after_s`.
+//! `handoff_resume_after_s`. An OpenAI-compatible agent does the same, and sends media, through
+//! the tools it is offered.
 
 use crate::support;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
+    fake_openai::FakeOpenAi,
     harness::{World, eventually, sid},
 };
 
@@ -72,17 +74,10 @@ async fn post(w: &World, path: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits until the session holds a turn with `content`, and returns the session.
+/// Waits until the session of `help` with [`FROM`] holds a turn with `content`, and returns
+/// the session.
 async fn recorded(w: &World, content: &str) -> Value {
-    eventually(WAIT, &format!("{content:?} in the history"), || async {
-        let session = w.wagate.session("help", FROM).await;
-        let found = session["messages"]
-            .as_array()?
-            .iter()
-            .any(|m| m["content"] == content);
-        found.then_some(session)
-    })
-    .await
+    recorded_in(w, "help", content).await
 }
 
 #[tokio::test]
@@ -264,4 +259,103 @@ async fn bad_handoff_calls_are_refused_and_change_nothing() {
     let sent = w.twilio.wait_for_sent(1, WAIT).await;
     assert_eq!(sent[0].body.as_deref(), Some("bot: hello"), "not paused");
     assert_eq!(w.wagate.session("help", FROM).await["paused"], false);
+}
+
+#[tokio::test]
+async fn an_openai_agent_hands_off_and_sends_media_through_its_tools() {
+    let model = FakeOpenAi::start("sk-tools").await;
+    model.set_tool_calls(|n, _| {
+        (n == 1).then(|| {
+            vec![
+                (
+                    "send_media".to_owned(),
+                    json!({"urls": ["https://cdn.example.com/refunds.pdf", "http://insecure.example.com/x.png"]}),
+                ),
+                (
+                    "handoff_to_human".to_owned(),
+                    json!({"reason": "a refund"}),
+                ),
+            ]
+        })
+    });
+    model.set_reply(|_, _| "A person will help you with the refund here.".to_owned());
+    let w = World::start().await;
+    for (id, tools) in [("shop", true), ("plain", false)] {
+        w.wagate
+            .agent(
+                id,
+                json!({"kind": "openai", "base_url": model.base_url, "model": "gpt-tools",
+                       "api_key": "sk-tools", "tools": tools}),
+            )
+            .await;
+        w.wagate.channel(id, true).await;
+    }
+    w.wagate
+        .inbound("shop", &sid(1), FROM, "I want my money back")
+        .await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    assert_eq!(
+        sent[0].body.as_deref(),
+        Some("A person will help you with the refund here.")
+    );
+    let media: Vec<&str> = sent[0]
+        .form
+        .iter()
+        .filter(|(k, _)| k == "MediaUrl")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        media,
+        ["https://cdn.example.com/refunds.pdf"],
+        "only the https URL"
+    );
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let names: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .expect("tools offered")
+        .iter()
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+        .collect();
+    assert_eq!(names, ["handoff_to_human", "send_media"]);
+    let answers: Vec<&Value> = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "tool")
+        .collect();
+    assert_eq!(answers.len(), 2, "each call answered: {answers:?}");
+    assert!(
+        answers[0]["content"].as_str().unwrap().contains("1 not"),
+        "the model hears of the refused URL: {answers:?}"
+    );
+    let session = w.wagate.session("shop", FROM).await;
+    assert_eq!(
+        (&session["paused"], &session["paused_by"]),
+        (&json!(true), &json!("agent")),
+        "{session}"
+    );
+    w.wagate.inbound("shop", &sid(2), FROM, "hello?").await;
+    recorded_in(&w, "shop", "hello?").await;
+    assert_eq!(model.requests().len(), 2, "no model call while paused");
+
+    // An agent with tools off is offered none.
+    w.wagate.inbound("plain", &sid(3), FROM, "hi").await;
+    let requests = model.wait_for_requests(3, WAIT).await;
+    assert!(requests[2].get("tools").is_none(), "{}", requests[2]);
+    w.twilio.wait_for_sent(2, WAIT).await;
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+/// Waits until `agent`'s session with [`FROM`] holds a turn with `content`, and returns the
+/// session.
+async fn recorded_in(w: &World, agent: &str, content: &str) -> Value {
+    eventually(WAIT, &format!("{content:?} in the history"), || async {
+        let session = w.wagate.session(agent, FROM).await;
+        let found = session["messages"]
+            .as_array()?
+            .iter()
+            .any(|m| m["content"] == content);
+        found.then_some(session)
+    })
+    .await
 }

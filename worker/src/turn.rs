@@ -4,9 +4,10 @@
 //! message whose turn was completed republishes the stored reply under the same reply id
 //! instead of running the agent again.
 //!
-//! A message that is an opt-out keyword (STOP and the like, as Twilio's) records the opt-out and
-//! runs no turn: the user asked for silence. START, YES or UNSTOP records the opt-in before the turn,
-//! so its reply may go out.
+//! A message that is an opt-out keyword (STOP and the like, as Twilio's, or the channel's own)
+//! records the opt-out, is confirmed, and runs no turn: the user asked for silence. An opt-in
+//! keyword (START, YES, UNSTOP) from a user who opted out does the same the other way; from
+//! anyone else it is an ordinary answer.
 //!
 //! A conversation handed to a person (paused) runs no agent either: its messages are recorded
 //! for the person. An agent's answer may hand the conversation over itself (`handoff`).
@@ -23,7 +24,7 @@ use shared::{
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
-    window::Keyword,
+    window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
 use time::OffsetDateTime;
 
@@ -104,13 +105,14 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
                 }
             },
             None => match consent(ctx, &session, &msg).await {
-                Ok(Some(Keyword::OptOut)) => acked &= ack(delivery.as_ref(), &msg).await,
-                Ok(_) => {
+                Ok(Some(_)) => acked &= ack(delivery.as_ref(), &msg).await,
+                Ok(None) => {
                     deliveries.push(delivery);
                     msgs.push(msg);
                 }
                 Err(e) => {
-                    tracing::warn!(sid = %msg.message_sid, error = %e, "cannot record an opt-out or opt-in; trying later");
+                    let reason = &e.reason;
+                    tracing::warn!(sid = %msg.message_sid, %reason, "cannot record an opt-out or opt-in; trying later");
                     let _ = delivery.retry_in(RETRY_SOON).await;
                     acked = false;
                 }
@@ -185,26 +187,65 @@ fn record_queue_wait(batch: &[Item]) {
 /// be read, a reply could not be republished).
 const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Records what an opt-out or opt-in keyword says, at the time the message was received (so a
-/// redelivery changes nothing), and returns the keyword.
+/// Records what an opt-out or opt-in keyword (the channel's, or Twilio's defaults) says, at
+/// the time the message was received (so a redelivery changes nothing), and publishes its
+/// confirmation. Returns the keyword when it took effect: the message then runs no turn. An
+/// opt-in keyword from a user who has not opted out is an ordinary answer ("yes") and runs
+/// one.
 async fn consent(
     ctx: &TurnContext,
     session: &SessionId,
     msg: &InboundMessage,
-) -> Result<Option<Keyword>, shared::store::StoreError> {
-    let keyword = Keyword::of(&msg.body);
+) -> Result<Option<Keyword>, Failure> {
+    if msg.body.trim().is_empty() || msg.body.len() > MAX_KEYWORD_CHARS * 4 {
+        return Ok(None);
+    }
+    let channel = match ctx.directory.lookup(&msg.agent_id).await {
+        Ok(Lookup::Found(c)) => c,
+        // The turn finds out, and says so in its dead letter.
+        Ok(_) => return Ok(None),
+        Err(e) => return Err(Failure::transient(e)),
+    };
+    let settings = &channel.channel.consent;
+    let Some(keyword) = Keyword::of(&msg.body, settings) else {
+        return Ok(None);
+    };
     match keyword {
-        Some(Keyword::OptOut) => {
-            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted out; nothing more goes to them until they send START");
+        Keyword::OptOut => {
+            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted out; nothing more goes to them until they opt back in");
             ctx.store.opt_out(session, msg.received_at).await?;
         }
-        Some(Keyword::OptIn) => {
+        Keyword::OptIn => {
+            let clocks = window::clocks(ctx.store.as_ref(), session).await?;
+            // This message's own opt-in, recorded by a delivery that died before it was acked.
+            let this_one = clocks
+                .opted_in_at
+                .is_some_and(|at| (at - msg.received_at).abs() < time::Duration::milliseconds(1));
+            if !window::opted_out(clocks) && !this_one {
+                return Ok(None);
+            }
             tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted back in");
             ctx.store.opt_in(session, msg.received_at).await?;
         }
-        None => {}
     }
-    Ok(keyword)
+    if let Some(text) = keyword.confirmation(settings) {
+        let confirmation = OutboundReply {
+            id: OutboundReply::id_for_confirmation(&msg.message_sid),
+            agent_id: msg.agent_id.clone(),
+            to: msg.from.clone(),
+            content: ReplyContent::Text {
+                parts: split_reply(text, MAX_BODY_UTF16),
+            },
+            created_at: OffsetDateTime::now_utc(),
+            answers_received_at: Some(msg.received_at),
+            media: Vec::new(),
+            quick_replies: Vec::new(),
+            traceparent: shared::trace::traceparent(&tracing::Span::current()),
+            callback_base: msg.callback_base.clone(),
+        };
+        bus::publish(&*ctx.bus, &confirmation).await?;
+    }
+    Ok(Some(keyword))
 }
 
 /// Acks one delivery; false (and logged) when the ack could not be sent.

@@ -47,6 +47,9 @@ pub(crate) enum BackendRequest {
         /// Left out: `whisper-1`; `null`: no transcription.
         #[serde(default = "shared::agent::default_transcription_model")]
         transcription_model: Option<String>,
+        /// Left out: on.
+        #[serde(default = "shared::agent::default_tools")]
+        tools: bool,
     },
     Webhook {
         url: String,
@@ -81,11 +84,12 @@ pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
             system_prompt,
             timeout_ms,
             transcription_model,
+            tools,
         } => serde_json::json!({
             "kind": "openai", "base_url": shown_url(base_url, credentials.as_ref()), "model": model,
             "api_key_set": api_key.is_some(), "credentials_set": credentials.is_some(),
             "system_prompt": system_prompt, "timeout_ms": timeout_ms,
-            "transcription_model": transcription_model,
+            "transcription_model": transcription_model, "tools": tools,
         }),
         Backend::Webhook {
             url,
@@ -220,6 +224,7 @@ pub(crate) async fn save(
             system_prompt,
             timeout_ms,
             transcription_model,
+            tools,
         } => {
             check_url("base_url", &base_url)?;
             if model.trim().is_empty() {
@@ -259,6 +264,7 @@ pub(crate) async fn save(
                 system_prompt,
                 timeout_ms,
                 transcription_model,
+                tools,
             }
         }
         BackendRequest::Webhook {

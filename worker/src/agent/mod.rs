@@ -152,6 +152,7 @@ impl AgentRunner {
                 api_key,
                 system_prompt,
                 timeout_ms,
+                tools,
                 ..
             } => {
                 let authorization =
@@ -163,8 +164,9 @@ impl AgentRunner {
                     authorization: authorization.as_ref(),
                     system_prompt: system_prompt.as_deref(),
                     timeout: self.timeout(*timeout_ms),
+                    tools: *tools,
                 };
-                call.reply(input).await.map(AgentReply::text)
+                call.reply(input).await
             }
             Backend::Webhook {
                 url,
