@@ -210,9 +210,11 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
         };
         let hold = Mutex::new(Some(hold));
         let work = async {
-            let resolved;
-            let (content, shown) = match post {
-                Post::Fields(fields) => (fields.clone(), field(fields, "Body")),
+            let (resolved, as_text);
+            let (content, shown): (Vec<(&str, &str)>, Vec<&str>) = match post {
+                Post::Fields(fields) => {
+                    (fields.clone(), field(fields, "Body").into_iter().collect())
+                }
                 Post::Choices(choices) => {
                     resolved = match resolve_choices(ctx, reply, &channel, choices).await {
                         Ok(r) => r,
@@ -221,21 +223,22 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
                             return Err(f);
                         }
                     };
-                    match &resolved {
-                        Resolved::Content(sid) => {
-                            (vec![("ContentSid", sid.as_str())], Some(choices.body))
-                        }
-                        Resolved::Text(text) => {
-                            (vec![("Body", text.as_str())], Some(text.as_str()))
-                        }
-                    }
+                    let content = match &resolved {
+                        Resolved::Content(sid) => vec![("ContentSid", sid.as_str())],
+                        Resolved::Text(text) => vec![("Body", text.as_str())],
+                    };
+                    // A sender that died with this part may have sent it either way (its
+                    // Content API call may have gone otherwise), so Twilio's list is searched
+                    // for both: a content shows its body there.
+                    as_text = choices.as_text();
+                    (content, vec![choices.body, as_text.as_str()])
                 }
             };
             let part = Part {
                 key: &key,
                 index,
                 content: &content,
-                shown,
+                shown: &shown,
                 taken_over,
                 hold: &hold,
             };
@@ -341,9 +344,9 @@ struct Part<'a> {
     index: usize,
     /// The form fields of its content (`Body`, or a content's).
     content: &'a [(&'a str, &'a str)],
-    /// The text Twilio's list shows for it, to find it there after an ambiguous answer; `None`
-    /// for a template, whose text is not known here.
-    shown: Option<&'a str>,
+    /// The texts Twilio's list may show for it, to find it there after an ambiguous answer;
+    /// none for a template, whose text is not known here.
+    shown: &'a [&'a str],
     /// Taken over from a sender whose lease ran out, which may have posted it.
     taken_over: bool,
     /// This sender's hold on the guard as last renewed; `None` once it lapsed.
@@ -726,9 +729,9 @@ async fn settle_ambiguous(
     part: &Part<'_>,
     single: &OutboundReply,
 ) -> Result<Option<String>, Failure> {
-    let Some(body) = part.shown else {
+    if part.shown.is_empty() {
         return Ok(None);
-    };
+    }
     let since = search.since.replace_nanosecond(0).unwrap_or(search.since);
     let list = match ctx
         .client
@@ -748,7 +751,7 @@ async fn settle_ambiguous(
     };
     // Newest first from Twilio; the oldest match is the one nearest the attempt.
     let candidates = list.into_iter().rev().filter(|m| {
-        m.body.as_deref() == Some(body)
+        m.body.as_deref().is_some_and(|b| part.shown.contains(&b))
             && m.to.as_deref() == Some(search.to)
             && m.from.as_deref() == Some(search.from)
             && m.created().is_some_and(|at| at >= since)

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
     fake_twilio::ScriptedResponse,
-    harness::{AUTH_TOKEN, Wagate, World, eventually, inbound_form, sid},
+    harness::{AUTH_TOKEN, Mode, Wagate, World, eventually, inbound_form, sid},
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -22,9 +22,13 @@ const QUESTION: &str = "Shall I book the table for 8pm?";
 
 /// A world with agent `book` on a webhook that answers every message with `answer`.
 async fn agent_world(answer: Value) -> (World, FakeAgentWebhook) {
+    agent_world_in(World::start().await, answer).await
+}
+
+/// Agent `book` in `w`, on a webhook that answers every message with `answer`.
+async fn agent_world_in(w: World, answer: Value) -> (World, FakeAgentWebhook) {
     let hook = FakeAgentWebhook::start(SECRET).await;
     hook.set_reply(move |_| answer.clone());
-    let w = World::start().await;
     w.wagate
         .agent(
             "book",
@@ -229,6 +233,56 @@ async fn a_content_message_twilio_made_behind_an_ambiguous_answer_is_not_posted_
         w.twilio.violations().is_empty(),
         "{:?}",
         w.twilio.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_senders_text_fallback_is_found_by_the_sender_that_takes_over_with_a_content() {
+    // The first sender's Content API call is refused, so it posts the choices as text; Twilio
+    // makes that message and the sender dies before recording it. The sender that takes the
+    // part over gets a content from the Content API, and must still find the text in
+    // Twilio's list rather than post the question again. Embedded: a killed process leaves
+    // JetStream a pull request that would hold the redelivery for its ack wait.
+    let env = [
+        ("WAGATE_SEND_LEASE_MS", "1000"),
+        ("WAGATE_TWILIO_TIMEOUT_MS", "1000"),
+    ];
+    let (mut w, _hook) =
+        agent_world_in(World::start_in(Mode::Embedded, &env).await, yes_no()).await;
+    w.twilio
+        .push_content_error(400, 20001, "Content could not be created");
+    w.twilio
+        .push_response(ScriptedResponse::Slow(Duration::from_secs(300)));
+    w.wagate
+        .inbound("book", &sid(1), FROM, "a table please")
+        .await;
+    let as_text = format!("{QUESTION}\n\n1. Yes\n2. No");
+    eventually(WAIT, "the text fallback made at Twilio", || async {
+        (w.twilio.sent().len() == 1).then_some(())
+    })
+    .await;
+    w.wagate.kill();
+    // Longer down than a lease plus the longest attempt (four posts with their waits: 9 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    w.wagate.restart().await;
+    let found = r#"wagate_send_ambiguous_total{resolution="found"}"#;
+    eventually(
+        WAIT,
+        "the dead sender's message found in Twilio's list",
+        || async { (w.wagate.metric(found).await == 1.0).then_some(()) },
+    )
+    .await;
+    let sent = w.twilio.sent();
+    assert_eq!(sent.len(), 1, "the question went out once: {sent:?}");
+    assert_eq!(sent[0].body.as_deref(), Some(as_text.as_str()));
+    // The content the new sender made is cached for the next reply.
+    w.wagate.inbound("book", &sid(2), FROM, "thanks").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    let contents = w.twilio.contents();
+    assert_eq!(contents.len(), 1, "{contents:?}");
+    assert_eq!(
+        sent[1].content_sid.as_deref(),
+        Some(contents[0].sid.as_str())
     );
 }
 
