@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 use support::{
     fake_agent_webhook::FakeAgentWebhook,
     fake_twilio::ScriptedResponse,
-    harness::{AUTH_TOKEN, Mode, Wagate, World, eventually, inbound_form, sid},
+    harness::{
+        ACCOUNT_SID, AUTH_TOKEN, Mode, SANDBOX, Wagate, World, eventually, inbound_form, sid,
+    },
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -284,6 +286,41 @@ async fn a_dead_senders_text_fallback_is_found_by_the_sender_that_takes_over_wit
         sent[1].content_sid.as_deref(),
         Some(contents[0].sid.as_str())
     );
+}
+
+#[tokio::test]
+async fn in_simulation_mode_the_choices_are_recorded_as_text_and_no_content_is_made() {
+    let (w, _hook) = agent_world(yes_no()).await;
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/book/whatsapp")
+        .json(&json!({
+            "account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
+            "phone_number": SANDBOX, "enabled": true, "simulation": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    w.wagate
+        .inbound("book", &sid(1), FROM, "a table please")
+        .await;
+    let outbox = eventually(WAIT, "the simulated reply", || async {
+        let outbox = w
+            .wagate
+            .admin_json(&format!("/v1/agents/book/whatsapp/simulated/{FROM}"))
+            .await;
+        let bodies: Vec<String> = outbox["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["body"].as_str().map(str::to_owned))
+            .collect();
+        (!bodies.is_empty()).then_some(bodies)
+    })
+    .await;
+    assert_eq!(outbox, [format!("{QUESTION}\n\n1. Yes\n2. No")]);
+    assert!(w.twilio.content_requests().is_empty());
+    assert!(w.twilio.sent().is_empty());
 }
 
 #[tokio::test]
