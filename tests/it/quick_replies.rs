@@ -324,6 +324,32 @@ async fn in_simulation_mode_the_choices_are_recorded_as_text_and_no_content_is_m
 }
 
 #[tokio::test]
+async fn an_answer_with_too_many_choices_is_a_dead_letter_saying_why() {
+    let eleven: Vec<String> = (1..=11).map(|n| format!("Table {n}")).collect();
+    let (w, _hook) = agent_world(json!({"reply": "Which table?", "quick_replies": eleven})).await;
+    w.wagate
+        .inbound("book", &sid(1), FROM, "a table please")
+        .await;
+    let reason = eventually(WAIT, "the turn's dead letter", || async {
+        let letters = w.wagate.admin_json("/v1/dead-letters").await;
+        // A list, or a page holding one.
+        let list = letters.as_array().cloned().or_else(|| {
+            letters
+                .as_object()?
+                .values()
+                .find_map(|v| v.as_array().cloned())
+        })?;
+        list.first()?["reason"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(
+        reason.contains("\"quick_replies\" has more than 10 choices"),
+        "{reason}"
+    );
+    assert!(w.twilio.sent().is_empty());
+}
+
+#[tokio::test]
 async fn a_tapped_button_reaches_the_agent_as_the_users_answer() {
     let (w, hook) = agent_world(yes_no()).await;
     w.wagate
