@@ -255,8 +255,10 @@ fn quick_replies_of(v: Option<&Value>) -> Result<Vec<String>, Failure> {
             ));
         }
         if choice.chars().count() > longest {
+            // Named by its start: the reason goes into logs and dead letters.
+            let start: String = choice.chars().take(longest).collect();
             return Err(Failure::permanent(format!(
-                "the agent webhook's quick reply {choice:?} is over {longest} characters (WhatsApp's limit for {} choices)",
+                "the agent webhook's quick reply \"{start}…\" is over {longest} characters (WhatsApp's limit for {} choices)",
                 items.len()
             )));
         }
