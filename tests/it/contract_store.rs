@@ -210,7 +210,76 @@ on_both!(
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
     a_pause_is_read_with_the_turn_replaced_and_lifted,
+    history_older_than_its_retention_is_dropped,
 );
+
+/// Turns older than the retention are dropped at the next completion (the new ones stay,
+/// whatever their order), and a conversation left alone for the whole retention is gone.
+async fn history_older_than_its_retention_is_dropped(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let record = |i: u64| CompletedTurn {
+        reply_id: format!("in-{i}"),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+    };
+    let old = [
+        turn(Role::User, "in 2023", 0),
+        turn(Role::Assistant, "also 2023", 1),
+    ];
+    store
+        .complete_turn(&s, &[sid(1)], &old, &record(1), KEEP)
+        .await
+        .unwrap();
+    assert_eq!(store.history(&s, 10).await.unwrap(), old, "{n}: kept");
+    let now = OffsetDateTime::now_utc();
+    let fresh = [
+        Turn::new(Role::User, "today".into(), now),
+        Turn::new(Role::Assistant, "today too".into(), now),
+    ];
+    let day = Duration::from_secs(86_400);
+    store
+        .complete_turn(&s, &[sid(2)], &fresh, &record(2), day)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.history(&s, 10).await.unwrap(),
+        fresh,
+        "{n}: the 2023 turns are past a day's retention"
+    );
+
+    let brief = session("a1", "+14155550101");
+    store
+        .complete_turn(
+            &brief,
+            &[sid(3)],
+            &fresh,
+            &record(3),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 10;
+    loop {
+        // Any write gives the embedded store its chance to purge.
+        i += 1;
+        store
+            .complete_turn(&s, &[sid(i)], &[], &record(i), day)
+            .await
+            .unwrap();
+        if store.history(&brief, 10).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n}: a conversation past its retention is dropped whole"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(store.history(&s, 10).await.unwrap(), fresh, "{n}");
+}
 
 /// A conversation's pause comes with the turn that begins while it stands (no round trip of
 /// its own), a new pause replaces it, resuming lifts it, and it concerns one conversation.
@@ -287,6 +356,9 @@ fn msid(n: u64) -> MessageSid {
     MessageSid::parse(&sid(n)).unwrap()
 }
 
+/// History kept long enough that the fixed times of these tests (2023) are not dropped.
+const KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// A time on a whole millisecond, as both stores keep times.
 fn at(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(1_700_000_000_000 + ms) * 1_000_000)
@@ -299,6 +371,9 @@ fn agent(id: &str, name: &str) -> Agent {
         name: name.into(),
         backend: Backend::Echo,
         handoff_resume_after_s: 60,
+        retention_days: 90,
+        history_turns: None,
+        history_tokens: None,
         created_at: at(0),
         updated_at: at(1),
     }
@@ -495,7 +570,7 @@ async fn history_window_and_order(rig: Rig) {
         };
         let key = sid(100 + i as u64);
         let stood = store
-            .complete_turn(&s, &[key], &turns, &record)
+            .complete_turn(&s, &[key], &turns, &record, KEEP)
             .await
             .unwrap();
         assert_eq!(stood, record, "{n}");
@@ -552,7 +627,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
                 handoff: false,
             };
             store
-                .complete_turn(&s, &keys, &turns, &record)
+                .complete_turn(&s, &keys, &turns, &record, KEEP)
                 .await
                 .unwrap()
         })
@@ -604,7 +679,10 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     );
     let none: [String; 0] = [];
     assert!(
-        store.complete_turn(&s, &none, &[], &winner).await.is_err(),
+        store
+            .complete_turn(&s, &none, &[], &winner, KEEP)
+            .await
+            .is_err(),
         "{n}: a turn needs a key"
     );
 }
@@ -630,7 +708,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         turn(Role::Assistant, "first answer", 1),
     ];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &earlier)
+        .complete_turn(&s, &[sid(1)], &turns, &earlier, KEEP)
         .await
         .unwrap();
 
@@ -1411,7 +1489,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &record)
+        .complete_turn(&s, &[sid(1)], &turns, &record, KEEP)
         .await
         .unwrap();
     let sighting = LeadSighting {
@@ -1513,7 +1591,7 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         turn(Role::Assistant, &format!("answer {n}"), 11),
     ];
     store
-        .complete_turn(&s, &[sid(n)], &turns, &record)
+        .complete_turn(&s, &[sid(n)], &turns, &record, KEEP)
         .await
         .unwrap();
     store.opt_out(&s, at(12)).await.unwrap();
