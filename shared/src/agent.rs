@@ -35,6 +35,10 @@ pub struct Agent {
     /// (`None`: no limit but the turns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_tokens: Option<u32>,
+    /// Whether users see "typing…" while a turn takes a while (WhatsApp's typing indicator,
+    /// which also marks their message read). Agents saved before it existed show it.
+    #[serde(default = "default_typing_indicator")]
+    pub typing_indicator: bool,
     /// When it was first saved.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -46,6 +50,11 @@ pub struct Agent {
 /// A day: a person who took a conversation over and left it a day gives it back to the agent.
 pub fn default_handoff_resume_after_s() -> u64 {
     86_400
+}
+
+/// The typing indicator is shown unless the agent says otherwise.
+pub fn default_typing_indicator() -> bool {
+    true
 }
 
 /// Ninety days of history, as the data-protection default of most chat platforms.

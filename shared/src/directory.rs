@@ -203,6 +203,7 @@ mod tests {
                 retention_days: crate::agent::default_retention_days(),
                 history_turns: None,
                 history_tokens: None,
+                typing_indicator: true,
                 created_at: now,
                 updated_at: now,
             })

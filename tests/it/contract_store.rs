@@ -374,6 +374,7 @@ fn agent(id: &str, name: &str) -> Agent {
         retention_days: 90,
         history_turns: None,
         history_tokens: None,
+        typing_indicator: true,
         created_at: at(0),
         updated_at: at(1),
     }

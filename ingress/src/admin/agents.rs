@@ -33,6 +33,8 @@ pub(crate) struct AgentRequest {
     pub(crate) history_turns: Option<u32>,
     /// Left out: what was stored before (at first, none); `0`: none.
     pub(crate) history_tokens: Option<u32>,
+    /// Left out: what was stored before, else on.
+    pub(crate) typing_indicator: Option<bool>,
 }
 
 /// The longest a handed-off conversation may wait for its person: a month.
@@ -75,6 +77,7 @@ pub struct AgentView {
     retention_days: u32,
     history_turns: Option<u32>,
     history_tokens: Option<u32>,
+    typing_indicator: bool,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -125,6 +128,7 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
         retention_days: agent.retention_days,
         history_turns: agent.history_turns,
         history_tokens: agent.history_tokens,
+        typing_indicator: agent.typing_indicator,
         id: agent.id,
         name: agent.name,
         created_at: agent.created_at,
@@ -349,6 +353,10 @@ pub(crate) async fn save(
         retention_days,
         history_turns,
         history_tokens,
+        typing_indicator: req
+            .typing_indicator
+            .or(existing.as_ref().map(|a| a.typing_indicator))
+            .unwrap_or_else(shared::agent::default_typing_indicator),
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,
     };

@@ -185,6 +185,7 @@ impl AgentForm {
             retention_days: None,
             history_turns: None,
             history_tokens: None,
+            typing_indicator: None,
         })
     }
 
