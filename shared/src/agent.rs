@@ -23,6 +23,22 @@ pub struct Agent {
     /// default.
     #[serde(default = "default_handoff_resume_after_s")]
     pub handoff_resume_after_s: u64,
+    /// Days a turn of its conversations is kept: older ones are dropped, and a conversation
+    /// nobody wrote in for that long is gone.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Turns of history its model sees at most (`None`: the process's
+    /// `WAGATE_HISTORY_WINDOW`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_turns: Option<u32>,
+    /// Tokens of history its model sees at most, counted as about four characters each
+    /// (`None`: no limit but the turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_tokens: Option<u32>,
+    /// Whether users see "typing…" while a turn takes a while (WhatsApp's typing indicator,
+    /// which also marks their message read). Agents saved before it existed show it.
+    #[serde(default = "default_typing_indicator")]
+    pub typing_indicator: bool,
     /// When it was first saved.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -36,7 +52,22 @@ pub fn default_handoff_resume_after_s() -> u64 {
     86_400
 }
 
+/// The typing indicator is shown unless the agent says otherwise.
+pub fn default_typing_indicator() -> bool {
+    true
+}
+
+/// Ninety days of history, as the data-protection default of most chat platforms.
+pub fn default_retention_days() -> u32 {
+    90
+}
+
 impl Agent {
+    /// How long a turn of its conversations is kept ([`Agent::retention_days`]).
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400)
+    }
+
     /// How long a paused conversation waits for its person ([`Agent::handoff_resume_after_s`]).
     pub fn handoff_idle(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.handoff_resume_after_s)

@@ -200,6 +200,10 @@ mod tests {
                 name: "real".into(),
                 backend: Backend::Echo,
                 handoff_resume_after_s: crate::agent::default_handoff_resume_after_s(),
+                retention_days: crate::agent::default_retention_days(),
+                history_turns: None,
+                history_tokens: None,
+                typing_indicator: true,
                 created_at: now,
                 updated_at: now,
             })

@@ -212,6 +212,7 @@ on_both!(
     a_pause_is_read_with_the_turn_replaced_and_lifted,
     a_content_sid_is_cached_once_and_survives_reopen,
     a_completed_turn_keeps_its_quick_replies,
+    history_older_than_its_retention_is_dropped,
 );
 
 /// A cached Content API sid: absent until cached, the first sid cached stands against a later
@@ -289,6 +290,7 @@ async fn a_completed_turn_keeps_its_quick_replies(rig: Rig) {
             std::slice::from_ref(&key),
             &[turn(Role::Assistant, "Shall I?", 1)],
             &record,
+            KEEP,
         )
         .await
         .unwrap();
@@ -298,6 +300,75 @@ async fn a_completed_turn_keeps_its_quick_replies(rig: Rig) {
         Some(record),
         "{n}"
     );
+}
+
+/// Turns older than the retention are dropped at the next completion (the new ones stay,
+/// whatever their order), and a conversation left alone for the whole retention is gone.
+async fn history_older_than_its_retention_is_dropped(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let record = |i: u64| CompletedTurn {
+        reply_id: format!("in-{i}"),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
+    };
+    let old = [
+        turn(Role::User, "in 2023", 0),
+        turn(Role::Assistant, "also 2023", 1),
+    ];
+    store
+        .complete_turn(&s, &[sid(1)], &old, &record(1), KEEP)
+        .await
+        .unwrap();
+    assert_eq!(store.history(&s, 10).await.unwrap(), old, "{n}: kept");
+    let now = OffsetDateTime::now_utc();
+    let fresh = [
+        Turn::new(Role::User, "today".into(), now),
+        Turn::new(Role::Assistant, "today too".into(), now),
+    ];
+    let day = Duration::from_secs(86_400);
+    store
+        .complete_turn(&s, &[sid(2)], &fresh, &record(2), day)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.history(&s, 10).await.unwrap(),
+        fresh,
+        "{n}: the 2023 turns are past a day's retention"
+    );
+
+    let brief = session("a1", "+14155550101");
+    store
+        .complete_turn(
+            &brief,
+            &[sid(3)],
+            &fresh,
+            &record(3),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 10;
+    loop {
+        // Any write gives the embedded store its chance to purge.
+        i += 1;
+        store
+            .complete_turn(&s, &[sid(i)], &[], &record(i), day)
+            .await
+            .unwrap();
+        if store.history(&brief, 10).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n}: a conversation past its retention is dropped whole"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(store.history(&s, 10).await.unwrap(), fresh, "{n}");
 }
 
 /// A conversation's pause comes with the turn that begins while it stands (no round trip of
@@ -375,6 +446,9 @@ fn msid(n: u64) -> MessageSid {
     MessageSid::parse(&sid(n)).unwrap()
 }
 
+/// History kept long enough that the fixed times of these tests (2023) are not dropped.
+const KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// A time on a whole millisecond, as both stores keep times.
 fn at(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(1_700_000_000_000 + ms) * 1_000_000)
@@ -387,6 +461,10 @@ fn agent(id: &str, name: &str) -> Agent {
         name: name.into(),
         backend: Backend::Echo,
         handoff_resume_after_s: 60,
+        retention_days: 90,
+        history_turns: None,
+        history_tokens: None,
+        typing_indicator: true,
         created_at: at(0),
         updated_at: at(1),
     }
@@ -585,7 +663,7 @@ async fn history_window_and_order(rig: Rig) {
         };
         let key = sid(100 + i as u64);
         let stood = store
-            .complete_turn(&s, &[key], &turns, &record)
+            .complete_turn(&s, &[key], &turns, &record, KEEP)
             .await
             .unwrap();
         assert_eq!(stood, record, "{n}");
@@ -643,7 +721,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
                 quick_replies: Vec::new(),
             };
             store
-                .complete_turn(&s, &keys, &turns, &record)
+                .complete_turn(&s, &keys, &turns, &record, KEEP)
                 .await
                 .unwrap()
         })
@@ -695,7 +773,10 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     );
     let none: [String; 0] = [];
     assert!(
-        store.complete_turn(&s, &none, &[], &winner).await.is_err(),
+        store
+            .complete_turn(&s, &none, &[], &winner, KEEP)
+            .await
+            .is_err(),
         "{n}: a turn needs a key"
     );
 }
@@ -722,7 +803,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         turn(Role::Assistant, "first answer", 1),
     ];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &earlier)
+        .complete_turn(&s, &[sid(1)], &turns, &earlier, KEEP)
         .await
         .unwrap();
 
@@ -1504,7 +1585,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &record)
+        .complete_turn(&s, &[sid(1)], &turns, &record, KEEP)
         .await
         .unwrap();
     let sighting = LeadSighting {
@@ -1607,7 +1688,7 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         turn(Role::Assistant, &format!("answer {n}"), 11),
     ];
     store
-        .complete_turn(&s, &[sid(n)], &turns, &record)
+        .complete_turn(&s, &[sid(n)], &turns, &record, KEEP)
         .await
         .unwrap();
     store.opt_out(&s, at(12)).await.unwrap();

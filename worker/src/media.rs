@@ -13,6 +13,9 @@ use base64::Engine;
 use reqwest::{StatusCode, Url, header};
 use secrecy::{ExposeSecret, SecretString};
 
+/// The one document type models are given: OpenAI's Chat Completions takes PDFs as file parts.
+const PDF: &str = "application/pdf";
+
 /// Redirects followed after Twilio's API (it sends one, to the CDN).
 const MAX_REDIRECTS: usize = 3;
 
@@ -38,6 +41,9 @@ pub enum MediaError {
     /// Declared an image or audio, served as something else.
     #[error("is not what Twilio declared (the server sent {0})")]
     Unexpected(String),
+    /// A kind of file the agent's model cannot read (only PDFs are given to models).
+    #[error("is a {0} file, which this agent cannot read")]
+    Unsupported(String),
     /// Audio for an agent whose transcription is turned off.
     #[error("was not transcribed: this agent has no transcription model")]
     NotTranscribed,
@@ -70,6 +76,8 @@ pub enum Kind {
     Image,
     /// A voice note or audio file: transcribed.
     Audio,
+    /// A PDF: given to the model as a file part.
+    Document,
     /// Anything else (a document, a video, a contact card): passed on to a webhook agent.
     Other,
 }
@@ -99,8 +107,12 @@ impl Medium {
             )),
             (Kind::Audio, Err(e), None) => Some(format!("[the user sent a voice note; it {e}]")),
             (Kind::Image, Err(e), _) => Some(format!("[the user sent an image; it {e}]")),
-            (Kind::Other, Err(e), _) => Some(format!("[the user sent a file; it {e}]")),
-            (Kind::Image | Kind::Other, Ok(_), _) | (Kind::Audio, Ok(_), None) => None,
+            (Kind::Document | Kind::Other, Err(e), _) => {
+                Some(format!("[the user sent a file; it {e}]"))
+            }
+            (Kind::Image | Kind::Document | Kind::Other, Ok(_), _) | (Kind::Audio, Ok(_), None) => {
+                None
+            }
         }
     }
 }
@@ -135,9 +147,10 @@ impl MediaFetcher {
 
     /// Fetches the media of `msgs` an agent can use, with the channel's credentials, one after
     /// the other (a message has at most ten): for an OpenAI-compatible agent its images (its
-    /// model sees them) and voice notes (its transcription model, unless turned off, hears
-    /// them); for a webhook agent every medium, passed on in its request. The echo agent and
-    /// other media get nothing fetched: they keep the text lines of `user_text`.
+    /// model sees them), PDFs (given as files) and voice notes (its transcription model,
+    /// unless turned off, hears them), any other file becoming a notice; for a webhook agent
+    /// every medium, passed on in its request. The echo agent gets nothing fetched: it keeps
+    /// the text lines of `user_text`.
     pub async fn fetch_for(
         &self,
         channel: &shared::directory::ResolvedChannel,
@@ -157,14 +170,23 @@ impl MediaFetcher {
             let kind = match declared.and_then(|c| c.split('/').next()) {
                 Some("image") => Kind::Image,
                 Some("audio") => Kind::Audio,
-                _ if openai => continue,
+                _ if declared == Some(PDF) => Kind::Document,
                 _ => Kind::Other,
             };
-            if openai && kind == Kind::Audio && transcription_model.is_none() {
+            let refused = match kind {
+                Kind::Audio if openai && transcription_model.is_none() => {
+                    Some(MediaError::NotTranscribed)
+                }
+                Kind::Other if openai => Some(MediaError::Unsupported(
+                    declared.unwrap_or("unknown").to_owned(),
+                )),
+                _ => None,
+            };
+            if let Some(refused) = refused {
                 out.push(Medium {
                     url: media.url.clone(),
                     kind,
-                    fetched: Err(MediaError::NotTranscribed),
+                    fetched: Err(refused),
                     transcript: None,
                 });
                 continue;
@@ -183,6 +205,7 @@ impl MediaFetcher {
                     let expected = match kind {
                         Kind::Image => "image/",
                         Kind::Audio => "audio/",
+                        Kind::Document => PDF,
                         Kind::Other => "",
                     };
                     if f.content_type.starts_with(expected) {

@@ -71,9 +71,10 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             at: m.received_at,
         })
         .collect();
+    let history_turns = history_turns(ctx, &first.agent_id).await;
     let start = ctx
         .store
-        .begin_turn(&session, &sightings, ctx.history_window)
+        .begin_turn(&session, &sightings, history_turns)
         .await;
     drop(sightings);
     let TurnStart {
@@ -169,6 +170,38 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
     metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
     acked && outcome != "retry"
+}
+
+/// Turns of history the agent of `agent_id` sees: its own limit, else the process's. The
+/// agent comes from the directory's cache; when it cannot be had, the process's limit (the
+/// turn itself then finds out what is wrong with the agent).
+async fn history_turns(ctx: &TurnContext, agent_id: &shared::domain::AgentId) -> usize {
+    match ctx.directory.lookup(agent_id).await {
+        Ok(Lookup::Found(c)) => c
+            .agent
+            .history_turns
+            .map_or(ctx.history_window, |n| n as usize),
+        _ => ctx.history_window,
+    }
+}
+
+/// The latest turns of `history` that fit in `tokens` (about four characters each), so that a
+/// conversation of long messages stays within the model's context; all of it without a limit.
+fn within_tokens(history: &[Turn], tokens: Option<u32>) -> &[Turn] {
+    let Some(tokens) = tokens else {
+        return history;
+    };
+    let budget = u64::from(tokens) * 4;
+    let mut used = 0u64;
+    let kept = history
+        .iter()
+        .rev()
+        .take_while(|t| {
+            used += t.content.chars().count() as u64;
+            used <= budget
+        })
+        .count();
+    &history[history.len() - kept..]
 }
 
 /// How long each message waited between ingress's 200 and a worker taking it up, counted on
@@ -323,7 +356,7 @@ async fn process(
     if let Some(pause) = pause
         && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
     {
-        record_for_the_person(ctx, session, msgs, pause).await?;
+        record_for_the_person(ctx, session, msgs, pause, channel.agent.retention()).await?;
         return Ok("paused");
     }
     // Held to the end of the turn: a turn done sooner shows no indicator.
@@ -334,7 +367,7 @@ async fn process(
     let input = TurnInput {
         agent: &channel.agent,
         session_id: &session_text,
-        history,
+        history: within_tokens(history, channel.agent.history_tokens),
         messages: msgs,
         media: &media,
     };
@@ -378,7 +411,13 @@ async fn process(
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
         .store
-        .complete_turn(session, &keys, &turns, &completed)
+        .complete_turn(
+            session,
+            &keys,
+            &turns,
+            &completed,
+            channel.agent.retention(),
+        )
         .await?;
     publish_reply(ctx, last, &stored).await?;
     Ok("replied")
@@ -392,6 +431,7 @@ async fn record_for_the_person(
     session: &SessionId,
     msgs: &[InboundMessage],
     pause: &Pause,
+    keep: std::time::Duration,
 ) -> Result<(), Failure> {
     let turns: Vec<Turn> = msgs
         .iter()
@@ -406,7 +446,7 @@ async fn record_for_the_person(
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     ctx.store
-        .complete_turn(session, &keys, &turns, &completed)
+        .complete_turn(session, &keys, &turns, &completed, keep)
         .await?;
     tracing::info!(session = %session, paused_by = %pause.by, messages = msgs.len(), "the conversation is with a person; recorded, no agent turn");
     Ok(())

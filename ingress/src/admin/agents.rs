@@ -27,6 +27,14 @@ pub(crate) struct AgentRequest {
     pub(crate) backend: BackendRequest,
     /// Left out: what was stored before, else a day.
     pub(crate) handoff_resume_after_s: Option<u64>,
+    /// Left out: what was stored before, else 90.
+    pub(crate) retention_days: Option<u32>,
+    /// Left out: what was stored before (at first, the process's default); `0`: back to it.
+    pub(crate) history_turns: Option<u32>,
+    /// Left out: what was stored before (at first, none); `0`: none.
+    pub(crate) history_tokens: Option<u32>,
+    /// Left out: what was stored before, else on.
+    pub(crate) typing_indicator: Option<bool>,
 }
 
 /// The longest a handed-off conversation may wait for its person: a month.
@@ -66,6 +74,10 @@ pub struct AgentView {
     backend: serde_json::Value,
     whatsapp: Option<ChannelView>,
     handoff_resume_after_s: u64,
+    retention_days: u32,
+    history_turns: Option<u32>,
+    history_tokens: Option<u32>,
+    typing_indicator: bool,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -113,6 +125,10 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
         whatsapp: channel.map(|c| ChannelView::new(state, &agent.id, &c, None)),
         backend: backend_view(&agent.backend),
         handoff_resume_after_s: agent.handoff_resume_after_s,
+        retention_days: agent.retention_days,
+        history_turns: agent.history_turns,
+        history_tokens: agent.history_tokens,
+        typing_indicator: agent.typing_indicator,
         id: agent.id,
         name: agent.name,
         created_at: agent.created_at,
@@ -214,6 +230,37 @@ pub(crate) async fn save(
                 a.handoff_resume_after_s
             }),
     };
+    let retention_days = match req.retention_days {
+        Some(d) if !(1..=3650).contains(&d) => {
+            return Err(ApiError::invalid(
+                "retention_days must be between 1 and 3650",
+            ));
+        }
+        Some(d) => d,
+        None => existing
+            .as_ref()
+            .map_or_else(shared::agent::default_retention_days, |a| a.retention_days),
+    };
+    let limit = |field: &str, asked: Option<u32>, stored: Option<u32>, most: u32| match asked {
+        Some(0) => Ok(None),
+        Some(n) if n > most => Err(ApiError::invalid(format!(
+            "{field} must be at most {most} (0: no limit of the agent's own)"
+        ))),
+        Some(n) => Ok(Some(n)),
+        None => Ok(stored),
+    };
+    let history_turns = limit(
+        "history_turns",
+        req.history_turns,
+        existing.as_ref().and_then(|a| a.history_turns),
+        10_000,
+    )?;
+    let history_tokens = limit(
+        "history_tokens",
+        req.history_tokens,
+        existing.as_ref().and_then(|a| a.history_tokens),
+        10_000_000,
+    )?;
     let previous = existing.as_ref().map(|a| &a.backend);
     let backend = match req.backend {
         BackendRequest::Echo {} => Backend::Echo,
@@ -303,6 +350,13 @@ pub(crate) async fn save(
         name,
         backend,
         handoff_resume_after_s,
+        retention_days,
+        history_turns,
+        history_tokens,
+        typing_indicator: req
+            .typing_indicator
+            .or(existing.as_ref().map(|a| a.typing_indicator))
+            .unwrap_or_else(shared::agent::default_typing_indicator),
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,
     };

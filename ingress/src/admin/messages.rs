@@ -196,7 +196,13 @@ async fn by_a_person(
     };
     state
         .store
-        .complete_turn(session, std::slice::from_ref(&reply.id), &[turn], &record)
+        .complete_turn(
+            session,
+            std::slice::from_ref(&reply.id),
+            &[turn],
+            &record,
+            agent.retention(),
+        )
         .await
         .map_err(ApiError::unavailable)?;
     super::handoff::pause_for(state, agent, session, &operator, now).await?;

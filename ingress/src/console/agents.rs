@@ -182,6 +182,10 @@ impl AgentForm {
             name: non_empty(&self.name),
             backend,
             handoff_resume_after_s: None,
+            retention_days: None,
+            history_turns: None,
+            history_tokens: None,
+            typing_indicator: None,
         })
     }
 

@@ -109,7 +109,8 @@ fn live(
     }))
 }
 
-/// The records with an expiry, inside one write transaction.
+/// The records with an expiry, inside one write transaction. A `history` record stands for a
+/// conversation's turns, kept while the conversation is: when it expires, they go with it.
 struct Expiring<'t> {
     values: Table<'t, (&'static str, &'static str, &'static str), (u64, &'static [u8])>,
     index: Table<'t, (u64, &'static str, &'static str, &'static str), ()>,
@@ -117,18 +118,22 @@ struct Expiring<'t> {
 }
 
 impl<'t> Expiring<'t> {
-    /// Opens the tables and purges a few expired records.
+    /// Opens the tables and purges a few expired records (with the turns of expired
+    /// conversations: no caller has the turns table open yet).
     fn open(txn: &'t WriteTransaction) -> Result<Self, DbError> {
         let mut this = Self {
             values: txn.open_table(EXPIRING)?,
             index: txn.open_table(EXPIRIES)?,
             now: now_ms(),
         };
-        this.purge()?;
+        for session in this.purge()? {
+            remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+        }
         Ok(this)
     }
 
-    fn purge(&mut self) -> Result<(), DbError> {
+    /// Removes a few expired records; returns the conversations whose history expired.
+    fn purge(&mut self) -> Result<Vec<String>, DbError> {
         let mut expired = Vec::new();
         for row in self
             .index
@@ -141,13 +146,17 @@ impl<'t> Expiring<'t> {
                 break;
             }
         }
-        for (at, kind, scope, name) in &expired {
+        let mut histories = Vec::new();
+        for (at, kind, scope, name) in expired {
             self.index
-                .remove((*at, kind.as_str(), scope.as_str(), name.as_str()))?;
+                .remove((at, kind.as_str(), scope.as_str(), name.as_str()))?;
             self.values
                 .remove((kind.as_str(), scope.as_str(), name.as_str()))?;
+            if kind == "history" {
+                histories.push(scope);
+            }
         }
-        Ok(())
+        Ok(histories)
     }
 
     fn get(&self, key: Key<'_>) -> Result<Option<Vec<u8>>, DbError> {
@@ -170,6 +179,27 @@ impl<'t> Expiring<'t> {
         }
         Ok(())
     }
+}
+
+/// Drops the turns at the start of `session` that are older than `cutoff`, a few at most.
+fn drop_expired_turns(
+    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
+    session: &str,
+    cutoff: &str,
+) -> Result<(), DbError> {
+    let mut doomed = Vec::new();
+    for row in table.range((session, 0)..=(session, u64::MAX))? {
+        let (key, value) = row?;
+        if doomed.len() == super::TRIM_PER_COMPLETION || !super::expired_turn(value.value(), cutoff)
+        {
+            break;
+        }
+        doomed.push(key.value().1);
+    }
+    for n in doomed {
+        table.remove((session, n))?;
+    }
+    Ok(())
 }
 
 /// A send guard as stored, in the Redis store's format: `pending:<lease deadline, ms>` while
@@ -542,6 +572,7 @@ impl Store for EmbeddedStore {
                 txn.open_table(LEADS)?
                     .remove((agent.as_str(), user.as_str()))?;
                 let mut records = Expiring::open(txn)?;
+                records.remove(("history", session.as_str(), ""))?;
                 let mut doomed = Vec::new();
                 for row in records.values.range(
                     ("turn", session.as_str(), "")..=("turn", session.as_str(), "\u{10ffff}"),
@@ -676,6 +707,7 @@ impl Store for EmbeddedStore {
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
             return Err(StoreError::Invalid(
@@ -687,6 +719,7 @@ impl Store for EmbeddedStore {
         let turns = turns.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         let record = encode(completed)?;
         let ttl = duration_ms(GUARD_TTL);
+        let cutoff = super::retention_cutoff(keep);
         let standing = self
             .db
             .write(move |txn| {
@@ -694,14 +727,17 @@ impl Store for EmbeddedStore {
                 if let Some(earlier) = records.get(("turn", &session, &keys[0]))? {
                     return Ok(earlier);
                 }
+                for key in &keys {
+                    records.put(("turn", &session, key), &record, ttl)?;
+                }
+                records.put(("history", &session, ""), b"", duration_ms(keep))?;
+                drop(records);
                 let mut table = txn.open_table(TURNS)?;
                 let first = last_turn(&table, &session)?.map_or(0, |n| n + 1);
                 for (n, turn) in (first..).zip(&turns) {
                     table.insert((session.as_str(), n), turn.as_slice())?;
                 }
-                for key in &keys {
-                    records.put(("turn", &session, key), &record, ttl)?;
-                }
+                drop_expired_turns(&mut table, &session, &cutoff)?;
                 Ok(record.clone())
             })
             .await?;

@@ -328,13 +328,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<CompletedTurn>, StoreError>;
     /// Appends `turns` and records `completed` under every key of `turn_keys` (the inbound
     /// messages of the turn), atomically and only if the first key has no record yet; returns
-    /// the record that stands (this one, or that of an earlier completion that won).
+    /// the record that stands (this one, or that of an earlier completion that won). History
+    /// is kept for `keep`: turns older than that are dropped from the conversation's start
+    /// (a few at each completion), and a conversation with no completion for that long is
+    /// dropped whole.
     async fn complete_turn(
         &self,
         session: &SessionId,
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError>;
 
     /// Pauses a conversation (a person takes it over), or with `None` resumes it. A pause
@@ -490,6 +494,33 @@ fn latest_sighting(
 /// reused for a month, then made again once, so a cache of one-off questions does not grow
 /// forever.
 pub const CONTENT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Turns dropped from a conversation's start at most per completion: the expired ones of a
+/// long conversation go over its next completions rather than all in one slow step.
+const TRIM_PER_COMPLETION: usize = 64;
+
+/// The second before which turns are older than `keep`, as the first 19 characters of an RFC
+/// 3339 time in UTC (how turns store `at`): compared as text, which orders them by time.
+fn retention_cutoff(keep: Duration) -> String {
+    let cutoff = time::Duration::try_from(keep)
+        .ok()
+        .and_then(|keep| OffsetDateTime::now_utc().checked_sub(keep))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        .max(OffsetDateTime::UNIX_EPOCH);
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    cutoff.format(&format).unwrap_or_default()
+}
+
+/// Whether the turn stored as `raw` is older than `cutoff` ([`retention_cutoff`]). A turn that
+/// does not decode is kept: dropping what cannot be read is not this step's call.
+fn expired_turn(raw: &[u8], cutoff: &str) -> bool {
+    #[derive(Deserialize)]
+    struct At<'a> {
+        at: &'a str,
+    }
+    serde_json::from_slice::<At<'_>>(raw)
+        .is_ok_and(|t| t.at.get(..19).is_some_and(|at| at < cutoff))
+}
 
 /// How long records that only guard against duplicates are kept.
 pub const GUARD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -108,8 +108,9 @@ return {done, history, redis.call('GET', KEYS[3])}
 
 // KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
 // user finds them without a SCAN), KEYS[3..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
-// ARGV[3] = number of turns, ARGV[4..] = turns. Returns the earlier record, or nil when this one
-// was stored.
+// ARGV[3] = number of turns n, ARGV[4..3+n] = turns, ARGV[4+n] = how long history is kept (s),
+// ARGV[5+n] = the retention cutoff (`retention_cutoff`), ARGV[6+n] = turns to drop at most.
+// Returns the earlier record, or nil when this one was stored.
 const COMPLETE_TURN: &str = r#"
 local prev = redis.call('GET', KEYS[3])
 if prev then return prev end
@@ -120,6 +121,16 @@ for i = 3, #KEYS do
   redis.call('SADD', KEYS[2], KEYS[i])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+local cutoff = ARGV[5 + n]
+for _ = 1, tonumber(ARGV[6 + n]) do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local ok, turn = pcall(cjson.decode, head)
+  if not ok or type(turn) ~= 'table' or type(turn['at']) ~= 'string' then break end
+  if string.sub(turn['at'], 1, 19) >= cutoff then break end
+  redis.call('LPOP', KEYS[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4 + n])
 return false
 "#;
 
@@ -773,6 +784,7 @@ impl Store for RedisStore {
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
             return Err(StoreError::Invalid(
@@ -792,6 +804,10 @@ impl Store for RedisStore {
         for t in turns {
             inv.arg(to_json(t)?);
         }
+        // A century at most: Redis refuses an expiry past its clock's range.
+        inv.arg(keep.as_secs().clamp(1, 100 * 366 * 86_400))
+            .arg(super::retention_cutoff(keep))
+            .arg(super::TRIM_PER_COMPLETION);
         let earlier: Option<Vec<u8>> = inv
             .invoke_async(&mut self.conn())
             .await

@@ -588,6 +588,18 @@ fn check_part(p: &Value) -> Result<(), String> {
                 ))
             }
         }
+        "file" => {
+            let data = p.pointer("/file/file_data").and_then(Value::as_str);
+            let id = p.pointer("/file/file_id").and_then(Value::as_str);
+            match (data, id) {
+                (Some(d), None) if d.starts_with("data:") => Ok(()),
+                (None, Some(_)) => Ok(()),
+                _ => Err(
+                    "a file part needs {\"file\": {\"file_data\": \"data:…\"}} or a file_id"
+                        .to_owned(),
+                ),
+            }
+        }
         k if PART_TYPES.contains(&k) => Ok(()),
         k => Err(format!("unknown content part type {k:?}")),
     }

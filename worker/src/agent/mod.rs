@@ -79,6 +79,14 @@ enum ChatContent<'a> {
 enum ContentPart<'a> {
     Text { text: &'a str },
     ImageUrl { image_url: ImageUrl<'a> },
+    File { file: FilePart<'a> },
+}
+
+/// A file given inline: its name and its bytes as a `data:` URL.
+#[derive(Serialize)]
+struct FilePart<'a> {
+    filename: &'a str,
+    file_data: &'a str,
 }
 
 #[derive(Serialize)]
@@ -286,17 +294,7 @@ pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String
         lines.push(m.body.clone());
     }
     for media in &m.media {
-        let heard = fetched
-            .iter()
-            .find(|f| f.url == media.url)
-            .and_then(crate::media::Medium::as_text);
-        lines.push(heard.unwrap_or_else(|| {
-            format!(
-                "[{}: {}]",
-                media.content_type.as_deref().unwrap_or("media"),
-                media.url
-            )
-        }));
+        lines.push(medium_text(media, fetched));
     }
     if let Some(l) = &m.location {
         let name = l.label.as_deref().or(l.address.as_deref()).unwrap_or("");
@@ -315,6 +313,22 @@ pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String
         ));
     }
     lines.join("\n")
+}
+
+/// The line a medium is in the user's turn: a voice note's transcript, a notice for what the
+/// agent cannot have, else its type and link.
+fn medium_text(media: &shared::envelope::Media, fetched: &[crate::media::Medium]) -> String {
+    let heard = fetched
+        .iter()
+        .find(|f| f.url == media.url)
+        .and_then(crate::media::Medium::as_text);
+    heard.unwrap_or_else(|| {
+        format!(
+            "[{}: {}]",
+            media.content_type.as_deref().unwrap_or("media"),
+            media.url
+        )
+    })
 }
 
 /// Classifies an HTTP failure of a backend.

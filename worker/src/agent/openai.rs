@@ -28,8 +28,8 @@ use shared::{
 use crate::media::{Fetched, Kind};
 
 use super::{
-    AgentReply, ChatContent, ChatMessage, ContentPart, ImageUrl, TurnInput, http_failure,
-    send_failure, sensitive_header,
+    AgentReply, ChatContent, ChatMessage, ContentPart, FilePart, ImageUrl, TurnInput, http_failure,
+    medium_text, send_failure, sensitive_header,
     transport::{Post, Transport},
     user_text,
 };
@@ -113,42 +113,55 @@ impl Call<'_> {
                 .map(ChatMessage::turn)
                 .map(Message::Chat),
         );
-        // Each fetched image inline as a data URL (a model cannot open Twilio's link, which
-        // needs the account's credentials); one that could not be fetched as a notice.
-        let inline: Vec<(&str, Result<String, String>)> = input
+        // Each fetched image and PDF inline as a data URL (a model cannot open Twilio's link,
+        // which needs the account's credentials); any other medium as its line of the user's
+        // turn (a transcript, or a notice).
+        let inline: Vec<(&str, Kind, String)> = input
             .media
             .iter()
-            .filter(|m| m.kind == Kind::Image)
+            .filter(|m| matches!(m.kind, Kind::Image | Kind::Document))
+            .filter_map(|m| Some((m.url.as_str(), m.kind, m.fetched.as_ref().ok()?.data_url())))
+            .collect();
+        let lines: Vec<Vec<String>> = input
+            .messages
+            .iter()
             .map(|m| {
-                let part = match &m.fetched {
-                    Ok(f) => Ok(f.data_url()),
-                    Err(_) => Err(m.as_text().unwrap_or_default()),
-                };
-                (m.url.as_str(), part)
+                m.media
+                    .iter()
+                    .map(|x| medium_text(x, input.media))
+                    .collect()
             })
             .collect();
-        for m in input.messages {
-            let mut parts: Vec<ContentPart<'_>> = m
-                .media
-                .iter()
-                .filter_map(|x| inline.iter().find(|(url, _)| *url == x.url))
-                .map(|(_, part)| match part {
-                    Ok(data_url) => ContentPart::ImageUrl {
-                        image_url: ImageUrl { url: data_url },
+        for (m, lines) in input.messages.iter().zip(&lines) {
+            let shown = |x: &shared::envelope::Media| inline.iter().find(|(url, ..)| *url == x.url);
+            if !m.media.iter().any(|x| shown(x).is_some()) {
+                messages.push(Message::Chat(ChatMessage::text(
+                    "user",
+                    user_text(m, input.media),
+                )));
+                continue;
+            }
+            let mut parts = Vec::with_capacity(m.media.len() + 1);
+            if !m.body.is_empty() {
+                parts.push(ContentPart::Text { text: &m.body });
+            }
+            for (x, line) in m.media.iter().zip(lines) {
+                parts.push(match shown(x) {
+                    Some((_, Kind::Document, data)) => ContentPart::File {
+                        file: FilePart {
+                            filename: "document.pdf",
+                            file_data: data,
+                        },
                     },
-                    Err(notice) => ContentPart::Text { text: notice },
-                })
-                .collect();
-            messages.push(Message::Chat(if parts.is_empty() {
-                ChatMessage::text("user", user_text(m, input.media))
-            } else {
-                if !m.body.is_empty() {
-                    parts.insert(0, ContentPart::Text { text: &m.body });
-                }
-                ChatMessage {
-                    content: ChatContent::Parts(parts),
-                    role: "user",
-                }
+                    Some((_, _, data)) => ContentPart::ImageUrl {
+                        image_url: ImageUrl { url: data },
+                    },
+                    None => ContentPart::Text { text: line },
+                });
+            }
+            messages.push(Message::Chat(ChatMessage {
+                content: ChatContent::Parts(parts),
+                role: "user",
             }));
         }
         let mut reply = AgentReply::default();
