@@ -228,7 +228,8 @@ impl FakeTwilio {
     }
 
     /// Every request to the REST API (api.twilio.com: messages and media) of any kind, rejected
-    /// ones included, in arrival order; typing indicators are in `typing_indicators`.
+    /// ones included, in arrival order; typing indicators are in `typing_indicators`, the
+    /// Content API's requests in `content_requests`.
     pub fn requests(&self) -> Vec<RawRequest> {
         self.state().requests.clone()
     }
