@@ -469,3 +469,68 @@ async fn a_pdf_reaches_the_model_as_a_file_and_other_files_as_a_notice() {
     );
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }
+
+/// A photo of an earlier turn is still shown to the model in the next turns (the history keeps
+/// only its link), from the worker's brief cache rather than fetched from Twilio again.
+#[tokio::test]
+async fn an_earlier_image_is_shown_again_without_a_second_fetch() {
+    let (cdn, cdn_seen) = host().await;
+    let model = FakeOpenAi::start("sk-again").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "eyes",
+            serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m",
+                               "api_key": "sk-again"}),
+        )
+        .await;
+    w.wagate.channel("eyes", true).await;
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000041",
+        &format!("{cdn}/picture.png"),
+    );
+    let path = support::harness::Wagate::inbound_path("eyes");
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_image(&sid(1), "look", &url),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate
+        .inbound("eyes", &sid(2), FROM, "what colour was it?")
+        .await;
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let data_url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(PICTURE)
+    );
+    let first_turn = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "user")
+        .unwrap()
+        .clone();
+    let images: Vec<&str> = first_turn["content"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.pointer("/image_url/url").and_then(|u| u.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(images, [data_url.as_str()], "{first_turn}");
+    assert_eq!(
+        cdn_seen.lock().unwrap().len(),
+        1,
+        "shown again from the cache, not fetched again"
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}

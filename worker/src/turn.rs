@@ -364,12 +364,18 @@ async fn process(
     let session_text = session.to_string();
     let mut media = ctx.media.fetch_for(&channel, msgs).await;
     ctx.runner.transcribe(&channel.agent, &mut media).await;
+    let history = within_tokens(history, channel.agent.history_tokens);
+    let earlier = match channel.agent.backend {
+        shared::agent::Backend::Openai { .. } => ctx.media.earlier_images(&channel, history).await,
+        _ => Vec::new(),
+    };
     let input = TurnInput {
         agent: &channel.agent,
         session_id: &session_text,
-        history: within_tokens(history, channel.agent.history_tokens),
+        history,
         messages: msgs,
         media: &media,
+        earlier: &earlier,
     };
     let started = Instant::now();
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;

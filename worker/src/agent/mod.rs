@@ -54,6 +54,8 @@ pub struct TurnInput<'a> {
     pub messages: &'a [InboundMessage],
     /// The images of `messages` fetched for a model that sees them, by `MediaUrl`.
     pub media: &'a [crate::media::Medium],
+    /// Images of the history's last user turns, fetched again for a model that sees them.
+    pub earlier: &'a [crate::media::Medium],
 }
 
 /// One message of the conversation as chat endpoints take it, `{"content": …, "role": …}`,

@@ -23,6 +23,7 @@ use http::{
 use shared::{
     envelope::{MAX_MEDIA, is_public_media_url},
     failure::Failure,
+    store::Role,
 };
 
 use crate::media::{Fetched, Kind};
@@ -106,13 +107,31 @@ impl Call<'_> {
         if let Some(p) = self.system_prompt.filter(|p| !p.is_empty()) {
             messages.push(Message::Chat(ChatMessage::text("system", p)));
         }
-        messages.extend(
-            input
-                .history
+        // The user's turns of the history with the images they showed, fetched again (the
+        // history keeps only their links).
+        let earlier: Vec<(&str, String)> = input
+            .earlier
+            .iter()
+            .filter_map(|m| Some((m.url.as_str(), m.fetched.as_ref().ok()?.data_url())))
+            .collect();
+        messages.extend(input.history.iter().map(|t| {
+            let shown: Vec<&str> = earlier
                 .iter()
-                .map(ChatMessage::turn)
-                .map(Message::Chat),
-        );
+                .filter(|(url, _)| t.role == Role::User && t.content.contains(url))
+                .map(|(_, data)| data.as_str())
+                .collect();
+            if shown.is_empty() {
+                return Message::Chat(ChatMessage::turn(t));
+            }
+            let mut parts = vec![ContentPart::Text { text: &t.content }];
+            parts.extend(shown.into_iter().map(|url| ContentPart::ImageUrl {
+                image_url: ImageUrl { url },
+            }));
+            Message::Chat(ChatMessage {
+                content: ChatContent::Parts(parts),
+                role: "user",
+            })
+        }));
         // Each fetched image and PDF inline as a data URL (a model cannot open Twilio's link,
         // which needs the account's credentials); any other medium as its line of the user's
         // turn (a transcript, or a notice).
@@ -312,7 +331,7 @@ impl Transcription<'_> {
             .and_then(|s| s.split(['+', ';']).next())
             .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()))
             .unwrap_or("bin");
-        let file = reqwest::multipart::Part::bytes(audio.bytes.clone())
+        let file = reqwest::multipart::Part::bytes(audio.bytes.to_vec())
             .file_name(format!("voice-note.{extension}"))
             .mime_str(&audio.content_type)
             .map_err(|_| "its content type is not a MIME type".to_owned())?;
