@@ -244,6 +244,8 @@ pub enum Stage {
     Agent,
     /// Posting to Twilio (the reply is kept; replay sends it again without the agent).
     Send,
+    /// Delivering an event to the agent's event webhook (replay delivers it again).
+    Event,
 }
 
 impl Stage {
@@ -252,6 +254,7 @@ impl Stage {
         match self {
             Self::Agent => "agent",
             Self::Send => "send",
+            Self::Event => "event",
         }
     }
 }
@@ -265,6 +268,8 @@ pub enum DeadMessage {
     Inbound(Box<InboundMessage>),
     /// A reply that could not be sent.
     Reply(Box<OutboundReply>),
+    /// An event its webhook did not take.
+    Event(Box<crate::events::Event>),
 }
 
 impl<'de> Deserialize<'de> for DeadMessage {
@@ -278,7 +283,13 @@ impl<'de> Deserialize<'de> for DeadMessage {
             .or_else(|_| {
                 serde_json::from_str::<OutboundReply>(raw.get()).map(|r| Self::Reply(Box::new(r)))
             })
-            .map_err(|_| D::Error::custom("the message is neither an inbound message nor a reply"))
+            .or_else(|_| {
+                serde_json::from_str::<crate::events::Event>(raw.get())
+                    .map(|e| Self::Event(Box::new(e)))
+            })
+            .map_err(|_| {
+                D::Error::custom("the message is neither an inbound message, a reply nor an event")
+            })
     }
 }
 
@@ -329,6 +340,17 @@ impl DeadLetter {
         )
     }
 
+    /// An event its webhook did not take, given up now.
+    pub fn event(event: crate::events::Event, reason: String, attempts: u64) -> Self {
+        Self::now(
+            Stage::Event,
+            DeadMessage::Event(Box::new(event)),
+            reason,
+            None,
+            attempts,
+        )
+    }
+
     fn now(
         stage: Stage,
         message: DeadMessage,
@@ -339,6 +361,7 @@ impl DeadLetter {
         let agent_id = match &message {
             DeadMessage::Inbound(m) => m.agent_id.clone(),
             DeadMessage::Reply(r) => r.agent_id.clone(),
+            DeadMessage::Event(e) => e.agent_id.clone(),
         };
         Self {
             id: String::new(),
