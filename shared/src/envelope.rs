@@ -417,7 +417,7 @@ mod tests {
     }
 
     #[test]
-    fn dead_letters_of_either_stage_read_back_as_written() {
+    fn dead_letters_of_every_stage_read_back_as_written() {
         let reply = OutboundReply {
             id: "in-SM1".to_owned(),
             agent_id: AgentId::parse("a").unwrap(),
@@ -432,9 +432,18 @@ mod tests {
             traceparent: None,
             callback_base: None,
         };
+        let mut event = crate::events::Event::new(
+            crate::events::Kind::MessageSent,
+            &reply.agent_id,
+            &reply.to,
+            "SM1",
+            serde_json::json!({"sid": "SM1"}),
+        );
+        event.timestamp = OffsetDateTime::UNIX_EPOCH;
         for message in [
             DeadMessage::Inbound(Box::new(inbound())),
             DeadMessage::Reply(Box::new(reply)),
+            DeadMessage::Event(Box::new(event)),
         ] {
             let letter = DeadLetter {
                 id: String::new(),
@@ -453,13 +462,13 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_holding_neither_kind_of_message_is_refused_with_why() {
+    fn a_dead_letter_holding_no_kind_of_message_is_refused_with_why() {
         let json = r#"{"stage":"agent","reason":"r","code":null,"attempts":1,
             "failed_at":"1970-01-01T00:00:00Z","agent_id":"a","message":{"to":"nobody"}}"#;
         let e = serde_json::from_str::<DeadLetter>(json).unwrap_err();
         assert!(
             e.to_string()
-                .contains("neither an inbound message nor a reply"),
+                .contains("neither an inbound message, a reply nor an event"),
             "{e}"
         );
     }
