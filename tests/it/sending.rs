@@ -665,6 +665,66 @@ async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
     assert_eq!(status, 422, "{error}");
 }
 
+/// A channel with a Messaging Service sends through it (`MessagingServiceSid`, no `From`), and
+/// an ambiguous answer is settled from Twilio's list by the service, not posted again.
+#[tokio::test]
+async fn a_channel_with_a_messaging_service_sends_through_it() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let service = format!("MG{}", "0123456789abcdef".repeat(2));
+    let put = |body: serde_json::Value| {
+        let w = &w;
+        async move {
+            let r = w
+                .wagate
+                .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, bad) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "messaging_service_sid": "MG123",
+    }))
+    .await;
+    assert_eq!(status, 422, "{bad}");
+    let (status, channel) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "messaging_service_sid": service,
+    }))
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["messaging_service_sid"], service.as_str());
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let field = |name: &str| {
+        sent[0]
+            .form
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("MessagingServiceSid"), Some(service.clone()));
+    assert_eq!(field("From"), None);
+
+    // Twilio makes the message and the answer is lost: found in the list, not posted again.
+    w.twilio.push_response(ScriptedResponse::AcceptButFail500);
+    w.wagate.inbound("demo", &sid(2), FROM, "again").await;
+    eventually(WAIT, "the ambiguous post settled", || async {
+        (w.wagate
+            .metric("wagate_send_ambiguous_total{resolution=\"found\"}")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(bodies_to(&w, FROM), ["hi", "again"], "posted once each");
+}
+
 /// A channel's own keywords replace Twilio's, its own confirmations are sent (an empty one is
 /// none), and "yes" from a user who never opted out is an ordinary answer.
 #[tokio::test]

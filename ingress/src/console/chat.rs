@@ -138,6 +138,7 @@ async fn simulated_channel(state: &AppState, agent: &Agent) -> Result<String, Ap
                 optout_reply: None,
                 optin_reply: None,
                 sandbox_join_code: None,
+                messaging_service_sid: None,
             };
             whatsapp::save(state, agent.id.as_str(), request, None).await?;
             Ok(SIMULATED_NUMBER.to_owned())

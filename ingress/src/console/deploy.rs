@@ -170,6 +170,7 @@ async fn save_deploy(
         optout_reply: None,
         optin_reply: None,
         sandbox_join_code: None,
+        messaging_service_sid: None,
     };
     match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
         Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
