@@ -186,6 +186,22 @@ async fn under_traffic(
     outcome
 }
 
+/// Whether the Redis at `url` takes a write (a promoted replica does).
+async fn takes_a_write(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("SET")
+        .arg("probe")
+        .arg("x")
+        .query_async::<()>(&mut conn)
+        .await
+        .is_ok()
+}
+
 /// Polls `write` until it succeeds, for at most 30 s.
 async fn until_writable(what: &str, mut write: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -271,18 +287,7 @@ async fn a_sentinel_master_killed_under_traffic_loses_and_repeats_nothing() {
         async || setup_ref.data[0].kill(),
         async || {
             until_writable("the promoted replica", async || {
-                let Ok(client) = redis::Client::open(replica.as_str()) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("SET")
-                    .arg("probe")
-                    .arg("x")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .is_ok()
+                takes_a_write(&replica).await
             })
             .await;
         },
@@ -351,18 +356,7 @@ async fn a_nats_leader_and_the_redis_master_killed_together_lose_and_repeat_noth
         },
         async || {
             until_writable("the promoted replica", async || {
-                let Ok(client) = redis::Client::open(replica.as_str()) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("SET")
-                    .arg("probe")
-                    .arg("x")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .is_ok()
+                takes_a_write(&replica).await
             })
             .await;
             NatsCluster::wait_stream_leader(

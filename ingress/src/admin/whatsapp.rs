@@ -87,6 +87,29 @@ fn join_words(raw: &str) -> Result<Option<String>, ApiError> {
 const MAX_KEYWORDS: usize = 20;
 
 impl ChannelRequest {
+    /// A request for the channel's account, number and switches, every other setting left
+    /// as stored: what the console's forms ask.
+    pub(crate) fn basic(
+        account_sid: String,
+        auth_token: Option<SecretString>,
+        phone_number: String,
+        simulation: bool,
+    ) -> Self {
+        Self {
+            account_sid,
+            auth_token,
+            phone_number,
+            enabled: Some(true),
+            simulation: Some(simulation),
+            optout_keywords: None,
+            optin_keywords: None,
+            optout_reply: None,
+            optin_reply: None,
+            sandbox_join_code: None,
+            messaging_service_sid: None,
+        }
+    }
+
     /// The opt-out settings to store: what was asked over what was stored, checked.
     fn consent(&mut self, stored: Consent) -> Result<Consent, ApiError> {
         let keywords = |field: &str, words: Option<Vec<String>>| {
