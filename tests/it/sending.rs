@@ -746,7 +746,9 @@ async fn a_channels_own_keywords_and_confirmations_replace_the_defaults() {
         serde_json::json!(["BAJA", "alto"])
     );
     assert_eq!(channel["optout_reply"], "");
+    // One at a time: two messages back to back would be answered as one turn.
     w.wagate.inbound("demo", &sid(1), FROM, "yes").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
     w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
     assert_eq!(
