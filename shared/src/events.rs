@@ -47,6 +47,8 @@ pub struct Event {
 /// The kinds of events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A WhatsApp user wrote for the first time: a new lead.
+    LeadCreated,
     /// A WhatsApp user wrote.
     MessageReceived,
     /// A message (a reply part, an operator's or a template) was accepted by Twilio.
@@ -69,6 +71,7 @@ impl Kind {
     /// Its `type`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::LeadCreated => "lead.created",
             Self::MessageReceived => "message.received",
             Self::MessageSent => "message.sent",
             Self::MessageDelivered => "message.delivered",

@@ -865,6 +865,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
             completed: vec![Some(earlier.clone()), None, None],
             history: turns.to_vec(),
             pause: None,
+            new_lead: true,
         },
         "{n}: the answered message is told apart, the history is read"
     );
@@ -890,6 +891,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
     rig.flush_scripts().await;
     let again = store.begin_turn(&s, &batch, 1).await.unwrap();
     assert_eq!(again.completed, start.completed, "{n}");
+    assert!(!again.new_lead, "{n}: made once");
     assert_eq!(again.history, turns[1..], "{n}: the last turn only");
     assert_eq!(
         store
@@ -922,6 +924,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
             completed: vec![Some(earlier)],
             history: vec![],
             pause: None,
+            new_lead: false,
         },
         "{n}"
     );

@@ -1,5 +1,5 @@
 //! Event webhooks: an agent with an `events_url` gets what happens in its conversations
-//! (`message.received`, `message.sent`, `message.delivered`, `optout.changed`,
+//! (`lead.created`, `message.received`, `message.sent`, `message.delivered`, `optout.changed`,
 //! `conversation.handoff`, `dead_letter.created`), signed the Standard Webhooks way; each
 //! delivery is checked with the `standardwebhooks` library from PyPI (installed into `.venv` by
 //! scripts/test-deps), and a tampered one is refused by it. A webhook that fails is tried again
@@ -174,6 +174,8 @@ async fn a_conversations_events_arrive_signed_as_standard_webhooks_verify_them()
     agent_with_events(&w, "shop", &url).await;
     w.wagate.inbound("shop", &sid(1), FROM, "hello").await;
     let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let lead = wait_for_kind(&inbox, "lead.created").await;
+    assert_eq!(lead.json()["data"]["phone"], FROM);
     let received = wait_for_kind(&inbox, "message.received").await;
     let data = received.json()["data"].clone();
     assert_eq!(
@@ -220,7 +222,12 @@ async fn a_conversations_events_arrive_signed_as_standard_webhooks_verify_them()
     let handoff = wait_for_kind(&inbox, "conversation.handoff").await;
     assert_eq!(handoff.json()["data"]["by"], "Grace");
 
-    for delivery in [&received, &posted, &delivered, &optout, &handoff] {
+    assert_eq!(
+        of_kind(&inbox, "lead.created").len(),
+        1,
+        "a lead is made once"
+    );
+    for delivery in [&lead, &received, &posted, &delivered, &optout, &handoff] {
         assert!(delivery.header("webhook-id").starts_with("evt_"));
         assert!(
             delivery.header("webhook-signature").starts_with("v1,"),
@@ -258,7 +265,9 @@ async fn a_conversations_events_arrive_signed_as_standard_webhooks_verify_them()
 #[tokio::test]
 async fn a_failing_webhook_is_retried_under_the_same_id_then_dead_lettered_and_replayed() {
     let (url, inbox) = receiver().await;
-    inbox.lock().unwrap().script.extend([500, 503]);
+    // The first event of the conversation is its lead.created, taken; then message.received
+    // fails twice.
+    inbox.lock().unwrap().script.extend([200, 500, 503]);
     let w = World::start_with(&[("WAGATE_EVENTS_RETRY", "100ms,100ms")]).await;
     agent_with_events(&w, "shop", &url).await;
     w.wagate.inbound("shop", &sid(1), FROM, "hello").await;

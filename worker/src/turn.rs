@@ -82,6 +82,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
         completed,
         history,
         pause,
+        new_lead,
     } = match start {
         Ok(start) => start,
         Err(e) => {
@@ -92,6 +93,20 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             return false;
         }
     };
+    if new_lead {
+        let data = serde_json::json!({
+            "session_id": session.to_string(), "phone": first.from.user(),
+            "profile_name": first.profile_name, "first_seen": first.received_at.unix_timestamp(),
+        });
+        let event = Event::new(
+            Kind::LeadCreated,
+            &first.agent_id,
+            &first.from,
+            first.from.user(),
+            data,
+        );
+        events::emit(&*ctx.bus, &ctx.directory, event).await;
+    }
     // Messages whose turn was completed before (they were delivered again) only republish
     // their stored reply; the rest make the new turn.
     let mut deliveries = Vec::with_capacity(batch.len());

@@ -334,15 +334,16 @@ impl Sighting {
 
 /// Counts one message toward the lead of `user` of `agent`, creating the lead on first
 /// contact; a message already counted (its "seen" mark is live) changes nothing.
+/// Counts one message toward its user's lead; true when this made the lead.
 fn count_lead(
     txn: &WriteTransaction,
     seen: &mut Expiring<'_>,
     agent: &str,
     user: &str,
     sighting: &Sighting,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     if seen.get(("leadseen", agent, &sighting.sid))?.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     seen.put(
         ("leadseen", agent, &sighting.sid),
@@ -355,6 +356,7 @@ fn count_lead(
         .map(|v| serde_json::from_slice::<LeadRecord>(v.value()))
         .transpose()?;
     let at = sighting.at;
+    let created = stored.is_none();
     let mut lead = match stored {
         None => LeadRecord {
             first_seen: at,
@@ -375,7 +377,7 @@ fn count_lead(
     }
     lead.message_count += 1;
     leads.insert((agent, user), serde_json::to_vec(&lead)?.as_slice())?;
-    Ok(())
+    Ok(created)
 }
 
 /// The store of embedded mode (one process, no Redis), from
@@ -656,7 +658,7 @@ impl Store for EmbeddedStore {
         let agent = session.agent().as_str().to_owned();
         let user = session.user().to_owned();
         let session = session.to_string();
-        let (completed, turns, pause) = self
+        let (completed, turns, pause, new_lead) = self
             .db
             .write(move |txn| {
                 stamp_max(txn, "window", &session, latest)?;
@@ -666,8 +668,9 @@ impl Store for EmbeddedStore {
                     .map(|v| v.value().to_vec());
                 let mut records = Expiring::open(txn)?;
                 let mut completed = Vec::with_capacity(sightings.len());
+                let mut new_lead = false;
                 for sighting in &sightings {
-                    count_lead(txn, &mut records, &agent, &user, sighting)?;
+                    new_lead |= count_lead(txn, &mut records, &agent, &user, sighting)?;
                     completed.push(records.get(("turn", &session, &sighting.sid))?);
                 }
                 let turns = if completed.iter().any(Option::is_none) {
@@ -675,7 +678,7 @@ impl Store for EmbeddedStore {
                 } else {
                     Vec::new()
                 };
-                Ok((completed, turns, pause))
+                Ok((completed, turns, pause, new_lead))
             })
             .await?;
         Ok(TurnStart {
@@ -685,6 +688,7 @@ impl Store for EmbeddedStore {
                 .collect::<Result<_, _>>()?,
             history: turns.iter().map(|r| decode(r)).collect::<Result<_, _>>()?,
             pause: pause.map(|p| decode(&p)).transpose()?,
+            new_lead,
         })
     }
 
@@ -787,7 +791,7 @@ impl Store for EmbeddedStore {
             .db
             .write(move |txn| {
                 let mut seen = Expiring::open(txn)?;
-                count_lead(txn, &mut seen, &agent, &user, &sighting)
+                count_lead(txn, &mut seen, &agent, &user, &sighting).map(|_| ())
             })
             .await?)
     }

@@ -266,6 +266,8 @@ pub struct TurnStart {
     pub history: Vec<Turn>,
     /// The conversation's pause, if it has one (it may have lapsed: [`Pause::holds`]).
     pub pause: Option<Pause>,
+    /// The user became a lead with these messages.
+    pub new_lead: bool,
 }
 
 /// The clocks of WhatsApp's rules for what may be sent to a user ([`crate::window`]).

@@ -60,14 +60,17 @@ macro_rules! key {
 
 // KEYS[1] = lead hash, KEYS[2] = leads by first contact, KEYS[3..] = one "seen" mark per
 // message; ARGV[1] = user, ARGV[2] = ttl (s), then per message its profile name and time (ms).
+// Returns the messages counted, plus 1,000,000 when this call made the lead.
 const RECORD_LEAD: &str = r#"
 local counted = 0
+local created = 0
 for i = 3, #KEYS do
   local profile = ARGV[2 * i - 3]
   local at_text = ARGV[2 * i - 2]
   if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
     local at = tonumber(at_text)
     if redis.call('HSETNX', KEYS[1], 'first_seen', at_text) == 1 then
+      created = 1000000
       redis.call('HSET', KEYS[1], 'phone', ARGV[1], 'last_seen', at_text)
       redis.call('ZADD', KEYS[2], at, ARGV[1])
     else
@@ -84,7 +87,7 @@ for i = 3, #KEYS do
     counted = counted + 1
   end
 end
-return counted
+return counted + created
 "#;
 
 // KEYS[1] = window clock, KEYS[2] = session list, KEYS[3] = pause, KEYS[4..] = turn records of
@@ -746,7 +749,7 @@ impl Store for RedisStore {
             self.scripted::<(i64,)>(&lead)
         );
         let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
-        counted.map_err(err("begin turn"))?;
+        let (counted,) = counted.map_err(err("begin turn"))?;
         Ok(TurnStart {
             completed: completed
                 .iter()
@@ -761,6 +764,7 @@ impl Store for RedisStore {
                 .map(|r| from_json(r, "decode turn"))
                 .collect::<Result<_, _>>()?,
             pause: pause.map(|p| from_json(&p, "decode pause")).transpose()?,
+            new_lead: counted >= 1_000_000,
         })
     }
 
