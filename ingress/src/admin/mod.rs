@@ -3,6 +3,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod dead_letters;
+pub(crate) mod delivery;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
 mod messages;
@@ -59,6 +60,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
             get(sessions::get).delete(lifecycle::forget_session),
         )
         .route("/v1/agents/{agent_id}/messages", post(messages::send))
+        .route("/v1/agents/{agent_id}/messages/{sid}", get(delivery::get))
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/dead-letters/replay", post(dead_letters::replay_many))
         .route(

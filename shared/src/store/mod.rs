@@ -157,6 +157,19 @@ pub struct SimulatedMessage {
     pub at: OffsetDateTime,
 }
 
+/// A reply part posted to a user ([`Store::sent_messages`]): Twilio's message and the part, with
+/// the delivery status its callbacks reported so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentMessage {
+    /// Twilio's message sid.
+    pub sid: String,
+    /// The part as posted (its id is the reply's id and `-p<index>`).
+    pub part: OutboundReply,
+    /// The latest status reported for it, with Twilio's error code; `None` until the first
+    /// status callback.
+    pub status: Option<(MessageStatus, Option<u32>)>,
+}
+
 /// The outcome of a completed turn, recorded under each inbound message it answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompletedTurn {
@@ -350,6 +363,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         message_sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError>;
+    /// The parts posted to the user of `session` that the store still holds (for
+    /// [`GUARD_TTL`]), each with its status, in no particular order: the delivery of each reply
+    /// in a transcript. The session's index of sent parts (kept for erasure) names them, so this
+    /// is one read of the index and one of each part, sent together, rather than a read per turn.
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError>;
 
     /// Appends a simulated send to the conversation's outbox; returns its index.
     async fn record_simulated(

@@ -29,8 +29,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SimulatedMessage,
-    Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SentMessage,
+    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -416,6 +416,20 @@ impl RedisStore {
             .await
             .map_err(err("index sent part"))?;
         Ok(())
+    }
+
+    async fn status_of(
+        &self,
+        sid: &str,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        let h: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(key!(self, "status:{sid}"))
+            .await
+            .map_err(err("status"))?;
+        Ok(h.get("status")
+            .map(|s| MessageStatus::parse(s))
+            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
     }
 
     async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
@@ -1047,14 +1061,27 @@ impl Store for RedisStore {
         &self,
         sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
-        let h: std::collections::HashMap<String, String> = self
+        self.status_of(sid.as_str()).await
+    }
+
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError> {
+        let sids: Vec<String> = self
             .conn()
-            .hgetall(key!(self, "status:{sid}"))
+            .smembers(key!(self, "sentto:{{{session}}}"))
             .await
-            .map_err(err("status"))?;
-        Ok(h.get("status")
-            .map(|s| MessageStatus::parse(s))
-            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+            .map_err(err("sent messages"))?;
+        // Each part's records are keys of their own slots: the reads go out together over the
+        // multiplexed connection, one round trip in all rather than one per part.
+        let reads = sids.into_iter().map(|sid| async move {
+            let (part, status) = tokio::try_join!(
+                self.get_json::<OutboundReply>(key!(self, "sent:{sid}")),
+                self.status_of(&sid)
+            )?;
+            Ok::<_, StoreError>(part.map(|part| SentMessage { sid, part, status }))
+        });
+        let found = futures::future::try_join_all(reads).await?;
+        // A part whose record lapsed before the index is no longer known.
+        Ok(found.into_iter().flatten().collect())
     }
 
     async fn record_simulated(
