@@ -734,6 +734,137 @@ async fn session_is_found_by_encoded_and_by_raw_phone() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Delivery
+
+/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
+async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
+    let mut form = vec![
+        ("MessageSid".to_owned(), message_sid.to_owned()),
+        ("MessageStatus".to_owned(), status.to_owned()),
+        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
+        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+    ];
+    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success(), "{status}: {}", r.status());
+}
+
+/// The agent's messages of the session with `FROM` once `done` holds for them.
+async fn replies_once(w: &World, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let path = format!("/v1/agents/demo/sessions/{}", FROM.replace('+', "%2B"));
+    eventually(WAIT, what, || async {
+        let s = call(w, Method::GET, &path, None).await.json();
+        let messages = s["messages"].as_array()?.clone();
+        for m in messages.iter().filter(|m| m["role"] == "user") {
+            assert!(
+                m.get("status").is_none() && m.get("sid").is_none(),
+                "a user's message has no delivery: {m}"
+            );
+        }
+        let replies: Vec<Value> = messages
+            .into_iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        done(&replies).then_some(replies)
+    })
+    .await
+}
+
+/// Each reply of the session shows its first message's sid and the status Twilio's callbacks
+/// reported (a reply of several parts the furthest behind, or its failure), and
+/// `GET …/messages/{sid}` answers one message with its reply's parts; another agent's sid
+/// or an unknown one is 404.
+#[tokio::test]
+async fn each_replys_sid_and_status_follow_twilios_callbacks() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.echo_agent("other").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hello").await;
+    let first = w.twilio.wait_for_sent(1, WAIT).await[0].sid.clone();
+    replies_once(&w, "the reply's sid, queued", |r| {
+        r.len() == 1 && r[0]["sid"] == first.as_str() && r[0]["status"] == "queued"
+    })
+    .await;
+    status_callback(&w, &first, "sent", None).await;
+    status_callback(&w, &first, "delivered", None).await;
+    replies_once(&w, "the reply delivered", |r| r[0]["status"] == "delivered").await;
+
+    // A reply of two parts: the second goes out once the first is reported sent.
+    let long = "word ".repeat(400);
+    w.wagate.inbound("demo", &sid(2), FROM, &long).await;
+    let second = w.twilio.wait_for_sent(2, WAIT).await[1].sid.clone();
+    status_callback(&w, &second, "sent", None).await;
+    let third = w.twilio.wait_for_sent(3, WAIT).await[2].sid.clone();
+    let replies = replies_once(&w, "the long reply's first sid", |r| {
+        r.len() == 2 && r[1]["sid"] == second.as_str()
+    })
+    .await;
+    assert_eq!(replies[0]["status"], "delivered", "{replies:?}");
+    status_callback(&w, &second, "read", None).await;
+    replies_once(&w, "the furthest behind of the parts", |r| {
+        r[1]["status"] == "queued"
+    })
+    .await;
+    status_callback(&w, &third, "undelivered", Some(63016)).await;
+    replies_once(&w, "a failed part stands for the reply", |r| {
+        r[1]["status"] == "undelivered"
+    })
+    .await;
+
+    let a = call(
+        &w,
+        Method::GET,
+        &format!("/v1/agents/demo/messages/{third}"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.json(),
+        json!({
+            "sid": third,
+            "to": FROM,
+            "status": "undelivered",
+            "error_code": 63016,
+            "parts": [
+                {"sid": second, "status": "read", "error_code": null},
+                {"sid": third, "status": "undelivered", "error_code": 63016},
+            ],
+        })
+    );
+    let a = call(
+        &w,
+        Method::GET,
+        &format!("/v1/agents/demo/messages/{first}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        a.json()["parts"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        a.text
+    );
+    for (path, what) in [
+        (
+            format!("/v1/agents/other/messages/{first}"),
+            "another agent's sid",
+        ),
+        (
+            format!("/v1/agents/demo/messages/{}", sid(99)),
+            "an unknown sid",
+        ),
+        ("/v1/agents/demo/messages/not-a-sid".to_owned(), "not a sid"),
+    ] {
+        let a = call(&w, Method::GET, &path, None).await;
+        assert_error(&a, 404, what);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Business-initiated messages
 
 #[tokio::test]
@@ -1125,6 +1256,11 @@ fn routes() -> Vec<(Method, String, Option<Value>)> {
             "/v1/agents/demo/messages".into(),
             Some(json!({"to": FROM, "content_sid": template_sid()})),
         ),
+        (
+            Method::GET,
+            format!("/v1/agents/demo/messages/{}", sid(1)),
+            None,
+        ),
         (Method::GET, "/v1/dead-letters".into(), None),
         (Method::POST, "/v1/dead-letters/1/replay".into(), None),
         (Method::POST, "/v1/dead-letters/replay".into(), None),
@@ -1494,6 +1630,11 @@ async fn unknown_agents_are_404_on_every_agent_route() {
             Method::POST,
             "/v1/agents/nobody/messages".into(),
             Some(json!({"to": FROM, "body": "hi"})),
+        ),
+        (
+            Method::GET,
+            format!("/v1/agents/nobody/messages/{}", sid(1)),
+            None,
         ),
         (
             Method::DELETE,
