@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fantoccini::Locator;
+use fantoccini::{Locator, key::Key};
 use reqwest::{Method, header};
 
 use crate::support::{
@@ -59,6 +59,22 @@ async fn deploy(b: &Browser, id: &str) {
     .await;
 }
 
+/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
+async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
+    let mut form = vec![
+        ("MessageSid".to_owned(), message_sid.to_owned()),
+        ("MessageStatus".to_owned(), status.to_owned()),
+        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
+        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+    ];
+    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success(), "{status}: {}", r.status());
+}
+
 #[tokio::test]
 async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live() {
     let w = World::start().await;
@@ -103,6 +119,24 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     b.screenshot("deploy").await;
     pages.push(b.html().await);
 
+    // Copy webhook URL puts the URL on the clipboard (its handler runs under the page's CSP):
+    // pasted into a field, it is the URL.
+    b.click_button("Copy webhook URL").await;
+    b.wait_for_text("the copy confirmed", |t| t.contains("Copied"))
+        .await;
+    let scratch = b.field("Account SID").await;
+    scratch.clear().await.expect("clear");
+    scratch
+        .send_keys(&(Key::Control + "v"))
+        .await
+        .expect("paste");
+    assert_eq!(
+        scratch.prop("value").await.unwrap().as_deref(),
+        Some(webhook.as_str()),
+        "the clipboard holds the webhook URL"
+    );
+    b.goto_path("/agents/demo/deploy").await;
+
     // Conversations: a signed webhook arrives, and the conversation and then the reply appear
     // without a reload.
     b.click_link("Conversations").await;
@@ -128,6 +162,21 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     assert_eq!(r.status(), 200);
     b.wait_for_text("the live message and reply", |t| {
         t.matches("second, live").count() == 2
+    })
+    .await;
+    // Each reply shows its Twilio message and status, which follows the status callbacks
+    // without a reload.
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    b.wait_for_text("both replies' messages, queued", |t| {
+        t.contains(&format!("{} queued", sent[0].sid))
+            && t.contains(&format!("{} queued", sent[1].sid))
+    })
+    .await;
+    status_callback(&w, &sent[0].sid, "delivered", None).await;
+    status_callback(&w, &sent[1].sid, "undelivered", Some(63016)).await;
+    b.wait_for_text("the statuses, live", |t| {
+        t.contains(&format!("{} delivered", sent[0].sid))
+            && t.contains(&format!("{} undelivered Twilio error 63016", sent[1].sid))
     })
     .await;
     b.screenshot("transcript").await;
