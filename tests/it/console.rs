@@ -414,6 +414,58 @@ async fn test_chat_talks_to_the_agent_through_the_pipeline_without_twilio() {
     b.close().await;
 }
 
+/// Sign-in attempts are limited per client: five wrong tokens are 401, the sixth attempt is
+/// 429 with a page that says so, whatever token it carries (none is checked), and once the
+/// allowance grows back (one attempt per 10 s) the right token signs in.
+#[tokio::test]
+async fn a_sixth_sign_in_attempt_at_once_is_429_and_the_token_works_after_the_wait() {
+    let w = World::start().await;
+    let admin = &w.wagate.admin_url;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let attempt = |token: &'static str| {
+        http.post(format!("{admin}/signin"))
+            .form(&[("token", token)])
+            .send()
+    };
+    for n in 1..=5 {
+        let r = attempt("wrong-token-000000000000").await.unwrap();
+        assert_eq!(r.status(), 401, "wrong attempt {n}");
+    }
+    let r = attempt("wrong-token-000000000000").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()[header::RETRY_AFTER], "10");
+    assert!(r.headers().get(header::SET_COOKIE).is_none());
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Too many sign-in attempts") && page.contains("Wait 10 seconds"),
+        "{page}"
+    );
+    let refused = std::time::Instant::now();
+    let r = attempt(ADMIN_TOKEN).await.unwrap();
+    assert_eq!(r.status(), 429, "over the limit even the right token waits");
+    assert!(r.headers().get(header::SET_COOKIE).is_none());
+
+    let signed_in = eventually(
+        Duration::from_secs(15),
+        "an attempt allowed again",
+        || async {
+            let r = attempt(ADMIN_TOKEN).await.unwrap();
+            (r.status() != 429).then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        refused.elapsed() >= Duration::from_secs(8),
+        "allowed again after {:?}",
+        refused.elapsed()
+    );
+    assert_eq!(signed_in.status(), 303);
+    assert!(signed_in.headers().get(header::SET_COOKIE).is_some());
+}
+
 /// The HTTP contract of the console, without a browser.
 #[tokio::test]
 async fn pages_need_a_session_and_forms_their_csrf_token() {

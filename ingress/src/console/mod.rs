@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`session`]: the signed session cookie, CSRF tokens and `serve`'s one-time sign-in link.
-//! - `signin`: signing in (token or link) and out.
+//! - `signin`: signing in (token or link) and out; `throttle`: sign-in attempts per client.
 //! - this file: routes, the session and CSRF checks, security headers, the embedded assets.
 //! - `agents`: the agent list and the agent form.
 //! - `deploy`: an agent's WhatsApp channel on Twilio, its URLs, steps and health.
@@ -24,6 +24,7 @@ mod lifecycle;
 mod people;
 pub mod session;
 mod signin;
+mod throttle;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +58,8 @@ const MAX_FORM: usize = 64 * 1024;
 #[derive(Clone, Default)]
 pub struct ConsoleState {
     used_tickets: Arc<Mutex<HashSet<String>>>,
+    /// Sign-in attempts per client, in this process.
+    sign_in_limit: Arc<throttle::SignInLimit>,
     signature_failures: Arc<Mutex<HashMap<String, SignatureFailure>>>,
 }
 
