@@ -734,6 +734,163 @@ async fn session_is_found_by_encoded_and_by_raw_phone() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pages
+
+/// Every page of `path` (which has `?` already) at `limit` a page: each page's items, following
+/// `next_cursor` to the end. `between` runs after the first page.
+async fn pages(
+    w: &World,
+    path: &str,
+    limit: usize,
+    between: impl AsyncFnOnce(),
+) -> Vec<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut between = Some(between);
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}limit={limit}&cursor={c}"),
+            None => format!("{path}limit={limit}"),
+        };
+        let a = call(w, Method::GET, &url, None).await;
+        assert_eq!(a.status, 200, "{url}: {}", a.text);
+        let page = a.json();
+        assert_eq!(
+            keys(&page),
+            ["items", "next_cursor"].map(String::from).into(),
+            "{page}"
+        );
+        let items = page["items"].as_array().expect("items").clone();
+        assert!(items.len() <= limit, "{page}");
+        out.push(items);
+        if let Some(f) = between.take() {
+            f().await;
+        }
+        match &page["next_cursor"] {
+            Value::Null => return out,
+            Value::String(c) => cursor = Some(c.clone()),
+            other => panic!("next_cursor is neither null nor a string: {other}"),
+        }
+        assert!(out.len() < 20, "pages without end");
+    }
+}
+
+fn field_of(pages: &[Vec<Value>], field: &str) -> Vec<Vec<String>> {
+    pages
+        .iter()
+        .map(|p| {
+            p.iter()
+                .map(|v| v[field].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// `/v1/agents`, leads and `/v1/dead-letters` page with `limit` and `cursor`; a page goes on
+/// after the last item of the one before, whatever was added meanwhile (an item that sorts
+/// before the cursor is not seen, one after it is); without `limit` the plain array as before;
+/// bad limits and cursors are 400 with a JSON error that says what is wrong.
+#[tokio::test]
+async fn lists_page_with_limit_and_cursor_and_stay_stable_under_inserts() {
+    let w = World::start().await;
+    for id in ["a1", "a2", "a3", "a4", "a5"] {
+        w.wagate.echo_agent(id).await;
+    }
+    let agents = pages(&w, "/v1/agents?", 2, async || {
+        w.wagate.echo_agent("a0").await;
+        w.wagate.echo_agent("a9").await;
+    })
+    .await;
+    assert_eq!(
+        field_of(&agents, "id"),
+        [vec!["a1", "a2"], vec!["a3", "a4"], vec!["a5", "a9"]]
+    );
+    let all = call(&w, Method::GET, "/v1/agents", None).await.json();
+    assert_eq!(
+        all.as_array().map(Vec::len),
+        Some(7),
+        "the plain array: {all}"
+    );
+
+    // Leads by first contact: a user who writes after the first page is on a later one.
+    let users = ["+14155550101", "+14155550102", "+14155550103"];
+    for (n, user) in users.iter().enumerate() {
+        w.wagate.inbound("a1", &sid(n as u64 + 1), user, "hi").await;
+        w.twilio.wait_for_sent(n + 1, WAIT).await;
+    }
+    let leads = pages(&w, "/v1/agents/a1/leads?", 2, async || {
+        w.wagate
+            .inbound("a1", &sid(10), "+14155550100", "late")
+            .await;
+        w.twilio.wait_for_sent(4, WAIT).await;
+    })
+    .await;
+    assert_eq!(
+        field_of(&leads, "phone"),
+        [
+            vec!["+14155550101", "+14155550102"],
+            vec!["+14155550103", "+14155550100"]
+        ]
+    );
+
+    // Dead letters by id, filtered too.
+    for (n, user) in users.iter().enumerate() {
+        w.twilio.push_response(ScriptedResponse::TwilioError {
+            status: 400,
+            code: 21211,
+            message: "The 'To' number is not a valid phone number.".into(),
+        });
+        w.wagate
+            .inbound("a2", &sid(20 + n as u64), user, "hi")
+            .await;
+        wait_dead_letters(&w, n + 1).await;
+    }
+    let letters = pages(&w, "/v1/dead-letters?stage=send&", 2, async || {}).await;
+    let ids: Vec<Vec<String>> = letters
+        .iter()
+        .map(|p| p.iter().map(|d| d["id"].to_string()).collect())
+        .collect();
+    let plain: Vec<String> = dead_letters(&w)
+        .await
+        .iter()
+        .map(|d| d["id"].to_string())
+        .collect();
+    assert_eq!(ids.concat(), plain, "the pages hold the list, in its order");
+    assert_eq!(letters.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+
+    let agents_cursor = call(&w, Method::GET, "/v1/agents?limit=1", None)
+        .await
+        .json()["next_cursor"]
+        .as_str()
+        .expect("a cursor")
+        .to_owned();
+    for (path, says) in [
+        ("/v1/agents?limit=0".to_owned(), "limit"),
+        ("/v1/agents?limit=1001".to_owned(), "limit"),
+        ("/v1/agents?limit=ten".to_owned(), "limit"),
+        ("/v1/agents/a1/leads?limit=".to_owned(), "limit"),
+        ("/v1/dead-letters?limit=-1".to_owned(), "limit"),
+        ("/v1/agents?cursor=abc".to_owned(), "limit"),
+        ("/v1/agents?limit=2&cursor=%21%21".to_owned(), "cursor"),
+        ("/v1/agents?limit=2&cursor=e30".to_owned(), "cursor"),
+        (
+            format!("/v1/dead-letters?limit=2&cursor={agents_cursor}"),
+            "cursor",
+        ),
+        (
+            format!("/v1/agents/a1/leads?limit=2&cursor={agents_cursor}"),
+            "cursor",
+        ),
+        ("/v1/agents/a1/leads?format=csv&limit=2".to_owned(), "limit"),
+    ] {
+        let a = call(&w, Method::GET, &path, None).await;
+        assert_error(&a, 400, &path);
+        let error = a.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains(says), "{path}: {error}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Delivery
 
 /// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.

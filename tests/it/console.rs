@@ -379,6 +379,55 @@ async fn a_failed_send_shows_in_dead_letters_and_replay_delivers_it() {
     b.close().await;
 }
 
+/// Dead letters come a page of 25 at a time, newest first, with a link to the older ones
+/// and back; Replay all still names them all.
+#[tokio::test]
+async fn dead_letters_are_shown_newest_first_a_page_at_a_time() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let user = |n: u64| format!("+1415555{:04}", 1000 + n);
+    for n in 1..=26 {
+        w.twilio.push_response(ScriptedResponse::TwilioError {
+            status: 400,
+            code: 21211,
+            message: "The 'To' number is not a valid phone number.".into(),
+        });
+        let r = w.wagate.inbound("demo", &sid(n), &user(n), "hi").await;
+        assert_eq!(r.status(), 200);
+        // One at a time, so that the dead letters' order is the users' order.
+        eventually(WAIT, "the dead letter", || async {
+            let d = w.wagate.admin_json("/v1/dead-letters").await;
+            (d.as_array().map(Vec::len) == Some(n as usize)).then_some(())
+        })
+        .await;
+    }
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    b.click_link("Dead letters").await;
+    b.wait_for_text("the newest page", |t| t.contains(&user(26)))
+        .await;
+    let rows = b.client.find_all(Locator::Css("tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 25);
+    assert!(
+        rows[0].text().await.unwrap().contains(&user(26)),
+        "newest first"
+    );
+    assert!(!b.text().await.contains(&user(1)));
+    assert!(
+        b.html().await.contains("Replay all 26 dead letters?"),
+        "Replay all names every dead letter"
+    );
+    b.click_link("Older").await;
+    b.wait_for_text("the older page", |t| {
+        t.contains(&user(1)) && !t.contains(&user(2))
+    })
+    .await;
+    b.click_link("Newest").await;
+    b.wait_for_text("the newest page again", |t| t.contains(&user(26)))
+        .await;
+    b.close().await;
+}
+
 #[tokio::test]
 async fn test_chat_talks_to_the_agent_through_the_pipeline_without_twilio() {
     let w = World::start().await;
