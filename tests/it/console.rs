@@ -13,8 +13,8 @@ use crate::support::{
     browser::Browser,
     fake_twilio::ScriptedResponse,
     harness::{
-        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Proc, SANDBOX, Wagate, World, eventually, free_port,
-        inbound_form, sid,
+        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Mode, Proc, SANDBOX, Wagate, World, eventually,
+        free_port, inbound_form, sid,
     },
 };
 
@@ -513,6 +513,102 @@ async fn a_sixth_sign_in_attempt_at_once_is_429_and_the_token_works_after_the_wa
     );
     assert_eq!(signed_in.status(), 303);
     assert!(signed_in.headers().get(header::SET_COOKIE).is_some());
+}
+
+/// A webhook refused for its signature at one ingress process shows on Deploy as served by
+/// another (the failure is in the store), and a flood of them is written once per 10 s: the
+/// stored failure keeps the time of the first of the flood.
+#[tokio::test]
+async fn signature_failures_at_any_ingress_show_on_deploy_and_a_flood_is_written_once() {
+    let w = World::start_in(Mode::Distributed, &[]).await;
+    w.wagate.echo_agent("demo").await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_string_lossy().into_owned();
+    let other = Wagate::start_role(
+        "ingress",
+        &w.servers,
+        &w.twilio.base_url,
+        &[("WAGATE_DATA_DIR", &spool_dir)],
+    )
+    .await;
+    let admin = &w.wagate.admin_url;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{admin}/signin"))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let deploy_page = || async {
+        let r = http
+            .get(format!("{admin}/agents/demo/deploy"))
+            .header(header::COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    assert!(deploy_page().await.contains("none in the last 30 days"));
+
+    let forge = |n: u64| {
+        let form = inbound_form(&sid(n), USER, "forged");
+        let other = &other;
+        async move {
+            let r = other
+                .post_signed(
+                    &Wagate::inbound_path("demo"),
+                    &form,
+                    "another-auth-token-0000",
+                )
+                .await;
+            assert_eq!(r.status(), 401);
+        }
+    };
+    forge(1).await;
+    let page = eventually(WAIT, "the other ingress's failure on Deploy", || async {
+        let page = deploy_page().await;
+        page.contains("likely cause").then_some(page)
+    })
+    .await;
+    // The other ingress has an address of its own, which the page names.
+    assert!(
+        page.contains(&format!("checked against {}/webhooks", other.public_url)),
+        "{page}"
+    );
+
+    let redis = w.servers.redis().await;
+    let stored = || {
+        let mut redis = redis.clone();
+        async move {
+            let keys: Vec<String> = redis::AsyncCommands::keys(&mut redis, "*sigfail:demo")
+                .await
+                .unwrap();
+            assert_eq!(keys.len(), 1, "{keys:?}");
+            let value: String = redis::AsyncCommands::get(&mut redis, &keys[0])
+                .await
+                .unwrap();
+            value
+        }
+    };
+    let first = stored().await;
+    for n in 2..=30 {
+        forge(n).await;
+    }
+    // Each refusal starts its write before answering: a write the flood caused would land
+    // within milliseconds; what is checked is that none does, so a short grace, not a wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored().await, first, "the flood was not written");
 }
 
 /// The HTTP contract of the console, without a browser.

@@ -16,8 +16,8 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, SentMessage, Store, Turn,
-        TurnStart, WindowClocks,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, SentMessage, SignatureFailure,
+        Store, Turn, TurnStart, WindowClocks,
         redis::{RedisStore, RedisTopology},
     },
     twilio::status::{MessageStatus, StatusUpdate},
@@ -210,6 +210,7 @@ on_both!(
     forgetting_a_session_keeps_what_is_not_the_conversation,
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
+    signature_failures_are_kept_per_agent_and_go_with_it,
 );
 
 /// The master key check: the first check offered stands for every later one, a replacement
@@ -1711,4 +1712,37 @@ async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
         !store.delete_agent(&agent_id("a1")).await.unwrap(),
         "{n}: already gone"
     );
+}
+
+/// The latest signature failure of each agent: the last noted stands, and it goes with the
+/// agent.
+async fn signature_failures_are_kept_per_agent_and_go_with_it(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    store.put_agent(&agent("a1", "Ay")).await.unwrap();
+    let a1 = agent_id("a1");
+    assert_eq!(store.signature_failure(&a1).await.unwrap(), None, "{n}");
+    let failure = |ms: i64, url: &str| SignatureFailure {
+        at: at(ms),
+        signed_url: url.to_owned(),
+    };
+    store
+        .note_signature_failure(&a1, &failure(1, "https://one.example/webhooks"))
+        .await
+        .unwrap();
+    store
+        .note_signature_failure(&a1, &failure(2, "https://two.example/webhooks"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.signature_failure(&a1).await.unwrap(),
+        Some(failure(2, "https://two.example/webhooks")),
+        "{n}"
+    );
+    assert_eq!(
+        store.signature_failure(&agent_id("a2")).await.unwrap(),
+        None,
+        "{n}"
+    );
+    store.delete_agent(&a1).await.unwrap();
+    assert_eq!(store.signature_failure(&a1).await.unwrap(), None, "{n}");
 }

@@ -8,7 +8,7 @@
 //! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`|`optin`,
 //! session) → ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
 //! message sids, send guards, sent parts (and each session's index of them, `sentto`),
-//! statuses and failure counts, with its expiry index
+//! statuses, failure counts and each agent's latest signature failure (`sigfail`), with its expiry index
 //! `store_expiries`, and `store_meta` (name → text) for the master key check
 //! ([`crate::key_check`]).
 
@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SentMessage,
-    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -503,6 +503,7 @@ impl Store for EmbeddedStore {
             .write(move |txn| {
                 txn.open_table(CHANNELS)?.remove(key.as_str())?;
                 let existed = txn.open_table(AGENTS)?.remove(key.as_str())?.is_some();
+                Expiring::open(txn)?.remove(("sigfail", "", key.as_str()))?;
                 Ok(existed)
             })
             .await?;
@@ -1095,6 +1096,30 @@ impl Store for EmbeddedStore {
                 Ok(true)
             })
             .await?)
+    }
+
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError> {
+        let agent = agent.as_str().to_owned();
+        let record = encode(failure)?;
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| Expiring::open(txn)?.put(("sigfail", "", &agent), &record, ttl))
+            .await?)
+    }
+
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError> {
+        self.get_expiring(("sigfail", "", agent.as_str()))
+            .await?
+            .map(|r| decode(&r))
+            .transpose()
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -170,6 +170,18 @@ pub struct SentMessage {
     pub status: Option<(MessageStatus, Option<u32>)>,
 }
 
+/// The latest webhook of an agent refused because its signature did not match, for the
+/// console's channel health: stored, so that every ingress process's failures show wherever the
+/// console is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureFailure {
+    /// When it was refused.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The URL the signature was checked against, without credentials.
+    pub signed_url: String,
+}
+
 /// The outcome of a completed turn, recorded under each inbound message it answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompletedTurn {
@@ -401,6 +413,20 @@ pub trait Store: Send + Sync + 'static {
         old: &SealedSecret,
         new: &SealedSecret,
     ) -> Result<bool, StoreError>;
+
+    /// Records `failure` as the latest webhook of `agent` refused for its signature, kept for
+    /// [`GUARD_TTL`] and removed with the agent. Callers throttle it: a flood of forged
+    /// webhooks must not become a flood of writes.
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError>;
+    /// The latest webhook of `agent` refused for its signature, if one was noted.
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError>;
 
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;

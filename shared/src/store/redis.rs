@@ -14,8 +14,9 @@
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
 //! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
-//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:meta:key-check` (the
-//! master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:sigfail:<agent>` (the
+//! latest webhook refused for its signature), `P:meta:key-check` (the master key check,
+//! [`crate::key_check`]); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -30,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SentMessage,
-    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -581,6 +582,11 @@ impl Store for RedisStore {
         let _: i64 = self
             .conn()
             .srem(self.key("agents"), id.as_str())
+            .await
+            .map_err(err("delete agent"))?;
+        let _: i64 = self
+            .conn()
+            .del(key!(self, "sigfail:{id}"))
             .await
             .map_err(err("delete agent"))?;
         self.notify(id).await?;
@@ -1169,6 +1175,30 @@ impl Store for RedisStore {
             .await
             .map_err(err("replace key check"))?;
         Ok(replaced == 1)
+    }
+
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError> {
+        let _: () = self
+            .conn()
+            .set_ex(
+                key!(self, "sigfail:{agent}"),
+                to_json(failure)?,
+                GUARD_TTL.as_secs(),
+            )
+            .await
+            .map_err(err("note signature failure"))?;
+        Ok(())
+    }
+
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError> {
+        self.get_json(key!(self, "sigfail:{agent}")).await
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
