@@ -671,6 +671,12 @@ async fn session_is_found_by_encoded_and_by_raw_phone() {
         assert_eq!(r.status(), 200);
         w.twilio.wait_for_sent(n + 1, WAIT).await;
     }
+    // Both replies recorded as sent (a moment after Twilio has them), so that the two reads
+    // below see one state.
+    replies_once(&w, "both replies' sids", |r| {
+        r.len() == 2 && r.iter().all(|m| m["sid"].is_string())
+    })
+    .await;
     let encoded = FROM.replace('+', "%2B");
     let mut answers = Vec::new();
     for phone in [encoded.as_str(), FROM] {
