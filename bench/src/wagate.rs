@@ -85,6 +85,7 @@ impl Deployment<'_> {
             .env("WAGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
             .env("WAGATE_TWILIO_API_BASE", &self.twilio_base)
             .env("WAGATE_TWILIO_MESSAGING_BASE", &self.twilio_base)
+            .env("WAGATE_TWILIO_CONTENT_BASE", &self.twilio_base)
             .env("WAGATE_DATA_DIR", self.dir.join(format!("data-{name}")));
         if let Some(s) = self.servers {
             cmd.env("WAGATE_NATS_URL", &s.nats_url)

@@ -86,4 +86,9 @@ pub fn register_metrics() {
         metrics::counter!("wagate_message_status_total", "status" => status, "error_code" => "")
             .increment(0);
     }
+    describe_counter!(
+        "wagate_handoffs_total",
+        "Conversations handed to a person, by who paused them"
+    );
+    metrics::counter!("wagate_handoffs_total", "by" => "operator").increment(0);
 }

@@ -4,9 +4,12 @@
 //! # Layout
 //! - [`twilio_client`]: the Messages API over HTTP: create (form, Basic auth), list (to settle
 //!   ambiguous outcomes), Twilio's error JSON and what each failure means.
+//! - [`content`]: the Content API, which makes an agent's quick replies into a content
+//!   (buttons or a list) once per distinct question and account.
 //! - [`send`]: one reply: 24-hour window check, then each part in order behind its send guard,
 //!   with retries on rate limits and a dead letter for what cannot be sent.
 
+pub mod content;
 pub mod send;
 pub mod twilio_client;
 

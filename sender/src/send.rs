@@ -4,6 +4,12 @@
 //! over, and renewed while its holder works on it, so a live sender keeps it. Free-form text is
 //! refused outside WhatsApp's 24-hour window, and everything to users who opted out
 //! ([`shared::window`]); a 21610 from Twilio records the opt-out.
+//!
+//! A reply with choices (quick replies) sends its last text part as a content made of the text
+//! and the choices ([`crate::content`]), after any media and earlier parts. The content is
+//! looked up or made once the part's guard is held, so a part already sent costs nothing; a
+//! content the Content API refuses is sent as text with the choices listed, so the user still
+//! gets the question.
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
@@ -19,13 +25,16 @@ use shared::{
     failure::Failure,
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
-    twilio::rest::{FailureClass, UNSUBSCRIBED},
-    window::{Refusal, refusal, template_refusal},
+    twilio::rest::{FailureClass, UNSUBSCRIBED, advice},
+    window::{Refusal, confirmation_refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::twilio_client::{SendError, TwilioClient};
+use crate::{
+    content::{Choices, ContentClient},
+    twilio_client::{SendError, TwilioClient},
+};
 
 /// Longest `Retry-After` waited for inside one attempt; longer ones go back to the queue.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
@@ -42,6 +51,8 @@ pub struct SendContext {
     pub directory: Arc<ChannelDirectory>,
     /// The Messages API.
     pub client: TwilioClient,
+    /// The Content API, for replies with choices.
+    pub content: ContentClient,
     /// `WAGATE_PUBLIC_URL`, for the `StatusCallback` of each message; without it, the one the
     /// inbound message was verified at (`callback_base`).
     pub public_url: Option<String>,
@@ -176,20 +187,20 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
         return Err(Failure::permanent(reason).into());
     }
     let variables;
-    let parts: Vec<Vec<(&str, &str)>> = match &reply.content {
-        ReplyContent::Text { parts } => text_posts(parts, &reply.media),
+    let posts: Vec<Post<'_>> = match &reply.content {
+        ReplyContent::Text { parts } => text_posts(parts, &reply.media, &reply.quick_replies),
         ReplyContent::Template {
             content_sid,
             variables: vars,
         } => {
             variables = serde_json::Value::Object(vars.clone()).to_string();
-            vec![vec![
+            vec![Post::Fields(vec![
                 ("ContentSid", content_sid.as_str()),
                 ("ContentVariables", variables.as_str()),
-            ]]
+            ])]
         }
     };
-    for (index, content) in parts.iter().enumerate() {
+    for (index, post) in posts.iter().enumerate() {
         let key = format!("{}:{index}", reply.id);
         let (hold, taken_over) = match claim(ctx, reply, index, &key).await? {
             GuardState::Sent(_) => continue,
@@ -198,16 +209,132 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
             GuardState::Reclaimed(hold) => (hold, true),
         };
         let hold = Mutex::new(Some(hold));
-        let part = Part {
-            key: &key,
-            index,
-            content,
-            taken_over,
-            hold: &hold,
+        let work = async {
+            let (resolved, as_text);
+            let (content, shown): (Vec<(&str, &str)>, Vec<&str>) = match post {
+                Post::Fields(fields) => {
+                    (fields.clone(), field(fields, "Body").into_iter().collect())
+                }
+                Post::Choices(choices) => {
+                    resolved = match resolve_choices(ctx, reply, &channel, choices).await {
+                        Ok(r) => r,
+                        Err(f) => {
+                            release(ctx, &key, &hold).await;
+                            return Err(f);
+                        }
+                    };
+                    let content = match &resolved {
+                        Resolved::Content(sid) => vec![("ContentSid", sid.as_str())],
+                        Resolved::Text(text) => vec![("Body", text.as_str())],
+                    };
+                    // A sender that died with this part may have sent it either way (its
+                    // Content API call may have gone otherwise), so Twilio's list is searched
+                    // for both: a content shows its body there.
+                    as_text = choices.as_text();
+                    (content, vec![choices.body, as_text.as_str()])
+                }
+            };
+            let part = Part {
+                key: &key,
+                index,
+                content: &content,
+                shown: &shown,
+                taken_over,
+                hold: &hold,
+            };
+            send_part(ctx, reply, &channel, &part).await
         };
-        renewing(ctx, &part, send_part(ctx, reply, &channel, &part)).await?;
+        renewing(ctx, &key, &hold, work).await?;
     }
     Ok(())
+}
+
+/// One message of a reply, as planned before its guard is taken.
+enum Post<'a> {
+    /// Sent with these form fields (`Body`, `MediaUrl`, a template's).
+    Fields(Vec<(&'static str, &'a str)>),
+    /// The reply's last text with its choices, sent as a content ([`resolve_choices`]).
+    Choices(Choices<'a>),
+}
+
+/// What the last message of a reply with choices goes out as.
+enum Resolved {
+    /// The content of its text and choices (`ContentSid`).
+    Content(String),
+    /// Text with the choices listed, when no content can be had.
+    Text(String),
+}
+
+/// The content of `choices` in the channel's account: the cached one, else one made now and
+/// cached. A refusal of the Content API (a 4xx: Twilio will not make this content) falls back
+/// to text, logged; anything else fails the part for another attempt, as a failed post does.
+/// In simulation mode there is no account, and the choices are recorded as text.
+async fn resolve_choices(
+    ctx: &SendContext,
+    reply: &OutboundReply,
+    channel: &ResolvedChannel,
+    choices: &Choices<'_>,
+) -> Result<Resolved, Failure> {
+    if channel.channel.simulation {
+        return Ok(Resolved::Text(choices.as_text()));
+    }
+    let account = &channel.channel.account_sid;
+    let cache_key = choices.cache_key(account);
+    if let Some(sid) = ctx
+        .store
+        .content_sid(&cache_key)
+        .await
+        .map_err(Failure::transient)?
+    {
+        return Ok(Resolved::Content(sid));
+    }
+    let attempt = || async {
+        ctx.content
+            .create(account, &channel.auth_token, choices, &cache_key)
+            .await
+    };
+    let created = attempt
+        .retry(inline_retries(ctx))
+        .when(|e: &SendError| {
+            e.class == FailureClass::RetryLater
+                && e.retry_after.is_none_or(|d| d <= ctx.inline_wait_cap())
+        })
+        .adjust(|e: &SendError, planned| e.retry_after.or(planned))
+        .await;
+    match created {
+        Ok(sid) => {
+            tracing::info!(id = %reply.id, kind = choices.kind().as_str(), sid = %sid.as_str(), "made a content for the reply's choices");
+            match ctx.store.cache_content_sid(&cache_key, sid.as_str()).await {
+                Ok(stands) => Ok(Resolved::Content(stands)),
+                Err(e) => {
+                    // The content exists; the next reply with these choices makes another.
+                    tracing::warn!(id = %reply.id, error = %e, "could not cache the content sid");
+                    Ok(Resolved::Content(sid.as_str().to_owned()))
+                }
+            }
+        }
+        Err(e) if e.class == FailureClass::Permanent => {
+            tracing::warn!(id = %reply.id, error = %e, "the Content API refused the reply's choices; sending them as text");
+            Ok(Resolved::Text(choices.as_text()))
+        }
+        // A content made twice is only a duplicate, so an ambiguous answer is tried again too.
+        Err(e) => {
+            Err(Failure::transient(format!("Content API: {e}")).with_retry_after(e.retry_after))
+        }
+    }
+}
+
+/// The value of form field `name`.
+fn field<'a>(fields: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+/// Gives the guard `key` back, if this sender still holds it.
+async fn release(ctx: &SendContext, key: &str, hold: &Mutex<Option<Hold>>) {
+    let hold = *hold.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(hold) = hold {
+        let _ = ctx.store.release_send(key, hold).await;
+    }
 }
 
 /// One part of a reply, its guard held.
@@ -215,8 +342,11 @@ struct Part<'a> {
     /// The send guard's key.
     key: &'a str,
     index: usize,
-    /// The form fields of its content (`Body`, or a template's).
+    /// The form fields of its content (`Body`, or a content's).
     content: &'a [(&'a str, &'a str)],
+    /// The texts Twilio's list may show for it, to find it there after an ambiguous answer;
+    /// none for a template, whose text is not known here.
+    shown: &'a [&'a str],
     /// Taken over from a sender whose lease ran out, which may have posted it.
     taken_over: bool,
     /// This sender's hold on the guard as last renewed; `None` once it lapsed.
@@ -226,17 +356,7 @@ struct Part<'a> {
 impl Part<'_> {
     /// Gives the guard back, if this sender still holds it.
     async fn release(&self, ctx: &SendContext) {
-        let hold = *self.hold.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(hold) = hold {
-            let _ = ctx.store.release_send(self.key, hold).await;
-        }
-    }
-
-    fn body(&self) -> Option<&str> {
-        self.content
-            .iter()
-            .find(|(k, _)| *k == "Body")
-            .map(|(_, v)| *v)
+        release(ctx, self.key, self.hold).await;
     }
 }
 
@@ -312,7 +432,12 @@ async fn send_part(
     if e.code == Some(UNSUBSCRIBED) {
         return Err(opted_out_at_twilio(ctx, reply, &e).await);
     }
-    Err(e.failure())
+    let mut failure = e.failure();
+    let join_code = channel.channel.sandbox_join_code.as_deref();
+    if let Some(advice) = e.code.and_then(|code| advice(code, join_code)) {
+        failure.reason = format!("{}; what to do: {advice}", failure.reason);
+    }
+    Err(failure)
 }
 
 /// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
@@ -337,14 +462,18 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
 /// so that a live sender keeps its part however long Twilio takes. A renewal that finds the
 /// guard taken over (this sender could not reach the store for a whole lease) is logged: the
 /// new holder looks in Twilio's list before posting, which is all that can still be done.
-async fn renewing<T>(ctx: &SendContext, part: &Part<'_>, work: impl Future<Output = T>) -> T {
+async fn renewing<T>(
+    ctx: &SendContext,
+    key: &str,
+    held: &Mutex<Option<Hold>>,
+    work: impl Future<Output = T>,
+) -> T {
     let period = ctx.send_lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let key = part.key;
     tokio::pin!(work);
     loop {
-        let hold = *part.hold.lock().unwrap_or_else(PoisonError::into_inner);
+        let hold = *held.lock().unwrap_or_else(PoisonError::into_inner);
         tokio::select! {
             out = &mut work => return out,
             _ = ticker.tick(), if hold.is_some() => {
@@ -360,7 +489,7 @@ async fn renewing<T>(ctx: &SendContext, part: &Part<'_>, work: impl Future<Outpu
                         Some(hold)
                     }
                 };
-                *part.hold.lock().unwrap_or_else(PoisonError::into_inner) = renewed;
+                *held.lock().unwrap_or_else(PoisonError::into_inner) = renewed;
             }
         }
     }
@@ -389,6 +518,7 @@ async fn claim(
         .await
         .map_err(Failure::transient)?;
     let refused = match reply.content {
+        _ if reply.confirms_consent() => confirmation_refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Text { .. } => refusal(clocks, OffsetDateTime::now_utc()),
         ReplyContent::Template { .. } => template_refusal(clocks),
     };
@@ -428,50 +558,80 @@ async fn record_sent(
 }
 
 /// The messages of a text reply: one per medium (WhatsApp takes one medium a message), the first
-/// with the reply's first part as its caption, then the remaining parts as text.
-fn text_posts<'a>(parts: &'a [String], media: &'a [String]) -> Vec<Vec<(&'static str, &'a str)>> {
+/// with the reply's first part as its caption, then the remaining parts as text. With choices,
+/// the last part goes last of all, as the content that carries them (a content has no medium,
+/// so the choices are on the last message whatever came before).
+fn text_posts<'a>(
+    parts: &'a [String],
+    media: &'a [String],
+    choices: &'a [String],
+) -> Vec<Post<'a>> {
+    let (text, last) = match parts.split_last() {
+        Some((last, before)) if !choices.is_empty() => (before, Some(last)),
+        _ => (parts, None),
+    };
     let mut posts: Vec<Vec<(&'static str, &'a str)>> = media
         .iter()
         .map(|url| vec![("MediaUrl", url.as_str())])
         .collect();
-    let mut text = parts.iter();
+    let mut text = text.iter();
     if let Some(first) = posts.first_mut()
         && let Some(caption) = text.next()
     {
         first.insert(0, ("Body", caption.as_str()));
     }
     posts.extend(text.map(|p| vec![("Body", p.as_str())]));
+    let mut posts: Vec<Post<'a>> = posts.into_iter().map(Post::Fields).collect();
+    if let Some(body) = last {
+        posts.push(Post::Choices(Choices { body, choices }));
+    }
     posts
 }
 
 /// Part `index` of `reply` as a reply of its own, with an id of its own so that replaying it
 /// (after Twilio reported it failed) is not stopped by the original part's send guard.
 fn single_part(reply: &OutboundReply, index: usize) -> OutboundReply {
-    let (content, media) = match &reply.content {
+    let (content, media, quick_replies) = match &reply.content {
         ReplyContent::Text { parts } => {
-            let post = text_posts(parts, &reply.media)
+            match text_posts(parts, &reply.media, &reply.quick_replies)
                 .into_iter()
                 .nth(index)
-                .unwrap_or_default();
-            let field = |name: &str| {
-                post.iter()
-                    .filter(|(k, _)| *k == name)
-                    .map(|(_, v)| (*v).to_owned())
-                    .collect::<Vec<String>>()
-            };
-            (
-                ReplyContent::Text {
-                    parts: field("Body"),
-                },
-                field("MediaUrl"),
-            )
+            {
+                Some(Post::Choices(choices)) => (
+                    ReplyContent::Text {
+                        parts: vec![choices.body.to_owned()],
+                    },
+                    Vec::new(),
+                    choices.choices.to_vec(),
+                ),
+                post => {
+                    let post = match post {
+                        Some(Post::Fields(fields)) => fields,
+                        _ => Vec::new(),
+                    };
+                    let field = |name: &str| {
+                        post.iter()
+                            .filter(|(k, _)| *k == name)
+                            .map(|(_, v)| (*v).to_owned())
+                            .collect::<Vec<String>>()
+                    };
+                    (
+                        ReplyContent::Text {
+                            parts: field("Body"),
+                        },
+                        field("MediaUrl"),
+                        Vec::new(),
+                    )
+                }
+            }
         }
-        template @ ReplyContent::Template { .. } => (template.clone(), Vec::new()),
+        template @ ReplyContent::Template { .. } => (template.clone(), Vec::new(), Vec::new()),
     };
     OutboundReply {
         id: format!("{}-p{index}", reply.id),
         content,
         media,
+        quick_replies,
         ..reply.clone()
     }
 }
@@ -521,13 +681,7 @@ async fn post(
         answer
     };
     attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(ctx.inline_wait_cap())
-                .with_max_times(INLINE_POSTS as usize - 1)
-                .with_jitter(),
-        )
+        .retry(inline_retries(ctx))
         .when(|e: &SendError| {
             e.class == FailureClass::RetryLater
                 && e.retry_after.is_none_or(|d| d <= ctx.inline_wait_cap())
@@ -539,6 +693,15 @@ async fn post(
         })
         .await
         .map(|m| m.sid)
+}
+
+/// How a Twilio call is retried in place after a rate limit.
+fn inline_retries(ctx: &SendContext) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(ctx.inline_wait_cap())
+        .with_max_times(INLINE_POSTS as usize - 1)
+        .with_jitter()
 }
 
 /// Where and since when to look for a part in Twilio's list.
@@ -566,9 +729,9 @@ async fn settle_ambiguous(
     part: &Part<'_>,
     single: &OutboundReply,
 ) -> Result<Option<String>, Failure> {
-    let Some(body) = part.body() else {
+    if part.shown.is_empty() {
         return Ok(None);
-    };
+    }
     let since = search.since.replace_nanosecond(0).unwrap_or(search.since);
     let list = match ctx
         .client
@@ -588,7 +751,7 @@ async fn settle_ambiguous(
     };
     // Newest first from Twilio; the oldest match is the one nearest the attempt.
     let candidates = list.into_iter().rev().filter(|m| {
-        m.body.as_deref() == Some(body)
+        m.body.as_deref().is_some_and(|b| part.shown.contains(&b))
             && m.to.as_deref() == Some(search.to)
             && m.from.as_deref() == Some(search.from)
             && m.created().is_some_and(|at| at >= since)

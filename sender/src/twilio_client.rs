@@ -155,12 +155,7 @@ impl TwilioClient {
             .await
             .map_err(transport_error)?;
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(&response);
         let body = response.bytes().await.map_err(transport_error)?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|_| SendError {
@@ -171,17 +166,7 @@ impl TwilioClient {
                 retry_after: None,
             });
         }
-        let api: Option<ApiError> = serde_json::from_slice(&body).ok();
-        let code = api.as_ref().and_then(|a| a.code);
-        Err(SendError {
-            class: classify(status, code),
-            http_status: Some(status),
-            code,
-            message: api
-                .and_then(|a| a.message)
-                .unwrap_or_else(|| format!("HTTP {status}")),
-            retry_after,
-        })
+        Err(refused(status, &body, retry_after))
     }
 
     /// The most recent messages from `from` to `to`, newest first: used after an ambiguous
@@ -216,7 +201,32 @@ impl TwilioClient {
     }
 }
 
-fn transport_error(e: reqwest::Error) -> SendError {
+/// Twilio's `Retry-After`, when it gave one in seconds.
+pub(crate) fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// The failure an answer other than success is, read from Twilio's error JSON when there is one.
+pub(crate) fn refused(status: u16, body: &[u8], retry_after: Option<Duration>) -> SendError {
+    let api: Option<ApiError> = serde_json::from_slice(body).ok();
+    let code = api.as_ref().and_then(|a| a.code);
+    SendError {
+        class: classify(status, code),
+        http_status: Some(status),
+        code,
+        message: api
+            .and_then(|a| a.message)
+            .unwrap_or_else(|| format!("HTTP {status}")),
+        retry_after,
+    }
+}
+
+pub(crate) fn transport_error(e: reqwest::Error) -> SendError {
     // A request that never reached Twilio is safe to repeat; one that may have (timeout while
     // waiting for the answer, a dropped connection) is ambiguous.
     let class = if e.is_connect() {

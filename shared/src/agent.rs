@@ -18,6 +18,27 @@ pub struct Agent {
     pub name: String,
     /// What produces its replies.
     pub backend: Backend,
+    /// How long a conversation handed to a person stays paused without a word from them
+    /// before the agent takes it back (seconds); agents saved before handoff existed get the
+    /// default.
+    #[serde(default = "default_handoff_resume_after_s")]
+    pub handoff_resume_after_s: u64,
+    /// Days a turn of its conversations is kept: older ones are dropped, and a conversation
+    /// nobody wrote in for that long is gone.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Turns of history its model sees at most (`None`: the process's
+    /// `WAGATE_HISTORY_WINDOW`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_turns: Option<u32>,
+    /// Tokens of history its model sees at most, counted as about four characters each
+    /// (`None`: no limit but the turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_tokens: Option<u32>,
+    /// Whether users see "typing…" while a turn takes a while (WhatsApp's typing indicator,
+    /// which also marks their message read). Agents saved before it existed show it.
+    #[serde(default = "default_typing_indicator")]
+    pub typing_indicator: bool,
     /// When it was first saved.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -26,9 +47,41 @@ pub struct Agent {
     pub updated_at: OffsetDateTime,
 }
 
+/// A day: a person who took a conversation over and left it a day gives it back to the agent.
+pub fn default_handoff_resume_after_s() -> u64 {
+    86_400
+}
+
+/// The typing indicator is shown unless the agent says otherwise.
+pub fn default_typing_indicator() -> bool {
+    true
+}
+
+/// Ninety days of history, as the data-protection default of most chat platforms.
+pub fn default_retention_days() -> u32 {
+    90
+}
+
+impl Agent {
+    /// How long a turn of its conversations is kept ([`Agent::retention_days`]).
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400)
+    }
+
+    /// How long a paused conversation waits for its person ([`Agent::handoff_resume_after_s`]).
+    pub fn handoff_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.handoff_resume_after_s)
+    }
+}
+
 /// The transcription model of an OpenAI-compatible agent that names none: OpenAI's.
 pub fn default_transcription_model() -> Option<String> {
     Some("whisper-1".to_owned())
+}
+
+/// Models are offered wagate's tools unless the agent says otherwise.
+pub fn default_tools() -> bool {
+    true
 }
 
 /// What produces an agent's replies.
@@ -59,6 +112,11 @@ pub enum Backend {
         /// Agents saved before it existed get the default.
         #[serde(default = "default_transcription_model")]
         transcription_model: Option<String>,
+        /// Whether the model is offered wagate's tools (`handoff_to_human`, `send_media`):
+        /// off for a server that refuses requests with tools. Agents saved before tools
+        /// existed get them.
+        #[serde(default = "default_tools")]
+        tools: bool,
     },
     /// The business's own endpoint, called with a signed JSON request.
     Webhook {
@@ -91,7 +149,43 @@ pub struct WhatsAppChannel {
     /// and `wagate chat`) instead of being posted to Twilio, to try an agent without Twilio.
     #[serde(default)]
     pub simulation: bool,
+    /// What users opt out and back in with, and what they are told: Twilio's defaults unless
+    /// the business chose its own. Channels saved before these existed get the defaults.
+    #[serde(default)]
+    pub consent: Consent,
+    /// The words a phone sends as `join <words>` to join the Twilio Sandbox, shown where a
+    /// user who has not joined needs them (63015).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_join_code: Option<String>,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// The Twilio Sandbox for WhatsApp's shared number: a channel on it reaches only phones that
+/// joined it, and sends slowly.
+pub const SANDBOX_NUMBER: &str = "+14155238886";
+
+impl WhatsAppChannel {
+    /// Whether the channel is on the Twilio Sandbox.
+    pub fn is_sandbox(&self) -> bool {
+        self.phone_number.as_str() == SANDBOX_NUMBER
+    }
+}
+
+/// A channel's opt-out settings; `None` is the default (see [`crate::window`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// Words that opt a user out (a message that is just one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_keywords: Option<Vec<String>>,
+    /// Words that opt a user who opted out back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_keywords: Option<Vec<String>>,
+    /// The confirmation of an opt-out; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optout_reply: Option<String>,
+    /// The confirmation of an opt-in; empty: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optin_reply: Option<String>,
 }

@@ -142,6 +142,13 @@ pub struct Settings {
         default_value = "https://messaging.twilio.com"
     )]
     pub twilio_messaging_base: String,
+    /// Twilio Content API base URL (an agent's quick replies become content made there).
+    #[arg(
+        long = "twilio-content-base",
+        env = "WAGATE_TWILIO_CONTENT_BASE",
+        default_value = "https://content.twilio.com"
+    )]
+    pub twilio_content_base: String,
     /// Largest inbound medium (photo, voice note, document) a worker fetches from Twilio, in
     /// bytes; a larger one reaches the agent as a notice.
     #[arg(
@@ -451,6 +458,7 @@ impl Settings {
         for (name, value) in [
             ("WAGATE_TWILIO_API_BASE", &self.twilio_api_base),
             ("WAGATE_TWILIO_MESSAGING_BASE", &self.twilio_messaging_base),
+            ("WAGATE_TWILIO_CONTENT_BASE", &self.twilio_content_base),
         ] {
             if !(value.starts_with("https://") || value.starts_with("http://")) {
                 return Err(ConfigError(format!("{name} must be an http(s) URL")));

@@ -199,6 +199,11 @@ mod tests {
                 id: real.clone(),
                 name: "real".into(),
                 backend: Backend::Echo,
+                handoff_resume_after_s: crate::agent::default_handoff_resume_after_s(),
+                retention_days: crate::agent::default_retention_days(),
+                history_turns: None,
+                history_tokens: None,
+                typing_indicator: true,
                 created_at: now,
                 updated_at: now,
             })
@@ -214,6 +219,8 @@ mod tests {
                     phone_number: PhoneNumber::parse("+14155238886").unwrap(),
                     enabled: true,
                     simulation: false,
+                    consent: Default::default(),
+                    sandbox_join_code: None,
                     updated_at: now,
                 },
             )

@@ -7,6 +7,40 @@ use time::OffsetDateTime;
 
 use crate::domain::{AgentId, ContentSid, MessageSid, SessionId, WhatsAppAddress};
 
+/// Most media one reply may carry: Twilio's limit of `MediaUrl`s on one message, and plenty for
+/// a chat.
+pub const MAX_MEDIA: usize = 10;
+
+/// Most choices one reply may offer: a `twilio/list-picker` holds up to 10 items.
+pub const MAX_QUICK_REPLIES: usize = 10;
+/// Most choices sent as `twilio/quick-reply` buttons (WhatsApp shows up to 3); more go as a
+/// `twilio/list-picker`.
+pub const MAX_QUICK_REPLY_BUTTONS: usize = 3;
+/// Longest title of a `twilio/quick-reply` button, in characters (Twilio's limit).
+pub const QUICK_REPLY_TITLE_CHARS: usize = 20;
+/// Longest item of a `twilio/list-picker`, in characters (Twilio's limit).
+pub const LIST_ITEM_CHARS: usize = 24;
+/// Longest body of a `twilio/quick-reply` or `twilio/list-picker`, in characters (Twilio's
+/// limit): the text of a reply with choices is split into parts no longer than this, so its
+/// last part fits the content.
+pub const CONTENT_BODY_CHARS: usize = 1024;
+
+/// The longest a choice may be when `count` choices are offered: a button's title for a few,
+/// a list item for more.
+pub fn choice_chars(count: usize) -> usize {
+    if count <= MAX_QUICK_REPLY_BUTTONS {
+        QUICK_REPLY_TITLE_CHARS
+    } else {
+        LIST_ITEM_CHARS
+    }
+}
+
+/// Whether Twilio can fetch a medium from `url`: https with a host, at most 2048 bytes.
+pub fn is_public_media_url(url: &str) -> bool {
+    url.len() <= 2048
+        && url::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some())
+}
+
 /// One media attachment of an inbound message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Media {
@@ -139,7 +173,8 @@ impl ReplyContent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboundReply {
     /// Unique id of the reply: `in-<MessageSid>` for answers to an inbound message, `api-<uuid>`
-    /// for admin sends. With the part index it keys the send guard, so a part is posted once.
+    /// for admin sends, `consent-<MessageSid>` for the confirmation of an opt-out or opt-in.
+    /// With the part index it keys the send guard, so a part is posted once.
     pub id: String,
     /// The sending agent.
     pub agent_id: AgentId,
@@ -163,6 +198,10 @@ pub struct OutboundReply {
     /// reply's first part as its caption. Absent from older replies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<String>,
+    /// Choices offered with a text reply, as buttons (up to 3) or a list (up to 10) on its
+    /// last message. Absent from older replies and replies without choices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quick_replies: Vec<String>,
     /// The W3C `traceparent` of the span that made the reply, so that the sender's spans
     /// join the message's trace (`trace`). Absent from older processes' replies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +216,18 @@ impl OutboundReply {
     /// The id of the reply that answers an inbound message.
     pub fn id_for_inbound(sid: &MessageSid) -> String {
         format!("in-{}", sid.as_str())
+    }
+
+    /// The id of the confirmation of the opt-out or opt-in that inbound message `sid` was.
+    pub fn id_for_confirmation(sid: &MessageSid) -> String {
+        format!("consent-{}", sid.as_str())
+    }
+
+    /// Whether this is the confirmation of an opt-out or opt-in: it goes out even to the user
+    /// who just opted out, who must hear that it worked (inside the window, as they just
+    /// wrote).
+    pub fn confirms_consent(&self) -> bool {
+        self.id.starts_with("consent-")
     }
 
     /// The conversation this reply belongs to.
@@ -354,6 +405,7 @@ mod tests {
             created_at: OffsetDateTime::UNIX_EPOCH,
             answers_received_at: None,
             media: Vec::new(),
+            quick_replies: Vec::new(),
             traceparent: None,
             callback_base: None,
         };

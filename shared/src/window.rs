@@ -8,6 +8,7 @@
 use time::{Duration, OffsetDateTime};
 
 use crate::{
+    agent::Consent,
     domain::SessionId,
     store::{Store, StoreError, WindowClocks},
     twilio::rest::{OUTSIDE_WINDOW, UNSUBSCRIBED},
@@ -21,6 +22,12 @@ pub const OPT_OUT_KEYWORDS: [&str; 6] = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANC
 /// Twilio's default opt-in keywords: a user who opted out is back in with one of them. A "yes"
 /// from a user who never opted out changes nothing.
 pub const OPT_IN_KEYWORDS: [&str; 3] = ["START", "YES", "UNSTOP"];
+/// What a user who opted out is told, unless the channel says otherwise.
+pub const OPT_OUT_REPLY: &str = "You have been unsubscribed and will get no more messages from us. Reply START to subscribe again.";
+/// What a user who opted back in is told, unless the channel says otherwise.
+pub const OPT_IN_REPLY: &str = "You have been subscribed again. Reply STOP to unsubscribe.";
+/// The longest keyword: a message longer than this is never one, and is not compared.
+pub const MAX_KEYWORD_CHARS: usize = 30;
 
 /// What an inbound message says about the user's consent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,18 +39,47 @@ pub enum Keyword {
 }
 
 impl Keyword {
-    /// The keyword `body` is, ignoring case and surrounding whitespace; `None` for any other
-    /// text, which leaves the user's consent as it was.
-    pub fn of(body: &str) -> Option<Self> {
+    /// The keyword `body` is under `consent`, ignoring case and surrounding whitespace; `None`
+    /// for any other text, which leaves the user's consent as it was.
+    pub fn of(body: &str, consent: &Consent) -> Option<Self> {
         let word = body.trim();
-        let is = |keywords: &[&str]| keywords.iter().any(|k| k.eq_ignore_ascii_case(word));
-        if is(&OPT_OUT_KEYWORDS) {
+        // Four bytes hold any character: longer text is no keyword, and is not compared.
+        if word.is_empty() || word.len() > MAX_KEYWORD_CHARS * 4 {
+            return None;
+        }
+        let is = |keywords: Vec<&str>| keywords.iter().any(|k| k.eq_ignore_ascii_case(word));
+        if is(optout_keywords(consent)) {
             Some(Self::OptOut)
-        } else if is(&OPT_IN_KEYWORDS) {
+        } else if is(optin_keywords(consent)) {
             Some(Self::OptIn)
         } else {
             None
         }
+    }
+
+    /// What the user is told when this keyword took effect (`None`: nothing).
+    pub fn confirmation(self, consent: &Consent) -> Option<&str> {
+        let reply = match self {
+            Self::OptOut => consent.optout_reply.as_deref().unwrap_or(OPT_OUT_REPLY),
+            Self::OptIn => consent.optin_reply.as_deref().unwrap_or(OPT_IN_REPLY),
+        };
+        (!reply.trim().is_empty()).then_some(reply)
+    }
+}
+
+/// The opt-out keywords in effect on a channel.
+pub fn optout_keywords(consent: &Consent) -> Vec<&str> {
+    match &consent.optout_keywords {
+        Some(own) => own.iter().map(String::as_str).collect(),
+        None => OPT_OUT_KEYWORDS.to_vec(),
+    }
+}
+
+/// The opt-in keywords in effect on a channel.
+pub fn optin_keywords(consent: &Consent) -> Vec<&str> {
+    match &consent.optin_keywords {
+        Some(own) => own.iter().map(String::as_str).collect(),
+        None => OPT_IN_KEYWORDS.to_vec(),
     }
 }
 
@@ -111,6 +147,18 @@ pub fn refusal(clocks: WindowClocks, now: OffsetDateTime) -> Option<Refusal> {
         .then_some(Refusal::OutsideWindow)
 }
 
+/// Whether the confirmation of an opt-out or opt-in would be refused at `now`: only outside the
+/// window (the user just wrote, so rarely), never for the opt-out it confirms.
+pub fn confirmation_refusal(clocks: WindowClocks, now: OffsetDateTime) -> Option<Refusal> {
+    refusal(
+        WindowClocks {
+            opted_out_at: None,
+            ..clocks
+        },
+        now,
+    )
+}
+
 /// Whether a template would be refused to a user with these clocks: only an opt-out stops one.
 pub fn template_refusal(clocks: WindowClocks) -> Option<Refusal> {
     opted_out(clocks).then_some(Refusal::OptedOut)
@@ -136,10 +184,18 @@ mod tests {
             "End",
             "quit",
         ] {
-            assert_eq!(Keyword::of(stop), Some(Keyword::OptOut), "{stop:?}");
+            assert_eq!(
+                Keyword::of(stop, &Consent::default()),
+                Some(Keyword::OptOut),
+                "{stop:?}"
+            );
         }
         for start in ["START", " start ", "Unstop", "yes", "YES\n"] {
-            assert_eq!(Keyword::of(start), Some(Keyword::OptIn), "{start:?}");
+            assert_eq!(
+                Keyword::of(start, &Consent::default()),
+                Some(Keyword::OptIn),
+                "{start:?}"
+            );
         }
         for other in [
             "please stop",
@@ -149,8 +205,28 @@ mod tests {
             "starting",
             "yes please",
         ] {
-            assert_eq!(Keyword::of(other), None, "{other:?}");
+            assert_eq!(Keyword::of(other, &Consent::default()), None, "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_channels_own_keywords_replace_the_defaults_and_an_empty_reply_is_none() {
+        let own = Consent {
+            optout_keywords: Some(vec!["ALTO".into(), "baja".into()]),
+            optin_keywords: Some(vec!["Alta".into()]),
+            optout_reply: Some(" ".into()),
+            optin_reply: Some("Bienvenido".into()),
+        };
+        assert_eq!(Keyword::of(" alto ", &own), Some(Keyword::OptOut));
+        assert_eq!(Keyword::of("BAJA", &own), Some(Keyword::OptOut));
+        assert_eq!(Keyword::of("ALTA", &own), Some(Keyword::OptIn));
+        assert_eq!(Keyword::of("STOP", &own), None, "the defaults are replaced");
+        assert_eq!(Keyword::OptOut.confirmation(&own), None);
+        assert_eq!(Keyword::OptIn.confirmation(&own), Some("Bienvenido"));
+        assert_eq!(
+            Keyword::OptOut.confirmation(&Consent::default()),
+            Some(OPT_OUT_REPLY)
+        );
     }
 
     #[test]

@@ -11,6 +11,10 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
         &settings.twilio_api_base,
         settings.twilio_timeout(),
     )?;
+    let content = sender::content::ContentClient::new(
+        &settings.twilio_content_base,
+        settings.twilio_timeout(),
+    )?;
     with_connections(
         settings,
         launch.backing,
@@ -22,6 +26,7 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
                 store,
                 directory: common.directory.clone(),
                 client,
+                content,
                 public_url: settings.public_base().map(str::to_owned),
                 retry: settings.send_retry.clone(),
                 twilio_timeout: settings.twilio_timeout(),

@@ -441,11 +441,25 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "webhook_url",
         "status_callback_url",
         "simulation",
+        "optout_keywords",
+        "optin_keywords",
+        "optout_reply",
+        "optin_reply",
+        "sandbox",
+        "sandbox_join_code",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     assert_eq!(keys(&put), expected_keys, "{put}");
+    assert_eq!(
+        put["optout_keywords"],
+        json!(["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"]),
+        "Twilio's defaults"
+    );
+    assert_eq!(put["optin_keywords"], json!(["START", "YES", "UNSTOP"]));
+    assert!(put["optout_reply"].as_str().unwrap().contains("START"));
+    assert_eq!(put["sandbox"], true, "{SANDBOX} is the Sandbox's number");
     let base = format!("{}/webhooks/twilio/whatsapp/demo", w.wagate.public_url);
     // Twilio's connection overrides ride in the fragment, which Twilio does not sign.
     let webhook_url = format!("{base}#rc=3&rp=ct,rt,5xx");
@@ -506,7 +520,13 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
         [
             "account_sid",
             "enabled",
+            "optin_keywords",
+            "optin_reply",
+            "optout_keywords",
+            "optout_reply",
             "phone_number",
+            "sandbox",
+            "sandbox_join_code",
             "simulation",
             "status_callback_url",
             "webhook_url"
@@ -977,6 +997,24 @@ async fn each_replys_sid_and_status_follow_twilios_callbacks() {
     })
     .await;
 
+    // An operator's message shows its delivery too, under its author.
+    let a = call(
+        &w,
+        Method::POST,
+        "/v1/agents/demo/messages",
+        Some(json!({"to": FROM, "body": "Grace here", "operator": "Grace"})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let by_grace = w.twilio.wait_for_sent(4, WAIT).await[3].sid.clone();
+    let replies = replies_once(&w, "the operator's message and its sid", |r| {
+        r.len() == 3 && r[2]["sid"] == by_grace.as_str()
+    })
+    .await;
+    assert_eq!(replies[2]["author"], "Grace", "{replies:?}");
+    assert_eq!(replies[2]["status"], "queued", "{replies:?}");
+    assert_eq!(replies[1]["status"], "undelivered", "{replies:?}");
+
     let a = call(
         &w,
         Method::GET,
@@ -1211,8 +1249,10 @@ async fn messages_to_an_opted_out_user_are_409_naming_the_opt_out_templates_incl
     assert_eq!(a.status, 202, "another user is not opted out: {}", a.text);
 
     w.wagate.inbound("demo", &sid(4), FROM, "start").await;
+    // The first reply, the opt-out's confirmation, the template to the other user, and the
+    // opt-in's confirmation.
     eventually(WAIT, "the opt-in", || async {
-        (w.twilio.sent().len() == 3).then_some(())
+        (w.twilio.sent().len() == 4).then_some(())
     })
     .await;
     let a = call(
@@ -1223,7 +1263,7 @@ async fn messages_to_an_opted_out_user_are_409_naming_the_opt_out_templates_incl
     )
     .await;
     assert_eq!(a.status, 202, "{}", a.text);
-    w.twilio.wait_for_sent(4, WAIT).await;
+    w.twilio.wait_for_sent(5, WAIT).await;
 }
 
 // ---------------------------------------------------------------------------------------------

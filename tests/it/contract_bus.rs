@@ -542,6 +542,7 @@ fn dead_letter(reason: &str) -> DeadLetter {
             created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             answers_received_at: None,
             media: Vec::new(),
+            quick_replies: Vec::new(),
             traceparent: None,
             callback_base: None,
         })),

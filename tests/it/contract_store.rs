@@ -16,8 +16,8 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Role, SentMessage, SignatureFailure,
-        Store, Turn, TurnStart, WindowClocks,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pause, Role, SentMessage,
+        SignatureFailure, Store, Turn, TurnStart, WindowClocks,
         redis::{RedisStore, RedisTopology},
     },
     twilio::status::{MessageStatus, StatusUpdate},
@@ -211,7 +211,204 @@ on_both!(
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
     signature_failures_are_kept_per_agent_and_go_with_it,
+    a_pause_is_read_with_the_turn_replaced_and_lifted,
+    a_content_sid_is_cached_once_and_survives_reopen,
+    a_completed_turn_keeps_its_quick_replies,
+    history_older_than_its_retention_is_dropped,
 );
+
+/// A cached Content API sid: absent until cached, the first sid cached stands against a later
+/// one and against racing senders, it is one key's only, and it survives a reopen.
+async fn a_content_sid_is_cached_once_and_survives_reopen(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let (first, second) = (
+        format!("HX{}", "a1".repeat(16)),
+        format!("HX{}", "b2".repeat(16)),
+    );
+    assert_eq!(store.content_sid("k1").await.unwrap(), None, "{n}");
+    assert_eq!(
+        store.cache_content_sid("k1", &first).await.unwrap(),
+        first,
+        "{n}"
+    );
+    assert_eq!(
+        store.cache_content_sid("k1", &second).await.unwrap(),
+        first,
+        "{n}: the first content stands"
+    );
+    assert_eq!(
+        store.content_sid("k1").await.unwrap(),
+        Some(first.clone()),
+        "{n}"
+    );
+    assert_eq!(store.content_sid("k2").await.unwrap(), None, "{n}");
+
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let sid = format!("HX{i:032x}");
+                store.cache_content_sid("k3", &sid).await.unwrap()
+            })
+        })
+        .collect();
+    let mut standing = Vec::new();
+    for racer in racers {
+        standing.push(racer.await.unwrap());
+    }
+    assert!(
+        standing.iter().all(|s| *s == standing[0]),
+        "{n}: {standing:?}"
+    );
+
+    drop(store);
+    let store = rig.reopen().await;
+    assert_eq!(store.content_sid("k1").await.unwrap(), Some(first), "{n}");
+    assert_eq!(
+        store.content_sid("k3").await.unwrap(),
+        Some(standing[0].clone()),
+        "{n}"
+    );
+}
+
+/// The choices an agent offered stay with the completed turn's record, so a redelivered
+/// message republishes them.
+async fn a_completed_turn_keeps_its_quick_replies(rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let s = session("a1", "+14155550100");
+    let record = CompletedTurn {
+        reply_id: "in-1".into(),
+        reply: "Shall I?".into(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: vec!["Yes".into(), "No".into()],
+    };
+    let key = sid(1);
+    let stands = store
+        .complete_turn(
+            &s,
+            std::slice::from_ref(&key),
+            &[turn(Role::Assistant, "Shall I?", 1)],
+            &record,
+            KEEP,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stands, record, "{n}");
+    assert_eq!(
+        store.completed_turn(&s, &key).await.unwrap(),
+        Some(record),
+        "{n}"
+    );
+}
+
+/// Turns older than the retention are dropped at the next completion (the new ones stay,
+/// whatever their order), and a conversation left alone for the whole retention is gone.
+async fn history_older_than_its_retention_is_dropped(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let record = |i: u64| CompletedTurn {
+        reply_id: format!("in-{i}"),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
+    };
+    let old = [
+        turn(Role::User, "in 2023", 0),
+        turn(Role::Assistant, "also 2023", 1),
+    ];
+    store
+        .complete_turn(&s, &[sid(1)], &old, &record(1), KEEP)
+        .await
+        .unwrap();
+    assert_eq!(store.history(&s, 10).await.unwrap(), old, "{n}: kept");
+    let now = OffsetDateTime::now_utc();
+    let fresh = [
+        Turn::new(Role::User, "today".into(), now),
+        Turn::new(Role::Assistant, "today too".into(), now),
+    ];
+    let day = Duration::from_secs(86_400);
+    store
+        .complete_turn(&s, &[sid(2)], &fresh, &record(2), day)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.history(&s, 10).await.unwrap(),
+        fresh,
+        "{n}: the 2023 turns are past a day's retention"
+    );
+
+    let brief = session("a1", "+14155550101");
+    store
+        .complete_turn(
+            &brief,
+            &[sid(3)],
+            &fresh,
+            &record(3),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut i = 10;
+    loop {
+        // Any write gives the embedded store its chance to purge.
+        i += 1;
+        store
+            .complete_turn(&s, &[sid(i)], &[], &record(i), day)
+            .await
+            .unwrap();
+        if store.history(&brief, 10).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n}: a conversation past its retention is dropped whole"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(store.history(&s, 10).await.unwrap(), fresh, "{n}");
+}
+
+/// A conversation's pause comes with the turn that begins while it stands (no round trip of
+/// its own), a new pause replaces it, resuming lifts it, and it concerns one conversation.
+async fn a_pause_is_read_with_the_turn_replaced_and_lifted(mut rig: Rig) {
+    let n = rig.name;
+    let store = rig.store();
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550101");
+    let message = msid(1);
+    let sighting = LeadSighting {
+        session: &s,
+        message_sid: &message,
+        profile_name: None,
+        at: at(10),
+    };
+    assert_eq!(store.pause(&s).await.unwrap(), None, "{n}");
+    let by_agent = Pause::new("agent", at(5));
+    store.set_pause(&s, Some(&by_agent)).await.unwrap();
+    let start = store
+        .begin_turn(&s, std::slice::from_ref(&sighting), 10)
+        .await
+        .unwrap();
+    assert_eq!(start.pause.as_ref(), Some(&by_agent), "{n}");
+    assert_eq!(store.pause(&other).await.unwrap(), None, "{n}");
+
+    let mut by_person = Pause::new("Grace", at(5));
+    by_person.active_at = at(50);
+    store.set_pause(&s, Some(&by_person)).await.unwrap();
+    drop(store);
+    let store = rig.reopen().await;
+    assert_eq!(store.pause(&s).await.unwrap(), Some(by_person), "{n}");
+
+    store.set_pause(&s, None).await.unwrap();
+    let start = store.begin_turn(&s, &[sighting], 10).await.unwrap();
+    assert_eq!(start.pause, None, "{n}");
+    store.set_pause(&s, None).await.unwrap();
+}
 
 /// The master key check: the first check offered stands for every later one, a replacement
 /// applies only over the check it was made from, and the check survives a reopen.
@@ -251,6 +448,9 @@ fn msid(n: u64) -> MessageSid {
     MessageSid::parse(&sid(n)).unwrap()
 }
 
+/// History kept long enough that the fixed times of these tests (2023) are not dropped.
+const KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// A time on a whole millisecond, as both stores keep times.
 fn at(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(1_700_000_000_000 + ms) * 1_000_000)
@@ -262,6 +462,11 @@ fn agent(id: &str, name: &str) -> Agent {
         id: agent_id(id),
         name: name.into(),
         backend: Backend::Echo,
+        handoff_resume_after_s: 60,
+        retention_days: 90,
+        history_turns: None,
+        history_tokens: None,
+        typing_indicator: true,
         created_at: at(0),
         updated_at: at(1),
     }
@@ -283,11 +488,7 @@ fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
 }
 
 fn turn(role: Role, content: &str, ms: i64) -> Turn {
-    Turn {
-        role,
-        content: content.into(),
-        at: at(ms),
-    }
+    Turn::new(role, content.into(), at(ms))
 }
 
 fn reply(id: &str, text: &str) -> OutboundReply {
@@ -301,6 +502,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         created_at: at(5),
         answers_received_at: None,
         media: Vec::new(),
+        quick_replies: Vec::new(),
         traceparent: None,
         callback_base: None,
     }
@@ -458,10 +660,12 @@ async fn history_window_and_order(rig: Rig) {
             reply_id: format!("in-{i}"),
             reply: format!("a{i}"),
             media: Vec::new(),
+            handoff: false,
+            quick_replies: Vec::new(),
         };
         let key = sid(100 + i as u64);
         let stood = store
-            .complete_turn(&s, &[key], &turns, &record)
+            .complete_turn(&s, &[key], &turns, &record, KEEP)
             .await
             .unwrap();
         assert_eq!(stood, record, "{n}");
@@ -515,9 +719,11 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
                 reply_id: format!("in-{i}"),
                 reply: format!("reply {i}"),
                 media: Vec::new(),
+                handoff: false,
+                quick_replies: Vec::new(),
             };
             store
-                .complete_turn(&s, &keys, &turns, &record)
+                .complete_turn(&s, &keys, &turns, &record, KEEP)
                 .await
                 .unwrap()
         })
@@ -569,7 +775,10 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     );
     let none: [String; 0] = [];
     assert!(
-        store.complete_turn(&s, &none, &[], &winner).await.is_err(),
+        store
+            .complete_turn(&s, &none, &[], &winner, KEEP)
+            .await
+            .is_err(),
         "{n}: a turn needs a key"
     );
 }
@@ -588,13 +797,15 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         reply_id: "in-1".into(),
         reply: "first answer".into(),
         media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [
         turn(Role::User, "one", 0),
         turn(Role::Assistant, "first answer", 1),
     ];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &earlier)
+        .complete_turn(&s, &[sid(1)], &turns, &earlier, KEEP)
         .await
         .unwrap();
 
@@ -609,6 +820,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         TurnStart {
             completed: vec![Some(earlier.clone()), None, None],
             history: turns.to_vec(),
+            pause: None,
         },
         "{n}: the answered message is told apart, the history is read"
     );
@@ -665,6 +877,7 @@ async fn a_turn_begins_with_earlier_answers_leads_window_and_history(rig: Rig) {
         TurnStart {
             completed: vec![Some(earlier)],
             history: vec![],
+            pause: None,
         },
         "{n}"
     );
@@ -1437,10 +1650,12 @@ async fn everything_survives_reopen(mut rig: Rig) {
         reply_id: "in-1".into(),
         reply: "hi".into(),
         media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [turn(Role::User, "hello", 0), turn(Role::Assistant, "hi", 1)];
     store
-        .complete_turn(&s, &[sid(1)], &turns, &record)
+        .complete_turn(&s, &[sid(1)], &turns, &record, KEEP)
         .await
         .unwrap();
     let sighting = LeadSighting {
@@ -1535,17 +1750,23 @@ async fn footprint(store: &Arc<dyn Store>, agent: &str, phone: &str, n: u64) -> 
         reply_id: format!("in-{n}"),
         reply: format!("answer {n}"),
         media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
     };
     let turns = [
         turn(Role::User, &format!("question {n}"), 10),
         turn(Role::Assistant, &format!("answer {n}"), 11),
     ];
     store
-        .complete_turn(&s, &[sid(n)], &turns, &record)
+        .complete_turn(&s, &[sid(n)], &turns, &record, KEEP)
         .await
         .unwrap();
     store.opt_out(&s, at(12)).await.unwrap();
     store.opt_in(&s, at(13)).await.unwrap();
+    store
+        .set_pause(&s, Some(&Pause::new("Grace", at(13))))
+        .await
+        .unwrap();
     store
         .record_simulated(&s, "simulated", at(14))
         .await
@@ -1593,6 +1814,12 @@ async fn forgetting_a_session_keeps_what_is_not_the_conversation(rig: Rig) {
         "{n}"
     );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
+    assert_eq!(
+        store.pause(&s).await.unwrap(),
+        None,
+        "{n}: a new conversation starts with the agent"
+    );
+    assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     assert!(
         store.completed_turn(&s, &key).await.unwrap().is_some(),
         "{n}: a redelivered message is still known as answered"
@@ -1635,6 +1862,8 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
     assert_eq!(store.completed_turn(&s, &key).await.unwrap(), None, "{n}");
+    assert_eq!(store.pause(&s).await.unwrap(), None, "{n}");
+    assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     for (clock, value) in [
         ("window", store.last_inbound(&s).await.unwrap()),
         ("opt-out", store.opted_out_at(&s).await.unwrap()),

@@ -499,6 +499,28 @@ async fn a_slow_turn_shows_the_typing_indicator_and_a_fast_one_does_not() {
     assert_eq!(shown, vec![(ACCOUNT_SID.to_owned(), sid(7))]);
     assert_eq!(w.twilio.sent().len(), 1, "shown while the agent thinks");
     w.twilio.wait_for_sent(2, WAIT).await;
+
+    // An agent with the indicator off shows none, however slow: its reply comes 2.5 s in,
+    // well after an indicator would have gone out.
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/quiet")
+        .json(&serde_json::json!({
+            "backend": {"kind": "webhook", "url": hook.url, "secret": "whsec-typing-0123456789"},
+            "typing_indicator": false,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    w.wagate.channel("quiet", true).await;
+    w.wagate.inbound("quiet", &sid(8), FROM, "hello?").await;
+    w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(
+        w.twilio.typing_indicators(),
+        vec![(ACCOUNT_SID.to_owned(), sid(7))],
+        "none for the agent with the indicator off"
+    );
     assert!(
         w.twilio.violations().is_empty(),
         "{:?}",

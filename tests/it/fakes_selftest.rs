@@ -555,6 +555,141 @@ fn ymd(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+async fn create_content(fake: &FakeTwilio, user: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/Content", fake.base_url))
+        .basic_auth(user, Some(TOKEN))
+        .json(body)
+        .send()
+        .await
+        .expect("request to the fake");
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn twilio_content_api_makes_quick_replies_and_list_pickers_and_shows_their_body() {
+    let (fake, url) = twilio().await;
+    let buttons = json!({
+        "friendly_name": "sure",
+        "language": "en",
+        "types": {"twilio/quick-reply": {
+            "body": "Sure?",
+            "actions": [{"title": "Yes", "id": "yes"}, {"title": "No", "id": "no"}],
+        }},
+    });
+    let (status, content) = create_content(&fake, ACCOUNT, &buttons).await;
+    assert_eq!(status, 201, "{content}");
+    let sid = content["sid"].as_str().unwrap().to_owned();
+    assert!(
+        sid.len() == 34 && sid.starts_with("HX") && sid[2..].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{sid}"
+    );
+    assert_eq!(content["account_sid"], ACCOUNT);
+    assert_eq!(content["types"], buttons["types"]);
+    for field in [
+        "date_created",
+        "date_updated",
+        "friendly_name",
+        "language",
+        "variables",
+        "url",
+        "links",
+    ] {
+        assert!(content.get(field).is_some(), "{field} in {content}");
+    }
+
+    let picker = json!({
+        "friendly_name": "day",
+        "language": "en",
+        "types": {"twilio/list-picker": {
+            "body": "Which day?",
+            "button": "Choose",
+            "items": [{"id": "mon", "item": "Monday", "description": "Start of the week"}],
+        }},
+    });
+    let (status, _) = create_content(&fake, ACCOUNT, &picker).await;
+    assert_eq!(status, 201);
+    assert_eq!(fake.contents().len(), 2);
+    assert_eq!(
+        fake.contents()[1].kind().as_deref(),
+        Some("twilio/list-picker")
+    );
+
+    // Sent as the content, the message shows its body in the list, as Twilio renders it.
+    let resp = post_form(
+        &url,
+        ACCOUNT,
+        TOKEN,
+        &[("To", USER), ("From", SENDER), ("ContentSid", &sid)],
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let (_, page) = list(&url, &[("To", USER)]).await;
+    assert_eq!(page["messages"][0]["body"], "Sure?", "{page}");
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[tokio::test]
+async fn twilio_content_api_refuses_what_the_spec_and_limits_do_not_allow() {
+    let (fake, _) = twilio().await;
+    let quick = |actions: Value| {
+        json!({"friendly_name": "f", "language": "en",
+               "types": {"twilio/quick-reply": {"body": "Sure?", "actions": actions}}})
+    };
+    let four: Vec<Value> = (0..4).map(|i| json!({"title": format!("t{i}")})).collect();
+    let cases = [
+        (
+            json!({"language": "en", "types": {"twilio/quick-reply": {"body": "b", "actions": [{"title": "t"}]}}}),
+            "friendly_name",
+        ),
+        (
+            json!({"friendly_name": "f", "types": {"twilio/quick-reply": {"body": "b", "actions": [{"title": "t"}]}}}),
+            "language",
+        ),
+        (json!({"friendly_name": "f", "language": "en"}), "types"),
+        (quick(json!(four)), "1 to 3 actions"),
+        (
+            quick(json!([{"title": "twenty-one characters"}])),
+            "over 20 characters",
+        ),
+        (quick(json!([{"id": "x"}])), "title is required"),
+        (
+            json!({"friendly_name": "f", "language": "en", "types": {"twilio/list-picker": {
+            "body": "b", "button": "Choose", "items": [{"id": "x", "item": "twenty-five characters!!!"}]}}}),
+            "over 24 characters",
+        ),
+        (
+            json!({"friendly_name": "f", "language": "en", "types": {"twilio/list-picker": {
+            "body": "b", "items": [{"id": "x", "item": "y"}]}}}),
+            "button is required",
+        ),
+    ];
+    for (body, why) in cases {
+        let before = fake.violations().len();
+        let (status, error) = create_content(&fake, ACCOUNT, &body).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        let violations = fake.violations();
+        assert!(
+            violations[before..].iter().any(|v| v.contains(why)),
+            "{body}: {why} not in {violations:?}"
+        );
+    }
+    let (status, _) = create_content(
+        &fake,
+        "AC00000000000000000000000000000000",
+        &quick(json!([{"title": "t"}])),
+    )
+    .await;
+    assert_eq!(status, 401);
+    fake.push_content_error(400, 20001, "refused");
+    let (status, error) = create_content(&fake, ACCOUNT, &quick(json!([{"title": "t"}]))).await;
+    assert_eq!((status, error["code"].as_u64()), (400, Some(20001)));
+    assert!(fake.contents().is_empty());
+}
+
 async fn list(url: &str, query: &[(&str, &str)]) -> (u16, Value) {
     // The workspace's reqwest has no `query` feature: encode by hand.
     let mut url = url.to_owned();

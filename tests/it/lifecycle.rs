@@ -394,3 +394,78 @@ async fn deleting_an_agent_removes_its_data_and_its_webhook_answers_404() {
         ["stay", "stay"]
     );
 }
+
+/// An agent's `history_turns` and `history_tokens` bound what its model sees of a long
+/// conversation (the history itself keeps everything within the retention), and its
+/// `retention_days` is shown and checked.
+#[tokio::test]
+async fn an_agents_history_limits_bound_what_its_model_sees() {
+    let model = support::fake_openai::FakeOpenAi::start("sk-limits").await;
+    model.set_reply(|n, _| format!("answer {n}"));
+    let w = World::start().await;
+    let put = |body: Value| {
+        let w = &w;
+        async move {
+            let r = w
+                .wagate
+                .admin(Method::PUT, "/v1/agents/brief")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let backend = json!({"kind": "openai", "base_url": model.base_url, "model": "m",
+                         "api_key": "sk-limits", "tools": false});
+    let (status, agent) = put(json!({"backend": backend, "history_turns": 3})).await;
+    assert_eq!(status, 200, "{agent}");
+    assert_eq!(
+        (&agent["history_turns"], &agent["retention_days"]),
+        (&json!(3), &json!(90))
+    );
+    w.wagate.channel("brief", true).await;
+    // The history and the new message, as the model sees them: roles and contents.
+    let seen = |request: &Value| -> Vec<String> {
+        request["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    for (i, text) in ["one", "two", "three"].into_iter().enumerate() {
+        w.wagate
+            .inbound("brief", &sid(i as u64 + 1), USER, text)
+            .await;
+        w.twilio.wait_for_sent(i + 1, WAIT).await;
+    }
+    let requests = model.wait_for_requests(3, WAIT).await;
+    assert_eq!(
+        seen(&requests[2]),
+        ["answer 1", "two", "answer 2", "three"],
+        "three turns of history, then the new message"
+    );
+
+    // About 4 characters a token: 3 tokens hold "answer 3" (8 characters) and nothing more.
+    let (status, agent) = put(json!({"backend": backend, "history_tokens": 3})).await;
+    assert_eq!(status, 200, "{agent}");
+    assert_eq!(agent["history_turns"], 3, "kept when left out");
+    w.wagate.inbound("brief", &sid(4), USER, "four").await;
+    let requests = model.wait_for_requests(4, WAIT).await;
+    assert_eq!(seen(&requests[3]), ["answer 3", "four"]);
+    w.twilio.wait_for_sent(4, WAIT).await;
+    assert_eq!(
+        w.wagate.session_contents("brief", USER).await.len(),
+        8,
+        "the history itself keeps every turn"
+    );
+
+    for bad in [
+        json!({"backend": backend, "retention_days": 0}),
+        json!({"backend": backend, "history_turns": 10_001}),
+    ] {
+        let (status, answer) = put(bad.clone()).await;
+        assert_eq!(status, 422, "{bad}: {answer}");
+    }
+}

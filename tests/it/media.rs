@@ -28,6 +28,8 @@ const WAIT: Duration = Duration::from_secs(20);
 const FROM: &str = "+14155550177";
 /// A PNG's first bytes: what the CDN serves.
 const PICTURE: &[u8] = b"\x89PNG\r\n\x1a\n-a-picture-";
+/// A PDF's first bytes: a document.
+const DOCUMENT: &[u8] = b"%PDF-1.7\n-a-document-";
 /// An Ogg stream's first bytes: a voice note.
 const VOICE: &[u8] = b"OggS\0\x02-a-voice-note-";
 
@@ -44,6 +46,7 @@ async fn host() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
         let (content_type, body) = match uri.path() {
             "/big" => ("image/png", vec![0u8; 4096]),
             "/voice.ogg" => ("audio/ogg", VOICE.to_vec()),
+            "/terms.pdf" => ("application/pdf", DOCUMENT.to_vec()),
             _ => ("image/png", PICTURE.to_vec()),
         };
         ([(header::CONTENT_TYPE, content_type)], body)
@@ -156,13 +159,8 @@ async fn an_image_reaches_the_model_inline_and_the_token_only_twilios_api() {
     .await;
     let requests = model.wait_for_requests(2, WAIT).await;
     let parts = last_user_parts(&requests[1]);
-    let notices: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
-    assert!(
-        notices
-            .iter()
-            .any(|t| t.contains("not on Twilio's API host")),
-        "{parts:?}"
-    );
+    let text = support::fake_openai::last_user_text(&requests[1]);
+    assert!(text.contains("not on Twilio's API host"), "{text}");
     assert!(parts.iter().all(|p| p["type"] != "image_url"), "{parts:?}");
     assert!(
         elsewhere_seen.lock().unwrap().is_empty(),
@@ -178,14 +176,8 @@ async fn an_image_reaches_the_model_inline_and_the_token_only_twilios_api() {
     );
     post(with_image(&sid(3), "a big one", &big)).await;
     let requests = model.wait_for_requests(3, WAIT).await;
-    let parts = last_user_parts(&requests[2]);
-    assert!(
-        parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .any(|t| t.contains("too large")),
-        "{parts:?}"
-    );
+    let text = support::fake_openai::last_user_text(&requests[2]);
+    assert!(text.contains("too large"), "{text}");
     w.twilio.wait_for_sent(3, WAIT).await;
     assert!(model.violations().is_empty(), "{:?}", model.violations());
 }
@@ -401,4 +393,144 @@ async fn media_in_an_agents_answer_go_out_one_a_message_the_first_with_the_capti
         "{letters:?}"
     );
     assert_eq!(w.twilio.sent().len(), 2);
+}
+
+/// A PDF reaches an OpenAI-compatible model as a file part (its bytes inline); a file of
+/// another type becomes a notice that the agent cannot read it, and is never fetched.
+#[tokio::test]
+async fn a_pdf_reaches_the_model_as_a_file_and_other_files_as_a_notice() {
+    let (cdn, cdn_seen) = host().await;
+    let model = FakeOpenAi::start("sk-docs").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "docs",
+            serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m",
+                               "api_key": "sk-docs"}),
+        )
+        .await;
+    w.wagate.channel("docs", true).await;
+    let path = support::harness::Wagate::inbound_path("docs");
+    let pdf = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000031",
+        &format!("{cdn}/terms.pdf"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_medium(&sid(1), "please read", &pdf, "application/pdf"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = model.wait_for_requests(1, WAIT).await;
+    let parts = last_user_parts(&requests[0]);
+    assert_eq!(parts[0]["text"], "please read", "{parts:?}");
+    assert_eq!(parts[1]["type"], "file", "{parts:?}");
+    let expected = format!(
+        "data:application/pdf;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(DOCUMENT)
+    );
+    assert_eq!(parts[1]["file"]["file_data"], expected.as_str());
+
+    let docx = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(2),
+        "ME00000000000000000000000000000032",
+        &format!("{cdn}/letter.docx"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_medium(
+                &sid(2),
+                "and this",
+                &docx,
+                "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+            ),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let text = support::fake_openai::last_user_text(&requests[1]);
+    assert!(
+        text.contains("and this") && text.contains("which this agent cannot read"),
+        "{text}"
+    );
+    assert_eq!(
+        cdn_seen.lock().unwrap().len(),
+        1,
+        "only the PDF was fetched"
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+/// A photo of an earlier turn is still shown to the model in the next turns (the history keeps
+/// only its link), from the worker's brief cache rather than fetched from Twilio again.
+#[tokio::test]
+async fn an_earlier_image_is_shown_again_without_a_second_fetch() {
+    let (cdn, cdn_seen) = host().await;
+    let model = FakeOpenAi::start("sk-again").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "eyes",
+            serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m",
+                               "api_key": "sk-again"}),
+        )
+        .await;
+    w.wagate.channel("eyes", true).await;
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000041",
+        &format!("{cdn}/picture.png"),
+    );
+    let path = support::harness::Wagate::inbound_path("eyes");
+    let r = w
+        .wagate
+        .post_signed(
+            &path,
+            &with_image(&sid(1), "look", &url),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    w.twilio.wait_for_sent(1, WAIT).await;
+    w.wagate
+        .inbound("eyes", &sid(2), FROM, "what colour was it?")
+        .await;
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let data_url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(PICTURE)
+    );
+    let first_turn = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "user")
+        .unwrap()
+        .clone();
+    let images: Vec<&str> = first_turn["content"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.pointer("/image_url/url").and_then(|u| u.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(images, [data_url.as_str()], "{first_turn}");
+    assert_eq!(
+        cdn_seen.lock().unwrap().len(),
+        1,
+        "shown again from the cache, not fetched again"
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
 }

@@ -11,6 +11,7 @@ use shared::{
     domain::MessageSid,
     envelope::OutboundReply,
     store::{GuardState, Store, redis::RedisStore},
+    window::{OPT_IN_REPLY, OPT_OUT_REPLY},
 };
 use support::{
     fake_openai::FakeOpenAi,
@@ -457,10 +458,10 @@ async fn a_21610_reported_by_status_callback_opts_the_user_out_until_they_send_s
             .contains("until they send START")
     );
     assert_eq!(posts(&w), 1);
-    // YES opts back in, as Twilio's own keyword handling does.
+    // YES opts back in, as Twilio's own keyword handling does, and is confirmed.
     w.wagate.inbound("demo", &sid(3), FROM, "Yes").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("Yes"));
+    assert_eq!(sent[1].body.as_deref(), Some(OPT_IN_REPLY));
 }
 
 /// Twilio can report a 21610 for a reply after the user has already sent START: the opt-out it
@@ -473,8 +474,9 @@ async fn a_late_21610_for_a_reply_sent_before_start_does_not_undo_the_start() {
     let sent = w.twilio.wait_for_sent(1, WAIT).await;
     w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
     w.wagate.inbound("demo", &sid(3), FROM, "START").await;
-    let sent_start = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent_start[1].body.as_deref(), Some("START"));
+    let confirmed = w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(confirmed[1].body.as_deref(), Some(OPT_OUT_REPLY));
+    assert_eq!(confirmed[2].body.as_deref(), Some(OPT_IN_REPLY));
     let r = w
         .wagate
         .post_signed(
@@ -489,7 +491,7 @@ async fn a_late_21610_for_a_reply_sent_before_start_does_not_undo_the_start() {
         status, 202,
         "the START after that reply still counts: {error}"
     );
-    w.twilio.wait_for_sent(3, WAIT).await;
+    w.twilio.wait_for_sent(4, WAIT).await;
 }
 
 #[tokio::test]
@@ -552,10 +554,10 @@ async fn a_21610_from_the_messages_api_opts_the_user_out_templates_included() {
     );
     assert!(w.twilio.sent().is_empty());
 
-    // UNSTOP opts back in: its reply goes out, and templates again.
+    // UNSTOP opts back in: its confirmation goes out, and templates again.
     w.wagate.inbound("demo", &sid(2), FROM, " UNSTOP ").await;
     let sent = w.twilio.wait_for_sent(1, WAIT).await;
-    assert_eq!(sent[0].body.as_deref(), Some("UNSTOP"));
+    assert_eq!(sent[0].body.as_deref(), Some(OPT_IN_REPLY));
     let (status, error) = admin_send(&w, template()).await;
     assert_eq!(status, 202, "{error}");
     w.twilio.wait_for_sent(2, WAIT).await;
@@ -584,30 +586,155 @@ async fn stop_opts_out_without_a_turn_and_only_start_opts_back_in() {
         assert!(error.contains("opted out"), "{error}");
     }
     w.wagate.inbound("demo", &sid(4), FROM, "START").await;
-    let sent = w.twilio.wait_for_sent(2, WAIT).await;
-    assert_eq!(sent[1].body.as_deref(), Some("START"));
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[2].body.as_deref(), Some(OPT_IN_REPLY));
     let (status, error) =
         admin_send(&w, serde_json::json!({"to": FROM, "body": "welcome back"})).await;
     assert_eq!(status, 202, "{error}");
-    w.twilio.wait_for_sent(3, WAIT).await;
+    w.twilio.wait_for_sent(4, WAIT).await;
     assert_eq!(
         bodies_to(&w, FROM),
-        ["hi", "START", "welcome back"],
-        "STOP ran no turn and got no reply"
+        ["hi", OPT_OUT_REPLY, OPT_IN_REPLY, "welcome back"],
+        "STOP and START ran no turn: each got its confirmation only"
     );
-    assert_eq!(posts(&w), 3);
+    assert_eq!(posts(&w), 4);
     assert_eq!(dead_letters(&w).await.len(), 1, "STOP is not a dead letter");
     assert_eq!(
         w.wagate.session_contents("demo", FROM).await,
-        [
-            "hi",
-            "hi",
-            "please start again",
-            "please start again",
-            "START",
-            "START"
-        ],
-        "the agent never saw STOP"
+        ["hi", "hi", "please start again", "please start again"],
+        "the agent never saw STOP or START"
+    );
+}
+
+/// A send to a phone that has not joined the Sandbox (63015) becomes a dead letter that says
+/// how to join, with the channel's join code; a production number is not the Sandbox.
+#[tokio::test]
+async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let put = |body: serde_json::Value| {
+        let w = &w;
+        async move {
+            let r = w
+                .wagate
+                .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, channel) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "sandbox_join_code": "join ancient-pencil",
+    }))
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["sandbox"], true);
+    assert_eq!(channel["sandbox_join_code"], "ancient-pencil");
+    w.twilio.push_response(ScriptedResponse::TwilioError {
+        status: 400,
+        code: 63015,
+        message:
+            "Channel Sandbox can only send messages to phone numbers that have joined the Sandbox"
+                .into(),
+    });
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let dl = wait_dead_letters(&w, 1).await;
+    assert_eq!(dl[0]["code"], 63015, "{dl:?}");
+    let reason = dl[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("joined the Sandbox") && reason.contains("\"join ancient-pencil\""),
+        "{reason}"
+    );
+    let (status, channel) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155550999",
+        "sandbox_join_code": "",
+    }))
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["sandbox"], false);
+    assert_eq!(channel["sandbox_join_code"], serde_json::Value::Null);
+    let (status, error) = put(serde_json::json!({
+        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+        "sandbox_join_code": "join <script>",
+    }))
+    .await;
+    assert_eq!(status, 422, "{error}");
+}
+
+/// A channel's own keywords replace Twilio's, its own confirmations are sent (an empty one is
+/// none), and "yes" from a user who never opted out is an ordinary answer.
+#[tokio::test]
+async fn a_channels_own_keywords_and_confirmations_replace_the_defaults() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+        .json(&serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+            "optout_keywords": ["BAJA", "alto"], "optin_keywords": ["ALTA"],
+            "optout_reply": "", "optin_reply": "Bienvenido de nuevo",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let channel: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        channel["optout_keywords"],
+        serde_json::json!(["BAJA", "alto"])
+    );
+    assert_eq!(channel["optout_reply"], "");
+    w.wagate.inbound("demo", &sid(1), FROM, "yes").await;
+    w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(
+        (sent[0].body.as_deref(), sent[1].body.as_deref()),
+        (Some("yes"), Some("STOP")),
+        "not keywords here: the agent answers both"
+    );
+    w.wagate.inbound("demo", &sid(3), FROM, " Alto ").await;
+    w.wagate.inbound("demo", &sid(4), FROM, "hello?").await;
+    wait_dead_letters(&w, 1).await;
+    assert_eq!(posts(&w), 2, "no confirmation of the opt-out: it is empty");
+    w.wagate.inbound("demo", &sid(5), FROM, "alta").await;
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[2].body.as_deref(), Some("Bienvenido de nuevo"));
+
+    for (bad, why) in [
+        (
+            serde_json::json!({"optout_keywords": ["two words"]}),
+            "one word",
+        ),
+        (serde_json::json!({"optin_keywords": ["baja"]}), "both"),
+        (
+            serde_json::json!({"optout_reply": "x".repeat(1601)}),
+            "1600",
+        ),
+    ] {
+        let mut body = bad.clone();
+        body["account_sid"] = support::harness::ACCOUNT_SID.into();
+        body["phone_number"] = "+14155238886".into();
+        let r = w
+            .wagate
+            .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "{bad}");
+        let error = r.text().await.unwrap();
+        assert!(error.contains(why), "{bad}: {error}");
+    }
+    let channel = w.wagate.admin_json("/v1/agents/demo/whatsapp").await;
+    assert_eq!(
+        channel["optin_keywords"],
+        serde_json::json!(["ALTA"]),
+        "unchanged"
     );
 }
 

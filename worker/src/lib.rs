@@ -42,9 +42,14 @@ pub fn register_metrics() {
         let _ = metrics::histogram!(name);
     }
     describe_counter!("wagate_turns_total", "Turns by how they ended");
-    for outcome in ["replied", "retry", "dead_letter"] {
+    for outcome in ["replied", "paused", "retry", "dead_letter"] {
         metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(0);
     }
+    describe_counter!(
+        "wagate_handoffs_total",
+        "Conversations handed to a person, by who paused them"
+    );
+    metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(0);
     describe_gauge!("wagate_turns_in_flight", "Agent calls running now");
     metrics::gauge!("wagate_turns_in_flight").set(0.0);
     for (name, help) in [

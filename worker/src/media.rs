@@ -13,6 +13,9 @@ use base64::Engine;
 use reqwest::{StatusCode, Url, header};
 use secrecy::{ExposeSecret, SecretString};
 
+/// The one document type models are given: OpenAI's Chat Completions takes PDFs as file parts.
+const PDF: &str = "application/pdf";
+
 /// Redirects followed after Twilio's API (it sends one, to the CDN).
 const MAX_REDIRECTS: usize = 3;
 
@@ -38,6 +41,9 @@ pub enum MediaError {
     /// Declared an image or audio, served as something else.
     #[error("is not what Twilio declared (the server sent {0})")]
     Unexpected(String),
+    /// A kind of file the agent's model cannot read (only PDFs are given to models).
+    #[error("is a {0} file, which this agent cannot read")]
+    Unsupported(String),
     /// Audio for an agent whose transcription is turned off.
     #[error("was not transcribed: this agent has no transcription model")]
     NotTranscribed,
@@ -51,8 +57,8 @@ pub enum MediaError {
 pub struct Fetched {
     /// The content type the server gave (without parameters), else the one Twilio declared.
     pub content_type: String,
-    /// The bytes.
-    pub bytes: Vec<u8>,
+    /// The bytes (shared with the cache of recent images).
+    pub bytes: bytes::Bytes,
 }
 
 impl Fetched {
@@ -70,6 +76,8 @@ pub enum Kind {
     Image,
     /// A voice note or audio file: transcribed.
     Audio,
+    /// A PDF: given to the model as a file part.
+    Document,
     /// Anything else (a document, a video, a contact card): passed on to a webhook agent.
     Other,
 }
@@ -99,11 +107,24 @@ impl Medium {
             )),
             (Kind::Audio, Err(e), None) => Some(format!("[the user sent a voice note; it {e}]")),
             (Kind::Image, Err(e), _) => Some(format!("[the user sent an image; it {e}]")),
-            (Kind::Other, Err(e), _) => Some(format!("[the user sent a file; it {e}]")),
-            (Kind::Image | Kind::Other, Ok(_), _) | (Kind::Audio, Ok(_), None) => None,
+            (Kind::Document | Kind::Other, Err(e), _) => {
+                Some(format!("[the user sent a file; it {e}]"))
+            }
+            (Kind::Image | Kind::Document | Kind::Other, Ok(_), _) | (Kind::Audio, Ok(_), None) => {
+                None
+            }
         }
     }
 }
+
+/// Most bytes of recent images kept for later turns ([`MediaFetcher::earlier_images`]).
+const RECENT_BYTES: u64 = 32 * 1024 * 1024;
+/// How long a recent image is kept: a conversation about a photo happens in minutes.
+const RECENT_FOR: Duration = Duration::from_secs(600);
+/// Turns of history searched for earlier images, and images shown again at most: a photo
+/// from long ago is talked about by its description, not looked at again.
+const EARLIER_TURNS: usize = 6;
+const EARLIER_IMAGES: usize = 4;
 
 /// Fetches inbound media from Twilio.
 pub struct MediaFetcher {
@@ -111,6 +132,9 @@ pub struct MediaFetcher {
     api: Url,
     max_bytes: u64,
     timeout: Duration,
+    /// Images fetched lately, by `MediaUrl`, so that the next turns show them to the model
+    /// again without asking Twilio (the history keeps only their links).
+    recent: moka::sync::Cache<String, Fetched>,
 }
 
 impl MediaFetcher {
@@ -125,19 +149,73 @@ impl MediaFetcher {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the media HTTP client: {e}"))?;
+        let recent = moka::sync::Cache::builder()
+            .max_capacity(RECENT_BYTES)
+            .weigher(|_, f: &Fetched| u32::try_from(f.bytes.len()).unwrap_or(u32::MAX))
+            .time_to_live(RECENT_FOR)
+            .build();
         Ok(Self {
             client,
             api,
             max_bytes,
             timeout,
+            recent,
         })
+    }
+
+    /// The images of the last user turns of `history` (as `user_text` wrote them: a line
+    /// `[image/…: <MediaUrl>]`), fetched again for a model that should still see them: from
+    /// the recent images when there, else from Twilio. An image that cannot be had is left
+    /// out: the turn keeps its line.
+    pub async fn earlier_images(
+        &self,
+        channel: &shared::directory::ResolvedChannel,
+        history: &[shared::store::Turn],
+    ) -> Vec<Medium> {
+        let urls: Vec<&str> = history
+            .iter()
+            .rev()
+            .take(EARLIER_TURNS)
+            .filter(|t| t.role == shared::store::Role::User)
+            .flat_map(|t| t.content.lines().filter_map(image_link))
+            .take(EARLIER_IMAGES)
+            .collect();
+        let mut out = Vec::with_capacity(urls.len());
+        for url in urls {
+            let fetched = match self.recent.get(url) {
+                Some(f) => f,
+                None => match self
+                    .fetch(
+                        url,
+                        None,
+                        channel.channel.account_sid.as_str(),
+                        &channel.auth_token,
+                    )
+                    .await
+                {
+                    Ok(f) if f.content_type.starts_with("image/") => {
+                        self.recent.insert(url.to_owned(), f.clone());
+                        f
+                    }
+                    _ => continue,
+                },
+            };
+            out.push(Medium {
+                url: url.to_owned(),
+                kind: Kind::Image,
+                fetched: Ok(fetched),
+                transcript: None,
+            });
+        }
+        out
     }
 
     /// Fetches the media of `msgs` an agent can use, with the channel's credentials, one after
     /// the other (a message has at most ten): for an OpenAI-compatible agent its images (its
-    /// model sees them) and voice notes (its transcription model, unless turned off, hears
-    /// them); for a webhook agent every medium, passed on in its request. The echo agent and
-    /// other media get nothing fetched: they keep the text lines of `user_text`.
+    /// model sees them), PDFs (given as files) and voice notes (its transcription model,
+    /// unless turned off, hears them), any other file becoming a notice; for a webhook agent
+    /// every medium, passed on in its request. The echo agent gets nothing fetched: it keeps
+    /// the text lines of `user_text`.
     pub async fn fetch_for(
         &self,
         channel: &shared::directory::ResolvedChannel,
@@ -157,14 +235,23 @@ impl MediaFetcher {
             let kind = match declared.and_then(|c| c.split('/').next()) {
                 Some("image") => Kind::Image,
                 Some("audio") => Kind::Audio,
-                _ if openai => continue,
+                _ if declared == Some(PDF) => Kind::Document,
                 _ => Kind::Other,
             };
-            if openai && kind == Kind::Audio && transcription_model.is_none() {
+            let refused = match kind {
+                Kind::Audio if openai && transcription_model.is_none() => {
+                    Some(MediaError::NotTranscribed)
+                }
+                Kind::Other if openai => Some(MediaError::Unsupported(
+                    declared.unwrap_or("unknown").to_owned(),
+                )),
+                _ => None,
+            };
+            if let Some(refused) = refused {
                 out.push(Medium {
                     url: media.url.clone(),
                     kind,
-                    fetched: Err(MediaError::NotTranscribed),
+                    fetched: Err(refused),
                     transcript: None,
                 });
                 continue;
@@ -183,6 +270,7 @@ impl MediaFetcher {
                     let expected = match kind {
                         Kind::Image => "image/",
                         Kind::Audio => "audio/",
+                        Kind::Document => PDF,
                         Kind::Other => "",
                     };
                     if f.content_type.starts_with(expected) {
@@ -191,8 +279,12 @@ impl MediaFetcher {
                         Err(MediaError::Unexpected(f.content_type))
                     }
                 });
-            if let Err(e) = &fetched {
-                tracing::warn!(error = %e, "an inbound medium reaches the agent as a notice");
+            match &fetched {
+                Ok(f) if kind == Kind::Image => self.recent.insert(media.url.clone(), f.clone()),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "an inbound medium reaches the agent as a notice");
+                }
             }
             out.push(Medium {
                 url: media.url.clone(),
@@ -284,9 +376,18 @@ impl MediaFetcher {
         }
         Ok(Fetched {
             content_type,
-            bytes,
+            bytes: bytes.into(),
         })
     }
+}
+
+/// The `MediaUrl` of a line `[image/…: <url>]` of a user's turn.
+fn image_link(line: &str) -> Option<&str> {
+    let (kind, url) = line
+        .strip_prefix('[')?
+        .strip_suffix(']')?
+        .split_once(": ")?;
+    kind.starts_with("image/").then_some(url)
 }
 
 /// A transfer error, without the URL (which reqwest's text includes).
@@ -328,7 +429,7 @@ mod tests {
     fn a_data_url_carries_the_type_and_the_bytes() {
         let f = Fetched {
             content_type: "image/png".into(),
-            bytes: vec![1, 2, 3],
+            bytes: vec![1, 2, 3].into(),
         };
         assert_eq!(f.data_url(), "data:image/png;base64,AQID");
     }

@@ -4,9 +4,13 @@
 //! message whose turn was completed republishes the stored reply under the same reply id
 //! instead of running the agent again.
 //!
-//! A message that is an opt-out keyword (STOP and the like, as Twilio's) records the opt-out and
-//! runs no turn: the user asked for silence. START, YES or UNSTOP records the opt-in before the turn,
-//! so its reply may go out.
+//! A message that is an opt-out keyword (STOP and the like, as Twilio's, or the channel's own)
+//! records the opt-out, is confirmed, and runs no turn: the user asked for silence. An opt-in
+//! keyword (START, YES, UNSTOP) from a user who opted out does the same the other way; from
+//! anyone else it is an ordinary answer.
+//!
+//! A conversation handed to a person (paused) runs no agent either: its messages are recorded
+//! for the person. An agent's answer may hand the conversation over itself (`handoff`).
 
 use std::{sync::Arc, time::Instant};
 
@@ -15,12 +19,12 @@ use shared::{
     directory::{ChannelDirectory, Lookup},
     dispatch::with_keep_alive,
     domain::SessionId,
-    envelope::{DeadLetter, InboundMessage, OutboundReply, ReplyContent},
+    envelope::{CONTENT_BODY_CHARS, DeadLetter, InboundMessage, OutboundReply, ReplyContent},
     failure::Failure,
     retry::RetrySchedule,
-    store::{CompletedTurn, LeadSighting, Role, Store, Turn, TurnStart},
+    store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
-    window::Keyword,
+    window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
 use time::OffsetDateTime;
 
@@ -67,12 +71,17 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             at: m.received_at,
         })
         .collect();
+    let history_turns = history_turns(ctx, &first.agent_id).await;
     let start = ctx
         .store
-        .begin_turn(&session, &sightings, ctx.history_window)
+        .begin_turn(&session, &sightings, history_turns)
         .await;
     drop(sightings);
-    let TurnStart { completed, history } = match start {
+    let TurnStart {
+        completed,
+        history,
+        pause,
+    } = match start {
         Ok(start) => start,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the session; trying later");
@@ -97,13 +106,14 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
                 }
             },
             None => match consent(ctx, &session, &msg).await {
-                Ok(Some(Keyword::OptOut)) => acked &= ack(delivery.as_ref(), &msg).await,
-                Ok(_) => {
+                Ok(Some(_)) => acked &= ack(delivery.as_ref(), &msg).await,
+                Ok(None) => {
                     deliveries.push(delivery);
                     msgs.push(msg);
                 }
                 Err(e) => {
-                    tracing::warn!(sid = %msg.message_sid, error = %e, "cannot record an opt-out or opt-in; trying later");
+                    let reason = &e.reason;
+                    tracing::warn!(sid = %msg.message_sid, %reason, "cannot record an opt-out or opt-in; trying later");
                     let _ = delivery.retry_in(RETRY_SOON).await;
                     acked = false;
                 }
@@ -115,10 +125,16 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     };
     let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
     metrics::gauge!("wagate_turns_in_flight").increment(1.0);
-    let result = process(ctx, first_delivery.as_ref(), &session, &msgs, &history).await;
+    let turn = NewTurn {
+        session: &session,
+        msgs: &msgs,
+        history: &history,
+        pause: pause.as_ref(),
+    };
+    let result = process(ctx, first_delivery.as_ref(), &turn).await;
     metrics::gauge!("wagate_turns_in_flight").decrement(1.0);
     let attempt = match &result {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(_) => ctx
             .store
             .count_failure(&failures_key)
@@ -126,11 +142,11 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             .unwrap_or_else(|_| first_delivery.attempt()),
     };
     let outcome = match result {
-        Ok(()) => {
+        Ok(outcome) => {
             for (delivery, msg) in deliveries.iter().zip(&msgs) {
                 acked &= ack(delivery.as_ref(), msg).await;
             }
-            "replied"
+            outcome
         }
         Err(failure) => match failure.retry_delay(&ctx.retry, attempt) {
             Some(delay) => {
@@ -156,6 +172,38 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     acked && outcome != "retry"
 }
 
+/// Turns of history the agent of `agent_id` sees: its own limit, else the process's. The
+/// agent comes from the directory's cache; when it cannot be had, the process's limit (the
+/// turn itself then finds out what is wrong with the agent).
+async fn history_turns(ctx: &TurnContext, agent_id: &shared::domain::AgentId) -> usize {
+    match ctx.directory.lookup(agent_id).await {
+        Ok(Lookup::Found(c)) => c
+            .agent
+            .history_turns
+            .map_or(ctx.history_window, |n| n as usize),
+        _ => ctx.history_window,
+    }
+}
+
+/// The latest turns of `history` that fit in `tokens` (about four characters each), so that a
+/// conversation of long messages stays within the model's context; all of it without a limit.
+fn within_tokens(history: &[Turn], tokens: Option<u32>) -> &[Turn] {
+    let Some(tokens) = tokens else {
+        return history;
+    };
+    let budget = u64::from(tokens) * 4;
+    let mut used = 0u64;
+    let kept = history
+        .iter()
+        .rev()
+        .take_while(|t| {
+            used += t.content.chars().count() as u64;
+            used <= budget
+        })
+        .count();
+    &history[history.len() - kept..]
+}
+
 /// How long each message waited between ingress's 200 and a worker taking it up, counted on
 /// first deliveries only: a retry's wait is the back-off it was told to take, not queueing.
 fn record_queue_wait(batch: &[Item]) {
@@ -172,26 +220,65 @@ fn record_queue_wait(batch: &[Item]) {
 /// be read, a reply could not be republished).
 const RETRY_SOON: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Records what an opt-out or opt-in keyword says, at the time the message was received (so a
-/// redelivery changes nothing), and returns the keyword.
+/// Records what an opt-out or opt-in keyword (the channel's, or Twilio's defaults) says, at
+/// the time the message was received (so a redelivery changes nothing), and publishes its
+/// confirmation. Returns the keyword when it took effect: the message then runs no turn. An
+/// opt-in keyword from a user who has not opted out is an ordinary answer ("yes") and runs
+/// one.
 async fn consent(
     ctx: &TurnContext,
     session: &SessionId,
     msg: &InboundMessage,
-) -> Result<Option<Keyword>, shared::store::StoreError> {
-    let keyword = Keyword::of(&msg.body);
+) -> Result<Option<Keyword>, Failure> {
+    if msg.body.trim().is_empty() || msg.body.len() > MAX_KEYWORD_CHARS * 4 {
+        return Ok(None);
+    }
+    let channel = match ctx.directory.lookup(&msg.agent_id).await {
+        Ok(Lookup::Found(c)) => c,
+        // The turn finds out, and says so in its dead letter.
+        Ok(_) => return Ok(None),
+        Err(e) => return Err(Failure::transient(e)),
+    };
+    let settings = &channel.channel.consent;
+    let Some(keyword) = Keyword::of(&msg.body, settings) else {
+        return Ok(None);
+    };
     match keyword {
-        Some(Keyword::OptOut) => {
-            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted out; nothing more goes to them until they send START");
+        Keyword::OptOut => {
+            tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted out; nothing more goes to them until they opt back in");
             ctx.store.opt_out(session, msg.received_at).await?;
         }
-        Some(Keyword::OptIn) => {
+        Keyword::OptIn => {
+            let clocks = window::clocks(ctx.store.as_ref(), session).await?;
+            // This message's own opt-in, recorded by a delivery that died before it was acked.
+            let this_one = clocks
+                .opted_in_at
+                .is_some_and(|at| (at - msg.received_at).abs() < time::Duration::milliseconds(1));
+            if !window::opted_out(clocks) && !this_one {
+                return Ok(None);
+            }
             tracing::info!(sid = %msg.message_sid, agent = %msg.agent_id, "the user opted back in");
             ctx.store.opt_in(session, msg.received_at).await?;
         }
-        None => {}
     }
-    Ok(keyword)
+    if let Some(text) = keyword.confirmation(settings) {
+        let confirmation = OutboundReply {
+            id: OutboundReply::id_for_confirmation(&msg.message_sid),
+            agent_id: msg.agent_id.clone(),
+            to: msg.from.clone(),
+            content: ReplyContent::Text {
+                parts: split_reply(text, MAX_BODY_UTF16),
+            },
+            created_at: OffsetDateTime::now_utc(),
+            answers_received_at: Some(msg.received_at),
+            media: Vec::new(),
+            quick_replies: Vec::new(),
+            traceparent: shared::trace::traceparent(&tracing::Span::current()),
+            callback_base: msg.callback_base.clone(),
+        };
+        bus::publish(&*ctx.bus, &confirmation).await?;
+    }
+    Ok(Some(keyword))
 }
 
 /// Acks one delivery; false (and logged) when the ack could not be sent.
@@ -232,17 +319,29 @@ async fn dead_letter(
     outcome
 }
 
-/// Runs one turn over `msgs` (oldest first, all of one conversation, none completed yet), with
-/// the `history` read when the turn began.
+/// A turn to run: its messages (oldest first, all of one conversation, none completed yet),
+/// and the history and pause read when it began.
+struct NewTurn<'a> {
+    session: &'a SessionId,
+    msgs: &'a [InboundMessage],
+    history: &'a [Turn],
+    pause: Option<&'a Pause>,
+}
+
+/// Runs one turn; how it ended (`replied`, or `paused` when a person has the conversation).
 async fn process(
     ctx: &TurnContext,
     delivery: &dyn Delivery,
-    session: &SessionId,
-    msgs: &[InboundMessage],
-    history: &[Turn],
-) -> Result<(), Failure> {
+    turn: &NewTurn<'_>,
+) -> Result<&'static str, Failure> {
+    let NewTurn {
+        session,
+        msgs,
+        history,
+        pause,
+    } = *turn;
     let Some(last) = msgs.last() else {
-        return Ok(());
+        return Ok("replied");
     };
     let channel = match ctx.directory.lookup(&last.agent_id).await {
         Ok(Lookup::Found(c)) => c,
@@ -254,17 +353,29 @@ async fn process(
         }
         Err(e) => return Err(Failure::transient(e)),
     };
+    if let Some(pause) = pause
+        && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
+    {
+        record_for_the_person(ctx, session, msgs, pause, channel.agent.retention()).await?;
+        return Ok("paused");
+    }
     // Held to the end of the turn: a turn done sooner shows no indicator.
     let _typing = ctx.typing.show(&channel, last.message_sid.as_str());
     let session_text = session.to_string();
     let mut media = ctx.media.fetch_for(&channel, msgs).await;
     ctx.runner.transcribe(&channel.agent, &mut media).await;
+    let history = within_tokens(history, channel.agent.history_tokens);
+    let earlier = match channel.agent.backend {
+        shared::agent::Backend::Openai { .. } => ctx.media.earlier_images(&channel, history).await,
+        _ => Vec::new(),
+    };
     let input = TurnInput {
         agent: &channel.agent,
         session_id: &session_text,
         history,
         messages: msgs,
         media: &media,
+        earlier: &earlier,
     };
     let started = Instant::now();
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;
@@ -272,14 +383,11 @@ async fn process(
     let reply = reply?;
     let mut turns: Vec<Turn> = msgs
         .iter()
-        .map(|m| Turn {
-            role: Role::User,
-            content: user_text(m, &media),
-            at: m.received_at,
-        })
+        .map(|m| Turn::new(Role::User, user_text(m, &media), m.received_at))
         .collect();
     if !reply.text.trim().is_empty() || !reply.media.is_empty() {
-        // The history says what was sent, media as their links.
+        // The history says what was sent, media as their links and the choices offered, so
+        // that the agent knows what the user's answer picks from.
         let mut content = reply.text.clone();
         for url in &reply.media {
             if !content.is_empty() {
@@ -287,30 +395,88 @@ async fn process(
             }
             content.push_str(&format!("[media: {url}]"));
         }
-        turns.push(Turn {
-            role: Role::Assistant,
+        if !reply.quick_replies.is_empty() {
+            content.push_str(&format!(
+                "\n[quick replies: {}]",
+                reply.quick_replies.join(" | ")
+            ));
+        }
+        turns.push(Turn::new(
+            Role::Assistant,
             content,
-            at: OffsetDateTime::now_utc(),
-        });
+            OffsetDateTime::now_utc(),
+        ));
     }
     let completed = CompletedTurn {
         reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
         reply: reply.text,
         media: reply.media,
+        handoff: reply.handoff,
+        quick_replies: reply.quick_replies,
     };
     let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
     let stored = ctx
         .store
-        .complete_turn(session, &keys, &turns, &completed)
+        .complete_turn(
+            session,
+            &keys,
+            &turns,
+            &completed,
+            channel.agent.retention(),
+        )
         .await?;
-    publish_reply(ctx, last, &stored).await
+    publish_reply(ctx, last, &stored).await?;
+    Ok("replied")
 }
 
+/// While a person has the conversation, its messages go into the history (the person reads
+/// them there, and the agent will see them when it takes the conversation back) and the turn
+/// is completed with nothing to send, so a redelivery changes nothing.
+async fn record_for_the_person(
+    ctx: &TurnContext,
+    session: &SessionId,
+    msgs: &[InboundMessage],
+    pause: &Pause,
+    keep: std::time::Duration,
+) -> Result<(), Failure> {
+    let turns: Vec<Turn> = msgs
+        .iter()
+        .map(|m| Turn::new(Role::User, user_text(m, &[]), m.received_at))
+        .collect();
+    let completed = CompletedTurn {
+        reply_id: OutboundReply::id_for_inbound(&msgs[0].message_sid),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
+    };
+    let keys: Vec<String> = msgs.iter().map(|m| m.message_sid.to_string()).collect();
+    ctx.store
+        .complete_turn(session, &keys, &turns, &completed, keep)
+        .await?;
+    tracing::info!(session = %session, paused_by = %pause.by, messages = msgs.len(), "the conversation is with a person; recorded, no agent turn");
+    Ok(())
+}
+
+/// Publishes the reply of a completed turn and, when the agent handed the conversation to a
+/// person with it, pauses the conversation (again, for a redelivered message whose first
+/// delivery died in between: the pause comes after the record, so it is never lost).
 async fn publish_reply(
     ctx: &TurnContext,
     msg: &InboundMessage,
     done: &CompletedTurn,
 ) -> Result<(), Failure> {
+    if done.handoff {
+        let session = msg.session_id();
+        ctx.store
+            .set_pause(
+                &session,
+                Some(&Pause::new("agent", OffsetDateTime::now_utc())),
+            )
+            .await?;
+        tracing::info!(session = %session, sid = %msg.message_sid, "the agent handed the conversation to a person; it stays paused until resumed or idle for the agent's handoff_resume_after_s");
+        metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(1);
+    }
     let capped = cap_reply(&done.reply, MAX_REPLY_CHARS);
     if capped.is_some() {
         tracing::warn!(
@@ -320,7 +486,14 @@ async fn publish_reply(
         );
         metrics::counter!("wagate_replies_truncated_total").increment(1);
     }
-    let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), MAX_BODY_UTF16);
+    // With choices, the last part becomes the body of a quick-reply or list-picker content,
+    // which holds less than a message.
+    let limit = if done.quick_replies.is_empty() {
+        MAX_BODY_UTF16
+    } else {
+        CONTENT_BODY_CHARS
+    };
+    let parts = split_reply(capped.as_deref().unwrap_or(&done.reply), limit);
     if parts.is_empty() && done.media.is_empty() {
         tracing::info!(sid = %msg.message_sid, "the agent had nothing to say");
         return Ok(());
@@ -333,6 +506,7 @@ async fn publish_reply(
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: Some(msg.received_at),
         media: done.media.clone(),
+        quick_replies: done.quick_replies.clone(),
         traceparent: shared::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
     };

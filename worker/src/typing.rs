@@ -57,7 +57,7 @@ impl Typing {
     /// channel in simulation mode, which has no Twilio behind it.
     #[must_use = "the indicator is cancelled when the guard is dropped"]
     pub fn show(&self, channel: &ResolvedChannel, message_sid: &str) -> Option<Pending> {
-        if channel.channel.simulation {
+        if channel.channel.simulation || !channel.agent.typing_indicator {
             return None;
         }
         let request = self

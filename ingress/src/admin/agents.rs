@@ -31,7 +31,20 @@ use crate::AppState;
 pub(crate) struct AgentRequest {
     pub(crate) name: Option<String>,
     pub(crate) backend: BackendRequest,
+    /// Left out: what was stored before, else a day.
+    pub(crate) handoff_resume_after_s: Option<u64>,
+    /// Left out: what was stored before, else 90.
+    pub(crate) retention_days: Option<u32>,
+    /// Left out: what was stored before (at first, the process's default); `0`: back to it.
+    pub(crate) history_turns: Option<u32>,
+    /// Left out: what was stored before (at first, none); `0`: none.
+    pub(crate) history_tokens: Option<u32>,
+    /// Left out: what was stored before, else on.
+    pub(crate) typing_indicator: Option<bool>,
 }
+
+/// The longest a handed-off conversation may wait for its person: a month.
+const MAX_HANDOFF_RESUME_AFTER_S: u64 = 30 * 86_400;
 
 /// The backend part of an [`AgentRequest`].
 #[derive(Deserialize)]
@@ -48,6 +61,9 @@ pub(crate) enum BackendRequest {
         /// Left out: `whisper-1`; `null`: no transcription.
         #[serde(default = "shared::agent::default_transcription_model")]
         transcription_model: Option<String>,
+        /// Left out: on.
+        #[serde(default = "shared::agent::default_tools")]
+        tools: bool,
     },
     Webhook {
         url: String,
@@ -63,6 +79,11 @@ pub struct AgentView {
     name: String,
     backend: serde_json::Value,
     whatsapp: Option<ChannelView>,
+    handoff_resume_after_s: u64,
+    retention_days: u32,
+    history_turns: Option<u32>,
+    history_tokens: Option<u32>,
+    typing_indicator: bool,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -81,11 +102,12 @@ pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
             system_prompt,
             timeout_ms,
             transcription_model,
+            tools,
         } => serde_json::json!({
             "kind": "openai", "base_url": shown_url(base_url, credentials.as_ref()), "model": model,
             "api_key_set": api_key.is_some(), "credentials_set": credentials.is_some(),
             "system_prompt": system_prompt, "timeout_ms": timeout_ms,
-            "transcription_model": transcription_model,
+            "transcription_model": transcription_model, "tools": tools,
         }),
         Backend::Webhook {
             url,
@@ -108,6 +130,11 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
     Ok(AgentView {
         whatsapp: channel.map(|c| ChannelView::new(state, &agent.id, &c, None)),
         backend: backend_view(&agent.backend),
+        handoff_resume_after_s: agent.handoff_resume_after_s,
+        retention_days: agent.retention_days,
+        history_turns: agent.history_turns,
+        history_tokens: agent.history_tokens,
+        typing_indicator: agent.typing_indicator,
         id: agent.id,
         name: agent.name,
         created_at: agent.created_at,
@@ -196,6 +223,50 @@ pub(crate) async fn save(
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name must be 1-200 characters"));
     }
+    let handoff_resume_after_s = match req.handoff_resume_after_s {
+        Some(s) if !(1..=MAX_HANDOFF_RESUME_AFTER_S).contains(&s) => {
+            return Err(ApiError::invalid(format!(
+                "handoff_resume_after_s must be between 1 and {MAX_HANDOFF_RESUME_AFTER_S} (30 days)"
+            )));
+        }
+        Some(s) => s,
+        None => existing
+            .as_ref()
+            .map_or_else(shared::agent::default_handoff_resume_after_s, |a| {
+                a.handoff_resume_after_s
+            }),
+    };
+    let retention_days = match req.retention_days {
+        Some(d) if !(1..=3650).contains(&d) => {
+            return Err(ApiError::invalid(
+                "retention_days must be between 1 and 3650",
+            ));
+        }
+        Some(d) => d,
+        None => existing
+            .as_ref()
+            .map_or_else(shared::agent::default_retention_days, |a| a.retention_days),
+    };
+    let limit = |field: &str, asked: Option<u32>, stored: Option<u32>, most: u32| match asked {
+        Some(0) => Ok(None),
+        Some(n) if n > most => Err(ApiError::invalid(format!(
+            "{field} must be at most {most} (0: no limit of the agent's own)"
+        ))),
+        Some(n) => Ok(Some(n)),
+        None => Ok(stored),
+    };
+    let history_turns = limit(
+        "history_turns",
+        req.history_turns,
+        existing.as_ref().and_then(|a| a.history_turns),
+        10_000,
+    )?;
+    let history_tokens = limit(
+        "history_tokens",
+        req.history_tokens,
+        existing.as_ref().and_then(|a| a.history_tokens),
+        10_000_000,
+    )?;
     let previous = existing.as_ref().map(|a| &a.backend);
     let backend = match req.backend {
         BackendRequest::Echo {} => Backend::Echo,
@@ -206,6 +277,7 @@ pub(crate) async fn save(
             system_prompt,
             timeout_ms,
             transcription_model,
+            tools,
         } => {
             check_url("base_url", &base_url)?;
             if model.trim().is_empty() {
@@ -245,6 +317,7 @@ pub(crate) async fn save(
                 system_prompt,
                 timeout_ms,
                 transcription_model,
+                tools,
             }
         }
         BackendRequest::Webhook {
@@ -282,6 +355,14 @@ pub(crate) async fn save(
         id: id.clone(),
         name,
         backend,
+        handoff_resume_after_s,
+        retention_days,
+        history_turns,
+        history_tokens,
+        typing_indicator: req
+            .typing_indicator
+            .or(existing.as_ref().map(|a| a.typing_indicator))
+            .unwrap_or_else(shared::agent::default_typing_indicator),
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,
     };

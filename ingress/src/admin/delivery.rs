@@ -3,11 +3,13 @@
 //! `status` and `sid` of the agent's messages in a session, and the console's transcript.
 //!
 //! The history stores what was said, not how it was sent, so a turn is matched to its parts
-//! by time: the worker stores the agent's turn and then makes the reply, so each part (made
-//! with its reply's `created_at`) belongs to the last of the agent's turns stored before it.
-//! Only answers (`in-…` replies) are matched: admin sends are not turns of the history. A
-//! reply made again long after its turn (its first publication lost, then its inbound message
-//! delivered again) would be shown under a later turn; it is sent once all the same.
+//! by time. The worker stores the agent's turn and then makes the reply, so each part of an
+//! answer (an `in-…` reply, made with its `created_at`) belongs to the last of the agent's turns
+//! stored before it. An operator's message (an `api-…` reply) is stored as a turn with its
+//! author, stamped with the reply's `created_at`: its parts belong to the operator's turn of
+//! that very time. Other admin sends are no turn of the history. An answer made again long
+//! after its turn (its first publication lost, then its inbound message delivered again) would
+//! be shown under a later turn; it is sent once all the same.
 
 use axum::{
     Json,
@@ -96,12 +98,16 @@ pub(crate) fn by_turn(turns: &[Turn], sent: Vec<SentMessage>) -> Vec<Option<Vec<
         .map(|t| (t.role == Role::Assistant).then(Vec::new))
         .collect();
     for part in in_order(sent) {
-        if !part.part.id.starts_with("in-") {
-            continue;
-        }
-        let owner = turns
-            .iter()
-            .rposition(|t| t.role == Role::Assistant && t.at <= part.part.created_at);
+        let made = part.part.created_at;
+        let owner = if part.part.id.starts_with("in-") {
+            turns
+                .iter()
+                .rposition(|t| t.role == Role::Assistant && t.author.is_none() && t.at <= made)
+        } else {
+            turns
+                .iter()
+                .position(|t| t.role == Role::Assistant && t.author.is_some() && t.at == made)
+        };
         if let Some(Some(parts)) = owner.and_then(|i| out.get_mut(i)) {
             parts.push(PartDelivery::of(&part));
         }

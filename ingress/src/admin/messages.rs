@@ -2,6 +2,11 @@
 //! the 24-hour window (WhatsApp's rule; Twilio fails it with 63016 otherwise); a template
 //! (`content_sid`) at any time; nothing to a user who opted out (Twilio fails it with 21610)
 //! until they send START.
+//!
+//! A message with `"operator": "name"` is a person answering in the business's name: it goes
+//! into the conversation's history as the business's turn with its author (so the agent knows
+//! what was said when it takes over again), and it hands the conversation to that person
+//! ([`super::handoff`]): the agent stays quiet while they talk.
 
 use axum::{
     Json,
@@ -13,7 +18,8 @@ use serde::Deserialize;
 use shared::{
     bus,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
-    envelope::{OutboundReply, ReplyContent},
+    envelope::{MAX_MEDIA, OutboundReply, ReplyContent, is_public_media_url},
+    store::{CompletedTurn, Role, Turn},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
     window::{self, refusal, template_refusal},
 };
@@ -29,6 +35,10 @@ struct SendRequest {
     body: Option<String>,
     content_sid: Option<String>,
     content_variables: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Public https URLs, sent with the text (one medium a message, the text with the first).
+    #[serde(default)]
+    media: Vec<String>,
+    operator: Option<String>,
 }
 
 /// An admin send starts a trace of its own, which the sender continues.
@@ -40,6 +50,22 @@ pub async fn send(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let agent = load_agent(&state, &raw).await?;
     let req: SendRequest = parse_json(&body)?;
+    let operator = req
+        .operator
+        .as_deref()
+        .map(super::handoff::operator_name)
+        .transpose()?;
+    if req.media.len() > MAX_MEDIA {
+        return Err(ApiError::invalid(format!(
+            "media takes at most {MAX_MEDIA} URLs"
+        )));
+    }
+    if let Some(bad) = req.media.iter().find(|u| !is_public_media_url(u)) {
+        return Err(ApiError::invalid(format!(
+            "media must be https URLs that Twilio can fetch: {}",
+            shared::redact::url(bad)
+        )));
+    }
     let raw_to = req.to.strip_prefix("whatsapp:").unwrap_or(&req.to);
     let to = PhoneNumber::parse(raw_to).map_err(|e| ApiError::invalid(format!("to: {}", e.0)))?;
     let channel = state
@@ -65,11 +91,12 @@ pub async fn send(
                 "give either body or content_sid, not both",
             ));
         }
-        (None, None) => {
+        (None, None) if req.media.is_empty() => {
             return Err(ApiError::invalid(
                 "give body (free text) or content_sid (a template)",
             ));
         }
+        (None, None) => ReplyContent::Text { parts: Vec::new() },
         (Some(text), None) => {
             if req.content_variables.is_some() {
                 return Err(ApiError::invalid("content_variables go with content_sid"));
@@ -81,10 +108,15 @@ pub async fn send(
                 )));
             }
             let parts = split_reply(&text, MAX_BODY_UTF16);
-            if parts.is_empty() {
+            if parts.is_empty() && req.media.is_empty() {
                 return Err(ApiError::invalid("body must not be empty"));
             }
             ReplyContent::Text { parts }
+        }
+        (None, Some(_)) if !req.media.is_empty() => {
+            return Err(ApiError::invalid(
+                "media go with body: a template carries its own",
+            ));
         }
         (None, Some(sid)) => ReplyContent::Template {
             content_sid: ContentSid::parse(&sid).map_err(|e| ApiError::invalid(e.0))?,
@@ -108,7 +140,8 @@ pub async fn send(
         content,
         created_at: OffsetDateTime::now_utc(),
         answers_received_at: None,
-        media: Vec::new(),
+        media: req.media,
+        quick_replies: Vec::new(),
         traceparent: {
             let span = tracing::Span::current();
             shared::trace::record_trace_id(&span);
@@ -120,10 +153,60 @@ pub async fn send(
         .await
         .map_err(ApiError::unavailable)?;
     tracing::info!(agent = %agent.id, id = %reply.id, parts = reply.content.part_count(), "message queued");
+    if let Some(operator) = operator {
+        by_a_person(&state, &agent, &session, &reply, operator).await?;
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(
             serde_json::json!({"id": reply.id, "status": "queued", "parts": reply.content.part_count()}),
         ),
     ))
+}
+
+/// What an operator's message leaves behind once it is queued: the business's turn in the
+/// history, with its author, and the conversation paused for that person. Recorded under the
+/// message's id as a completed turn, so that it is erased with the person like every turn.
+async fn by_a_person(
+    state: &AppState,
+    agent: &shared::agent::Agent,
+    session: &SessionId,
+    reply: &OutboundReply,
+    operator: String,
+) -> Result<(), ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let mut content = match &reply.content {
+        ReplyContent::Text { parts } => parts.concat(),
+        ReplyContent::Template { content_sid, .. } => format!("[template {content_sid}]"),
+    };
+    for url in &reply.media {
+        if !content.is_empty() {
+            content.push('\n');
+        }
+        content.push_str(&format!("[media: {url}]"));
+    }
+    // Stamped with the reply's creation, which its sent parts carry: that is how the session
+    // finds the operator's message's delivery (`delivery::by_turn`).
+    let mut turn = Turn::new(Role::Assistant, content, reply.created_at);
+    turn.author = Some(operator.clone());
+    let record = CompletedTurn {
+        reply_id: reply.id.clone(),
+        reply: String::new(),
+        media: Vec::new(),
+        handoff: false,
+        quick_replies: Vec::new(),
+    };
+    state
+        .store
+        .complete_turn(
+            session,
+            std::slice::from_ref(&reply.id),
+            &[turn],
+            &record,
+            agent.retention(),
+        )
+        .await
+        .map_err(ApiError::unavailable)?;
+    super::handoff::pause_for(state, agent, session, &operator, now).await?;
+    Ok(())
 }

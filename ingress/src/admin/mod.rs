@@ -4,6 +4,7 @@
 pub(crate) mod agents;
 pub(crate) mod dead_letters;
 pub(crate) mod delivery;
+pub(crate) mod handoff;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
 mod messages;
@@ -59,6 +60,14 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route(
             "/v1/agents/{agent_id}/sessions/{phone}",
             get(sessions::get).delete(lifecycle::forget_session),
+        )
+        .route(
+            "/v1/agents/{agent_id}/sessions/{phone}/pause",
+            post(handoff::pause),
+        )
+        .route(
+            "/v1/agents/{agent_id}/sessions/{phone}/resume",
+            post(handoff::resume),
         )
         .route("/v1/agents/{agent_id}/messages", post(messages::send))
         .route("/v1/agents/{agent_id}/messages/{sid}", get(delivery::get))

@@ -1,5 +1,5 @@
 //! `GET /v1/agents/{agent_id}/sessions/{phone}`: the whole conversation, the business's
-//! messages with how they were delivered.
+//! messages with how they were delivered, and whether a person has it ([`super::handoff`]).
 
 use axum::{
     Json,
@@ -7,10 +7,12 @@ use axum::{
 };
 use serde::Serialize;
 use shared::{domain::SessionId, store::Turn, twilio::status::MessageStatus};
+use time::OffsetDateTime;
 
 use super::{
     ApiError,
     delivery::{self, PartDelivery},
+    handoff::PauseView,
     load_agent,
 };
 use crate::AppState;
@@ -19,6 +21,8 @@ use crate::AppState;
 pub struct SessionView {
     session_id: String,
     messages: Vec<MessageView>,
+    #[serde(flatten)]
+    state: PauseView,
 }
 
 /// A turn, and for the business's: how its reply went out.
@@ -52,8 +56,14 @@ pub async fn get(
     State(state): State<AppState>,
     Path((raw_agent, raw_phone)): Path<(String, String)>,
 ) -> Result<Json<SessionView>, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
     let (session, turns) = transcript(&state, &raw_agent, &raw_phone).await?;
     let deliveries = delivery::of_session(&state, &session, &turns).await?;
+    let pause = state
+        .store
+        .pause(&session)
+        .await
+        .map_err(ApiError::unavailable)?;
     let messages = turns
         .into_iter()
         .zip(deliveries)
@@ -65,6 +75,7 @@ pub async fn get(
     Ok(Json(SessionView {
         session_id: session.to_string(),
         messages,
+        state: PauseView::new(&agent, pause.as_ref(), OffsetDateTime::now_utc()),
     }))
 }
 

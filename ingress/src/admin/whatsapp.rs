@@ -10,9 +10,10 @@ use axum::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use shared::{
-    agent::WhatsAppChannel,
+    agent::{Consent, WhatsAppChannel},
     crypto::SecretPurpose,
     domain::{AccountSid, AgentId, PhoneNumber},
+    window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
 use time::OffsetDateTime;
 
@@ -29,6 +30,124 @@ pub(crate) struct ChannelRequest {
     pub(crate) phone_number: String,
     pub(crate) enabled: Option<bool>,
     pub(crate) simulation: Option<bool>,
+    /// The opt-out settings: each left out keeps what was stored before (Twilio's defaults
+    /// at first).
+    pub(crate) optout_keywords: Option<Vec<String>>,
+    pub(crate) optin_keywords: Option<Vec<String>>,
+    pub(crate) optout_reply: Option<String>,
+    pub(crate) optin_reply: Option<String>,
+    /// The Sandbox's join words (`join <words>` or just the words); left out keeps what was
+    /// stored, `""` removes it.
+    pub(crate) sandbox_join_code: Option<String>,
+}
+
+/// The words of a Sandbox join code as given (`join ancient-pencil`, or `ancient-pencil`), or
+/// `None` for an empty one.
+fn join_words(raw: &str) -> Result<Option<String>, ApiError> {
+    let raw = raw.trim();
+    let words = raw
+        .strip_prefix("join ")
+        .or_else(|| raw.strip_prefix("JOIN "))
+        .unwrap_or(raw)
+        .trim();
+    if words.is_empty() {
+        return Ok(None);
+    }
+    let fine = words.len() <= 64
+        && words
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ' ');
+    if !fine {
+        return Err(ApiError::invalid(
+            "sandbox_join_code is the Sandbox's words, as \"join ancient-pencil\" (letters, digits and hyphens)",
+        ));
+    }
+    Ok(Some(words.to_owned()))
+}
+
+/// Most keywords of each kind a channel may have.
+const MAX_KEYWORDS: usize = 20;
+
+impl ChannelRequest {
+    /// The opt-out settings to store: what was asked over what was stored, checked.
+    fn consent(&mut self, stored: Consent) -> Result<Consent, ApiError> {
+        let keywords = |field: &str, words: Option<Vec<String>>| {
+            words
+                .map(|words| {
+                    if words.len() > MAX_KEYWORDS {
+                        return Err(ApiError::invalid(format!(
+                            "{field} takes at most {MAX_KEYWORDS} words"
+                        )));
+                    }
+                    words
+                        .into_iter()
+                        .map(|w| {
+                            let w = w.trim().to_owned();
+                            let fine = !w.is_empty()
+                                && w.chars().count() <= MAX_KEYWORD_CHARS
+                                && w.chars().all(char::is_alphanumeric);
+                            fine.then_some(w).ok_or_else(|| {
+                                ApiError::invalid(format!(
+                                    "{field}: each keyword is one word of 1-{MAX_KEYWORD_CHARS} letters or digits"
+                                ))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()
+        };
+        let reply = |field: &str, text: Option<String>| match text {
+            Some(t) if t.chars().count() > 1600 => Err(ApiError::invalid(format!(
+                "{field} is at most 1600 characters (empty: no confirmation)"
+            ))),
+            other => Ok(other),
+        };
+        let consent = Consent {
+            optout_keywords: keywords("optout_keywords", self.optout_keywords.take())?
+                .or(stored.optout_keywords),
+            optin_keywords: keywords("optin_keywords", self.optin_keywords.take())?
+                .or(stored.optin_keywords),
+            optout_reply: reply("optout_reply", self.optout_reply.take())?.or(stored.optout_reply),
+            optin_reply: reply("optin_reply", self.optin_reply.take())?.or(stored.optin_reply),
+        };
+        let optout = window::optout_keywords(&consent);
+        if let Some(both) = window::optin_keywords(&consent)
+            .into_iter()
+            .find(|w| optout.iter().any(|o| o.eq_ignore_ascii_case(w)))
+        {
+            return Err(ApiError::invalid(format!(
+                "{both} cannot both opt out and opt in"
+            )));
+        }
+        Ok(consent)
+    }
+}
+
+/// A channel's opt-out settings as the API shows them: the ones in effect.
+#[derive(Serialize)]
+pub struct ConsentView {
+    optout_keywords: Vec<String>,
+    optin_keywords: Vec<String>,
+    optout_reply: String,
+    optin_reply: String,
+}
+
+impl ConsentView {
+    fn new(consent: &Consent) -> Self {
+        let owned = |words: Vec<&str>| words.into_iter().map(str::to_owned).collect();
+        Self {
+            optout_keywords: owned(window::optout_keywords(consent)),
+            optin_keywords: owned(window::optin_keywords(consent)),
+            optout_reply: Keyword::OptOut
+                .confirmation(consent)
+                .unwrap_or_default()
+                .to_owned(),
+            optin_reply: Keyword::OptIn
+                .confirmation(consent)
+                .unwrap_or_default()
+                .to_owned(),
+        }
+    }
 }
 
 /// Twilio's connection overrides, as a URL fragment (Twilio does not sign it): retry up to 3
@@ -46,6 +165,11 @@ pub struct ChannelView {
     pub(crate) webhook_url: String,
     pub(crate) status_callback_url: String,
     pub(crate) simulation: bool,
+    #[serde(flatten)]
+    pub(crate) consent: ConsentView,
+    /// On the Twilio Sandbox's number.
+    pub(crate) sandbox: bool,
+    pub(crate) sandbox_join_code: Option<String>,
 }
 
 impl ChannelView {
@@ -65,6 +189,9 @@ impl ChannelView {
             webhook_url,
             status_callback_url,
             simulation: channel.simulation,
+            consent: ConsentView::new(&channel.consent),
+            sandbox: channel.is_sandbox(),
+            sandbox_join_code: channel.sandbox_join_code.clone(),
         }
     }
 }
@@ -116,7 +243,7 @@ pub async fn put(
 pub(crate) async fn save(
     state: &AppState,
     raw: &str,
-    req: ChannelRequest,
+    mut req: ChannelRequest,
     host: Option<&str>,
 ) -> Result<ChannelView, ApiError> {
     let agent = load_agent(state, raw).await?;
@@ -128,6 +255,12 @@ pub(crate) async fn save(
         .channel(&agent.id)
         .await
         .map_err(ApiError::unavailable)?;
+    let consent = req.consent(
+        existing
+            .as_ref()
+            .map(|c| c.consent.clone())
+            .unwrap_or_default(),
+    )?;
     let auth_token = match (req.auth_token, &existing) {
         (Some(t), _) => {
             let t = t.expose_secret().trim();
@@ -157,6 +290,11 @@ pub(crate) async fn save(
             .enabled
             .or(existing.as_ref().map(|c| c.enabled))
             .unwrap_or(true),
+        consent,
+        sandbox_join_code: match req.sandbox_join_code.as_deref() {
+            Some(raw) => join_words(raw)?,
+            None => existing.as_ref().and_then(|c| c.sandbox_join_code.clone()),
+        },
         updated_at: OffsetDateTime::now_utc(),
     };
     state

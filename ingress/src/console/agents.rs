@@ -169,6 +169,7 @@ impl AgentForm {
                 system_prompt: non_empty(&self.system_prompt),
                 timeout_ms: None,
                 transcription_model: shared::agent::default_transcription_model(),
+                tools: shared::agent::default_tools(),
             },
             "webhook" => BackendRequest::Webhook {
                 url: self.webhook_url.trim().to_owned(),
@@ -180,6 +181,11 @@ impl AgentForm {
         Ok(AgentRequest {
             name: non_empty(&self.name),
             backend,
+            handoff_resume_after_s: None,
+            retention_days: None,
+            history_turns: None,
+            history_tokens: None,
+            typing_indicator: None,
         })
     }
 

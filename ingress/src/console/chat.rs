@@ -133,6 +133,11 @@ async fn simulated_channel(state: &AppState, agent: &Agent) -> Result<String, Ap
                 phone_number: SIMULATED_NUMBER.to_owned(),
                 enabled: Some(true),
                 simulation: Some(true),
+                optout_keywords: None,
+                optin_keywords: None,
+                optout_reply: None,
+                optin_reply: None,
+                sandbox_join_code: None,
             };
             whatsapp::save(state, agent.id.as_str(), request, None).await?;
             Ok(SIMULATED_NUMBER.to_owned())

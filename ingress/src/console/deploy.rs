@@ -167,6 +167,11 @@ async fn save_deploy(
         phone_number: form.phone_number.trim().to_owned(),
         enabled: Some(true),
         simulation: Some(false),
+        optout_keywords: None,
+        optin_keywords: None,
+        optout_reply: None,
+        optin_reply: None,
+        sandbox_join_code: None,
     };
     match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
         Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),

@@ -5,10 +5,11 @@
 //! absent once it has passed, and purged a few at a time by later writes.
 //!
 //! Tables: `store_agents` and `store_channels` (id → JSON), `store_turns` ((session, n) → JSON
-//! turn), `store_leads` ((agent, user) → JSON), `store_clocks` ((`window`|`optout`|`optin`,
-//! session) → ms), `store_expiring` ((kind, scope, key) → (expires at, bytes)) for turn records, seen
-//! message sids, send guards, sent parts (and each session's index of them, `sentto`),
-//! statuses, failure counts and each agent's latest signature failure (`sigfail`), with its expiry index
+//! turn), `store_leads` ((agent, user) → JSON), `store_pauses` (session → JSON),
+//! `store_clocks` ((`window`|`optout`|`optin`, session) → ms), `store_expiring` ((kind, scope,
+//! key) → (expires at, bytes)) for turn records, seen message sids, send guards, sent parts
+//! (and each session's index of them, `sentto`), statuses, failure counts, cached Content API
+//! sids and each agent's latest signature failure (`sigfail`), with its expiry index
 //! `store_expiries`, and `store_meta` (name → text) for the master key check
 //! ([`crate::key_check`]).
 
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SentMessage,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
     SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
@@ -40,6 +41,8 @@ const TURNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_t
 /// Simulated sends per session, by index from 1: `{"body", "at"}` as the Redis store keeps them.
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("store_outbox");
 const LEADS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("store_leads");
+/// Paused conversations: session → JSON [`Pause`].
+const PAUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("store_pauses");
 const CLOCKS: TableDefinition<(&str, &str), i64> = TableDefinition::new("store_clocks");
 const EXPIRING: TableDefinition<(&str, &str, &str), (u64, &[u8])> =
     TableDefinition::new("store_expiring");
@@ -108,7 +111,8 @@ fn live(
     }))
 }
 
-/// The records with an expiry, inside one write transaction.
+/// The records with an expiry, inside one write transaction. A `history` record stands for a
+/// conversation's turns, kept while the conversation is: when it expires, they go with it.
 struct Expiring<'t> {
     values: Table<'t, (&'static str, &'static str, &'static str), (u64, &'static [u8])>,
     index: Table<'t, (u64, &'static str, &'static str, &'static str), ()>,
@@ -116,18 +120,22 @@ struct Expiring<'t> {
 }
 
 impl<'t> Expiring<'t> {
-    /// Opens the tables and purges a few expired records.
+    /// Opens the tables and purges a few expired records (with the turns of expired
+    /// conversations: no caller has the turns table open yet).
     fn open(txn: &'t WriteTransaction) -> Result<Self, DbError> {
         let mut this = Self {
             values: txn.open_table(EXPIRING)?,
             index: txn.open_table(EXPIRIES)?,
             now: now_ms(),
         };
-        this.purge()?;
+        for session in this.purge()? {
+            remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+        }
         Ok(this)
     }
 
-    fn purge(&mut self) -> Result<(), DbError> {
+    /// Removes a few expired records; returns the conversations whose history expired.
+    fn purge(&mut self) -> Result<Vec<String>, DbError> {
         let mut expired = Vec::new();
         for row in self
             .index
@@ -140,13 +148,17 @@ impl<'t> Expiring<'t> {
                 break;
             }
         }
-        for (at, kind, scope, name) in &expired {
+        let mut histories = Vec::new();
+        for (at, kind, scope, name) in expired {
             self.index
-                .remove((*at, kind.as_str(), scope.as_str(), name.as_str()))?;
+                .remove((at, kind.as_str(), scope.as_str(), name.as_str()))?;
             self.values
                 .remove((kind.as_str(), scope.as_str(), name.as_str()))?;
+            if kind == "history" {
+                histories.push(scope);
+            }
         }
-        Ok(())
+        Ok(histories)
     }
 
     fn get(&self, key: Key<'_>) -> Result<Option<Vec<u8>>, DbError> {
@@ -169,6 +181,27 @@ impl<'t> Expiring<'t> {
         }
         Ok(())
     }
+}
+
+/// Drops the turns at the start of `session` that are older than `cutoff`, a few at most.
+fn drop_expired_turns(
+    table: &mut Table<'_, (&'static str, u64), &'static [u8]>,
+    session: &str,
+    cutoff: &str,
+) -> Result<(), DbError> {
+    let mut doomed = Vec::new();
+    for row in table.range((session, 0)..=(session, u64::MAX))? {
+        let (key, value) = row?;
+        if doomed.len() == super::TRIM_PER_COMPLETION || !super::expired_turn(value.value(), cutoff)
+        {
+            break;
+        }
+        doomed.push(key.value().1);
+    }
+    for n in doomed {
+        table.remove((session, n))?;
+    }
+    Ok(())
 }
 
 /// A send guard as stored, in the Redis store's format: `pending:<lease deadline, ms>` while
@@ -355,6 +388,7 @@ impl EmbeddedStore {
         txn.open_table(TURNS)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(LEADS)?;
+        txn.open_table(PAUSES)?;
         txn.open_table(CLOCKS)?;
         txn.open_table(EXPIRING)?;
         txn.open_table(EXPIRIES)?;
@@ -518,6 +552,7 @@ impl Store for EmbeddedStore {
             .db
             .write(move |txn| {
                 remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
+                txn.open_table(PAUSES)?.remove(session.as_str())?;
                 remove_numbered(&mut txn.open_table(OUTBOX)?, &session)
             })
             .await?)
@@ -532,6 +567,7 @@ impl Store for EmbeddedStore {
             .write(move |txn| {
                 remove_numbered(&mut txn.open_table(TURNS)?, &session)?;
                 remove_numbered(&mut txn.open_table(OUTBOX)?, &session)?;
+                txn.open_table(PAUSES)?.remove(session.as_str())?;
                 let mut clocks = txn.open_table(CLOCKS)?;
                 for kind in ["window", "optout", "optin"] {
                     clocks.remove((kind, session.as_str()))?;
@@ -539,6 +575,7 @@ impl Store for EmbeddedStore {
                 txn.open_table(LEADS)?
                     .remove((agent.as_str(), user.as_str()))?;
                 let mut records = Expiring::open(txn)?;
+                records.remove(("history", session.as_str(), ""))?;
                 let mut doomed = Vec::new();
                 for kind in ["turn", "sentto"] {
                     for row in records.values.range(
@@ -590,10 +627,14 @@ impl Store for EmbeddedStore {
         let agent = session.agent().as_str().to_owned();
         let user = session.user().to_owned();
         let session = session.to_string();
-        let (completed, turns) = self
+        let (completed, turns, pause) = self
             .db
             .write(move |txn| {
                 stamp_max(txn, "window", &session, latest)?;
+                let pause = txn
+                    .open_table(PAUSES)?
+                    .get(session.as_str())?
+                    .map(|v| v.value().to_vec());
                 let mut records = Expiring::open(txn)?;
                 let mut completed = Vec::with_capacity(sightings.len());
                 for sighting in &sightings {
@@ -605,7 +646,7 @@ impl Store for EmbeddedStore {
                 } else {
                     Vec::new()
                 };
-                Ok((completed, turns))
+                Ok((completed, turns, pause))
             })
             .await?;
         Ok(TurnStart {
@@ -614,7 +655,32 @@ impl Store for EmbeddedStore {
                 .map(|r| r.as_deref().map(decode).transpose())
                 .collect::<Result<_, _>>()?,
             history: turns.iter().map(|r| decode(r)).collect::<Result<_, _>>()?,
+            pause: pause.map(|p| decode(&p)).transpose()?,
         })
+    }
+
+    async fn set_pause(
+        &self,
+        session: &SessionId,
+        pause: Option<&Pause>,
+    ) -> Result<(), StoreError> {
+        let session = session.to_string();
+        let raw = pause.map(encode).transpose()?;
+        Ok(self
+            .db
+            .write(move |txn| {
+                let mut pauses = txn.open_table(PAUSES)?;
+                match &raw {
+                    Some(raw) => pauses.insert(session.as_str(), raw.as_slice())?,
+                    None => pauses.remove(session.as_str())?,
+                };
+                Ok(())
+            })
+            .await?)
+    }
+
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError> {
+        self.get_json(PAUSES, &session.to_string()).await
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
@@ -647,6 +713,7 @@ impl Store for EmbeddedStore {
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
             return Err(StoreError::Invalid(
@@ -658,6 +725,7 @@ impl Store for EmbeddedStore {
         let turns = turns.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         let record = encode(completed)?;
         let ttl = duration_ms(GUARD_TTL);
+        let cutoff = super::retention_cutoff(keep);
         let standing = self
             .db
             .write(move |txn| {
@@ -665,14 +733,17 @@ impl Store for EmbeddedStore {
                 if let Some(earlier) = records.get(("turn", &session, &keys[0]))? {
                     return Ok(earlier);
                 }
+                for key in &keys {
+                    records.put(("turn", &session, key), &record, ttl)?;
+                }
+                records.put(("history", &session, ""), b"", duration_ms(keep))?;
+                drop(records);
                 let mut table = txn.open_table(TURNS)?;
                 let first = last_turn(&table, &session)?.map_or(0, |n| n + 1);
                 for (n, turn) in (first..).zip(&turns) {
                     table.insert((session.as_str(), n), turn.as_slice())?;
                 }
-                for key in &keys {
-                    records.put(("turn", &session, key), &record, ttl)?;
-                }
+                drop_expired_turns(&mut table, &session, &cutoff)?;
                 Ok(record.clone())
             })
             .await?;
@@ -1120,6 +1191,28 @@ impl Store for EmbeddedStore {
             .await?
             .map(|r| decode(&r))
             .transpose()
+    }
+
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let raw = self.get_expiring(("content", "", key)).await?;
+        Ok(raw.map(|r| String::from_utf8_lossy(&r).into_owned()))
+    }
+
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
+        let (key, sid) = (key.to_owned(), sid.to_owned());
+        let ttl = duration_ms(super::CONTENT_TTL);
+        let stands = self
+            .db
+            .write(move |txn| {
+                let mut expiring = Expiring::open(txn)?;
+                if let Some(cached) = expiring.get(("content", "", &key))? {
+                    return Ok(cached);
+                }
+                expiring.put(("content", "", &key), sid.as_bytes(), ttl)?;
+                Ok(sid.clone().into_bytes())
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&stands).into_owned())
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -87,6 +87,63 @@ pub struct Turn {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// Who wrote a business message that a person sent rather than the agent (an operator's
+    /// name): the agent then sees what was said in its name while it was paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+}
+
+impl Turn {
+    /// A turn said by the user or the agent.
+    pub fn new(role: Role, content: String, at: OffsetDateTime) -> Self {
+        Self {
+            role,
+            content,
+            at,
+            author: None,
+        }
+    }
+}
+
+/// A conversation handed to a person: while it stands, inbound messages are recorded and no
+/// agent runs. It lapses after the agent's `handoff_resume_after_s` without a word from the
+/// person ([`Pause::lapses_at`]), so a conversation nobody picked up goes back to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pause {
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    /// Who paused it: `agent` (the agent handed off), or the operator's name (`api` when the
+    /// call named none).
+    pub by: String,
+    /// The person's last message to the user, or the pause itself: the idle time counts from
+    /// here.
+    #[serde(with = "time::serde::rfc3339")]
+    pub active_at: OffsetDateTime,
+}
+
+impl Pause {
+    /// A pause starting at `at`.
+    pub fn new(by: impl Into<String>, at: OffsetDateTime) -> Self {
+        Self {
+            since: at,
+            by: by.into(),
+            active_at: at,
+        }
+    }
+
+    /// When the pause ends by itself: `idle` after the person's last activity (`None`: not
+    /// within the calendar's range).
+    pub fn lapses_at(&self, idle: Duration) -> Option<OffsetDateTime> {
+        time::Duration::try_from(idle)
+            .ok()
+            .and_then(|idle| self.active_at.checked_add(idle))
+    }
+
+    /// Whether it still stands at `now`.
+    pub fn holds(&self, now: OffsetDateTime, idle: Duration) -> bool {
+        now - self.active_at < idle
+    }
 }
 
 /// A WhatsApp user captured as a lead of an agent.
@@ -193,6 +250,14 @@ pub struct CompletedTurn {
     /// republishes them too. Absent from older records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub media: Vec<String>,
+    /// The agent handed the conversation to a person with this reply, so that a redelivered
+    /// message pauses the conversation too when the first delivery died before it did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
+    /// Choices the agent offered with the reply, so that a redelivered message republishes
+    /// them too. Absent from older records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quick_replies: Vec<String>,
 }
 
 /// What a turn starts from ([`Store::begin_turn`]).
@@ -203,6 +268,8 @@ pub struct TurnStart {
     pub completed: Vec<Option<CompletedTurn>>,
     /// The session's last turns, oldest first; empty when every message was answered before.
     pub history: Vec<Turn>,
+    /// The conversation's pause, if it has one (it may have lapsed: [`Pause::holds`]).
+    pub pause: Option<Pause>,
 }
 
 /// The clocks of WhatsApp's rules for what may be sent to a user ([`crate::window`]).
@@ -246,8 +313,8 @@ pub trait Store: Send + Sync + 'static {
     /// agent's leads). True when there was an agent.
     async fn delete_agent(&self, id: &AgentId) -> Result<bool, StoreError>;
 
-    /// Forgets a conversation: its history and its simulated outbox, so that the next message
-    /// starts a new history. What is not the conversation but a fact about the user stays: the
+    /// Forgets a conversation: its history, its pause and its simulated outbox, so that the
+    /// next message starts a new history with the agent. What is not the conversation but a fact about the user stays: the
     /// lead; the window clock (the user did write, and WhatsApp keeps its 24-hour window open
     /// whatever wagate forgets); the opt-out and opt-in clocks (forgetting a conversation must
     /// never start sending to someone who said STOP); and the turn records, which only keep a
@@ -255,8 +322,8 @@ pub trait Store: Send + Sync + 'static {
     /// Forgetting a conversation that is not there does nothing.
     async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError>;
     /// Erases everything stored about the user of `session` with its agent, for a data
-    /// protection request: the lead, the history, the turn records, the window, opt-out and
-    /// opt-in clocks, the simulated outbox, and the parts sent to them with their delivery
+    /// protection request: the lead, the history, the pause, the turn records, the window, opt-out
+    /// and opt-in clocks, the simulated outbox, and the parts sent to them with their delivery
     /// statuses. The opt-out goes too: every record of it holds the number, which is what the
     /// person asked to have erased, and no message can reach them from wagate without someone
     /// giving the number again. Send guards, "seen" marks and failure counts stay: they are
@@ -266,9 +333,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Starts a turn over `sightings`, the messages of one conversation, oldest first: finds
     /// which were answered before, counts each toward its user's lead, moves the 24-hour window
-    /// clock to the latest and reads the last `history` turns. The same as `completed_turn` and
-    /// `record_lead` per message, `stamp_inbound` and `history`, in one round trip, because the
-    /// worker does this for every message. Every part is idempotent, so a message delivered
+    /// clock to the latest and reads the last `history` turns and the pause. The same as
+    /// `completed_turn` and `record_lead` per message, `stamp_inbound`, `history` and `pause`,
+    /// in one round trip, because the worker does this for every message. Every part is idempotent, so a message delivered
     /// twice changes nothing the second time.
     async fn begin_turn(
         &self,
@@ -286,14 +353,25 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<CompletedTurn>, StoreError>;
     /// Appends `turns` and records `completed` under every key of `turn_keys` (the inbound
     /// messages of the turn), atomically and only if the first key has no record yet; returns
-    /// the record that stands (this one, or that of an earlier completion that won).
+    /// the record that stands (this one, or that of an earlier completion that won). History
+    /// is kept for `keep`: turns older than that are dropped from the conversation's start
+    /// (a few at each completion), and a conversation with no completion for that long is
+    /// dropped whole.
     async fn complete_turn(
         &self,
         session: &SessionId,
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError>;
+
+    /// Pauses a conversation (a person takes it over), or with `None` resumes it. A pause
+    /// replaces the one before.
+    async fn set_pause(&self, session: &SessionId, pause: Option<&Pause>)
+    -> Result<(), StoreError>;
+    /// The conversation's pause, lapsed or not.
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError>;
 
     /// Counts an inbound message towards its user's lead, creating the lead on first contact.
     /// Idempotent per message sid.
@@ -427,6 +505,15 @@ pub trait Store: Send + Sync + 'static {
         &self,
         agent: &AgentId,
     ) -> Result<Option<SignatureFailure>, StoreError>;
+    /// The Content API sid (`HX…`) cached under `key`, if there is one. A sender makes a
+    /// quick-reply or list-picker content once and finds it here afterwards, as does every
+    /// other sender and the same one after a restart, rather than making a new content resource
+    /// in the account for each reply.
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Caches `sid` under `key` for [`CONTENT_TTL`] unless a sid is cached there already
+    /// (another sender made the same content at the same time), atomically; returns the sid
+    /// that stands, so that both senders go on with one content.
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError>;
 
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;
@@ -444,6 +531,38 @@ fn latest_sighting(
         ));
     }
     Ok(sightings.iter().map(|s| s.at).max())
+}
+
+/// How long a cached Content API sid is kept ([`Store::cache_content_sid`]): a content is
+/// reused for a month, then made again once, so a cache of one-off questions does not grow
+/// forever.
+pub const CONTENT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Turns dropped from a conversation's start at most per completion: the expired ones of a
+/// long conversation go over its next completions rather than all in one slow step.
+const TRIM_PER_COMPLETION: usize = 64;
+
+/// The second before which turns are older than `keep`, as the first 19 characters of an RFC
+/// 3339 time in UTC (how turns store `at`): compared as text, which orders them by time.
+fn retention_cutoff(keep: Duration) -> String {
+    let cutoff = time::Duration::try_from(keep)
+        .ok()
+        .and_then(|keep| OffsetDateTime::now_utc().checked_sub(keep))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        .max(OffsetDateTime::UNIX_EPOCH);
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    cutoff.format(&format).unwrap_or_default()
+}
+
+/// Whether the turn stored as `raw` is older than `cutoff` ([`retention_cutoff`]). A turn that
+/// does not decode is kept: dropping what cannot be read is not this step's call.
+fn expired_turn(raw: &[u8], cutoff: &str) -> bool {
+    #[derive(Deserialize)]
+    struct At<'a> {
+        at: &'a str,
+    }
+    serde_json::from_slice::<At<'_>>(raw)
+        .is_ok_and(|t| t.at.get(..19).is_some_and(|at| at < cutoff))
 }
 
 /// How long records that only guard against duplicates are kept.

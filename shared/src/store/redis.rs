@@ -12,11 +12,12 @@
 //! `P:changes` (pub/sub), `P:session:{<session>}` (list of JSON turns),
 //! `P:turn:{<session>}:<key>` (record of a completed turn), `P:lead:{<agent>}:<user>` (hash),
 //! `P:leads:{<agent>}` (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`,
-//! `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms), `P:optin:{<session>}` (ms),
+//! `P:pause:{<session>}` (JSON), `P:window:{<session>}` (ms), `P:optout:{<session>}` (ms),
+//! `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
-//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:sigfail:<agent>` (the
-//! latest webhook refused for its signature), `P:meta:key-check` (the master key check,
-//! [`crate::key_check`]); and two indexes that let a user be erased without
+//! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:content:<hash>`
+//! (a cached Content API sid), `P:sigfail:<agent>` (the latest webhook refused for its
+//! signature), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -30,7 +31,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, SentMessage,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
     SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
@@ -87,28 +88,30 @@ end
 return counted
 "#;
 
-// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3..] = turn records of the messages;
-// ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as digits (a Lua
-// number would lose digits, and LRANGE takes no exponent).
+// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3] = pause, KEYS[4..] = turn records of
+// the messages; ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as
+// digits (a Lua number would lose digits, and LRANGE takes no exponent). A missing pause is
+// Lua's false, which reaches the client as nil.
 const BEGIN_TURN: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 local done = {}
 local fresh = false
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local record = redis.call('GET', KEYS[i])
-  done[i - 2] = record
+  done[i - 3] = record
   if not record then fresh = true end
 end
 local history = {}
 if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. ARGV[2], -1) end
-return {done, history}
+return {done, history, redis.call('GET', KEYS[3])}
 "#;
 
 // KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
 // user finds them without a SCAN), KEYS[3..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
-// ARGV[3] = number of turns, ARGV[4..] = turns. Returns the earlier record, or nil when this one
-// was stored.
+// ARGV[3] = number of turns n, ARGV[4..3+n] = turns, ARGV[4+n] = how long history is kept (s),
+// ARGV[5+n] = the retention cutoff (`retention_cutoff`), ARGV[6+n] = turns to drop at most.
+// Returns the earlier record, or nil when this one was stored.
 const COMPLETE_TURN: &str = r#"
 local prev = redis.call('GET', KEYS[3])
 if prev then return prev end
@@ -119,6 +122,16 @@ for i = 3, #KEYS do
   redis.call('SADD', KEYS[2], KEYS[i])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+local cutoff = ARGV[5 + n]
+for _ = 1, tonumber(ARGV[6 + n]) do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local ok, turn = pcall(cjson.decode, head)
+  if not ok or type(turn) ~= 'table' or type(turn['at']) ~= 'string' then break end
+  if string.sub(turn['at'], 1, 19) >= cutoff then break end
+  redis.call('LPOP', KEYS[1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4 + n])
 return false
 "#;
 
@@ -190,6 +203,15 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 "#;
 
+// KEYS[1] = a cached content sid; ARGV[1] = a fresh sid, stored for ARGV[2] seconds unless one
+// is. Returns the one that stands.
+const CACHE_CONTENT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"#;
+
 // KEYS[1] = the key check; replaced by ARGV[2] only while it is still ARGV[1].
 const REPLACE_KEY_CHECK: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -210,6 +232,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     record_status: Script::new(RECORD_STATUS),
     key_check: Script::new(KEY_CHECK),
     replace_key_check: Script::new(REPLACE_KEY_CHECK),
+    cache_content: Script::new(CACHE_CONTENT),
 });
 
 struct Scripts {
@@ -224,6 +247,7 @@ struct Scripts {
     record_status: Script,
     key_check: Script,
     replace_key_check: Script,
+    cache_content: Script,
 }
 
 impl Scripts {
@@ -594,11 +618,12 @@ impl Store for RedisStore {
     }
 
     async fn forget_session(&self, session: &SessionId) -> Result<(), StoreError> {
-        // Both keys carry the session's hash tag: one DEL, one slot.
+        // The keys carry the session's hash tag: one DEL, one slot.
         let _: i64 = self
             .conn()
             .del(&[
                 key!(self, "session:{{{session}}}"),
+                key!(self, "pause:{{{session}}}"),
                 key!(self, "outbox:{{{session}}}"),
             ])
             .await
@@ -645,6 +670,7 @@ impl Store for RedisStore {
             turn_index,
             sent_index,
             history.clone(),
+            key!(self, "pause:{{{session}}}"),
             key!(self, "outbox:{{{session}}}"),
             key!(self, "window:{{{session}}}"),
             key!(self, "optout:{{{session}}}"),
@@ -682,6 +708,7 @@ impl Store for RedisStore {
         let mut keys = vec![
             key!(self, "window:{{{session}}}"),
             key!(self, "session:{{{session}}}"),
+            key!(self, "pause:{{{session}}}"),
         ];
         keys.extend(
             sightings
@@ -700,12 +727,12 @@ impl Store for RedisStore {
         // "seen" mark), so when either fails the whole begin is simply done again.
         let begin = redis::pipe().add_command(begin).clone();
         let lead = redis::pipe().add_command(lead).clone();
-        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>),);
+        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
         let (begun, counted) = tokio::join!(
             self.scripted::<Begun>(&begin),
             self.scripted::<(i64,)>(&lead)
         );
-        let ((completed, turns),) = begun.map_err(err("begin turn"))?;
+        let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
         counted.map_err(err("begin turn"))?;
         Ok(TurnStart {
             completed: completed
@@ -720,7 +747,32 @@ impl Store for RedisStore {
                 .iter()
                 .map(|r| from_json(r, "decode turn"))
                 .collect::<Result<_, _>>()?,
+            pause: pause.map(|p| from_json(&p, "decode pause")).transpose()?,
         })
+    }
+
+    async fn set_pause(
+        &self,
+        session: &SessionId,
+        pause: Option<&Pause>,
+    ) -> Result<(), StoreError> {
+        let key = key!(self, "pause:{{{session}}}");
+        match pause {
+            Some(p) => {
+                let raw = serde_json::to_vec(p).map_err(StoreError::json("encode pause"))?;
+                let _: () = self.conn().set(&key, raw).await.map_err(err("pause"))?;
+            }
+            None => {
+                let _: i64 = self.conn().del(&key).await.map_err(err("resume"))?;
+            }
+        }
+        // Lost in a failover, the agent would answer over the person, or stay silent.
+        self.replicated(&key, "pause").await;
+        Ok(())
+    }
+
+    async fn pause(&self, session: &SessionId) -> Result<Option<Pause>, StoreError> {
+        self.get_json(key!(self, "pause:{{{session}}}")).await
     }
 
     async fn history(&self, session: &SessionId, last: usize) -> Result<Vec<Turn>, StoreError> {
@@ -752,6 +804,7 @@ impl Store for RedisStore {
         turn_keys: &[String],
         turns: &[Turn],
         completed: &CompletedTurn,
+        keep: Duration,
     ) -> Result<CompletedTurn, StoreError> {
         if turn_keys.is_empty() {
             return Err(StoreError::Invalid(
@@ -771,6 +824,10 @@ impl Store for RedisStore {
         for t in turns {
             inv.arg(to_json(t)?);
         }
+        // A century at most: Redis refuses an expiry past its clock's range.
+        inv.arg(keep.as_secs().clamp(1, 100 * 366 * 86_400))
+            .arg(super::retention_cutoff(keep))
+            .arg(super::TRIM_PER_COMPLETION);
         let earlier: Option<Vec<u8>> = inv
             .invoke_async(&mut self.conn())
             .await
@@ -1199,6 +1256,24 @@ impl Store for RedisStore {
         agent: &AgentId,
     ) -> Result<Option<SignatureFailure>, StoreError> {
         self.get_json(key!(self, "sigfail:{agent}")).await
+    }
+
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(key!(self, "content:{key}"))
+            .await
+            .map_err(err("read content sid"))
+    }
+
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
+        SCRIPTS
+            .cache_content
+            .key(key!(self, "content:{key}"))
+            .arg(sid)
+            .arg(super::CONTENT_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("cache content sid"))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

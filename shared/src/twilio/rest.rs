@@ -43,6 +43,28 @@ pub fn classify(http_status: u16, code: Option<u32>) -> FailureClass {
     }
 }
 
+/// What to do about a send Twilio refused with `code`, for dead letters and the console: the
+/// common WhatsApp failures, in the business's terms. `join_code` is the channel's Sandbox join
+/// code, when known.
+pub fn advice(code: u32, join_code: Option<&str>) -> Option<String> {
+    let text = match code {
+        63015 => match join_code {
+            Some(words) => format!(
+                "this phone has not joined the Twilio Sandbox: from WhatsApp, send \"join {words}\" to +1 415 523 8886, then replay"
+            ),
+            None => "this phone has not joined the Twilio Sandbox: from WhatsApp, send \"join <your sandbox's two words>\" (Twilio Console, Messaging, Try it out, WhatsApp) to +1 415 523 8886, then replay".to_owned(),
+        },
+        63016 => "outside the 24-hour window: the user has not written in the last 24 hours, so only an approved template (content_sid) can reach them".to_owned(),
+        63018 => "the sender's rate limit was exceeded: send more slowly (lower the channel's mps), then replay".to_owned(),
+        63024 => "not a valid WhatsApp recipient: check the number, with its country code, and that it uses WhatsApp".to_owned(),
+        21211 => "the \"To\" number is not a valid phone number: check it, with its country code".to_owned(),
+        21610 => "the user opted out: nothing reaches them until they send START".to_owned(),
+        20003 => "Twilio refused the credentials: save the account's current Auth Token on the agent's Deploy page (PUT /v1/agents/{id}/whatsapp), then replay".to_owned(),
+        _ => return None,
+    };
+    Some(text)
+}
+
 /// The code of a closed 24-hour window.
 pub const OUTSIDE_WINDOW: u32 = 63016;
 /// The code of a user who opted out (sent STOP).
@@ -62,5 +84,19 @@ mod tests {
             assert_eq!(classify(400, Some(code)), FailureClass::Permanent);
         }
         assert_eq!(classify(401, Some(20003)), FailureClass::Permanent);
+    }
+
+    #[test]
+    fn advice_names_the_join_code_when_known() {
+        assert!(
+            advice(63015, Some("ancient-pencil"))
+                .unwrap()
+                .contains("join ancient-pencil")
+        );
+        assert!(advice(63015, None).unwrap().contains("join <"));
+        for code in [63016, 63018, 63024, 21211, 21610, 20003] {
+            assert!(advice(code, None).is_some(), "{code}");
+        }
+        assert_eq!(advice(30008, None), None);
     }
 }

@@ -7,8 +7,11 @@
 //!   assistant text `reply #N to: <text of the last user message>`; the text of a user
 //!   message whose content is an array of parts is its `text` parts joined by newlines.
 //! - Malformed requests (no `model`, empty `messages`, unknown roles or content parts,
-//!   `stream: true`, which the fake does not speak) get 400 and land in
-//!   [`FakeOpenAi::violations`].
+//!   `stream: true`, which the fake does not speak; `tools` not in function-calling shape; a
+//!   `tool` message that answers no call of the assistant message before it, or a call left
+//!   unanswered) get 400 and land in [`FakeOpenAi::violations`].
+//! - [`FakeOpenAi::set_tool_calls`] makes the model call tools: the answer then carries
+//!   `tool_calls` (`content` null, `finish_reason` `tool_calls`) as OpenAI's does.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 type ReplyRule = Arc<dyn Fn(usize, &Value) -> String + Send + Sync>;
+/// Which tools the model calls for request N (name and arguments), or `None` to answer.
+type ToolRule = Arc<dyn Fn(usize, &Value) -> Option<Vec<(String, Value)>> + Send + Sync>;
 
 /// A running fake. Cloning shares the same server; it stops when the last clone drops.
 #[derive(Clone)]
@@ -95,6 +100,15 @@ impl FakeOpenAi {
     /// Replaces the default reply text; the rule gets N (1-based) and the request body.
     pub fn set_reply(&self, rule: impl Fn(usize, &Value) -> String + Send + Sync + 'static) {
         self.shared.state().reply = Some(Arc::new(rule));
+    }
+
+    /// Makes the model call tools: for request N, `rule` names the calls (tool name and
+    /// arguments), or `None` for an answer in words.
+    pub fn set_tool_calls(
+        &self,
+        rule: impl Fn(usize, &Value) -> Option<Vec<(String, Value)>> + Send + Sync + 'static,
+    ) {
+        self.shared.state().tool_calls = Some(Arc::new(rule));
     }
 
     /// The next authorized, well-formed requests get this error instead of a completion (FIFO).
@@ -253,6 +267,7 @@ struct FakeState {
     violations: Vec<String>,
     delay: Duration,
     reply: Option<ReplyRule>,
+    tool_calls: Option<ToolRule>,
     errors: VecDeque<(u16, String)>,
 }
 
@@ -299,9 +314,13 @@ async fn handle(
         return openai_error(400, first, "invalid_request_error", None, None);
     }
     let request = parsed.unwrap_or(Value::Null);
-    let (scripted, rule) = {
+    let (scripted, rule, tool_rule) = {
         let mut state = shared.state();
-        (state.errors.pop_front(), state.reply.clone())
+        (
+            state.errors.pop_front(),
+            state.reply.clone(),
+            state.tool_calls.clone(),
+        )
     };
     if let Some((status, message)) = scripted {
         let (kind, code) = match status {
@@ -311,11 +330,52 @@ async fn handle(
         };
         return openai_error(status, &message, kind, None, code);
     }
+    let offered = request.get("tools").is_some();
+    if let Some(calls) = tool_rule.filter(|_| offered).and_then(|r| r(n, &request)) {
+        return tool_call_completion(n, &request, &calls);
+    }
     let content = match rule {
         Some(rule) => rule(n, &request),
         None => format!("reply #{n} to: {}", last_user_text(&request)),
     };
     completion(n, &request, &content)
+}
+
+/// An answer that calls tools instead of speaking.
+fn tool_call_completion(n: usize, request: &Value, calls: &[(String, Value)]) -> Response {
+    let tool_calls: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, arguments))| {
+            json!({
+                "id": format!("call_fake{n:04}{i:04}"),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments.to_string()},
+            })
+        })
+        .collect();
+    json_response(
+        200,
+        json!({
+            "id": format!("chatcmpl-fake{n:020}"),
+            "object": "chat.completion",
+            "created": 0,
+            "model": request.get("model").cloned().unwrap_or(Value::Null),
+            "choices": [{
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": null,
+                    "tool_calls": tool_calls,
+                    "refusal": null,
+                    "annotations": [],
+                },
+                "logprobs": null,
+                "finish_reason": "tool_calls",
+            }],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }),
+    )
 }
 
 /// The 401 to answer, unless the bearer token is the key.
@@ -406,8 +466,84 @@ fn validate(headers: &HeaderMap, body: Option<&Value>) -> Vec<String> {
                     problems.push(format!("messages[{i}]: {e}"));
                 }
             }
+            problems.extend(check_tool_rounds(messages));
         }
         _ => problems.push("messages must be a non-empty array".to_owned()),
+    }
+    if let Some(tools) = body.get("tools") {
+        problems.extend(check_tools(tools));
+    }
+    problems
+}
+
+/// `tools` as function calling takes them: `[{"type": "function", "function": {"name",
+/// "description"?, "parameters"}}]`, names of 1-64 of `[A-Za-z0-9_-]`.
+fn check_tools(tools: &Value) -> Vec<String> {
+    let Some(tools) = tools.as_array() else {
+        return vec!["tools must be an array".to_owned()];
+    };
+    let mut problems = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let name = t.pointer("/function/name").and_then(Value::as_str);
+        let good_name = name.is_some_and(|n| {
+            (1..=64).contains(&n.len())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        if t.get("type").and_then(Value::as_str) != Some("function") || !good_name {
+            problems.push(format!("tools[{i}]: not a function with a valid name"));
+        }
+        if !t
+            .pointer("/function/parameters")
+            .is_some_and(Value::is_object)
+        {
+            problems.push(format!("tools[{i}]: function.parameters must be an object"));
+        }
+    }
+    problems
+}
+
+/// Every `tool` message answers a call of the assistant message just before its run of tool
+/// messages, and every call is answered, as OpenAI requires.
+fn check_tool_rounds(messages: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut open: Vec<String> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if role == "tool" {
+            let id = m.get("tool_call_id").and_then(Value::as_str).unwrap_or("");
+            match open.iter().position(|o| o == id) {
+                Some(at) => {
+                    open.remove(at);
+                }
+                None => problems.push(format!(
+                    "messages[{i}]: a tool message must answer a tool_call of the preceding assistant message"
+                )),
+            }
+            continue;
+        }
+        if !open.is_empty() {
+            problems.push(format!(
+                "messages[{i}]: tool_calls {open:?} were not answered by tool messages"
+            ));
+            open.clear();
+        }
+        if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+            for call in calls {
+                match (
+                    call.get("id").and_then(Value::as_str),
+                    call.pointer("/function/arguments").and_then(Value::as_str),
+                ) {
+                    (Some(id), Some(_)) => open.push(id.to_owned()),
+                    _ => problems.push(format!(
+                        "messages[{i}]: a tool call needs an id and function.arguments as a string"
+                    )),
+                }
+            }
+        }
+    }
+    if !open.is_empty() {
+        problems.push(format!("tool_calls {open:?} were not answered"));
     }
     problems
 }
@@ -450,6 +586,18 @@ fn check_part(p: &Value) -> Result<(), String> {
                 Err(format!(
                     "image_url.url {url:?} is not an http(s) or data: URL"
                 ))
+            }
+        }
+        "file" => {
+            let data = p.pointer("/file/file_data").and_then(Value::as_str);
+            let id = p.pointer("/file/file_id").and_then(Value::as_str);
+            match (data, id) {
+                (Some(d), None) if d.starts_with("data:") => Ok(()),
+                (None, Some(_)) => Ok(()),
+                _ => Err(
+                    "a file part needs {\"file\": {\"file_data\": \"data:…\"}} or a file_id"
+                        .to_owned(),
+                ),
             }
         }
         k if PART_TYPES.contains(&k) => Ok(()),

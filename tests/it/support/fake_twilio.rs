@@ -20,6 +20,12 @@
 //!   calendar day (UTC) even when a time is given: Twilio documents only day granularity, so
 //!   the fake never answers more precisely than Twilio promises.
 //!
+//! - The Content API (`POST /v1/Content`, JSON) makes `twilio/quick-reply` and
+//!   `twilio/list-picker` contents, checked against Twilio's `ContentCreateRequest` and the
+//!   limits of those types' pages; [`FakeTwilio::contents`] lists them and
+//!   [`FakeTwilio::push_content_error`] scripts a refusal. A message sent with the `ContentSid` of
+//!   such a content shows the content's body in the list, as Twilio renders it.
+//!
 //! This module is longer than most because it carries its own small date and pattern code
 //! (the test crate has no regex or time crate) to stay a single self-contained file.
 
@@ -74,6 +80,24 @@ pub struct SentMessage {
     /// Every form field in arrival order (repeated keys such as `MediaUrl` appear repeatedly).
     pub form: Vec<(String, String)>,
     pub received_at: SystemTime,
+}
+
+/// A content the fake's Content API made.
+#[derive(Clone, Debug)]
+pub struct CreatedContent {
+    pub sid: String,
+    pub account_sid: String,
+    /// The request's JSON, as posted.
+    pub request: Value,
+}
+
+impl CreatedContent {
+    /// The content type it was made as (`twilio/quick-reply`, `twilio/list-picker`).
+    pub fn kind(&self) -> Option<String> {
+        self.request["types"]
+            .as_object()
+            .and_then(|t| t.keys().next().cloned())
+    }
 }
 
 /// Any request the fake received, accepted or not.
@@ -204,7 +228,8 @@ impl FakeTwilio {
     }
 
     /// Every request to the REST API (api.twilio.com: messages and media) of any kind, rejected
-    /// ones included, in arrival order; typing indicators are in `typing_indicators`.
+    /// ones included, in arrival order; typing indicators are in `typing_indicators`, the
+    /// Content API's requests in `content_requests`.
     pub fn requests(&self) -> Vec<RawRequest> {
         self.state().requests.clone()
     }
@@ -212,6 +237,23 @@ impl FakeTwilio {
     /// Spec violations seen so far, one readable line each.
     pub fn violations(&self) -> Vec<String> {
         self.state().violations.clone()
+    }
+
+    /// Contents made through the Content API, in order.
+    pub fn contents(&self) -> Vec<CreatedContent> {
+        self.state().contents.clone()
+    }
+
+    /// Requests to the Content API, valid or not, in arrival order.
+    pub fn content_requests(&self) -> Vec<RawRequest> {
+        self.state().content_requests.clone()
+    }
+
+    /// Answers the next valid Content API create with this Twilio error instead of 201.
+    pub fn push_content_error(&self, status: u16, code: u32, message: &str) {
+        self.state()
+            .content_script
+            .push_back((status, code, message.to_owned()));
     }
 
     /// Queues an outcome for the next valid create (FIFO).
@@ -301,12 +343,19 @@ struct FakeState {
     media: HashMap<String, String>,
     /// Typing indicators accepted: (account, messageId).
     typing: Vec<(String, String)>,
+    /// Contents made, and every request to the Content API.
+    contents: Vec<CreatedContent>,
+    content_requests: Vec<RawRequest>,
+    /// Errors for the next valid Content API creates: (status, code, message).
+    content_script: VecDeque<(u16, u32, String)>,
 }
 
 /// A sent message plus what the API shows about it.
 #[derive(Clone)]
 struct Stored {
     message: SentMessage,
+    /// Its text as Twilio's list shows it: `Body`, or the body of the content it was sent as.
+    shown_body: Option<String>,
     messaging_service_sid: Option<String>,
     status: &'static str,
     num_media: usize,
@@ -342,6 +391,11 @@ async fn handle(
     // requests list is the REST API's, whose posts tests count.
     if raw.path == "/v2/Indicators/Typing.json" {
         return typing(&shared, &what, &method, &raw);
+    }
+    // The Content API is its own host at Twilio; its requests are kept apart too.
+    if raw.path == "/v1/Content" || raw.path.starts_with("/v1/Content/") {
+        shared.state().content_requests.push(raw.clone());
+        return content(&shared, &what, &method, &raw);
     }
     shared.state().requests.push(raw.clone());
     let media = shared.state().media.get(&raw.path).cloned();
@@ -423,6 +477,175 @@ fn typing(shared: &Shared, what: &str, method: &Method, raw: &RawRequest) -> Res
     }
     shared.state().typing.push((account, message_id));
     (StatusCode::OK, axum::Json(json!({ "success": true }))).into_response()
+}
+
+/// The Content API's `CreateContent` (`POST /v1/Content`): a JSON `ContentCreateRequest`
+/// (`friendly_name`, `language` and `types` required, `variables` a map of strings), HTTP Basic
+/// auth of an account. Of the types, the fake makes `twilio/quick-reply` (`body` of at most
+/// 1,024 characters, 1 to 3 `actions` with a `title` of at most 20 and an `id` of at most 200,
+/// WhatsApp's limits) and `twilio/list-picker` (`body` of at most 1,024, a `button` of at most
+/// 20, 1 to 10 `items` with an `id` of at most 200, an `item` of at most 24 and an optional
+/// `description` of at most 72). Answers 201 with the `content.v1.content` resource.
+fn content(shared: &Shared, what: &str, method: &Method, raw: &RawRequest) -> Response {
+    if *method != Method::POST || raw.path != "/v1/Content" {
+        shared.violation(format!(
+            "{what}: the fake's Content API has only POST /v1/Content"
+        ));
+        return not_found(&raw.path);
+    }
+    let account = raw
+        .authorization
+        .as_deref()
+        .and_then(parse_basic)
+        .map(|(user, _)| user)
+        .unwrap_or_default();
+    if !authenticated(shared, what, &account, raw.authorization.as_deref()) {
+        return twilio_error(401, 20003, "Authenticate");
+    }
+    let media_type = raw
+        .content_type
+        .as_deref()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media_type != "application/json" {
+        shared.violation(format!(
+            "{what}: Content-Type {:?}, the spec takes application/json",
+            raw.content_type
+        ));
+        return twilio_error(415, 20001, "Unsupported Media Type");
+    }
+    let request: Value = match serde_json::from_slice(&raw.body) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.violation(format!("{what}: the body is not JSON: {e}"));
+            return twilio_error(400, 20001, "Invalid JSON");
+        }
+    };
+    let problems = check_content_request(&request);
+    if let Some(first) = problems.first() {
+        for p in &problems {
+            shared.violation(format!("{what}: {p}"));
+        }
+        return twilio_error(400, 20001, first);
+    }
+    let scripted = shared.state().content_script.pop_front();
+    if let Some((status, code, message)) = scripted {
+        return twilio_error(status, code, &message);
+    }
+    let content = {
+        let mut state = shared.state();
+        state.counter += 1;
+        let content = CreatedContent {
+            sid: shared.new_sid("HX", state.counter),
+            account_sid: account,
+            request: request.clone(),
+        };
+        state.contents.push(content.clone());
+        content
+    };
+    let now = iso8601(unix_secs(SystemTime::now()));
+    let url = format!("https://content.twilio.com/v1/Content/{}", content.sid);
+    json_response(
+        201,
+        json!({
+            "date_created": now,
+            "date_updated": now,
+            "sid": content.sid,
+            "account_sid": content.account_sid,
+            "friendly_name": request["friendly_name"],
+            "language": request["language"],
+            "variables": request.get("variables").cloned().unwrap_or_else(|| json!({})),
+            "types": request["types"],
+            "url": url,
+            "links": {
+                "approval_fetch": format!("{url}/ApprovalRequests"),
+                "approval_create": format!("{url}/ApprovalRequests/whatsapp"),
+            },
+        }),
+    )
+}
+
+/// What is wrong with a `ContentCreateRequest`, one line each.
+fn check_content_request(request: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(fields) = request.as_object() else {
+        return vec!["the body is not a JSON object".to_owned()];
+    };
+    for name in ["friendly_name", "language"] {
+        match fields.get(name) {
+            Some(Value::String(s)) if !s.is_empty() => {}
+            _ => problems.push(format!("{name} is required and must be a string")),
+        }
+    }
+    if let Some(vars) = fields.get("variables")
+        && !vars
+            .as_object()
+            .is_some_and(|v| v.values().all(Value::is_string))
+    {
+        problems.push("variables must be a map of strings".to_owned());
+    }
+    let known = ["friendly_name", "language", "variables", "types"];
+    for name in fields.keys().filter(|k| !known.contains(&k.as_str())) {
+        problems.push(format!("{name} is not a field of ContentCreateRequest"));
+    }
+    let Some(types) = fields.get("types").and_then(Value::as_object) else {
+        problems.push("types is required and must be an object".to_owned());
+        return problems;
+    };
+    if types.is_empty() {
+        problems.push("types names no content type".to_owned());
+    }
+    let text = |v: &Value, name: &str, max: usize, problems: &mut Vec<String>| match v.get(name) {
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= max => {}
+        Some(Value::String(s)) if !s.is_empty() => {
+            problems.push(format!("{name} {s:?} is over {max} characters"));
+        }
+        _ => problems.push(format!("{name} is required and must be a non-empty string")),
+    };
+    for (kind, body) in types {
+        match kind.as_str() {
+            "twilio/quick-reply" => {
+                text(body, "body", 1024, &mut problems);
+                match body.get("actions").and_then(Value::as_array) {
+                    Some(actions) if (1..=3).contains(&actions.len()) => {
+                        for action in actions {
+                            text(action, "title", 20, &mut problems);
+                            if action.get("id").is_some() {
+                                text(action, "id", 200, &mut problems);
+                            }
+                        }
+                    }
+                    _ => problems.push(
+                        "twilio/quick-reply takes 1 to 3 actions on WhatsApp".to_owned(),
+                    ),
+                }
+            }
+            "twilio/list-picker" => {
+                text(body, "body", 1024, &mut problems);
+                text(body, "button", 20, &mut problems);
+                match body.get("items").and_then(Value::as_array) {
+                    Some(items) if (1..=10).contains(&items.len()) => {
+                        for item in items {
+                            text(item, "id", 200, &mut problems);
+                            text(item, "item", 24, &mut problems);
+                            if item.get("description").is_some() {
+                                text(item, "description", 72, &mut problems);
+                            }
+                        }
+                    }
+                    _ => problems.push("twilio/list-picker takes 1 to 10 items".to_owned()),
+                }
+            }
+            other => problems.push(format!(
+                "content type {other} is not one the fake makes (twilio/quick-reply, twilio/list-picker)"
+            )),
+        }
+    }
+    problems
 }
 
 /// Whether the Basic credentials are a registered pair for the path's account.
@@ -555,6 +778,14 @@ fn created(shared: &Shared, account_sid: &str, form: Vec<(String, String)>) -> R
     let num_media = form.iter().filter(|(k, _)| k == "MediaUrl").count();
     let stored = {
         let mut state = shared.state();
+        let shown_body = field("Body").or_else(|| {
+            let sid = field("ContentSid")?;
+            let content = state.contents.iter().find(|c| c.sid == sid)?;
+            let types = content.request["types"].as_object()?;
+            types
+                .values()
+                .find_map(|t| t["body"].as_str().map(str::to_owned))
+        });
         state.counter += 1;
         let mut counter = state.counter;
         let prefix = if num_media > 0 { "MM" } else { "SM" };
@@ -576,6 +807,7 @@ fn created(shared: &Shared, account_sid: &str, form: Vec<(String, String)>) -> R
                 form: form.clone(),
                 received_at: now,
             },
+            shown_body,
             messaging_service_sid,
             status,
             num_media,
@@ -604,7 +836,7 @@ fn message_json(spec: &Spec, m: &Stored) -> Value {
         let value = match name.as_str() {
             "account_sid" => json!(msg.account_sid),
             "api_version" => json!("2010-04-01"),
-            "body" => json!(msg.body.clone().unwrap_or_default()),
+            "body" => json!(m.shown_body.clone().unwrap_or_default()),
             "date_created" | "date_sent" | "date_updated" => json!(date),
             "direction" => json!("outbound-api"),
             "error_code" | "error_message" | "price" | "price_unit" => Value::Null,
@@ -1587,6 +1819,18 @@ const MONTHS: [&str; 12] = [
 ];
 
 /// `Thu, 24 Aug 2023 05:01:45 +0000`, Twilio's date format.
+/// `secs` as the Content API writes times, ISO 8601 in UTC (`2024-05-01T12:00:00Z`).
+fn iso8601(secs: i64) -> String {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let t = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
 fn rfc2822(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let tod = secs.rem_euclid(86_400);

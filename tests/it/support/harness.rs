@@ -381,6 +381,7 @@ impl Wagate {
             ("WAGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
             ("WAGATE_TWILIO_API_BASE", twilio_base.into()),
             ("WAGATE_TWILIO_MESSAGING_BASE", twilio_base.into()),
+            ("WAGATE_TWILIO_CONTENT_BASE", twilio_base.into()),
             (
                 "WAGATE_DATA_DIR",
                 servers.dir.path().join("data").display().to_string(),

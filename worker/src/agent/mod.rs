@@ -18,13 +18,18 @@ use shared::{
     store::{Role, Turn},
 };
 
-/// What an agent answered: text, and media for the user (public https URLs).
+/// What an agent answered: text, and media for the user (public https URLs), choices for the
+/// user to tap, and whether it hands the conversation to a person.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentReply {
     /// The reply text (may be empty).
     pub text: String,
     /// Media to send, in order.
     pub media: Vec<String>,
+    /// The agent cannot help further: pause the conversation for a person.
+    pub handoff: bool,
+    /// Choices offered with the text (quick replies), in order.
+    pub quick_replies: Vec<String>,
 }
 
 impl AgentReply {
@@ -32,7 +37,7 @@ impl AgentReply {
     fn text(text: String) -> Self {
         Self {
             text,
-            media: Vec::new(),
+            ..Self::default()
         }
     }
 }
@@ -49,6 +54,8 @@ pub struct TurnInput<'a> {
     pub messages: &'a [InboundMessage],
     /// The images of `messages` fetched for a model that sees them, by `MediaUrl`.
     pub media: &'a [crate::media::Medium],
+    /// Images of the history's last user turns, fetched again for a model that sees them.
+    pub earlier: &'a [crate::media::Medium],
 }
 
 /// One message of the conversation as chat endpoints take it, `{"content": …, "role": …}`,
@@ -74,6 +81,14 @@ enum ChatContent<'a> {
 enum ContentPart<'a> {
     Text { text: &'a str },
     ImageUrl { image_url: ImageUrl<'a> },
+    File { file: FilePart<'a> },
+}
+
+/// A file given inline: its name and its bytes as a `data:` URL.
+#[derive(Serialize)]
+struct FilePart<'a> {
+    filename: &'a str,
+    file_data: &'a str,
 }
 
 #[derive(Serialize)]
@@ -89,7 +104,9 @@ impl<'a> ChatMessage<'a> {
         }
     }
 
-    /// A turn of the history.
+    /// A turn of the history. A business message a person wrote is the assistant's turn too
+    /// (the user saw it from the business), its author left out: what matters to the model
+    /// is what was said.
     fn turn(t: &'a Turn) -> Self {
         let role = match t.role {
             Role::User => "user",
@@ -145,6 +162,7 @@ impl AgentRunner {
                 api_key,
                 system_prompt,
                 timeout_ms,
+                tools,
                 ..
             } => {
                 let authorization =
@@ -156,8 +174,9 @@ impl AgentRunner {
                     authorization: authorization.as_ref(),
                     system_prompt: system_prompt.as_deref(),
                     timeout: self.timeout(*timeout_ms),
+                    tools: *tools,
                 };
-                call.reply(input).await.map(AgentReply::text)
+                call.reply(input).await
             }
             Backend::Webhook {
                 url,
@@ -277,17 +296,7 @@ pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String
         lines.push(m.body.clone());
     }
     for media in &m.media {
-        let heard = fetched
-            .iter()
-            .find(|f| f.url == media.url)
-            .and_then(crate::media::Medium::as_text);
-        lines.push(heard.unwrap_or_else(|| {
-            format!(
-                "[{}: {}]",
-                media.content_type.as_deref().unwrap_or("media"),
-                media.url
-            )
-        }));
+        lines.push(medium_text(media, fetched));
     }
     if let Some(l) = &m.location {
         let name = l.label.as_deref().or(l.address.as_deref()).unwrap_or("");
@@ -306,6 +315,22 @@ pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String
         ));
     }
     lines.join("\n")
+}
+
+/// The line a medium is in the user's turn: a voice note's transcript, a notice for what the
+/// agent cannot have, else its type and link.
+fn medium_text(media: &shared::envelope::Media, fetched: &[crate::media::Medium]) -> String {
+    let heard = fetched
+        .iter()
+        .find(|f| f.url == media.url)
+        .and_then(crate::media::Medium::as_text);
+    heard.unwrap_or_else(|| {
+        format!(
+            "[{}: {}]",
+            media.content_type.as_deref().unwrap_or("media"),
+            media.url
+        )
+    })
 }
 
 /// Classifies an HTTP failure of a backend.

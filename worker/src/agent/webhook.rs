@@ -3,7 +3,10 @@
 //! `X-Wagate-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`; the timestamp in
 //! the signed text lets the endpoint refuse replays. The answer is `{"reply": "…"}`, and may
 //! carry `"media": ["https://…"]` (up to 10; sent one a message, the first with the reply as
-//! its caption).
+//! its caption), `"quick_replies": ["Yes", "No"]` (up to 10 choices for the user to tap,
+//! offered with the reply: up to 3 as buttons of at most 20 characters, more as a list of items
+//! of at most 24) and `"handoff": true` (the reply goes out, then the conversation waits for a
+//! person).
 //!
 //! The request's `media` carries each medium of the turn's messages with its bytes in base64
 //! (`url`, `content_type`, `size`, `data_base64`, or `error` when it could not be fetched), so
@@ -17,7 +20,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
-use shared::{domain::AgentId, envelope::InboundMessage};
+use shared::{
+    domain::AgentId,
+    envelope::{InboundMessage, MAX_MEDIA, MAX_QUICK_REPLIES, choice_chars, is_public_media_url},
+};
 
 use http::{
     HeaderName, HeaderValue,
@@ -152,11 +158,8 @@ pub async fn reply(
     answer_of(&v)
 }
 
-/// Most media a reply may carry (Twilio's limit of `MediaUrl`s on one message, and plenty for
-/// a chat).
-const MAX_MEDIA: usize = 10;
-
-/// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one.
+/// Reads the endpoint's answer: `reply` (text) and `media` (public https URLs), at least one,
+/// and the choices offered with the reply.
 fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
     let text = match v.get("reply") {
         None | Some(Value::Null) => None,
@@ -195,21 +198,78 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
             ));
         }
     };
-    if text.is_none() && media.is_empty() {
+    let handoff = match v.get("handoff") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"handoff\" is not true or false",
+            ));
+        }
+    };
+    let quick_replies = quick_replies_of(v.get("quick_replies"))?;
+    if !quick_replies.is_empty() && text.as_deref().is_none_or(|t| t.trim().is_empty()) {
         return Err(Failure::permanent(
-            "the agent webhook's answer has neither a \"reply\" string nor \"media\"",
+            "the agent webhook's \"quick_replies\" need a \"reply\": the text the choices answer",
+        ));
+    }
+    if text.is_none() && media.is_empty() && !handoff {
+        return Err(Failure::permanent(
+            "the agent webhook's answer has neither a \"reply\" string nor \"media\" nor \"handoff\"",
         ));
     }
     Ok(super::AgentReply {
         text: text.unwrap_or_default(),
         media,
+        handoff,
+        quick_replies,
     })
 }
 
-/// An https URL with a host, at most 2048 bytes: what Twilio can fetch a medium from.
-fn is_public_media_url(url: &str) -> bool {
-    url.len() <= 2048
-        && reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some())
+/// Reads `quick_replies`: up to [`MAX_QUICK_REPLIES`] distinct, non-empty strings, each short
+/// enough for what they become (a button's title, or a list's item). WhatsApp would refuse
+/// anything else, and an answer the agent will give again is better refused with the reason
+/// than cut into something the agent did not say.
+fn quick_replies_of(v: Option<&Value>) -> Result<Vec<String>, Failure> {
+    let items = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(Failure::permanent(
+                "the agent webhook's \"quick_replies\" is not a list",
+            ));
+        }
+    };
+    if items.len() > MAX_QUICK_REPLIES {
+        return Err(Failure::permanent(format!(
+            "the agent webhook's \"quick_replies\" has more than {MAX_QUICK_REPLIES} choices"
+        )));
+    }
+    let longest = choice_chars(items.len());
+    let mut choices: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let choice = item.as_str().map(str::trim).unwrap_or_default();
+        if choice.is_empty() {
+            return Err(Failure::permanent(
+                "the agent webhook's \"quick_replies\" must be non-empty strings",
+            ));
+        }
+        if choice.chars().count() > longest {
+            // Named by its start: the reason goes into logs and dead letters.
+            let start: String = choice.chars().take(longest).collect();
+            return Err(Failure::permanent(format!(
+                "the agent webhook's quick reply \"{start}…\" is over {longest} characters (WhatsApp's limit for {} choices)",
+                items.len()
+            )));
+        }
+        if choices.iter().any(|c| c == choice) {
+            return Err(Failure::permanent(format!(
+                "the agent webhook's quick reply {choice:?} is offered twice"
+            )));
+        }
+        choices.push(choice.to_owned());
+    }
+    Ok(choices)
 }
 
 fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, Failure> {
@@ -219,4 +279,82 @@ fn sign(secret: &SecretString, timestamp: &str, body: &[u8]) -> Result<String, F
     mac.update(b".");
     mac.update(body);
     Ok(hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::answer_of;
+
+    fn refused(answer: serde_json::Value) -> String {
+        let failure = answer_of(&answer).expect_err("refused");
+        assert_eq!(
+            failure.kind,
+            shared::failure::Kind::Permanent,
+            "{}",
+            failure.reason
+        );
+        failure.reason
+    }
+
+    #[test]
+    fn quick_replies_come_with_the_reply_trimmed_and_in_order() {
+        let reply = answer_of(&json!({"reply": "Sure?", "quick_replies": [" Yes", "No "]}))
+            .expect("an answer");
+        assert_eq!(reply.quick_replies, ["Yes", "No"]);
+        let plain = answer_of(&json!({"reply": "Hi", "quick_replies": null})).expect("an answer");
+        assert!(plain.quick_replies.is_empty());
+    }
+
+    #[test]
+    fn choices_wider_than_a_button_fit_a_list_of_more_than_three() {
+        let item = "Twenty-four characters!!";
+        assert_eq!(item.chars().count(), 24);
+        let reason = refused(json!({"reply": "Pick", "quick_replies": [item, "b"]}));
+        assert!(reason.contains("over 20 characters"), "{reason}");
+        let four = json!({"reply": "Pick", "quick_replies": [item, "b", "c", "d"]});
+        assert_eq!(answer_of(&four).expect("an answer").quick_replies.len(), 4);
+        let wider = format!("{item}!");
+        let reason = refused(json!({"reply": "Pick", "quick_replies": [wider, "b", "c", "d"]}));
+        assert!(reason.contains("over 24 characters"), "{reason}");
+    }
+
+    #[test]
+    fn bad_quick_replies_are_refused_with_the_reason() {
+        let eleven: Vec<String> = (0..11).map(|i| format!("c{i}")).collect();
+        for (answer, why) in [
+            (
+                json!({"reply": "Pick", "quick_replies": "Yes"}),
+                "is not a list",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": eleven}),
+                "more than 10",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", 2]}),
+                "non-empty strings",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", "  "]}),
+                "non-empty strings",
+            ),
+            (
+                json!({"reply": "Pick", "quick_replies": ["Yes", "Yes"]}),
+                "offered twice",
+            ),
+            (
+                json!({"quick_replies": ["Yes"], "handoff": true}),
+                "need a \"reply\"",
+            ),
+            (
+                json!({"reply": " ", "quick_replies": ["Yes"]}),
+                "need a \"reply\"",
+            ),
+        ] {
+            let reason = refused(answer.clone());
+            assert!(reason.contains(why), "{answer}: {reason}");
+        }
+    }
 }

@@ -1,0 +1,150 @@
+//! Human handoff: `POST /v1/agents/{agent_id}/sessions/{phone}/pause` hands a conversation to a
+//! person, `…/resume` gives it back to the agent. While a conversation is paused its messages
+//! are recorded and no agent runs; an operator's message (`POST /v1/agents/{agent_id}/messages`
+//! with `"operator"`) pauses it too and restarts its idle clock, and a pause lapses once the
+//! person has been silent for the agent's `handoff_resume_after_s`, so a conversation nobody
+//! picked up goes back to the agent rather than staying unanswered.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+};
+use serde::{Deserialize, Serialize};
+use shared::{agent::Agent, domain::SessionId, store::Pause};
+use time::OffsetDateTime;
+
+use super::{ApiError, load_agent, parse_json};
+use crate::AppState;
+
+/// Whether a conversation is with a person, as the API shows it (flattened into the session).
+#[derive(Serialize, Default)]
+pub struct PauseView {
+    paused: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused_by: Option<String>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    paused_since: Option<OffsetDateTime>,
+    /// When the agent takes the conversation back unless the person writes again.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    resumes_at: Option<OffsetDateTime>,
+}
+
+impl PauseView {
+    /// The state of a conversation with `pause` stored, at `now`: a lapsed pause is no pause.
+    pub fn new(agent: &Agent, pause: Option<&Pause>, now: OffsetDateTime) -> Self {
+        match pause {
+            Some(p) if p.holds(now, agent.handoff_idle()) => Self {
+                paused: true,
+                paused_by: Some(p.by.clone()),
+                paused_since: Some(p.since),
+                resumes_at: p.lapses_at(agent.handoff_idle()),
+            },
+            _ => Self::default(),
+        }
+    }
+}
+
+/// The answer of pause and resume.
+#[derive(Serialize)]
+pub struct SessionState {
+    session_id: String,
+    #[serde(flatten)]
+    state: PauseView,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PauseRequest {
+    operator: Option<String>,
+}
+
+/// Checks an operator's name as given: what the history and the console show as the author.
+pub(crate) fn operator_name(raw: &str) -> Result<String, ApiError> {
+    let name = raw.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "operator must be 1-100 characters, without control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Pauses `session` for `by` at `now`: a pause that still holds keeps its start, and every call
+/// restarts the idle clock. Returns the pause that now stands.
+pub(crate) async fn pause_for(
+    state: &AppState,
+    agent: &Agent,
+    session: &SessionId,
+    by: &str,
+    now: OffsetDateTime,
+) -> Result<Pause, ApiError> {
+    let before = state
+        .store
+        .pause(session)
+        .await
+        .map_err(ApiError::unavailable)?
+        .filter(|p| p.holds(now, agent.handoff_idle()));
+    let mut pause = Pause::new(by, now);
+    if let Some(before) = &before {
+        pause.since = before.since;
+    }
+    state
+        .store
+        .set_pause(session, Some(&pause))
+        .await
+        .map_err(ApiError::unavailable)?;
+    if before.is_none() {
+        tracing::info!(agent = %agent.id, by, "conversation handed to a person");
+        metrics::counter!("wagate_handoffs_total", "by" => "operator").increment(1);
+    }
+    Ok(pause)
+}
+
+pub async fn pause(
+    State(state): State<AppState>,
+    Path((raw_agent, raw_phone)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<SessionState>, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
+    let session = super::lifecycle::session_of(&agent, &raw_phone)?;
+    let req: PauseRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PauseRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let by = match &req.operator {
+        Some(name) => operator_name(name)?,
+        None => "api".to_owned(),
+    };
+    let now = OffsetDateTime::now_utc();
+    let pause = pause_for(&state, &agent, &session, &by, now).await?;
+    Ok(Json(SessionState {
+        session_id: session.to_string(),
+        state: PauseView::new(&agent, Some(&pause), now),
+    }))
+}
+
+pub async fn resume(
+    State(state): State<AppState>,
+    Path((raw_agent, raw_phone)): Path<(String, String)>,
+) -> Result<Json<SessionState>, ApiError> {
+    let agent = load_agent(&state, &raw_agent).await?;
+    let session = super::lifecycle::session_of(&agent, &raw_phone)?;
+    state
+        .store
+        .set_pause(&session, None)
+        .await
+        .map_err(ApiError::unavailable)?;
+    tracing::info!(agent = %agent.id, "conversation given back to the agent");
+    Ok(Json(SessionState {
+        session_id: session.to_string(),
+        state: PauseView::default(),
+    }))
+}
