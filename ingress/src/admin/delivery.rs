@@ -91,7 +91,8 @@ fn in_order(mut sent: Vec<SentMessage>) -> Vec<SentMessage> {
 }
 
 /// For each turn of `turns` (a session's history, oldest first): `None` for the user's, and
-/// the parts sent for each of the agent's (empty while none is out yet).
+/// the parts sent for each of the business's (empty while none is out yet, and once the
+/// records of its parts lapsed after [`shared::store::GUARD_TTL`], which a history may outlive).
 pub(crate) fn by_turn(turns: &[Turn], sent: Vec<SentMessage>) -> Vec<Option<Vec<PartDelivery>>> {
     let mut out: Vec<Option<Vec<PartDelivery>>> = turns
         .iter()

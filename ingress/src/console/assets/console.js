@@ -126,7 +126,7 @@ function liveConversations() {
 function deliveryList(parts) {
   const ul = el("ul", "delivery");
   ul.setAttribute("aria-label", "Delivery");
-  if (parts.length === 0) ul.append(el("li", "pending", "not sent yet"));
+  if (parts.length === 0) ul.append(el("li", "pending", "no delivery on record yet"));
   for (const p of parts) {
     const li = el("li");
     li.append(el("code", "", p.sid), " ", el("span", "status status-" + p.status, p.status));
