@@ -91,4 +91,5 @@ pub fn register_metrics() {
         "Conversations handed to a person, by who paused them"
     );
     metrics::counter!("wagate_handoffs_total", "by" => "operator").increment(0);
+    shared::events::register_metrics();
 }

@@ -51,6 +51,7 @@ impl Entry {
         out.push(match self.topic {
             Topic::Inbound => 0,
             Topic::Outbound => 1,
+            Topic::Events => 2,
         });
         for field in [self.conversation.as_bytes(), self.dedupe.as_bytes()] {
             out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -75,6 +76,7 @@ impl Entry {
             topic: match topic {
                 0 => Topic::Inbound,
                 1 => Topic::Outbound,
+                2 => Topic::Events,
                 _ => return None,
             },
             conversation,

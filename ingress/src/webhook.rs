@@ -14,8 +14,9 @@ use axum::{
 use secrecy::ExposeSecret;
 use shared::{
     directory::{Lookup, ResolvedChannel},
-    domain::AgentId,
+    domain::{AgentId, WhatsAppAddress},
     envelope::{DeadLetter, InboundMessage},
+    events::{self, Event, Kind},
     twilio::{
         form,
         inbound::parse_inbound,
@@ -205,12 +206,35 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), A
         None => format!("Twilio reported the message {}", update.status.as_str()),
     };
     let letter = DeadLetter::send(part, reason, update.error_code, 1);
-    state
-        .bus
-        .put_dead_letter(&letter)
-        .await
-        .map(|_| ())
-        .map_err(ActError::from)
+    let id = state.bus.put_dead_letter(&letter).await?;
+    if let Some(event) = events::dead_letter_created(&letter, &id) {
+        events::emit(&*state.bus, &state.directory, event).await;
+    }
+    Ok(())
+}
+
+/// Raises `message.delivered`, `message.read` or `message.failed` for a status newly recorded
+/// (the others, queued and sent, say nothing `message.sent` did not).
+async fn status_event(state: &AppState, agent_id: &AgentId, update: &StatusUpdate) {
+    let kind = match update.status {
+        MessageStatus::Delivered => Kind::MessageDelivered,
+        MessageStatus::Read => Kind::MessageRead,
+        MessageStatus::Failed | MessageStatus::Undelivered => Kind::MessageFailed,
+        _ => return,
+    };
+    let Some(to) = update
+        .to
+        .as_deref()
+        .and_then(|to| WhatsAppAddress::parse(to).ok())
+    else {
+        return;
+    };
+    let data = serde_json::json!({
+        "sid": update.message_sid.as_str(), "phone": to.user(),
+        "status": update.status.as_str(), "error_code": update.error_code,
+    });
+    let event = Event::new(kind, agent_id, &to, update.message_sid.as_str(), data);
+    events::emit(&*state.bus, &state.directory, event).await;
 }
 
 /// Whether the request says it carries a form (`application/x-www-form-urlencoded`, any
@@ -330,6 +354,7 @@ async fn status(
         Ok(applied) => {
             if applied {
                 count_status(&update);
+                status_event(&state, &v.agent_id, &update).await;
             }
             tracing::debug!(sid = %update.message_sid, status = update.status.as_str(), error_code = ?update.error_code, applied, "status callback");
             outcome("status", "accepted");

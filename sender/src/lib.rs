@@ -8,8 +8,10 @@
 //!   (buttons or a list) once per distinct question and account.
 //! - [`send`]: one reply: 24-hour window check, then each part in order behind its send guard,
 //!   with retries on rate limits and a dead letter for what cannot be sent.
+//! - [`events`]: the agents' events, delivered to their event webhooks.
 
 pub mod content;
+pub mod events;
 pub mod send;
 pub mod twilio_client;
 
@@ -24,14 +26,23 @@ use shared::{
 
 pub use send::SendContext;
 
-/// Runs the sender until `shutdown`, then finishes or releases what it holds.
+/// Runs the sender (replies, and the agents' events) until `shutdown`, then finishes or
+/// releases what it holds.
 pub async fn run(
     ctx: SendContext,
+    events: events::EventSender,
     config: DispatchConfig,
     shutdown: Shutdown,
 ) -> Result<(), BusError> {
     let bus = ctx.bus.clone();
-    dispatch::run::<OutboundReply, _>(bus, Arc::new(ctx), config, shutdown).await
+    let replies = dispatch::run::<OutboundReply, _>(
+        bus.clone(),
+        Arc::new(ctx),
+        config.clone(),
+        shutdown.clone(),
+    );
+    let events = dispatch::run::<shared::events::Event, _>(bus, Arc::new(events), config, shutdown);
+    tokio::try_join!(replies, events).map(|_| ())
 }
 
 /// Registers the sender's metric families at zero, with their help text, when the process
@@ -42,6 +53,8 @@ pub fn register_metrics() {
         "Messages of the topic stored and not yet acknowledged (the consumers' lag)"
     );
     metrics::gauge!("wagate_backlog_messages", "topic" => "outbound").set(0.0);
+    metrics::gauge!("wagate_backlog_messages", "topic" => "events").set(0.0);
+    shared::events::register_metrics();
     use metrics::{describe_counter, describe_histogram};
     for (name, help) in [
         ("wagate_twilio_request_seconds", "One Messages API request"),

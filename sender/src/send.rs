@@ -22,6 +22,7 @@ use shared::{
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
     dispatch::{Handler, with_keep_alive},
     envelope::{DeadLetter, OutboundReply, ReplyContent},
+    events::{self, Event, Kind},
     failure::Failure,
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
@@ -161,7 +162,10 @@ async fn dead_letter(
     tracing::error!(id = %reply.id, agent = %reply.agent_id, attempts, %reason, "reply cannot be sent: dead letter");
     let letter = DeadLetter::send(reply.clone(), reason, code, attempts);
     match ctx.bus.put_dead_letter(&letter).await {
-        Ok(_) => {
+        Ok(id) => {
+            if let Some(event) = events::dead_letter_created(&letter, &id) {
+                events::emit(&*ctx.bus, &ctx.directory, event).await;
+            }
             let _ = delivery.ack().await;
             "dead_letter"
         }
@@ -387,6 +391,7 @@ async fn send_part(
         if let Some(sid) = settle_ambiguous(ctx, channel, &search, part, &single).await? {
             tracing::info!(id = %reply.id, part = part.index, sid = %sid, "a dead sender had posted this part");
             metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
+            sent_event(ctx, reply, part.index, &sid).await;
             return Ok(());
         }
     }
@@ -409,7 +414,9 @@ async fn send_part(
     let e = match posted {
         Ok(sid) => {
             tracing::debug!(id = %reply.id, part = part.index, sid = %sid, "posted to Twilio");
-            return record_sent(ctx, part.key, &sid, &single).await;
+            record_sent(ctx, part.key, &sid, &single).await?;
+            sent_event(ctx, reply, part.index, &sid).await;
+            return Ok(());
         }
         Err(e) => e,
     };
@@ -422,6 +429,7 @@ async fn send_part(
         if let Some(sid) = settle_ambiguous(ctx, channel, &search, part, &single).await? {
             tracing::info!(id = %reply.id, part = part.index, sid = %sid, "ambiguous answer settled: Twilio has the message");
             metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
+            sent_event(ctx, reply, part.index, &sid).await;
             return Ok(());
         }
         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
@@ -440,6 +448,17 @@ async fn send_part(
     Err(failure)
 }
 
+/// Raises `message.sent` for part `index` of `reply`, which Twilio has as `sid` (its id: the
+/// same message found again raises the same event).
+async fn sent_event(ctx: &SendContext, reply: &OutboundReply, index: usize, sid: &str) {
+    let data = serde_json::json!({
+        "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
+        "sid": sid, "reply_id": reply.id, "part": index,
+    });
+    let event = Event::new(Kind::MessageSent, &reply.agent_id, &reply.to, sid, data);
+    events::emit(&*ctx.bus, &ctx.directory, event).await;
+}
+
 /// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
 /// more is posted to them until they send START, and fails the reply for good. If the opt-out
 /// cannot be recorded, the reply is tried again later, which records it then.
@@ -454,6 +473,18 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
             "{e}; and the opt-out could not be recorded: {store}"
         ));
     }
+    let data = serde_json::json!({
+        "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
+        "opted_out": true, "by": "twilio",
+    });
+    let event = Event::new(
+        Kind::OptoutChanged,
+        &reply.agent_id,
+        &reply.to,
+        &reply.id,
+        data,
+    );
+    events::emit(&*ctx.bus, &ctx.directory, event).await;
     Failure::permanent(format!("{e}: {}", Refusal::OptedOut.explain()))
         .with_code(Some(UNSUBSCRIBED))
 }

@@ -39,6 +39,9 @@ pub struct Agent {
     /// which also marks their message read). Agents saved before it existed show it.
     #[serde(default = "default_typing_indicator")]
     pub typing_indicator: bool,
+    /// Where its events go ([`crate::events`]), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsEndpoint>,
     /// When it was first saved.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -50,6 +53,15 @@ pub struct Agent {
 /// A day: a person who took a conversation over and left it a day gives it back to the agent.
 pub fn default_handoff_resume_after_s() -> u64 {
     86_400
+}
+
+/// An agent's event webhook.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventsEndpoint {
+    /// Where events are POSTed.
+    pub url: String,
+    /// Its Standard Webhooks secret (`whsec_…`), sealed.
+    pub secret: SealedSecret,
 }
 
 /// The typing indicator is shown unless the agent says otherwise.

@@ -235,6 +235,14 @@ pub struct Settings {
         default_value = "1s,5s,30s,2m,10m"
     )]
     pub send_retry: RetrySchedule,
+    /// Delays between attempts to deliver an event to an agent's event webhook; after the
+    /// last, a dead letter.
+    #[arg(
+        long = "events-retry",
+        env = "WAGATE_EVENTS_RETRY",
+        default_value = "1s,5s,30s,2m,10m,30m"
+    )]
+    pub events_retry: RetrySchedule,
     /// How long the bus drops a repeated message id, in ms (later repeats are caught by the store).
     #[arg(
         long = "dedupe-window-ms",

@@ -45,6 +45,8 @@ pub enum SecretPurpose {
     WebhookSecret,
     /// The `user:password` of an agent backend's URL.
     UrlCredentials,
+    /// The Standard Webhooks secret of an agent's event webhook.
+    EventsSecret,
 }
 
 impl SecretPurpose {
@@ -54,6 +56,7 @@ impl SecretPurpose {
             Self::AgentApiKey => b"agent-api-key",
             Self::WebhookSecret => b"webhook-secret",
             Self::UrlCredentials => b"url-credentials",
+            Self::EventsSecret => b"events-secret",
         }
     }
 }

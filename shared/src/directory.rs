@@ -39,6 +39,8 @@ pub struct ResolvedChannel {
     pub channel: WhatsAppChannel,
     /// The decrypted Auth Token.
     pub auth_token: SecretString,
+    /// The decrypted secret of the agent's event webhook, if it has one.
+    pub events_secret: Option<SecretString>,
 }
 
 /// What the directory knows about an agent.
@@ -155,10 +157,19 @@ impl ChannelDirectory {
                         SecretPurpose::TwilioAuthToken,
                         &channel.auth_token,
                     )?;
+                    let events_secret = agent
+                        .events
+                        .as_ref()
+                        .map(|e| {
+                            self.keyring
+                                .open(id, SecretPurpose::EventsSecret, &e.secret)
+                        })
+                        .transpose()?;
                     Lookup::Found(Arc::new(ResolvedChannel {
                         agent,
                         channel,
                         auth_token,
+                        events_secret,
                     }))
                 }
             },
@@ -204,6 +215,7 @@ mod tests {
                 history_turns: None,
                 history_tokens: None,
                 typing_indicator: true,
+                events: None,
                 created_at: now,
                 updated_at: now,
             })

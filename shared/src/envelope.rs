@@ -244,6 +244,8 @@ pub enum Stage {
     Agent,
     /// Posting to Twilio (the reply is kept; replay sends it again without the agent).
     Send,
+    /// Delivering an event to the agent's event webhook (replay delivers it again).
+    Event,
 }
 
 impl Stage {
@@ -252,6 +254,7 @@ impl Stage {
         match self {
             Self::Agent => "agent",
             Self::Send => "send",
+            Self::Event => "event",
         }
     }
 }
@@ -265,6 +268,8 @@ pub enum DeadMessage {
     Inbound(Box<InboundMessage>),
     /// A reply that could not be sent.
     Reply(Box<OutboundReply>),
+    /// An event its webhook did not take.
+    Event(Box<crate::events::Event>),
 }
 
 impl<'de> Deserialize<'de> for DeadMessage {
@@ -278,7 +283,13 @@ impl<'de> Deserialize<'de> for DeadMessage {
             .or_else(|_| {
                 serde_json::from_str::<OutboundReply>(raw.get()).map(|r| Self::Reply(Box::new(r)))
             })
-            .map_err(|_| D::Error::custom("the message is neither an inbound message nor a reply"))
+            .or_else(|_| {
+                serde_json::from_str::<crate::events::Event>(raw.get())
+                    .map(|e| Self::Event(Box::new(e)))
+            })
+            .map_err(|_| {
+                D::Error::custom("the message is neither an inbound message, a reply nor an event")
+            })
     }
 }
 
@@ -329,6 +340,17 @@ impl DeadLetter {
         )
     }
 
+    /// An event its webhook did not take, given up now.
+    pub fn event(event: crate::events::Event, reason: String, attempts: u64) -> Self {
+        Self::now(
+            Stage::Event,
+            DeadMessage::Event(Box::new(event)),
+            reason,
+            None,
+            attempts,
+        )
+    }
+
     fn now(
         stage: Stage,
         message: DeadMessage,
@@ -339,6 +361,7 @@ impl DeadLetter {
         let agent_id = match &message {
             DeadMessage::Inbound(m) => m.agent_id.clone(),
             DeadMessage::Reply(r) => r.agent_id.clone(),
+            DeadMessage::Event(e) => e.agent_id.clone(),
         };
         Self {
             id: String::new(),
@@ -394,7 +417,7 @@ mod tests {
     }
 
     #[test]
-    fn dead_letters_of_either_stage_read_back_as_written() {
+    fn dead_letters_of_every_stage_read_back_as_written() {
         let reply = OutboundReply {
             id: "in-SM1".to_owned(),
             agent_id: AgentId::parse("a").unwrap(),
@@ -409,9 +432,18 @@ mod tests {
             traceparent: None,
             callback_base: None,
         };
+        let mut event = crate::events::Event::new(
+            crate::events::Kind::MessageSent,
+            &reply.agent_id,
+            &reply.to,
+            "SM1",
+            serde_json::json!({"sid": "SM1"}),
+        );
+        event.timestamp = OffsetDateTime::UNIX_EPOCH;
         for message in [
             DeadMessage::Inbound(Box::new(inbound())),
             DeadMessage::Reply(Box::new(reply)),
+            DeadMessage::Event(Box::new(event)),
         ] {
             let letter = DeadLetter {
                 id: String::new(),
@@ -430,13 +462,13 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_letter_holding_neither_kind_of_message_is_refused_with_why() {
+    fn a_dead_letter_holding_no_kind_of_message_is_refused_with_why() {
         let json = r#"{"stage":"agent","reason":"r","code":null,"attempts":1,
             "failed_at":"1970-01-01T00:00:00Z","agent_id":"a","message":{"to":"nobody"}}"#;
         let e = serde_json::from_str::<DeadLetter>(json).unwrap_err();
         assert!(
             e.to_string()
-                .contains("neither an inbound message nor a reply"),
+                .contains("neither an inbound message, a reply nor an event"),
             "{e}"
         );
     }

@@ -123,31 +123,37 @@ async fn reseal_secrets(
     Ok(())
 }
 
-/// Reseals the secrets of an agent's backend; true when one changed.
+/// Reseals the secrets of an agent (its backend's, its event webhook's); true when one
+/// changed.
 fn reseal_backend(agent: &mut Agent, keyring: &Keyring, verified: &mut Verified) -> bool {
     let id = agent.id.clone();
     let mut reseal = |purpose, sealed: Option<&mut SealedSecret>| {
         sealed.is_some_and(|s| reseal_one(&id, purpose, s, keyring, verified))
     };
-    match &mut agent.backend {
-        Backend::Echo => false,
-        Backend::Openai {
-            api_key,
-            credentials,
-            ..
-        } => {
-            let key = reseal(SecretPurpose::AgentApiKey, api_key.as_mut());
-            reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | key
+    let events = reseal(
+        SecretPurpose::EventsSecret,
+        agent.events.as_mut().map(|e| &mut e.secret),
+    );
+    events
+        | match &mut agent.backend {
+            Backend::Echo => false,
+            Backend::Openai {
+                api_key,
+                credentials,
+                ..
+            } => {
+                let key = reseal(SecretPurpose::AgentApiKey, api_key.as_mut());
+                reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | key
+            }
+            Backend::Webhook {
+                secret,
+                credentials,
+                ..
+            } => {
+                let secret = reseal(SecretPurpose::WebhookSecret, Some(secret));
+                reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | secret
+            }
         }
-        Backend::Webhook {
-            secret,
-            credentials,
-            ..
-        } => {
-            let secret = reseal(SecretPurpose::WebhookSecret, Some(secret));
-            reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | secret
-        }
-    }
 }
 
 /// Reseals one secret if it needs it; true when it changed. One that does not open is counted

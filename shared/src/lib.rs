@@ -13,7 +13,8 @@
 //! - [`config`]: every setting, from the environment, checked at start; [`retry`]: retry
 //!   schedules as data.
 //! - [`agent`]: agents, their backends and WhatsApp channels as stored.
-//! - [`envelope`]: what travels on the bus (inbound messages, replies, dead letters).
+//! - [`envelope`]: what travels on the bus (inbound messages, replies, dead letters);
+//!   [`events`]: the events of the agents' event webhooks.
 //! - [`failure`]: the one failure model: whether trying again can help, and when.
 //! - [`text`]: splitting replies into WhatsApp-sized parts.
 //! - [`bus`] and [`store`]: the two interfaces the pipeline runs on, with their NATS JetStream
@@ -38,6 +39,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod embedded;
 pub mod envelope;
+pub mod events;
 pub mod failure;
 pub mod key_check;
 pub mod redact;

@@ -15,6 +15,9 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
         &settings.twilio_content_base,
         settings.twilio_timeout(),
     )?;
+    let events_http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()?;
     with_connections(
         settings,
         launch.backing,
@@ -32,8 +35,15 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
                 twilio_timeout: settings.twilio_timeout(),
                 send_lease: settings.send_lease(),
             };
+            let events = sender::events::EventSender {
+                bus: ctx.bus.clone(),
+                directory: common.directory.clone(),
+                http: events_http.clone(),
+                retry: settings.events_retry.clone(),
+                timeout: settings.twilio_timeout(),
+            };
             let config = common.dispatch(settings.sender_concurrency, None);
-            sender::run(ctx, config, launch.shutdown)
+            sender::run(ctx, events, config, launch.shutdown)
         },
     )
     .await

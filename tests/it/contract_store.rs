@@ -467,6 +467,7 @@ fn agent(id: &str, name: &str) -> Agent {
         history_turns: None,
         history_tokens: None,
         typing_indicator: true,
+        events: None,
         created_at: at(0),
         updated_at: at(1),
     }

@@ -316,7 +316,10 @@ async fn an_openai_agent_hands_off_and_sends_media_through_its_tools() {
         .iter()
         .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
         .collect();
-    assert_eq!(names, ["handoff_to_human", "send_media"]);
+    assert_eq!(
+        names,
+        ["handoff_to_human", "offer_quick_replies", "send_media"]
+    );
     let answers: Vec<&Value> = requests[1]["messages"]
         .as_array()
         .unwrap()
@@ -358,4 +361,52 @@ async fn recorded_in(w: &World, agent: &str, content: &str) -> Value {
         found.then_some(session)
     })
     .await
+}
+
+/// An OpenAI-compatible agent offers choices to tap through its `offer_quick_replies` tool:
+/// they go out as quick-reply buttons with its reply, as a webhook agent's do.
+#[tokio::test]
+async fn an_openai_agent_offers_quick_replies_through_its_tool() {
+    let model = FakeOpenAi::start("sk-choices").await;
+    model.set_tool_calls(|n, _| {
+        (n == 1).then(|| {
+            vec![(
+                "offer_quick_replies".to_owned(),
+                json!({"choices": ["Yes", "No"]}),
+            )]
+        })
+    });
+    model.set_reply(|_, _| "Shall I book the table?".to_owned());
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "book",
+            json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "sk-choices"}),
+        )
+        .await;
+    w.wagate.channel("book", true).await;
+    w.wagate
+        .inbound("book", &sid(1), FROM, "a table for two")
+        .await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let contents = w.twilio.contents();
+    assert_eq!(contents.len(), 1, "{contents:?}");
+    assert_eq!(contents[0].kind().as_deref(), Some("twilio/quick-reply"));
+    assert_eq!(
+        sent[0].content_sid.as_deref(),
+        Some(contents[0].sid.as_str())
+    );
+    let requests = model.wait_for_requests(2, WAIT).await;
+    let answer = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap()
+        .clone();
+    assert!(
+        answer["content"].as_str().unwrap().contains("Yes, No"),
+        "{answer}"
+    );
+    assert!(model.violations().is_empty(), "{:?}", model.violations());
 }

@@ -14,6 +14,7 @@ mod conversation;
 mod credentials;
 mod embedded;
 mod embedded_files;
+mod events;
 mod fakes_selftest;
 mod faults;
 mod handoff;

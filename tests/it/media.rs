@@ -28,6 +28,8 @@ const WAIT: Duration = Duration::from_secs(20);
 const FROM: &str = "+14155550177";
 /// A PNG's first bytes: what the CDN serves.
 const PICTURE: &[u8] = b"\x89PNG\r\n\x1a\n-a-picture-";
+/// A shared contact, as WhatsApp sends one.
+const CARD: &[u8] = b"BEGIN:VCARD\r\nVERSION:3.0\r\nN:Hopper;Grace;;;\r\nFN:Grace Hopper\r\nTEL;type=CELL;waid=14155550199:+1 415-555-0199\r\nEND:VCARD\r\n";
 /// A PDF's first bytes: a document.
 const DOCUMENT: &[u8] = b"%PDF-1.7\n-a-document-";
 /// An Ogg stream's first bytes: a voice note.
@@ -47,6 +49,7 @@ async fn host() -> (String, Arc<Mutex<Vec<(String, Option<String>)>>>) {
             "/big" => ("image/png", vec![0u8; 4096]),
             "/voice.ogg" => ("audio/ogg", VOICE.to_vec()),
             "/terms.pdf" => ("application/pdf", DOCUMENT.to_vec()),
+            "/card.vcf" => ("text/vcard", CARD.to_vec()),
             _ => ("image/png", PICTURE.to_vec()),
         };
         ([(header::CONTENT_TYPE, content_type)], body)
@@ -533,4 +536,38 @@ async fn an_earlier_image_is_shown_again_without_a_second_fetch() {
         "shown again from the cache, not fetched again"
     );
     assert!(model.violations().is_empty(), "{:?}", model.violations());
+}
+
+/// A shared contact (a vCard) reaches the model as structured text: name and number.
+#[tokio::test]
+async fn a_shared_contact_reaches_the_model_as_its_name_and_number() {
+    let (cdn, _) = host().await;
+    let model = FakeOpenAi::start("sk-card").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "cards",
+            serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m",
+                               "api_key": "sk-card"}),
+        )
+        .await;
+    w.wagate.channel("cards", true).await;
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000051",
+        &format!("{cdn}/card.vcf"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &support::harness::Wagate::inbound_path("cards"),
+            &with_medium(&sid(1), "", &url, "text/vcard"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = model.wait_for_requests(1, WAIT).await;
+    let text = support::fake_openai::last_user_text(&requests[0]);
+    assert_eq!(text, "[contact: Grace Hopper, +1 415-555-0199]");
 }

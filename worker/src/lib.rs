@@ -50,6 +50,7 @@ pub fn register_metrics() {
         "Conversations handed to a person, by who paused them"
     );
     metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(0);
+    shared::events::register_metrics();
     describe_gauge!("wagate_turns_in_flight", "Agent calls running now");
     metrics::gauge!("wagate_turns_in_flight").set(0.0);
     for (name, help) in [

@@ -78,6 +78,8 @@ pub enum Kind {
     Audio,
     /// A PDF: given to the model as a file part.
     Document,
+    /// A shared contact (a vCard): read as structured text.
+    Contact,
     /// Anything else (a document, a video, a contact card): passed on to a webhook agent.
     Other,
 }
@@ -107,6 +109,8 @@ impl Medium {
             )),
             (Kind::Audio, Err(e), None) => Some(format!("[the user sent a voice note; it {e}]")),
             (Kind::Image, Err(e), _) => Some(format!("[the user sent an image; it {e}]")),
+            (Kind::Contact, Ok(card), _) => Some(contact_text(card)),
+            (Kind::Contact, Err(e), _) => Some(format!("[the user shared a contact; it {e}]")),
             (Kind::Document | Kind::Other, Err(e), _) => {
                 Some(format!("[the user sent a file; it {e}]"))
             }
@@ -236,6 +240,7 @@ impl MediaFetcher {
                 Some("image") => Kind::Image,
                 Some("audio") => Kind::Audio,
                 _ if declared == Some(PDF) => Kind::Document,
+                _ if declared.is_some_and(is_vcard) => Kind::Contact,
                 _ => Kind::Other,
             };
             let refused = match kind {
@@ -271,7 +276,7 @@ impl MediaFetcher {
                         Kind::Image => "image/",
                         Kind::Audio => "audio/",
                         Kind::Document => PDF,
-                        Kind::Other => "",
+                        Kind::Contact | Kind::Other => "",
                     };
                     if f.content_type.starts_with(expected) {
                         Ok(f)
@@ -381,6 +386,58 @@ impl MediaFetcher {
     }
 }
 
+/// Whether a content type is a vCard's (WhatsApp's shared contacts).
+fn is_vcard(content_type: &str) -> bool {
+    let t = content_type.split(';').next().unwrap_or("").trim();
+    t.eq_ignore_ascii_case("text/vcard") || t.eq_ignore_ascii_case("text/x-vcard")
+}
+
+/// A vCard as the user's turn reads it: `[contact: <name>, <phone>, <email>, <organisation>]`
+/// per card, from its `FN` (or `N`), `TEL`, `EMAIL` and `ORG` properties (folded lines
+/// unfolded, parameters dropped). What is not a vCard says so.
+fn contact_text(card: &Fetched) -> String {
+    let text = String::from_utf8_lossy(&card.bytes);
+    let unfolded = text.replace("\r\n ", "").replace("\n ", "");
+    let mut cards = Vec::new();
+    let (mut full_name, mut name, mut rest) = (None, None, Vec::new());
+    for line in unfolded.lines() {
+        let Some((property, value)) = line.split_once(':') else {
+            continue;
+        };
+        let property = property
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let value = value.replace("\\,", ",").replace(';', " ");
+        let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
+        match property.as_str() {
+            "BEGIN" => (full_name, name, rest) = (None, None, Vec::new()),
+            "END" => {
+                let fields: Vec<String> = full_name
+                    .take()
+                    .or(name.take())
+                    .into_iter()
+                    .chain(rest.drain(..))
+                    .collect();
+                if !fields.is_empty() {
+                    cards.push(format!("[contact: {}]", fields.join(", ")));
+                }
+            }
+            _ if value.is_empty() => {}
+            "FN" => full_name = Some(value),
+            "N" => name = Some(value),
+            "TEL" | "EMAIL" | "ORG" => rest.push(value),
+            _ => {}
+        }
+    }
+    if cards.is_empty() {
+        "[the user shared a contact that could not be read]".to_owned()
+    } else {
+        cards.join("\n")
+    }
+}
+
 /// The `MediaUrl` of a line `[image/…: <url>]` of a user's turn.
 fn image_link(line: &str) -> Option<&str> {
     let (kind, url) = line
@@ -423,6 +480,30 @@ mod tests {
             f.fetch("not a url", None, "AC1", &token).await,
             Err(MediaError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_shared_contact_reads_as_its_name_phone_email_and_organisation() {
+        let card = Fetched {
+            content_type: "text/vcard".into(),
+            bytes: "BEGIN:VCARD\r\nVERSION:3.0\r\nN:Lovelace;Ada;;;\r\nFN:Ada Lovelace\r\nORG:Analytical\r\n  Engines\r\nTEL;type=CELL;waid=14155550100:+1 415-555-0100\r\nEMAIL;type=INTERNET:ada@example.com\r\nEND:VCARD\r\nBEGIN:VCARD\r\nN:Babbage;Charles\r\nEND:VCARD\r\n"
+                .as_bytes()
+                .to_vec()
+                .into(),
+        };
+        assert_eq!(
+            contact_text(&card),
+            "[contact: Ada Lovelace, Analytical Engines, +1 415-555-0100, ada@example.com]\n[contact: Babbage Charles]"
+        );
+        let junk = Fetched {
+            content_type: "text/vcard".into(),
+            bytes: b"\xff\xfe not a card".to_vec().into(),
+        };
+        assert_eq!(
+            contact_text(&junk),
+            "[the user shared a contact that could not be read]"
+        );
+        assert!(is_vcard("text/x-vcard; charset=utf-8"));
     }
 
     #[test]

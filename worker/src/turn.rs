@@ -20,6 +20,7 @@ use shared::{
     dispatch::with_keep_alive,
     domain::SessionId,
     envelope::{CONTENT_BODY_CHARS, DeadLetter, InboundMessage, OutboundReply, ReplyContent},
+    events::{self, Event, Kind},
     failure::Failure,
     retry::RetrySchedule,
     store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
@@ -261,6 +262,18 @@ async fn consent(
             ctx.store.opt_in(session, msg.received_at).await?;
         }
     }
+    let data = serde_json::json!({
+        "session_id": session.to_string(), "phone": msg.from.user(),
+        "opted_out": keyword == Keyword::OptOut, "by": "keyword",
+    });
+    let event = Event::new(
+        Kind::OptoutChanged,
+        &msg.agent_id,
+        &msg.from,
+        msg.message_sid.as_str(),
+        data,
+    );
+    events::emit(&*ctx.bus, &ctx.directory, event).await;
     if let Some(text) = keyword.confirmation(settings) {
         let confirmation = OutboundReply {
             id: OutboundReply::id_for_confirmation(&msg.message_sid),
@@ -306,7 +319,10 @@ async fn dead_letter(
         tracing::error!(sid = %msg.message_sid, agent = %msg.agent_id, attempts, %reason, "agent turn failed for good: dead letter");
         let letter = DeadLetter::agent(msg.clone(), reason.clone(), attempts);
         match ctx.bus.put_dead_letter(&letter).await {
-            Ok(_) => {
+            Ok(id) => {
+                if let Some(event) = events::dead_letter_created(&letter, &id) {
+                    events::emit(&*ctx.bus, &ctx.directory, event).await;
+                }
                 ack(delivery.as_ref(), msg).await;
             }
             Err(e) => {
@@ -353,6 +369,21 @@ async fn process(
         }
         Err(e) => return Err(Failure::transient(e)),
     };
+    for m in msgs {
+        let data = serde_json::json!({
+            "session_id": session.to_string(), "phone": m.from.user(),
+            "message_sid": m.message_sid.as_str(), "body": m.body,
+            "profile_name": m.profile_name, "media": m.media.len(),
+        });
+        let event = Event::new(
+            Kind::MessageReceived,
+            &m.agent_id,
+            &m.from,
+            m.message_sid.as_str(),
+            data,
+        );
+        events::emit(&*ctx.bus, &ctx.directory, event).await;
+    }
     if let Some(pause) = pause
         && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
     {
@@ -476,6 +507,17 @@ async fn publish_reply(
             .await?;
         tracing::info!(session = %session, sid = %msg.message_sid, "the agent handed the conversation to a person; it stays paused until resumed or idle for the agent's handoff_resume_after_s");
         metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(1);
+        let data = serde_json::json!({
+            "session_id": session.to_string(), "phone": msg.from.user(), "by": "agent",
+        });
+        let event = Event::new(
+            Kind::ConversationHandoff,
+            &msg.agent_id,
+            &msg.from,
+            &done.reply_id,
+            data,
+        );
+        events::emit(&*ctx.bus, &ctx.directory, event).await;
     }
     let capped = cap_reply(&done.reply, MAX_REPLY_CHARS);
     if capped.is_some() {

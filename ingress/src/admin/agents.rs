@@ -9,7 +9,7 @@ use axum::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use shared::{
-    agent::{Agent, Backend},
+    agent::{Agent, Backend, EventsEndpoint},
     crypto::{SealedSecret, SecretPurpose},
     domain::AgentId,
     redact,
@@ -41,6 +41,10 @@ pub(crate) struct AgentRequest {
     pub(crate) history_tokens: Option<u32>,
     /// Left out: what was stored before, else on.
     pub(crate) typing_indicator: Option<bool>,
+    /// The event webhook: left out keeps it, `""` removes it. A new URL needs
+    /// `events_secret`; a secret left out keeps the one stored.
+    pub(crate) events_url: Option<String>,
+    pub(crate) events_secret: Option<SecretString>,
 }
 
 /// The longest a handed-off conversation may wait for its person: a month.
@@ -84,6 +88,8 @@ pub struct AgentView {
     history_turns: Option<u32>,
     history_tokens: Option<u32>,
     typing_indicator: bool,
+    events_url: Option<String>,
+    events_secret_set: bool,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -135,6 +141,8 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
         history_turns: agent.history_turns,
         history_tokens: agent.history_tokens,
         typing_indicator: agent.typing_indicator,
+        events_url: agent.events.as_ref().map(|e| redact::url(&e.url)),
+        events_secret_set: agent.events.is_some(),
         id: agent.id,
         name: agent.name,
         created_at: agent.created_at,
@@ -181,6 +189,45 @@ fn shown_url(url: &str, credentials: Option<&SealedSecret>) -> String {
         Some(_) => redact::masked(url),
         // Agents saved before credentials were split off may still hold them in the URL.
         None => redact::url(url),
+    }
+}
+
+/// The agent's event webhook after a save: `url` and `secret` as asked over `stored`. A
+/// secret is a Standard Webhooks one: `whsec_` and the base64 of 24 to 64 random bytes.
+fn events_endpoint(
+    state: &AppState,
+    id: &AgentId,
+    url: Option<String>,
+    secret: Option<SecretString>,
+    stored: Option<EventsEndpoint>,
+) -> Result<Option<EventsEndpoint>, ApiError> {
+    let secret = secret
+        .map(|s| {
+            match shared::events::secret_key(s.expose_secret()) {
+                Some(_) => Ok(state.keyring.seal(id, SecretPurpose::EventsSecret, &s)),
+                None => Err(ApiError::invalid(
+                    "events_secret must be a Standard Webhooks secret: whsec_ and the base64 of 24-64 random bytes",
+                )),
+            }
+        })
+        .transpose()?;
+    match (url, stored) {
+        (Some(url), _) if url.is_empty() => Ok(None),
+        (Some(url), stored) => {
+            check_url("events_url", &url)?;
+            let secret = secret
+                .or(stored.map(|s| s.secret))
+                .ok_or_else(|| ApiError::invalid("an events_url needs an events_secret"))?;
+            Ok(Some(EventsEndpoint { url, secret }))
+        }
+        (None, Some(stored)) => Ok(Some(EventsEndpoint {
+            secret: secret.unwrap_or(stored.secret),
+            url: stored.url,
+        })),
+        (None, None) if secret.is_some() => Err(ApiError::invalid(
+            "an events_secret goes with an events_url",
+        )),
+        (None, None) => Ok(None),
     }
 }
 
@@ -266,6 +313,13 @@ pub(crate) async fn save(
         req.history_tokens,
         existing.as_ref().and_then(|a| a.history_tokens),
         10_000_000,
+    )?;
+    let events = events_endpoint(
+        state,
+        &id,
+        req.events_url,
+        req.events_secret,
+        existing.as_ref().and_then(|a| a.events.clone()),
     )?;
     let previous = existing.as_ref().map(|a| &a.backend);
     let backend = match req.backend {
@@ -363,6 +417,7 @@ pub(crate) async fn save(
             .typing_indicator
             .or(existing.as_ref().map(|a| a.typing_indicator))
             .unwrap_or_else(shared::agent::default_typing_indicator),
+        events,
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,
     };

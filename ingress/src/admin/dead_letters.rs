@@ -116,6 +116,7 @@ async fn replay(state: &AppState, letter: &DeadLetter) -> Result<(), ApiError> {
     match &letter.message {
         DeadMessage::Inbound(m) => bus::publish_as(&*state.bus, m.as_ref(), &dedupe).await,
         DeadMessage::Reply(r) => bus::publish_as(&*state.bus, r.as_ref(), &dedupe).await,
+        DeadMessage::Event(e) => bus::publish_as(&*state.bus, e.as_ref(), &dedupe).await,
     }
     .map_err(ApiError::unavailable)?;
     state

@@ -11,7 +11,12 @@ use axum::{
     extract::{Path, State},
 };
 use serde::{Deserialize, Serialize};
-use shared::{agent::Agent, domain::SessionId, store::Pause};
+use shared::{
+    agent::Agent,
+    domain::SessionId,
+    events::{self, Event, Kind},
+    store::Pause,
+};
 use time::OffsetDateTime;
 
 use super::{ApiError, load_agent, parse_json};
@@ -103,6 +108,14 @@ pub(crate) async fn pause_for(
     if before.is_none() {
         tracing::info!(agent = %agent.id, by, "conversation handed to a person");
         metrics::counter!("wagate_handoffs_total", "by" => "operator").increment(1);
+        let user = shared::domain::WhatsAppAddress::parse(&format!("whatsapp:{}", session.user()))
+            .map_err(|e| ApiError::invalid(e.0))?;
+        let data = serde_json::json!({
+            "session_id": session.to_string(), "phone": session.user(), "by": by,
+        });
+        let about = format!("{}_{}", session.user(), now.unix_timestamp_nanos());
+        let event = Event::new(Kind::ConversationHandoff, &agent.id, &user, &about, data);
+        events::emit(&*state.bus, &state.directory, event).await;
     }
     Ok(pause)
 }

@@ -139,6 +139,7 @@ fn dead_letter_session(letter: &DeadLetter) -> SessionId {
     match &letter.message {
         DeadMessage::Inbound(m) => m.session_id(),
         DeadMessage::Reply(r) => r.session_id(),
+        DeadMessage::Event(e) => shared::bus::Envelope::session_id(e.as_ref()),
     }
 }
 

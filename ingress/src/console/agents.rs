@@ -186,6 +186,8 @@ impl AgentForm {
             history_turns: None,
             history_tokens: None,
             typing_indicator: None,
+            events_url: None,
+            events_secret: None,
         })
     }
 

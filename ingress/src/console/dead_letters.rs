@@ -45,6 +45,7 @@ fn phone_of(d: &DeadLetter) -> String {
     match &d.message {
         DeadMessage::Inbound(m) => m.from.to_string(),
         DeadMessage::Reply(r) => r.to.to_string(),
+        DeadMessage::Event(e) => e.user.to_string(),
     }
     .trim_start_matches("whatsapp:")
     .to_owned()

@@ -53,6 +53,7 @@ fn topic_code(topic: Topic) -> u8 {
     match topic {
         Topic::Inbound => 0,
         Topic::Outbound => 1,
+        Topic::Events => 2,
     }
 }
 
@@ -248,7 +249,7 @@ pub(crate) struct Recovered(Vec<(u8, u64, String)>);
 #[derive(Clone)]
 pub struct EmbeddedBus {
     db: Db,
-    queues: Arc<[Arc<Queue>; 2]>,
+    queues: Arc<[Arc<Queue>; 3]>,
     /// How long a dedupe id is remembered, in ms.
     window_ms: u64,
 }
@@ -277,7 +278,7 @@ impl EmbeddedBus {
     }
 
     pub(crate) fn new(db: Db, recovered: Recovered, duplicate_window: Duration) -> Self {
-        let queues: [Arc<Queue>; 2] = Default::default();
+        let queues: [Arc<Queue>; 3] = Default::default();
         for (topic, seq, conversation) in recovered.0 {
             if let Some(queue) = queues.get(usize::from(topic)) {
                 queue.lock().add(seq, &conversation);

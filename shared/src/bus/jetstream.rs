@@ -93,6 +93,7 @@ pub struct JetStreamBus {
     prefix: String,
     inbound: Stream,
     outbound: Stream,
+    events: Stream,
     dlq: Stream,
     max_in_flight: usize,
 }
@@ -211,6 +212,7 @@ impl JetStreamBus {
         };
         let inbound = create(work_queue("INBOUND", Topic::Inbound)).await?;
         let outbound = create(work_queue("OUTBOUND", Topic::Outbound)).await?;
+        let events = create(work_queue("EVENTS", Topic::Events)).await?;
         let dlq = create(stream::Config {
             name: format!("{upper}_DLQ"),
             subjects: vec![format!("{prefix}.dlq.>")],
@@ -225,6 +227,7 @@ impl JetStreamBus {
             prefix,
             inbound,
             outbound,
+            events,
             dlq,
             max_in_flight: options.max_in_flight.max(1),
         })
@@ -234,6 +237,7 @@ impl JetStreamBus {
         match topic {
             Topic::Inbound => &self.inbound,
             Topic::Outbound => &self.outbound,
+            Topic::Events => &self.events,
         }
     }
 

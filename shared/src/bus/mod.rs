@@ -85,13 +85,15 @@ pub async fn publish_as<E: Envelope>(
     .await
 }
 
-/// The two queues of the pipeline.
+/// The queues of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
     /// Inbound messages, ingress → worker.
     Inbound,
     /// Replies, worker/admin → sender.
     Outbound,
+    /// Events for the agents' event webhooks, every role → sender ([`crate::events`]).
+    Events,
 }
 
 impl Topic {
@@ -100,6 +102,7 @@ impl Topic {
         match self {
             Self::Inbound => "inbound",
             Self::Outbound => "outbound",
+            Self::Events => "events",
         }
     }
 }

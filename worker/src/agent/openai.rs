@@ -2,10 +2,11 @@
 //! llama.cpp): system prompt, the recent history, the new message with its images as image
 //! parts.
 //!
-//! The model is offered two tools (OpenAI's function calling, which those servers copy), unless
-//! the agent turns them off: `handoff_to_human` hands the conversation to a person, as a
-//! webhook agent's `"handoff": true` does, and `send_media` sends public https URLs with the
-//! reply, as a webhook agent's `"media"` does. A call is answered with a `tool` message saying
+//! The model is offered three tools (OpenAI's function calling, which those servers copy),
+//! unless the agent turns them off: `handoff_to_human` hands the conversation to a person, as a
+//! webhook agent's `"handoff": true` does, `send_media` sends public https URLs with the reply,
+//! as a webhook agent's `"media"` does, and `offer_quick_replies` gives the user choices to
+//! tap, as a webhook agent's `"quick_replies"` does. A call is answered with a `tool` message saying
 //! what was done, and the model asked again, so that it writes the words that go with it; the
 //! last round offers no tools, so a turn makes at most [`TOOL_ROUNDS`] + 1 requests.
 
@@ -51,6 +52,20 @@ static TOOLS: LazyLock<Value> = LazyLock::new(|| {
                     "properties": {
                         "reason": {"type": "string", "description": "Why, in a few words, for the person who takes over."}
                     },
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "offer_quick_replies",
+                "description": "Offer the user choices to tap, answering the question your reply asks: up to 3 become buttons (20 characters each at most), 4 to 10 a list (24 characters each).",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "choices": {"type": "array", "items": {"type": "string"}, "maxItems": 10}
+                    },
+                    "required": ["choices"],
                 },
             },
         },
@@ -206,10 +221,10 @@ impl Call<'_> {
                 return match message.get("content").and_then(Value::as_str) {
                     Some(text) => {
                         reply.text = text.to_owned();
-                        Ok(reply)
+                        Ok(finished(reply))
                     }
                     // The words may have come before, with a tool call the model made.
-                    None if reply.handoff || !reply.media.is_empty() => Ok(reply),
+                    None if reply.handoff || !reply.media.is_empty() => Ok(finished(reply)),
                     None => Err(Failure::permanent(
                         "the model endpoint's answer has no choices[0].message.content",
                     )),
@@ -230,7 +245,7 @@ impl Call<'_> {
             })));
             messages.extend(results.into_iter().map(Message::Round));
         }
-        Ok(reply)
+        Ok(finished(reply))
     }
 
     /// One Chat Completions request; the request holds only the encoded body while the model
@@ -260,6 +275,18 @@ impl Call<'_> {
     }
 }
 
+/// The reply as it goes out: choices offered without words to answer are dropped (a quick
+/// reply needs the question it answers), and said so in the log.
+fn finished(mut reply: AgentReply) -> AgentReply {
+    if !reply.quick_replies.is_empty() && reply.text.trim().is_empty() {
+        tracing::warn!(
+            "the model offered quick replies without a reply to go with them; sent without them"
+        );
+        reply.quick_replies.clear();
+    }
+    reply
+}
+
 /// Does what one tool call asks, into `reply`, and returns the `tool` message that tells the
 /// model how it went. A call wagate cannot read is told to the model, not failed: it can try
 /// again or answer without it.
@@ -279,6 +306,18 @@ fn run_tool(call: &Value, reply: &mut AgentReply) -> Result<Value, Failure> {
             "Done: a person at the business takes this conversation over. Tell the user, in a few words, that a person will answer here.".to_owned()
         }
         Some("send_media") => send_media(arguments.as_ref(), reply),
+        Some("offer_quick_replies") => {
+            let choices = arguments.as_ref().and_then(|a| a.get("choices"));
+            match super::webhook::quick_replies_of(choices, "the tool's") {
+                Ok(choices) if !choices.is_empty() => {
+                    let offered = format!("Done: the user can tap {}.", choices.join(", "));
+                    reply.quick_replies = choices;
+                    offered
+                }
+                Ok(_) => "Not offered: give {\"choices\": [\"…\"]}.".to_owned(),
+                Err(e) => format!("Not offered: {}.", e.reason),
+            }
+        }
         Some(other) => format!("There is no tool named {other:?}."),
         None => "The call names no tool.".to_owned(),
     };

@@ -207,7 +207,7 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
             ));
         }
     };
-    let quick_replies = quick_replies_of(v.get("quick_replies"))?;
+    let quick_replies = quick_replies_of(v.get("quick_replies"), "the agent webhook's")?;
     if !quick_replies.is_empty() && text.as_deref().is_none_or(|t| t.trim().is_empty()) {
         return Err(Failure::permanent(
             "the agent webhook's \"quick_replies\" need a \"reply\": the text the choices answer",
@@ -230,19 +230,19 @@ fn answer_of(v: &Value) -> Result<super::AgentReply, Failure> {
 /// enough for what they become (a button's title, or a list's item). WhatsApp would refuse
 /// anything else, and an answer the agent will give again is better refused with the reason
 /// than cut into something the agent did not say.
-fn quick_replies_of(v: Option<&Value>) -> Result<Vec<String>, Failure> {
+pub(super) fn quick_replies_of(v: Option<&Value>, from: &str) -> Result<Vec<String>, Failure> {
     let items = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
         Some(_) => {
-            return Err(Failure::permanent(
-                "the agent webhook's \"quick_replies\" is not a list",
-            ));
+            return Err(Failure::permanent(format!(
+                "{from} \"quick_replies\" is not a list"
+            )));
         }
     };
     if items.len() > MAX_QUICK_REPLIES {
         return Err(Failure::permanent(format!(
-            "the agent webhook's \"quick_replies\" has more than {MAX_QUICK_REPLIES} choices"
+            "{from} \"quick_replies\" has more than {MAX_QUICK_REPLIES} choices"
         )));
     }
     let longest = choice_chars(items.len());
@@ -250,21 +250,21 @@ fn quick_replies_of(v: Option<&Value>) -> Result<Vec<String>, Failure> {
     for item in items {
         let choice = item.as_str().map(str::trim).unwrap_or_default();
         if choice.is_empty() {
-            return Err(Failure::permanent(
-                "the agent webhook's \"quick_replies\" must be non-empty strings",
-            ));
+            return Err(Failure::permanent(format!(
+                "{from} \"quick_replies\" must be non-empty strings"
+            )));
         }
         if choice.chars().count() > longest {
             // Named by its start: the reason goes into logs and dead letters.
             let start: String = choice.chars().take(longest).collect();
             return Err(Failure::permanent(format!(
-                "the agent webhook's quick reply \"{start}…\" is over {longest} characters (WhatsApp's limit for {} choices)",
+                "{from} quick reply \"{start}…\" is over {longest} characters (WhatsApp's limit for {} choices)",
                 items.len()
             )));
         }
         if choices.iter().any(|c| c == choice) {
             return Err(Failure::permanent(format!(
-                "the agent webhook's quick reply {choice:?} is offered twice"
+                "{from} quick reply {choice:?} is offered twice"
             )));
         }
         choices.push(choice.to_owned());
