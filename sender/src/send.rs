@@ -372,7 +372,10 @@ async fn send_part(
     channel: &ResolvedChannel,
     part: &Part<'_>,
 ) -> Result<(), Failure> {
-    let from = format!("whatsapp:{}", channel.channel.phone_number);
+    let from = match &channel.channel.messaging_service_sid {
+        Some(service) => Sender::Service(service.clone()),
+        None => Sender::Number(format!("whatsapp:{}", channel.channel.phone_number)),
+    };
     let to = reply.to.as_str();
     let single = single_part(reply, part.index);
     if part.taken_over {
@@ -400,7 +403,7 @@ async fn send_part(
         .as_deref()
         .or(reply.callback_base.as_deref())
         .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
-    let mut form = vec![("To", to), ("From", from.as_str())];
+    let mut form = vec![("To", to), from.field()];
     form.extend(part.content.iter().copied());
     if let Some(cb) = &callback {
         form.push(("StatusCallback", cb.as_str()));
@@ -737,10 +740,28 @@ fn inline_retries(ctx: &SendContext) -> ExponentialBuilder {
 
 /// Where and since when to look for a part in Twilio's list.
 struct Search<'a> {
-    from: &'a str,
+    /// The number it was sent from, or the Messaging Service that chose one.
+    from: &'a Sender,
     to: &'a str,
     /// The earliest the part can have been posted.
     since: OffsetDateTime,
+}
+
+/// Whom a message is sent from: the channel's number, or its Messaging Service
+/// (`MessagingServiceSid` instead of `From`).
+enum Sender {
+    Number(String),
+    Service(String),
+}
+
+impl Sender {
+    /// Its field of the Messages API's create.
+    fn field(&self) -> (&'static str, &str) {
+        match self {
+            Self::Number(from) => ("From", from),
+            Self::Service(sid) => ("MessagingServiceSid", sid),
+        }
+    }
 }
 
 /// After an answer that does not say whether Twilio created the part, looks for it among the
@@ -769,7 +790,10 @@ async fn settle_ambiguous(
         .recent(
             &channel.channel.account_sid,
             &channel.auth_token,
-            search.from,
+            match search.from {
+                Sender::Number(from) => Some(from.as_str()),
+                Sender::Service(_) => None,
+            },
             search.to,
         )
         .await
@@ -784,7 +808,10 @@ async fn settle_ambiguous(
     let candidates = list.into_iter().rev().filter(|m| {
         m.body.as_deref().is_some_and(|b| part.shown.contains(&b))
             && m.to.as_deref() == Some(search.to)
-            && m.from.as_deref() == Some(search.from)
+            && match search.from {
+                Sender::Number(from) => m.from.as_deref() == Some(from.as_str()),
+                Sender::Service(sid) => m.messaging_service_sid.as_deref() == Some(sid.as_str()),
+            }
             && m.created().is_some_and(|at| at >= since)
     });
     for m in candidates {

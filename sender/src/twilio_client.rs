@@ -71,6 +71,9 @@ pub struct ListedMessage {
     pub to: Option<String>,
     /// Sender.
     pub from: Option<String>,
+    /// The Messaging Service it went through, if any.
+    #[serde(default)]
+    pub messaging_service_sid: Option<String>,
     /// When Twilio created it (RFC 2822).
     pub date_created: Option<String>,
 }
@@ -169,20 +172,25 @@ impl TwilioClient {
         Err(refused(status, &body, retry_after))
     }
 
-    /// The most recent messages from `from` to `to`, newest first: used after an ambiguous
-    /// create to find out whether Twilio made the message.
+    /// The most recent messages to `to` (from `from`, when the sender is a number rather than
+    /// a Messaging Service, which picks its number itself), newest first: used after an
+    /// ambiguous create to find out whether Twilio made the message.
     pub async fn recent(
         &self,
         account: &AccountSid,
         token: &SecretString,
-        from: &str,
+        from: Option<&str>,
         to: &str,
     ) -> Result<Vec<ListedMessage>, SendError> {
+        let mut query = vec![("To", to), ("PageSize", "50")];
+        if let Some(from) = from {
+            query.push(("From", from));
+        }
         let response = self
             .http
             .get(self.messages_url(account))
             .basic_auth(account.as_str(), Some(token.expose_secret()))
-            .query(&[("From", from), ("To", to), ("PageSize", "50")])
+            .query(&query)
             .send()
             .await
             .map_err(transport_error)?;

@@ -169,6 +169,10 @@ pub struct WhatsAppChannel {
     /// user who has not joined needs them (63015).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_join_code: Option<String>,
+    /// A Twilio Messaging Service (`MG…`) to send through instead of `phone_number` (its
+    /// sender pool, and its own settings, then choose the number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging_service_sid: Option<String>,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,

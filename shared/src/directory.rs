@@ -233,6 +233,7 @@ mod tests {
                     simulation: false,
                     consent: Default::default(),
                     sandbox_join_code: None,
+                    messaging_service_sid: None,
                     updated_at: now,
                 },
             )

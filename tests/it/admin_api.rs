@@ -447,6 +447,7 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "optin_reply",
         "sandbox",
         "sandbox_join_code",
+        "messaging_service_sid",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -520,6 +521,7 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
         [
             "account_sid",
             "enabled",
+            "messaging_service_sid",
             "optin_keywords",
             "optin_reply",
             "optout_keywords",
@@ -614,9 +616,15 @@ async fn leads_as_json_and_as_csv() {
             "first_seen",
             "last_seen",
             "message_count",
+            "opted_out",
+            "opted_out_at",
         ] {
             assert!(l.get(k).is_some(), "lead without {k}: {l}");
         }
+        assert_eq!(
+            (&l["opted_out"], &l["opted_out_at"]),
+            (&json!(false), &Value::Null)
+        );
         assert_eq!(l["platform"], "whatsapp");
         assert_eq!(l["profile_name"], "Test User");
         assert_eq!(l["message_count"], count, "{l}");
@@ -640,7 +648,9 @@ async fn leads_as_json_and_as_csv() {
         .collect();
     assert_eq!(
         lines.first().copied(),
-        Some("phone,platform,profile_name,first_seen,last_seen,message_count"),
+        Some(
+            "phone,platform,profile_name,first_seen,last_seen,message_count,opted_out,opted_out_at"
+        ),
         "{}",
         a.text
     );
@@ -652,7 +662,8 @@ async fn leads_as_json_and_as_csv() {
             .unwrap_or_else(|| panic!("no CSV row for {phone}: {}", a.text))
             .split(',')
             .collect();
-        assert_eq!(row.len(), 6, "{row:?}");
+        assert_eq!(row.len(), 8, "{row:?}");
+        assert_eq!(&row[6..], &["false", ""], "nobody opted out");
         assert_eq!(&row[..3], &[phone, "whatsapp", "Test User"]);
         let json_lead = by_phone(phone);
         assert_eq!(
@@ -675,7 +686,7 @@ async fn leads_as_json_and_as_csv() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(
         a.text.trim_end(),
-        "phone,platform,profile_name,first_seen,last_seen,message_count"
+        "phone,platform,profile_name,first_seen,last_seen,message_count,opted_out,opted_out_at"
     );
 }
 
@@ -1248,6 +1259,9 @@ async fn messages_to_an_opted_out_user_are_409_naming_the_opt_out_templates_incl
     .await;
     assert_eq!(a.status, 202, "another user is not opted out: {}", a.text);
 
+    let lead = w.wagate.leads("demo").await[0].clone();
+    assert_eq!(lead["opted_out"], true, "{lead}");
+    assert!(lead["opted_out_at"].is_string(), "{lead}");
     w.wagate.inbound("demo", &sid(4), FROM, "start").await;
     // The first reply, the opt-out's confirmation, the template to the other user, and the
     // opt-in's confirmation.
@@ -1255,6 +1269,12 @@ async fn messages_to_an_opted_out_user_are_409_naming_the_opt_out_templates_incl
         (w.twilio.sent().len() == 4).then_some(())
     })
     .await;
+    let lead = w.wagate.leads("demo").await[0].clone();
+    assert_eq!(
+        (&lead["opted_out"], &lead["opted_out_at"]),
+        (&json!(false), &Value::Null),
+        "{lead}"
+    );
     let a = call(
         &w,
         Method::POST,

@@ -215,7 +215,52 @@ on_both!(
     a_content_sid_is_cached_once_and_survives_reopen,
     a_completed_turn_keeps_its_quick_replies,
     history_older_than_its_retention_is_dropped,
+    a_leads_opt_out_shows_in_the_list,
 );
+
+/// A lead shows whether its user opted out, and when, as the conversation's clocks say; an
+/// opt-out of someone who is no lead makes none.
+async fn a_leads_opt_out_shows_in_the_list(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let message = msid(1);
+    store
+        .record_lead(&LeadSighting {
+            session: &s,
+            message_sid: &message,
+            profile_name: None,
+            at: at(10),
+        })
+        .await
+        .unwrap();
+    let lead = || async { store.leads(&agent_id("a1")).await.unwrap().remove(0) };
+    assert_eq!(
+        (lead().await.opted_out, lead().await.opted_out_at),
+        (false, None),
+        "{n}"
+    );
+    store.opt_out(&s, at(20)).await.unwrap();
+    assert_eq!(
+        (lead().await.opted_out, lead().await.opted_out_at),
+        (true, Some(at(20))),
+        "{n}"
+    );
+    store.opt_out(&s, at(15)).await.unwrap();
+    assert_eq!(lead().await.opted_out_at, Some(at(20)), "{n}: never back");
+    store.opt_in(&s, at(30)).await.unwrap();
+    assert_eq!(
+        (lead().await.opted_out, lead().await.opted_out_at),
+        (false, None),
+        "{n}"
+    );
+    store.opt_out(&s, at(40)).await.unwrap();
+    assert_eq!(lead().await.opted_out_at, Some(at(40)), "{n}");
+    store
+        .opt_out(&session("a1", "+14155550199"), at(50))
+        .await
+        .unwrap();
+    assert_eq!(store.leads(&agent_id("a1")).await.unwrap().len(), 1, "{n}");
+}
 
 /// A cached Content API sid: absent until cached, the first sid cached stands against a later
 /// one and against racing senders, it is one key's only, and it survives a reopen.

@@ -4,7 +4,8 @@
 //! over 30 conversations flows throughout; once it ends, every message must be answered exactly
 //! once and in order per conversation. Each test prints what it saw: lost, duplicated, out of
 //! order, and the time to recover (the killed shard's writes answering again, and the slowest
-//! message's time from acceptance to its answer).
+//! message's time from acceptance to its answer). And both backends at once: a NATS stream
+//! leader and the Redis master killed together, under 2+2+2 processes.
 
 use crate::support;
 
@@ -21,6 +22,7 @@ use support::{
         ACCOUNT_SID, AUTH_TOKEN, Servers, Wagate, deliver_last_messages, deliver_like_twilio,
         echoed_lines, inbound_form, sid,
     },
+    nats_cluster::NatsCluster,
     redis_cluster::{RedisCluster, RedisSentinel, SENTINEL_MASTER},
 };
 
@@ -51,24 +53,29 @@ struct Outcome {
     worst_latency: Duration,
 }
 
-/// Runs the traffic against `wagate`, calls `kill` about 2 s in, and `recovered` right after it
-/// (it returns once the store takes writes again); then checks the answers.
+/// Runs the traffic against `ingress` (each user's messages through them in turn; the agent is
+/// made through the first), calls `kill` about 2 s in, and `recovered` right after it (it
+/// returns once the store takes writes again); then checks the answers.
 async fn under_traffic(
     name: &str,
-    wagate: &Wagate,
+    ingress: &[&Wagate],
     twilio: &FakeTwilio,
     kill: impl AsyncFnOnce(),
     recovered: impl AsyncFnOnce(),
 ) -> Outcome {
-    wagate.echo_agent("demo").await;
-    let url = format!("{}/webhooks/twilio/whatsapp/demo", wagate.public_url);
+    ingress[0].echo_agent("demo").await;
+    let urls: Vec<String> = ingress
+        .iter()
+        .map(|w| format!("{}/webhooks/twilio/whatsapp/demo", w.public_url))
+        .collect();
+    let url = urls[0].clone();
     let accepted: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
     let traffic = {
-        let (url, accepted) = (url.clone(), accepted.clone());
+        let (urls, accepted) = (urls.clone(), accepted.clone());
         tokio::spawn(async move {
             let http = reqwest::Client::new();
             let users = (0..USERS).map(|u| {
-                let (http, url, accepted) = (http.clone(), url.clone(), accepted.clone());
+                let (http, urls, accepted) = (http.clone(), urls.clone(), accepted.clone());
                 async move {
                     let user = user(u);
                     let start = rand::rng().random_range(0..300);
@@ -76,7 +83,8 @@ async fn under_traffic(
                     for m in 0..MESSAGES {
                         let text = format!("{user} #{m}");
                         let fields = inbound_form(&sid(u * 1000 + m), &user, &text);
-                        deliver_like_twilio(&http, &url, &fields).await;
+                        let url = &urls[((u + m) % urls.len() as u64) as usize];
+                        deliver_like_twilio(&http, url, &fields).await;
                         accepted.lock().unwrap().insert(text, SystemTime::now());
                         let pause = rand::rng().random_range(300..600);
                         tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -178,6 +186,22 @@ async fn under_traffic(
     outcome
 }
 
+/// Whether the Redis at `url` takes a write (a promoted replica does).
+async fn takes_a_write(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("SET")
+        .arg("probe")
+        .arg("x")
+        .query_async::<()>(&mut conn)
+        .await
+        .is_ok()
+}
+
 /// Polls `write` until it succeeds, for at most 30 s.
 async fn until_writable(what: &str, mut write: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -214,7 +238,7 @@ async fn a_cluster_master_killed_under_traffic_loses_and_repeats_nothing() {
     let cluster_ref = &mut cluster;
     under_traffic(
         "redis cluster, master killed",
-        &wagate,
+        &[&wagate],
         &twilio,
         async || cluster_ref.nodes[victim].kill(),
         async || {
@@ -258,27 +282,94 @@ async fn a_sentinel_master_killed_under_traffic_loses_and_repeats_nothing() {
     let setup_ref = &mut setup;
     under_traffic(
         "redis sentinel, master killed",
-        &wagate,
+        &[&wagate],
         &twilio,
         async || setup_ref.data[0].kill(),
         async || {
             until_writable("the promoted replica", async || {
-                let Ok(client) = redis::Client::open(replica.as_str()) else {
-                    return false;
-                };
-                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                    return false;
-                };
-                redis::cmd("SET")
-                    .arg("probe")
-                    .arg("x")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .is_ok()
+                takes_a_write(&replica).await
             })
             .await;
         },
     )
     .await;
     assert_eq!(setup.master().await, Some(1), "the replica was promoted");
+}
+
+/// NATS and Redis fail together: on a 3-node JetStream cluster and a Sentinel-watched Redis,
+/// with 2 ingress, 2 worker and 2 sender processes, the inbound stream's leader and the Redis
+/// master are killed at the same moment under traffic; the old NATS node comes back. Nothing
+/// is lost, repeated or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_leader_and_the_redis_master_killed_together_lose_and_repeat_nothing() {
+    let mut nats = NatsCluster::start(3).await;
+    let mut redis = RedisSentinel::start().await;
+    let mut servers = Servers::start().await;
+    servers.nats_url = nats.url();
+    let twilio = FakeTwilio::start().await;
+    twilio.add_account(ACCOUNT_SID, AUTH_TOKEN);
+    let js = async_nats::jetstream::new(nats.client().await);
+    let (url, sentinels) = (redis.url(), redis.sentinels());
+    let data = |name: &str| servers.dir.path().join(name).display().to_string();
+    let (d1, d2) = (data("ingress-1"), data("ingress-2"));
+    let mut env = vec![
+        ("WAGATE_REDIS_URL", url.as_str()),
+        ("WAGATE_REDIS_SENTINELS", sentinels.as_str()),
+        ("WAGATE_REDIS_SENTINEL_MASTER", SENTINEL_MASTER),
+        ("WAGATE_NATS_REPLICAS", "3"),
+        // As in the NATS failover test: no spool with several ingress processes.
+        ("WAGATE_SPOOL_AFTER_MS", "10000"),
+        ("WAGATE_SPOOL_MAX_MB", "0"),
+    ];
+    env.extend(RETRIES);
+    let with = |extra: &[(&'static str, &str)]| -> Vec<(String, String)> {
+        env.iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let start = async |role: &str, env: Vec<(String, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Wagate::start_role(role, &servers, &twilio.base_url, &env).await
+    };
+    let first = start("ingress", with(&[("WAGATE_DATA_DIR", d1.as_str())])).await;
+    let second = start("ingress", with(&[("WAGATE_DATA_DIR", d2.as_str())])).await;
+    let public = first.public_url.clone();
+    let mut roles = Vec::new();
+    for role in ["worker", "worker", "sender", "sender"] {
+        roles.push(start(role, with(&[("WAGATE_PUBLIC_URL", public.as_str())])).await);
+    }
+    let replica = redis.data[1].url();
+    let leader =
+        NatsCluster::wait_stream_leader(&js, "WAGATE_INBOUND", None, Duration::from_secs(10)).await;
+    // Both steps below need the cluster; they run one after the other.
+    let nats_ref = tokio::sync::Mutex::new(&mut nats);
+    let redis_ref = &mut redis;
+    let killed_leader = leader.clone();
+    under_traffic(
+        "nats leader and redis master killed together",
+        &[&first, &second],
+        &twilio,
+        async || {
+            nats_ref.lock().await.kill(&killed_leader);
+            redis_ref.data[0].kill();
+        },
+        async || {
+            until_writable("the promoted replica", async || {
+                takes_a_write(&replica).await
+            })
+            .await;
+            NatsCluster::wait_stream_leader(
+                &js,
+                "WAGATE_INBOUND",
+                Some(&killed_leader),
+                Duration::from_secs(30),
+            )
+            .await;
+            nats_ref.lock().await.restart(&killed_leader).await;
+        },
+    )
+    .await;
+    assert_eq!(redis.master().await, Some(1), "the replica was promoted");
+    drop(roles);
 }

@@ -606,30 +606,32 @@ async fn stop_opts_out_without_a_turn_and_only_start_opts_back_in() {
     );
 }
 
+/// `PUT /v1/agents/demo/whatsapp` with `body`: the status and the answer.
+async fn put_channel(w: &World, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
 /// A send to a phone that has not joined the Sandbox (63015) becomes a dead letter that says
 /// how to join, with the channel's join code; a production number is not the Sandbox.
 #[tokio::test]
 async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
-    let put = |body: serde_json::Value| {
-        let w = &w;
-        async move {
-            let r = w
-                .wagate
-                .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status();
-            (status, r.json::<serde_json::Value>().await.unwrap())
-        }
-    };
-    let (status, channel) = put(serde_json::json!({
-        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
-        "sandbox_join_code": "join ancient-pencil",
-    }))
+    let (status, channel) = put_channel(
+        &w,
+        serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+            "sandbox_join_code": "join ancient-pencil",
+        }),
+    )
     .await;
     assert_eq!(status, 200, "{channel}");
     assert_eq!(channel["sandbox"], true);
@@ -649,20 +651,78 @@ async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
         reason.contains("joined the Sandbox") && reason.contains("\"join ancient-pencil\""),
         "{reason}"
     );
-    let (status, channel) = put(serde_json::json!({
-        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155550999",
-        "sandbox_join_code": "",
-    }))
+    let (status, channel) = put_channel(
+        &w,
+        serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155550999",
+            "sandbox_join_code": "",
+        }),
+    )
     .await;
     assert_eq!(status, 200, "{channel}");
     assert_eq!(channel["sandbox"], false);
     assert_eq!(channel["sandbox_join_code"], serde_json::Value::Null);
-    let (status, error) = put(serde_json::json!({
-        "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
-        "sandbox_join_code": "join <script>",
-    }))
+    let (status, error) = put_channel(
+        &w,
+        serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+            "sandbox_join_code": "join <script>",
+        }),
+    )
     .await;
     assert_eq!(status, 422, "{error}");
+}
+
+/// A channel with a Messaging Service sends through it (`MessagingServiceSid`, no `From`), and
+/// an ambiguous answer is settled from Twilio's list by the service, not posted again.
+#[tokio::test]
+async fn a_channel_with_a_messaging_service_sends_through_it() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let service = format!("MG{}", "0123456789abcdef".repeat(2));
+    let (status, bad) = put_channel(
+        &w,
+        serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+            "messaging_service_sid": "MG123",
+        }),
+    )
+    .await;
+    assert_eq!(status, 422, "{bad}");
+    let (status, channel) = put_channel(
+        &w,
+        serde_json::json!({
+            "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
+            "messaging_service_sid": service,
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{channel}");
+    assert_eq!(channel["messaging_service_sid"], service.as_str());
+    w.wagate.inbound("demo", &sid(1), FROM, "hi").await;
+    let sent = w.twilio.wait_for_sent(1, WAIT).await;
+    let field = |name: &str| {
+        sent[0]
+            .form
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("MessagingServiceSid"), Some(service.clone()));
+    assert_eq!(field("From"), None);
+
+    // Twilio makes the message and the answer is lost: found in the list, not posted again.
+    w.twilio.push_response(ScriptedResponse::AcceptButFail500);
+    w.wagate.inbound("demo", &sid(2), FROM, "again").await;
+    eventually(WAIT, "the ambiguous post settled", || async {
+        (w.wagate
+            .metric("wagate_send_ambiguous_total{resolution=\"found\"}")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(bodies_to(&w, FROM), ["hi", "again"], "posted once each");
 }
 
 /// A channel's own keywords replace Twilio's, its own confirmations are sent (an empty one is
@@ -671,25 +731,24 @@ async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
 async fn a_channels_own_keywords_and_confirmations_replace_the_defaults() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
-    let r = w
-        .wagate
-        .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
-        .json(&serde_json::json!({
+    let (status, channel) = put_channel(
+        &w,
+        serde_json::json!({
             "account_sid": support::harness::ACCOUNT_SID, "phone_number": "+14155238886",
             "optout_keywords": ["BAJA", "alto"], "optin_keywords": ["ALTA"],
             "optout_reply": "", "optin_reply": "Bienvenido de nuevo",
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let channel: serde_json::Value = r.json().await.unwrap();
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{channel}");
     assert_eq!(
         channel["optout_keywords"],
         serde_json::json!(["BAJA", "alto"])
     );
     assert_eq!(channel["optout_reply"], "");
+    // One at a time: two messages back to back would be answered as one turn.
     w.wagate.inbound("demo", &sid(1), FROM, "yes").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
     w.wagate.inbound("demo", &sid(2), FROM, "STOP").await;
     let sent = w.twilio.wait_for_sent(2, WAIT).await;
     assert_eq!(
@@ -719,16 +778,12 @@ async fn a_channels_own_keywords_and_confirmations_replace_the_defaults() {
         let mut body = bad.clone();
         body["account_sid"] = support::harness::ACCOUNT_SID.into();
         body["phone_number"] = "+14155238886".into();
-        let r = w
-            .wagate
-            .admin(reqwest::Method::PUT, "/v1/agents/demo/whatsapp")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 422, "{bad}");
-        let error = r.text().await.unwrap();
-        assert!(error.contains(why), "{bad}: {error}");
+        let (status, error) = put_channel(&w, body).await;
+        assert_eq!(status, 422, "{bad}");
+        assert!(
+            error["error"].as_str().unwrap().contains(why),
+            "{bad}: {error}"
+        );
     }
     let channel = w.wagate.admin_json("/v1/agents/demo/whatsapp").await;
     assert_eq!(

@@ -75,8 +75,9 @@ pub(crate) fn csv_download(agent: &shared::agent::Agent, leads: &[Lead]) -> Resp
 }
 
 fn to_csv(leads: &[Lead]) -> String {
-    let mut out =
-        String::from("phone,platform,profile_name,first_seen,last_seen,message_count\r\n");
+    let mut out = String::from(
+        "phone,platform,profile_name,first_seen,last_seen,message_count,opted_out,opted_out_at\r\n",
+    );
     for l in leads {
         let fields = [
             cell(&l.phone),
@@ -85,6 +86,10 @@ fn to_csv(leads: &[Lead]) -> String {
             l.first_seen.format(&Rfc3339).unwrap_or_default(),
             l.last_seen.format(&Rfc3339).unwrap_or_default(),
             l.message_count.to_string(),
+            l.opted_out.to_string(),
+            l.opted_out_at
+                .and_then(|at| at.format(&Rfc3339).ok())
+                .unwrap_or_default(),
         ];
         out.push_str(&fields.join(","));
         out.push_str("\r\n");

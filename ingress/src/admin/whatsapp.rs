@@ -39,6 +39,24 @@ pub(crate) struct ChannelRequest {
     /// The Sandbox's join words (`join <words>` or just the words); left out keeps what was
     /// stored, `""` removes it.
     pub(crate) sandbox_join_code: Option<String>,
+    /// `MG` and 32 hex digits; left out keeps what was stored, `""` removes it.
+    pub(crate) messaging_service_sid: Option<String>,
+}
+
+/// A Messaging Service sid as given, or `None` for an empty one.
+fn service_sid(raw: &str) -> Result<Option<String>, ApiError> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let fine =
+        raw.len() == 34 && raw.starts_with("MG") && raw[2..].chars().all(|c| c.is_ascii_hexdigit());
+    if !fine {
+        return Err(ApiError::invalid(
+            "messaging_service_sid is MG and 32 hex digits (Twilio Console, Messaging, Services)",
+        ));
+    }
+    Ok(Some(raw.to_owned()))
 }
 
 /// The words of a Sandbox join code as given (`join ancient-pencil`, or `ancient-pencil`), or
@@ -69,6 +87,29 @@ fn join_words(raw: &str) -> Result<Option<String>, ApiError> {
 const MAX_KEYWORDS: usize = 20;
 
 impl ChannelRequest {
+    /// A request for the channel's account, number and switches, every other setting left
+    /// as stored: what the console's forms ask.
+    pub(crate) fn basic(
+        account_sid: String,
+        auth_token: Option<SecretString>,
+        phone_number: String,
+        simulation: bool,
+    ) -> Self {
+        Self {
+            account_sid,
+            auth_token,
+            phone_number,
+            enabled: Some(true),
+            simulation: Some(simulation),
+            optout_keywords: None,
+            optin_keywords: None,
+            optout_reply: None,
+            optin_reply: None,
+            sandbox_join_code: None,
+            messaging_service_sid: None,
+        }
+    }
+
     /// The opt-out settings to store: what was asked over what was stored, checked.
     fn consent(&mut self, stored: Consent) -> Result<Consent, ApiError> {
         let keywords = |field: &str, words: Option<Vec<String>>| {
@@ -170,6 +211,7 @@ pub struct ChannelView {
     /// On the Twilio Sandbox's number.
     pub(crate) sandbox: bool,
     pub(crate) sandbox_join_code: Option<String>,
+    pub(crate) messaging_service_sid: Option<String>,
 }
 
 impl ChannelView {
@@ -192,6 +234,7 @@ impl ChannelView {
             consent: ConsentView::new(&channel.consent),
             sandbox: channel.is_sandbox(),
             sandbox_join_code: channel.sandbox_join_code.clone(),
+            messaging_service_sid: channel.messaging_service_sid.clone(),
         }
     }
 }
@@ -294,6 +337,12 @@ pub(crate) async fn save(
         sandbox_join_code: match req.sandbox_join_code.as_deref() {
             Some(raw) => join_words(raw)?,
             None => existing.as_ref().and_then(|c| c.sandbox_join_code.clone()),
+        },
+        messaging_service_sid: match req.messaging_service_sid.as_deref() {
+            Some(raw) => service_sid(raw)?,
+            None => existing
+                .as_ref()
+                .and_then(|c| c.messaging_service_sid.clone()),
         },
         updated_at: OffsetDateTime::now_utc(),
     };

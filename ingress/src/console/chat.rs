@@ -127,18 +127,12 @@ async fn simulated_channel(state: &AppState, agent: &Agent) -> Result<String, Ap
         None => {
             // Nobody outside wagate signs with this token: messages are published directly.
             let token = uuid::Uuid::new_v4().simple().to_string();
-            let request = whatsapp::ChannelRequest {
-                account_sid: format!("AC{}", "0".repeat(32)),
-                auth_token: Some(token.into()),
-                phone_number: SIMULATED_NUMBER.to_owned(),
-                enabled: Some(true),
-                simulation: Some(true),
-                optout_keywords: None,
-                optin_keywords: None,
-                optout_reply: None,
-                optin_reply: None,
-                sandbox_join_code: None,
-            };
+            let request = whatsapp::ChannelRequest::basic(
+                format!("AC{}", "0".repeat(32)),
+                Some(token.into()),
+                SIMULATED_NUMBER.to_owned(),
+                true,
+            );
             whatsapp::save(state, agent.id.as_str(), request, None).await?;
             Ok(SIMULATED_NUMBER.to_owned())
         }

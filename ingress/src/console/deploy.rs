@@ -161,18 +161,12 @@ async fn save_deploy(
     headers: HeaderMap,
     Form(form): Form<DeployForm>,
 ) -> Response {
-    let request = whatsapp::ChannelRequest {
-        account_sid: form.account_sid.trim().to_owned(),
-        auth_token: secret(&form.auth_token),
-        phone_number: form.phone_number.trim().to_owned(),
-        enabled: Some(true),
-        simulation: Some(false),
-        optout_keywords: None,
-        optin_keywords: None,
-        optout_reply: None,
-        optin_reply: None,
-        sandbox_join_code: None,
-    };
+    let request = whatsapp::ChannelRequest::basic(
+        form.account_sid.trim().to_owned(),
+        secret(&form.auth_token),
+        form.phone_number.trim().to_owned(),
+        false,
+    );
     match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
         Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
         Err(e) => {

@@ -70,6 +70,11 @@ struct LeadRecord {
     last_seen: i64,
     profile_name: Option<String>,
     message_count: u64,
+    /// The latest opt-out and opt-in (ms), as the conversation's clocks have them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optin: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -358,6 +363,8 @@ fn count_lead(
             last_seen: at,
             profile_name: None,
             message_count: 0,
+            optout: None,
+            optin: None,
         },
         Some(mut lead) => {
             lead.first_seen = lead.first_seen.min(at);
@@ -467,17 +474,45 @@ impl EmbeddedStore {
             .await?)
     }
 
+    /// Moves the clock `kind` of `session` to `at` (never back); an opt-out or opt-in is
+    /// copied onto the user's lead, if they are one, in the same transaction, so the leads
+    /// list shows it.
     async fn stamp(
         &self,
         kind: &'static str,
         session: &SessionId,
         at: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        let agent = session.agent().as_str().to_owned();
+        let user = session.user().to_owned();
         let session = session.to_string();
         let at = ms(at);
         Ok(self
             .db
-            .write(move |txn| stamp_max(txn, kind, &session, at))
+            .write(move |txn| {
+                stamp_max(txn, kind, &session, at)?;
+                if kind == "window" {
+                    return Ok(());
+                }
+                let mut leads = txn.open_table(LEADS)?;
+                let stored = leads
+                    .get((agent.as_str(), user.as_str()))?
+                    .map(|v| serde_json::from_slice::<LeadRecord>(v.value()))
+                    .transpose()?;
+                if let Some(mut lead) = stored {
+                    let field = if kind == "optout" {
+                        &mut lead.optout
+                    } else {
+                        &mut lead.optin
+                    };
+                    *field = Some(field.map_or(at, |cur| cur.max(at)));
+                    leads.insert(
+                        (agent.as_str(), user.as_str()),
+                        serde_json::to_vec(&lead)?.as_slice(),
+                    )?;
+                }
+                Ok(())
+            })
             .await?)
     }
 }
@@ -792,13 +827,19 @@ impl Store for EmbeddedStore {
         leads.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         Ok(leads
             .into_iter()
-            .map(|(_, phone, r)| Lead {
-                phone,
-                platform: "whatsapp".into(),
-                profile_name: r.profile_name,
-                first_seen: from_ms(r.first_seen),
-                last_seen: from_ms(r.last_seen),
-                message_count: r.message_count,
+            .map(|(_, phone, r)| {
+                let mut lead = Lead {
+                    phone,
+                    platform: "whatsapp".into(),
+                    profile_name: r.profile_name,
+                    first_seen: from_ms(r.first_seen),
+                    last_seen: from_ms(r.last_seen),
+                    message_count: r.message_count,
+                    opted_out: false,
+                    opted_out_at: None,
+                };
+                lead.consent(r.optout, r.optin);
+                lead
             })
             .collect())
     }

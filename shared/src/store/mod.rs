@@ -163,6 +163,27 @@ pub struct Lead {
     pub last_seen: OffsetDateTime,
     /// Messages received from this user.
     pub message_count: u64,
+    /// Whether the user opted out and has not opted back in.
+    pub opted_out: bool,
+    /// When, while they are opted out.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub opted_out_at: Option<OffsetDateTime>,
+}
+
+impl Lead {
+    /// `opted_out` and `opted_out_at` from the lead's opt-out and opt-in times (ms), as
+    /// [`crate::window::opted_out`] reads the clocks.
+    pub(crate) fn consent(&mut self, optout: Option<i64>, optin: Option<i64>) {
+        let at =
+            |ms: i64| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok();
+        let clocks = WindowClocks {
+            last_inbound: None,
+            opted_out_at: optout.and_then(at),
+            opted_in_at: optin.and_then(at),
+        };
+        self.opted_out = crate::window::opted_out(clocks);
+        self.opted_out_at = clocks.opted_out_at.filter(|_| self.opted_out);
+    }
 }
 
 /// One inbound message, as seen by lead capture.

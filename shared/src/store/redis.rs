@@ -135,6 +135,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[4 + n])
 return false
 "#;
 
+// KEYS[1] = a lead hash; ARGV[1] = field, ARGV[2] = time (ms): the field moves forward to it,
+// on a lead that exists only.
+const STAMP_LEAD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"#;
+
 const STAMP_MAX: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
@@ -225,6 +234,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     begin_turn: Script::new(BEGIN_TURN),
     complete_turn: Script::new(COMPLETE_TURN),
     stamp_max: Script::new(STAMP_MAX),
+    stamp_lead: Script::new(STAMP_LEAD),
     claim_send: Script::new(CLAIM_SEND),
     renew_send: Script::new(RENEW_SEND),
     settle_sent: Script::new(SETTLE_SENT),
@@ -240,6 +250,7 @@ struct Scripts {
     begin_turn: Script,
     complete_turn: Script,
     stamp_max: Script,
+    stamp_lead: Script,
     claim_send: Script,
     renew_send: Script,
     settle_sent: Script,
@@ -455,6 +466,28 @@ impl RedisStore {
         Ok(h.get("status")
             .map(|s| MessageStatus::parse(s))
             .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+
+    /// Copies an opt-out or opt-in time (`field`) onto the user's lead, if they are one, so
+    /// that the leads list shows it without reading every conversation's clocks (another slot
+    /// on a cluster). The conversation's clock, written first, is what sends obey.
+    async fn stamp_lead(
+        &self,
+        session: &SessionId,
+        field: &str,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let agent = session.agent();
+        let user = session.user();
+        let _: i64 = SCRIPTS
+            .stamp_lead
+            .key(key!(self, "lead:{{{agent}}}:{user}"))
+            .arg(field)
+            .arg(ms(at))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("stamp lead"))?;
+        Ok(())
     }
 
     async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
@@ -864,21 +897,32 @@ impl Store for RedisStore {
             .await
             .map_err(err("leads"))?;
         let mut out = Vec::with_capacity(users.len());
-        for user in users {
-            let h: std::collections::HashMap<String, String> = self
-                .conn()
-                .hgetall(key!(self, "lead:{{{agent}}}:{user}"))
+        // The agent's leads share its slot: a pipeline of reads per chunk, not a round trip
+        // per lead.
+        for chunk in users.chunks(500) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.hgetall(key!(self, "lead:{{{agent}}}:{user}"));
+            }
+            let hashes: Vec<std::collections::HashMap<String, String>> = pipe
+                .query_async(&mut self.conn())
                 .await
-                .map_err(err("lead"))?;
-            let num = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-            out.push(Lead {
-                phone: user,
-                platform: "whatsapp".into(),
-                profile_name: h.get("profile_name").cloned(),
-                first_seen: from_ms(num("first_seen")),
-                last_seen: from_ms(num("last_seen")),
-                message_count: u64::try_from(num("message_count")).unwrap_or(0),
-            });
+                .map_err(err("leads"))?;
+            for (user, h) in chunk.iter().zip(hashes) {
+                let num = |f: &str| h.get(f).and_then(|v| v.parse::<i64>().ok());
+                let mut lead = Lead {
+                    phone: user.clone(),
+                    platform: "whatsapp".into(),
+                    profile_name: h.get("profile_name").cloned(),
+                    first_seen: from_ms(num("first_seen").unwrap_or(0)),
+                    last_seen: from_ms(num("last_seen").unwrap_or(0)),
+                    message_count: u64::try_from(num("message_count").unwrap_or(0)).unwrap_or(0),
+                    opted_out: false,
+                    opted_out_at: None,
+                };
+                lead.consent(num("optout"), num("optin"));
+                out.push(lead);
+            }
         }
         Ok(out)
     }
@@ -921,7 +965,7 @@ impl Store for RedisStore {
         // Losing it would send to a user who said STOP (or refuse one who said START).
         self.replicated(&key!(self, "optout:{{{session}}}"), "opt out")
             .await;
-        Ok(())
+        self.stamp_lead(session, "optout", at).await
     }
 
     async fn opted_out_at(
@@ -947,7 +991,7 @@ impl Store for RedisStore {
         // Losing it would send to a user who said STOP (or refuse one who said START).
         self.replicated(&key!(self, "optin:{{{session}}}"), "opt in")
             .await;
-        Ok(())
+        self.stamp_lead(session, "optin", at).await
     }
 
     async fn opted_in_at(&self, session: &SessionId) -> Result<Option<OffsetDateTime>, StoreError> {
