@@ -205,6 +205,9 @@ async fn connection(stream: TcpStream, served: Served, stop: Stop, _slot: OwnedS
         limits,
     } = served;
     let activity = Arc::new(Activity::new());
+    // The client's address, for handlers that limit per client (the console's sign-in), as
+    // axum's own `ConnectInfo` would give it.
+    let peer = stream.peer_addr().ok().map(axum::extract::ConnectInfo);
     let io = TokioIo::new(Tracked {
         stream,
         activity: activity.clone(),
@@ -212,7 +215,10 @@ async fn connection(stream: TcpStream, served: Served, stop: Stop, _slot: OwnedS
     let in_request = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let request_guard = InProgress::start(in_request.clone());
-        let request = request.map(|body| DeadlineBody::new(limits.body_timeout, body));
+        let mut request = request.map(|body| DeadlineBody::new(limits.body_timeout, body));
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
         let response = router.clone().call(request);
         async move {
             let response = response.await?;

@@ -138,7 +138,9 @@ async fn verify(
             agent = %agent_id, signed_url = %shared::redact::text(&url),
             "X-Twilio-Signature does not match: check the Auth Token, and that WAGATE_PUBLIC_URL is the URL configured in Twilio"
         );
-        state.console.note_signature_failure(&agent_id, &url);
+        state
+            .console
+            .note_signature_failure(&state.store, &agent_id, &url);
         outcome(kind, "unauthorized");
         return Err(plain(StatusCode::UNAUTHORIZED, "Unauthorized"));
     }

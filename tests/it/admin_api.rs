@@ -702,6 +702,12 @@ async fn session_is_found_by_encoded_and_by_raw_phone() {
         assert_eq!(r.status(), 200);
         w.twilio.wait_for_sent(n + 1, WAIT).await;
     }
+    // Both replies recorded as sent (a moment after Twilio has them), so that the two reads
+    // below see one state.
+    replies_once(&w, "both replies' sids", |r| {
+        r.len() == 2 && r.iter().all(|m| m["sid"].is_string())
+    })
+    .await;
     let encoded = FROM.replace('+', "%2B");
     let mut answers = Vec::new();
     for phone in [encoded.as_str(), FROM] {
@@ -762,6 +768,312 @@ async fn session_is_found_by_encoded_and_by_raw_phone() {
     .await;
     assert!(a.status >= 400, "a phone that is not E.164: {a:?}");
     assert_sane(&a, "session of a phone that is not E.164");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pages
+
+/// Every page of `path` (which has `?` already) at `limit` a page: each page's items, following
+/// `next_cursor` to the end. `between` runs after the first page.
+async fn pages(
+    w: &World,
+    path: &str,
+    limit: usize,
+    between: impl AsyncFnOnce(),
+) -> Vec<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut between = Some(between);
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}limit={limit}&cursor={c}"),
+            None => format!("{path}limit={limit}"),
+        };
+        let a = call(w, Method::GET, &url, None).await;
+        assert_eq!(a.status, 200, "{url}: {}", a.text);
+        let page = a.json();
+        assert_eq!(
+            keys(&page),
+            ["items", "next_cursor"].map(String::from).into(),
+            "{page}"
+        );
+        let items = page["items"].as_array().expect("items").clone();
+        assert!(items.len() <= limit, "{page}");
+        out.push(items);
+        if let Some(f) = between.take() {
+            f().await;
+        }
+        match &page["next_cursor"] {
+            Value::Null => return out,
+            Value::String(c) => cursor = Some(c.clone()),
+            other => panic!("next_cursor is neither null nor a string: {other}"),
+        }
+        assert!(out.len() < 20, "pages without end");
+    }
+}
+
+fn field_of(pages: &[Vec<Value>], field: &str) -> Vec<Vec<String>> {
+    pages
+        .iter()
+        .map(|p| {
+            p.iter()
+                .map(|v| v[field].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// `/v1/agents`, leads and `/v1/dead-letters` page with `limit` and `cursor`; a page goes on
+/// after the last item of the one before, whatever was added meanwhile (an item that sorts
+/// before the cursor is not seen, one after it is); without `limit` the plain array as before;
+/// bad limits and cursors are 400 with a JSON error that says what is wrong.
+#[tokio::test]
+async fn lists_page_with_limit_and_cursor_and_stay_stable_under_inserts() {
+    let w = World::start().await;
+    for id in ["a1", "a2", "a3", "a4", "a5"] {
+        w.wagate.echo_agent(id).await;
+    }
+    let agents = pages(&w, "/v1/agents?", 2, async || {
+        w.wagate.echo_agent("a0").await;
+        w.wagate.echo_agent("a9").await;
+    })
+    .await;
+    assert_eq!(
+        field_of(&agents, "id"),
+        [vec!["a1", "a2"], vec!["a3", "a4"], vec!["a5", "a9"]]
+    );
+    let all = call(&w, Method::GET, "/v1/agents", None).await.json();
+    assert_eq!(
+        all.as_array().map(Vec::len),
+        Some(7),
+        "the plain array: {all}"
+    );
+
+    // Leads by first contact: a user who writes after the first page is on a later one.
+    let users = ["+14155550101", "+14155550102", "+14155550103"];
+    for (n, user) in users.iter().enumerate() {
+        w.wagate.inbound("a1", &sid(n as u64 + 1), user, "hi").await;
+        w.twilio.wait_for_sent(n + 1, WAIT).await;
+    }
+    let leads = pages(&w, "/v1/agents/a1/leads?", 2, async || {
+        w.wagate
+            .inbound("a1", &sid(10), "+14155550100", "late")
+            .await;
+        w.twilio.wait_for_sent(4, WAIT).await;
+    })
+    .await;
+    assert_eq!(
+        field_of(&leads, "phone"),
+        [
+            vec!["+14155550101", "+14155550102"],
+            vec!["+14155550103", "+14155550100"]
+        ]
+    );
+
+    // Dead letters by id, filtered too.
+    for (n, user) in users.iter().enumerate() {
+        w.twilio.push_response(ScriptedResponse::TwilioError {
+            status: 400,
+            code: 21211,
+            message: "The 'To' number is not a valid phone number.".into(),
+        });
+        w.wagate
+            .inbound("a2", &sid(20 + n as u64), user, "hi")
+            .await;
+        wait_dead_letters(&w, n + 1).await;
+    }
+    let letters = pages(&w, "/v1/dead-letters?stage=send&", 2, async || {}).await;
+    let ids: Vec<Vec<String>> = letters
+        .iter()
+        .map(|p| p.iter().map(|d| d["id"].to_string()).collect())
+        .collect();
+    let plain: Vec<String> = dead_letters(&w)
+        .await
+        .iter()
+        .map(|d| d["id"].to_string())
+        .collect();
+    assert_eq!(ids.concat(), plain, "the pages hold the list, in its order");
+    assert_eq!(letters.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+
+    let agents_cursor = call(&w, Method::GET, "/v1/agents?limit=1", None)
+        .await
+        .json()["next_cursor"]
+        .as_str()
+        .expect("a cursor")
+        .to_owned();
+    for (path, says) in [
+        ("/v1/agents?limit=0".to_owned(), "limit"),
+        ("/v1/agents?limit=1001".to_owned(), "limit"),
+        ("/v1/agents?limit=ten".to_owned(), "limit"),
+        ("/v1/agents/a1/leads?limit=".to_owned(), "limit"),
+        ("/v1/dead-letters?limit=-1".to_owned(), "limit"),
+        ("/v1/agents?cursor=abc".to_owned(), "limit"),
+        ("/v1/agents?limit=2&cursor=%21%21".to_owned(), "cursor"),
+        ("/v1/agents?limit=2&cursor=e30".to_owned(), "cursor"),
+        (
+            format!("/v1/dead-letters?limit=2&cursor={agents_cursor}"),
+            "cursor",
+        ),
+        (
+            format!("/v1/agents/a1/leads?limit=2&cursor={agents_cursor}"),
+            "cursor",
+        ),
+        ("/v1/agents/a1/leads?format=csv&limit=2".to_owned(), "limit"),
+    ] {
+        let a = call(&w, Method::GET, &path, None).await;
+        assert_error(&a, 400, &path);
+        let error = a.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains(says), "{path}: {error}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery
+
+/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
+async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
+    let mut form = vec![
+        ("MessageSid".to_owned(), message_sid.to_owned()),
+        ("MessageStatus".to_owned(), status.to_owned()),
+        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
+        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+    ];
+    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success(), "{status}: {}", r.status());
+}
+
+/// The agent's messages of the session with `FROM` once `done` holds for them.
+async fn replies_once(w: &World, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let path = format!("/v1/agents/demo/sessions/{}", FROM.replace('+', "%2B"));
+    eventually(WAIT, what, || async {
+        let s = call(w, Method::GET, &path, None).await.json();
+        let messages = s["messages"].as_array()?.clone();
+        for m in messages.iter().filter(|m| m["role"] == "user") {
+            assert!(
+                m.get("status").is_none() && m.get("sid").is_none(),
+                "a user's message has no delivery: {m}"
+            );
+        }
+        let replies: Vec<Value> = messages
+            .into_iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        done(&replies).then_some(replies)
+    })
+    .await
+}
+
+/// Each reply of the session shows its first message's sid and the status Twilio's callbacks
+/// reported (a reply of several parts the furthest behind, or its failure), and
+/// `GET …/messages/{sid}` answers one message with its reply's parts; another agent's sid
+/// or an unknown one is 404.
+#[tokio::test]
+async fn each_replys_sid_and_status_follow_twilios_callbacks() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    w.wagate.echo_agent("other").await;
+    w.wagate.inbound("demo", &sid(1), FROM, "hello").await;
+    let first = w.twilio.wait_for_sent(1, WAIT).await[0].sid.clone();
+    replies_once(&w, "the reply's sid, queued", |r| {
+        r.len() == 1 && r[0]["sid"] == first.as_str() && r[0]["status"] == "queued"
+    })
+    .await;
+    status_callback(&w, &first, "sent", None).await;
+    status_callback(&w, &first, "delivered", None).await;
+    replies_once(&w, "the reply delivered", |r| r[0]["status"] == "delivered").await;
+
+    // A reply of two parts: the second goes out once the first is reported sent.
+    let long = "word ".repeat(400);
+    w.wagate.inbound("demo", &sid(2), FROM, &long).await;
+    let second = w.twilio.wait_for_sent(2, WAIT).await[1].sid.clone();
+    status_callback(&w, &second, "sent", None).await;
+    let third = w.twilio.wait_for_sent(3, WAIT).await[2].sid.clone();
+    let replies = replies_once(&w, "the long reply's first sid", |r| {
+        r.len() == 2 && r[1]["sid"] == second.as_str()
+    })
+    .await;
+    assert_eq!(replies[0]["status"], "delivered", "{replies:?}");
+    status_callback(&w, &second, "read", None).await;
+    replies_once(&w, "the furthest behind of the parts", |r| {
+        r[1]["status"] == "queued"
+    })
+    .await;
+    status_callback(&w, &third, "undelivered", Some(63016)).await;
+    replies_once(&w, "a failed part stands for the reply", |r| {
+        r[1]["status"] == "undelivered"
+    })
+    .await;
+
+    // An operator's message shows its delivery too, under its author.
+    let a = call(
+        &w,
+        Method::POST,
+        "/v1/agents/demo/messages",
+        Some(json!({"to": FROM, "body": "Grace here", "operator": "Grace"})),
+    )
+    .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let by_grace = w.twilio.wait_for_sent(4, WAIT).await[3].sid.clone();
+    let replies = replies_once(&w, "the operator's message and its sid", |r| {
+        r.len() == 3 && r[2]["sid"] == by_grace.as_str()
+    })
+    .await;
+    assert_eq!(replies[2]["author"], "Grace", "{replies:?}");
+    assert_eq!(replies[2]["status"], "queued", "{replies:?}");
+    assert_eq!(replies[1]["status"], "undelivered", "{replies:?}");
+
+    let a = call(
+        &w,
+        Method::GET,
+        &format!("/v1/agents/demo/messages/{third}"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.json(),
+        json!({
+            "sid": third,
+            "to": FROM,
+            "status": "undelivered",
+            "error_code": 63016,
+            "parts": [
+                {"sid": second, "status": "read", "error_code": null},
+                {"sid": third, "status": "undelivered", "error_code": 63016},
+            ],
+        })
+    );
+    let a = call(
+        &w,
+        Method::GET,
+        &format!("/v1/agents/demo/messages/{first}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        a.json()["parts"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        a.text
+    );
+    for (path, what) in [
+        (
+            format!("/v1/agents/other/messages/{first}"),
+            "another agent's sid",
+        ),
+        (
+            format!("/v1/agents/demo/messages/{}", sid(99)),
+            "an unknown sid",
+        ),
+        ("/v1/agents/demo/messages/not-a-sid".to_owned(), "not a sid"),
+    ] {
+        let a = call(&w, Method::GET, &path, None).await;
+        assert_error(&a, 404, what);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1167,6 +1479,11 @@ fn routes() -> Vec<(Method, String, Option<Value>)> {
             "/v1/agents/demo/messages".into(),
             Some(json!({"to": FROM, "content_sid": template_sid()})),
         ),
+        (
+            Method::GET,
+            format!("/v1/agents/demo/messages/{}", sid(1)),
+            None,
+        ),
         (Method::GET, "/v1/dead-letters".into(), None),
         (Method::POST, "/v1/dead-letters/1/replay".into(), None),
         (Method::POST, "/v1/dead-letters/replay".into(), None),
@@ -1536,6 +1853,11 @@ async fn unknown_agents_are_404_on_every_agent_route() {
             Method::POST,
             "/v1/agents/nobody/messages".into(),
             Some(json!({"to": FROM, "body": "hi"})),
+        ),
+        (
+            Method::GET,
+            format!("/v1/agents/nobody/messages/{}", sid(1)),
+            None,
         ),
         (
             Method::DELETE,

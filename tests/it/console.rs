@@ -6,15 +6,15 @@
 
 use std::time::Duration;
 
-use fantoccini::Locator;
+use fantoccini::{Locator, key::Key};
 use reqwest::{Method, header};
 
 use crate::support::{
     browser::Browser,
     fake_twilio::ScriptedResponse,
     harness::{
-        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Proc, SANDBOX, Wagate, World, eventually, free_port,
-        inbound_form, sid,
+        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Mode, Proc, SANDBOX, Wagate, World, eventually,
+        free_port, inbound_form, sid,
     },
 };
 
@@ -57,6 +57,22 @@ async fn deploy(b: &Browser, id: &str) {
         t.contains("WhatsApp channel: enabled")
     })
     .await;
+}
+
+/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
+async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
+    let mut form = vec![
+        ("MessageSid".to_owned(), message_sid.to_owned()),
+        ("MessageStatus".to_owned(), status.to_owned()),
+        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
+        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+    ];
+    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success(), "{status}: {}", r.status());
 }
 
 #[tokio::test]
@@ -103,6 +119,24 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     b.screenshot("deploy").await;
     pages.push(b.html().await);
 
+    // Copy webhook URL puts the URL on the clipboard (its handler runs under the page's CSP):
+    // pasted into a field, it is the URL.
+    b.click_button("Copy webhook URL").await;
+    b.wait_for_text("the copy confirmed", |t| t.contains("Copied"))
+        .await;
+    let scratch = b.field("Account SID").await;
+    scratch.clear().await.expect("clear");
+    scratch
+        .send_keys(&(Key::Control + "v"))
+        .await
+        .expect("paste");
+    assert_eq!(
+        scratch.prop("value").await.unwrap().as_deref(),
+        Some(webhook.as_str()),
+        "the clipboard holds the webhook URL"
+    );
+    b.goto_path("/agents/demo/deploy").await;
+
     // Conversations: a signed webhook arrives, and the conversation and then the reply appear
     // without a reload.
     b.click_link("Conversations").await;
@@ -128,6 +162,21 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     assert_eq!(r.status(), 200);
     b.wait_for_text("the live message and reply", |t| {
         t.matches("second, live").count() == 2
+    })
+    .await;
+    // Each reply shows its Twilio message and status, which follows the status callbacks
+    // without a reload.
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    b.wait_for_text("both replies' messages, queued", |t| {
+        t.contains(&format!("{} queued", sent[0].sid))
+            && t.contains(&format!("{} queued", sent[1].sid))
+    })
+    .await;
+    status_callback(&w, &sent[0].sid, "delivered", None).await;
+    status_callback(&w, &sent[1].sid, "undelivered", Some(63016)).await;
+    b.wait_for_text("the statuses, live", |t| {
+        t.contains(&format!("{} delivered", sent[0].sid))
+            && t.contains(&format!("{} undelivered Twilio error 63016", sent[1].sid))
     })
     .await;
     b.screenshot("transcript").await;
@@ -330,6 +379,55 @@ async fn a_failed_send_shows_in_dead_letters_and_replay_delivers_it() {
     b.close().await;
 }
 
+/// Dead letters come a page of 25 at a time, newest first, with a link to the older ones
+/// and back; Replay all still names them all.
+#[tokio::test]
+async fn dead_letters_are_shown_newest_first_a_page_at_a_time() {
+    let w = World::start().await;
+    w.wagate.echo_agent("demo").await;
+    let user = |n: u64| format!("+1415555{:04}", 1000 + n);
+    for n in 1..=26 {
+        w.twilio.push_response(ScriptedResponse::TwilioError {
+            status: 400,
+            code: 21211,
+            message: "The 'To' number is not a valid phone number.".into(),
+        });
+        let r = w.wagate.inbound("demo", &sid(n), &user(n), "hi").await;
+        assert_eq!(r.status(), 200);
+        // One at a time, so that the dead letters' order is the users' order.
+        eventually(WAIT, "the dead letter", || async {
+            let d = w.wagate.admin_json("/v1/dead-letters").await;
+            (d.as_array().map(Vec::len) == Some(n as usize)).then_some(())
+        })
+        .await;
+    }
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    b.click_link("Dead letters").await;
+    b.wait_for_text("the newest page", |t| t.contains(&user(26)))
+        .await;
+    let rows = b.client.find_all(Locator::Css("tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 25);
+    assert!(
+        rows[0].text().await.unwrap().contains(&user(26)),
+        "newest first"
+    );
+    assert!(!b.text().await.contains(&user(1)));
+    assert!(
+        b.html().await.contains("Replay all 26 dead letters?"),
+        "Replay all names every dead letter"
+    );
+    b.click_link("Older").await;
+    b.wait_for_text("the older page", |t| {
+        t.contains(&user(1)) && !t.contains(&user(2))
+    })
+    .await;
+    b.click_link("Newest").await;
+    b.wait_for_text("the newest page again", |t| t.contains(&user(26)))
+        .await;
+    b.close().await;
+}
+
 #[tokio::test]
 async fn test_chat_talks_to_the_agent_through_the_pipeline_without_twilio() {
     let w = World::start().await;
@@ -363,6 +461,154 @@ async fn test_chat_talks_to_the_agent_through_the_pipeline_without_twilio() {
     b.wait_for_text("the refusal", |t| t.contains("posts to Twilio"))
         .await;
     b.close().await;
+}
+
+/// Sign-in attempts are limited per client: five wrong tokens are 401, the sixth attempt is
+/// 429 with a page that says so, whatever token it carries (none is checked), and once the
+/// allowance grows back (one attempt per 10 s) the right token signs in.
+#[tokio::test]
+async fn a_sixth_sign_in_attempt_at_once_is_429_and_the_token_works_after_the_wait() {
+    let w = World::start().await;
+    let admin = &w.wagate.admin_url;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let attempt = |token: &'static str| {
+        http.post(format!("{admin}/signin"))
+            .form(&[("token", token)])
+            .send()
+    };
+    for n in 1..=5 {
+        let r = attempt("wrong-token-000000000000").await.unwrap();
+        assert_eq!(r.status(), 401, "wrong attempt {n}");
+    }
+    let r = attempt("wrong-token-000000000000").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()[header::RETRY_AFTER], "10");
+    assert!(r.headers().get(header::SET_COOKIE).is_none());
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Too many sign-in attempts") && page.contains("Wait 10 seconds"),
+        "{page}"
+    );
+    let refused = std::time::Instant::now();
+    let r = attempt(ADMIN_TOKEN).await.unwrap();
+    assert_eq!(r.status(), 429, "over the limit even the right token waits");
+    assert!(r.headers().get(header::SET_COOKIE).is_none());
+
+    let signed_in = eventually(
+        Duration::from_secs(15),
+        "an attempt allowed again",
+        || async {
+            let r = attempt(ADMIN_TOKEN).await.unwrap();
+            (r.status() != 429).then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        refused.elapsed() >= Duration::from_secs(8),
+        "allowed again after {:?}",
+        refused.elapsed()
+    );
+    assert_eq!(signed_in.status(), 303);
+    assert!(signed_in.headers().get(header::SET_COOKIE).is_some());
+}
+
+/// A webhook refused for its signature at one ingress process shows on Deploy as served by
+/// another (the failure is in the store), and a flood of them is written once per 10 s: the
+/// stored failure keeps the time of the first of the flood.
+#[tokio::test]
+async fn signature_failures_at_any_ingress_show_on_deploy_and_a_flood_is_written_once() {
+    let w = World::start_in(Mode::Distributed, &[]).await;
+    w.wagate.echo_agent("demo").await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_string_lossy().into_owned();
+    let other = Wagate::start_role(
+        "ingress",
+        &w.servers,
+        &w.twilio.base_url,
+        &[("WAGATE_DATA_DIR", &spool_dir)],
+    )
+    .await;
+    let admin = &w.wagate.admin_url;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{admin}/signin"))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let deploy_page = || async {
+        let r = http
+            .get(format!("{admin}/agents/demo/deploy"))
+            .header(header::COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    assert!(deploy_page().await.contains("none in the last 30 days"));
+
+    let forge = |n: u64| {
+        let form = inbound_form(&sid(n), USER, "forged");
+        let other = &other;
+        async move {
+            let r = other
+                .post_signed(
+                    &Wagate::inbound_path("demo"),
+                    &form,
+                    "another-auth-token-0000",
+                )
+                .await;
+            assert_eq!(r.status(), 401);
+        }
+    };
+    forge(1).await;
+    let page = eventually(WAIT, "the other ingress's failure on Deploy", || async {
+        let page = deploy_page().await;
+        page.contains("likely cause").then_some(page)
+    })
+    .await;
+    // The other ingress has an address of its own, which the page names.
+    assert!(
+        page.contains(&format!("checked against {}/webhooks", other.public_url)),
+        "{page}"
+    );
+
+    let redis = w.servers.redis().await;
+    let stored = || {
+        let mut redis = redis.clone();
+        async move {
+            let keys: Vec<String> = redis::AsyncCommands::keys(&mut redis, "*sigfail:demo")
+                .await
+                .unwrap();
+            assert_eq!(keys.len(), 1, "{keys:?}");
+            let value: String = redis::AsyncCommands::get(&mut redis, &keys[0])
+                .await
+                .unwrap();
+            value
+        }
+    };
+    let first = stored().await;
+    for n in 2..=30 {
+        forge(n).await;
+    }
+    // Each refusal starts its write before answering: a write the flood caused would land
+    // within milliseconds; what is checked is that none does, so a short grace, not a wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored().await, first, "the flood was not written");
 }
 
 /// The HTTP contract of the console, without a browser.

@@ -16,8 +16,8 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pause, Role, Store, Turn, TurnStart,
-        WindowClocks,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pause, Role, SentMessage,
+        SignatureFailure, Store, Turn, TurnStart, WindowClocks,
         redis::{RedisStore, RedisTopology},
     },
     twilio::status::{MessageStatus, StatusUpdate},
@@ -201,6 +201,7 @@ on_both!(
     a_message_found_in_twilios_list_settles_one_part_only,
     a_first_part_is_claimed_with_the_window_clocks,
     sent_parts_round_trip,
+    a_sessions_sent_messages_are_listed_with_their_statuses,
     statuses_only_move_forward,
     failures_are_counted_and_cleared,
     the_simulated_outbox_keeps_order_and_reads_from_an_index,
@@ -209,6 +210,7 @@ on_both!(
     forgetting_a_session_keeps_what_is_not_the_conversation,
     erasing_a_user_removes_everything_of_theirs_and_nothing_else,
     deleting_an_agent_removes_it_and_tells_every_cache,
+    signature_failures_are_kept_per_agent_and_go_with_it,
     a_pause_is_read_with_the_turn_replaced_and_lifted,
     a_content_sid_is_cached_once_and_survives_reopen,
     a_completed_turn_keeps_its_quick_replies,
@@ -1478,6 +1480,74 @@ async fn sent_parts_round_trip(rig: Rig) {
     );
 }
 
+/// The parts sent to a user, found through the session (as a transcript finds them), each
+/// with its latest status: those marked sent and those settled after an ambiguous answer, and
+/// none of another user's.
+async fn a_sessions_sent_messages_are_listed_with_their_statuses(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    let s = session("a1", "+14155550100");
+    let other = session("a1", "+14155550111");
+    assert!(store.sent_messages(&s).await.unwrap().is_empty(), "{n}");
+    let first = reply("in-9-p0", "first");
+    let second = reply("in-9-p1", "second");
+    let mut theirs = reply("in-8-p0", "to someone else");
+    theirs.to = WhatsAppAddress::parse("whatsapp:+14155550111").unwrap();
+    store.mark_sent("in-9:0", &sid(31), &first).await.unwrap();
+    assert!(
+        store
+            .settle_sent("in-9:1", &sid(32), &second)
+            .await
+            .unwrap()
+    );
+    store.mark_sent("in-8:0", &sid(33), &theirs).await.unwrap();
+    store
+        .record_status(&StatusUpdate {
+            message_sid: msid(31),
+            status: MessageStatus::Delivered,
+            error_code: None,
+            to: None,
+        })
+        .await
+        .unwrap();
+    store
+        .record_status(&StatusUpdate {
+            message_sid: msid(32),
+            status: MessageStatus::Undelivered,
+            error_code: Some(63016),
+            to: None,
+        })
+        .await
+        .unwrap();
+
+    let mut sent = store.sent_messages(&s).await.unwrap();
+    sent.sort_by(|a, b| a.sid.cmp(&b.sid));
+    assert_eq!(
+        sent,
+        [
+            SentMessage {
+                sid: sid(31),
+                part: first,
+                status: Some((MessageStatus::Delivered, None)),
+            },
+            SentMessage {
+                sid: sid(32),
+                part: second,
+                status: Some((MessageStatus::Undelivered, Some(63016))),
+            },
+        ],
+        "{n}"
+    );
+    assert_eq!(
+        store.sent_messages(&other).await.unwrap(),
+        [SentMessage {
+            sid: sid(33),
+            part: theirs,
+            status: None,
+        }],
+        "{n}: no status reported yet"
+    );
+}
+
 async fn statuses_only_move_forward(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let update = |sid_n: u64, status: MessageStatus, error_code: Option<u32>| StatusUpdate {
@@ -1853,6 +1923,7 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     assert_eq!(store.sent_part(&sid(1001)).await.unwrap(), None, "{n}");
     assert_eq!(store.sent_part(&sid(2001)).await.unwrap(), None, "{n}");
     assert_eq!(store.status(&msid(1001)).await.unwrap(), None, "{n}");
+    assert!(store.sent_messages(&s).await.unwrap().is_empty(), "{n}");
     let leads: Vec<String> = store
         .leads(&agent_id("a1"))
         .await
@@ -1875,6 +1946,7 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
     assert!(store.sent_part(&sid(1002)).await.unwrap().is_some(), "{n}");
     assert!(store.sent_part(&sid(2002)).await.unwrap().is_some(), "{n}");
     assert!(store.status(&msid(1002)).await.unwrap().is_some(), "{n}");
+    assert_eq!(store.sent_messages(&other).await.unwrap().len(), 2, "{n}");
     assert_eq!(store.simulated(&other, 0).await.unwrap().len(), 1, "{n}");
 
     store.erase_user(&s).await.unwrap();
@@ -1918,4 +1990,37 @@ async fn deleting_an_agent_removes_it_and_tells_every_cache(rig: Rig) {
         !store.delete_agent(&agent_id("a1")).await.unwrap(),
         "{n}: already gone"
     );
+}
+
+/// The latest signature failure of each agent: the last noted stands, and it goes with the
+/// agent.
+async fn signature_failures_are_kept_per_agent_and_go_with_it(rig: Rig) {
+    let (store, n) = (rig.store(), rig.name);
+    store.put_agent(&agent("a1", "Ay")).await.unwrap();
+    let a1 = agent_id("a1");
+    assert_eq!(store.signature_failure(&a1).await.unwrap(), None, "{n}");
+    let failure = |ms: i64, url: &str| SignatureFailure {
+        at: at(ms),
+        signed_url: url.to_owned(),
+    };
+    store
+        .note_signature_failure(&a1, &failure(1, "https://one.example/webhooks"))
+        .await
+        .unwrap();
+    store
+        .note_signature_failure(&a1, &failure(2, "https://two.example/webhooks"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.signature_failure(&a1).await.unwrap(),
+        Some(failure(2, "https://two.example/webhooks")),
+        "{n}"
+    );
+    assert_eq!(
+        store.signature_failure(&agent_id("a2")).await.unwrap(),
+        None,
+        "{n}"
+    );
+    store.delete_agent(&a1).await.unwrap();
+    assert_eq!(store.signature_failure(&a1).await.unwrap(), None, "{n}");
 }

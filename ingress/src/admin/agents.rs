@@ -3,7 +3,8 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, State},
+    extract::{Path, Query, State},
+    response::{IntoResponse, Response},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,12 @@ use shared::{
 };
 use time::OffsetDateTime;
 
-use super::{ApiError, load_agent, parse_json, whatsapp::ChannelView};
+use super::{
+    ApiError, load_agent,
+    page::{Page, PageQuery},
+    parse_json,
+    whatsapp::ChannelView,
+};
 use crate::AppState;
 
 /// What `PUT /v1/agents/{agent_id}` (and the console's agent form) asks for. A secret left out
@@ -433,11 +439,31 @@ pub async fn get(
     Ok(Json(view(&state, agent).await?))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+/// `GET /v1/agents`: every agent, or a page of them by id ([`super::page`]).
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let request = q.request::<String>("agents")?;
     let agents = state.store.agents().await.map_err(ApiError::unavailable)?;
+    let id = |a: &Agent| a.id.to_string();
+    let (agents, next_cursor) = match &request {
+        Some(r) => {
+            let page = r.take("agents", agents, id);
+            (page.items, Some(page.next_cursor))
+        }
+        None => (agents, None),
+    };
     let mut out = Vec::with_capacity(agents.len());
     for a in agents {
         out.push(view(&state, a).await?);
     }
-    Ok(Json(out))
+    Ok(match next_cursor {
+        Some(next_cursor) => Json(Page {
+            items: out,
+            next_cursor,
+        })
+        .into_response(),
+        None => Json(out).into_response(),
+    })
 }

@@ -7,6 +7,7 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, Query, State},
+    response::Response,
 };
 use serde::Deserialize;
 use shared::{
@@ -15,7 +16,11 @@ use shared::{
 };
 use time::OffsetDateTime;
 
-use super::{ApiError, parse_json};
+use super::{
+    ApiError,
+    page::{self, PageRequest},
+    parse_json,
+};
 use crate::AppState;
 
 /// Which dead letters a list or bulk replay takes.
@@ -32,6 +37,32 @@ pub struct Filter {
     until: Option<OffsetDateTime>,
 }
 
+/// The list's query: a [`Filter`] and a page ([`super::page`]). Its own struct, as serde
+/// cannot flatten into a struct that refuses unknown fields; unknown parameters are refused
+/// here too.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    agent: Option<String>,
+    stage: Option<Stage>,
+    reason: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    since: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    until: Option<OffsetDateTime>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// The name of the dead letters' list in their cursors.
+pub(crate) const LIST: &str = "dead-letters";
+
+/// A dead letter's sort key in pages: its id, which both buses hand out as a growing number
+/// (an id that is not one sorts after them, by its text).
+pub(crate) fn page_key(d: &DeadLetter) -> (u64, String) {
+    (d.id.parse().unwrap_or(u64::MAX), d.id.clone())
+}
+
 impl Filter {
     fn matches(&self, d: &DeadLetter) -> bool {
         self.agent.as_ref().is_none_or(|a| d.agent_id.as_str() == a)
@@ -45,11 +76,21 @@ impl Filter {
     }
 }
 
+/// `GET /v1/dead-letters`: those the filter takes, all or a page of them by id.
 pub async fn list(
     State(state): State<AppState>,
-    Query(filter): Query<Filter>,
-) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    Ok(Json(matching(&state, &filter).await?))
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let request = PageRequest::parse(LIST, q.limit.as_deref(), q.cursor.as_deref())?;
+    let filter = Filter {
+        agent: q.agent,
+        stage: q.stage,
+        reason: q.reason,
+        since: q.since,
+        until: q.until,
+    };
+    let letters = matching(&state, &filter).await?;
+    Ok(page::answer(LIST, request, letters, page_key))
 }
 
 /// The dead letters `filter` takes: the API's list and the console's Dead letters page.

@@ -1,7 +1,6 @@
 //! `GET /v1/agents/{agent_id}/leads` (JSON, or CSV with `?format=csv`).
 
 use axum::{
-    Json,
     extract::{Path, Query, State},
     http::header,
     response::{IntoResponse, Response},
@@ -10,24 +9,39 @@ use serde::Deserialize;
 use shared::store::Lead;
 use time::format_description::well_known::Rfc3339;
 
-use super::{ApiError, load_agent};
+use super::{
+    ApiError, load_agent,
+    page::{self, PageQuery},
+};
 use crate::AppState;
 
 #[derive(Deserialize)]
 pub struct LeadsQuery {
     format: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
 }
 
+/// `GET /v1/agents/{agent_id}/leads`: every lead, or a page of them by first contact
+/// ([`super::page`]); the CSV is always whole.
 pub async fn list(
     State(state): State<AppState>,
     Path(raw): Path<String>,
     Query(q): Query<LeadsQuery>,
 ) -> Result<Response, ApiError> {
+    let request = q.page.request::<(i64, String)>("leads")?;
     let (agent, leads) = of_agent(&state, &raw).await?;
-    match q.format.as_deref() {
-        None | Some("json") => Ok(Json(leads).into_response()),
-        Some("csv") => Ok(csv_download(&agent, &leads)),
-        Some(_) => Err(ApiError::invalid("format must be json or csv")),
+    match (q.format.as_deref(), request) {
+        (None | Some("json"), request) => Ok(page::answer("leads", request, leads, |l| {
+            let ms = l.first_seen.unix_timestamp_nanos() / 1_000_000;
+            (i64::try_from(ms).unwrap_or(i64::MAX), l.phone.clone())
+        })),
+        (Some("csv"), None) => Ok(csv_download(&agent, &leads)),
+        (Some("csv"), Some(_)) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "the CSV is always whole: leave out limit and cursor",
+        )),
+        (Some(_), _) => Err(ApiError::invalid("format must be json or csv")),
     }
 }
 

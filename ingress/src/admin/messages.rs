@@ -185,7 +185,9 @@ async fn by_a_person(
         }
         content.push_str(&format!("[media: {url}]"));
     }
-    let mut turn = Turn::new(Role::Assistant, content, now);
+    // Stamped with the reply's creation, which its sent parts carry: that is how the session
+    // finds the operator's message's delivery (`delivery::by_turn`).
+    let mut turn = Turn::new(Role::Assistant, content, reply.created_at);
     turn.author = Some(operator.clone());
     let record = CompletedTurn {
         reply_id: reply.id.clone(),

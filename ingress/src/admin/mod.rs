@@ -3,10 +3,12 @@
 
 pub(crate) mod agents;
 pub(crate) mod dead_letters;
+pub(crate) mod delivery;
 pub(crate) mod handoff;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
 mod messages;
+pub(crate) mod page;
 pub(crate) mod sessions;
 pub(crate) mod whatsapp;
 
@@ -68,6 +70,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
             post(handoff::resume),
         )
         .route("/v1/agents/{agent_id}/messages", post(messages::send))
+        .route("/v1/agents/{agent_id}/messages/{sid}", get(delivery::get))
         .route("/v1/dead-letters", get(dead_letters::list))
         .route("/v1/dead-letters/replay", post(dead_letters::replay_many))
         .route(

@@ -1,5 +1,6 @@
 //! Dead letters: what could not be answered or sent, with the user's phone and Twilio's error
 //! code, and their replay (one, or all after a confirmation), through the API's functions.
+//! Newest first, a page at a time, paged as the API pages (its cursors, in reverse).
 
 use askama::Template;
 use axum::{
@@ -11,10 +12,14 @@ use axum::{
 use serde::Deserialize;
 use shared::envelope::{DeadLetter, DeadMessage};
 
-use super::{Layout, SignedIn, error_page, page, shown_time};
+use super::{Layout, SignedIn, error_page, shown_time};
 use crate::{
     AppState,
-    admin::dead_letters::{self, Filter, ReplayRequest},
+    admin::{
+        ApiError,
+        dead_letters::{self, Filter, ReplayRequest},
+        page::PageRequest,
+    },
 };
 
 pub(super) fn routes() -> Router<AppState> {
@@ -51,40 +56,64 @@ fn phone_of(d: &DeadLetter) -> String {
 struct DeadLettersPage {
     layout: Layout,
     letters: Vec<LetterRow>,
+    /// Dead letters in all (Replay all replays them all, not this page's).
+    total: usize,
+    /// The link to the next (older) page.
+    older: Option<String>,
+    /// Whether this is a later page (a link back to the newest).
+    later_page: bool,
     replayed: Option<usize>,
 }
 
 #[derive(Deserialize)]
 struct ListQuery {
     replayed: Option<usize>,
+    cursor: Option<String>,
 }
+
+/// Dead letters per page, newest first.
+const PAGE_SIZE: &str = "25";
 
 async fn list(
     State(state): State<AppState>,
     Extension(who): Extension<SignedIn>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> Response {
-    match dead_letters::matching(&state, &Filter::default()).await {
-        Ok(mut all) => {
-            all.sort_by_key(|d| std::cmp::Reverse(d.failed_at));
-            page(&DeadLettersPage {
-                layout: Layout::new("Dead letters", &who),
-                letters: all
-                    .iter()
-                    .map(|d| LetterRow {
-                        id: d.id.clone(),
-                        agent_id: d.agent_id.to_string(),
-                        phone: phone_of(d),
-                        stage: d.stage.as_str(),
-                        reason: d.reason.clone(),
-                        code: d.code,
-                        attempts: d.attempts,
-                        failed_at: shown_time(d.failed_at),
-                    })
-                    .collect(),
-                replayed: q.replayed,
-            })
-        }
+    let found = async {
+        // Newest first: pages by the API's key, reversed.
+        let request = PageRequest::parse(dead_letters::LIST, Some(PAGE_SIZE), q.cursor.as_deref())?
+            .ok_or_else(|| ApiError::unavailable("a page request without a limit"))?;
+        let all = dead_letters::matching(&state, &Filter::default()).await?;
+        let total = all.len();
+        let page = request.take(dead_letters::LIST, all, |d| {
+            std::cmp::Reverse(dead_letters::page_key(d))
+        });
+        Ok::<_, ApiError>((total, page))
+    };
+    match found.await {
+        Ok((total, page)) => super::page(&DeadLettersPage {
+            layout: Layout::new("Dead letters", &who),
+            letters: page
+                .items
+                .iter()
+                .map(|d| LetterRow {
+                    id: d.id.clone(),
+                    agent_id: d.agent_id.to_string(),
+                    phone: phone_of(d),
+                    stage: d.stage.as_str(),
+                    reason: d.reason.clone(),
+                    code: d.code,
+                    attempts: d.attempts,
+                    failed_at: shown_time(d.failed_at),
+                })
+                .collect(),
+            total,
+            older: page
+                .next_cursor
+                .map(|c| format!("/dead-letters?cursor={c}")),
+            later_page: q.cursor.is_some_and(|c| !c.is_empty()),
+            replayed: q.replayed,
+        }),
         Err(e) => error_page(&who, &e),
     }
 }

@@ -100,8 +100,10 @@ async fn deploy_page(
             code: d.code,
         });
     let last_signature_failure = state
-        .console
-        .last_signature_failure(&agent.id)
+        .store
+        .signature_failure(&agent.id)
+        .await
+        .map_err(ApiError::unavailable)?
         .map(|f| (shown_time(f.at), likely_cause(&f.signed_url, &webhook_url)));
     let (account_sid, phone_number, error) = match typed {
         Some((form, error)) => (

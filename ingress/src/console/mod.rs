@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`session`]: the signed session cookie, CSRF tokens and `serve`'s one-time sign-in link.
-//! - `signin`: signing in (token or link) and out.
+//! - `signin`: signing in (token or link) and out; `throttle`: sign-in attempts per client.
 //! - this file: routes, the session and CSRF checks, security headers, the embedded assets.
 //! - `agents`: the agent list and the agent form.
 //! - `deploy`: an agent's WhatsApp channel on Twilio, its URLs, steps and health.
@@ -24,10 +24,12 @@ mod lifecycle;
 mod people;
 pub mod session;
 mod signin;
+mod throttle;
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use askama::Template;
@@ -40,6 +42,7 @@ use axum::{
     routing::get,
 };
 use secrecy::SecretString;
+use shared::store::{SignatureFailure, Store};
 use time::OffsetDateTime;
 
 use crate::{AppState, admin::ApiError};
@@ -52,45 +55,57 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 const MAX_FORM: usize = 64 * 1024;
 
 /// State of the console that lives in one process: the sign-in tickets already used, so that
-/// the link `serve` prints works once, and each agent's last webhook refused for its signature
-/// (for Deploy's channel health; this process's only, and gone on restart).
+/// the link `serve` prints works once; sign-in attempts per client; and when this process last
+/// stored each agent's signature failure (the failures themselves are in the store, for
+/// every process's console).
 #[derive(Clone, Default)]
 pub struct ConsoleState {
     used_tickets: Arc<Mutex<HashSet<String>>>,
-    signature_failures: Arc<Mutex<HashMap<String, SignatureFailure>>>,
+    /// Sign-in attempts per client, in this process.
+    sign_in_limit: Arc<throttle::SignInLimit>,
+    /// When this process last wrote each agent's signature failure to the store.
+    signature_failures_noted: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
-/// A webhook refused because its signature did not match.
-#[derive(Clone)]
-pub(crate) struct SignatureFailure {
-    pub(crate) at: OffsetDateTime,
-    /// The URL the signature was checked against, without credentials.
-    pub(crate) signed_url: String,
-}
+/// How often one process writes an agent's signature failure to the store, at most: a flood
+/// of forged webhooks stays a trickle of writes, and Deploy's "last signature failure" is at
+/// most this much older than the last one.
+const SIGNATURE_FAILURE_WRITES: Duration = Duration::from_secs(10);
 
 impl ConsoleState {
     /// Notes that a webhook of `agent` was refused for its signature, checked against
-    /// `signed_url`.
-    pub fn note_signature_failure(&self, agent: &shared::domain::AgentId, signed_url: &str) {
-        if let Ok(mut failures) = self.signature_failures.lock() {
-            failures.insert(
-                agent.to_string(),
-                SignatureFailure {
-                    at: OffsetDateTime::now_utc(),
-                    signed_url: shared::redact::text(signed_url),
-                },
-            );
-        }
-    }
-
-    pub(crate) fn last_signature_failure(
+    /// `signed_url`: stored for Deploy's channel health, unless this process stored one for the
+    /// agent in the last [`SIGNATURE_FAILURE_WRITES`]. The write runs in the background, so the
+    /// refusal does not wait on the store.
+    pub fn note_signature_failure(
         &self,
+        store: &Arc<dyn Store>,
         agent: &shared::domain::AgentId,
-    ) -> Option<SignatureFailure> {
-        self.signature_failures
-            .lock()
-            .ok()
-            .and_then(|f| f.get(agent.as_str()).cloned())
+        signed_url: &str,
+    ) {
+        let now = Instant::now();
+        let due = self.signature_failures_noted.lock().is_ok_and(|mut noted| {
+            match noted.get(agent.as_str()) {
+                Some(last) if now.duration_since(*last) < SIGNATURE_FAILURE_WRITES => false,
+                _ => {
+                    noted.insert(agent.to_string(), now);
+                    true
+                }
+            }
+        });
+        if !due {
+            return;
+        }
+        let failure = SignatureFailure {
+            at: OffsetDateTime::now_utc(),
+            signed_url: shared::redact::text(signed_url),
+        };
+        let (store, agent) = (store.clone(), agent.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.note_signature_failure(&agent, &failure).await {
+                tracing::warn!(agent = %agent, error = %e, "could not store a signature failure");
+            }
+        });
     }
 }
 

@@ -27,7 +27,11 @@ use shared::{
 use super::{Layout, SignedIn, error_page, page, shown_time};
 use crate::{
     AppState,
-    admin::{ApiError, dead_letters, leads, sessions},
+    admin::{
+        ApiError, dead_letters,
+        delivery::{self, PartDelivery},
+        leads, sessions,
+    },
 };
 
 const PAGE_SIZE: usize = 25;
@@ -268,30 +272,67 @@ async fn conversation_events(State(state): State<AppState>, Path(raw): Path<Stri
         .into_response()
 }
 
-/// A turn as shown in a transcript.
+/// A turn as shown in a transcript, the agent's with the delivery of each part of its reply.
 struct TurnRow {
+    index: usize,
     mine: bool,
     who: &'static str,
     text: String,
     at: String,
+    parts: Vec<PartRow>,
 }
 
-impl From<&Turn> for TurnRow {
-    fn from(t: &Turn) -> Self {
-        let user = t.role == Role::User;
+/// One Twilio message of a reply, as a transcript shows it.
+#[derive(serde::Serialize)]
+struct PartRow {
+    sid: String,
+    status: &'static str,
+    code: Option<u32>,
+}
+
+impl From<&PartDelivery> for PartRow {
+    fn from(p: &PartDelivery) -> Self {
         Self {
-            mine: user,
-            who: if user { "User" } else { "Agent" },
-            text: t.content.clone(),
-            at: shown_time(t.at),
+            sid: p.sid.clone(),
+            status: p.status.as_str(),
+            code: p.error_code,
         }
     }
 }
 
-fn turn_json(t: &Turn) -> String {
-    let row = TurnRow::from(t);
-    serde_json::json!({"user": row.mine, "who": row.who, "text": row.text, "at": row.at})
-        .to_string()
+fn part_rows(parts: Option<&Vec<PartDelivery>>) -> Vec<PartRow> {
+    parts.map_or_else(Vec::new, |p| p.iter().map(PartRow::from).collect())
+}
+
+/// The rows of a transcript: `turns` and the delivery of each ([`delivery::by_turn`]).
+fn turn_rows(turns: &[Turn], deliveries: &[Option<Vec<PartDelivery>>]) -> Vec<TurnRow> {
+    turns
+        .iter()
+        .enumerate()
+        .map(|(index, t)| {
+            let user = t.role == Role::User;
+            TurnRow {
+                index,
+                mine: user,
+                who: if user { "User" } else { "Agent" },
+                text: t.content.clone(),
+                at: shown_time(t.at),
+                parts: part_rows(deliveries.get(index).and_then(Option::as_ref)),
+            }
+        })
+        .collect()
+}
+
+fn turn_json(row: &TurnRow) -> String {
+    serde_json::json!({
+        "index": row.index,
+        "user": row.mine,
+        "who": row.who,
+        "text": row.text,
+        "at": row.at,
+        "parts": row.parts,
+    })
+    .to_string()
 }
 
 /// A reply to this user that could not be delivered (a dead letter of the send stage).
@@ -309,6 +350,17 @@ struct TranscriptPage {
     phone: String,
     turns: Vec<TurnRow>,
     undelivered: Vec<Undelivered>,
+}
+
+/// A conversation's turns and the delivery of each: what a transcript shows.
+async fn transcript_rows(
+    state: &AppState,
+    raw: &str,
+    phone: &str,
+) -> Result<Vec<TurnRow>, ApiError> {
+    let (session, turns) = sessions::transcript(state, raw, phone).await?;
+    let deliveries = delivery::of_session(state, &session, &turns).await?;
+    Ok(turn_rows(&turns, &deliveries))
 }
 
 /// The replies to `phone` that failed for good and wait in the dead letters: the delivery
@@ -341,7 +393,7 @@ async fn transcript(
     Path((raw, phone)): Path<(String, String)>,
 ) -> Response {
     let found = async {
-        let (_, turns) = sessions::transcript(&state, &raw, &phone).await?;
+        let turns = transcript_rows(&state, &raw, &phone).await?;
         let failed = undelivered(&state, &raw, &phone).await?;
         Ok::<_, ApiError>((turns, failed))
     };
@@ -350,7 +402,7 @@ async fn transcript(
             layout: Layout::new(format!("Conversation with {phone}"), &who),
             agent_id: raw,
             phone,
-            turns: turns.iter().map(TurnRow::from).collect(),
+            turns,
             undelivered,
         }),
         Err(e) => error_page(&who, &e),
@@ -363,8 +415,18 @@ struct AfterQuery {
     after: usize,
 }
 
+/// What a transcript's browser was last sent: how many turns, and the delivery of each of
+/// them as JSON (`None` for turns of the page itself, not yet sent).
+#[derive(Default)]
+struct Shown {
+    turns: usize,
+    deliveries: Vec<Option<String>>,
+}
+
 /// The turns of a conversation after the first `after`, each as a `turn` event, as they are
-/// stored: the user's messages and the agent's replies.
+/// stored: the user's messages and the agent's replies; and for each reply whose delivery
+/// changed since it was last sent (or since the page was made), a `delivery` event, so that
+/// the status of each message follows Twilio's callbacks.
 async fn transcript_events(
     State(state): State<AppState>,
     Path((raw, phone)): Path<(String, String)>,
@@ -373,19 +435,33 @@ async fn transcript_events(
     if let Err(e) = sessions::transcript(&state, &raw, &phone).await {
         return e.into_response();
     }
-    let stream = every_poll(q.after, move |seen: usize| {
+    let shown = Shown {
+        turns: q.after,
+        deliveries: Vec::new(),
+    };
+    let stream = every_poll(shown, move |mut shown: Shown| {
         let state = state.clone();
         let (raw, phone) = (raw.clone(), phone.clone());
         async move {
-            let Ok((_, turns)) = sessions::transcript(&state, &raw, &phone).await else {
-                return (Vec::new(), seen);
+            let Ok(rows) = transcript_rows(&state, &raw, &phone).await else {
+                return (Vec::new(), shown);
             };
-            let events = turns
-                .iter()
-                .skip(seen)
-                .map(|t| Event::default().event("turn").data(turn_json(t)))
-                .collect();
-            (events, turns.len().max(seen))
+            let mut events = Vec::new();
+            shown
+                .deliveries
+                .resize(rows.len().max(shown.deliveries.len()), None);
+            for (row, last) in rows.iter().zip(shown.deliveries.iter_mut()) {
+                let delivery =
+                    serde_json::json!({"index": row.index, "parts": row.parts}).to_string();
+                if row.index >= shown.turns {
+                    events.push(Event::default().event("turn").data(turn_json(row)));
+                } else if !row.mine && last.as_deref() != Some(delivery.as_str()) {
+                    events.push(Event::default().event("delivery").data(delivery.clone()));
+                }
+                *last = Some(delivery);
+            }
+            shown.turns = rows.len().max(shown.turns);
+            (events, shown)
         }
     });
     Sse::new(stream)

@@ -1,5 +1,6 @@
 //! Signing in and out. The token is compared in constant time, as the API compares it; a
-//! wrong one gets the form again with a 401 and no cookie. Signing in with `serve`'s link
+//! wrong one gets the form again with a 401 and no cookie, and a client that tries too often
+//! gets 429 ([`super::throttle`]). Signing in with `serve`'s link
 //! works once per ticket, in the process that printed it.
 
 use askama::Template;
@@ -15,7 +16,10 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::{
-    Layout, SignedIn, cookie_value, session, session::SessionKey, session_key, set_cookie,
+    Layout, SignedIn, cookie_value, session,
+    session::SessionKey,
+    session_key, set_cookie,
+    throttle::{self, ClientIp},
 };
 use crate::AppState;
 
@@ -37,9 +41,15 @@ struct SignInPage {
     layout: Layout,
     failed: bool,
     disabled: bool,
+    throttled: bool,
+    wait_seconds: u64,
 }
 
 fn sign_in_form(state: &AppState, failed: bool) -> Response {
+    form_page(state, failed, false)
+}
+
+fn form_page(state: &AppState, failed: bool, throttled: bool) -> Response {
     super::page(&SignInPage {
         layout: Layout {
             title: "Sign in".into(),
@@ -47,7 +57,18 @@ fn sign_in_form(state: &AppState, failed: bool) -> Response {
         },
         failed,
         disabled: state.admin_token.is_none(),
+        throttled,
+        wait_seconds: throttle::PERIOD.as_secs(),
     })
+}
+
+/// 429 with the form and why, and when to try again.
+fn too_many_attempts(state: &AppState) -> Response {
+    let mut r = form_page(state, false, true);
+    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, throttle::PERIOD.as_secs().into());
+    r
 }
 
 async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -76,13 +97,19 @@ fn start_session(key: &SessionKey, headers: &HeaderMap) -> Response {
     r
 }
 
-/// Signs in with the admin token, compared in constant time as the API compares it.
+/// Signs in with the admin token, compared in constant time as the API compares it, unless
+/// the client has tried too often ([`throttle`]): then 429, the token unread.
 async fn sign_in(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     Form(form): Form<SignInForm>,
 ) -> Response {
     use secrecy::ExposeSecret;
+    if !state.console.sign_in_limit.attempt(ip) {
+        tracing::warn!("console: sign-in attempts over the limit were refused");
+        return too_many_attempts(&state);
+    }
     let given = form.token.expose_secret().trim();
     match session_key(&state) {
         Some(key) if crate::admin::is_admin_token(&state, given) => {

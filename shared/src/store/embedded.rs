@@ -7,9 +7,11 @@
 //! Tables: `store_agents` and `store_channels` (id → JSON), `store_turns` ((session, n) → JSON
 //! turn), `store_leads` ((agent, user) → JSON), `store_pauses` (session → JSON),
 //! `store_clocks` ((`window`|`optout`|`optin`, session) → ms), `store_expiring` ((kind, scope,
-//! key) → (expires at, bytes)) for turn records, seen message sids, send guards, sent parts,
-//! statuses, failure counts and cached Content API sids, with its expiry index `store_expiries`, and `store_meta`
-//! (name → text) for the master key check ([`crate::key_check`]).
+//! key) → (expires at, bytes)) for turn records, seen message sids, send guards, sent parts
+//! (and each session's index of them, `sentto`), statuses, failure counts, cached Content API
+//! sids and each agent's latest signature failure (`sigfail`), with its expiry index
+//! `store_expiries`, and `store_meta` (name → text) for the master key check
+//! ([`crate::key_check`]).
 
 use std::time::Duration;
 
@@ -21,8 +23,8 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause,
-    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
+    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -572,6 +574,7 @@ impl Store for EmbeddedStore {
             .write(move |txn| {
                 txn.open_table(CHANNELS)?.remove(key.as_str())?;
                 let existed = txn.open_table(AGENTS)?.remove(key.as_str())?.is_some();
+                Expiring::open(txn)?.remove(("sigfail", "", key.as_str()))?;
                 Ok(existed)
             })
             .await?;
@@ -611,14 +614,17 @@ impl Store for EmbeddedStore {
                 let mut records = Expiring::open(txn)?;
                 records.remove(("history", session.as_str(), ""))?;
                 let mut doomed = Vec::new();
-                for row in records.values.range(
-                    ("turn", session.as_str(), "")..=("turn", session.as_str(), "\u{10ffff}"),
-                )? {
-                    let (key, _) = row?;
-                    doomed.push(("turn", key.value().2.to_owned()));
+                for kind in ["turn", "sentto"] {
+                    for row in records.values.range(
+                        (kind, session.as_str(), "")..=(kind, session.as_str(), "\u{10ffff}"),
+                    )? {
+                        let (key, _) = row?;
+                        doomed.push((kind, key.value().2.to_owned()));
+                    }
                 }
-                // Sent parts are keyed by Twilio's sid alone: the one process's store is small
-                // enough to read them all, rather than keep an index as the Redis store does.
+                // Sent parts are keyed by Twilio's sid alone, and the session's index of them
+                // ("sentto") is younger than some data files: every part is read, so that parts
+                // sent before the index was kept are erased too.
                 for row in records
                     .values
                     .range(("sent", "", "")..=("sent", "", "\u{10ffff}"))?
@@ -633,7 +639,7 @@ impl Store for EmbeddedStore {
                     }
                 }
                 for (kind, name) in &doomed {
-                    let scope = if *kind == "turn" {
+                    let scope = if matches!(*kind, "turn" | "sentto") {
                         session.as_str()
                     } else {
                         ""
@@ -918,6 +924,7 @@ impl Store for EmbeddedStore {
     ) -> Result<(), StoreError> {
         let key = key.to_owned();
         let sid = message_sid.to_owned();
+        let session = part.session_id().to_string();
         let part = encode(part)?;
         let ttl = duration_ms(GUARD_TTL);
         Ok(self
@@ -925,7 +932,8 @@ impl Store for EmbeddedStore {
             .write(move |txn| {
                 let mut records = Expiring::open(txn)?;
                 records.put(("guard", "", &key), format!("sent:{sid}").as_bytes(), ttl)?;
-                records.put(("sent", "", &sid), &part, ttl)
+                records.put(("sent", "", &sid), &part, ttl)?;
+                records.put(("sentto", &session, &sid), &[], ttl)
             })
             .await?)
     }
@@ -939,6 +947,7 @@ impl Store for EmbeddedStore {
         let key = key.to_owned();
         let sid = message_sid.to_owned();
         let id = part.id.clone();
+        let session = part.session_id().to_string();
         let part = encode(part)?;
         let ttl = duration_ms(GUARD_TTL);
         Ok(self
@@ -956,6 +965,7 @@ impl Store for EmbeddedStore {
                     }
                     None => records.put(("sent", "", &sid), &part, ttl)?,
                 }
+                records.put(("sentto", &session, &sid), &[], ttl)?;
                 records.put(("guard", "", &key), format!("sent:{sid}").as_bytes(), ttl)?;
                 Ok(true)
             })
@@ -1042,6 +1052,48 @@ impl Store for EmbeddedStore {
             .map(|r| decode::<StatusRecord>(&r))
             .transpose()?
             .map(|r| (r.status, r.error_code)))
+    }
+
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError> {
+        let session = session.to_string();
+        let rows = self
+            .db
+            .read(move |txn| {
+                let table = txn.open_table(EXPIRING)?;
+                let now = now_ms();
+                let mut sids = Vec::new();
+                for row in table.range(
+                    ("sentto", session.as_str(), "")..=("sentto", session.as_str(), "\u{10ffff}"),
+                )? {
+                    let (key, value) = row?;
+                    if value.value().0 > now {
+                        sids.push(key.value().2.to_owned());
+                    }
+                }
+                let mut rows = Vec::with_capacity(sids.len());
+                for sid in sids {
+                    let part = live(&table, ("sent", "", &sid), now)?;
+                    let status = live(&table, ("status", "", &sid), now)?;
+                    rows.push((sid, part, status));
+                }
+                Ok(rows)
+            })
+            .await?;
+        let mut sent = Vec::with_capacity(rows.len());
+        for (sid, part, status) in rows {
+            // A part whose record lapsed before the index is no longer known.
+            let Some(part) = part else { continue };
+            let status = status
+                .map(|raw| decode::<StatusRecord>(&raw))
+                .transpose()?
+                .map(|r| (r.status, r.error_code));
+            sent.push(SentMessage {
+                sid,
+                part: decode(&part)?,
+                status,
+            });
+        }
+        Ok(sent)
     }
 
     async fn record_simulated(
@@ -1160,6 +1212,30 @@ impl Store for EmbeddedStore {
                 Ok(true)
             })
             .await?)
+    }
+
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError> {
+        let agent = agent.as_str().to_owned();
+        let record = encode(failure)?;
+        let ttl = duration_ms(GUARD_TTL);
+        Ok(self
+            .db
+            .write(move |txn| Expiring::open(txn)?.put(("sigfail", "", &agent), &record, ttl))
+            .await?)
+    }
+
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError> {
+        self.get_expiring(("sigfail", "", agent.as_str()))
+            .await?
+            .map(|r| decode(&r))
+            .transpose()
     }
 
     async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {

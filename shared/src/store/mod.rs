@@ -235,6 +235,31 @@ pub struct SimulatedMessage {
     pub at: OffsetDateTime,
 }
 
+/// A reply part posted to a user ([`Store::sent_messages`]): Twilio's message and the part, with
+/// the delivery status its callbacks reported so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentMessage {
+    /// Twilio's message sid.
+    pub sid: String,
+    /// The part as posted (its id is the reply's id and `-p<index>`).
+    pub part: OutboundReply,
+    /// The latest status reported for it, with Twilio's error code; `None` until the first
+    /// status callback.
+    pub status: Option<(MessageStatus, Option<u32>)>,
+}
+
+/// The latest webhook of an agent refused because its signature did not match, for the
+/// console's channel health: stored, so that every ingress process's failures show wherever the
+/// console is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureFailure {
+    /// When it was refused.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The URL the signature was checked against, without credentials.
+    pub signed_url: String,
+}
+
 /// The outcome of a completed turn, recorded under each inbound message it answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompletedTurn {
@@ -451,6 +476,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         message_sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError>;
+    /// The parts posted to the user of `session` that the store still holds (for
+    /// [`GUARD_TTL`]), each with its status, in no particular order: the delivery of each reply
+    /// in a transcript. The session's index of sent parts (kept for erasure) names them, so this
+    /// is one read of the index and one of each part, sent together, rather than a read per turn.
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError>;
 
     /// Appends a simulated send to the conversation's outbox; returns its index.
     async fn record_simulated(
@@ -485,6 +515,19 @@ pub trait Store: Send + Sync + 'static {
         new: &SealedSecret,
     ) -> Result<bool, StoreError>;
 
+    /// Records `failure` as the latest webhook of `agent` refused for its signature, kept for
+    /// [`GUARD_TTL`] and removed with the agent. Callers throttle it: a flood of forged
+    /// webhooks must not become a flood of writes.
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError>;
+    /// The latest webhook of `agent` refused for its signature, if one was noted.
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError>;
     /// The Content API sid (`HX…`) cached under `key`, if there is one. A sender makes a
     /// quick-reply or list-picker content once and finds it here afterwards, as does every
     /// other sender and the same one after a restart, rather than making a new content resource

@@ -16,7 +16,8 @@
 //! `P:optin:{<session>}` (ms),
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:content:<hash>`
-//! (a cached Content API sid), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! (a cached Content API sid), `P:sigfail:<agent>` (the latest webhook refused for its
+//! signature), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -30,8 +31,8 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause,
-    SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
+    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -456,6 +457,20 @@ impl RedisStore {
         Ok(())
     }
 
+    async fn status_of(
+        &self,
+        sid: &str,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        let h: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(key!(self, "status:{sid}"))
+            .await
+            .map_err(err("status"))?;
+        Ok(h.get("status")
+            .map(|s| MessageStatus::parse(s))
+            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+
     /// Copies an opt-out or opt-in time (`field`) onto the user's lead, if they are one, so
     /// that the leads list shows it without reading every conversation's clocks (another slot
     /// on a cluster). The conversation's clock, written first, is what sends obey.
@@ -627,6 +642,11 @@ impl Store for RedisStore {
         let _: i64 = self
             .conn()
             .srem(self.key("agents"), id.as_str())
+            .await
+            .map_err(err("delete agent"))?;
+        let _: i64 = self
+            .conn()
+            .del(key!(self, "sigfail:{id}"))
             .await
             .map_err(err("delete agent"))?;
         self.notify(id).await?;
@@ -1152,14 +1172,27 @@ impl Store for RedisStore {
         &self,
         sid: &MessageSid,
     ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
-        let h: std::collections::HashMap<String, String> = self
+        self.status_of(sid.as_str()).await
+    }
+
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError> {
+        let sids: Vec<String> = self
             .conn()
-            .hgetall(key!(self, "status:{sid}"))
+            .smembers(key!(self, "sentto:{{{session}}}"))
             .await
-            .map_err(err("status"))?;
-        Ok(h.get("status")
-            .map(|s| MessageStatus::parse(s))
-            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+            .map_err(err("sent messages"))?;
+        // Each part's records are keys of their own slots: the reads go out together over the
+        // multiplexed connection, one round trip in all rather than one per part.
+        let reads = sids.into_iter().map(|sid| async move {
+            let (part, status) = tokio::try_join!(
+                self.get_json::<OutboundReply>(key!(self, "sent:{sid}")),
+                self.status_of(&sid)
+            )?;
+            Ok::<_, StoreError>(part.map(|part| SentMessage { sid, part, status }))
+        });
+        let found = futures::future::try_join_all(reads).await?;
+        // A part whose record lapsed before the index is no longer known.
+        Ok(found.into_iter().flatten().collect())
     }
 
     async fn record_simulated(
@@ -1247,6 +1280,30 @@ impl Store for RedisStore {
             .await
             .map_err(err("replace key check"))?;
         Ok(replaced == 1)
+    }
+
+    async fn note_signature_failure(
+        &self,
+        agent: &AgentId,
+        failure: &SignatureFailure,
+    ) -> Result<(), StoreError> {
+        let _: () = self
+            .conn()
+            .set_ex(
+                key!(self, "sigfail:{agent}"),
+                to_json(failure)?,
+                GUARD_TTL.as_secs(),
+            )
+            .await
+            .map_err(err("note signature failure"))?;
+        Ok(())
+    }
+
+    async fn signature_failure(
+        &self,
+        agent: &AgentId,
+    ) -> Result<Option<SignatureFailure>, StoreError> {
+        self.get_json(key!(self, "sigfail:{agent}")).await
     }
 
     async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -121,7 +121,28 @@ function liveConversations() {
   });
 }
 
-// A transcript: turns appended from server-sent events as they are stored.
+// The delivery of a reply: each Twilio message with its status (and error code), as the
+// transcript page renders it.
+function deliveryList(parts) {
+  const ul = el("ul", "delivery");
+  ul.setAttribute("aria-label", "Delivery");
+  if (parts.length === 0) ul.append(el("li", "pending", "no delivery on record yet"));
+  for (const p of parts) {
+    const li = el("li");
+    li.append(el("code", "", p.sid), " ", el("span", "status status-" + p.status, p.status));
+    if (p.code !== null && p.code !== undefined) {
+      const a = el("a", "", "Twilio error " + p.code);
+      a.href = "https://www.twilio.com/docs/api/errors/" + encodeURIComponent(p.code);
+      a.rel = "noreferrer";
+      li.append(" ", a);
+    }
+    ul.append(li);
+  }
+  return ul;
+}
+
+// A transcript: turns appended from server-sent events as they are stored, and each reply's
+// delivery replaced as Twilio reports its messages' statuses.
 function liveTranscript() {
   const list = document.getElementById("transcript");
   if (!list || !window.EventSource) return;
@@ -129,6 +150,17 @@ function liveTranscript() {
   source.addEventListener("turn", (event) => {
     const t = JSON.parse(event.data);
     chatLine(list, t.user, t.text, t.at, t.who);
+    const li = list.lastElementChild;
+    li.dataset.index = t.index;
+    if (!t.user) li.append(deliveryList(t.parts));
+  });
+  source.addEventListener("delivery", (event) => {
+    const d = JSON.parse(event.data);
+    const li = list.querySelector(':scope > li[data-index="' + Number(d.index) + '"]');
+    if (!li) return;
+    const old = li.querySelector(":scope > ul.delivery");
+    if (old) old.replaceWith(deliveryList(d.parts));
+    else li.append(deliveryList(d.parts));
   });
 }
 
