@@ -905,3 +905,59 @@ async fn an_operator_forgets_a_conversation_erases_a_lead_and_deletes_the_agent(
     assert_eq!(r.status(), 404);
     b.close().await;
 }
+
+/// A person takes a conversation over in the console: the list marks it, the user's next
+/// message gets no agent reply, the operator's reply goes out under their name, and giving it
+/// back lets the agent answer again.
+#[tokio::test]
+async fn an_operator_takes_over_a_conversation_answers_and_gives_it_back() {
+    let w = World::start().await;
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    create_echo_agent(&b, "demo").await;
+    deploy(&b, "demo").await;
+    const USER: &str = "+14155550131";
+    w.wagate.inbound("demo", &sid(1), USER, "hello").await;
+    w.twilio.wait_for_sent(1, WAIT).await;
+
+    b.goto_path(&format!("/agents/demo/conversations/{USER}"))
+        .await;
+    b.wait_for_text("the agent has it", |t| t.contains("With the agent"))
+        .await;
+    b.click_button("Take over").await;
+    b.wait_for_text("the person has it", |t| {
+        t.contains("With a person: console")
+    })
+    .await;
+    w.wagate
+        .inbound("demo", &sid(2), USER, "is a person there?")
+        .await;
+    b.wait_for_text("the user's message", |t| t.contains("is a person there?"))
+        .await;
+    assert_eq!(w.twilio.sent().len(), 1, "the agent stays quiet");
+
+    b.fill("Your name", "Grace").await;
+    b.fill("Reply as operator", "Hi, Grace here.").await;
+    b.click_button("Send reply").await;
+    let sent = w.twilio.wait_for_sent(2, WAIT).await;
+    assert_eq!(sent[1].body.as_deref(), Some("Hi, Grace here."));
+    b.wait_for_text("the reply under its author", |t| {
+        t.contains("Grace (operator)") && t.contains("With a person: Grace")
+    })
+    .await;
+    b.screenshot("handoff").await;
+
+    b.click_link("Conversations").await;
+    b.wait_for_text("the list's mark", |t| t.contains("with a person"))
+        .await;
+    // The list is live (its rows are redrawn): open the transcript by its address.
+    b.goto_path(&format!("/agents/demo/conversations/{USER}"))
+        .await;
+    b.click_button("Give back to the agent").await;
+    b.wait_for_text("the agent has it again", |t| t.contains("With the agent"))
+        .await;
+    w.wagate.inbound("demo", &sid(3), USER, "thanks").await;
+    let sent = w.twilio.wait_for_sent(3, WAIT).await;
+    assert_eq!(sent[2].body.as_deref(), Some("thanks"));
+    b.close().await;
+}

@@ -150,14 +150,24 @@ pub async fn resume(
 ) -> Result<Json<SessionState>, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
     let session = super::lifecycle::session_of(&agent, &raw_phone)?;
-    state
-        .store
-        .set_pause(&session, None)
-        .await
-        .map_err(ApiError::unavailable)?;
-    tracing::info!(agent = %agent.id, "conversation given back to the agent");
+    resume_session(&state, &agent, &session).await?;
     Ok(Json(SessionState {
         session_id: session.to_string(),
         state: PauseView::default(),
     }))
+}
+
+/// Gives `session` back to the agent: the API's resume and the console's.
+pub(crate) async fn resume_session(
+    state: &AppState,
+    agent: &Agent,
+    session: &SessionId,
+) -> Result<(), ApiError> {
+    state
+        .store
+        .set_pause(session, None)
+        .await
+        .map_err(ApiError::unavailable)?;
+    tracing::info!(agent = %agent.id, "conversation given back to the agent");
+    Ok(())
 }

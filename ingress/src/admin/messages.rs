@@ -28,9 +28,10 @@ use time::OffsetDateTime;
 use super::{ApiError, load_agent, parse_json};
 use crate::AppState;
 
+/// What `POST /v1/agents/{agent_id}/messages` (and the console's operator reply) asks for.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SendRequest {
+pub(crate) struct SendRequest {
     to: String,
     body: Option<String>,
     content_sid: Option<String>,
@@ -39,6 +40,20 @@ struct SendRequest {
     #[serde(default)]
     media: Vec<String>,
     operator: Option<String>,
+}
+
+impl SendRequest {
+    /// An operator's text to `to`: the console's reply.
+    pub(crate) fn from_operator(to: String, body: String, operator: String) -> Self {
+        Self {
+            to,
+            body: Some(body),
+            content_sid: None,
+            content_variables: None,
+            media: Vec::new(),
+            operator: Some(operator),
+        }
+    }
 }
 
 /// An admin send starts a trace of its own, which the sender continues.
@@ -50,6 +65,22 @@ pub async fn send(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let agent = load_agent(&state, &raw).await?;
     let req: SendRequest = parse_json(&body)?;
+    let reply = queue(&state, &agent, req).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(
+            serde_json::json!({"id": reply.id, "status": "queued", "parts": reply.content.part_count()}),
+        ),
+    ))
+}
+
+/// Checks and queues a business-initiated message of `agent` (an operator's is also recorded
+/// and pauses the conversation); the reply as queued.
+pub(crate) async fn queue(
+    state: &AppState,
+    agent: &shared::agent::Agent,
+    req: SendRequest,
+) -> Result<OutboundReply, ApiError> {
     let operator = req
         .operator
         .as_deref()
@@ -154,14 +185,9 @@ pub async fn send(
         .map_err(ApiError::unavailable)?;
     tracing::info!(agent = %agent.id, id = %reply.id, parts = reply.content.part_count(), "message queued");
     if let Some(operator) = operator {
-        by_a_person(&state, &agent, &session, &reply, operator).await?;
+        by_a_person(state, agent, &session, &reply, operator).await?;
     }
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(
-            serde_json::json!({"id": reply.id, "status": "queued", "parts": reply.content.part_count()}),
-        ),
-    ))
+    Ok(reply)
 }
 
 /// What an operator's message leaves behind once it is queued: the business's turn in the

@@ -7,7 +7,7 @@ pub(crate) mod delivery;
 pub(crate) mod handoff;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
-mod messages;
+pub(crate) mod messages;
 pub(crate) mod page;
 pub(crate) mod sessions;
 pub(crate) mod whatsapp;

@@ -20,6 +20,7 @@ mod agents;
 mod chat;
 mod dead_letters;
 mod deploy;
+mod handoff;
 mod lifecycle;
 mod people;
 pub mod session;
@@ -120,6 +121,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .merge(people::routes())
         .merge(dead_letters::routes())
         .merge(lifecycle::routes())
+        .merge(handoff::routes())
         .route_layer(middleware::from_fn_with_state(state, require_session));
     Router::new()
         .merge(signin::routes())

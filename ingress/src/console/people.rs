@@ -181,6 +181,31 @@ struct ConversationsPage {
     layout: Layout,
     agent_id: String,
     rows: Vec<LeadRow>,
+    /// The numbers, among the most recent conversations, that a person has now.
+    with_people: Vec<String>,
+}
+
+/// Conversations looked at for a person having them: the most recent, one read each.
+const PAUSES_SHOWN: usize = 50;
+
+/// Which of the most recent conversations in `leads` a person has now.
+async fn with_people(state: &AppState, raw: &str, leads: &[Lead]) -> Vec<String> {
+    let Ok(agent) = crate::admin::load_agent(state, raw).await else {
+        return Vec::new();
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let reads = leads.iter().take(PAUSES_SHOWN).map(|l| async {
+        let session = crate::admin::lifecycle::session_of(&agent, &l.phone).ok()?;
+        let pause = state.store.pause(&session).await.ok()??;
+        pause
+            .holds(now, agent.handoff_idle())
+            .then(|| l.phone.clone())
+    });
+    futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Conversations, most recent first: one per lead, since every user who wrote is a lead.
@@ -199,6 +224,7 @@ async fn conversations(
         Ok((agent_id, all)) => page(&ConversationsPage {
             layout: Layout::new(format!("Conversations of {agent_id}"), &who),
             rows: all.iter().map(LeadRow::from).collect(),
+            with_people: with_people(&state, &raw, &all).await,
             agent_id,
         }),
         Err(e) => error_page(&who, &e),
@@ -244,6 +270,7 @@ async fn conversation_events(State(state): State<AppState>, Path(raw): Path<Stri
             let Ok((agent_id, all)) = recent(&state, &raw).await else {
                 return (Vec::new(), last);
             };
+            let people = with_people(&state, &raw, &all).await;
             let rows: Vec<_> = all
                 .iter()
                 .map(|l| {
@@ -253,6 +280,7 @@ async fn conversation_events(State(state): State<AppState>, Path(raw): Path<Stri
                         "last_seen": shown_time(l.last_seen),
                         "messages": l.message_count,
                         "href": format!("/agents/{agent_id}/conversations/{}", l.phone),
+                        "person": people.contains(&l.phone),
                     })
                 })
                 .collect();
@@ -276,7 +304,7 @@ async fn conversation_events(State(state): State<AppState>, Path(raw): Path<Stri
 struct TurnRow {
     index: usize,
     mine: bool,
-    who: &'static str,
+    who: String,
     text: String,
     at: String,
     parts: Vec<PartRow>,
@@ -311,10 +339,15 @@ fn turn_rows(turns: &[Turn], deliveries: &[Option<Vec<PartDelivery>>]) -> Vec<Tu
         .enumerate()
         .map(|(index, t)| {
             let user = t.role == Role::User;
+            let who = match (&t.author, user) {
+                (_, true) => "User".to_owned(),
+                (Some(person), false) => format!("{person} (operator)"),
+                (None, false) => "Agent".to_owned(),
+            };
             TurnRow {
                 index,
                 mine: user,
-                who: if user { "User" } else { "Agent" },
+                who,
                 text: t.content.clone(),
                 at: shown_time(t.at),
                 parts: part_rows(deliveries.get(index).and_then(Option::as_ref)),
@@ -350,6 +383,38 @@ struct TranscriptPage {
     phone: String,
     turns: Vec<TurnRow>,
     undelivered: Vec<Undelivered>,
+    /// Who has the conversation: `None` the agent, else the person and since when.
+    person: Option<Person>,
+}
+
+/// The person who has a conversation ([`shared::store::Pause`]), as a transcript shows it.
+struct Person {
+    name: String,
+    since: String,
+    /// When the agent takes it back unless the person writes again.
+    until: String,
+}
+
+/// The person who has the conversation `phone` of agent `raw` now, if anyone.
+async fn person(state: &AppState, raw: &str, phone: &str) -> Result<Option<Person>, ApiError> {
+    let agent = crate::admin::load_agent(state, raw).await?;
+    let session = crate::admin::lifecycle::session_of(&agent, phone)?;
+    let pause = state
+        .store
+        .pause(&session)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let now = time::OffsetDateTime::now_utc();
+    Ok(pause
+        .filter(|p| p.holds(now, agent.handoff_idle()))
+        .map(|p| Person {
+            until: p
+                .lapses_at(agent.handoff_idle())
+                .map(shown_time)
+                .unwrap_or_default(),
+            since: shown_time(p.since),
+            name: p.by,
+        }))
 }
 
 /// A conversation's turns and the delivery of each: what a transcript shows.
@@ -395,15 +460,17 @@ async fn transcript(
     let found = async {
         let turns = transcript_rows(&state, &raw, &phone).await?;
         let failed = undelivered(&state, &raw, &phone).await?;
-        Ok::<_, ApiError>((turns, failed))
+        let person = person(&state, &raw, &phone).await?;
+        Ok::<_, ApiError>((turns, failed, person))
     };
     match found.await {
-        Ok((turns, undelivered)) => page(&TranscriptPage {
+        Ok((turns, undelivered, person)) => page(&TranscriptPage {
             layout: Layout::new(format!("Conversation with {phone}"), &who),
             agent_id: raw,
             phone,
             turns,
             undelivered,
+            person,
         }),
         Err(e) => error_page(&who, &e),
     }

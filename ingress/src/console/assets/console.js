@@ -113,8 +113,9 @@ function liveConversations() {
       const li = el("li");
       const a = el("a", "", r.phone);
       a.href = r.href;
-      li.append(a, " ", el("span", "name", r.name || ""), " ",
-        el("span", "meta", r.messages + " messages · last " + r.last_seen));
+      li.append(a, " ", el("span", "name", r.name || ""));
+      if (r.person) li.append(" ", el("span", "badge", "with a person"));
+      li.append(" ", el("span", "meta", r.messages + " messages · last " + r.last_seen));
       return li;
     });
     list.replaceChildren(...items);
