@@ -448,6 +448,7 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "sandbox",
         "sandbox_join_code",
         "messaging_service_sid",
+        "last_errors",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -521,6 +522,7 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
         [
             "account_sid",
             "enabled",
+            "last_errors",
             "messaging_service_sid",
             "optin_keywords",
             "optin_reply",

@@ -651,6 +651,13 @@ async fn a_sandbox_refusal_says_how_to_join_with_the_channels_code() {
         reason.contains("joined the Sandbox") && reason.contains("\"join ancient-pencil\""),
         "{reason}"
     );
+    // The channel's answer shows it among its last errors.
+    let channel = w.wagate.admin_json("/v1/agents/demo/whatsapp").await;
+    let errors = channel["last_errors"].as_array().expect("last_errors");
+    assert_eq!(errors.len(), 1, "{channel}");
+    assert_eq!(errors[0]["code"], 63015);
+    assert_eq!(errors[0]["phone"], FROM);
+    assert_eq!(errors[0]["reason"], dl[0]["reason"]);
     let (status, channel) = put_channel(
         &w,
         serde_json::json!({

@@ -212,6 +212,69 @@ pub struct ChannelView {
     pub(crate) sandbox: bool,
     pub(crate) sandbox_join_code: Option<String>,
     pub(crate) messaging_service_sid: Option<String>,
+    /// The channel's last sends that failed for good (the channel's own answers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) last_errors: Option<Vec<ChannelError>>,
+}
+
+/// A send of the channel that failed for good: one of its dead letters, as the channel's
+/// answer shows it (the reason says what to do, [`shared::twilio::rest::advice`]).
+#[derive(Serialize)]
+pub struct ChannelError {
+    #[serde(with = "time::serde::rfc3339")]
+    at: OffsetDateTime,
+    code: Option<u32>,
+    reason: String,
+    phone: String,
+    dead_letter_id: String,
+}
+
+/// How many of a channel's errors its answer shows.
+const LAST_ERRORS: usize = 5;
+
+/// The API's answer of a channel call: `view` with the channel's last errors.
+async fn answer(
+    state: &AppState,
+    raw: &str,
+    view: ChannelView,
+) -> Result<Json<ChannelView>, ApiError> {
+    let agent = load_agent(state, raw).await?;
+    Ok(Json(with_last_errors(state, &agent.id, view).await?))
+}
+
+/// `view` with the agent's last errors: its newest send-stage dead letters.
+async fn with_last_errors(
+    state: &AppState,
+    agent: &AgentId,
+    mut view: ChannelView,
+) -> Result<ChannelView, ApiError> {
+    let filter = super::dead_letters::Filter::default();
+    let mut letters: Vec<_> = super::dead_letters::matching(state, &filter)
+        .await?
+        .into_iter()
+        .filter(|d| &d.agent_id == agent && d.stage == shared::envelope::Stage::Send)
+        .collect();
+    letters.sort_by_key(|d| std::cmp::Reverse(d.failed_at));
+    view.last_errors = Some(
+        letters
+            .into_iter()
+            .take(LAST_ERRORS)
+            .filter_map(|d| {
+                let phone = match &d.message {
+                    shared::envelope::DeadMessage::Reply(r) => r.to.user().to_owned(),
+                    _ => return None,
+                };
+                Some(ChannelError {
+                    at: d.failed_at,
+                    code: d.code,
+                    reason: d.reason,
+                    phone,
+                    dead_letter_id: d.id,
+                })
+            })
+            .collect(),
+    );
+    Ok(view)
 }
 
 impl ChannelView {
@@ -235,6 +298,7 @@ impl ChannelView {
             sandbox: channel.is_sandbox(),
             sandbox_join_code: channel.sandbox_join_code.clone(),
             messaging_service_sid: channel.messaging_service_sid.clone(),
+            last_errors: None,
         }
     }
 }
@@ -278,7 +342,8 @@ pub async fn put(
     body: Bytes,
 ) -> Result<Json<ChannelView>, ApiError> {
     let req: ChannelRequest = parse_json(&body)?;
-    save(&state, &raw, req, host(&headers)).await.map(Json)
+    let view = save(&state, &raw, req, host(&headers)).await?;
+    answer(&state, &raw, view).await
 }
 
 /// Validates and stores an agent's channel, sealing the Auth Token: what the API's `PUT` and
@@ -372,12 +437,8 @@ pub async fn get(
                 "this agent has no WhatsApp channel: PUT /v1/agents/{agent_id}/whatsapp first",
             )
         })?;
-    Ok(Json(ChannelView::new(
-        &state,
-        &agent.id,
-        &channel,
-        host(&headers),
-    )))
+    let view = ChannelView::new(&state, &agent.id, &channel, host(&headers));
+    Ok(Json(with_last_errors(&state, &agent.id, view).await?))
 }
 
 /// Query of the simulated outbox.
@@ -451,9 +512,8 @@ pub async fn enable(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
-    set_enabled(&state, &raw, host(&headers), true)
-        .await
-        .map(Json)
+    let view = set_enabled(&state, &raw, host(&headers), true).await?;
+    answer(&state, &raw, view).await
 }
 
 pub async fn disable(
@@ -461,7 +521,6 @@ pub async fn disable(
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
-    set_enabled(&state, &raw, host(&headers), false)
-        .await
-        .map(Json)
+    let view = set_enabled(&state, &raw, host(&headers), false).await?;
+    answer(&state, &raw, view).await
 }
