@@ -143,7 +143,22 @@ pub enum Backend {
         secret: SealedSecret,
         /// Per-agent turn timeout in milliseconds, overriding the process default.
         timeout_ms: Option<u64>,
+        /// Where its users' voice notes are transcribed before the endpoint gets them (their
+        /// words come with the audio); none: the audio alone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transcription: Option<Transcriber>,
     },
+}
+
+/// An OpenAI-compatible transcription endpoint (`POST {base_url}/audio/transcriptions`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Transcriber {
+    /// Base URL up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// The transcription model.
+    pub model: String,
+    /// The API key, sealed (as an OpenAI-compatible agent's).
+    pub api_key: Option<SealedSecret>,
 }
 
 /// An agent's WhatsApp deployment through Twilio.

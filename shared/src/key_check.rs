@@ -148,10 +148,15 @@ fn reseal_backend(agent: &mut Agent, keyring: &Keyring, verified: &mut Verified)
             Backend::Webhook {
                 secret,
                 credentials,
+                transcription,
                 ..
             } => {
                 let secret = reseal(SecretPurpose::WebhookSecret, Some(secret));
-                reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | secret
+                let key = reseal(
+                    SecretPurpose::AgentApiKey,
+                    transcription.as_mut().and_then(|t| t.api_key.as_mut()),
+                );
+                reseal(SecretPurpose::UrlCredentials, credentials.as_mut()) | secret | key
             }
         }
 }

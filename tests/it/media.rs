@@ -571,3 +571,87 @@ async fn a_shared_contact_reaches_the_model_as_its_name_and_number() {
     let text = support::fake_openai::last_user_text(&requests[0]);
     assert_eq!(text, "[contact: Grace Hopper, +1 415-555-0199]");
 }
+
+/// A webhook agent with a `transcription` endpoint gets each voice note's words with its audio
+/// (and as the user's turn); without one, the audio alone.
+#[tokio::test]
+async fn a_webhook_agent_with_a_transcriber_gets_the_voice_notes_words() {
+    let (cdn, _) = host().await;
+    let model = FakeOpenAi::start("sk-ears").await;
+    let hook = FakeAgentWebhook::start("whsec-media-0123456789").await;
+    let w = World::start().await;
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/biz")
+        .json(&serde_json::json!({
+            "backend": {"kind": "webhook", "url": hook.url, "secret": "whsec-media-0123456789",
+                        "transcription": {"base_url": model.base_url, "api_key": "sk-ears"}},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let agent: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        agent["backend"]["transcription"]["model"], "whisper-1",
+        "{agent}"
+    );
+    assert!(!agent.to_string().contains("sk-ears"), "{agent}");
+    w.wagate.channel("biz", true).await;
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(1),
+        "ME00000000000000000000000000000061",
+        &format!("{cdn}/voice.ogg"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &support::harness::Wagate::inbound_path("biz"),
+            &with_medium(&sid(1), "", &url, "audio/ogg"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = hook.wait_for_requests(1, WAIT).await;
+    let heard = format!("heard {} bytes", VOICE.len());
+    assert_eq!(requests[0]["media"][0]["transcript"], heard.as_str());
+    assert!(requests[0]["media"][0]["data_base64"].is_string());
+    let said = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"].clone();
+    assert_eq!(said, format!("[voice note] {heard}").as_str());
+    assert_eq!(model.transcriptions().len(), 1);
+
+    // Without the transcriber (null), the audio alone.
+    let r = w
+        .wagate
+        .admin(reqwest::Method::PUT, "/v1/agents/biz")
+        .json(&serde_json::json!({
+            "backend": {"kind": "webhook", "url": hook.url, "transcription": null},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url = w.twilio.add_media(
+        ACCOUNT_SID,
+        &sid(2),
+        "ME00000000000000000000000000000062",
+        &format!("{cdn}/voice.ogg"),
+    );
+    let r = w
+        .wagate
+        .post_signed(
+            &support::harness::Wagate::inbound_path("biz"),
+            &with_medium(&sid(2), "", &url, "audio/ogg"),
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = hook.wait_for_requests(2, WAIT).await;
+    assert!(
+        requests[1]["media"][0].get("transcript").is_none(),
+        "{}",
+        requests[1]
+    );
+    assert_eq!(model.transcriptions().len(), 1, "nothing uploaded");
+}

@@ -73,7 +73,35 @@ pub(crate) enum BackendRequest {
         url: String,
         secret: Option<SecretString>,
         timeout_ms: Option<u64>,
+        /// Left out: kept as stored; `null`: none.
+        #[serde(default, deserialize_with = "present")]
+        transcription: Option<Option<TranscriberRequest>>,
     },
+}
+
+/// A webhook agent's transcription endpoint as asked for; an `api_key` left out keeps the one
+/// stored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TranscriberRequest {
+    base_url: String,
+    #[serde(default = "whisper")]
+    model: String,
+    api_key: Option<SecretString>,
+}
+
+fn whisper() -> String {
+    "whisper-1".to_owned()
+}
+
+/// A field that was given, `null` included (`Some(None)`), told apart from one left out
+/// (`None`, through `#[serde(default)]`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// An agent as the API shows it: secrets only as "is set".
@@ -119,10 +147,15 @@ pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
             url,
             credentials,
             timeout_ms,
+            transcription,
             ..
         } => serde_json::json!({
             "kind": "webhook", "url": shown_url(url, credentials.as_ref()), "secret_set": true,
             "credentials_set": credentials.is_some(), "timeout_ms": timeout_ms,
+            "transcription": transcription.as_ref().map(|t| serde_json::json!({
+                "base_url": redact::url(&t.base_url), "model": t.model,
+                "api_key_set": t.api_key.is_some(),
+            })),
         }),
     }
 }
@@ -378,6 +411,7 @@ pub(crate) async fn save(
             url,
             secret,
             timeout_ms,
+            transcription,
         } => {
             check_url("url", &url)?;
             check_timeout(timeout_ms)?;
@@ -396,11 +430,35 @@ pub(crate) async fn save(
                 _ => None,
             };
             let (url, credentials) = seal_credentials(state, &id, &url, before)?;
+            let stored = match previous {
+                Some(Backend::Webhook { transcription, .. }) => transcription.clone(),
+                _ => None,
+            };
+            let transcription = match transcription {
+                None => stored,
+                Some(None) => None,
+                Some(Some(t)) => {
+                    check_url("transcription.base_url", &t.base_url)?;
+                    if t.model.trim().is_empty() {
+                        return Err(ApiError::invalid("transcription.model must not be empty"));
+                    }
+                    let api_key = match t.api_key {
+                        Some(k) => Some(state.keyring.seal(&id, SecretPurpose::AgentApiKey, &k)),
+                        None => stored.and_then(|s| s.api_key),
+                    };
+                    Some(shared::agent::Transcriber {
+                        base_url: t.base_url.trim_end_matches('/').to_owned(),
+                        model: t.model,
+                        api_key,
+                    })
+                }
+            };
             Backend::Webhook {
                 url,
                 credentials,
                 secret,
                 timeout_ms,
+                transcription,
             }
         }
     };

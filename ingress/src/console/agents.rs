@@ -175,6 +175,7 @@ impl AgentForm {
                 url: self.webhook_url.trim().to_owned(),
                 secret: secret(&self.secret),
                 timeout_ms: None,
+                transcription: None,
             },
             _ => return Err(ApiError::invalid("choose a backend")),
         };

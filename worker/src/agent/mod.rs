@@ -183,6 +183,7 @@ impl AgentRunner {
                 credentials,
                 secret,
                 timeout_ms,
+                ..
             } => {
                 let secret = self
                     .keyring
@@ -200,21 +201,33 @@ impl AgentRunner {
         }
     }
 
-    /// Transcribes the voice notes among `media` with the agent's transcription model, one
+    /// Transcribes the voice notes among `media` with the agent's transcription model (an
+    /// OpenAI-compatible agent's own endpoint, or a webhook agent's `transcription`), one
     /// after the other, into each medium's `transcript`: the user's words, for the history
-    /// and the model. Nothing for an agent that does not transcribe (`fetch_for` then left a
-    /// notice).
+    /// and the agent. Nothing for an agent that does not transcribe (`fetch_for` then left a
+    /// notice, or the webhook gets the audio alone).
     pub async fn transcribe(&self, agent: &Agent, media: &mut [crate::media::Medium]) {
-        let Backend::Openai {
-            base_url,
-            credentials,
-            api_key,
-            transcription_model: Some(model),
-            timeout_ms,
-            ..
-        } = &agent.backend
-        else {
-            return;
+        let (base_url, model, api_key, credentials, timeout_ms) = match &agent.backend {
+            Backend::Openai {
+                base_url,
+                credentials,
+                api_key,
+                transcription_model: Some(model),
+                timeout_ms,
+                ..
+            } => (
+                base_url,
+                model,
+                api_key.as_ref(),
+                credentials.as_ref(),
+                timeout_ms,
+            ),
+            Backend::Webhook {
+                transcription: Some(t),
+                timeout_ms,
+                ..
+            } => (&t.base_url, &t.model, t.api_key.as_ref(), None, timeout_ms),
+            _ => return,
         };
         let is_audio =
             |m: &crate::media::Medium| m.kind == crate::media::Kind::Audio && m.fetched.is_ok();
@@ -222,8 +235,7 @@ impl AgentRunner {
             return;
         }
         // Opened once for all of the turn's voice notes.
-        let authorization =
-            self.openai_authorization(&agent.id, api_key.as_ref(), credentials.as_ref());
+        let authorization = self.openai_authorization(&agent.id, api_key, credentials);
         for medium in media.iter_mut() {
             let (crate::media::Kind::Audio, Ok(audio)) = (medium.kind, &medium.fetched) else {
                 continue;

@@ -10,7 +10,8 @@
 //!
 //! The request's `media` carries each medium of the turn's messages with its bytes in base64
 //! (`url`, `content_type`, `size`, `data_base64`, or `error` when it could not be fetched), so
-//! the endpoint needs no Twilio credentials; `WAGATE_MEDIA_MAX_BYTES` bounds each.
+//! the endpoint needs no Twilio credentials; `WAGATE_MEDIA_MAX_BYTES` bounds each. With a
+//! `transcription` endpoint on the agent, a voice note also carries its `transcript`.
 
 use std::time::Duration;
 
@@ -64,6 +65,9 @@ struct MediumView<'a> {
     data_base64: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// A voice note's words, when the agent has a transcription endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transcript: Option<&'a str>,
 }
 
 /// Where and how to call the endpoint.
@@ -112,6 +116,7 @@ pub async fn reply(
                     size: Some(f.bytes.len()),
                     data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&f.bytes)),
                     error: None,
+                    transcript: m.transcript.as_ref().and_then(|t| t.as_deref().ok()),
                 },
                 Err(e) => MediumView {
                     url: &m.url,
@@ -119,6 +124,7 @@ pub async fn reply(
                     size: None,
                     data_base64: None,
                     error: Some(e.to_string()),
+                    transcript: None,
                 },
             })
             .collect(),
