@@ -655,3 +655,39 @@ async fn a_webhook_agent_with_a_transcriber_gets_the_voice_notes_words() {
     );
     assert_eq!(model.transcriptions().len(), 1, "nothing uploaded");
 }
+
+/// A shared location reaches the agent as structured text: coordinates and its label.
+#[tokio::test]
+async fn a_shared_location_reaches_the_agent_as_coordinates_and_label() {
+    let hook = FakeAgentWebhook::start("whsec-media-0123456789").await;
+    let w = World::start().await;
+    w.wagate
+        .agent(
+            "biz",
+            serde_json::json!({"kind": "webhook", "url": hook.url, "secret": "whsec-media-0123456789"}),
+        )
+        .await;
+    w.wagate.channel("biz", true).await;
+    let mut form = inbound_form(&sid(1), FROM, "");
+    form.extend([
+        ("Latitude".to_owned(), "37.7955".to_owned()),
+        ("Longitude".to_owned(), "-122.3937".to_owned()),
+        (
+            "Address".to_owned(),
+            "1 Ferry Building, San Francisco".to_owned(),
+        ),
+        ("Label".to_owned(), "Ferry Building".to_owned()),
+    ]);
+    let r = w
+        .wagate
+        .post_signed(
+            &support::harness::Wagate::inbound_path("biz"),
+            &form,
+            support::harness::AUTH_TOKEN,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let requests = hook.wait_for_requests(1, WAIT).await;
+    let said = requests[0]["messages"].as_array().unwrap().last().unwrap()["content"].clone();
+    assert_eq!(said, "[location: 37.7955,-122.3937 Ferry Building]");
+}
