@@ -12,7 +12,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use support::{
     fake_twilio::ScriptedResponse,
-    harness::{ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, SANDBOX, World, eventually, sid},
+    harness::{
+        ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, SANDBOX, World, eventually, sid, status_callback,
+    },
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -931,22 +933,6 @@ async fn lists_page_with_limit_and_cursor_and_stay_stable_under_inserts() {
 
 // ---------------------------------------------------------------------------------------------
 // Delivery
-
-/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
-async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
-    let mut form = vec![
-        ("MessageSid".to_owned(), message_sid.to_owned()),
-        ("MessageStatus".to_owned(), status.to_owned()),
-        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
-        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
-    ];
-    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
-    let r = w
-        .wagate
-        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
-        .await;
-    assert!(r.status().is_success(), "{status}: {}", r.status());
-}
 
 /// The agent's messages of the session with `FROM` once `done` holds for them.
 async fn replies_once(w: &World, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {

@@ -14,7 +14,7 @@ use crate::support::{
     fake_twilio::ScriptedResponse,
     harness::{
         ACCOUNT_SID, ADMIN_TOKEN, AUTH_TOKEN, Mode, Proc, SANDBOX, Wagate, World, eventually,
-        free_port, inbound_form, sid,
+        free_port, inbound_form, sid, status_callback,
     },
 };
 
@@ -57,22 +57,6 @@ async fn deploy(b: &Browser, id: &str) {
         t.contains("WhatsApp channel: enabled")
     })
     .await;
-}
-
-/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
-async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
-    let mut form = vec![
-        ("MessageSid".to_owned(), message_sid.to_owned()),
-        ("MessageStatus".to_owned(), status.to_owned()),
-        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
-        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
-    ];
-    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
-    let r = w
-        .wagate
-        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
-        .await;
-    assert!(r.status().is_success(), "{status}: {}", r.status());
 }
 
 #[tokio::test]

@@ -923,3 +923,19 @@ impl World {
         }
     }
 }
+
+/// Posts Twilio's status callback for `message_sid` to the agent `demo`, signed.
+pub async fn status_callback(w: &World, message_sid: &str, status: &str, code: Option<u32>) {
+    let mut form = vec![
+        ("MessageSid".to_owned(), message_sid.to_owned()),
+        ("MessageStatus".to_owned(), status.to_owned()),
+        ("AccountSid".to_owned(), ACCOUNT_SID.to_owned()),
+        ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+    ];
+    form.extend(code.map(|c| ("ErrorCode".to_owned(), c.to_string())));
+    let r = w
+        .wagate
+        .post_signed("/webhooks/twilio/whatsapp/demo/status", &form, AUTH_TOKEN)
+        .await;
+    assert!(r.status().is_success(), "{status}: {}", r.status());
+}
