@@ -882,5 +882,4 @@ impl Lease {
 }
 
 #[cfg(test)]
-#[path = "transport_tests.rs"]
 mod tests;

@@ -19,7 +19,10 @@ use tokio_rustls::{
 use super::*;
 
 /// The test certificate for 127.0.0.1 and the CA that signed it.
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/agent-tls");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/agent-tls"
+);
 /// What every test call sends, and what [`Reply::Echo`] sends back.
 const BODY: &[u8] = br#"{"message":"hello"}"#;
 /// For calls that are expected to be answered: long enough never to run out on a slow machine.
