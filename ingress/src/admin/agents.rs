@@ -30,25 +30,31 @@ use crate::AppState;
 #[serde(deny_unknown_fields)]
 pub(crate) struct AgentRequest {
     /// 1-200 characters; left out: what was stored before, else the id.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub(crate) name: Option<String>,
     pub(crate) backend: BackendRequest,
     /// Seconds a paused conversation waits for its person (1 to 2592000). Left out: what was
     /// stored before, else a day.
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub(crate) handoff_resume_after_s: Option<u64>,
     /// Days a conversation's turns are kept (1 to 3650). Left out: what was stored before,
     /// else 90.
+    #[schema(minimum = 1, maximum = 3650)]
     pub(crate) retention_days: Option<u32>,
     /// Left out: what was stored before (at first, the process's default); `0`: back to it.
+    #[schema(maximum = 10_000)]
     pub(crate) history_turns: Option<u32>,
     /// Left out: what was stored before (at first, none); `0`: none.
+    #[schema(maximum = 10_000_000)]
     pub(crate) history_tokens: Option<u32>,
     /// Left out: what was stored before, else on.
     pub(crate) typing_indicator: Option<bool>,
     /// The event webhook: left out keeps it, `""` removes it. A new URL needs
     /// `events_secret`; a secret left out keeps the one stored.
+    #[schema(pattern = r"^(https?://[^\s]{1,2040})?$")]
     pub(crate) events_url: Option<String>,
     /// A Standard Webhooks secret: `whsec_` and the base64 of 24-64 random bytes.
-    #[schema(value_type = Option<String>, format = Password)]
+    #[schema(value_type = Option<String>, format = Password, pattern = r"^whsec_[A-Za-z0-9+/]{32,86}={0,2}$")]
     pub(crate) events_secret: Option<SecretString>,
 }
 
@@ -62,25 +68,32 @@ pub(crate) enum BackendRequest {
     // A struct variant, so that `deny_unknown_fields` refuses `{"kind": "echo", "x": 1}` too.
     Echo {},
     Openai {
+        /// The OpenAI-compatible API's base, e.g. `https://api.openai.com/v1`.
+        #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
         base_url: String,
+        #[schema(pattern = r"\S")]
         model: String,
         /// Left out: the one stored before.
         #[schema(value_type = Option<String>, format = Password)]
         api_key: Option<SecretString>,
         system_prompt: Option<String>,
+        #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
         /// Left out: `whisper-1`; `null`: no transcription.
         #[serde(default = "shared::agent::default_transcription_model")]
+        #[schema(pattern = r"\S")]
         transcription_model: Option<String>,
         /// Left out: on.
         #[serde(default = "shared::agent::default_tools")]
         tools: bool,
     },
     Webhook {
+        #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
         url: String,
         /// At least 16 characters; needed at first, left out later: the one stored before.
-        #[schema(value_type = Option<String>, format = Password)]
+        #[schema(value_type = Option<String>, format = Password, min_length = 16)]
         secret: Option<SecretString>,
+        #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
         /// Left out: kept as stored; `null`: none.
         #[serde(default, deserialize_with = "present")]
@@ -94,8 +107,10 @@ pub(crate) enum BackendRequest {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TranscriberRequest {
+    #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
     base_url: String,
     #[serde(default = "whisper")]
+    #[schema(pattern = r"\S")]
     model: String,
     #[schema(value_type = Option<String>, format = Password)]
     api_key: Option<SecretString>,

@@ -22,6 +22,7 @@ use crate::AppState;
 #[into_params(parameter_in = Query)]
 pub struct LeadsQuery {
     /// `json` (the default) or `csv`: the whole list as a CSV attachment.
+    #[param(inline)]
     format: Option<Format>,
     /// With it, a page of at most this many leads (1-1000), by first contact; not with `csv`.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]

@@ -34,19 +34,24 @@ use crate::AppState;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendRequest {
     /// The user, in E.164 (`whatsapp:` before it is taken too).
+    #[schema(pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$")]
     to: String,
     /// Free text (at most 16,000 characters), only inside the 24-hour window.
+    #[schema(max_length = 16_000)]
     body: Option<String>,
     /// A template (`HX…`), at any time; not with `body` or `media`.
+    #[schema(pattern = r"^HX[0-9a-fA-F]{32}$")]
     content_sid: Option<String>,
     /// The template's variables.
     #[schema(value_type = Option<Object>)]
     content_variables: Option<serde_json::Map<String, serde_json::Value>>,
     /// Public https URLs, sent with the text (one medium a message, the text with the first).
     #[serde(default)]
+    #[schema(max_items = 10, pattern = r"^https://")]
     media: Vec<String>,
     /// A person answering in the business's name (1-100 characters): the message enters the
     /// history with this author, and the conversation is paused for them.
+    #[schema(min_length = 1, max_length = 100)]
     operator: Option<String>,
 }
 

@@ -85,7 +85,10 @@ pub struct PersonPath {
     pub(crate) agent_id: String,
     /// The user's number in E.164 (`+` URL-encoded as `%2B`; `whatsapp:` before it is taken
     /// too). Another text is 422.
-    #[param(example = "+14155550100")]
+    #[param(
+        example = "+14155550100",
+        pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$"
+    )]
     pub(crate) phone: String,
 }
 
