@@ -61,7 +61,7 @@ pub(crate) struct AgentRequest {
 /// The longest a handed-off conversation may wait for its person: a month.
 const MAX_HANDOFF_RESUME_AFTER_S: u64 = 30 * 86_400;
 
-/// The backend part of an [`AgentRequest`].
+/// The backend part of an agent's `PUT`: its `kind` and that kind's settings.
 #[derive(Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum BackendRequest {

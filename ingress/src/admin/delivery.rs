@@ -131,6 +131,7 @@ pub(crate) async fn of_session(
     Ok(by_turn(turns, sent))
 }
 
+/// One of the agent's messages, and the delivery of every part of its reply: the answer of
 /// `GET /v1/agents/{agent_id}/messages/{sid}`.
 #[derive(Serialize, ToSchema)]
 #[schema(as = Delivery)]

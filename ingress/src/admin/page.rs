@@ -107,7 +107,7 @@ impl<K: DeserializeOwned> PageRequest<K> {
     }
 }
 
-/// One page of a list, and the cursor of the next (`None` on the last page).
+/// One page of a list, and the cursor of the next (null on the last page).
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Page<T> {
     pub(crate) items: Vec<T>,

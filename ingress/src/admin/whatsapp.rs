@@ -227,7 +227,7 @@ pub struct ChannelView {
 }
 
 /// A send of the channel that failed for good: one of its dead letters, as the channel's
-/// answer shows it (the reason says what to do, [`shared::twilio::rest::advice`]).
+/// answer shows it (the reason says what to do, from `shared::twilio::rest::advice`).
 #[derive(Serialize, ToSchema)]
 pub struct ChannelError {
     #[serde(with = "time::serde::rfc3339")]
