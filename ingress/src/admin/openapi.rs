@@ -175,3 +175,47 @@ pub async fn document() -> impl IntoResponse {
         DOCUMENT.as_str(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use utoipa::openapi::path::ParameterIn;
+
+    use super::*;
+
+    /// utoipa takes a path's template and its declared parameters separately: each operation
+    /// must declare exactly the `{names}` its template has, and a 2xx answer.
+    #[test]
+    fn every_operation_declares_its_path_parameters_and_a_success() {
+        let doc = spec();
+        assert!(doc.paths.paths.len() > 1);
+        for (path, item) in &doc.paths.paths {
+            let mut in_template: Vec<&str> = path
+                .split('{')
+                .skip(1)
+                .filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+                .collect();
+            in_template.sort_unstable();
+            for op in [&item.get, &item.put, &item.post, &item.delete, &item.patch]
+                .into_iter()
+                .flatten()
+            {
+                let mut declared: Vec<&str> = op
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| match p {
+                        RefOr::T(p) if p.parameter_in == ParameterIn::Path => Some(p.name.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                declared.sort_unstable();
+                assert_eq!(declared, in_template, "{path}");
+                assert!(
+                    op.responses.responses.keys().any(|s| s.starts_with('2')),
+                    "{path}: no success answer"
+                );
+                assert!(op.responses.responses.contains_key("401"), "{path}");
+            }
+        }
+    }
+}
