@@ -30,7 +30,7 @@ use crate::AppState;
 #[serde(deny_unknown_fields)]
 pub(crate) struct AgentRequest {
     /// 1-200 characters; left out: what was stored before, else the id.
-    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    #[schema(min_length = 1, max_length = 200)]
     pub(crate) name: Option<String>,
     pub(crate) backend: BackendRequest,
     /// Seconds a paused conversation waits for its person (1 to 2592000). Left out: what was
@@ -51,10 +51,10 @@ pub(crate) struct AgentRequest {
     pub(crate) typing_indicator: Option<bool>,
     /// The event webhook: left out keeps it, `""` removes it. A new URL needs
     /// `events_secret`; a secret left out keeps the one stored.
-    #[schema(pattern = r"^(https?://[^\s]{1,2040})?$")]
+    #[schema(pattern = r"^$|^https?://", max_length = 2048)]
     pub(crate) events_url: Option<String>,
     /// A Standard Webhooks secret: `whsec_` and the base64 of 24-64 random bytes.
-    #[schema(value_type = Option<String>, format = Password, pattern = r"^whsec_[A-Za-z0-9+/]{32,86}={0,2}$")]
+    #[schema(value_type = Option<String>, format = Password, pattern = r"^\s*whsec_")]
     pub(crate) events_secret: Option<SecretString>,
 }
 
@@ -69,9 +69,8 @@ pub(crate) enum BackendRequest {
     Echo {},
     Openai {
         /// The OpenAI-compatible API's base, e.g. `https://api.openai.com/v1`.
-        #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
+        #[schema(pattern = r"^https?://", max_length = 2048)]
         base_url: String,
-        #[schema(pattern = r"\S")]
         model: String,
         /// Left out: the one stored before.
         #[schema(value_type = Option<String>, format = Password)]
@@ -81,17 +80,16 @@ pub(crate) enum BackendRequest {
         timeout_ms: Option<u64>,
         /// Left out: `whisper-1`; `null`: no transcription.
         #[serde(default = "shared::agent::default_transcription_model")]
-        #[schema(pattern = r"\S")]
         transcription_model: Option<String>,
         /// Left out: on.
         #[serde(default = "shared::agent::default_tools")]
         tools: bool,
     },
     Webhook {
-        #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
+        #[schema(pattern = r"^https?://", max_length = 2048)]
         url: String,
-        /// At least 16 characters; needed at first, left out later: the one stored before.
-        #[schema(value_type = Option<String>, format = Password, min_length = 16)]
+        /// At least 16 bytes; needed at first, left out later: the one stored before.
+        #[schema(value_type = Option<String>, format = Password)]
         secret: Option<SecretString>,
         #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
@@ -107,10 +105,9 @@ pub(crate) enum BackendRequest {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TranscriberRequest {
-    #[schema(pattern = r"^https?://[^\s]{1,2040}$")]
+    #[schema(pattern = r"^https?://", max_length = 2048)]
     base_url: String,
     #[serde(default = "whisper")]
-    #[schema(pattern = r"\S")]
     model: String,
     #[schema(value_type = Option<String>, format = Password)]
     api_key: Option<SecretString>,

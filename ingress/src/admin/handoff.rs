@@ -73,6 +73,7 @@ pub struct SessionState {
 #[serde(deny_unknown_fields)]
 pub struct PauseRequest {
     /// The person taking over (1-100 characters); left out: `api`.
+    #[schema(min_length = 1)]
     operator: Option<String>,
 }
 

@@ -47,11 +47,11 @@ pub(crate) struct SendRequest {
     content_variables: Option<serde_json::Map<String, serde_json::Value>>,
     /// Public https URLs, sent with the text (one medium a message, the text with the first).
     #[serde(default)]
-    #[schema(max_items = 10, pattern = r"^https://")]
+    #[schema(max_items = 10)]
     media: Vec<String>,
     /// A person answering in the business's name (1-100 characters): the message enters the
     /// history with this author, and the conversation is paused for them.
-    #[schema(min_length = 1, max_length = 100)]
+    #[schema(min_length = 1)]
     operator: Option<String>,
 }
 

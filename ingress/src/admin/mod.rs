@@ -83,11 +83,11 @@ pub struct PersonPath {
     /// The agent's id: 1-64 of `A-Z a-z 0-9 _ -`.
     #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
     pub(crate) agent_id: String,
-    /// The user's number in E.164 (`+` URL-encoded as `%2B`; `whatsapp:` before it is taken
-    /// too). Another text is 422.
+    /// The user's number in E.164 (`+` URL-encoded as `%2B`, or a space for it; `whatsapp:`
+    /// before it is taken too). Another text is 422.
     #[param(
         example = "+14155550100",
-        pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$"
+        pattern = r"^(whatsapp:)?[+ ][1-9][0-9]{1,14}$"
     )]
     pub(crate) phone: String,
 }

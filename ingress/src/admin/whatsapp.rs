@@ -27,10 +27,10 @@ use crate::AppState;
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChannelRequest {
     /// `AC` and 32 hex digits.
-    #[schema(pattern = r"^AC[0-9a-fA-F]{32}$")]
+    #[schema(pattern = r"^\s*AC[0-9a-fA-F]{32}\s*$")]
     pub(crate) account_sid: String,
     /// The account's Auth Token; left out: the one stored for the same account.
-    #[schema(value_type = Option<String>, format = Password, pattern = r"^[!-~]{16,256}$")]
+    #[schema(value_type = Option<String>, format = Password, pattern = r"^\s*[!-~]{16,256}\s*$")]
     pub(crate) auth_token: Option<SecretString>,
     /// The WhatsApp sender's number, in E.164.
     #[schema(pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$")]
