@@ -64,7 +64,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .layer(middleware::map_response(json_errors))
 }
 
-/// The largest request body (413 above), as the description says.
+/// The largest request body (413 above); the description's 413 answers say it from here.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
 
 /// The agent of a call's path.

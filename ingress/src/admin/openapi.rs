@@ -126,7 +126,8 @@ fn shared_answers(op: &mut Operation, describes_itself: bool) {
         );
     }
     if has_body {
-        add(op, "413", "A body over 256 KiB");
+        let limit = format!("A body over {} KiB", super::MAX_BODY / 1024);
+        add(op, "413", &limit);
     }
 }
 
@@ -151,7 +152,8 @@ fn error(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
-/// The description as served, made once.
+/// The description as served, made once. Writing it cannot fail (every map key is a string);
+/// should it ever, the answer says why rather than the process panicking.
 static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
     spec()
         .to_json()

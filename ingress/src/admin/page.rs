@@ -28,9 +28,9 @@ pub struct PageQuery {
     /// With it, the answer is a page of at most this many items (1-1000); without it, the whole
     /// list as an array.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
-    pub(crate) limit: Option<String>,
+    limit: Option<String>,
     /// The `next_cursor` of the page before (needs `limit`).
-    pub(crate) cursor: Option<String>,
+    cursor: Option<String>,
 }
 
 impl PageQuery {
