@@ -47,6 +47,13 @@ fn may_pass_on_retry(kind: PublishErrorKind) -> bool {
 }
 /// Messages older than this are dropped from the work queues, whatever their state.
 const MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// How long one pull request waits for messages before the client asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How often the server says a waiting pull request is alive. Without it (async-nats's default),
+/// a request lost with its server, killed or restarted, or one answered "no responders" while a
+/// consumer elects its leader, is noticed only when it expires; with it, two missed heartbeats
+/// end the subscription, and dispatch subscribes again at once.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Tuning of a JetStream bus.
 #[derive(Debug, Clone)]
@@ -445,6 +452,8 @@ impl Bus for JetStreamBus {
         let messages = consumer
             .stream()
             .max_messages_per_batch(batch)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(BusError::nats("subscribe"))?;
