@@ -10,6 +10,8 @@
 //! - P5 cost: CPU time per reply of all wagate processes, and each one's peak RSS; and the
 //!   instructions per reply of `serve`, counted by callgrind, which do not change with the
 //!   machine's speed that day.
+//! - P6 pacing: a sender number's rate, held by two sender processes posting 10,000 queued
+//!   sends.
 //! - H1 unknown agents: the ingress's memory while webhooks flood in for agent ids that do not
 //!   exist (the figure: less than 10 MB more over 200,000 of them).
 //!
@@ -19,6 +21,7 @@
 mod callgrind;
 mod fakes;
 mod load;
+mod pacing;
 mod pipeline;
 mod probe;
 mod procs;

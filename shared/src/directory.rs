@@ -234,6 +234,8 @@ mod tests {
                     consent: Default::default(),
                     sandbox_join_code: None,
                     messaging_service_sid: None,
+                    mps: None,
+                    ordered_parts: true,
                     updated_at: now,
                 },
             )

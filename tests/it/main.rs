@@ -24,6 +24,7 @@ mod media;
 mod nats_cluster;
 mod ordering;
 mod outage;
+mod pacing;
 mod quick_replies;
 mod redis_cluster;
 mod secrets;
