@@ -192,11 +192,6 @@ pub struct WhatsAppChannel {
     /// the process's sandbox rate): Twilio queues and then refuses what goes faster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mps: Option<f64>,
-    /// Whether part n+1 of a long reply waits until Twilio reports part n sent (WhatsApp may
-    /// deliver separately posted messages out of order). Channels saved before it existed
-    /// wait.
-    #[serde(default = "default_ordered_parts")]
-    pub ordered_parts: bool,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
@@ -218,11 +213,6 @@ pub const MIN_MPS: f64 = 1.0 / 60.0;
 /// The highest `mps` a channel may set: far above any Twilio sender's throughput (a test or
 /// benchmark channel that must not be held back sets it), yet a pace still.
 pub const MAX_MPS: f64 = 10_000.0;
-
-/// Parts of a long reply wait for the previous part's `sent` unless the channel says otherwise.
-pub fn default_ordered_parts() -> bool {
-    true
-}
 
 impl WhatsAppChannel {
     /// Whether the channel is on the Twilio Sandbox.

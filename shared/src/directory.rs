@@ -235,7 +235,6 @@ mod tests {
                     sandbox_join_code: None,
                     messaging_service_sid: None,
                     mps: None,
-                    ordered_parts: true,
                     updated_at: now,
                 },
             )

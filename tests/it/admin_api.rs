@@ -451,7 +451,6 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "sandbox_join_code",
         "messaging_service_sid",
         "mps",
-        "ordered_parts",
         "last_errors",
     ]
     .iter()
@@ -533,7 +532,6 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
             "optin_reply",
             "optout_keywords",
             "optout_reply",
-            "ordered_parts",
             "phone_number",
             "sandbox",
             "sandbox_join_code",
