@@ -151,12 +151,26 @@ pub async fn slow_agent(latency: Duration, host: AgentHost) -> Result<String> {
     Ok(match host {
         AgentHost::PlainHttp1 => format!("http://{}/agent", serve(app).await?),
         AgentHost::Https { h2_streams } => {
-            format!("https://{}/agent", serve_tls(app, h2_streams).await?)
+            let accepted = Arc::new(AtomicU64::new(0));
+            format!(
+                "https://{}/agent",
+                serve_tls(app, h2_streams, accepted).await?
+            )
         }
     })
 }
 
-async fn serve_tls(app: Router, h2_streams: u32) -> Result<SocketAddr> {
+/// [`slow_agent`] over HTTPS, with the count of the connections it accepted.
+pub async fn https_agent(latency: Duration, h2_streams: u32) -> Result<(String, Arc<AtomicU64>)> {
+    let app = Router::new()
+        .route("/agent", post(think))
+        .with_state(latency);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let addr = serve_tls(app, h2_streams, accepted.clone()).await?;
+    Ok((format!("https://{addr}/agent"), accepted))
+}
+
+async fn serve_tls(app: Router, h2_streams: u32, accepted: Arc<AtomicU64>) -> Result<SocketAddr> {
     use hyper_util::{
         rt::{TokioExecutor, TokioIo},
         server::conn::auto,
@@ -183,6 +197,7 @@ async fn serve_tls(app: Router, h2_streams: u32) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::Relaxed);
             let acceptor = acceptor.clone();
             let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {

@@ -48,6 +48,11 @@ impl Proc {
         })
     }
 
+    /// The exit status, once the process has ended.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// The process id, for /proc.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -174,25 +179,29 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// A nats-server with JetStream and a redis-server, both fresh in `dir`, on free ports.
+/// The NATS and Redis of one benchmark, fresh in their folder, on free ports: one nats-server
+/// with JetStream and one redis-server, or clusters of them ([`crate::clusters`]).
 pub struct Servers {
-    /// The NATS URL for wagate and the probe.
+    /// `WAGATE_NATS_URL`: every server, comma-separated.
     pub nats_url: String,
-    /// The Redis URL for wagate.
+    /// `WAGATE_REDIS_URL`: every node, comma-separated.
     pub redis_url: String,
-    /// The nats-server process.
-    pub nats: Proc,
-    /// The redis-server process.
-    pub redis: Proc,
-    /// Their data (JetStream's store, Redis's AOF): gigabytes after P1, removed on drop; the
+    /// The nats-server processes.
+    pub nats: Vec<Proc>,
+    /// The redis-server processes.
+    pub redis: Vec<Proc>,
+    /// What wagate must be told besides the URLs (`WAGATE_REDIS_CLUSTER`, replicas).
+    pub env: Vec<(String, String)>,
+    /// Their data (JetStream's stores, Redis's AOF): gigabytes after P1, removed on drop; the
     /// logs beside it stay.
-    data: Vec<PathBuf>,
+    pub data: Vec<PathBuf>,
 }
 
 impl Drop for Servers {
     fn drop(&mut self) {
-        self.nats.stop();
-        self.redis.stop();
+        for p in self.nats.iter_mut().chain(self.redis.iter_mut()) {
+            p.stop();
+        }
         for path in &self.data {
             let _ = std::fs::remove_dir_all(path);
         }
@@ -200,8 +209,8 @@ impl Drop for Servers {
 }
 
 impl Servers {
-    /// Starts both: JetStream on disk with nats-server's defaults, Redis with its AOF fsync'd
-    /// every second (Redis's recommended durability for AOF).
+    /// Starts one of each: JetStream on disk with nats-server's defaults, Redis with its AOF
+    /// fsync'd every second (Redis's recommended durability for AOF).
     pub async fn start(dir: &Path) -> Result<Servers> {
         std::fs::create_dir_all(dir)?;
         let nats_port = free_port()?;
@@ -219,30 +228,47 @@ impl Servers {
         let mut nats = Proc::spawn("nats-server", nats_cmd, &dir.join("nats.log"))?;
         nats.wait_port(nats_port).await?;
         let redis_port = free_port()?;
-        let mut redis_cmd = Command::new("redis-server");
-        redis_cmd
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .args(["--appenddirname", "redis-aof"]);
-        let mut redis = Proc::spawn("redis-server", redis_cmd, &dir.join("redis.log"))?;
+        let mut redis = redis_server(dir, redis_port, "redis-aof", &[])?;
         redis.wait_port(redis_port).await?;
         Ok(Servers {
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
             redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
-            nats,
-            redis,
+            nats: vec![nats],
+            redis: vec![redis],
+            env: vec![],
             data: vec![dir.join("nats"), dir.join("redis-aof")],
         })
     }
+
+    /// CPU time of every nats-server so far, in seconds.
+    pub fn nats_cpu_seconds(&self) -> Result<f64> {
+        self.nats.iter().map(Proc::cpu_seconds).sum()
+    }
+
+    /// CPU time of every redis-server so far, in seconds.
+    pub fn redis_cpu_seconds(&self) -> Result<f64> {
+        self.redis.iter().map(Proc::cpu_seconds).sum()
+    }
+}
+
+/// A redis-server on `port` keeping its AOF (fsync'd every second) in `dir/aof`, logging to
+/// `dir/redis-<port>.log`, with `extra` arguments.
+pub fn redis_server(dir: &Path, port: u16, aof: &str, extra: &[String]) -> Result<Proc> {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--appenddirname", aof])
+        .args(extra);
+    Proc::spawn("redis-server", cmd, &dir.join(format!("redis-{port}.log")))
 }
 
 /// The nats-server binary: the project venv's (2.15, installed by scripts/test-deps) or PATH's.

@@ -3,15 +3,16 @@
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::{
-    callgrind,
-    fakes::{self, AgentHost, Replies},
+    agent_calls, callgrind,
+    fakes::AgentHost,
     load::{self, AUTH_TOKEN, Target},
-    pipeline::{self, Driven},
+    measured::{Layout, PipelineSpec, pipeline},
     procs::{self, Proc, Servers, free_port, nats_binary, repo, version_of},
     report::{Report, median, verdict},
+    scaling, slow_agents,
     wagate::{AGENT, Deployment, Wagate},
 };
 
@@ -20,16 +21,16 @@ use crate::{
 pub struct Options {
     /// Rounds of each P1 target and runs of each P2 deployment; medians are over these.
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub rounds: usize,
     /// Length of one P1 round, in seconds.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// HTTP connections of the P1 load generator.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
-    /// Benchmarks to run, comma-separated (p1..p6, h1). P5's CPU time per reply comes from the
-    /// P2 runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
-    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5,p6,h1")]
+    /// Benchmarks to run, comma-separated (p1..p6, t1, h1). P5's CPU time per reply comes from
+    /// the P2 runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
+    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5,p6,t1,h1")]
     only: Vec<String>,
     /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
     /// a runtime thread per core for each role), split (one process per role), embedded. The
@@ -52,7 +53,7 @@ pub struct Options {
 /// docs/benchmarks.md advises where wagate shares the machine's two cores with nats-server,
 /// redis-server and the bench, or with `threads_per_core` a thread per core for each role; then
 /// the run's own, then `--wagate-env`, which wins.
-fn pipeline_env(
+pub fn pipeline_env(
     options: &Options,
     threads_per_core: bool,
     own: &[(&str, String)],
@@ -91,11 +92,15 @@ pub async fn run(options: Options) -> Result<()> {
         emit(&mut report, &mut all);
     }
     if wants("p3") {
-        p3(&dir.join("p3"), &options, &mut report).await?;
+        slow_agents::p3(&dir.join("p3"), &options, &mut report).await?;
         emit(&mut report, &mut all);
     }
     if wants("p4") {
-        p4(&dir.join("p4"), &options, &mut report).await?;
+        scaling::p4(&dir.join("p4"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("t1") {
+        agent_calls::t1(&dir.join("t1"), &options, &mut report).await?;
         emit(&mut report, &mut all);
     }
     if wants("p6") {
@@ -242,7 +247,7 @@ async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
             sid += cap as u64;
             let cpu_before = t.proc.cpu_seconds()?;
             let client_before = procs::own_cpu_seconds()?;
-            let nats_before = servers.nats.cpu_seconds()?;
+            let nats_before = servers.nats_cpu_seconds()?;
             let outcome = load::run(
                 &t.target,
                 requests,
@@ -252,7 +257,7 @@ async fn p1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
             .await?;
             let cpu = t.proc.cpu_seconds()? - cpu_before;
             let client = procs::own_cpu_seconds()? - client_before;
-            let nats = servers.nats.cpu_seconds()? - nats_before;
+            let nats = servers.nats_cpu_seconds()? - nats_before;
             eprintln!(
                 "P1 round {round}: {} {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
                 t.name,
@@ -341,218 +346,6 @@ impl<'a> P1Target<'a> {
     }
 }
 
-/// How the wagate processes of a pipeline run are laid out.
-#[derive(Clone, Copy)]
-enum Layout {
-    /// `wagate serve` on NATS + Redis: every role in one process.
-    Serve,
-    /// `wagate serve` with no NATS or Redis: the embedded store.
-    Embedded,
-    /// One ingress, `workers` worker and one sender process, on NATS + Redis.
-    Split { workers: usize },
-}
-
-struct PipelineSpec {
-    layout: Layout,
-    /// `None`: the echo agent; otherwise a webhook agent taking this long, reached so.
-    agent: Option<(Duration, AgentHost)>,
-    env: Vec<(String, String)>,
-    conversations: usize,
-    rounds: usize,
-    runs: usize,
-    warmup: usize,
-    /// Runs every wagate process under callgrind and counts the instructions of each run.
-    count_instructions: bool,
-}
-
-struct PipelineFigures {
-    drives: Vec<Driven>,
-    /// CPU time of all wagate processes per reply, µs, per run.
-    wagate_cpu_us: Vec<f64>,
-    /// CPU time of nats-server and of redis-server per reply, µs, per run.
-    servers_cpu_us: Vec<(f64, f64)>,
-    /// CPU time of the bench itself (users' side and fake Twilio) per reply, µs, per run.
-    bench_cpu_us: Vec<f64>,
-    /// Peak RSS of each wagate process, MiB.
-    rss: Vec<(String, f64)>,
-    /// Instructions of all wagate processes per reply, per run, when they were counted.
-    instructions: Vec<f64>,
-}
-
-impl PipelineFigures {
-    fn rates(&self) -> Vec<f64> {
-        self.drives.iter().map(Driven::rate).collect()
-    }
-
-    fn flow_rates(&self) -> Vec<f64> {
-        self.drives.iter().map(Driven::flow_rate).collect()
-    }
-
-    /// CPU time of every process per reply, µs, per run: wagate, nats-server, redis-server and
-    /// the bench with its fakes; what the machine's cores must give each reply.
-    fn all_cpu_us(&self) -> Vec<f64> {
-        self.wagate_cpu_us
-            .iter()
-            .zip(&self.servers_cpu_us)
-            .zip(&self.bench_cpu_us)
-            .map(|((w, (n, r)), b)| w + n + r + b)
-            .collect()
-    }
-
-    fn exact(&self) -> bool {
-        self.drives.iter().all(Driven::exact)
-    }
-
-    fn checked(&self) -> String {
-        let replies: u64 = self.drives.iter().map(|d| d.replies).sum();
-        let bad: u64 = self
-            .drives
-            .iter()
-            .map(|d| d.wrong + d.missing + d.extra)
-            .sum();
-        if bad == 0 {
-            format!("all {replies} exactly once")
-        } else {
-            format!("{bad} WRONG of {replies}")
-        }
-    }
-
-    fn rss_text(&self) -> String {
-        self.rss
-            .iter()
-            .map(|(n, m)| format!("{n} {m:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures> {
-    std::fs::create_dir_all(dir)?;
-    let servers = match spec.layout {
-        Layout::Embedded => None,
-        _ => Some(Servers::start(dir).await?),
-    };
-    let conversations = spec.conversations * spec.runs + spec.warmup;
-    let (replies, inboxes) = Replies::new(conversations);
-    let mut inboxes: Vec<_> = inboxes.into_iter().enumerate().collect();
-    let twilio = fakes::twilio(replies).await?;
-    let mut env = spec.env.clone();
-    if let Some((_, AgentHost::Https { .. })) = spec.agent {
-        env.push(("SSL_CERT_FILE".into(), fakes::AGENT_CA.into()));
-    }
-    let deployment = Deployment {
-        dir,
-        servers: servers.as_ref(),
-        twilio_base: format!("http://{twilio}"),
-        env,
-        wrapper: if spec.count_instructions {
-            callgrind::wrapper(dir)
-        } else {
-            vec![]
-        },
-    };
-    let mut procs: Vec<Wagate> = Vec::new();
-    match spec.layout {
-        Layout::Serve | Layout::Embedded => procs.push(deployment.start("serve", "serve").await?),
-        Layout::Split { workers } => {
-            procs.push(deployment.start("ingress", "ingress").await?);
-            for w in 1..=workers {
-                procs.push(deployment.start("worker", &format!("worker{w}")).await?);
-            }
-            procs.push(deployment.start("sender", "sender").await?);
-        }
-    }
-    let backend: Value = match spec.agent {
-        None => json!({"kind": "echo"}),
-        Some((latency, host)) => {
-            let url = fakes::slow_agent(latency, host).await?;
-            json!({"kind": "webhook", "url": url, "secret": "bench-agent-secret"})
-        }
-    };
-    procs[0].set_up_agent(backend).await?;
-    let target = Target::local(procs[0].port, AGENT);
-    let warm: Vec<_> = inboxes.drain(..spec.warmup).collect();
-    let warmed = pipeline::drive(&target, warm, 2, 0).await?;
-    if !warmed.exact() {
-        anyhow::bail!("the warm-up was not answered exactly once: {warmed:?}");
-    }
-    let mut figures = PipelineFigures {
-        drives: vec![],
-        wagate_cpu_us: vec![],
-        servers_cpu_us: vec![],
-        bench_cpu_us: vec![],
-        rss: vec![],
-        instructions: vec![],
-    };
-    let cpu = |procs: &[Wagate]| -> Result<Vec<f64>> {
-        procs.iter().map(|w| w.proc.cpu_seconds()).collect()
-    };
-    let servers_cpu = || -> Result<(f64, f64)> {
-        match &servers {
-            Some(s) => Ok((s.nats.cpu_seconds()?, s.redis.cpu_seconds()?)),
-            None => Ok((0.0, 0.0)),
-        }
-    };
-    for run in 0..spec.runs {
-        let batch: Vec<_> = inboxes.drain(..spec.conversations).collect();
-        if spec.count_instructions {
-            for w in &procs {
-                callgrind::zero(w.proc.pid())?;
-            }
-        }
-        let (w0, s0, b0) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
-        let driven = pipeline::drive(&target, batch, spec.rounds, run as u32 + 1).await?;
-        let (w1, s1, b1) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
-        let replies = driven.replies.max(1) as f64;
-        if spec.count_instructions {
-            let counted = procs
-                .iter()
-                .map(|w| callgrind::dump(w.proc.pid(), dir))
-                .sum::<Result<u64>>()?;
-            let each = counted as f64 / replies;
-            eprintln!("  run {run}: {each:.0} instructions per reply, counted by callgrind");
-            figures.instructions.push(each);
-        }
-        let each: Vec<f64> = w1
-            .iter()
-            .zip(&w0)
-            .map(|(b, a)| (b - a) * 1e6 / replies)
-            .collect();
-        let wagate: f64 = each.iter().sum();
-        figures.wagate_cpu_us.push(wagate);
-        figures
-            .servers_cpu_us
-            .push(((s1.0 - s0.0) * 1e6 / replies, (s1.1 - s0.1) * 1e6 / replies));
-        figures.bench_cpu_us.push((b1 - b0) * 1e6 / replies);
-        eprintln!(
-            "  run {run}: {:.0} replies/s ({} replies in {:.2} s, {} wrong, {} missing, {} extra, {} retried), wagate CPU {wagate:.0} µs/reply ({}); nats-server {:.0}, redis-server {:.0}, bench {:.0}",
-            driven.rate(),
-            driven.replies,
-            driven.seconds,
-            driven.wrong,
-            driven.missing,
-            driven.extra,
-            driven.retries,
-            procs
-                .iter()
-                .zip(&each)
-                .map(|(w, c)| format!("{} {c:.0}", w.proc.name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            (s1.0 - s0.0) * 1e6 / replies,
-            (s1.1 - s0.1) * 1e6 / replies,
-            (b1 - b0) * 1e6 / replies,
-        );
-        figures.drives.push(driven);
-    }
-    for w in &procs {
-        figures
-            .rss
-            .push((w.proc.name.clone(), w.proc.peak_rss_mib()?));
-    }
-    Ok(figures)
-}
-
 async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     let layouts = [
         ("serve", "serve on NATS + Redis", Layout::Serve, false),
@@ -585,6 +378,7 @@ async fn p2_p5(dir: &Path, options: &Options, report: &mut Report) -> Result<()>
             runs: options.rounds,
             warmup: 200,
             count_instructions: false,
+            clustered: false,
         };
         let figures = pipeline(&dir.join(format!("layout{i}")), &spec).await?;
         rows.push((name, figures));
@@ -685,6 +479,7 @@ async fn p5_instructions(dir: &Path, options: &Options, report: &mut Report) -> 
             runs: options.rounds,
             warmup: 100,
             count_instructions: true,
+            clustered: false,
         };
         let figures = pipeline(&dir.join(format!("agent{i}")), &spec).await?;
         report.row(vec![
@@ -699,149 +494,6 @@ async fn p5_instructions(dir: &Path, options: &Options, report: &mut Report) -> 
             figures.checked(),
         ]);
     }
-    Ok(())
-}
-
-async fn p3(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
-    const CONVERSATIONS: usize = 10_000;
-    const LATENCY: Duration = Duration::from_secs(2);
-    let hosts = [
-        (
-            "HTTPS, HTTP/2 with 250 streams per connection",
-            AgentHost::Https { h2_streams: 250 },
-        ),
-        ("plain HTTP/1.1", AgentHost::PlainHttp1),
-    ];
-    let mut rows = Vec::new();
-    for (i, (name, host)) in hosts.into_iter().enumerate() {
-        eprintln!("P3: {CONVERSATIONS} conversations, agent latency {LATENCY:?}, agent {name}");
-        let spec = PipelineSpec {
-            layout: Layout::Split { workers: 1 },
-            agent: Some((LATENCY, host)),
-            env: pipeline_env(options, false, &[]),
-            conversations: CONVERSATIONS,
-            rounds: 3,
-            runs: 1,
-            warmup: 100,
-            count_instructions: false,
-        };
-        rows.push((name, pipeline(&dir.join(format!("host{i}")), &spec).await?));
-    }
-    let bound = CONVERSATIONS as f64 / LATENCY.as_secs_f64();
-    let worker_rss = |f: &PipelineFigures| {
-        f.rss
-            .iter()
-            .find(|(n, _)| n == "worker1")
-            .map_or(f64::NAN, |(_, m)| *m)
-    };
-    report.section(
-        "P3 slow agents",
-        "10,000 conversations at once, each sending 3 messages one after the other, to a webhook agent that answers after 2 s; one worker process with default settings (WAGATE_WORKER_CONCURRENCY 10,000), one ingress, one sender, each with WAGATE_THREADS=1. The agent is reached as hosted agents and model APIs are, over HTTPS offering HTTP/2 (250 streams per connection, as Go's HTTP/2 server allows by default), and, for comparison, as a plain HTTP/1.1 endpoint, which takes a connection per call in flight. The bound is conversations ÷ latency = 5,000 replies/s; the measured time includes sending the first messages and their 2 s wait, so a pipeline that handles exactly 5,000 messages a second finishes after about 8 s, at 75% of the bound (the first 10,000 messages take 2 s to enter it, and each of the three rounds waits 2 s). \"Once flowing\" counts from the first reply to the last: the rate the pipeline sustains. \"All CPU\" adds nats-server, redis-server and the bench with its fake agent and fake Twilio to wagate.",
-    );
-    report.header(&[
-        "agent reached over",
-        "replies/s",
-        "of the bound",
-        "replies/s once flowing",
-        "wagate CPU µs/reply",
-        "nats-server, redis-server, bench CPU µs/reply",
-        "all CPU µs/reply",
-        "checked",
-        "worker peak RSS MiB",
-        "all peak RSS MiB",
-    ]);
-    for (name, f) in &rows {
-        let (rate, flow) = (median(&f.rates()), median(&f.flow_rates()));
-        report.row(vec![
-            (*name).into(),
-            format!("{rate:.0}"),
-            format!("{:.0}%", rate / bound * 100.0),
-            format!("{flow:.0} ({:.0}%)", flow / bound * 100.0),
-            format!("{:.0}", median(&f.wagate_cpu_us)),
-            format!(
-                "{:.0}, {:.0}, {:.0}",
-                median(&f.servers_cpu_us.iter().map(|c| c.0).collect::<Vec<_>>()),
-                median(&f.servers_cpu_us.iter().map(|c| c.1).collect::<Vec<_>>()),
-                median(&f.bench_cpu_us)
-            ),
-            format!("{:.0}", median(&f.all_cpu_us())),
-            f.checked(),
-            format!("{:.0}", worker_rss(f)),
-            f.rss_text(),
-        ]);
-    }
-    let (name, f) = &rows[0];
-    let rate = median(&f.rates());
-    let rss = worker_rss(f) * 1.048_576;
-    report.line("");
-    report.header(&["goal (agent over HTTPS)", "measured", "verdict"]);
-    report.row(vec![
-        "P3 ≥ 80% of the bound".into(),
-        format!("{:.0}%", rate / bound * 100.0),
-        verdict(rate / bound >= 0.8 && f.exact()).into(),
-    ]);
-    report.row(vec![
-        "P3 worker RSS ≤ 300 MB".into(),
-        format!("{rss:.0} MB"),
-        verdict(rss <= 300.0).into(),
-    ]);
-    eprintln!("P3: goals judged on the agent reached over {name}");
-    Ok(())
-}
-
-async fn p4(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
-    const CONCURRENCY: usize = 200;
-    const LATENCY: Duration = Duration::from_millis(250);
-    let mut rates = [vec![], vec![]];
-    for workers in [1, 2] {
-        eprintln!("P4: {workers} worker process(es)");
-        let spec = PipelineSpec {
-            layout: Layout::Split { workers },
-            agent: Some((LATENCY, AgentHost::PlainHttp1)),
-            env: pipeline_env(
-                options,
-                false,
-                &[("WAGATE_WORKER_CONCURRENCY", CONCURRENCY.to_string())],
-            ),
-            conversations: 1000,
-            rounds: 4,
-            runs: options.rounds,
-            warmup: 100,
-            count_instructions: false,
-        };
-        let f = pipeline(&dir.join(format!("workers{workers}")), &spec).await?;
-        if !f.exact() {
-            anyhow::bail!("P4 with {workers} workers: {}", f.checked());
-        }
-        rates[workers - 1] = f.rates();
-    }
-    let (one, two) = (median(&rates[0]), median(&rates[1]));
-    let bound = CONCURRENCY as f64 / LATENCY.as_secs_f64();
-    report.section(
-        "P4 scaling",
-        &format!(
-            "1,000 conversations × 4 messages, webhook agent answering after 250 ms, WAGATE_WORKER_CONCURRENCY={CONCURRENCY} per worker process, so one process is bound at {bound:.0} replies/s; one ingress and one sender; WAGATE_THREADS=1; {} runs each, medians.",
-            options.rounds
-        ),
-    );
-    report.header(&["worker processes", "replies/s", "of the bound"]);
-    report.row(vec![
-        "1".into(),
-        format!("{one:.0}"),
-        format!("{:.0}%", one / bound * 100.0),
-    ]);
-    report.row(vec![
-        "2".into(),
-        format!("{two:.0}"),
-        format!("{:.0}%", two / bound / 2.0 * 100.0),
-    ]);
-    report.line("");
-    report.header(&["goal", "measured", "verdict"]);
-    report.row(vec![
-        "P4 2 workers ≥ 1.8× 1 worker".into(),
-        format!("{:.2}×", two / one),
-        verdict(two / one >= 1.8).into(),
-    ]);
     Ok(())
 }
 

@@ -89,7 +89,8 @@ impl Deployment<'_> {
             .env("WAGATE_DATA_DIR", self.dir.join(format!("data-{name}")));
         if let Some(s) = self.servers {
             cmd.env("WAGATE_NATS_URL", &s.nats_url)
-                .env("WAGATE_REDIS_URL", &s.redis_url);
+                .env("WAGATE_REDIS_URL", &s.redis_url)
+                .envs(s.env.iter().map(|(k, v)| (k, v)));
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join(format!("{name}.log"));

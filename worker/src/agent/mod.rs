@@ -3,7 +3,6 @@
 
 mod echo;
 mod openai;
-mod transport;
 mod webhook;
 
 use std::{borrow::Cow, sync::Arc, time::Duration};

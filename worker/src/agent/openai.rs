@@ -29,11 +29,11 @@ use shared::{
 
 use crate::media::{Fetched, Kind};
 
+use transport::{Post, Transport};
+
 use super::{
     AgentReply, ChatContent, ChatMessage, ContentPart, FilePart, ImageUrl, TurnInput, http_failure,
-    medium_text, send_failure, sensitive_header,
-    transport::{Post, Transport},
-    user_text,
+    medium_text, send_failure, sensitive_header, user_text,
 };
 
 /// Rounds of tool calls a turn may take before the model must answer in words.

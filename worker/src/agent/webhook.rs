@@ -33,10 +33,10 @@ use http::{
 
 use shared::failure::Failure;
 
+use transport::{Post, Transport};
+
 use super::{
-    ChatMessage, TurnInput, header_value, http_failure, send_failure, sensitive_header,
-    transport::{Post, Transport},
-    user_text,
+    ChatMessage, TurnInput, header_value, http_failure, send_failure, sensitive_header, user_text,
 };
 
 /// The request to the endpoint, written straight from the turn rather than built as a JSON tree

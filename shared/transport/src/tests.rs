@@ -2,7 +2,15 @@
 //! GOAWAY, closed connections, oversized and missing answers, unreachable hosts, stream caps.
 //! The transport trusts the fixture CA through [`Transport::with_roots`].
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
 
 use futures::future::join_all;
 use tokio::{
@@ -17,9 +25,15 @@ use tokio_rustls::{
 };
 
 use super::*;
+use crate::connect::{SILENCE, connect_any, connect_tcp, interleave_families};
+use crate::pool::MAX_KNOWN_URLS;
+use h2::Reason;
 
 /// The test certificate for 127.0.0.1 and the CA that signed it.
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/agent-tls");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/agent-tls"
+);
 /// What every test call sends, and what [`Reply::Echo`] sends back.
 const BODY: &[u8] = br#"{"message":"hello"}"#;
 /// For calls that are expected to be answered: long enough never to run out on a slow machine.
