@@ -2,7 +2,7 @@
 //! (templates, through the admin API) are queued first; then two `wagate sender` processes
 //! start and post them. The fake Twilio counts what arrives, sampled every few milliseconds:
 //! the achieved rate is the posts after the first over the time from the first to the last,
-//! beside the channel's configured `mps` (the default of a number that is not the Sandbox).
+//! beside the channel's configured `mps` (80, Twilio's default for a WhatsApp sender).
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -23,7 +23,7 @@ use crate::{
 
 /// Sends queued before the senders start.
 const SENDS: usize = 10_000;
-/// The channel's number: not the Sandbox, so the default rate applies.
+/// The channel's number: not the Sandbox.
 const NUMBER: &str = "+15005550006";
 /// Admin API calls in flight while queueing.
 const QUEUEING: usize = 32;
@@ -57,6 +57,7 @@ pub async fn p6(
         .json(&json!({
             "account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
             "phone_number": NUMBER, "enabled": true,
+            "mps": shared::agent::DEFAULT_MPS,
         }))
         .send()
         .await?
@@ -103,7 +104,7 @@ pub async fn p6(
     report.section(
         "P6 pacing",
         &format!(
-            "{SENDS} bulk sends (templates through the admin API) to {SENDS} users, queued before two `wagate sender` processes start on NATS + Redis; the channel's number is not the Sandbox, so its rate is the default. The fake Twilio's count is read every {} ms: the achieved rate is the posts after the first over the time from the first to the last.",
+            "{SENDS} bulk sends (templates through the admin API) to {SENDS} users, queued before two `wagate sender` processes start on NATS + Redis; the channel's mps is 80, Twilio's default for a WhatsApp sender. The fake Twilio's count is read every {} ms: the achieved rate is the posts after the first over the time from the first to the last.",
             SAMPLE.as_millis()
         ),
     );
