@@ -8,8 +8,10 @@
 //! message or template) only while it is at most half an interval ahead. So whenever both
 //! wait, the next free slot goes to the live reply. Bulk sends also travel on a queue of their
 //! own ([`shared::bus::Topic::Bulk`]), so a backlog of them never stands between a live reply
-//! and the sender. The half interval of a bulk send is not zero so that a waiter that wakes a
-//! little late (timers, the round trip) still takes the slot it waited for, and the rate holds.
+//! and the sender. Bulk sends are the ones that wait in line for slots, so they also get a
+//! grace of half an interval ([`Pace::grace`]): a waiter woken up to an interval after it was
+//! told to come back (timers, the round trip, a busy machine) still takes the slot it waited
+//! for, and the rate holds. Tolerance and grace together stay one interval: a burst of one.
 //!
 //! In one process, the sends of one sender and priority wait in line (first come, first
 //! served) and only the first of the line asks the store, so a backlog costs about one store
@@ -44,11 +46,19 @@ impl Priority {
         if reply.bulk { Self::Bulk } else { Self::Live }
     }
 
-    /// How far ahead of now the sender's schedule may be for a send of this priority to go.
-    fn tolerance(self, interval: Duration) -> Duration {
+    /// How a send of this priority is paced, `interval` apart.
+    fn pace(self, interval: Duration) -> Pace {
         match self {
-            Self::Live => interval,
-            Self::Bulk => interval / 2,
+            Self::Live => Pace {
+                interval,
+                tolerance: interval,
+                grace: Duration::ZERO,
+            },
+            Self::Bulk => Pace {
+                interval,
+                tolerance: interval / 2,
+                grace: interval / 2,
+            },
         }
     }
 
@@ -92,11 +102,7 @@ impl Pacer {
         priority: Priority,
     ) -> Result<(), StoreError> {
         let started = Instant::now();
-        let interval = interval(channel.mps(self.sandbox_mps));
-        let pace = Pace {
-            interval,
-            tolerance: priority.tolerance(interval),
-        };
+        let pace = priority.pace(interval(channel.mps(self.sandbox_mps)));
         let sender = sender_key(channel);
         let taken = match self.line(&sender, priority) {
             // Nobody of this process waits for the sender: ask at once, and join a line only

@@ -231,10 +231,12 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
     let live = Pace {
         interval,
         tolerance: interval,
+        grace: Duration::ZERO,
     };
     let bulk = Pace {
         interval,
         tolerance: interval / 2,
+        grace: Duration::ZERO,
     };
     let take = |sender: &'static str, pace: Pace| {
         let store = store.clone();
@@ -266,11 +268,24 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
         Slot::Go,
         "{name}: another sender"
     );
+    // A grace of one interval is a burst of one as a tolerance is: two at once, then the rate.
+    let graced = Pace {
+        interval,
+        tolerance: Duration::ZERO,
+        grace: interval,
+    };
+    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: idle");
+    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: grace");
+    assert!(
+        matches!(take("AC1:+1888", graced).await, Slot::Wait(_)),
+        "{name}: beyond the burst"
+    );
 
     // Four tasks racing for one sender for a while get the rate, and no more.
     let fast = Pace {
         interval: Duration::from_millis(50),
         tolerance: Duration::from_millis(25),
+        grace: Duration::from_millis(25),
     };
     let started = std::time::Instant::now();
     let run_for = Duration::from_millis(1500);
@@ -294,8 +309,9 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
         .collect();
     sent.sort();
     let last = *sent.last().expect("some sends");
-    // The n-th send goes no earlier than (n - 1) intervals less the tolerance after the first.
-    let most = (last.as_micros() + 25_000) / 50_000 + 1;
+    // The n-th send goes no earlier than (n - 1) intervals less the tolerance and the grace
+    // after the first.
+    let most = (last.as_micros() + 50_000) / 50_000 + 1;
     assert!(
         sent.len() as u128 <= most,
         "{name}: {} sends in {last:?}: more than the rate",

@@ -6,6 +6,12 @@
 //! `tolerance / interval` messages, and a caller with more tolerance gets the next slot before
 //! one with less: that is how live replies go before bulk sends (the sender's `pacing`).
 //!
+//! A `grace` lets a send that comes late for its slot keep the schedule: the TAT is moved up to
+//! now less the grace, not to now, so a waiter woken a little after its slot (a busy machine)
+//! takes that slot rather than losing the time it was late by. A grace adds to the burst as a
+//! tolerance does: the sender keeps tolerance plus grace at most one interval, which is the
+//! burst of one message.
+//!
 //! On Redis the step is one Lua script ([`TAKE_SLOT`]) on one key, with Redis's clock
 //! (`TIME`), so one round trip answers and processes on hosts whose clocks differ share one
 //! pace. The embedded store is one process: [`LocalPaces`] runs the same step in memory
@@ -26,6 +32,8 @@ pub struct Pace {
     pub interval: Duration,
     /// How far ahead of now the sender's TAT may be for this send to go.
     pub tolerance: Duration,
+    /// How far behind now the sender's TAT may stay, for a send that came late for its slot.
+    pub grace: Duration,
 }
 
 /// What [`super::Store::take_send_slot`] answered.
@@ -46,7 +54,7 @@ pub(crate) fn micros(d: Duration) -> u64 {
 /// One GCRA step, in microseconds: the stored TAT (0 for none) and now in; the TAT to store
 /// when the send may go, or how long to wait. [`TAKE_SLOT`] is the same steps in Lua.
 pub(crate) fn gcra(tat: u64, now: u64, pace: Pace) -> Result<u64, Duration> {
-    let tat = tat.max(now);
+    let tat = tat.max(now.saturating_sub(micros(pace.grace)));
     let allowed_from = tat.saturating_sub(micros(pace.tolerance));
     if allowed_from > now {
         return Err(Duration::from_micros(allowed_from - now));
@@ -54,15 +62,16 @@ pub(crate) fn gcra(tat: u64, now: u64, pace: Pace) -> Result<u64, Duration> {
     Ok(tat.saturating_add(micros(pace.interval).max(1)))
 }
 
-/// [`gcra`] on Redis. KEYS[1] = the sender's TAT (µs); ARGV[1] = interval, ARGV[2] = tolerance
-/// (µs). Answers 0 when the send may go (the TAT moved on), else the µs to wait. The key
+/// [`gcra`] on Redis. KEYS[1] = the sender's TAT (µs); ARGV[1] = interval, ARGV[2] = tolerance,
+/// ARGV[3] = grace (µs). Answers 0 when the send may go (the TAT moved on), else the µs to wait. The key
 /// expires once its TAT has passed (plus a second): an idle sender costs nothing. Numbers are
 /// written with `%.0f`, as `tostring` would cut them to 14 digits.
 pub(crate) const TAKE_SLOT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
+local floor = now - tonumber(ARGV[3])
+if tat < floor then tat = floor end
 local allowed_from = tat - tonumber(ARGV[2])
 if allowed_from > now then return allowed_from - now end
 local interval = tonumber(ARGV[1])
@@ -73,11 +82,15 @@ redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', string.format(
 return 0
 "#;
 
+/// Where the embedded store's clock starts, in µs: a day, so that now less a grace (at most an
+/// interval, at most a minute) is never before the clock's start.
+const CLOCK_START: u64 = 86_400_000_000;
+
 /// Senders tracked in memory before those whose TAT has passed are dropped.
 const PRUNE_ABOVE: usize = 1024;
 
-/// The embedded store's paces: the TAT of each sender, in µs since the store opened (a
-/// monotonic clock, which a change of the wall clock does not move).
+/// The embedded store's paces: the TAT of each sender, in µs on a monotonic clock (which a
+/// change of the wall clock does not move) that reads [`CLOCK_START`] when the store opens.
 pub(crate) struct LocalPaces {
     origin: Instant,
     tats: Mutex<HashMap<String, u64>>,
@@ -95,7 +108,7 @@ impl Default for LocalPaces {
 impl LocalPaces {
     /// [`super::Store::take_send_slot`] in this process.
     pub(crate) fn take(&self, sender: &str, pace: Pace) -> Slot {
-        let now = micros(self.origin.elapsed());
+        let now = CLOCK_START.saturating_add(micros(self.origin.elapsed()));
         let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
         let tat = tats.get(sender).copied().unwrap_or(0);
         match gcra(tat, now, pace) {
@@ -121,7 +134,24 @@ mod tests {
         Pace {
             interval: Duration::from_millis(interval_ms),
             tolerance: Duration::from_millis(tolerance_ms),
+            grace: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_late_send_with_grace_keeps_the_schedule() {
+        let late = Pace {
+            grace: Duration::from_millis(50),
+            ..pace(100, 50)
+        };
+        // The TAT was 1,000 ms; a send at 1,030 ms takes that slot: the next is at 1,100.
+        assert_eq!(gcra(1_000 * MS, 1_030 * MS, late), Ok(1_100 * MS));
+        // Without grace it would start from now, 30 ms lost.
+        assert_eq!(gcra(1_000 * MS, 1_030 * MS, pace(100, 50)), Ok(1_130 * MS));
+        // Grace is no credit for an idle sender beyond itself: two at once, then the rate.
+        let tat = gcra(0, 10_000 * MS, late).expect("idle");
+        let tat = gcra(tat, 10_000 * MS, late).expect("the burst of one");
+        assert!(gcra(tat, 10_000 * MS, late).is_err());
     }
 
     #[test]

@@ -1333,6 +1333,7 @@ impl Store for RedisStore {
             .key(key!(self, "pace:{{{sender}}}"))
             .arg(super::pacing::micros(pace.interval))
             .arg(super::pacing::micros(pace.tolerance))
+            .arg(super::pacing::micros(pace.grace))
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("take send slot"))?;
