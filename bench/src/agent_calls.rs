@@ -44,8 +44,22 @@ const BODY: &str = r#"{"messages":[{"role":"user","content":"hello"}]}"#;
 pub enum Via {
     /// `wagate-transport`'s `Transport`, as a worker makes them.
     Pool,
-    /// reqwest clients, `CALLS_PER_CLIENT` calls on each.
+    /// reqwest clients, `CALLS_PER_CLIENT` calls on each, offering HTTP/2 and HTTP/1.1 by ALPN.
     Reqwest,
+    /// The same, speaking HTTP/2 only (`http2_prior_knowledge`): hyper then knows before the
+    /// handshake that a connection can carry more calls, but hosts without HTTP/2 fail.
+    ReqwestH2,
+}
+
+impl Via {
+    /// As `--via` takes it.
+    fn name(self) -> &'static str {
+        match self {
+            Via::Pool => "pool",
+            Via::Reqwest => "reqwest",
+            Via::ReqwestH2 => "reqwest-h2",
+        }
+    }
 }
 
 /// The child's side: makes `calls` calls to `url` at once and prints what it took, as JSON.
@@ -89,8 +103,9 @@ pub async fn make_calls(via: Via, url: &str, calls: usize) -> Result<()> {
                 }
             }
         }
-        Via::Reqwest => {
-            let clients = reqwest_clients(calls.div_ceil(CALLS_PER_CLIENT))?;
+        Via::Reqwest | Via::ReqwestH2 => {
+            let h2_only = matches!(via, Via::ReqwestH2);
+            let clients = reqwest_clients(calls.div_ceil(CALLS_PER_CLIENT), h2_only)?;
             let each = (0..calls).map(|i| {
                 let client = clients[i % clients.len()].clone();
                 async move {
@@ -137,9 +152,9 @@ pub async fn make_calls(via: Via, url: &str, calls: usize) -> Result<()> {
     Ok(())
 }
 
-/// `n` reqwest clients that share one TLS configuration (one verifier, one set of roots)
-/// offering HTTP/2 and HTTP/1.1 by ALPN, as a careful sharded client would be built.
-fn reqwest_clients(n: usize) -> Result<Vec<reqwest::Client>> {
+/// `n` reqwest clients that share one TLS configuration (one verifier, one set of roots), as a
+/// careful sharded client would be built, offering HTTP/2 and HTTP/1.1 by ALPN or HTTP/2 only.
+fn reqwest_clients(n: usize, h2_only: bool) -> Result<Vec<reqwest::Client>> {
     use rustls_platform_verifier::BuilderVerifierExt;
     use tokio_rustls::rustls;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -147,14 +162,21 @@ fn reqwest_clients(n: usize) -> Result<Vec<reqwest::Client>> {
         .with_safe_default_protocol_versions()?
         .with_platform_verifier()?
         .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = match h2_only {
+        true => vec![b"h2".to_vec()],
+        false => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     (0..n)
         .map(|_| {
-            Ok(reqwest::Client::builder()
+            let builder = reqwest::Client::builder()
                 .tls_backend_preconfigured(tls.clone())
                 .connect_timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?)
+                .redirect(reqwest::redirect::Policy::none());
+            let builder = match h2_only {
+                true => builder.http2_prior_knowledge(),
+                false => builder,
+            };
+            Ok(builder.build()?)
         })
         .collect()
 }
@@ -170,11 +192,11 @@ struct Run {
 
 /// Runs `wagate-bench calls` once and reads its answer.
 async fn child(dir: &Path, via: Via, url: &str, run: usize) -> Result<Run> {
-    let name = format!("calls-{via:?}-{run}").to_lowercase();
+    let name = format!("calls-{}-{run}", via.name());
     let log = dir.join(format!("{name}.log"));
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("calls")
-        .args(["--via", &format!("{via:?}").to_lowercase()])
+        .args(["--via", via.name()])
         .args(["--url", url])
         .args(["--calls", &CALLS.to_string()])
         .env("SSL_CERT_FILE", fakes::AGENT_CA);
@@ -222,7 +244,7 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
     report.section(
         "T1 agent calls: wagate-transport against sharded reqwest clients",
         &format!(
-            "{CALLS} calls at once, from a process of their own, to a fake agent that answers each after {} s, over HTTPS offering HTTP/2 with the stream cap in the first column (250 is Go's default; 50 stands for a host that allows fewer than RFC 9113's 100). `pool` is wagate-transport as a worker uses it; `reqwest` is {} reqwest 0.13 clients sharing one TLS configuration, {CALLS_PER_CLIENT} calls on each. {} runs each, taking turns; medians. The bound is {CALLS} calls ÷ {} s.",
+            "{CALLS} calls at once, from a process of their own, to a fake agent that answers each after {} s, over HTTPS offering HTTP/2 with the stream cap in the first column (250 is Go's default; 50 stands for a host that allows fewer than RFC 9113's 100). `pool` is wagate-transport as a worker uses it; `reqwest` is {} reqwest 0.13 clients sharing one TLS configuration, {CALLS_PER_CLIENT} calls on each, offering HTTP/2 and HTTP/1.1 as the pool does; `reqwest-h2` the same speaking HTTP/2 only (`http2_prior_knowledge`), which a worker could not do, since many agent hosts speak only HTTP/1.1. {} runs each, taking turns; medians. The bound is {CALLS} calls ÷ {} s.",
             LATENCY.as_secs(),
             CALLS.div_ceil(CALLS_PER_CLIENT),
             options.rounds,
@@ -241,7 +263,10 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
     ]);
     for streams in hosts {
         let (url, accepted) = fakes::https_agent(LATENCY, streams).await?;
-        let mut runs: Vec<(Via, Vec<Run>)> = vec![(Via::Pool, vec![]), (Via::Reqwest, vec![])];
+        let mut runs: Vec<(Via, Vec<Run>)> = [Via::Pool, Via::Reqwest, Via::ReqwestH2]
+            .into_iter()
+            .map(|via| (via, vec![]))
+            .collect();
         for run in 0..options.rounds {
             for (via, results) in &mut runs {
                 let before = accepted.load(Ordering::Relaxed);
@@ -260,7 +285,7 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
             let rate = figure(|r| CALLS as f64 / r.seconds);
             report.row(vec![
                 streams.to_string(),
-                format!("{via:?}").to_lowercase(),
+                via.name().to_owned(),
                 format!("{rate:.0}"),
                 format!("{:.0}%", rate / bound * 100.0),
                 results.iter().map(|r| r.failed).sum::<u64>().to_string(),

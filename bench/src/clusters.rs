@@ -74,7 +74,11 @@ async fn nats_cluster(dir: &Path) -> Result<(Vec<Proc>, String)> {
 
 /// Until the servers have elected a JetStream meta leader, creating a stream fails.
 async fn wait_meta_leader(url: &str) -> Result<()> {
-    let client = async_nats::connect(url).await?;
+    let servers = url
+        .split(',')
+        .map(str::parse::<async_nats::ServerAddr>)
+        .collect::<Result<Vec<_>, _>>()?;
+    let client = async_nats::connect(servers).await?;
     let js = async_nats::jetstream::new(client);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !matches!(

@@ -222,13 +222,21 @@ where
         };
         let delivery = match next {
             Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, topic = topic.as_str(), "pulling failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            None => {
-                tracing::warn!(topic = topic.as_str(), "subscription ended; resubscribing");
+            failed => {
+                // A subscription whose pull failed is not read again but replaced: async-nats
+                // counts a pull answered "no responders" (the consumer had no leader, as while
+                // JetStream elects one) as a batch still to come, and asks again only when that
+                // request expires, 30 s later, while the worker idles. A new one asks at once.
+                match failed {
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, topic = topic.as_str(), "pulling failed; subscribing again")
+                    }
+                    _ => tracing::warn!(
+                        topic = topic.as_str(),
+                        "subscription ended; subscribing again"
+                    ),
+                }
+                drop(deliveries);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 match subscribe(&*bus, topic, &shutdown).await {
                     Some(d) => deliveries = d,

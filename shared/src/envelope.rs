@@ -242,7 +242,7 @@ impl OutboundReply {
 }
 
 /// The stage at which a message failed for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// Running the agent (the inbound message is kept; replay runs the agent again).
@@ -299,7 +299,7 @@ impl<'de> Deserialize<'de> for DeadMessage {
 }
 
 /// A message that failed for good, with why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// Assigned by the bus; used to replay it.
     #[serde(default)]
@@ -316,8 +316,11 @@ pub struct DeadLetter {
     #[serde(with = "time::serde::rfc3339")]
     pub failed_at: OffsetDateTime,
     /// The agent it belongs to.
+    #[schema(value_type = String)]
     pub agent_id: AgentId,
-    /// The message itself.
+    /// The message itself: the inbound message (stage `agent`), the reply (`send`) or the
+    /// event (`event`), as the stage consumed it.
+    #[schema(value_type = Object)]
     pub message: DeadMessage,
 }
 

@@ -22,6 +22,7 @@ mod lifecycle;
 mod master_key;
 mod media;
 mod nats_cluster;
+mod openapi;
 mod ordering;
 mod outage;
 mod pacing;

@@ -4,7 +4,6 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, Query, State},
-    response::{IntoResponse, Response},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -15,10 +14,11 @@ use shared::{
     redact,
 };
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use super::{
-    ApiError, load_agent,
-    page::{Page, PageQuery},
+    AgentPath, ApiError, ErrorBody, load_agent,
+    page::{List, Page, PageQuery},
     parse_json,
     whatsapp::ChannelView,
 };
@@ -26,41 +26,57 @@ use crate::AppState;
 
 /// What `PUT /v1/agents/{agent_id}` (and the console's agent form) asks for. A secret left out
 /// keeps the one stored before.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AgentRequest {
+    /// 1-200 characters; left out: what was stored before, else the id.
+    #[schema(min_length = 1, max_length = 200)]
     pub(crate) name: Option<String>,
     pub(crate) backend: BackendRequest,
-    /// Left out: what was stored before, else a day.
+    /// Seconds a paused conversation waits for its person (1 to 2592000). Left out: what was
+    /// stored before, else a day.
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub(crate) handoff_resume_after_s: Option<u64>,
-    /// Left out: what was stored before, else 90.
+    /// Days a conversation's turns are kept (1 to 3650). Left out: what was stored before,
+    /// else 90.
+    #[schema(minimum = 1, maximum = 3650)]
     pub(crate) retention_days: Option<u32>,
     /// Left out: what was stored before (at first, the process's default); `0`: back to it.
+    #[schema(maximum = 10_000)]
     pub(crate) history_turns: Option<u32>,
     /// Left out: what was stored before (at first, none); `0`: none.
+    #[schema(maximum = 10_000_000)]
     pub(crate) history_tokens: Option<u32>,
     /// Left out: what was stored before, else on.
     pub(crate) typing_indicator: Option<bool>,
     /// The event webhook: left out keeps it, `""` removes it. A new URL needs
     /// `events_secret`; a secret left out keeps the one stored.
+    #[schema(pattern = r"^$|^https?://", max_length = 2048)]
     pub(crate) events_url: Option<String>,
+    /// A Standard Webhooks secret: `whsec_` and the base64 of 24-64 random bytes.
+    #[schema(value_type = Option<String>, format = Password, pattern = r"^\s*whsec_")]
     pub(crate) events_secret: Option<SecretString>,
 }
 
 /// The longest a handed-off conversation may wait for its person: a month.
 const MAX_HANDOFF_RESUME_AFTER_S: u64 = 30 * 86_400;
 
-/// The backend part of an [`AgentRequest`].
-#[derive(Deserialize)]
+/// The backend part of an agent's `PUT`: its `kind` and that kind's settings.
+#[derive(Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum BackendRequest {
     // A struct variant, so that `deny_unknown_fields` refuses `{"kind": "echo", "x": 1}` too.
     Echo {},
     Openai {
+        /// The OpenAI-compatible API's base, e.g. `https://api.openai.com/v1`.
+        #[schema(pattern = r"^https?://", max_length = 2048)]
         base_url: String,
         model: String,
+        /// Left out: the one stored before.
+        #[schema(value_type = Option<String>, format = Password)]
         api_key: Option<SecretString>,
         system_prompt: Option<String>,
+        #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
         /// Left out: `whisper-1`; `null`: no transcription.
         #[serde(default = "shared::agent::default_transcription_model")]
@@ -70,23 +86,30 @@ pub(crate) enum BackendRequest {
         tools: bool,
     },
     Webhook {
+        #[schema(pattern = r"^https?://", max_length = 2048)]
         url: String,
+        /// At least 16 bytes; needed at first, left out later: the one stored before.
+        #[schema(value_type = Option<String>, format = Password)]
         secret: Option<SecretString>,
+        #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
         /// Left out: kept as stored; `null`: none.
         #[serde(default, deserialize_with = "present")]
+        #[schema(value_type = Option<TranscriberRequest>)]
         transcription: Option<Option<TranscriberRequest>>,
     },
 }
 
 /// A webhook agent's transcription endpoint as asked for; an `api_key` left out keeps the one
 /// stored.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TranscriberRequest {
+    #[schema(pattern = r"^https?://", max_length = 2048)]
     base_url: String,
     #[serde(default = "whisper")]
     model: String,
+    #[schema(value_type = Option<String>, format = Password)]
     api_key: Option<SecretString>,
 }
 
@@ -105,11 +128,12 @@ where
 }
 
 /// An agent as the API shows it: secrets only as "is set".
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AgentView {
+    #[schema(value_type = String)]
     id: AgentId,
     name: String,
-    backend: serde_json::Value,
+    backend: BackendView,
     whatsapp: Option<ChannelView>,
     handoff_resume_after_s: u64,
     retention_days: u32,
@@ -124,40 +148,85 @@ pub struct AgentView {
     updated_at: OffsetDateTime,
 }
 
-/// A backend as the API and the console show it: secrets only as "is set".
-pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
-    match b {
-        Backend::Echo => serde_json::json!({"kind": "echo"}),
-        Backend::Openai {
-            base_url,
-            credentials,
-            model,
-            api_key,
-            system_prompt,
-            timeout_ms,
-            transcription_model,
-            tools,
-        } => serde_json::json!({
-            "kind": "openai", "base_url": shown_url(base_url, credentials.as_ref()), "model": model,
-            "api_key_set": api_key.is_some(), "credentials_set": credentials.is_some(),
-            "system_prompt": system_prompt, "timeout_ms": timeout_ms,
-            "transcription_model": transcription_model, "tools": tools,
-        }),
-        Backend::Webhook {
-            url,
-            credentials,
-            timeout_ms,
-            transcription,
-            ..
-        } => serde_json::json!({
-            "kind": "webhook", "url": shown_url(url, credentials.as_ref()), "secret_set": true,
-            "credentials_set": credentials.is_some(), "timeout_ms": timeout_ms,
-            "transcription": transcription.as_ref().map(|t| serde_json::json!({
-                "base_url": redact::url(&t.base_url), "model": t.model,
-                "api_key_set": t.api_key.is_some(),
-            })),
-        }),
+/// A backend as the API shows it: secrets only as "is set", URLs without their credentials.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum BackendView {
+    Echo {},
+    Openai {
+        base_url: String,
+        model: String,
+        api_key_set: bool,
+        credentials_set: bool,
+        system_prompt: Option<String>,
+        timeout_ms: Option<u64>,
+        transcription_model: Option<String>,
+        tools: bool,
+    },
+    Webhook {
+        url: String,
+        secret_set: bool,
+        credentials_set: bool,
+        timeout_ms: Option<u64>,
+        transcription: Option<TranscriberView>,
+    },
+}
+
+/// A webhook agent's transcription endpoint as shown.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TranscriberView {
+    base_url: String,
+    model: String,
+    api_key_set: bool,
+}
+
+impl BackendView {
+    fn of(b: &Backend) -> Self {
+        match b {
+            Backend::Echo => Self::Echo {},
+            Backend::Openai {
+                base_url,
+                credentials,
+                model,
+                api_key,
+                system_prompt,
+                timeout_ms,
+                transcription_model,
+                tools,
+            } => Self::Openai {
+                base_url: shown_url(base_url, credentials.as_ref()),
+                model: model.clone(),
+                api_key_set: api_key.is_some(),
+                credentials_set: credentials.is_some(),
+                system_prompt: system_prompt.clone(),
+                timeout_ms: *timeout_ms,
+                transcription_model: transcription_model.clone(),
+                tools: *tools,
+            },
+            Backend::Webhook {
+                url,
+                credentials,
+                timeout_ms,
+                transcription,
+                ..
+            } => Self::Webhook {
+                url: shown_url(url, credentials.as_ref()),
+                secret_set: true,
+                credentials_set: credentials.is_some(),
+                timeout_ms: *timeout_ms,
+                transcription: transcription.as_ref().map(|t| TranscriberView {
+                    base_url: redact::url(&t.base_url),
+                    model: t.model.clone(),
+                    api_key_set: t.api_key.is_some(),
+                }),
+            },
+        }
     }
+}
+
+/// A backend as the console shows it: the API's view, as JSON.
+pub(crate) fn backend_view(b: &Backend) -> serde_json::Value {
+    serde_json::to_value(BackendView::of(b)).unwrap_or_default()
 }
 
 async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
@@ -168,7 +237,7 @@ async fn view(state: &AppState, agent: Agent) -> Result<AgentView, ApiError> {
         .map_err(ApiError::unavailable)?;
     Ok(AgentView {
         whatsapp: channel.map(|c| ChannelView::new(state, &agent.id, &c, None)),
-        backend: backend_view(&agent.backend),
+        backend: BackendView::of(&agent.backend),
         handoff_resume_after_s: agent.handoff_resume_after_s,
         retention_days: agent.retention_days,
         history_turns: agent.history_turns,
@@ -273,9 +342,24 @@ fn check_timeout(t: Option<u64>) -> Result<(), ApiError> {
     }
 }
 
+/// Create or change an agent
+///
+/// A secret left out keeps the one stored before.
+#[utoipa::path(
+    put,
+    path = "/v1/agents/{agent_id}",
+    tag = "agents",
+    operation_id = "put_agent",
+    params(AgentPath),
+    request_body = AgentRequest,
+    responses(
+        (status = 200, description = "The agent as stored", body = AgentView),
+        (status = 422, description = "A value that is not acceptable (the id too)", body = ErrorBody),
+    ),
+)]
 pub async fn put(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     body: Bytes,
 ) -> Result<Json<AgentView>, ApiError> {
     let req: AgentRequest = parse_json(&body)?;
@@ -489,22 +573,45 @@ pub(crate) async fn save(
     Ok(agent)
 }
 
+/// An agent
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent_id}",
+    tag = "agents",
+    operation_id = "get_agent",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
 ) -> Result<Json<AgentView>, ApiError> {
     let agent = load_agent(&state, &raw).await?;
     Ok(Json(view(&state, agent).await?))
 }
 
-/// `GET /v1/agents`: every agent, or a page of them by id ([`super::page`]).
+/// Every agent, or a page of them by id
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "agents",
+    operation_id = "list_agents",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "Every agent (an array), or a page of them with `limit`", body = List<AgentView>),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<List<AgentView>>, ApiError> {
     let request = q.request::<String>("agents")?;
     let agents = state.store.agents().await.map_err(ApiError::unavailable)?;
     let id = |a: &Agent| a.id.to_string();
+    // The page is taken before the views are made: each view reads the agent's channel.
     let (agents, next_cursor) = match &request {
         Some(r) => {
             let page = r.take("agents", agents, id);
@@ -516,12 +623,11 @@ pub async fn list(
     for a in agents {
         out.push(view(&state, a).await?);
     }
-    Ok(match next_cursor {
-        Some(next_cursor) => Json(Page {
+    Ok(Json(match next_cursor {
+        Some(next_cursor) => List::Page(Page {
             items: out,
             next_cursor,
-        })
-        .into_response(),
-        None => Json(out).into_response(),
-    })
+        }),
+        None => List::All(out),
+    }))
 }

@@ -7,18 +7,18 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, Query, State},
-    response::Response,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shared::{
     bus,
     envelope::{DeadLetter, DeadMessage, Stage},
 };
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{
-    ApiError,
-    page::{self, PageRequest},
+    ApiError, ErrorBody,
+    page::{self, List, PageRequest},
     parse_json,
 };
 use crate::AppState;
@@ -40,18 +40,41 @@ pub struct Filter {
 /// The list's query: a [`Filter`] and a page ([`super::page`]). Its own struct, as serde
 /// cannot flatten into a struct that refuses unknown fields; unknown parameters are refused
 /// here too.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only the agent's.
     agent: Option<String>,
+    /// Only those of this stage.
     stage: Option<Stage>,
+    /// Only those whose reason has this text, e.g. a Twilio code.
     reason: Option<String>,
+    /// Only those failed at or after this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
     since: Option<OffsetDateTime>,
+    /// Only those failed at or before this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
     until: Option<OffsetDateTime>,
+    /// With it, a page of at most this many (1-1000), by id.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// The `next_cursor` of the page before (needs `limit`).
     cursor: Option<String>,
+}
+
+/// The ids a replay put back into their stage.
+#[derive(Serialize, ToSchema)]
+pub struct Replayed {
+    replayed: Vec<String>,
+}
+
+/// A dead letter's id.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct LetterPath {
+    /// The dead letter's id (from the list).
+    id: String,
 }
 
 /// The name of the dead letters' list in their cursors.
@@ -76,11 +99,21 @@ impl Filter {
     }
 }
 
-/// `GET /v1/dead-letters`: those the filter takes, all or a page of them by id.
+/// Dead letters: those the filter takes, all or a page of them by id
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters",
+    tag = "dead-letters",
+    operation_id = "list_dead_letters",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The dead letters (an array), or a page of them with `limit`", body = List<DeadLetter>),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<List<DeadLetter>>, ApiError> {
     let request = PageRequest::parse(LIST, q.limit.as_deref(), q.cursor.as_deref())?;
     let filter = Filter {
         agent: q.agent,
@@ -128,12 +161,24 @@ async fn replay(state: &AppState, letter: &DeadLetter) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Replay a dead letter: run the agent again, or send the stored reply or event again
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{id}/replay",
+    tag = "dead-letters",
+    operation_id = "replay_dead_letter",
+    params(LetterPath),
+    responses(
+        (status = 200, description = "Replayed", body = Replayed),
+        (status = 404, description = "No such dead letter", body = ErrorBody),
+    ),
+)]
 pub async fn replay_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    Path(LetterPath { id }): Path<LetterPath>,
+) -> Result<Json<Replayed>, ApiError> {
     let id = replay_id(&state, &id).await?;
-    Ok(Json(serde_json::json!({ "replayed": [id] })))
+    Ok(Json(Replayed { replayed: vec![id] }))
 }
 
 /// Replays the dead letter `id` (404 when there is none); its id.
@@ -151,17 +196,24 @@ pub(crate) async fn replay_id(state: &AppState, id: &str) -> Result<String, ApiE
 /// What a bulk replay takes. It must say so explicitly: `{"all": true}`, `{"ids": [...]}`, or
 /// at least one filter (`stage`, `agent`, `reason`, `since`, `until`). An empty body or `{}`
 /// is refused, so that a careless call cannot push every dead letter back at once.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
+    /// Every dead letter.
     #[serde(default)]
     all: bool,
+    /// These (not empty).
     ids: Option<Vec<String>>,
+    /// Only the agent's.
     agent: Option<String>,
+    /// Only those of this stage.
     stage: Option<Stage>,
+    /// Only those whose reason has this text.
     reason: Option<String>,
+    /// Only those failed at or after this time.
     #[serde(default, with = "time::serde::rfc3339::option")]
     since: Option<OffsetDateTime>,
+    /// Only those failed at or before this time.
     #[serde(default, with = "time::serde::rfc3339::option")]
     until: Option<OffsetDateTime>,
 }
@@ -205,10 +257,24 @@ impl ReplayRequest {
     }
 }
 
+/// Replay the dead letters a request names
+///
+/// It must name them: `{"all": true}`, `{"ids": [...]}` or a filter; an empty body or `{}` is 400.
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/replay",
+    tag = "dead-letters",
+    operation_id = "replay_dead_letters",
+    request_body = ReplayRequest,
+    responses(
+        (status = 200, description = "The ids replayed", body = Replayed),
+        (status = 400, description = "No body, or one that names nothing", body = ErrorBody),
+    ),
+)]
 pub async fn replay_many(
     State(state): State<AppState>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Replayed>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -217,7 +283,7 @@ pub async fn replay_many(
     }
     let request = parse_json::<ReplayRequest>(&body)?;
     let replayed = replay_scope(&state, request).await?;
-    Ok(Json(serde_json::json!({ "replayed": replayed })))
+    Ok(Json(Replayed { replayed }))
 }
 
 /// Replays what `request` names; the ids replayed. The console's Replay all sends

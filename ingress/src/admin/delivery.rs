@@ -15,18 +15,19 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shared::{
     domain::SessionId,
     store::{Role, SentMessage, Turn},
     twilio::status::MessageStatus,
 };
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, load_agent};
+use super::{ApiError, ErrorBody, load_agent};
 use crate::AppState;
 
 /// One part of a reply as Twilio knows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub(crate) struct PartDelivery {
     /// Twilio's message sid.
     pub(crate) sid: String,
@@ -130,21 +131,52 @@ pub(crate) async fn of_session(
     Ok(by_turn(turns, sent))
 }
 
+/// One of the agent's messages, and the delivery of every part of its reply: the answer of
 /// `GET /v1/agents/{agent_id}/messages/{sid}`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Delivery)]
 pub struct MessageView {
+    /// Twilio's message sid.
     sid: String,
     /// The user, as `+…`.
     to: String,
+    /// Its latest status (`queued` until a status callback says more).
     status: MessageStatus,
+    /// Twilio's error code of a failed or undelivered message.
     error_code: Option<u32>,
     /// Every part of the reply this message is one of, in order (itself included).
     parts: Vec<PartDelivery>,
 }
 
+/// An agent and one of its messages.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct MessagePath {
+    /// The agent's id: 1-64 of `A-Z a-z 0-9 _ -`.
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    agent_id: String,
+    /// Twilio's message sid (`SM…`/`MM…`), of any part of a reply.
+    sid: String,
+}
+
+/// The delivery of one of the agent's messages and of every part of its reply
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent_id}/messages/{sid}",
+    tag = "messages",
+    operation_id = "get_message",
+    params(MessagePath),
+    responses(
+        (status = 200, description = "The message and its reply's parts", body = MessageView),
+        (status = 404, description = "Unknown agent, or a sid that is not the agent's", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
-    Path((raw_agent, sid)): Path<(String, String)>,
+    Path(MessagePath {
+        agent_id: raw_agent,
+        sid,
+    }): Path<MessagePath>,
 ) -> Result<Json<MessageView>, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
     let unknown = || ApiError::not_found("Unknown message");

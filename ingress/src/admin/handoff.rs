@@ -18,14 +18,17 @@ use shared::{
     store::Pause,
 };
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
-use super::{ApiError, load_agent, parse_json};
+use super::{ApiError, ErrorBody, PersonPath, load_agent, parse_json};
 use crate::AppState;
 
 /// Whether a conversation is with a person, as the API shows it (flattened into the session).
-#[derive(Serialize, Default)]
+#[derive(Serialize, Default, ToSchema)]
 pub struct PauseView {
+    /// Whether a person has the conversation (no agent runs).
     paused: bool,
+    /// Who paused it: an operator's name, `api`, or `agent` (a handoff).
     #[serde(skip_serializing_if = "Option::is_none")]
     paused_by: Option<String>,
     #[serde(
@@ -57,16 +60,20 @@ impl PauseView {
 }
 
 /// The answer of pause and resume.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct SessionState {
+    /// `twilio_{agent_id}_{phone}`.
     session_id: String,
     #[serde(flatten)]
     state: PauseView,
 }
 
-#[derive(Deserialize, Default)]
+/// What a pause may say; the body may also be empty.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PauseRequest {
+pub struct PauseRequest {
+    /// The person taking over (1-100 characters); left out: `api`.
+    #[schema(min_length = 1)]
     operator: Option<String>,
 }
 
@@ -120,9 +127,26 @@ pub(crate) async fn pause_for(
     Ok(pause)
 }
 
+/// Hand a conversation to a person: the user's messages are recorded, no agent runs
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent_id}/sessions/{phone}/pause",
+    tag = "people",
+    operation_id = "pause_session",
+    params(PersonPath),
+    request_body(content = Option<PauseRequest>, description = "Optional: `{\"operator\": \"Grace\"}`"),
+    responses(
+        (status = 200, description = "The conversation's state", body = SessionState),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "`phone` is not a phone number, or a bad `operator`", body = ErrorBody),
+    ),
+)]
 pub async fn pause(
     State(state): State<AppState>,
-    Path((raw_agent, raw_phone)): Path<(String, String)>,
+    Path(PersonPath {
+        agent_id: raw_agent,
+        phone: raw_phone,
+    }): Path<PersonPath>,
     body: Bytes,
 ) -> Result<Json<SessionState>, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
@@ -144,9 +168,25 @@ pub async fn pause(
     }))
 }
 
+/// Give a conversation back to the agent
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent_id}/sessions/{phone}/resume",
+    tag = "people",
+    operation_id = "resume_session",
+    params(PersonPath),
+    responses(
+        (status = 200, description = "The conversation's state", body = SessionState),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "`phone` is not a phone number", body = ErrorBody),
+    ),
+)]
 pub async fn resume(
     State(state): State<AppState>,
-    Path((raw_agent, raw_phone)): Path<(String, String)>,
+    Path(PersonPath {
+        agent_id: raw_agent,
+        phone: raw_phone,
+    }): Path<PersonPath>,
 ) -> Result<Json<SessionState>, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
     let session = super::lifecycle::session_of(&agent, &raw_phone)?;

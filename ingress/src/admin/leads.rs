@@ -1,47 +1,131 @@
 //! `GET /v1/agents/{agent_id}/leads` (JSON, or CSV with `?format=csv`).
 
 use axum::{
+    Json,
     extract::{Path, Query, State},
     http::header,
     response::{IntoResponse, Response},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shared::store::Lead;
-use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{
-    ApiError, load_agent,
-    page::{self, PageQuery},
+    AgentPath, ApiError, ErrorBody, load_agent,
+    page::{self, List, PageRequest},
 };
 use crate::AppState;
 
-#[derive(Deserialize)]
+/// The leads list's query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LeadsQuery {
-    format: Option<String>,
-    #[serde(flatten)]
-    page: PageQuery,
+    /// `json` (the default) or `csv`: the whole list as a CSV attachment.
+    #[param(inline)]
+    format: Option<Format>,
+    /// With it, a page of at most this many leads (1-1000), by first contact; not with `csv`.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// The `next_cursor` of the page before (needs `limit`).
+    cursor: Option<String>,
 }
 
-/// `GET /v1/agents/{agent_id}/leads`: every lead, or a page of them by first contact
-/// ([`super::page`]); the CSV is always whole.
+/// What the leads come as.
+#[derive(Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Json,
+    Csv,
+}
+
+/// A WhatsApp user who wrote to the agent, as the API shows them.
+#[derive(Serialize, ToSchema)]
+pub struct LeadView {
+    /// The user's number (`+…`), or their WhatsApp id when it is not a phone number.
+    phone: String,
+    /// `whatsapp`.
+    platform: String,
+    /// The latest WhatsApp profile name seen.
+    profile_name: Option<String>,
+    /// First message.
+    #[serde(with = "time::serde::rfc3339")]
+    first_seen: OffsetDateTime,
+    /// Latest message.
+    #[serde(with = "time::serde::rfc3339")]
+    last_seen: OffsetDateTime,
+    /// Messages received from this user.
+    message_count: u64,
+    /// Whether the user opted out (STOP) and has not opted back in.
+    opted_out: bool,
+    /// When, while they are opted out.
+    #[serde(with = "time::serde::rfc3339::option")]
+    opted_out_at: Option<OffsetDateTime>,
+}
+
+impl From<Lead> for LeadView {
+    /// Every field of the stored lead, named: a field added to [`Lead`] does not compile here
+    /// until the API (and so its description) says whether it shows it.
+    fn from(lead: Lead) -> Self {
+        let Lead {
+            phone,
+            platform,
+            profile_name,
+            first_seen,
+            last_seen,
+            message_count,
+            opted_out,
+            opted_out_at,
+        } = lead;
+        Self {
+            phone,
+            platform,
+            profile_name,
+            first_seen,
+            last_seen,
+            message_count,
+            opted_out,
+            opted_out_at,
+        }
+    }
+}
+
+/// The agent's leads: all, or a page of them by first contact; the CSV is always whole
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent_id}/leads",
+    tag = "people",
+    operation_id = "list_leads",
+    params(AgentPath, LeadsQuery),
+    responses(
+        (status = 200, description = "Every lead (an array), a page of them with `limit`, or with `format=csv` the CSV attachment (phone, platform, profile_name, first_seen, last_seen, message_count, opted_out, opted_out_at)",
+            content((List<LeadView> = "application/json"), (String = "text/csv"))),
+        (status = 400, description = "A bad limit or cursor, or a page of the CSV", body = ErrorBody),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     Query(q): Query<LeadsQuery>,
 ) -> Result<Response, ApiError> {
-    let request = q.page.request::<(i64, String)>("leads")?;
+    let request =
+        PageRequest::<(i64, String)>::parse("leads", q.limit.as_deref(), q.cursor.as_deref())?;
     let (agent, leads) = of_agent(&state, &raw).await?;
-    match (q.format.as_deref(), request) {
-        (None | Some("json"), request) => Ok(page::answer("leads", request, leads, |l| {
-            let ms = l.first_seen.unix_timestamp_nanos() / 1_000_000;
-            (i64::try_from(ms).unwrap_or(i64::MAX), l.phone.clone())
-        })),
-        (Some("csv"), None) => Ok(csv_download(&agent, &leads)),
-        (Some("csv"), Some(_)) => Err(ApiError::new(
+    match (q.format.unwrap_or(Format::Json), request) {
+        (Format::Json, request) => {
+            let leads = leads.into_iter().map(LeadView::from).collect();
+            let page: Json<List<LeadView>> = page::answer("leads", request, leads, |l| {
+                let ms = l.first_seen.unix_timestamp_nanos() / 1_000_000;
+                (i64::try_from(ms).unwrap_or(i64::MAX), l.phone.clone())
+            });
+            Ok(page.into_response())
+        }
+        (Format::Csv, None) => Ok(csv_download(&agent, &leads)),
+        (Format::Csv, Some(_)) => Err(ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
             "the CSV is always whole: leave out limit and cursor",
         )),
-        (Some(_), _) => Err(ApiError::invalid("format must be json or csv")),
     }
 }
 

@@ -20,12 +20,30 @@ use shared::{
     envelope::{DeadLetter, DeadMessage},
 };
 
-use super::{ApiError, existing_agent_id, load_agent};
+use super::{AgentPath, ApiError, ErrorBody, PersonPath, existing_agent_id, load_agent};
 use crate::AppState;
 
+/// Forget a conversation: its history and simulated outbox
+///
+/// The lead, the 24-hour window and the opt-out stay. 204 also when there was nothing to forget.
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{agent_id}/sessions/{phone}",
+    tag = "people",
+    operation_id = "forget_session",
+    params(PersonPath),
+    responses(
+        (status = 204, description = "Forgotten"),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "`phone` is not a phone number", body = ErrorBody),
+    ),
+)]
 pub async fn forget_session(
     State(state): State<AppState>,
-    Path((raw_agent, raw_phone)): Path<(String, String)>,
+    Path(PersonPath {
+        agent_id: raw_agent,
+        phone: raw_phone,
+    }): Path<PersonPath>,
 ) -> Result<StatusCode, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
     let session = session_of(&agent, &raw_phone)?;
@@ -38,9 +56,27 @@ pub async fn forget_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Erase a person: lead, history, records, opt-out, and their dead letters
+///
+/// For a data protection request. 204 also when there was nothing left to erase.
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{agent_id}/leads/{phone}",
+    tag = "people",
+    operation_id = "erase_lead",
+    params(PersonPath),
+    responses(
+        (status = 204, description = "Erased"),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "`phone` is not a phone number", body = ErrorBody),
+    ),
+)]
 pub async fn erase_lead(
     State(state): State<AppState>,
-    Path((raw_agent, raw_phone)): Path<(String, String)>,
+    Path(PersonPath {
+        agent_id: raw_agent,
+        phone: raw_phone,
+    }): Path<PersonPath>,
 ) -> Result<StatusCode, ApiError> {
     let agent = load_agent(&state, &raw_agent).await?;
     let session = session_of(&agent, &raw_phone)?;
@@ -52,9 +88,23 @@ pub async fn erase_lead(
 /// 204 when the agent was deleted; for an agent that is gone, 204 while something of it was
 /// still left (a message in flight at the deletion may have stored a lead and a dead letter
 /// after it), swept now, and 404 once nothing is.
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{agent_id}",
+    tag = "agents",
+    operation_id = "delete_agent",
+    summary = "Delete an agent, its channel and all its data",
+    params(AgentPath),
+    responses(
+        (status = 204, description = "Deleted (or what was left of it erased)"),
+        (status = 404, description = "Unknown agent, nothing of it left", body = ErrorBody),
+    ),
+)]
 pub async fn delete_agent(
     State(state): State<AppState>,
-    Path(raw_agent): Path<String>,
+    Path(AgentPath {
+        agent_id: raw_agent,
+    }): Path<AgentPath>,
 ) -> Result<StatusCode, ApiError> {
     let id = existing_agent_id(&raw_agent)?;
     let found = state

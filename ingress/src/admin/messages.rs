@@ -14,7 +14,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shared::{
     bus,
     domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
@@ -24,22 +24,46 @@ use shared::{
     window::{self, refusal, template_refusal},
 };
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
-use super::{ApiError, load_agent, parse_json};
+use super::{AgentPath, ApiError, ErrorBody, load_agent, parse_json};
 use crate::AppState;
 
 /// What `POST /v1/agents/{agent_id}/messages` (and the console's operator reply) asks for.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SendRequest {
+    /// The user, in E.164 (`whatsapp:` before it is taken too).
+    #[schema(pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$")]
     to: String,
+    /// Free text (at most 16,000 characters), only inside the 24-hour window.
+    #[schema(max_length = 16_000)]
     body: Option<String>,
+    /// A template (`HX…`), at any time; not with `body` or `media`.
+    #[schema(pattern = r"^HX[0-9a-fA-F]{32}$")]
     content_sid: Option<String>,
+    /// The template's variables.
+    #[schema(value_type = Option<Object>)]
     content_variables: Option<serde_json::Map<String, serde_json::Value>>,
     /// Public https URLs, sent with the text (one medium a message, the text with the first).
     #[serde(default)]
+    #[schema(max_items = 10)]
     media: Vec<String>,
+    /// A person answering in the business's name (1-100 characters): the message enters the
+    /// history with this author, and the conversation is paused for them.
+    #[schema(min_length = 1)]
     operator: Option<String>,
+}
+
+/// A message queued for sending.
+#[derive(Serialize, ToSchema)]
+pub struct Queued {
+    /// The message's id in wagate (`api-…`).
+    id: String,
+    /// `queued`.
+    status: String,
+    /// How many WhatsApp messages it goes out as.
+    parts: usize,
 }
 
 impl SendRequest {
@@ -56,21 +80,39 @@ impl SendRequest {
     }
 }
 
+/// Send a message to a user: free text, media or a template
+///
 /// An admin send starts a trace of its own, which the sender continues.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent_id}/messages",
+    tag = "messages",
+    operation_id = "send_message",
+    params(AgentPath),
+    request_body = SendRequest,
+    responses(
+        (status = 202, description = "Queued", body = Queued),
+        (status = 404, description = "Unknown agent, or no channel", body = ErrorBody),
+        (status = 409, description = "Not now: outside the 24-hour window (free text), the user opted out, or the channel is disabled", body = ErrorBody),
+        (status = 422, description = "A value that is not acceptable", body = ErrorBody),
+    ),
+)]
 #[tracing::instrument(name = "admin_send", skip_all, fields(trace_id = tracing::field::Empty))]
 pub async fn send(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     body: Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<Queued>), ApiError> {
     let agent = load_agent(&state, &raw).await?;
     let req: SendRequest = parse_json(&body)?;
     let reply = queue(&state, &agent, req).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(
-            serde_json::json!({"id": reply.id, "status": "queued", "parts": reply.content.part_count()}),
-        ),
+        Json(Queued {
+            parts: reply.content.part_count(),
+            id: reply.id,
+            status: "queued".to_owned(),
+        }),
     ))
 }
 

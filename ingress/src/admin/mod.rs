@@ -8,6 +8,7 @@ pub(crate) mod handoff;
 pub(crate) mod leads;
 pub(crate) mod lifecycle;
 pub(crate) mod messages;
+pub mod openapi;
 pub(crate) mod page;
 pub(crate) mod sessions;
 pub(crate) mod whatsapp;
@@ -18,71 +19,84 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{delete, get, post, put},
 };
 use secrecy::ExposeSecret;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::AppState;
 
+/// The `/v1` routes and their OpenAPI description, made together from the handlers'
+/// `#[utoipa::path]` attributes: a route cannot be served without being described, nor
+/// described without being served. Every route of the API is added here, through `routes!`.
+pub(crate) fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::put, agents::get, lifecycle::delete_agent))
+        .routes(routes!(whatsapp::put, whatsapp::get))
+        .routes(routes!(whatsapp::enable))
+        .routes(routes!(whatsapp::disable))
+        .routes(routes!(whatsapp::simulated))
+        .routes(routes!(leads::list))
+        .routes(routes!(lifecycle::erase_lead))
+        .routes(routes!(sessions::get, lifecycle::forget_session))
+        .routes(routes!(handoff::pause))
+        .routes(routes!(handoff::resume))
+        .routes(routes!(messages::send))
+        .routes(routes!(delivery::get))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::replay_many))
+        .routes(routes!(dead_letters::replay_one))
+        .routes(routes!(openapi::document))
+}
+
 /// The `/v1` routes, behind the bearer check.
 pub fn routes(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route("/v1/agents", get(agents::list))
-        .route(
-            "/v1/agents/{agent_id}",
-            put(agents::put)
-                .get(agents::get)
-                .delete(lifecycle::delete_agent),
-        )
-        .route(
-            "/v1/agents/{agent_id}/whatsapp",
-            put(whatsapp::put).get(whatsapp::get),
-        )
-        .route(
-            "/v1/agents/{agent_id}/whatsapp/enable",
-            post(whatsapp::enable),
-        )
-        .route(
-            "/v1/agents/{agent_id}/whatsapp/disable",
-            post(whatsapp::disable),
-        )
-        .route(
-            "/v1/agents/{agent_id}/whatsapp/simulated/{phone}",
-            get(whatsapp::simulated),
-        )
-        .route("/v1/agents/{agent_id}/leads", get(leads::list))
-        .route(
-            "/v1/agents/{agent_id}/leads/{phone}",
-            delete(lifecycle::erase_lead),
-        )
-        .route(
-            "/v1/agents/{agent_id}/sessions/{phone}",
-            get(sessions::get).delete(lifecycle::forget_session),
-        )
-        .route(
-            "/v1/agents/{agent_id}/sessions/{phone}/pause",
-            post(handoff::pause),
-        )
-        .route(
-            "/v1/agents/{agent_id}/sessions/{phone}/resume",
-            post(handoff::resume),
-        )
-        .route("/v1/agents/{agent_id}/messages", post(messages::send))
-        .route("/v1/agents/{agent_id}/messages/{sid}", get(delivery::get))
-        .route("/v1/dead-letters", get(dead_letters::list))
-        .route("/v1/dead-letters/replay", post(dead_letters::replay_many))
-        .route(
-            "/v1/dead-letters/{id}/replay",
-            post(dead_letters::replay_one),
-        )
+    let (router, _) = api().split_for_parts();
+    router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         // `layer`, not `route_layer`: the fallback is behind the token too, so an unknown path
         // answers 401 to a caller without it and the API's shape cannot be probed.
         .layer(middleware::from_fn_with_state(state, require_token))
         .layer(middleware::map_response(json_errors))
+}
+
+/// The largest request body (413 above); the description's 413 answers say it from here.
+pub(crate) const MAX_BODY: usize = 256 * 1024;
+
+/// The agent of a call's path.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AgentPath {
+    /// The agent's id: 1-64 of `A-Z a-z 0-9 _ -`. Any other is unknown (404; 422 when creating).
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    pub(crate) agent_id: String,
+}
+
+/// An agent and one of its users.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct PersonPath {
+    /// The agent's id: 1-64 of `A-Z a-z 0-9 _ -`.
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,64}$")]
+    pub(crate) agent_id: String,
+    /// The user's number in E.164 (`+` URL-encoded as `%2B`, or a space for it; `whatsapp:`
+    /// before it is taken too). Another text is 422.
+    #[param(
+        example = "+14155550100",
+        pattern = r"^(whatsapp:)?[+ ][1-9][0-9]{1,14}$"
+    )]
+    pub(crate) phone: String,
+}
+
+/// The JSON of every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read; never a secret.
+    pub error: String,
 }
 
 /// Errors that axum produces itself (a path or query that does not parse, a body over the
@@ -191,7 +205,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(serde_json::json!({ "error": self.message })),
+            Json(ErrorBody {
+                error: self.message,
+            }),
         )
             .into_response()
     }

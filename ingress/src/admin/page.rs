@@ -8,13 +8,10 @@
 //! where the last one ended. It is opaque to callers (base64url of JSON naming the list too, so
 //! that a cursor of one list is refused by another).
 
-use axum::{
-    Json,
-    http::StatusCode,
-    response::{IntoResponse, Response},
-};
+use axum::{Json, http::StatusCode};
 use base64::Engine;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ApiError;
 
@@ -23,10 +20,16 @@ pub const MAX_LIMIT: usize = 1000;
 
 const CURSOR: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// `limit` and `cursor` of a list's query string.
-#[derive(Debug, Default, Deserialize)]
+/// `limit` and `cursor` of a list's query string. `limit` is read as text, so that a bad one
+/// gets this module's 400 naming the range rather than the query parser's.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// With it, the answer is a page of at most this many items (1-1000); without it, the whole
+    /// list as an array.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// The `next_cursor` of the page before (needs `limit`).
     cursor: Option<String>,
 }
 
@@ -104,11 +107,20 @@ impl<K: DeserializeOwned> PageRequest<K> {
     }
 }
 
-/// One page of a list, and the cursor of the next (`None` on the last page).
-#[derive(Debug, Serialize)]
+/// One page of a list, and the cursor of the next (null on the last page).
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct Page<T> {
     pub(crate) items: Vec<T>,
+    /// The `cursor` of the next page; null on the last.
     pub(crate) next_cursor: Option<String>,
+}
+
+/// A list's answer: the whole list without `limit`, a page with it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum List<T> {
+    All(Vec<T>),
+    Page(Page<T>),
 }
 
 impl<K: Ord + Serialize> PageRequest<K> {
@@ -141,16 +153,16 @@ impl<K: Ord + Serialize> PageRequest<K> {
 }
 
 /// A list's answer: the page `request` asks for, or the whole list as an array.
-pub(crate) fn answer<T: Serialize, K: Ord + Serialize>(
+pub(crate) fn answer<T, K: Ord + Serialize>(
     list: &str,
     request: Option<PageRequest<K>>,
     items: Vec<T>,
     key: impl Fn(&T) -> K,
-) -> Response {
-    match request {
-        Some(request) => Json(request.take(list, items, key)).into_response(),
-        None => Json(items).into_response(),
-    }
+) -> Json<List<T>> {
+    Json(match request {
+        Some(request) => List::Page(request.take(list, items, key)),
+        None => List::All(items),
+    })
 }
 
 #[cfg(test)]

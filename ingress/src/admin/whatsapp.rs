@@ -16,17 +16,24 @@ use shared::{
     window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, load_agent, parse_json};
+use super::{AgentPath, ApiError, ErrorBody, PersonPath, load_agent, parse_json};
 use crate::AppState;
 
 /// What `PUT /v1/agents/{agent_id}/whatsapp` (and the console's Deploy form) asks for. An Auth
 /// Token left out keeps the one stored for the same account.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChannelRequest {
+    /// `AC` and 32 hex digits.
+    #[schema(pattern = r"^\s*AC[0-9a-fA-F]{32}\s*$")]
     pub(crate) account_sid: String,
+    /// The account's Auth Token; left out: the one stored for the same account.
+    #[schema(value_type = Option<String>, format = Password, pattern = r"^\s*[!-~]{16,256}\s*$")]
     pub(crate) auth_token: Option<SecretString>,
+    /// The WhatsApp sender's number, in E.164.
+    #[schema(pattern = r"^(whatsapp:)?\+[1-9][0-9]{1,14}$")]
     pub(crate) phone_number: String,
     pub(crate) enabled: Option<bool>,
     pub(crate) simulation: Option<bool>,
@@ -181,7 +188,7 @@ impl ChannelRequest {
 }
 
 /// A channel's opt-out settings as the API shows them: the ones in effect.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ConsentView {
     optout_keywords: Vec<String>,
     optin_keywords: Vec<String>,
@@ -214,10 +221,12 @@ impl ConsentView {
 pub const TWILIO_RETRIES: &str = "#rc=3&rp=ct,rt,5xx";
 
 /// A channel as the API shows it: never the token.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ChannelView {
     pub(crate) enabled: bool,
+    #[schema(value_type = String)]
     pub(crate) account_sid: AccountSid,
+    #[schema(value_type = String)]
     pub(crate) phone_number: PhoneNumber,
     pub(crate) webhook_url: String,
     pub(crate) status_callback_url: String,
@@ -236,8 +245,8 @@ pub struct ChannelView {
 }
 
 /// A send of the channel that failed for good: one of its dead letters, as the channel's
-/// answer shows it (the reason says what to do, [`shared::twilio::rest::advice`]).
-#[derive(Serialize)]
+/// answer shows it (the reason says what to do, from `shared::twilio::rest::advice`).
+#[derive(Serialize, ToSchema)]
 pub struct ChannelError {
     #[serde(with = "time::serde::rfc3339")]
     at: OffsetDateTime,
@@ -354,9 +363,25 @@ pub(crate) fn parse_phone(raw: &str) -> Result<PhoneNumber, ApiError> {
     PhoneNumber::parse(raw).map_err(|e| ApiError::invalid(format!("phone_number: {}", e.0)))
 }
 
+/// Deploy an agent on WhatsApp: its Twilio account, number and settings
+///
+/// The answer's `webhook_url` goes into Twilio.
+#[utoipa::path(
+    put,
+    path = "/v1/agents/{agent_id}/whatsapp",
+    tag = "whatsapp",
+    operation_id = "put_channel",
+    params(AgentPath),
+    request_body = ChannelRequest,
+    responses(
+        (status = 200, description = "The channel as stored", body = ChannelView),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "A value that is not acceptable", body = ErrorBody),
+    ),
+)]
 pub async fn put(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ChannelView>, ApiError> {
@@ -444,9 +469,21 @@ pub(crate) async fn save(
     Ok(ChannelView::new(state, &agent.id, &channel, host))
 }
 
+/// An agent's WhatsApp channel
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent_id}/whatsapp",
+    tag = "whatsapp",
+    operation_id = "get_channel",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 404, description = "Unknown agent, or no channel yet", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
     let agent = load_agent(&state, &raw).await?;
@@ -465,21 +502,65 @@ pub async fn get(
 }
 
 /// Query of the simulated outbox.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OutboxQuery {
+    /// Only the messages after this index (0: all).
     #[serde(default)]
     after: u64,
 }
 
-/// `GET /v1/agents/{agent_id}/whatsapp/simulated/{phone}?after=N`: the replies the sender
-/// recorded for this user instead of posting them (simulation mode), after index `after`.
+/// The simulated outbox of a user.
+#[derive(Serialize, ToSchema)]
+pub struct Outbox {
+    messages: Vec<SimulatedView>,
+}
+
+/// A message the sender recorded instead of posting it to Twilio.
+#[derive(Serialize, ToSchema)]
+pub struct SimulatedView {
+    /// Its position in the conversation's outbox, from 1.
+    index: u64,
+    /// What would have been posted as `Body` (or a template's sid and variables).
+    body: String,
+    /// When it was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    at: OffsetDateTime,
+}
+
+impl From<shared::store::SimulatedMessage> for SimulatedView {
+    /// Every field named, as [`super::leads::LeadView`] does.
+    fn from(m: shared::store::SimulatedMessage) -> Self {
+        let shared::store::SimulatedMessage { index, body, at } = m;
+        Self { index, body, at }
+    }
+}
+
+/// The replies recorded for a user instead of being posted (simulation mode)
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent_id}/whatsapp/simulated/{phone}",
+    tag = "whatsapp",
+    operation_id = "simulated_outbox",
+    params(PersonPath, OutboxQuery),
+    responses(
+        (status = 200, description = "The replies after index `after`", body = Outbox),
+        (status = 404, description = "Unknown agent", body = ErrorBody),
+        (status = 422, description = "`phone` is not a phone number", body = ErrorBody),
+    ),
+)]
 pub async fn simulated(
     State(state): State<AppState>,
-    Path((raw, raw_phone)): Path<(String, String)>,
+    Path(PersonPath {
+        agent_id: raw,
+        phone: raw_phone,
+    }): Path<PersonPath>,
     Query(q): Query<OutboxQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Outbox>, ApiError> {
     let messages = simulated_after(&state, &raw, &raw_phone, q.after).await?;
-    Ok(Json(serde_json::json!({ "messages": messages })))
+    Ok(Json(Outbox {
+        messages: messages.into_iter().map(SimulatedView::from).collect(),
+    }))
 }
 
 /// The replies recorded for a simulated user after index `after`: the API's outbox and the
@@ -530,18 +611,42 @@ pub(crate) async fn set_enabled(
     Ok(ChannelView::new(state, &agent.id, &channel, host))
 }
 
+/// Switch an agent's channel on
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent_id}/whatsapp/enable",
+    tag = "whatsapp",
+    operation_id = "enable_channel",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 404, description = "Unknown agent, or no channel yet", body = ErrorBody),
+    ),
+)]
 pub async fn enable(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
     let view = set_enabled(&state, &raw, host(&headers), true).await?;
     answer(&state, &raw, view).await
 }
 
+/// Switch an agent's channel off: its webhook answers 403 until it is enabled again
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent_id}/whatsapp/disable",
+    tag = "whatsapp",
+    operation_id = "disable_channel",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The channel", body = ChannelView),
+        (status = 404, description = "Unknown agent, or no channel yet", body = ErrorBody),
+    ),
+)]
 pub async fn disable(
     State(state): State<AppState>,
-    Path(raw): Path<String>,
+    Path(AgentPath { agent_id: raw }): Path<AgentPath>,
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
     let view = set_enabled(&state, &raw, host(&headers), false).await?;

@@ -7,7 +7,7 @@ use super::form::first;
 use crate::domain::{InvalidValue, MessageSid};
 
 /// The life of an outbound message, as Twilio reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MessageStatus {
     /// Accepted by a Messaging Service.
