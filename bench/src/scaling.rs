@@ -15,13 +15,14 @@ use crate::{
     scenarios::{Options, pipeline_env},
 };
 
-/// `WAGATE_WORKER_CONCURRENCY` of each worker: with [`LATENCY`], a bound of 250 replies/s per
-/// worker, so that four of them (1,000/s) stay within what two cores give every process of a
-/// clustered deployment.
-const CONCURRENCY: usize = 50;
+/// `WAGATE_WORKER_CONCURRENCY` of each worker: with [`LATENCY`], a bound of 100 replies/s per
+/// worker, so that four of them (400/s) stay within what two cores give every process of a
+/// clustered deployment (about 3,400 µs of CPU per reply together, most of it JetStream
+/// replicating to three servers): beyond that the machine, not the agent, would set the pace.
+const CONCURRENCY: usize = 20;
 const LATENCY: Duration = Duration::from_millis(200);
 const WORKERS: [usize; 3] = [1, 2, 4];
-const CONVERSATIONS: usize = 1000;
+const CONVERSATIONS: usize = 500;
 const ROUNDS: usize = 4;
 
 /// The process kinds of a split deployment, by the names `measured` gives them.
