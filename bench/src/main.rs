@@ -11,6 +11,8 @@
 //! - P5 cost: CPU time per reply of all wagate processes, and each one's peak RSS; and the
 //!   instructions per reply of `serve`, counted by callgrind, which do not change with the
 //!   machine's speed that day.
+//! - P6 pacing: a sender number's rate, held by two sender processes posting 10,000 queued
+//!   sends.
 //! - T1 agent calls: wagate's own HTTP/2 pool (`wagate-transport`) against reqwest clients
 //!   sharing the calls out, 10,000 calls at once to a slow HTTPS agent.
 //! - H1 unknown agents: the ingress's memory while webhooks flood in for agent ids that do not
@@ -25,6 +27,7 @@ mod clusters;
 mod fakes;
 mod load;
 mod measured;
+mod pacing;
 mod pipeline;
 mod probe;
 mod procs;

@@ -28,9 +28,9 @@ pub struct Options {
     /// HTTP connections of the P1 load generator.
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
-    /// Benchmarks to run, comma-separated (p1..p5, t1, h1). P5's CPU time per reply comes from the
-    /// P2 runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
-    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5,t1,h1")]
+    /// Benchmarks to run, comma-separated (p1..p6, t1, h1). P5's CPU time per reply comes from
+    /// the P2 runs; `p5` adds its instruction count, wagate `serve` run again under callgrind.
+    #[arg(long, value_delimiter = ',', default_value = "p1,p2,p3,p4,p5,p6,t1,h1")]
     only: Vec<String>,
     /// P2 layouts to run, comma-separated: serve (on NATS + Redis), serve-cores (the same with
     /// a runtime thread per core for each role), split (one process per role), embedded. The
@@ -101,6 +101,11 @@ pub async fn run(options: Options) -> Result<()> {
     }
     if wants("t1") {
         agent_calls::t1(&dir.join("t1"), &options, &mut report).await?;
+        emit(&mut report, &mut all);
+    }
+    if wants("p6") {
+        let env = pipeline_env(&options, false, &[]);
+        crate::pacing::p6(&dir.join("p6"), env, &mut report).await?;
         emit(&mut report, &mut all);
     }
     if wants("h1") {

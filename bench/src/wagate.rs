@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The admin API's bearer token in every bench deployment.
-const ADMIN_TOKEN: &str = "bench-admin-token";
+pub const ADMIN_TOKEN: &str = "bench-admin-token";
 /// The agent every bench deployment serves.
 pub const AGENT: &str = "bench";
 
@@ -140,6 +140,8 @@ impl Wagate {
                 "auth_token": AUTH_TOKEN,
                 "phone_number": SANDBOX,
                 "enabled": true,
+                // The Sandbox's own pace (a message every 3 s) is not what these measure.
+                "mps": shared::agent::MAX_MPS,
             }),
         )
         .await

@@ -52,6 +52,7 @@ impl Entry {
             Topic::Inbound => 0,
             Topic::Outbound => 1,
             Topic::Events => 2,
+            Topic::Bulk => 3,
         });
         for field in [self.conversation.as_bytes(), self.dedupe.as_bytes()] {
             out.extend_from_slice(&u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -77,6 +78,7 @@ impl Entry {
                 0 => Topic::Inbound,
                 1 => Topic::Outbound,
                 2 => Topic::Events,
+                3 => Topic::Bulk,
                 _ => return None,
             },
             conversation,

@@ -22,6 +22,8 @@ pub struct AppState {
     pub public_url: Option<Arc<str>>,
     /// Port of the webhook listener, for webhook URLs when no public URL is configured.
     pub webhook_port: u16,
+    /// `WAGATE_SANDBOX_MPS`: the rate a Sandbox channel without `mps` is shown with.
+    pub sandbox_mps: f64,
     /// What the console keeps in this process (used sign-in tickets).
     pub console: crate::console::ConsoleState,
 }

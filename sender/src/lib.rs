@@ -8,17 +8,20 @@
 //!   (buttons or a list) once per distinct question and account.
 //! - [`send`]: one reply: 24-hour window check, then each part in order behind its send guard,
 //!   with retries on rate limits and a dead letter for what cannot be sent.
+//! - [`pacing`]: each sender number's rate, shared by every sender process, live replies
+//!   before bulk sends.
 //! - [`events`]: the agents' events, delivered to their event webhooks.
 
 pub mod content;
 pub mod events;
+pub mod pacing;
 pub mod send;
 pub mod twilio_client;
 
 use std::sync::Arc;
 
 use shared::{
-    bus::BusError,
+    bus::{BusError, Topic},
     dispatch::{self, DispatchConfig},
     envelope::OutboundReply,
     shutdown::Shutdown,
@@ -26,8 +29,10 @@ use shared::{
 
 pub use send::SendContext;
 
-/// Runs the sender (replies, and the agents' events) until `shutdown`, then finishes or
-/// releases what it holds.
+/// Runs the sender (replies, bulk sends, and the agents' events) until `shutdown`, then
+/// finishes or releases what it holds. Replies and bulk sends are consumed apart, each with
+/// the configured concurrency, so that bulk sends waiting for their slots never hold up the
+/// live replies behind them in one queue.
 pub async fn run(
     ctx: SendContext,
     events: events::EventSender,
@@ -35,14 +40,23 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), BusError> {
     let bus = ctx.bus.clone();
-    let replies = dispatch::run::<OutboundReply, _>(
+    let ctx = Arc::new(ctx);
+    let replies = dispatch::run_on::<OutboundReply, _>(
+        Topic::Outbound,
         bus.clone(),
-        Arc::new(ctx),
+        ctx.clone(),
+        config.clone(),
+        shutdown.clone(),
+    );
+    let bulk = dispatch::run_on::<OutboundReply, _>(
+        Topic::Bulk,
+        bus.clone(),
+        ctx,
         config.clone(),
         shutdown.clone(),
     );
     let events = dispatch::run::<shared::events::Event, _>(bus, Arc::new(events), config, shutdown);
-    tokio::try_join!(replies, events).map(|_| ())
+    tokio::try_join!(replies, bulk, events).map(|_| ())
 }
 
 /// Registers the sender's metric families at zero, with their help text, when the process
@@ -54,6 +68,7 @@ pub fn register_metrics() {
     );
     metrics::gauge!("wagate_backlog_messages", "topic" => "outbound").set(0.0);
     metrics::gauge!("wagate_backlog_messages", "topic" => "events").set(0.0);
+    metrics::gauge!("wagate_backlog_messages", "topic" => "bulk").set(0.0);
     shared::events::register_metrics();
     use metrics::{describe_counter, describe_histogram};
     for (name, help) in [
@@ -65,6 +80,14 @@ pub fn register_metrics() {
     ] {
         describe_histogram!(name, metrics::Unit::Seconds, help);
         let _ = metrics::histogram!(name);
+    }
+    describe_histogram!(
+        "wagate_pacing_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time a post waited for its sender number's slot (the channel's mps), by priority"
+    );
+    for priority in [pacing::Priority::Live, pacing::Priority::Bulk] {
+        let _ = metrics::histogram!("wagate_pacing_wait_seconds", "priority" => priority.as_str());
     }
     describe_counter!("wagate_replies_total", "Replies by how they ended");
     for outcome in ["sent", "retry", "dead_letter"] {

@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use crate::{
     content::{Choices, ContentClient},
+    pacing::{Pacer, Priority},
     twilio_client::{SendError, TwilioClient},
 };
 
@@ -64,6 +65,8 @@ pub struct SendContext {
     /// Lease of a part's send guard (`WAGATE_SEND_LEASE_MS`): how long a dead sender's part
     /// waits to be taken over. Renewed every third of it while the part is being sent.
     pub send_lease: Duration,
+    /// Each sender number's pace, shared with the other sender processes.
+    pub pacer: Pacer,
 }
 
 impl SendContext {
@@ -407,6 +410,16 @@ async fn send_part(
     form.extend(part.content.iter().copied());
     if let Some(cb) = &callback {
         form.push(("StatusCallback", cb.as_str()));
+    }
+    // A simulated part goes nowhere near Twilio, so it waits for no slot.
+    if !channel.channel.simulation
+        && let Err(e) = ctx
+            .pacer
+            .wait_turn(&channel.channel, Priority::of(reply))
+            .await
+    {
+        part.release(ctx).await;
+        return Err(Failure::transient(e));
     }
     let started = OffsetDateTime::now_utc();
     let posted = if channel.channel.simulation {

@@ -188,6 +188,10 @@ pub struct WhatsAppChannel {
     /// sender pool, and its own settings, then choose the number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messaging_service_sid: Option<String>,
+    /// Messages per second this sender may post (`None`: [`DEFAULT_MPS`], or on the Sandbox
+    /// the process's sandbox rate): Twilio queues and then refuses what goes faster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mps: Option<f64>,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
@@ -197,10 +201,33 @@ pub struct WhatsAppChannel {
 /// joined it, and sends slowly.
 pub const SANDBOX_NUMBER: &str = "+14155238886";
 
+/// Twilio's default throughput of a WhatsApp sender, in messages per second.
+pub const DEFAULT_MPS: f64 = 80.0;
+
+/// The Sandbox's throughput: about one message every 3 seconds.
+pub const SANDBOX_MPS: f64 = 1.0 / 3.0;
+
+/// The lowest `mps` a channel may set: one message a minute.
+pub const MIN_MPS: f64 = 1.0 / 60.0;
+
+/// The highest `mps` a channel may set: far above any Twilio sender's throughput (a test or
+/// benchmark channel that must not be held back sets it), yet a pace still.
+pub const MAX_MPS: f64 = 10_000.0;
+
 impl WhatsAppChannel {
     /// Whether the channel is on the Twilio Sandbox.
     pub fn is_sandbox(&self) -> bool {
         self.phone_number.as_str() == SANDBOX_NUMBER
+    }
+
+    /// The messages per second it sends at: its own `mps`, else [`DEFAULT_MPS`], or
+    /// `sandbox_mps` on the Sandbox's number (`WAGATE_SANDBOX_MPS`, [`SANDBOX_MPS`] unless set).
+    pub fn mps(&self, sandbox_mps: f64) -> f64 {
+        self.mps.unwrap_or(if self.is_sandbox() {
+            sandbox_mps
+        } else {
+            DEFAULT_MPS
+        })
     }
 }
 

@@ -177,6 +177,15 @@ pub struct Settings {
         default_value_t = 128
     )]
     pub sender_concurrency: usize,
+    /// Messages per second of channels on the Twilio Sandbox's number (+14155238886) that
+    /// set no `mps` of their own: Twilio's Sandbox sends about one every 3 seconds. Set it the
+    /// same on every ingress and sender process.
+    #[arg(
+        long = "sandbox-mps",
+        env = "WAGATE_SANDBOX_MPS",
+        default_value_t = crate::agent::SANDBOX_MPS
+    )]
+    pub sandbox_mps: f64,
     /// Most recent turns of a session that the agent sees.
     #[arg(
         long = "history-window",
@@ -476,6 +485,13 @@ impl Settings {
             return Err(ConfigError(
                 "WAGATE_WORKER_CONCURRENCY and WAGATE_SENDER_CONCURRENCY must be at least 1".into(),
             ));
+        }
+        if !(crate::agent::MIN_MPS..=crate::agent::MAX_MPS).contains(&self.sandbox_mps) {
+            return Err(ConfigError(format!(
+                "WAGATE_SANDBOX_MPS must be from {:.4} (one message a minute) to {}",
+                crate::agent::MIN_MPS,
+                crate::agent::MAX_MPS
+            )));
         }
         if self.send_lease_ms < MIN_SEND_LEASE_MS {
             return Err(ConfigError(format!(

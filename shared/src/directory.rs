@@ -234,6 +234,7 @@ mod tests {
                     consent: Default::default(),
                     sandbox_join_code: None,
                     messaging_service_sid: None,
+                    mps: None,
                     updated_at: now,
                 },
             )

@@ -184,7 +184,21 @@ where
     T: Envelope,
     H: Handler<T>,
 {
-    let topic = T::TOPIC;
+    run_on(T::TOPIC, bus, handler, config, shutdown).await
+}
+
+/// [`run`] on `topic`, one of the queues `T` travels on ([`Envelope::topic`]).
+pub async fn run_on<T, H>(
+    topic: Topic,
+    bus: Arc<dyn Bus>,
+    handler: Arc<H>,
+    config: DispatchConfig,
+    shutdown: Shutdown,
+) -> Result<(), BusError>
+where
+    T: Envelope,
+    H: Handler<T>,
+{
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let queues: Queues<T> = Arc::default();
     let tracker = TaskTracker::new();

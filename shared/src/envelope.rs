@@ -210,6 +210,11 @@ pub struct OutboundReply {
     /// `WAGATE_PUBLIC_URL` is not set (admin sends have none and then ask for no callback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_base: Option<String>,
+    /// A bulk send (an admin's message or template, not an operator's reply in a conversation):
+    /// it travels on the bulk queue and is paced behind live replies (the sender's `pacing`).
+    /// Absent from older replies, which are live.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bulk: bool,
 }
 
 impl OutboundReply {
@@ -434,6 +439,7 @@ mod tests {
             quick_replies: Vec::new(),
             traceparent: None,
             callback_base: None,
+            bulk: false,
         };
         let mut event = crate::events::Event::new(
             crate::events::Kind::MessageSent,

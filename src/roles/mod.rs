@@ -129,6 +129,7 @@ pub async fn run(settings: Settings, roles: Roles) -> Result<()> {
         admin_token: deps.admin_token.clone().map(Arc::new),
         public_url: settings.public_base().map(Arc::from),
         webhook_port: settings.listen.port(),
+        sandbox_mps: settings.sandbox_mps,
         console: ingress::console::ConsoleState::default(),
     });
     let listeners::Bound {

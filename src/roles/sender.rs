@@ -26,6 +26,7 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
         |bus, store| {
             let ctx = sender::SendContext {
                 bus,
+                pacer: sender::pacing::Pacer::new(store.clone(), settings.sandbox_mps),
                 store,
                 directory: common.directory.clone(),
                 client,

@@ -450,6 +450,7 @@ async fn whatsapp_channel_answer_has_exactly_the_documented_fields() {
         "sandbox",
         "sandbox_join_code",
         "messaging_service_sid",
+        "mps",
         "last_errors",
     ]
     .iter()
@@ -526,6 +527,7 @@ async fn enable_and_disable_switch_the_channel_and_answer_it() {
             "enabled",
             "last_errors",
             "messaging_service_sid",
+            "mps",
             "optin_keywords",
             "optin_reply",
             "optout_keywords",

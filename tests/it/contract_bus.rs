@@ -545,6 +545,7 @@ fn dead_letter(reason: &str) -> DeadLetter {
             quick_replies: Vec::new(),
             traceparent: None,
             callback_base: None,
+            bulk: false,
         })),
     }
 }

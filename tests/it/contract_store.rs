@@ -16,8 +16,8 @@ use shared::{
     embedded::{Embedded, EmbeddedOptions},
     envelope::{OutboundReply, ReplyContent},
     store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pause, Role, SentMessage,
-        SignatureFailure, Store, Turn, TurnStart, WindowClocks,
+        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pace, Pause, Role, SentMessage,
+        SignatureFailure, Slot, Store, Turn, TurnStart, WindowClocks,
         redis::{RedisStore, RedisTopology},
     },
     twilio::status::{MessageStatus, StatusUpdate},
@@ -188,6 +188,7 @@ macro_rules! on_both {
 }
 
 on_both!(
+    a_senders_pace_holds_its_rate_and_lets_live_sends_first,
     agents_channels_and_change_notifications,
     history_window_and_order,
     a_turn_completes_once_under_concurrency,
@@ -220,6 +221,109 @@ on_both!(
 
 /// A lead shows whether its user opted out, and when, as the conversation's clocks say; an
 /// opt-out of someone who is no lead makes none.
+/// A sender's pace (a GCRA): a send with the tolerance of one interval (a live reply) gets one
+/// message of burst and the slot before a send with less (bulk); senders are paced apart; and
+/// sends racing for one sender from several tasks get no more than the rate.
+async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
+    let store = rig.store();
+    let name = rig.name;
+    let interval = Duration::from_millis(400);
+    let live = Pace {
+        interval,
+        tolerance: interval,
+        grace: Duration::ZERO,
+    };
+    let bulk = Pace {
+        interval,
+        tolerance: interval / 2,
+        grace: Duration::ZERO,
+    };
+    let take = |sender: &'static str, pace: Pace| {
+        let store = store.clone();
+        async move { store.take_send_slot(sender, pace).await.unwrap() }
+    };
+    assert_eq!(take("AC1:+1555", bulk).await, Slot::Go, "{name}: idle");
+    // The next bulk send waits until the schedule is half an interval ahead; a live one may
+    // go now, once (the burst of one message), and then waits less than the bulk one.
+    let Slot::Wait(bulk_wait) = take("AC1:+1555", bulk).await else {
+        panic!("{name}: a second bulk send went at once");
+    };
+    assert!(
+        bulk_wait > Duration::ZERO && bulk_wait <= interval / 2,
+        "{name}: {bulk_wait:?}"
+    );
+    assert_eq!(take("AC1:+1555", live).await, Slot::Go, "{name}: the burst");
+    let (Slot::Wait(live_wait), Slot::Wait(bulk_wait)) =
+        (take("AC1:+1555", live).await, take("AC1:+1555", bulk).await)
+    else {
+        panic!("{name}: a send went beyond the burst");
+    };
+    assert!(
+        live_wait <= interval && bulk_wait >= live_wait + interval / 2 - interval / 8,
+        "{name}: the live send waits less: {live_wait:?} against {bulk_wait:?}"
+    );
+    // Another sender has a pace of its own.
+    assert_eq!(
+        take("AC1:+1666", bulk).await,
+        Slot::Go,
+        "{name}: another sender"
+    );
+    // A grace of one interval is a burst of one as a tolerance is: two at once, then the rate.
+    let graced = Pace {
+        interval,
+        tolerance: Duration::ZERO,
+        grace: interval,
+    };
+    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: idle");
+    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: grace");
+    assert!(
+        matches!(take("AC1:+1888", graced).await, Slot::Wait(_)),
+        "{name}: beyond the burst"
+    );
+
+    // Four tasks racing for one sender for a while get the rate, and no more.
+    let fast = Pace {
+        interval: Duration::from_millis(50),
+        tolerance: Duration::from_millis(25),
+        grace: Duration::from_millis(25),
+    };
+    let started = std::time::Instant::now();
+    let run_for = Duration::from_millis(1500);
+    let racers = (0..4).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while started.elapsed() < run_for {
+                match store.take_send_slot("AC1:+1777", fast).await.unwrap() {
+                    Slot::Go => sent.push(started.elapsed()),
+                    Slot::Wait(wait) => tokio::time::sleep(wait).await,
+                }
+            }
+            sent
+        })
+    });
+    let mut sent: Vec<Duration> = futures::future::join_all(racers)
+        .await
+        .into_iter()
+        .flat_map(Result::unwrap)
+        .collect();
+    sent.sort();
+    let last = *sent.last().expect("some sends");
+    // The n-th send goes no earlier than (n - 1) intervals less the tolerance and the grace
+    // after the first.
+    let most = (last.as_micros() + 50_000) / 50_000 + 1;
+    assert!(
+        sent.len() as u128 <= most,
+        "{name}: {} sends in {last:?}: more than the rate",
+        sent.len()
+    );
+    assert!(
+        sent.len() >= 20,
+        "{name}: only {} sends in {last:?} (30 at the rate)",
+        sent.len()
+    );
+}
+
 async fn a_leads_opt_out_shows_in_the_list(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let s = session("a1", "+14155550100");
@@ -551,6 +655,7 @@ fn reply(id: &str, text: &str) -> OutboundReply {
         quick_replies: Vec::new(),
         traceparent: None,
         callback_base: None,
+        bulk: false,
     }
 }
 

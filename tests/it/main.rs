@@ -25,6 +25,7 @@ mod nats_cluster;
 mod openapi;
 mod ordering;
 mod outage;
+mod pacing;
 mod quick_replies;
 mod redis_cluster;
 mod secrets;

@@ -303,6 +303,7 @@ async fn consent(
             quick_replies: Vec::new(),
             traceparent: shared::trace::traceparent(&tracing::Span::current()),
             callback_base: msg.callback_base.clone(),
+            bulk: false,
         };
         bus::publish(&*ctx.bus, &confirmation).await?;
     }
@@ -566,6 +567,7 @@ async fn publish_reply(
         quick_replies: done.quick_replies.clone(),
         traceparent: shared::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
+        bulk: false,
     };
     bus::publish(&*ctx.bus, &out).await?;
     Ok(())

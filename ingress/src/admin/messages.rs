@@ -221,6 +221,8 @@ pub(crate) async fn queue(
             shared::trace::traceparent(&span)
         },
         callback_base: None,
+        // An operator answers a live conversation; every other admin send is bulk.
+        bulk: operator.is_none(),
     };
     bus::publish(&*state.bus, &reply)
         .await

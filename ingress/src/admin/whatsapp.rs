@@ -48,6 +48,21 @@ pub(crate) struct ChannelRequest {
     pub(crate) sandbox_join_code: Option<String>,
     /// `MG` and 32 hex digits; left out keeps what was stored, `""` removes it.
     pub(crate) messaging_service_sid: Option<String>,
+    /// Messages per second of this sender; left out keeps what was stored (at first the
+    /// default: 80, or the Sandbox's rate on its number).
+    pub(crate) mps: Option<f64>,
+}
+
+/// A rate as given: a number of messages per second within what a channel may set.
+fn rate(mps: f64) -> Result<f64, ApiError> {
+    use shared::agent::{MAX_MPS, MIN_MPS};
+    if (MIN_MPS..=MAX_MPS).contains(&mps) {
+        Ok(mps)
+    } else {
+        Err(ApiError::invalid(format!(
+            "mps is messages per second, from {MIN_MPS:.4} (one a minute) to {MAX_MPS}"
+        )))
+    }
 }
 
 /// A Messaging Service sid as given, or `None` for an empty one.
@@ -114,6 +129,7 @@ impl ChannelRequest {
             optin_reply: None,
             sandbox_join_code: None,
             messaging_service_sid: None,
+            mps: None,
         }
     }
 
@@ -221,6 +237,8 @@ pub struct ChannelView {
     pub(crate) sandbox: bool,
     pub(crate) sandbox_join_code: Option<String>,
     pub(crate) messaging_service_sid: Option<String>,
+    /// The messages per second it sends at (its own, or the default in effect).
+    pub(crate) mps: f64,
     /// The channel's last sends that failed for good (the channel's own answers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) last_errors: Option<Vec<ChannelError>>,
@@ -307,6 +325,7 @@ impl ChannelView {
             sandbox: channel.is_sandbox(),
             sandbox_join_code: channel.sandbox_join_code.clone(),
             messaging_service_sid: channel.messaging_service_sid.clone(),
+            mps: channel.mps(state.sandbox_mps),
             last_errors: None,
         }
     }
@@ -433,6 +452,10 @@ pub(crate) async fn save(
             None => existing
                 .as_ref()
                 .and_then(|c| c.messaging_service_sid.clone()),
+        },
+        mps: match req.mps {
+            Some(mps) => Some(rate(mps)?),
+            None => existing.as_ref().and_then(|c| c.mps),
         },
         updated_at: OffsetDateTime::now_utc(),
     };

@@ -54,6 +54,7 @@ fn topic_code(topic: Topic) -> u8 {
         Topic::Inbound => 0,
         Topic::Outbound => 1,
         Topic::Events => 2,
+        Topic::Bulk => 3,
     }
 }
 
@@ -249,7 +250,7 @@ pub(crate) struct Recovered(Vec<(u8, u64, String)>);
 #[derive(Clone)]
 pub struct EmbeddedBus {
     db: Db,
-    queues: Arc<[Arc<Queue>; 3]>,
+    queues: Arc<[Arc<Queue>; 4]>,
     /// How long a dedupe id is remembered, in ms.
     window_ms: u64,
 }
@@ -278,7 +279,7 @@ impl EmbeddedBus {
     }
 
     pub(crate) fn new(db: Db, recovered: Recovered, duplicate_window: Duration) -> Self {
-        let queues: [Arc<Queue>; 3] = Default::default();
+        let queues: [Arc<Queue>; 4] = Default::default();
         for (topic, seq, conversation) in recovered.0 {
             if let Some(queue) = queues.get(usize::from(topic)) {
                 queue.lock().add(seq, &conversation);

@@ -101,6 +101,7 @@ pub struct JetStreamBus {
     inbound: Stream,
     outbound: Stream,
     events: Stream,
+    bulk: Stream,
     dlq: Stream,
     max_in_flight: usize,
 }
@@ -220,6 +221,7 @@ impl JetStreamBus {
         let inbound = create(work_queue("INBOUND", Topic::Inbound)).await?;
         let outbound = create(work_queue("OUTBOUND", Topic::Outbound)).await?;
         let events = create(work_queue("EVENTS", Topic::Events)).await?;
+        let bulk = create(work_queue("BULK", Topic::Bulk)).await?;
         let dlq = create(stream::Config {
             name: format!("{upper}_DLQ"),
             subjects: vec![format!("{prefix}.dlq.>")],
@@ -235,6 +237,7 @@ impl JetStreamBus {
             inbound,
             outbound,
             events,
+            bulk,
             dlq,
             max_in_flight: options.max_in_flight.max(1),
         })
@@ -245,6 +248,7 @@ impl JetStreamBus {
             Topic::Inbound => &self.inbound,
             Topic::Outbound => &self.outbound,
             Topic::Events => &self.events,
+            Topic::Bulk => &self.bulk,
         }
     }
 

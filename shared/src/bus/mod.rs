@@ -28,6 +28,10 @@ pub trait Envelope: serde::Serialize + serde::de::DeserializeOwned + Send + 'sta
     fn dedupe_id(&self) -> String;
     /// The W3C `traceparent` it carries (`crate::trace`), which NATS also gets as a header.
     fn traceparent(&self) -> Option<&str>;
+    /// The queue this one travels on: [`Self::TOPIC`], unless the kind has several.
+    fn topic(&self) -> Topic {
+        Self::TOPIC
+    }
 }
 
 impl Envelope for InboundMessage {
@@ -58,6 +62,16 @@ impl Envelope for OutboundReply {
     fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
     }
+    /// Bulk sends (an admin's messages and templates) queue apart from the replies of live
+    /// conversations, so that a backlog of them never stands in front of a live reply: the
+    /// sender consumes both queues at once ([`OutboundReply::bulk`]).
+    fn topic(&self) -> Topic {
+        if self.bulk {
+            Topic::Bulk
+        } else {
+            Topic::Outbound
+        }
+    }
 }
 
 /// Publishes `message` on its topic, in its conversation, under its dedupe id.
@@ -76,7 +90,7 @@ pub async fn publish_as<E: Envelope>(
     let session = message.session_id();
     let conversation = format!("{}.{}", session.agent(), session.subject_token());
     bus.publish_traced(
-        E::TOPIC,
+        message.topic(),
         &conversation,
         dedupe_id,
         payload.into(),
@@ -94,6 +108,9 @@ pub enum Topic {
     Outbound,
     /// Events for the agents' event webhooks, every role → sender ([`crate::events`]).
     Events,
+    /// Bulk sends (admin messages and templates), admin → sender: replies too, queued apart
+    /// so that live replies never wait behind them.
+    Bulk,
 }
 
 impl Topic {
@@ -103,6 +120,7 @@ impl Topic {
             Self::Inbound => "inbound",
             Self::Outbound => "outbound",
             Self::Events => "events",
+            Self::Bulk => "bulk",
         }
     }
 }

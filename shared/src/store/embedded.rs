@@ -11,7 +11,8 @@
 //! (and each session's index of them, `sentto`), statuses, failure counts, cached Content API
 //! sids and each agent's latest signature failure (`sigfail`), with its expiry index
 //! `store_expiries`, and `store_meta` (name → text) for the master key check
-//! ([`crate::key_check`]).
+//! ([`crate::key_check`]). The senders' paces are kept in memory, not in the file
+//! ([`super::pacing`]): a restart forgets at most one burst.
 
 use std::time::Duration;
 
@@ -23,8 +24,9 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
-    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pace, Pause,
+    SentMessage, SignatureFailure, SimulatedMessage, Slot, Store, StoreError, Turn, TurnStart,
+    WindowClocks, pacing::LocalPaces,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -388,6 +390,8 @@ fn count_lead(
 pub struct EmbeddedStore {
     db: Db,
     changes: broadcast::Sender<AgentId>,
+    /// The senders' paces, in memory: the process is the only sender.
+    paces: std::sync::Arc<LocalPaces>,
 }
 
 impl EmbeddedStore {
@@ -409,6 +413,7 @@ impl EmbeddedStore {
         Self {
             db,
             changes: broadcast::channel(CHANGES_BUFFER).0,
+            paces: std::sync::Arc::default(),
         }
     }
 
@@ -1258,6 +1263,10 @@ impl Store for EmbeddedStore {
             })
             .await?;
         Ok(String::from_utf8_lossy(&stands).into_owned())
+    }
+
+    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
+        Ok(self.paces.take(sender, pace))
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 //! two senders) is atomic in each implementation.
 
 pub mod embedded;
+pub mod pacing;
 pub mod redis;
 
 use std::time::Duration;
@@ -20,6 +21,8 @@ use crate::{
     envelope::OutboundReply,
     twilio::status::{MessageStatus, StatusUpdate},
 };
+
+pub use pacing::{Pace, Slot};
 
 /// A failure of the store. The text is safe to log: it says what was being done and why it
 /// failed, never a stored value or a secret.
@@ -537,6 +540,12 @@ pub trait Store: Send + Sync + 'static {
     /// (another sender made the same content at the same time), atomically; returns the sid
     /// that stands, so that both senders go on with one content.
     async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError>;
+
+    /// Takes a slot of the pace of the sender `sender` (a Twilio number or Messaging Service
+    /// with its account), shared by every sender process: [`Slot::Go`] when the message may be
+    /// posted now, else how long to wait before asking again. Atomic, with the store's clock
+    /// (Redis's `TIME`), so that senders on hosts whose clocks differ share one pace.
+    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError>;
 
     /// Whether the store answers.
     async fn ready(&self) -> Result<(), StoreError>;

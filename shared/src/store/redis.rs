@@ -17,7 +17,7 @@
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:content:<hash>`
 //! (a cached Content API sid), `P:sigfail:<agent>` (the latest webhook refused for its
-//! signature), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! signature), `P:pace:{<sender>}` (a sender number's pace, [`super::pacing`]), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -31,8 +31,9 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use super::{
-    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pause, SentMessage,
-    SignatureFailure, SimulatedMessage, Store, StoreError, Turn, TurnStart, WindowClocks,
+    Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pace, Pause,
+    SentMessage, SignatureFailure, SimulatedMessage, Slot, Store, StoreError, Turn, TurnStart,
+    WindowClocks,
 };
 use crate::{
     agent::{Agent, WhatsAppChannel},
@@ -246,6 +247,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     key_check: Script::new(KEY_CHECK),
     replace_key_check: Script::new(REPLACE_KEY_CHECK),
     cache_content: Script::new(CACHE_CONTENT),
+    take_slot: Script::new(super::pacing::TAKE_SLOT),
 });
 
 struct Scripts {
@@ -262,6 +264,7 @@ struct Scripts {
     key_check: Script,
     replace_key_check: Script,
     cache_content: Script,
+    take_slot: Script,
 }
 
 impl Scripts {
@@ -1322,6 +1325,22 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("cache content sid"))
+    }
+
+    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
+        let wait: u64 = SCRIPTS
+            .take_slot
+            .key(key!(self, "pace:{{{sender}}}"))
+            .arg(super::pacing::micros(pace.interval))
+            .arg(super::pacing::micros(pace.tolerance))
+            .arg(super::pacing::micros(pace.grace))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("take send slot"))?;
+        Ok(match wait {
+            0 => Slot::Go,
+            micros => Slot::Wait(Duration::from_micros(micros)),
+        })
     }
 
     async fn ready(&self) -> Result<(), StoreError> {

@@ -417,6 +417,11 @@ impl Wagate {
             ("WAGATE_AGENT_RETRY", "100ms,200ms".into()),
             ("WAGATE_SEND_RETRY", "100ms,200ms".into()),
             ("WAGATE_SHUTDOWN_GRACE_MS", "2000".into()),
+            // Every test channel is on the Sandbox's number, which Twilio paces at a message
+            // every 3 s: the suites would take hours. The setting, not an `mps` on each
+            // channel, so that channels made any way (the console's Deploy form, a test's own
+            // JSON) are covered; the pacing suite sets its own rates.
+            ("WAGATE_SANDBOX_MPS", "1000".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
