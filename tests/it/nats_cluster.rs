@@ -345,55 +345,6 @@ fn a_replica_count_jetstream_cannot_have_is_refused_at_start() {
 
 const PHONE: &str = "+14155550100";
 
-/// After the whole cluster restarts, wagate takes work again as soon as JetStream has elected
-/// leaders, not when its pulls expire 30 s later. Its clients reconnect before the consumers have
-/// leaders, so their first pulls are lost or answered "no responders", which async-nats counts
-/// as a batch still to come: the server's heartbeats tell a lost pull, and a subscription that
-/// failed is replaced, not read again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_the_whole_cluster_restarts_work_resumes_once_leaders_are_elected() {
-    let mut cluster = NatsCluster::start(3).await;
-    let (mut servers, twilio) = backing().await;
-    servers.nats_url = cluster.url();
-    let w = answers(&servers, &twilio, &[("WAGATE_NATS_REPLICAS", "3")]).await;
-
-    for node in ["n1", "n2", "n3"] {
-        cluster.kill(node);
-    }
-    // One server first: wagate reconnects to it, and JetStream, without a quorum, has no
-    // leader to answer its pulls; then the other two.
-    cluster.restart("n1").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for node in ["n2", "n3"] {
-        cluster.restart(node).await;
-    }
-    let js = jetstream::new(cluster.client().await);
-    for stream in ["WAGATE_INBOUND", "WAGATE_OUTBOUND"] {
-        NatsCluster::wait_stream_leader(&js, stream, None, Duration::from_secs(30)).await;
-    }
-
-    // Twilio delivers again until it gets a 200; the reply is timed from that 200.
-    let accepted = eventually(Duration::from_secs(30), "a 200 for the webhook", || async {
-        let r = w.inbound("demo", &sid(2), PHONE, "after the restart").await;
-        (r.status() == 200).then(Instant::now)
-    })
-    .await;
-    eventually(Duration::from_secs(60), "the reply", || async {
-        twilio
-            .sent()
-            .iter()
-            .any(|m| m.body.as_deref() == Some("after the restart"))
-            .then_some(())
-    })
-    .await;
-    let waited = accepted.elapsed();
-    eprintln!("replied {waited:?} after the webhook's 200");
-    assert!(
-        waited < Duration::from_secs(10),
-        "the reply took {waited:?}: a consumer idled until its pull expired"
-    );
-}
-
 /// Redis and fake Twilio for a wagate whose NATS server the test starts itself.
 async fn backing() -> (Servers, FakeTwilio) {
     let servers = Servers::start().await;
