@@ -289,6 +289,56 @@ async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live()
     b.close().await;
 }
 
+/// Deploy sets the sender's pace: the field shows the rate in effect, a rate that is not a
+/// number or out of range is refused there and changes nothing, and a saved one is the channel's.
+#[tokio::test]
+async fn an_operator_sets_the_messages_per_second_on_deploy() {
+    let w = World::start().await;
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    create_echo_agent(&b, "paced").await;
+    deploy(&b, "paced").await;
+    let shown = || async {
+        let field = b.field("Messages per second").await;
+        field.prop("value").await.unwrap().unwrap_or_default()
+    };
+    let channel_mps = || async {
+        let r = w
+            .wagate
+            .admin(Method::GET, "/v1/agents/paced/whatsapp")
+            .send()
+            .await
+            .unwrap();
+        let channel: serde_json::Value = r.json().await.unwrap();
+        channel["mps"].as_f64()
+    };
+    let default = channel_mps().await.expect("the channel shows its mps");
+    assert_eq!(shown().await, default.to_string(), "the rate in effect");
+
+    for (typed, refusal) in [
+        ("fast", "messages per second must be a number"),
+        ("20000", "mps is messages per second"),
+    ] {
+        b.fill("Auth Token", AUTH_TOKEN).await;
+        b.fill("Messages per second", typed).await;
+        b.click_button("Save & Enable").await;
+        b.wait_for_text("the refusal", |t| t.contains(refusal))
+            .await;
+        assert_eq!(shown().await, typed, "what was typed stays to be corrected");
+        assert_eq!(channel_mps().await, Some(default), "nothing changed");
+    }
+
+    b.fill("Messages per second", "0.5").await;
+    b.click_button("Save & Enable").await;
+    eventually(WAIT, "the saved rate", || async {
+        (channel_mps().await == Some(0.5)).then_some(())
+    })
+    .await;
+    b.wait_for_path("/agents/paced/deploy").await;
+    b.goto_path("/agents/paced/deploy").await;
+    assert_eq!(shown().await, "0.5");
+}
+
 #[tokio::test]
 async fn a_failed_send_shows_in_dead_letters_and_replay_delivers_it() {
     let w = World::start().await;

@@ -45,6 +45,8 @@ struct DeployPage {
     agent_id: String,
     account_sid: String,
     phone_number: String,
+    /// Messages per second: the channel's rate in effect, or what was typed.
+    mps: String,
     token_set: bool,
     status: &'static str,
     webhook_url: String,
@@ -105,15 +107,18 @@ async fn deploy_page(
         .await
         .map_err(ApiError::unavailable)?
         .map(|f| (shown_time(f.at), likely_cause(&f.signed_url, &webhook_url)));
-    let (account_sid, phone_number, error) = match typed {
+    let (account_sid, phone_number, mps, error) = match typed {
         Some((form, error)) => (
             form.account_sid.clone(),
             form.phone_number.clone(),
+            form.mps.clone(),
             Some(error),
         ),
         None => (
             real.map(|c| c.account_sid.to_string()).unwrap_or_default(),
             real.map(|c| c.phone_number.to_string()).unwrap_or_default(),
+            real.map(|c| c.mps(state.sandbox_mps).to_string())
+                .unwrap_or_default(),
             None,
         ),
     };
@@ -122,6 +127,7 @@ async fn deploy_page(
         agent_id: agent.id.to_string(),
         account_sid,
         phone_number,
+        mps,
         token_set: real.is_some(),
         status: channel_state(channel.as_ref()),
         webhook_url,
@@ -144,13 +150,16 @@ async fn deploy(
         .unwrap_or_else(|e| error_page(&who, &e))
 }
 
-/// The Deploy form. An empty Auth Token keeps the stored one (for the same account).
+/// The Deploy form. An empty Auth Token keeps the stored one (for the same account), and empty
+/// messages per second the stored rate (or the default).
 #[derive(Deserialize)]
 struct DeployForm {
     account_sid: String,
     #[serde(default)]
     auth_token: String,
     phone_number: String,
+    #[serde(default)]
+    mps: String,
 }
 
 /// Save & Enable: stores the channel, enabled and posting to Twilio (out of simulation).
@@ -161,13 +170,26 @@ async fn save_deploy(
     headers: HeaderMap,
     Form(form): Form<DeployForm>,
 ) -> Response {
-    let request = whatsapp::ChannelRequest::basic(
+    let mut request = whatsapp::ChannelRequest::basic(
         form.account_sid.trim().to_owned(),
         secret(&form.auth_token),
         form.phone_number.trim().to_owned(),
         false,
     );
-    match whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await {
+    let saved = match form.mps.trim() {
+        "" => Ok(()),
+        typed => typed
+            .parse::<f64>()
+            .map(|mps| request.mps = Some(mps))
+            .map_err(|_| {
+                ApiError::invalid("messages per second must be a number, such as 80 or 0.5")
+            }),
+    };
+    let saved = match saved {
+        Ok(()) => whatsapp::save(&state, &raw, request, whatsapp::host(&headers)).await,
+        Err(e) => Err(e),
+    };
+    match saved {
         Ok(_) => Redirect::to(&format!("/agents/{raw}/deploy")).into_response(),
         Err(e) => {
             let status = e.status();
