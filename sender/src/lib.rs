@@ -89,6 +89,14 @@ pub fn register_metrics() {
     for priority in [pacing::Priority::Live, pacing::Priority::Bulk] {
         let _ = metrics::histogram!("wagate_pacing_wait_seconds", "priority" => priority.as_str());
     }
+    describe_histogram!(
+        "wagate_part_order_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time a reply's part waited for Twilio to report the part before it sent (ordered_parts), by whether the report came or the wait timed out"
+    );
+    for outcome in ["reported", "timeout"] {
+        let _ = metrics::histogram!("wagate_part_order_wait_seconds", "outcome" => outcome);
+    }
     describe_counter!("wagate_replies_total", "Replies by how they ended");
     for outcome in ["sent", "retry", "dead_letter"] {
         metrics::counter!("wagate_replies_total", "outcome" => outcome).increment(0);

@@ -21,12 +21,16 @@ use shared::{
     bus::{Bus, Delivery},
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
     dispatch::{Handler, with_keep_alive},
+    domain::MessageSid,
     envelope::{DeadLetter, OutboundReply, ReplyContent},
     events::{self, Event, Kind},
     failure::Failure,
     retry::RetrySchedule,
     store::{GuardState, Hold, Store},
-    twilio::rest::{FailureClass, UNSUBSCRIBED, advice},
+    twilio::{
+        rest::{FailureClass, UNSUBSCRIBED, advice},
+        status::MessageStatus,
+    },
     window::{Refusal, confirmation_refusal, refusal, template_refusal},
 };
 use time::OffsetDateTime;
@@ -67,6 +71,9 @@ pub struct SendContext {
     pub send_lease: Duration,
     /// Each sender number's pace, shared with the other sender processes.
     pub pacer: Pacer,
+    /// Longest wait of a part for Twilio's report that the part before it was sent, on
+    /// channels with `ordered_parts` (`WAGATE_PART_SENT_TIMEOUT_MS`).
+    pub part_sent_timeout: Duration,
 }
 
 impl SendContext {
@@ -207,16 +214,34 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
             ])]
         }
     };
+    let callback = ctx
+        .public_url
+        .as_deref()
+        .or(reply.callback_base.as_deref())
+        .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
+    // Without a status callback (or with nothing posted to Twilio) no report can come.
+    let ordered = channel.channel.ordered_parts
+        && !channel.channel.simulation
+        && callback.is_some()
+        && !ctx.part_sent_timeout.is_zero();
+    // The message sid of the part before the current one.
+    let mut previous: Option<String> = None;
     for (index, post) in posts.iter().enumerate() {
         let key = format!("{}:{index}", reply.id);
         let (hold, taken_over) = match claim(ctx, reply, index, &key).await? {
-            GuardState::Sent(_) => continue,
+            GuardState::Sent(sid) => {
+                previous = Some(sid);
+                continue;
+            }
             GuardState::Busy => return Err(Stop::Wait(Duration::from_secs(1))),
             GuardState::Claimed(hold) => (hold, false),
             GuardState::Reclaimed(hold) => (hold, true),
         };
         let hold = Mutex::new(Some(hold));
         let work = async {
+            if ordered && let Some(sid) = &previous {
+                wait_until_sent(ctx, sid).await;
+            }
             let (resolved, as_text);
             let (content, shown): (Vec<(&str, &str)>, Vec<&str>) = match post {
                 Post::Fields(fields) => {
@@ -248,12 +273,54 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
                 shown: &shown,
                 taken_over,
                 hold: &hold,
+                callback: callback.as_deref(),
             };
             send_part(ctx, reply, &channel, &part).await
         };
-        renewing(ctx, &key, &hold, work).await?;
+        previous = Some(renewing(ctx, &key, &hold, work).await?);
     }
     Ok(())
+}
+
+/// How often a waiting part looks for its predecessor's status at first, and at most: the
+/// report usually comes within a second, and the wait doubles so that parts waiting on a
+/// report that never comes cost the store a few reads a second each.
+const FIRST_STATUS_POLL: Duration = Duration::from_millis(25);
+const LAST_STATUS_POLL: Duration = Duration::from_millis(400);
+
+/// Waits until Twilio reports the message `sid` sent, or any status after that (a failure
+/// ends the wait too: nothing more will come before it), or for `part_sent_timeout`.
+/// WhatsApp may deliver messages posted in quick succession out of order; Twilio hands them
+/// to WhatsApp in order once each is `sent`. A store that cannot be read ends the wait only
+/// at the timeout, as a lost report would.
+async fn wait_until_sent(ctx: &SendContext, sid: &str) {
+    let started = Instant::now();
+    let deadline = started + ctx.part_sent_timeout;
+    let mut poll = FIRST_STATUS_POLL;
+    let reported = loop {
+        match MessageSid::parse(sid) {
+            Ok(parsed) => match ctx.store.status(&parsed).await {
+                Ok(Some((status, _))) if status.rank() >= MessageStatus::Sent.rank() => break true,
+                Ok(_) => {}
+                Err(e) => tracing::debug!(sid, error = %e, "could not read a part's status"),
+            },
+            // Not Twilio's: no report will name it.
+            Err(_) => break false,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::info!(
+                sid,
+                "no report that the previous part was sent; sending the next one"
+            );
+            break false;
+        }
+        tokio::time::sleep(poll.min(left)).await;
+        poll = (poll * 2).min(LAST_STATUS_POLL);
+    };
+    let outcome = if reported { "reported" } else { "timeout" };
+    metrics::histogram!("wagate_part_order_wait_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// One message of a reply, as planned before its guard is taken.
@@ -358,6 +425,8 @@ struct Part<'a> {
     taken_over: bool,
     /// This sender's hold on the guard as last renewed; `None` once it lapsed.
     hold: &'a Mutex<Option<Hold>>,
+    /// Where Twilio reports the message's status.
+    callback: Option<&'a str>,
 }
 
 impl Part<'_> {
@@ -369,12 +438,13 @@ impl Part<'_> {
 
 /// Posts one part whose guard this sender holds, and records it; on failure the guard is given
 /// back (or, for an ambiguous answer Twilio's list could not settle, given back for a retry).
+/// Returns the message's sid.
 async fn send_part(
     ctx: &SendContext,
     reply: &OutboundReply,
     channel: &ResolvedChannel,
     part: &Part<'_>,
-) -> Result<(), Failure> {
+) -> Result<String, Failure> {
     let from = match &channel.channel.messaging_service_sid {
         Some(service) => Sender::Service(service.clone()),
         None => Sender::Number(format!("whatsapp:{}", channel.channel.phone_number)),
@@ -398,18 +468,13 @@ async fn send_part(
             tracing::info!(id = %reply.id, part = part.index, sid = %sid, "a dead sender had posted this part");
             metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
             sent_event(ctx, reply, part.index, &sid).await;
-            return Ok(());
+            return Ok(sid);
         }
     }
-    let callback = ctx
-        .public_url
-        .as_deref()
-        .or(reply.callback_base.as_deref())
-        .map(|base| format!("{base}/webhooks/twilio/whatsapp/{}/status", reply.agent_id));
     let mut form = vec![("To", to), from.field()];
     form.extend(part.content.iter().copied());
-    if let Some(cb) = &callback {
-        form.push(("StatusCallback", cb.as_str()));
+    if let Some(cb) = part.callback {
+        form.push(("StatusCallback", cb));
     }
     // A simulated part goes nowhere near Twilio, so it waits for no slot.
     if !channel.channel.simulation
@@ -432,7 +497,7 @@ async fn send_part(
             tracing::debug!(id = %reply.id, part = part.index, sid = %sid, "posted to Twilio");
             record_sent(ctx, part.key, &sid, &single).await?;
             sent_event(ctx, reply, part.index, &sid).await;
-            return Ok(());
+            return Ok(sid);
         }
         Err(e) => e,
     };
@@ -446,7 +511,7 @@ async fn send_part(
             tracing::info!(id = %reply.id, part = part.index, sid = %sid, "ambiguous answer settled: Twilio has the message");
             metrics::counter!("wagate_send_ambiguous_total", "resolution" => "found").increment(1);
             sent_event(ctx, reply, part.index, &sid).await;
-            return Ok(());
+            return Ok(sid);
         }
         metrics::counter!("wagate_send_ambiguous_total", "resolution" => "not_found").increment(1);
         part.release(ctx).await;

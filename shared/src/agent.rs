@@ -192,9 +192,20 @@ pub struct WhatsAppChannel {
     /// the process's sandbox rate): Twilio queues and then refuses what goes faster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mps: Option<f64>,
+    /// Whether a reply's part n+1 waits until Twilio reports part n sent (or a later status),
+    /// for at most the sender's part timeout: WhatsApp may deliver messages posted in quick
+    /// succession out of order. Off: parts go as fast as Twilio accepts them. Channels saved
+    /// before this existed have it on.
+    #[serde(default = "on")]
+    pub ordered_parts: bool,
     /// When it was last changed.
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+/// Serde's default of settings that are on unless turned off.
+fn on() -> bool {
+    true
 }
 
 /// The Twilio Sandbox for WhatsApp's shared number: a channel on it reaches only phones that

@@ -218,6 +218,16 @@ pub struct Settings {
         default_value_t = 30_000
     )]
     pub send_lease_ms: u64,
+    /// With a channel's `ordered_parts` on, how long a reply's next part waits at most for
+    /// Twilio to report the previous part sent, in milliseconds. Twilio's report normally comes
+    /// within a second; the wait ends there so that a lost or withheld status callback delays a
+    /// reply by this much and no more.
+    #[arg(
+        long = "part-sent-timeout-ms",
+        env = "WAGATE_PART_SENT_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub part_sent_timeout_ms: u64,
     /// Burst coalescing: how long after a user's message its turn waits for more messages of the
     /// same user to handle them as one turn, in ms. 0 adds no latency: only messages that queued
     /// up while the previous turn ran are taken together.
@@ -291,6 +301,11 @@ pub struct Settings {
 
 /// The longest HTTP timeout accepted, in ms: a day.
 const MAX_HTTP_TIMEOUT_MS: u64 = 86_400_000;
+
+/// Longest `WAGATE_PART_SENT_TIMEOUT_MS`: a part waiting for its predecessor holds a sender
+/// slot, and Twilio reports `sent` within seconds when it reports at all.
+const MAX_PART_SENT_TIMEOUT_MS: u64 = 300_000;
+
 /// Shortest send-guard lease: it is renewed every third of it, and a renewal is a store round
 /// trip that must fit in that time even on a busy store.
 const MIN_SEND_LEASE_MS: u64 = 1_000;
@@ -498,6 +513,11 @@ impl Settings {
                 "WAGATE_SEND_LEASE_MS must be at least {MIN_SEND_LEASE_MS}: a shorter lease leaves too little time to renew it"
             )));
         }
+        if self.part_sent_timeout_ms > MAX_PART_SENT_TIMEOUT_MS {
+            return Err(ConfigError(format!(
+                "WAGATE_PART_SENT_TIMEOUT_MS must be at most {MAX_PART_SENT_TIMEOUT_MS} (5 minutes): a waiting part holds one of the sender's slots"
+            )));
+        }
         if self.history_window == 0 {
             return Err(ConfigError(
                 "WAGATE_HISTORY_WINDOW must be at least 1".into(),
@@ -543,6 +563,11 @@ impl Settings {
     /// Lease of a reply part's send guard.
     pub fn send_lease(&self) -> Duration {
         Duration::from_millis(self.send_lease_ms)
+    }
+
+    /// Longest wait of an ordered part for its predecessor's `sent`.
+    pub fn part_sent_timeout(&self) -> Duration {
+        Duration::from_millis(self.part_sent_timeout_ms)
     }
 
     /// Shutdown deadline.

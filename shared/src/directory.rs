@@ -235,6 +235,7 @@ mod tests {
                     sandbox_join_code: None,
                     messaging_service_sid: None,
                     mps: None,
+                    ordered_parts: true,
                     updated_at: now,
                 },
             )

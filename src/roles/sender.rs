@@ -35,6 +35,7 @@ pub(super) async fn sender_role(launch: Launch) -> Result<()> {
                 retry: settings.send_retry.clone(),
                 twilio_timeout: settings.twilio_timeout(),
                 send_lease: settings.send_lease(),
+                part_sent_timeout: settings.part_sent_timeout(),
             };
             let events = sender::events::EventSender {
                 bus: ctx.bus.clone(),

@@ -62,6 +62,8 @@ async fn deploy(b: &Browser, id: &str) {
 #[tokio::test]
 async fn an_operator_signs_in_deploys_an_agent_and_sees_its_conversations_live() {
     let w = World::start().await;
+    // The test reports the replies' statuses itself, as Twilio would.
+    w.twilio.withhold_status_callbacks();
     let b = Browser::start(1280).await;
     let mut pages = Vec::new();
 
@@ -337,6 +339,40 @@ async fn an_operator_sets_the_messages_per_second_on_deploy() {
     b.wait_for_path("/agents/paced/deploy").await;
     b.goto_path("/agents/paced/deploy").await;
     assert_eq!(shown().await, "0.5");
+}
+
+/// Deploy's "Send long replies in order" is the channel's `ordered_parts`: ticked by default,
+/// and what is saved is what the API shows.
+#[tokio::test]
+async fn an_operator_turns_ordered_parts_off_and_on_on_deploy() {
+    const LABEL: &str = "Send long replies in order";
+    let w = World::start().await;
+    let b = Browser::start(1280).await;
+    sign_in(&b, &w).await;
+    create_echo_agent(&b, "parts").await;
+    b.goto_path("/agents/parts/deploy").await;
+    let ticked = || async {
+        let field = b.field(LABEL).await;
+        field.prop("checked").await.unwrap() == Some("true".to_owned())
+    };
+    assert!(ticked().await, "on before the channel exists");
+    deploy(&b, "parts").await;
+    let ordered = || async {
+        w.wagate.admin_json("/v1/agents/parts/whatsapp").await["ordered_parts"].as_bool()
+    };
+    assert_eq!(ordered().await, Some(true));
+    assert!(ticked().await);
+    for on in [false, true] {
+        b.fill("Auth Token", AUTH_TOKEN).await;
+        b.field(LABEL).await.click().await.unwrap();
+        b.click_button("Save & Enable").await;
+        eventually(WAIT, "the saved setting", || async {
+            (ordered().await == Some(on)).then_some(())
+        })
+        .await;
+        b.goto_path("/agents/parts/deploy").await;
+        assert_eq!(ticked().await, on, "the page shows what was saved");
+    }
 }
 
 #[tokio::test]

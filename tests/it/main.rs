@@ -26,6 +26,7 @@ mod openapi;
 mod ordering;
 mod outage;
 mod pacing;
+mod parts;
 mod quick_replies;
 mod redis_cluster;
 mod secrets;

@@ -51,6 +51,9 @@ pub(crate) struct ChannelRequest {
     /// Messages per second of this sender; left out keeps what was stored (at first the
     /// default: 80, or the Sandbox's rate on its number).
     pub(crate) mps: Option<f64>,
+    /// Whether a long reply's next part waits for Twilio to report the previous one sent;
+    /// left out keeps what was stored (at first on).
+    pub(crate) ordered_parts: Option<bool>,
 }
 
 /// A rate as given: a number of messages per second within what a channel may set.
@@ -130,6 +133,7 @@ impl ChannelRequest {
             sandbox_join_code: None,
             messaging_service_sid: None,
             mps: None,
+            ordered_parts: None,
         }
     }
 
@@ -239,6 +243,8 @@ pub struct ChannelView {
     pub(crate) messaging_service_sid: Option<String>,
     /// The messages per second it sends at (its own, or the default in effect).
     pub(crate) mps: f64,
+    /// Whether a long reply's next part waits for Twilio to report the previous one sent.
+    pub(crate) ordered_parts: bool,
     /// The channel's last sends that failed for good (the channel's own answers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) last_errors: Option<Vec<ChannelError>>,
@@ -326,6 +332,7 @@ impl ChannelView {
             sandbox_join_code: channel.sandbox_join_code.clone(),
             messaging_service_sid: channel.messaging_service_sid.clone(),
             mps: channel.mps(state.sandbox_mps),
+            ordered_parts: channel.ordered_parts,
             last_errors: None,
         }
     }
@@ -457,6 +464,10 @@ pub(crate) async fn save(
             Some(mps) => Some(rate(mps)?),
             None => existing.as_ref().and_then(|c| c.mps),
         },
+        ordered_parts: req
+            .ordered_parts
+            .or(existing.as_ref().map(|c| c.ordered_parts))
+            .unwrap_or(true),
         updated_at: OffsetDateTime::now_utc(),
     };
     state

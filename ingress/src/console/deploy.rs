@@ -47,6 +47,8 @@ struct DeployPage {
     phone_number: String,
     /// Messages per second: the channel's rate in effect, or what was typed.
     mps: String,
+    /// Whether a long reply's parts wait for each other: the channel's, or what was ticked.
+    ordered_parts: bool,
     token_set: bool,
     status: &'static str,
     webhook_url: String,
@@ -107,11 +109,12 @@ async fn deploy_page(
         .await
         .map_err(ApiError::unavailable)?
         .map(|f| (shown_time(f.at), likely_cause(&f.signed_url, &webhook_url)));
-    let (account_sid, phone_number, mps, error) = match typed {
+    let (account_sid, phone_number, mps, ordered_parts, error) = match typed {
         Some((form, error)) => (
             form.account_sid.clone(),
             form.phone_number.clone(),
             form.mps.clone(),
+            form.ordered_parts.is_some(),
             Some(error),
         ),
         None => (
@@ -119,6 +122,7 @@ async fn deploy_page(
             real.map(|c| c.phone_number.to_string()).unwrap_or_default(),
             real.map(|c| c.mps(state.sandbox_mps).to_string())
                 .unwrap_or_default(),
+            channel.as_ref().is_none_or(|c| c.ordered_parts),
             None,
         ),
     };
@@ -128,6 +132,7 @@ async fn deploy_page(
         account_sid,
         phone_number,
         mps,
+        ordered_parts,
         token_set: real.is_some(),
         status: channel_state(channel.as_ref()),
         webhook_url,
@@ -151,7 +156,8 @@ async fn deploy(
 }
 
 /// The Deploy form. An empty Auth Token keeps the stored one (for the same account), and empty
-/// messages per second the stored rate (or the default).
+/// messages per second the stored rate (or the default). A browser sends a checkbox only when
+/// it is ticked, so `ordered_parts` absent means off.
 #[derive(Deserialize)]
 struct DeployForm {
     account_sid: String,
@@ -160,6 +166,7 @@ struct DeployForm {
     phone_number: String,
     #[serde(default)]
     mps: String,
+    ordered_parts: Option<String>,
 }
 
 /// Save & Enable: stores the channel, enabled and posting to Twilio (out of simulation).
@@ -176,6 +183,7 @@ async fn save_deploy(
         form.phone_number.trim().to_owned(),
         false,
     );
+    request.ordered_parts = Some(form.ordered_parts.is_some());
     let saved = match form.mps.trim() {
         "" => Ok(()),
         typed => typed

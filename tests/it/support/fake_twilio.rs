@@ -16,6 +16,12 @@
 //! - `Slow`, `AcceptButFail500` and `AcceptButReset` record the message before answering, like
 //!   a Twilio that queued it; `TwilioError`, `RateLimited`, `ServerError`, `Reset` and `Stall`
 //!   do not record it.
+//! - Status callbacks: like Twilio, the fake reports each message it made to its
+//!   `StatusCallback`, signed with the account's Auth Token: `sent`, then `delivered`, after
+//!   [`FakeTwilio::set_status_delay`] (10 ms unless set), and its list shows the status
+//!   reported. A test that posts statuses itself calls [`FakeTwilio::withhold_status_callbacks`]
+//!   first, so that the fake's reports cannot outrank its own; [`FakeTwilio::status_reports`]
+//!   lists what was reported and what wagate answered.
 //! - The list (GET) answers newest first and filters `DateSent`, `DateSent<`, `DateSent>` by
 //!   calendar day (UTC) even when a time is given: Twilio documents only day granularity, so
 //!   the fake never answers more precisely than Twilio promises.
@@ -98,6 +104,16 @@ impl CreatedContent {
             .as_object()
             .and_then(|t| t.keys().next().cloned())
     }
+}
+
+/// A status callback the fake posted, and wagate's answer.
+#[derive(Clone, Debug)]
+pub struct StatusReport {
+    pub sid: String,
+    pub status: &'static str,
+    /// The HTTP status wagate answered, or why there was no answer.
+    pub answer: Result<u16, String>,
+    pub at: SystemTime,
 }
 
 /// Any request the fake received, accepted or not.
@@ -256,6 +272,21 @@ impl FakeTwilio {
             .push_back((status, code, message.to_owned()));
     }
 
+    /// Stops reporting statuses to `StatusCallback` from now on (see the module's notes).
+    pub fn withhold_status_callbacks(&self) {
+        self.state().withhold_statuses = true;
+    }
+
+    /// How long after making a message the fake reports it `sent` (and then `delivered`).
+    pub fn set_status_delay(&self, delay: Duration) {
+        self.state().status_delay = Some(delay);
+    }
+
+    /// The status callbacks posted so far, in order.
+    pub fn status_reports(&self) -> Vec<StatusReport> {
+        self.state().status_reports.clone()
+    }
+
     /// Queues an outcome for the next valid create (FIFO).
     pub fn push_response(&self, r: ScriptedResponse) {
         self.state().script.push_back(r);
@@ -348,7 +379,16 @@ struct FakeState {
     content_requests: Vec<RawRequest>,
     /// Errors for the next valid Content API creates: (status, code, message).
     content_script: VecDeque<(u16, u32, String)>,
+    /// Status callbacks: off once withheld; the delay before `sent` (`None`: the default);
+    /// what was posted.
+    withhold_statuses: bool,
+    status_delay: Option<Duration>,
+    status_reports: Vec<StatusReport>,
 }
+
+/// How soon the fake reports a message `sent` unless a test says otherwise: Twilio takes a
+/// fraction of a second.
+const DEFAULT_STATUS_DELAY: Duration = Duration::from_millis(10);
 
 /// A sent message plus what the API shows about it.
 #[derive(Clone)]
@@ -760,7 +800,7 @@ async fn create(
 }
 
 /// Records an accepted create and builds its 201.
-fn created(shared: &Shared, account_sid: &str, form: Vec<(String, String)>) -> Response {
+fn created(shared: &Arc<Shared>, account_sid: &str, form: Vec<(String, String)>) -> Response {
     let field = |name: &str| {
         form.iter()
             .find(|(k, v)| k == name && !v.is_empty())
@@ -817,7 +857,73 @@ fn created(shared: &Shared, account_sid: &str, form: Vec<(String, String)>) -> R
         stored
     };
     shared.sent_changed.notify_waiters();
+    report_statuses(shared, &stored.message);
     json_response(201, message_json(shared.spec, &stored))
+}
+
+/// Reports `message` `sent` and then `delivered` to its `StatusCallback`, as Twilio does, in
+/// a task of its own (see the module's notes). The list shows each status once reported.
+fn report_statuses(shared: &Arc<Shared>, message: &SentMessage) {
+    let (token, delay) = {
+        let state = shared.state();
+        if state.withhold_statuses {
+            return;
+        }
+        let Some(token) = state.accounts.get(&message.account_sid).cloned() else {
+            return;
+        };
+        (token, state.status_delay.unwrap_or(DEFAULT_STATUS_DELAY))
+    };
+    let Some(url) = message.status_callback.clone() else {
+        return;
+    };
+    let shared = shared.clone();
+    let message = message.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let http = reqwest::Client::new();
+        for status in ["sent", "delivered"] {
+            if shared.state().withhold_statuses {
+                return;
+            }
+            let mut form = vec![
+                ("AccountSid".to_owned(), message.account_sid.clone()),
+                ("MessageSid".to_owned(), message.sid.clone()),
+                ("SmsSid".to_owned(), message.sid.clone()),
+                ("MessageStatus".to_owned(), status.to_owned()),
+                ("SmsStatus".to_owned(), status.to_owned()),
+                ("To".to_owned(), message.to.clone()),
+                ("ApiVersion".to_owned(), "2010-04-01".to_owned()),
+                ("ChannelPrefix".to_owned(), "whatsapp".to_owned()),
+            ];
+            if !message.from.is_empty() {
+                form.push(("From".to_owned(), message.from.clone()));
+            }
+            let signature =
+                ::shared::twilio::signature::compute_signature(token.as_bytes(), &url, &form);
+            {
+                let mut state = shared.state();
+                if let Some(m) = state.sent.iter_mut().find(|m| m.message.sid == message.sid) {
+                    m.status = status;
+                }
+            }
+            let answer = http
+                .post(&url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-twilio-signature", signature)
+                .body(::shared::twilio::form::encode(&form))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string());
+            shared.state().status_reports.push(StatusReport {
+                sid: message.sid.clone(),
+                status,
+                answer,
+                at: SystemTime::now(),
+            });
+        }
+    });
 }
 
 /// The `api.v2010.account.message` resource, with exactly the spec's properties.
