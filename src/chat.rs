@@ -11,11 +11,9 @@ use clap::Args;
 use rand::RngExt;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use shared::{
-    domain::{AgentId, PhoneNumber},
-    twilio::{form, signature::compute_signature},
-};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use twilio::{form, signature::compute_signature};
+use wagate_core::domain::{AgentId, PhoneNumber};
 
 /// Arguments of `wagate chat`.
 #[derive(Debug, Args)]
@@ -77,7 +75,7 @@ impl Admin {
             req = req.json(&b);
         }
         let r = req.send().await.map_err(|e| {
-            anyhow!(shared::redact::text(&format!(
+            anyhow!(wagate_core::redact::text(&format!(
                 "cannot reach the admin API at {}: {e} (is wagate running?)",
                 self.base
             )))
@@ -210,7 +208,7 @@ async fn run(args: ChatArgs) -> anyhow::Result<()> {
                             let status = r.status();
                             eprintln!("wagate answered {status}: {}", r.text().await.unwrap_or_default().trim());
                         }
-                        Err(e) => eprintln!("{}", shared::redact::text(&format!("cannot reach the webhook at {post_url}: {e}"))),
+                        Err(e) => eprintln!("{}", wagate_core::redact::text(&format!("cannot reach the webhook at {post_url}: {e}"))),
                     }
                 }
                 Some(_) => {}

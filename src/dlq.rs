@@ -106,7 +106,7 @@ async fn run(args: DlqArgs) -> anyhow::Result<()> {
         let token = token.expose_secret().to_owned();
         async move {
             let response = req.bearer_auth(token).send().await.map_err(|e| {
-                anyhow!(shared::redact::text(&format!(
+                anyhow!(wagate_core::redact::text(&format!(
                     "cannot reach the admin API at {base}: {e}"
                 )))
             })?;

@@ -1,7 +1,7 @@
 //! What embedded mode creates on its first start, so that `wagate serve` works with nothing
 //! configured: the master key that encrypts stored secrets and the admin API's token, each in
 //! a file of the data folder readable by its owner only (0600). Later starts read them back,
-//! making them private first if they were not ([`shared::data_dir`] says why).
+//! making them private first if they were not ([`wagate_embedded::data_dir`] says why).
 //! Their paths are printed, never their contents.
 
 use std::{io::Write, path::Path};
@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use rand::RngExt;
 use secrecy::{ExposeSecret, SecretString};
-use shared::data_dir;
+use wagate_embedded::data_dir;
 
 /// Reads the secret in `data_dir/name`, creating it with `generate` on the first start.
 pub fn secret_file(

@@ -11,8 +11,9 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use bus::Bus;
 use metrics_exporter_prometheus::PrometheusHandle;
-use shared::{bus::Bus, store::Store};
+use store::Store;
 
 /// What `/readyz` and `/metrics` read.
 #[derive(Clone)]

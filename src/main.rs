@@ -22,7 +22,8 @@ mod telemetry;
 use std::{num::NonZeroUsize, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use shared::{config::Settings, crypto::Keyring};
+use shared::config::Settings;
+use wagate_core::crypto::Keyring;
 
 /// mimalloc instead of the system allocator: the hot paths allocate many small short-lived
 /// buffers on several threads, where glibc's malloc spent ~15% of ingress CPU in its locks and

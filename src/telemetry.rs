@@ -1,6 +1,6 @@
 //! Logs and traces of the process. Logs go to stderr as text, or as one JSON object a line
 //! with `WAGATE_LOG_FORMAT=json`, where the fields of the spans an event is in are on the top
-//! level: so every line about a message carries its `trace_id` (shared::trace). Spans are
+//! level: so every line about a message carries its `trace_id` (wagate_core::trace). Spans are
 //! always given W3C ids, so that logs can be joined across processes; they are exported over
 //! OTLP (http/protobuf, or http/json) only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, under
 //! the role's `service.name`.

@@ -81,11 +81,11 @@ async fn create_message(
     Path(account): Path<String>,
     body: Bytes,
 ) -> impl IntoResponse {
-    let form = match shared::twilio::form::parse(&body) {
+    let form = match twilio::form::parse(&body) {
         Ok(f) => f,
         Err(_) => return (StatusCode::BAD_REQUEST, Json(json!({"code": 20001}))),
     };
-    let field = |name: &str| shared::twilio::form::first(&form, name).unwrap_or_default();
+    let field = |name: &str| twilio::form::first(&form, name).unwrap_or_default();
     let (to, from, text) = (field("To"), field("From"), field("Body"));
     replies.received.fetch_add(1, Ordering::Relaxed);
     match conversation_of(to).and_then(|i| replies.inboxes.get(i)) {

@@ -91,8 +91,8 @@ pub fn inbound_form(sid: &str, from: &str, text: &str) -> Vec<(String, String)> 
 /// Signs `form` for `url` as Twilio does.
 pub fn sign(url: &str, form: &[(String, String)]) -> Signed {
     Signed {
-        body: Bytes::from(shared::twilio::form::encode(form)),
-        signature: shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), url, form),
+        body: Bytes::from(twilio::form::encode(form)),
+        signature: twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), url, form),
         path: None,
     }
 }

@@ -57,7 +57,7 @@ pub async fn p6(
         .json(&json!({
             "account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
             "phone_number": NUMBER, "enabled": true,
-            "mps": shared::agent::DEFAULT_MPS,
+            "mps": wagate_core::agent::DEFAULT_MPS,
         }))
         .send()
         .await?

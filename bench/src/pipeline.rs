@@ -82,12 +82,9 @@ pub async fn drive(
                 let text = format!("r{run} c{i} m{j}");
                 let sid = format!("SM{run:08x}{i:08x}{j:016x}");
                 let form = inbound_form(&sid, &phone(i), &text);
-                let signature = shared::twilio::signature::compute_signature(
-                    AUTH_TOKEN.as_bytes(),
-                    &url,
-                    &form,
-                );
-                let body = shared::twilio::form::encode(&form);
+                let signature =
+                    twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &form);
+                let body = twilio::form::encode(&form);
                 loop {
                     let answered = {
                         let _permit = permits.acquire().await;

@@ -63,11 +63,11 @@ async fn webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Ok(form) = shared::twilio::form::parse(&body) else {
+    let Ok(form) = twilio::form::parse(&body) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
     let url = format!("{}{}", probe.base, uri.path());
-    let expected = shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &form);
+    let expected = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &form);
     let given = headers
         .get("x-twilio-signature")
         .map(|v| v.as_bytes())
@@ -75,10 +75,10 @@ async fn webhook(
     if given != expected.as_bytes() {
         return StatusCode::FORBIDDEN.into_response();
     }
-    let Some(sid) = shared::twilio::form::first(&form, "MessageSid") else {
+    let Some(sid) = twilio::form::first(&form, "MessageSid") else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let from = shared::twilio::form::first(&form, "WaId").unwrap_or("unknown");
+    let from = twilio::form::first(&form, "WaId").unwrap_or("unknown");
     let published = probe
         .js
         .send_publish(

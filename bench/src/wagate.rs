@@ -141,7 +141,7 @@ impl Wagate {
                 "phone_number": SANDBOX,
                 "enabled": true,
                 // The Sandbox's own pace (a message every 3 s) is not what these measure.
-                "mps": shared::agent::MAX_MPS,
+                "mps": wagate_core::agent::MAX_MPS,
             }),
         )
         .await

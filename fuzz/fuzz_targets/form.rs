@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shared::twilio::form;
+use twilio::form;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(pairs) = form::parse(data) {

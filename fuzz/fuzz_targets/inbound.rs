@@ -3,10 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shared::{
-    domain::AgentId,
-    twilio::{form, inbound::parse_inbound},
-};
+use twilio::{form, inbound::parse_inbound};
+use wagate_core::domain::AgentId;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(fields) = form::parse(data) else {

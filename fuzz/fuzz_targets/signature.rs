@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shared::twilio::signature::{compute_signature, verify_form, verify_json};
+use twilio::signature::{compute_signature, verify_form, verify_json};
 
 fuzz_target!(|input: (Vec<u8>, String, Vec<(String, String)>, String)| {
     let (token, url, params, other) = input;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shared::text::{split_reply, utf16_len};
+use wagate_core::text::{split_reply, utf16_len};
 
 fuzz_target!(|input: (u8, String)| {
     let (limit, text) = input;

@@ -18,16 +18,16 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bus::{Bus, BusError, Deliveries, Published, Topic};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use shared::{
-    bus::{Bus, BusError, Deliveries, Published, Topic},
-    data_dir::{self, DataFileError},
-    embedded::DbError,
-    envelope::DeadLetter,
-    shutdown::Shutdown,
-};
+use shared::shutdown::Shutdown;
 use tokio::sync::Notify;
+use wagate_core::envelope::DeadLetter;
+use wagate_embedded::{
+    DbError,
+    data_dir::{self, DataFileError},
+};
 
 const SPOOL: TableDefinition<u64, &[u8]> = TableDefinition::new("spool");
 /// Entries published per drain step.

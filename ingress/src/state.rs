@@ -2,8 +2,11 @@
 
 use std::sync::Arc;
 
+use bus::Bus;
 use secrecy::SecretString;
-use shared::{bus::Bus, crypto::Keyring, directory::ChannelDirectory, store::Store};
+use shared::directory::ChannelDirectory;
+use store::Store;
+use wagate_core::crypto::Keyring;
 
 /// Shared, cheaply cloned state of the ingress role.
 #[derive(Clone)]

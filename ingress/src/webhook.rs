@@ -14,17 +14,20 @@ use axum::{
 use secrecy::ExposeSecret;
 use shared::{
     directory::{Lookup, ResolvedChannel},
-    domain::{AgentId, WhatsAppAddress},
-    envelope::{DeadLetter, InboundMessage},
-    events::{self, Event, Kind},
-    twilio::{
-        form,
-        inbound::parse_inbound,
-        rest, signature,
-        status::{MessageStatus, StatusUpdate, parse_status},
-    },
+    events,
 };
 use time::OffsetDateTime;
+use twilio::{
+    form,
+    inbound::parse_inbound,
+    rest, signature,
+    status::{MessageStatus, StatusUpdate, parse_status},
+};
+use wagate_core::{
+    domain::{AgentId, WhatsAppAddress},
+    envelope::{DeadLetter, InboundMessage},
+    events::{Event, Kind},
+};
 
 use crate::{
     AppState,
@@ -135,7 +138,7 @@ async fn verify(
     let valid = signature::verify_form(token, &url, &fields, signature);
     if !valid {
         tracing::warn!(
-            agent = %agent_id, signed_url = %shared::redact::text(&url),
+            agent = %agent_id, signed_url = %wagate_core::redact::text(&url),
             "X-Twilio-Signature does not match: check the Auth Token, and that WAGATE_PUBLIC_URL is the URL configured in Twilio"
         );
         state
@@ -161,9 +164,9 @@ async fn verify(
 #[derive(Debug, thiserror::Error)]
 enum ActError {
     #[error(transparent)]
-    Store(#[from] shared::store::StoreError),
+    Store(#[from] store::StoreError),
     #[error(transparent)]
-    Bus(#[from] shared::bus::BusError),
+    Bus(#[from] bus::BusError),
 }
 
 /// What a failure reported by status callback changes: an opted-out user (21610) gets no more
@@ -207,7 +210,7 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), A
     };
     let letter = DeadLetter::send(part, reason, update.error_code, 1);
     let id = state.bus.put_dead_letter(&letter).await?;
-    if let Some(event) = events::dead_letter_created(&letter, &id) {
+    if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
         events::emit(&*state.bus, &state.directory, event).await;
     }
     Ok(())
@@ -274,12 +277,12 @@ async fn inbound(
     }
     let message = match parse_inbound(&v.agent_id, &v.fields, OffsetDateTime::now_utc()) {
         Ok(m) => {
-            // The message's trace starts here; every role continues it (shared::trace).
+            // The message's trace starts here; every role continues it (wagate_core::trace).
             let span = tracing::Span::current();
-            shared::trace::record_trace_id(&span);
+            wagate_core::trace::record_trace_id(&span);
             InboundMessage {
                 callback_base: v.callback_base,
-                traceparent: shared::trace::traceparent(&span),
+                traceparent: wagate_core::trace::traceparent(&span),
                 ..m
             }
         }
@@ -288,10 +291,10 @@ async fn inbound(
             return plain(StatusCode::BAD_REQUEST, e.0);
         }
     };
-    let publish = shared::bus::publish(&*state.bus, &message);
+    let publish = bus::publish(&*state.bus, &message);
     match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
         Ok(Ok(published)) => {
-            let duplicate = matches!(published, shared::bus::Published::Duplicate);
+            let duplicate = matches!(published, bus::Published::Duplicate);
             if duplicate {
                 // Twilio repeated a MessageSid the bus still remembers: answered 200, stored
                 // once. Counted so that retries (and the bus dropping them) can be seen.

@@ -11,10 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use shared::{
+use twilio::rest::FailureClass;
+use wagate_core::{
     domain::{AccountSid, ContentSid},
     envelope::MAX_QUICK_REPLY_BUTTONS,
-    twilio::rest::FailureClass,
 };
 
 use crate::twilio_client::{ClientError, SendError, refused, retry_after, transport_error};

@@ -5,11 +5,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bus::{Bus, Delivery};
 use secrecy::ExposeSecret;
 use shared::{
-    bus::{Bus, Delivery},
     directory::{ChannelDirectory, Lookup},
     dispatch::Handler,
+};
+use wagate_core::{
     envelope::DeadLetter,
     events::{Event, secret_key, signature},
     retry::RetrySchedule,

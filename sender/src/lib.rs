@@ -20,12 +20,12 @@ pub mod twilio_client;
 
 use std::sync::Arc;
 
+use bus::{BusError, Topic};
 use shared::{
-    bus::{BusError, Topic},
     dispatch::{self, DispatchConfig},
-    envelope::OutboundReply,
     shutdown::Shutdown,
 };
+use wagate_core::envelope::OutboundReply;
 
 pub use send::SendContext;
 
@@ -55,7 +55,8 @@ pub async fn run(
         config.clone(),
         shutdown.clone(),
     );
-    let events = dispatch::run::<shared::events::Event, _>(bus, Arc::new(events), config, shutdown);
+    let events =
+        dispatch::run::<wagate_core::events::Event, _>(bus, Arc::new(events), config, shutdown);
     tokio::try_join!(replies, bulk, events).map(|_| ())
 }
 

@@ -1,5 +1,5 @@
 //! Pacing: each sender number (or Messaging Service) posts at most its channel's `mps`, shared
-//! by every sender process through the store's GCRA ([`shared::store::pacing`]), because
+//! by every sender process through the store's GCRA ([`store::pacing`]), because
 //! Twilio queues and then refuses what a number sends faster (WhatsApp: 80 a second by
 //! default, the Sandbox about one every 3 s).
 //!
@@ -7,7 +7,7 @@
 //! interval ahead of now (a burst of one message beyond the rate), a bulk send (an admin's
 //! message or template) only while it is at most half an interval ahead. So whenever both
 //! wait, the next free slot goes to the live reply. Bulk sends also travel on a queue of their
-//! own ([`shared::bus::Topic::Bulk`]), so a backlog of them never stands between a live reply
+//! own ([`bus::Topic::Bulk`]), so a backlog of them never stands between a live reply
 //! and the sender. Bulk sends are the ones that wait in line for slots, so they also get a
 //! grace of half an interval ([`Pace::grace`]): a waiter woken up to an interval after it was
 //! told to come back (timers, the round trip, a busy machine) still takes the slot it waited
@@ -25,10 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shared::{
+use store::{Pace, Slot, Store, StoreError};
+use wagate_core::{
     agent::{MAX_MPS, WhatsAppChannel},
     envelope::OutboundReply,
-    store::{Pace, Slot, Store, StoreError},
 };
 
 /// Which sends go first when a sender number's slots are scarce.
@@ -179,7 +179,7 @@ fn interval(mps: f64) -> Duration {
     let mps = if mps.is_finite() && mps > 0.0 {
         mps.min(MAX_MPS)
     } else {
-        shared::agent::MIN_MPS
+        wagate_core::agent::MIN_MPS
     };
     Duration::from_secs_f64(1.0 / mps)
 }
@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(interval(80.0), Duration::from_micros(12_500));
         assert_eq!(interval(1.0 / 3.0), Duration::from_secs(3));
         assert_eq!(interval(1e9), Duration::from_micros(100));
-        assert_eq!(interval(f64::NAN), interval(shared::agent::MIN_MPS));
-        assert_eq!(interval(0.0), interval(shared::agent::MIN_MPS));
+        assert_eq!(interval(f64::NAN), interval(wagate_core::agent::MIN_MPS));
+        assert_eq!(interval(0.0), interval(wagate_core::agent::MIN_MPS));
     }
 }

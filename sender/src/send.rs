@@ -3,7 +3,7 @@
 //! posted to Twilio once. The guard's lease is short, so a dead sender's part is soon taken
 //! over, and renewed while its holder works on it, so a live sender keeps it. Free-form text is
 //! refused outside WhatsApp's 24-hour window, and everything to users who opted out
-//! ([`shared::window`]); a 21610 from Twilio records the opt-out.
+//! ([`wagate_core::window`]); a 21610 from Twilio records the opt-out.
 //!
 //! A reply with choices (quick replies) sends its last text part as a content made of the text
 //! and the choices ([`crate::content`]), after any media and earlier parts. The content is
@@ -17,24 +17,27 @@ use std::{
 };
 
 use backon::{ExponentialBuilder, Retryable};
+use bus::{Bus, Delivery};
 use shared::{
-    bus::{Bus, Delivery},
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
     dispatch::{Handler, with_keep_alive},
-    domain::MessageSid,
-    envelope::{DeadLetter, OutboundReply, ReplyContent},
-    events::{self, Event, Kind},
-    failure::Failure,
-    retry::RetrySchedule,
-    store::{GuardState, Hold, Store},
-    twilio::{
-        rest::{FailureClass, UNSUBSCRIBED, advice},
-        status::MessageStatus,
-    },
-    window::{Refusal, confirmation_refusal, refusal, template_refusal},
+    events,
 };
+use store::{GuardState, Hold, Store};
 use time::OffsetDateTime;
 use tracing::Instrument;
+use twilio::{
+    rest::{FailureClass, UNSUBSCRIBED, advice},
+    status::MessageStatus,
+};
+use wagate_core::{
+    domain::MessageSid,
+    envelope::{DeadLetter, OutboundReply, ReplyContent},
+    events::{Event, Kind},
+    failure::Failure,
+    retry::RetrySchedule,
+    window::{Refusal, confirmation_refusal, refusal, template_refusal},
+};
 
 use crate::{
     content::{Choices, ContentClient},
@@ -102,7 +105,7 @@ impl Handler<OutboundReply> for SendContext {
         for (delivery, reply) in batch {
             let span =
                 tracing::info_span!("send", id = %reply.id, trace_id = tracing::field::Empty);
-            shared::trace::continue_trace(&span, reply.traceparent.as_deref());
+            wagate_core::trace::continue_trace(&span, reply.traceparent.as_deref());
             finished &= self.send_one(delivery, reply).instrument(span).await;
         }
         finished
@@ -173,7 +176,7 @@ async fn dead_letter(
     let letter = DeadLetter::send(reply.clone(), reason, code, attempts);
     match ctx.bus.put_dead_letter(&letter).await {
         Ok(id) => {
-            if let Some(event) = events::dead_letter_created(&letter, &id) {
+            if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
                 events::emit(&*ctx.bus, &ctx.directory, event).await;
             }
             let _ = delivery.ack().await;

@@ -6,11 +6,8 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use shared::{
-    domain::AccountSid,
-    failure::Failure,
-    twilio::rest::{ApiError, FailureClass, classify},
-};
+use twilio::rest::{ApiError, FailureClass, classify};
+use wagate_core::{domain::AccountSid, failure::Failure};
 
 /// A failed call, classified. Never carries the token.
 #[derive(Debug, Clone)]

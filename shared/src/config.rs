@@ -2,10 +2,11 @@
 //! at start so that a process with a bad setting refuses to start with a message saying which.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use store::redis::RedisTopology;
 
 use secrecy::SecretString;
 
-use crate::retry::RetrySchedule;
+use wagate_core::retry::RetrySchedule;
 
 /// Every setting of every role, as read from the environment by clap.
 #[derive(Debug, Clone, clap::Args)]
@@ -183,7 +184,7 @@ pub struct Settings {
     #[arg(
         long = "sandbox-mps",
         env = "WAGATE_SANDBOX_MPS",
-        default_value_t = crate::agent::SANDBOX_MPS
+        default_value_t = wagate_core::agent::SANDBOX_MPS
     )]
     pub sandbox_mps: f64,
     /// Most recent turns of a session that the agent sees.
@@ -333,7 +334,7 @@ impl std::str::FromStr for ServerUrl {
 
 impl std::fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::redact::url(self.expose()))
+        f.write_str(&wagate_core::redact::url(self.expose()))
     }
 }
 
@@ -355,22 +356,6 @@ pub enum Backends {
     },
     /// Both in one local data file; one process.
     Embedded,
-}
-
-/// How the Redis of `WAGATE_REDIS_URL` is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTopology {
-    /// One server (its replicas, if any, are not wagate's business).
-    Single,
-    /// A Redis Cluster: `WAGATE_REDIS_URL` lists some of its nodes, comma-separated.
-    Cluster,
-    /// The master that these Sentinels (`host:port`) know as `master`.
-    Sentinel {
-        /// `host:port` of each Sentinel.
-        sentinels: Vec<String>,
-        /// The name the Sentinels monitor the master under.
-        master: String,
-    },
 }
 
 /// Shortest admin token accepted: an empty token would let every caller in (no
@@ -501,11 +486,12 @@ impl Settings {
                 "WAGATE_WORKER_CONCURRENCY and WAGATE_SENDER_CONCURRENCY must be at least 1".into(),
             ));
         }
-        if !(crate::agent::MIN_MPS..=crate::agent::MAX_MPS).contains(&self.sandbox_mps) {
+        if !(wagate_core::agent::MIN_MPS..=wagate_core::agent::MAX_MPS).contains(&self.sandbox_mps)
+        {
             return Err(ConfigError(format!(
                 "WAGATE_SANDBOX_MPS must be from {:.4} (one message a minute) to {}",
-                crate::agent::MIN_MPS,
-                crate::agent::MAX_MPS
+                wagate_core::agent::MIN_MPS,
+                wagate_core::agent::MAX_MPS
             )));
         }
         if self.send_lease_ms < MIN_SEND_LEASE_MS {

@@ -15,12 +15,12 @@ use futures::StreamExt;
 use moka::sync::Cache;
 use secrecy::SecretString;
 
-use crate::{
+use crate::shutdown::Shutdown;
+use store::{Change, Store, StoreError};
+use wagate_core::{
     agent::{Agent, WhatsAppChannel},
     crypto::{CryptoError, Keyring, SecretPurpose},
     domain::AgentId,
-    shutdown::Shutdown,
-    store::{Change, Store, StoreError},
 };
 
 /// How long an entry is trusted without a change notification (a safety net for lost ones).
@@ -185,12 +185,13 @@ impl ChannelDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
+    use crate::embedded::Embedded;
+    use crate::embedded::EmbeddedOptions;
+    use time::OffsetDateTime;
+    use wagate_core::{
         agent::Backend,
         domain::{AccountSid, PhoneNumber},
-        embedded::{Embedded, EmbeddedOptions},
     };
-    use time::OffsetDateTime;
 
     /// Random agent ids from the internet cannot grow the directory past its bound, and do not
     /// push a real agent's channel out of it.
@@ -210,8 +211,8 @@ mod tests {
                 id: real.clone(),
                 name: "real".into(),
                 backend: Backend::Echo,
-                handoff_resume_after_s: crate::agent::default_handoff_resume_after_s(),
-                retention_days: crate::agent::default_retention_days(),
+                handoff_resume_after_s: wagate_core::agent::default_handoff_resume_after_s(),
+                retention_days: wagate_core::agent::default_retention_days(),
                 history_turns: None,
                 history_tokens: None,
                 typing_indicator: true,

@@ -16,10 +16,8 @@ use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::{
-    bus::{Bus, BusError, Deliveries, Delivery, Envelope, Topic},
-    shutdown::Shutdown,
-};
+use crate::shutdown::Shutdown;
+use bus::{Bus, BusError, Deliveries, Delivery, Envelope, Topic};
 
 /// Handles decoded messages and settles their deliveries (ack, retry or dead letter).
 pub trait Handler<T>: Send + Sync + 'static {

@@ -11,11 +11,11 @@
 //! the primary key, and only once none is left seals the check again with the primary: from
 //! then on the new key alone starts, and every stored secret opens with it.
 
-use crate::{
+use store::{Store, StoreError};
+use wagate_core::{
     agent::{Agent, Backend},
     crypto::{CryptoError, KeyCheck, Keyring, SealedSecret, SecretPurpose},
     domain::AgentId,
-    store::{Store, StoreError},
 };
 
 /// Why the keyring and the stored data do not go together.

@@ -5,19 +5,20 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use secrecy::SecretString;
-use shared::{
-    bus::{
-        Bus,
-        jetstream::{JetStreamBus, JetStreamOptions},
-    },
-    config::{Backends, ServerUrl, Settings},
-    crypto::Keyring,
-    directory::ChannelDirectory,
-    embedded::{Embedded, EmbeddedOptions},
-    key_check,
-    store::{Store, redis::RedisStore},
+use bus::{
+    Bus,
+    jetstream::{JetStreamBus, JetStreamOptions},
 };
+use secrecy::SecretString;
+use shared::embedded::EmbeddedOptions;
+use shared::{
+    config::{Backends, ServerUrl, Settings},
+    directory::ChannelDirectory,
+    embedded::Embedded,
+    key_check,
+};
+use store::{Store, redis::RedisStore};
+use wagate_core::crypto::Keyring;
 
 use crate::{Roles, first_start};
 

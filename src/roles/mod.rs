@@ -19,16 +19,16 @@ mod worker;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
+use bus::Bus;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use shared::{
-    bus::Bus,
     config::{Backends, Settings},
-    crypto::Keyring,
     directory::ChannelDirectory,
     dispatch::{Coalesce, DispatchConfig},
     shutdown::{self, Shutdown},
 };
 use tokio::task::JoinSet;
+use wagate_core::crypto::Keyring;
 
 use crate::{Roles, listeners};
 use connect::{Backing, connect};

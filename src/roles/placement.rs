@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use shared::{bus::Bus, config::Settings, store::Store};
+use bus::Bus;
+use shared::config::Settings;
+use store::Store;
 use tokio::task::JoinSet;
 
 use super::connect::Backing;
@@ -42,7 +44,7 @@ pub(super) async fn with_connections<F, Fut>(
 ) -> Result<()>
 where
     F: FnOnce(Arc<dyn Bus>, Arc<dyn Store>) -> Fut,
-    Fut: Future<Output = Result<(), shared::bus::BusError>>,
+    Fut: Future<Output = Result<(), bus::BusError>>,
 {
     let (bus, store) = backing.open(settings, max_in_flight).await?;
     // The process may have stopped waiting; the role runs all the same.

@@ -17,18 +17,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
-use shared::{
-    bus::{
-        Bus, Deliveries, Delivery, Published, Topic,
-        jetstream::{JetStreamBus, JetStreamOptions},
-    },
-    domain::{AgentId, WhatsAppAddress},
-    embedded::{Embedded, EmbeddedError, EmbeddedOptions},
-    envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
+use bus::{
+    Bus, Deliveries, Delivery, Published, Topic,
+    jetstream::{JetStreamBus, JetStreamOptions},
 };
+use futures::StreamExt;
+use shared::embedded::Embedded;
+use shared::embedded::EmbeddedOptions;
 use support::harness::Servers;
 use time::OffsetDateTime;
+use wagate_core::{
+    domain::{AgentId, WhatsAppAddress},
+    envelope::{DeadLetter, DeadMessage, OutboundReply, ReplyContent, Stage},
+};
+use wagate_embedded::EmbeddedError;
 
 /// One backend under test, and how to open it again (a restart for the embedded bus, a new
 /// connection for JetStream).

@@ -9,24 +9,26 @@ use crate::support;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream::BoxStream};
-use shared::{
-    agent::{Agent, Backend, WhatsAppChannel},
-    crypto::Keyring,
-    domain::{AgentId, MessageSid, PhoneNumber, SessionId, WhatsAppAddress},
-    embedded::{Embedded, EmbeddedOptions},
-    envelope::{OutboundReply, ReplyContent},
-    store::{
-        Change, CompletedTurn, GuardState, Hold, LeadSighting, Pace, Pause, Role, SentMessage,
-        SignatureFailure, Slot, Store, Turn, TurnStart, WindowClocks,
-        redis::{RedisStore, RedisTopology},
-    },
-    twilio::status::{MessageStatus, StatusUpdate},
+use shared::embedded::Embedded;
+use shared::embedded::EmbeddedOptions;
+use store::{
+    Change, CompletedTurn, GuardState, Hold, LeadSighting, Pace, Pause, Role, SentMessage,
+    SignatureFailure, Slot, Store, Turn, TurnStart,
+    redis::{RedisStore, RedisTopology},
 };
 use support::{
     harness::{Servers, sid},
     redis_cluster::{RedisCluster, RedisSentinel, SENTINEL_MASTER},
 };
 use time::OffsetDateTime;
+use twilio::status::{MessageStatus, StatusUpdate};
+use wagate_core::window::WindowClocks;
+use wagate_core::{
+    agent::{Agent, Backend, WhatsAppChannel},
+    crypto::Keyring,
+    domain::{AgentId, MessageSid, PhoneNumber, SessionId, WhatsAppAddress},
+    envelope::{OutboundReply, ReplyContent},
+};
 
 /// One backend under test, and how to open it again (a restart for the embedded store, a new
 /// connection for Redis).

@@ -368,7 +368,7 @@ async fn long_reply_is_split_in_order_and_whole() {
     w.wagate
         .inbound("bot", &sid(1), FROM, "tell me a lot")
         .await;
-    let expected_parts = shared::text::split_reply(&long, 1600);
+    let expected_parts = wagate_core::text::split_reply(&long, 1600);
     assert!(expected_parts.len() >= 3);
     let sent = w.twilio.wait_for_sent(expected_parts.len(), WAIT).await;
     let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();
@@ -405,8 +405,8 @@ async fn a_reply_over_the_cap_is_cut_and_counted() {
     w.wagate.agent("bot", serde_json::json!({"kind": "openai", "base_url": model.base_url, "model": "m", "api_key": "k"})).await;
     w.wagate.channel("bot", true).await;
     w.wagate.inbound("bot", &sid(1), FROM, "go on").await;
-    let capped = shared::text::cap_reply(&"runaway ".repeat(10_000), 16_000).unwrap();
-    let expected = shared::text::split_reply(&capped, 1600);
+    let capped = wagate_core::text::cap_reply(&"runaway ".repeat(10_000), 16_000).unwrap();
+    let expected = wagate_core::text::split_reply(&capped, 1600);
     assert!(expected.len() <= 11, "{} parts", expected.len());
     let sent = w.twilio.wait_for_sent(expected.len(), WAIT).await;
     let bodies: Vec<String> = sent.iter().map(|m| m.body.clone().unwrap()).collect();

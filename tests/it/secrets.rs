@@ -863,8 +863,8 @@ async fn a_token_relabelled_with_another_key_id_does_not_open() {
     // the current key, is relabelled in Redis with the second key's id, as someone with write
     // access to the store could: opening it with that key must fail, so the webhook cannot be
     // verified and is answered 503 (Twilio retries), not accepted with the token in clear.
-    let other = shared::crypto::Keyring::generate_key();
-    let other_id = shared::crypto::Keyring::from_base64(&other, &[])
+    let other = wagate_core::crypto::Keyring::generate_key();
+    let other_id = wagate_core::crypto::Keyring::from_base64(&other, &[])
         .unwrap()
         .primary_id()
         .to_owned();

@@ -1,4 +1,4 @@
-//! Differential test of `shared::twilio::signature` against the official twilio-python SDK.
+//! Differential test of `twilio::signature` against the official twilio-python SDK.
 //!
 //! Why: the signature is only useful if it is byte-for-byte what Twilio computes; the unit tests pin
 //! the published vectors, this test checks thousands of random inputs (unicode keys and values,
@@ -15,7 +15,7 @@
 //! Python: `$WAGATE_TEST_PYTHON`, else `<repo>/.venv/bin/python`, with twilio 9.13.0 installed.
 //! Without it this test FAILS (it never passes silently).
 
-use shared::twilio::signature::{compute_signature, verify_form, verify_json};
+use twilio::signature::{compute_signature, verify_form, verify_json};
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -342,9 +342,8 @@ async fn sigterm_finishes_requests_in_progress_and_cuts_the_rest_at_the_grace() 
     w.wagate.echo_agent("demo").await;
     let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
     let fields = inbound_form(&sid(1), FROM, "in flight");
-    let signature =
-        shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
-    let body = shared::twilio::form::encode(&fields);
+    let signature = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
+    let body = twilio::form::encode(&fields);
     let head = |length: usize| {
         format!(
             "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nX-Twilio-Signature: {signature}\r\nContent-Length: {length}\r\n\r\n",

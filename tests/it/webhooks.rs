@@ -7,8 +7,8 @@ const FORM: &str = "application/x-www-form-urlencoded";
 
 use std::time::Duration;
 
-use shared::twilio::signature::compute_signature;
 use support::harness::{AUTH_TOKEN, Mode, UNSET, Wagate, World, inbound_form, sid};
+use twilio::signature::compute_signature;
 
 const FROM: &str = "+14155550100";
 
@@ -97,7 +97,7 @@ async fn missing_or_wrong_signature_is_401() {
     let w = World::start().await;
     w.wagate.echo_agent("demo").await;
     let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
-    let body = shared::twilio::form::encode(&inbound_form(&sid(1), FROM, "hi"));
+    let body = twilio::form::encode(&inbound_form(&sid(1), FROM, "hi"));
     let r = w
         .wagate
         .http
@@ -121,7 +121,7 @@ async fn missing_or_wrong_signature_is_401() {
     assert_eq!(r.status(), 401);
     // Signed, then one value changed in transit.
     let mut fields = inbound_form(&sid(1), FROM, "hi");
-    let sig = shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
+    let sig = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
     fields[7].1 = "hi!".into();
     let r = w
         .wagate
@@ -129,7 +129,7 @@ async fn missing_or_wrong_signature_is_401() {
         .post(&url)
         .header("x-twilio-signature", sig)
         .header("content-type", FORM)
-        .body(shared::twilio::form::encode(&fields))
+        .body(twilio::form::encode(&fields))
         .send()
         .await
         .unwrap();
@@ -160,15 +160,14 @@ async fn signature_over_public_url_with_or_without_default_port_is_accepted() {
         (2, format!("https://bot.example.com:443{path}")),
     ] {
         let fields = inbound_form(&sid(n), FROM, "port");
-        let sig =
-            shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &signed, &fields);
+        let sig = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &signed, &fields);
         let r = w
             .wagate
             .http
             .post(&listener)
             .header("x-twilio-signature", sig)
             .header("content-type", FORM)
-            .body(shared::twilio::form::encode(&fields))
+            .body(twilio::form::encode(&fields))
             .send()
             .await
             .unwrap();
@@ -176,15 +175,14 @@ async fn signature_over_public_url_with_or_without_default_port_is_accepted() {
     }
     // The listener's own address is not what Twilio signed.
     let fields = inbound_form(&sid(3), FROM, "port");
-    let sig =
-        shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &listener, &fields);
+    let sig = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &listener, &fields);
     let r = w
         .wagate
         .http
         .post(&listener)
         .header("x-twilio-signature", sig)
         .header("content-type", FORM)
-        .body(shared::twilio::form::encode(&fields))
+        .body(twilio::form::encode(&fields))
         .send()
         .await
         .unwrap();
@@ -255,7 +253,7 @@ async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
     w.wagate.echo_agent("demo").await;
     let url = format!("{}{}", w.wagate.public_url, Wagate::inbound_path("demo"));
     let fields = inbound_form(&sid(1), FROM, "hi");
-    let sig = shared::twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
+    let sig = twilio::signature::compute_signature(AUTH_TOKEN.as_bytes(), &url, &fields);
     for content_type in [
         Some("application/json"),
         Some("text/plain"),
@@ -268,7 +266,7 @@ async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
             .http
             .post(&url)
             .header("x-twilio-signature", &sig)
-            .body(shared::twilio::form::encode(&fields));
+            .body(twilio::form::encode(&fields));
         if let Some(t) = content_type {
             b = b.header("content-type", t);
         }
@@ -285,7 +283,7 @@ async fn a_webhook_that_is_not_a_form_is_refused_415_and_not_queued() {
             "content-type",
             "Application/X-WWW-Form-Urlencoded; charset=utf-8",
         )
-        .body(shared::twilio::form::encode(&fields))
+        .body(twilio::form::encode(&fields))
         .send()
         .await
         .unwrap();
@@ -514,7 +512,7 @@ async fn without_a_public_url_status_callbacks_follow_the_verified_webhook_url()
             .header("x-forwarded-proto", proto)
             .header("content-type", FORM)
             .header("x-twilio-signature", sig)
-            .body(shared::twilio::form::encode(&fields))
+            .body(twilio::form::encode(&fields))
             .send()
     };
 

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use bus::{BusError, Delivery};
 use shared::{
-    bus::{BusError, Delivery},
     dispatch::{self, DispatchConfig, Handler},
-    envelope::InboundMessage,
     shutdown::Shutdown,
 };
+use wagate_core::envelope::InboundMessage;
 
 use tracing::Instrument;
 
@@ -21,7 +21,7 @@ impl Handler<InboundMessage> for TurnContext {
     async fn handle(&self, batch: Vec<(Box<dyn Delivery>, InboundMessage)>) -> bool {
         let span = tracing::info_span!("turn", trace_id = tracing::field::Empty);
         let parent = batch.first().and_then(|(_, m)| m.traceparent.as_deref());
-        shared::trace::continue_trace(&span, parent);
+        wagate_core::trace::continue_trace(&span, parent);
         handle(self, batch).instrument(span).await
     }
 

@@ -174,13 +174,13 @@ impl MediaFetcher {
     pub async fn earlier_images(
         &self,
         channel: &shared::directory::ResolvedChannel,
-        history: &[shared::store::Turn],
+        history: &[store::Turn],
     ) -> Vec<Medium> {
         let urls: Vec<&str> = history
             .iter()
             .rev()
             .take(EARLIER_TURNS)
-            .filter(|t| t.role == shared::store::Role::User)
+            .filter(|t| t.role == store::Role::User)
             .flat_map(|t| t.content.lines().filter_map(image_link))
             .take(EARLIER_IMAGES)
             .collect();
@@ -223,15 +223,15 @@ impl MediaFetcher {
     pub async fn fetch_for(
         &self,
         channel: &shared::directory::ResolvedChannel,
-        msgs: &[shared::envelope::InboundMessage],
+        msgs: &[wagate_core::envelope::InboundMessage],
     ) -> Vec<Medium> {
         let (openai, transcription_model) = match &channel.agent.backend {
-            shared::agent::Backend::Openai {
+            wagate_core::agent::Backend::Openai {
                 transcription_model,
                 ..
             } => (true, transcription_model.as_ref()),
-            shared::agent::Backend::Webhook { .. } => (false, None),
-            shared::agent::Backend::Echo => return Vec::new(),
+            wagate_core::agent::Backend::Webhook { .. } => (false, None),
+            wagate_core::agent::Backend::Echo => return Vec::new(),
         };
         let mut out = Vec::new();
         for media in msgs.iter().flat_map(|m| &m.media) {

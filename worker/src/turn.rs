@@ -14,20 +14,23 @@
 
 use std::{sync::Arc, time::Instant};
 
+use bus::{Bus, Delivery};
 use shared::{
-    bus::{self, Bus, Delivery},
     directory::{ChannelDirectory, Lookup},
     dispatch::with_keep_alive,
+    events,
+};
+use store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart};
+use time::OffsetDateTime;
+use wagate_core::{
     domain::SessionId,
     envelope::{CONTENT_BODY_CHARS, DeadLetter, InboundMessage, OutboundReply, ReplyContent},
-    events::{self, Event, Kind},
+    events::{Event, Kind},
     failure::Failure,
     retry::RetrySchedule,
-    store::{CompletedTurn, LeadSighting, Pause, Role, Store, Turn, TurnStart},
     text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, cap_reply, split_reply},
     window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
-use time::OffsetDateTime;
 
 use crate::agent::{AgentRunner, TurnInput, user_text};
 
@@ -191,7 +194,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
 /// Turns of history the agent of `agent_id` sees: its own limit, else the process's. The
 /// agent comes from the directory's cache; when it cannot be had, the process's limit (the
 /// turn itself then finds out what is wrong with the agent).
-async fn history_turns(ctx: &TurnContext, agent_id: &shared::domain::AgentId) -> usize {
+async fn history_turns(ctx: &TurnContext, agent_id: &wagate_core::domain::AgentId) -> usize {
     match ctx.directory.lookup(agent_id).await {
         Ok(Lookup::Found(c)) => c
             .agent
@@ -265,7 +268,7 @@ async fn consent(
             ctx.store.opt_out(session, msg.received_at).await?;
         }
         Keyword::OptIn => {
-            let clocks = window::clocks(ctx.store.as_ref(), session).await?;
+            let clocks = store::window_clocks(ctx.store.as_ref(), session).await?;
             // This message's own opt-in, recorded by a delivery that died before it was acked.
             let this_one = clocks
                 .opted_in_at
@@ -301,7 +304,7 @@ async fn consent(
             answers_received_at: Some(msg.received_at),
             media: Vec::new(),
             quick_replies: Vec::new(),
-            traceparent: shared::trace::traceparent(&tracing::Span::current()),
+            traceparent: wagate_core::trace::traceparent(&tracing::Span::current()),
             callback_base: msg.callback_base.clone(),
             bulk: false,
         };
@@ -336,7 +339,7 @@ async fn dead_letter(
         let letter = DeadLetter::agent(msg.clone(), reason.clone(), attempts);
         match ctx.bus.put_dead_letter(&letter).await {
             Ok(id) => {
-                if let Some(event) = events::dead_letter_created(&letter, &id) {
+                if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
                     events::emit(&*ctx.bus, &ctx.directory, event).await;
                 }
                 ack(delivery.as_ref(), msg).await;
@@ -413,7 +416,9 @@ async fn process(
     ctx.runner.transcribe(&channel.agent, &mut media).await;
     let history = within_tokens(history, channel.agent.history_tokens);
     let earlier = match channel.agent.backend {
-        shared::agent::Backend::Openai { .. } => ctx.media.earlier_images(&channel, history).await,
+        wagate_core::agent::Backend::Openai { .. } => {
+            ctx.media.earlier_images(&channel, history).await
+        }
         _ => Vec::new(),
     };
     let input = TurnInput {
@@ -565,7 +570,7 @@ async fn publish_reply(
         answers_received_at: Some(msg.received_at),
         media: done.media.clone(),
         quick_replies: done.quick_replies.clone(),
-        traceparent: shared::trace::traceparent(&tracing::Span::current()),
+        traceparent: wagate_core::trace::traceparent(&tracing::Span::current()),
         callback_base: msg.callback_base.clone(),
         bulk: false,
     };

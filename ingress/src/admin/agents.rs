@@ -7,14 +7,14 @@ use axum::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use shared::{
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use wagate_core::{
     agent::{Agent, Backend, EventsEndpoint},
     crypto::{SealedSecret, SecretPurpose},
     domain::AgentId,
     redact,
 };
-use time::OffsetDateTime;
-use utoipa::ToSchema;
 
 use super::{
     AgentPath, ApiError, ErrorBody, load_agent,
@@ -79,10 +79,10 @@ pub(crate) enum BackendRequest {
         #[schema(minimum = 100, maximum = 600_000)]
         timeout_ms: Option<u64>,
         /// Left out: `whisper-1`; `null`: no transcription.
-        #[serde(default = "shared::agent::default_transcription_model")]
+        #[serde(default = "wagate_core::agent::default_transcription_model")]
         transcription_model: Option<String>,
         /// Left out: on.
-        #[serde(default = "shared::agent::default_tools")]
+        #[serde(default = "wagate_core::agent::default_tools")]
         tools: bool,
     },
     Webhook {
@@ -305,7 +305,7 @@ fn events_endpoint(
 ) -> Result<Option<EventsEndpoint>, ApiError> {
     let secret = secret
         .map(|s| {
-            match shared::events::secret_key(s.expose_secret()) {
+            match wagate_core::events::secret_key(s.expose_secret()) {
                 Some(_) => Ok(state.keyring.seal(id, SecretPurpose::EventsSecret, &s)),
                 None => Err(ApiError::invalid(
                     "events_secret must be a Standard Webhooks secret: whsec_ and the base64 of 24-64 random bytes",
@@ -396,7 +396,7 @@ pub(crate) async fn save(
         Some(s) => s,
         None => existing
             .as_ref()
-            .map_or_else(shared::agent::default_handoff_resume_after_s, |a| {
+            .map_or_else(wagate_core::agent::default_handoff_resume_after_s, |a| {
                 a.handoff_resume_after_s
             }),
     };
@@ -409,7 +409,9 @@ pub(crate) async fn save(
         Some(d) => d,
         None => existing
             .as_ref()
-            .map_or_else(shared::agent::default_retention_days, |a| a.retention_days),
+            .map_or_else(wagate_core::agent::default_retention_days, |a| {
+                a.retention_days
+            }),
     };
     let limit = |field: &str, asked: Option<u32>, stored: Option<u32>, most: u32| match asked {
         Some(0) => Ok(None),
@@ -530,7 +532,7 @@ pub(crate) async fn save(
                         Some(k) => Some(state.keyring.seal(&id, SecretPurpose::AgentApiKey, &k)),
                         None => stored.and_then(|s| s.api_key),
                     };
-                    Some(shared::agent::Transcriber {
+                    Some(wagate_core::agent::Transcriber {
                         base_url: t.base_url.trim_end_matches('/').to_owned(),
                         model: t.model,
                         api_key,
@@ -558,7 +560,7 @@ pub(crate) async fn save(
         typing_indicator: req
             .typing_indicator
             .or(existing.as_ref().map(|a| a.typing_indicator))
-            .unwrap_or_else(shared::agent::default_typing_indicator),
+            .unwrap_or_else(wagate_core::agent::default_typing_indicator),
         events,
         created_at: existing.map_or(now, |a| a.created_at),
         updated_at: now,

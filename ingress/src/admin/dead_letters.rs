@@ -9,12 +9,9 @@ use axum::{
     extract::{Path, Query, State},
 };
 use serde::{Deserialize, Serialize};
-use shared::{
-    bus,
-    envelope::{DeadLetter, DeadMessage, Stage},
-};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
+use wagate_core::envelope::{DeadLetter, DeadMessage, Stage};
 
 use super::{
     ApiError, ErrorBody,

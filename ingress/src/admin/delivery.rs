@@ -16,12 +16,10 @@ use axum::{
     extract::{Path, State},
 };
 use serde::{Deserialize, Serialize};
-use shared::{
-    domain::SessionId,
-    store::{Role, SentMessage, Turn},
-    twilio::status::MessageStatus,
-};
+use store::{Role, SentMessage, Turn};
+use twilio::status::MessageStatus;
 use utoipa::{IntoParams, ToSchema};
+use wagate_core::domain::SessionId;
 
 use super::{ApiError, ErrorBody, load_agent};
 use crate::AppState;
@@ -93,7 +91,7 @@ fn in_order(mut sent: Vec<SentMessage>) -> Vec<SentMessage> {
 
 /// For each turn of `turns` (a session's history, oldest first): `None` for the user's, and
 /// the parts sent for each of the business's (empty while none is out yet, and once the
-/// records of its parts lapsed after [`shared::store::GUARD_TTL`], which a history may outlive).
+/// records of its parts lapsed after [`store::GUARD_TTL`], which a history may outlive).
 pub(crate) fn by_turn(turns: &[Turn], sent: Vec<SentMessage>) -> Vec<Option<Vec<PartDelivery>>> {
     let mut out: Vec<Option<Vec<PartDelivery>>> = turns
         .iter()
@@ -205,7 +203,7 @@ pub async fn get(
         Some(p) => p.clone(),
         // Sent before the session's index of parts was kept: its own records still say.
         None => {
-            let status = match shared::domain::MessageSid::parse(&sid) {
+            let status = match wagate_core::domain::MessageSid::parse(&sid) {
                 Ok(parsed) => state
                     .store
                     .status(&parsed)

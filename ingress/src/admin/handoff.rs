@@ -11,14 +11,15 @@ use axum::{
     extract::{Path, State},
 };
 use serde::{Deserialize, Serialize};
-use shared::{
-    agent::Agent,
-    domain::SessionId,
-    events::{self, Event, Kind},
-    store::Pause,
-};
+use shared::events;
+use store::Pause;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
+use wagate_core::{
+    agent::Agent,
+    domain::SessionId,
+    events::{Event, Kind},
+};
 
 use super::{ApiError, ErrorBody, PersonPath, load_agent, parse_json};
 use crate::AppState;
@@ -115,8 +116,9 @@ pub(crate) async fn pause_for(
     if before.is_none() {
         tracing::info!(agent = %agent.id, by, "conversation handed to a person");
         metrics::counter!("wagate_handoffs_total", "by" => "operator").increment(1);
-        let user = shared::domain::WhatsAppAddress::parse(&format!("whatsapp:{}", session.user()))
-            .map_err(|e| ApiError::invalid(e.0))?;
+        let user =
+            wagate_core::domain::WhatsAppAddress::parse(&format!("whatsapp:{}", session.user()))
+                .map_err(|e| ApiError::invalid(e.0))?;
         let data = serde_json::json!({
             "session_id": session.to_string(), "phone": session.user(), "by": by,
         });

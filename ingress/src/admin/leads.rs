@@ -7,7 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
-use shared::store::Lead;
+use store::Lead;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use utoipa::{IntoParams, ToSchema};
 
@@ -133,7 +133,7 @@ pub async fn list(
 pub(crate) async fn of_agent(
     state: &AppState,
     raw: &str,
-) -> Result<(shared::agent::Agent, Vec<Lead>), ApiError> {
+) -> Result<(wagate_core::agent::Agent, Vec<Lead>), ApiError> {
     let agent = load_agent(state, raw).await?;
     let leads = state
         .store
@@ -144,7 +144,7 @@ pub(crate) async fn of_agent(
 }
 
 /// The leads as a CSV attachment: `?format=csv` and the console's Download CSV.
-pub(crate) fn csv_download(agent: &shared::agent::Agent, leads: &[Lead]) -> Response {
+pub(crate) fn csv_download(agent: &wagate_core::agent::Agent, leads: &[Lead]) -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),

@@ -4,8 +4,8 @@
 //! delete (an agent that is gone: 204 while anything of it was left), so that a call repeated
 //! after a timeout or a crash finishes the job.
 //!
-//! What each keeps and why is said at [`shared::store::Store::forget_session`] and
-//! [`shared::store::Store::erase_user`]. Messages still queued on the bus when the call is made
+//! What each keeps and why is said at [`store::Store::forget_session`] and
+//! [`store::Store::erase_user`]. Messages still queued on the bus when the call is made
 //! (a reply being sent, a turn being run) are not reached: they may store a little again once
 //! handled, and a second call erases that. JetStream erases a removed dead letter securely
 //! (overwritten on disk); the work queues drop acknowledged messages as soon as they are acked.
@@ -14,7 +14,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
 };
-use shared::{
+use wagate_core::{
     agent::Agent,
     domain::{AgentId, PhoneNumber, SessionId, WhatsAppAddress},
     envelope::{DeadLetter, DeadMessage},
@@ -189,7 +189,7 @@ fn dead_letter_session(letter: &DeadLetter) -> SessionId {
     match &letter.message {
         DeadMessage::Inbound(m) => m.session_id(),
         DeadMessage::Reply(r) => r.session_id(),
-        DeadMessage::Event(e) => shared::bus::Envelope::session_id(e.as_ref()),
+        DeadMessage::Event(e) => bus::Envelope::session_id(e.as_ref()),
     }
 }
 

@@ -15,16 +15,15 @@ use axum::{
     http::StatusCode,
 };
 use serde::{Deserialize, Serialize};
-use shared::{
-    bus,
-    domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
-    envelope::{MAX_MEDIA, OutboundReply, ReplyContent, is_public_media_url},
-    store::{CompletedTurn, Role, Turn},
-    text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
-    window::{self, refusal, template_refusal},
-};
+use store::{CompletedTurn, Role, Turn};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
+use wagate_core::{
+    domain::{ContentSid, PhoneNumber, SessionId, WhatsAppAddress},
+    envelope::{MAX_MEDIA, OutboundReply, ReplyContent, is_public_media_url},
+    text::{MAX_BODY_UTF16, MAX_REPLY_CHARS, split_reply},
+    window::{refusal, template_refusal},
+};
 
 use super::{AgentPath, ApiError, ErrorBody, load_agent, parse_json};
 use crate::AppState;
@@ -120,7 +119,7 @@ pub async fn send(
 /// and pauses the conversation); the reply as queued.
 pub(crate) async fn queue(
     state: &AppState,
-    agent: &shared::agent::Agent,
+    agent: &wagate_core::agent::Agent,
     req: SendRequest,
 ) -> Result<OutboundReply, ApiError> {
     let operator = req
@@ -136,7 +135,7 @@ pub(crate) async fn queue(
     if let Some(bad) = req.media.iter().find(|u| !is_public_media_url(u)) {
         return Err(ApiError::invalid(format!(
             "media must be https URLs that Twilio can fetch: {}",
-            shared::redact::url(bad)
+            wagate_core::redact::url(bad)
         )));
     }
     let raw_to = req.to.strip_prefix("whatsapp:").unwrap_or(&req.to);
@@ -196,7 +195,7 @@ pub(crate) async fn queue(
             variables: req.content_variables.unwrap_or_default(),
         },
     };
-    let clocks = window::clocks(state.store.as_ref(), &session)
+    let clocks = store::window_clocks(state.store.as_ref(), &session)
         .await
         .map_err(ApiError::unavailable)?;
     let refused = match content {
@@ -217,8 +216,8 @@ pub(crate) async fn queue(
         quick_replies: Vec::new(),
         traceparent: {
             let span = tracing::Span::current();
-            shared::trace::record_trace_id(&span);
-            shared::trace::traceparent(&span)
+            wagate_core::trace::record_trace_id(&span);
+            wagate_core::trace::traceparent(&span)
         },
         callback_base: None,
         // An operator answers a live conversation; every other admin send is bulk.
@@ -239,7 +238,7 @@ pub(crate) async fn queue(
 /// message's id as a completed turn, so that it is erased with the person like every turn.
 async fn by_a_person(
     state: &AppState,
-    agent: &shared::agent::Agent,
+    agent: &wagate_core::agent::Agent,
     session: &SessionId,
     reply: &OutboundReply,
     operator: String,

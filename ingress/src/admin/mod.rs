@@ -220,12 +220,15 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// An agent id from the path of a call that reads (404 when invalid: it cannot exist).
-pub fn existing_agent_id(raw: &str) -> Result<shared::domain::AgentId, ApiError> {
-    shared::domain::AgentId::parse(raw).map_err(|_| ApiError::not_found("Unknown agent"))
+pub fn existing_agent_id(raw: &str) -> Result<wagate_core::domain::AgentId, ApiError> {
+    wagate_core::domain::AgentId::parse(raw).map_err(|_| ApiError::not_found("Unknown agent"))
 }
 
 /// The agent, or 404.
-pub async fn load_agent(state: &AppState, raw: &str) -> Result<shared::agent::Agent, ApiError> {
+pub async fn load_agent(
+    state: &AppState,
+    raw: &str,
+) -> Result<wagate_core::agent::Agent, ApiError> {
     let id = existing_agent_id(raw)?;
     state
         .store

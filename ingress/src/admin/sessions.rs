@@ -6,13 +6,11 @@ use axum::{
     extract::{Path, State},
 };
 use serde::Serialize;
-use shared::{
-    domain::SessionId,
-    store::{Role, Turn},
-    twilio::status::MessageStatus,
-};
+use store::{Role, Turn};
 use time::OffsetDateTime;
+use twilio::status::MessageStatus;
 use utoipa::ToSchema;
+use wagate_core::domain::SessionId;
 
 use super::{
     ApiError, ErrorBody, PersonPath,

@@ -9,14 +9,14 @@ use axum::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use shared::{
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use wagate_core::{
     agent::{Consent, WhatsAppChannel},
     crypto::SecretPurpose,
     domain::{AccountSid, AgentId, PhoneNumber},
     window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
-use time::OffsetDateTime;
-use utoipa::{IntoParams, ToSchema};
 
 use super::{AgentPath, ApiError, ErrorBody, PersonPath, load_agent, parse_json};
 use crate::AppState;
@@ -58,7 +58,7 @@ pub(crate) struct ChannelRequest {
 
 /// A rate as given: a number of messages per second within what a channel may set.
 fn rate(mps: f64) -> Result<f64, ApiError> {
-    use shared::agent::{MAX_MPS, MIN_MPS};
+    use wagate_core::agent::{MAX_MPS, MIN_MPS};
     if (MIN_MPS..=MAX_MPS).contains(&mps) {
         Ok(mps)
     } else {
@@ -251,7 +251,7 @@ pub struct ChannelView {
 }
 
 /// A send of the channel that failed for good: one of its dead letters, as the channel's
-/// answer shows it (the reason says what to do, from `shared::twilio::rest::advice`).
+/// answer shows it (the reason says what to do, from `twilio::rest::advice`).
 #[derive(Serialize, ToSchema)]
 pub struct ChannelError {
     #[serde(with = "time::serde::rfc3339")]
@@ -285,7 +285,7 @@ async fn with_last_errors(
     let mut letters: Vec<_> = super::dead_letters::matching(state, &filter)
         .await?
         .into_iter()
-        .filter(|d| &d.agent_id == agent && d.stage == shared::envelope::Stage::Send)
+        .filter(|d| &d.agent_id == agent && d.stage == wagate_core::envelope::Stage::Send)
         .collect();
     letters.sort_by_key(|d| std::cmp::Reverse(d.failed_at));
     view.last_errors = Some(
@@ -294,7 +294,7 @@ async fn with_last_errors(
             .take(LAST_ERRORS)
             .filter_map(|d| {
                 let phone = match &d.message {
-                    shared::envelope::DeadMessage::Reply(r) => r.to.user().to_owned(),
+                    wagate_core::envelope::DeadMessage::Reply(r) => r.to.user().to_owned(),
                     _ => return None,
                 };
                 Some(ChannelError {
@@ -539,10 +539,10 @@ pub struct SimulatedView {
     at: OffsetDateTime,
 }
 
-impl From<shared::store::SimulatedMessage> for SimulatedView {
+impl From<store::SimulatedMessage> for SimulatedView {
     /// Every field named, as [`super::leads::LeadView`] does.
-    fn from(m: shared::store::SimulatedMessage) -> Self {
-        let shared::store::SimulatedMessage { index, body, at } = m;
+    fn from(m: store::SimulatedMessage) -> Self {
+        let store::SimulatedMessage { index, body, at } = m;
         Self { index, body, at }
     }
 }
@@ -581,10 +581,10 @@ pub(crate) async fn simulated_after(
     raw: &str,
     raw_phone: &str,
     after: u64,
-) -> Result<Vec<shared::store::SimulatedMessage>, ApiError> {
+) -> Result<Vec<store::SimulatedMessage>, ApiError> {
     let agent = load_agent(state, raw).await?;
     let phone = parse_phone(&raw_phone.replace(' ', "+"))?;
-    let session = shared::domain::SessionId::for_phone(&agent.id, &phone);
+    let session = wagate_core::domain::SessionId::for_phone(&agent.id, &phone);
     state
         .store
         .simulated(&session, after)

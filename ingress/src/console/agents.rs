@@ -45,7 +45,7 @@ struct AgentsPage {
     agents: Vec<AgentRow>,
 }
 
-pub(super) fn channel_state(c: Option<&shared::agent::WhatsAppChannel>) -> &'static str {
+pub(super) fn channel_state(c: Option<&wagate_core::agent::WhatsAppChannel>) -> &'static str {
     match c {
         None => "not deployed",
         Some(c) if c.simulation => "simulation (Test chat)",
@@ -168,8 +168,8 @@ impl AgentForm {
                 api_key: secret(&self.api_key),
                 system_prompt: non_empty(&self.system_prompt),
                 timeout_ms: None,
-                transcription_model: shared::agent::default_transcription_model(),
-                tools: shared::agent::default_tools(),
+                transcription_model: wagate_core::agent::default_transcription_model(),
+                tools: wagate_core::agent::default_tools(),
             },
             "webhook" => BackendRequest::Webhook {
                 url: self.webhook_url.trim().to_owned(),
@@ -232,7 +232,7 @@ async fn create(
 ) -> Response {
     let id = form.agent_id.trim().to_owned();
     let result = async {
-        if let Ok(parsed) = shared::domain::AgentId::parse(&id)
+        if let Ok(parsed) = wagate_core::domain::AgentId::parse(&id)
             && state
                 .store
                 .agent(&parsed)

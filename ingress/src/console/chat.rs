@@ -18,12 +18,10 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use shared::{
-    agent::Agent,
-    store::{Role, Turn},
-    twilio::inbound::parse_inbound,
-};
+use store::{Role, Turn};
 use time::OffsetDateTime;
+use twilio::inbound::parse_inbound;
+use wagate_core::agent::Agent;
 
 use super::{Layout, SignedIn, error_page, page};
 use crate::{
@@ -165,13 +163,10 @@ async fn publish(
     .collect();
     let message = parse_inbound(&agent.id, &fields, OffsetDateTime::now_utc())
         .map_err(|e| ApiError::invalid(e.0))?;
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        shared::bus::publish(&*state.bus, &message),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("publishing a test chat message timed out"))?
-    .map_err(ApiError::unavailable)?;
+    tokio::time::timeout(Duration::from_secs(5), bus::publish(&*state.bus, &message))
+        .await
+        .map_err(|_| ApiError::unavailable("publishing a test chat message timed out"))?
+        .map_err(ApiError::unavailable)?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use axum::{
     routing::{get, post},
 };
 use serde::Deserialize;
-use shared::envelope::{DeadLetter, DeadMessage};
+use wagate_core::envelope::{DeadLetter, DeadMessage};
 
 use super::{Layout, SignedIn, error_page, shown_time};
 use crate::{

@@ -12,7 +12,7 @@ use axum::{
     routing::{get, post},
 };
 use serde::Deserialize;
-use shared::envelope::Stage;
+use wagate_core::envelope::Stage;
 
 use super::{
     Layout, SignedIn,

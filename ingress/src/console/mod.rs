@@ -43,7 +43,7 @@ use axum::{
     routing::get,
 };
 use secrecy::SecretString;
-use shared::store::{SignatureFailure, Store};
+use store::{SignatureFailure, Store};
 use time::OffsetDateTime;
 
 use crate::{AppState, admin::ApiError};
@@ -81,7 +81,7 @@ impl ConsoleState {
     pub fn note_signature_failure(
         &self,
         store: &Arc<dyn Store>,
-        agent: &shared::domain::AgentId,
+        agent: &wagate_core::domain::AgentId,
         signed_url: &str,
     ) {
         let now = Instant::now();
@@ -99,7 +99,7 @@ impl ConsoleState {
         }
         let failure = SignatureFailure {
             at: OffsetDateTime::now_utc(),
-            signed_url: shared::redact::text(signed_url),
+            signed_url: wagate_core::redact::text(signed_url),
         };
         let (store, agent) = (store.clone(), agent.clone());
         tokio::spawn(async move {
@@ -283,7 +283,7 @@ async fn require_session(State(state): State<AppState>, request: Request, next: 
 }
 
 fn form_urlencoded_field(body: &[u8], name: &str) -> Option<String> {
-    shared::twilio::form::parse(body)
+    twilio::form::parse(body)
         .ok()?
         .into_iter()
         .find_map(|(k, v)| (k == name).then_some(v))

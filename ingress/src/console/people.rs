@@ -19,10 +19,8 @@ use axum::{
 };
 use futures::Stream;
 use serde::Deserialize;
-use shared::{
-    envelope::DeadMessage,
-    store::{Lead, Role, Turn},
-};
+use store::{Lead, Role, Turn};
+use wagate_core::envelope::DeadMessage;
 
 use super::{Layout, SignedIn, error_page, page, shown_time};
 use crate::{
@@ -387,7 +385,7 @@ struct TranscriptPage {
     person: Option<Person>,
 }
 
-/// The person who has a conversation ([`shared::store::Pause`]), as a transcript shows it.
+/// The person who has a conversation ([`store::Pause`]), as a transcript shows it.
 struct Person {
     name: String,
     since: String,

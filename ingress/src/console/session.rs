@@ -14,8 +14,8 @@
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sha2::Sha256;
-use shared::crypto::Keyring;
 use time::{Duration, OffsetDateTime};
+use wagate_core::crypto::Keyring;
 
 /// How long a signed-in session lasts.
 pub const SESSION_TTL: Duration = Duration::hours(8);

@@ -899,8 +899,7 @@ fn report_statuses(shared: &Arc<Shared>, message: &SentMessage) {
             if !message.from.is_empty() {
                 form.push(("From".to_owned(), message.from.clone()));
             }
-            let signature =
-                ::shared::twilio::signature::compute_signature(token.as_bytes(), &url, &form);
+            let signature = ::twilio::signature::compute_signature(token.as_bytes(), &url, &form);
             {
                 let mut state = shared.state();
                 if let Some(m) = state.sent.iter_mut().find(|m| m.message.sid == message.sid) {
@@ -911,7 +910,7 @@ fn report_statuses(shared: &Arc<Shared>, message: &SentMessage) {
                 .post(&url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("x-twilio-signature", signature)
-                .body(::shared::twilio::form::encode(&form))
+                .body(::twilio::form::encode(&form))
                 .send()
                 .await
                 .map(|r| r.status().as_u16())

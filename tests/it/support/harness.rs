@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use shared::twilio::signature::compute_signature;
+use twilio::signature::compute_signature;
 
 /// A free TCP port on loopback (bound then released; a tiny race that tests tolerate).
 pub fn free_port() -> u16 {
@@ -649,7 +649,7 @@ impl Wagate {
             .post(&url)
             .header("content-type", "application/x-www-form-urlencoded")
             .header("x-twilio-signature", sig)
-            .body(shared::twilio::form::encode(fields))
+            .body(twilio::form::encode(fields))
             .send()
             .await
             .unwrap()
@@ -787,7 +787,7 @@ pub async fn deliver_last_messages(url: &str, users: &[(String, String)]) {
 /// answered 200 (Twilio retries what fails), for tests that kill processes under traffic.
 pub async fn deliver_like_twilio(http: &reqwest::Client, url: &str, fields: &[(String, String)]) {
     let sig = compute_signature(AUTH_TOKEN.as_bytes(), url, fields);
-    let body = shared::twilio::form::encode(fields);
+    let body = twilio::form::encode(fields);
     for _ in 0..600 {
         let r = http
             .post(url)

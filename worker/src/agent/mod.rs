@@ -9,12 +9,12 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
-use shared::{
+use store::{Role, Turn};
+use wagate_core::{
     agent::{Agent, Backend},
     crypto::{Keyring, SecretPurpose},
     envelope::InboundMessage,
     failure::Failure,
-    store::{Role, Turn},
 };
 
 /// What an agent answered: text, and media for the user (public https URLs), choices for the
@@ -261,9 +261,9 @@ impl AgentRunner {
     /// else the credentials its URL was saved with.
     fn openai_authorization(
         &self,
-        id: &shared::domain::AgentId,
-        api_key: Option<&shared::crypto::SealedSecret>,
-        credentials: Option<&shared::crypto::SealedSecret>,
+        id: &wagate_core::domain::AgentId,
+        api_key: Option<&wagate_core::crypto::SealedSecret>,
+        credentials: Option<&wagate_core::crypto::SealedSecret>,
     ) -> Result<Option<SecretString>, Failure> {
         let bearer = api_key
             .map(|k| self.keyring.open(id, SecretPurpose::AgentApiKey, k))
@@ -280,14 +280,14 @@ impl AgentRunner {
     /// saved with.
     fn basic_authorization(
         &self,
-        id: &shared::domain::AgentId,
-        credentials: Option<&shared::crypto::SealedSecret>,
+        id: &wagate_core::domain::AgentId,
+        credentials: Option<&wagate_core::crypto::SealedSecret>,
     ) -> Result<Option<SecretString>, Failure> {
         credentials
             .map(|c| {
                 self.keyring
                     .open(id, SecretPurpose::UrlCredentials, c)
-                    .map(|userinfo| shared::redact::basic_authorization(&userinfo))
+                    .map(|userinfo| wagate_core::redact::basic_authorization(&userinfo))
                     .map_err(Failure::permanent)
             })
             .transpose()
@@ -330,7 +330,7 @@ pub fn user_text(m: &InboundMessage, fetched: &[crate::media::Medium]) -> String
 
 /// The line a medium is in the user's turn: a voice note's transcript, a notice for what the
 /// agent cannot have, else its type and link.
-fn medium_text(media: &shared::envelope::Media, fetched: &[crate::media::Medium]) -> String {
+fn medium_text(media: &wagate_core::envelope::Media, fetched: &[crate::media::Medium]) -> String {
     let heard = fetched
         .iter()
         .find(|f| f.url == media.url)

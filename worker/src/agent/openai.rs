@@ -21,10 +21,10 @@ use http::{
     header::{AUTHORIZATION, CONTENT_TYPE},
 };
 
-use shared::{
+use store::Role;
+use wagate_core::{
     envelope::{MAX_MEDIA, is_public_media_url},
     failure::Failure,
-    store::Role,
 };
 
 use crate::media::{Fetched, Kind};
@@ -167,7 +167,8 @@ impl Call<'_> {
             })
             .collect();
         for (m, lines) in input.messages.iter().zip(&lines) {
-            let shown = |x: &shared::envelope::Media| inline.iter().find(|(url, ..)| *url == x.url);
+            let shown =
+                |x: &wagate_core::envelope::Media| inline.iter().find(|(url, ..)| *url == x.url);
             if !m.media.iter().any(|x| shown(x).is_some()) {
                 messages.push(Message::Chat(ChatMessage::text(
                     "user",

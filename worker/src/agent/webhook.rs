@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
-use shared::{
+use wagate_core::{
     domain::AgentId,
     envelope::{InboundMessage, MAX_MEDIA, MAX_QUICK_REPLIES, choice_chars, is_public_media_url},
 };
@@ -31,7 +31,7 @@ use http::{
     header::{AUTHORIZATION, CONTENT_TYPE},
 };
 
-use shared::failure::Failure;
+use wagate_core::failure::Failure;
 
 use transport::{Post, Transport};
 
@@ -297,7 +297,7 @@ mod tests {
         let failure = answer_of(&answer).expect_err("refused");
         assert_eq!(
             failure.kind,
-            shared::failure::Kind::Permanent,
+            wagate_core::failure::Kind::Permanent,
             "{}",
             failure.reason
         );

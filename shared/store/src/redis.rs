@@ -17,7 +17,7 @@
 //! `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>` (hash),
 //! `P:failures:<key>`, `P:outbox:{<session>}` (list: simulated sends), `P:content:<hash>`
 //! (a cached Content API sid), `P:sigfail:<agent>` (the latest webhook refused for its
-//! signature), `P:pace:{<sender>}` (a sender number's pace, [`super::pacing`]), `P:meta:key-check` (the master key check, [`crate::key_check`]); and two indexes that let a user be erased without
+//! signature), `P:pace:{<sender>}` (a sender number's pace, [`super::pacing`]), `P:meta:key-check` (the master key check, `shared::key_check`); and two indexes that let a user be erased without
 //! a SCAN: `P:turns:{<session>}` (set of the session's turn record keys) and
 //! `P:sentto:{<session>}` (set of the Twilio sids of parts sent to the user), each kept as long
 //! as the records it names.
@@ -33,21 +33,36 @@ use tokio::sync::mpsc;
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pace, Pause,
     SentMessage, SignatureFailure, SimulatedMessage, Slot, Store, StoreError, Turn, TurnStart,
-    WindowClocks,
 };
-use crate::{
+use twilio::status::{MessageStatus, StatusUpdate};
+use wagate_core::{
     agent::{Agent, WhatsAppChannel},
     crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
     envelope::OutboundReply,
     redact,
-    twilio::status::{MessageStatus, StatusUpdate},
+    window::WindowClocks,
 };
 
 mod conn;
 
-pub use crate::config::RedisTopology;
 use conn::{Conn, Redis};
+
+/// How the Redis of `WAGATE_REDIS_URL` is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One server (its replicas, if any, are not wagate's business).
+    Single,
+    /// A Redis Cluster: `WAGATE_REDIS_URL` lists some of its nodes, comma-separated.
+    Cluster,
+    /// The master that these Sentinels (`host:port`) know as `master`.
+    Sentinel {
+        /// `host:port` of each Sentinel.
+        sentinels: Vec<String>,
+        /// The name the Sentinels monitor the master under.
+        master: String,
+    },
+}
 
 /// The key `$fmt` under `$store`'s prefix, built in one formatting pass and one allocation
 /// (a `format!` of the rest and then of the prefix took two of each, about 1,000 instructions

@@ -7,7 +7,7 @@
 
 use std::{fmt, time::Duration};
 
-use crate::{bus::BusError, retry::RetrySchedule, store::StoreError};
+use crate::retry::RetrySchedule;
 
 /// Whether trying again can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,20 +77,6 @@ impl Failure {
                 .delay_after(attempt)
                 .map(|delay| self.retry_after.map_or(delay, |asked| asked.max(delay))),
         }
-    }
-}
-
-/// The store not answering is an outage, not a property of the message.
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        Self::transient(e)
-    }
-}
-
-/// The bus not answering is an outage, not a property of the message.
-impl From<BusError> for Failure {
-    fn from(e: BusError) -> Self {
-        Self::transient(e)
     }
 }
 

@@ -6,3 +6,6 @@ pub mod inbound;
 pub mod rest;
 pub mod signature;
 pub mod status;
+
+#[cfg(test)]
+mod envelope_tests;

@@ -16,9 +16,9 @@ pub struct ApiError {
 }
 
 /// What Twilio's answer to a create says about the message. Not a second failure model: besides
-/// [`crate::failure`]'s question (can trying again help?) it answers whether the message may
+/// [`wagate_core::failure`]'s question (can trying again help?) it answers whether the message may
 /// exist, which a sender settles from Twilio's list before it either counts the part sent or
-/// turns the answer into a [`crate::failure::Failure`].
+/// turns the answer into a [`wagate_core::failure::Failure`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// Not processed by Twilio; safe to send again after a pause (429, 20429, 63017, 63018, 63038).
@@ -65,10 +65,8 @@ pub fn advice(code: u32, join_code: Option<&str>) -> Option<String> {
     Some(text)
 }
 
-/// The code of a closed 24-hour window.
-pub const OUTSIDE_WINDOW: u32 = 63016;
-/// The code of a user who opted out (sent STOP).
-pub const UNSUBSCRIBED: u32 = 21610;
+/// The codes of WhatsApp's two refusals, kept with the rules they enforce.
+pub use wagate_core::window::{OUTSIDE_WINDOW, UNSUBSCRIBED};
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 use time::OffsetDateTime;
 
 use super::form::first;
-use crate::{
+use wagate_core::{
     domain::{AgentId, InvalidValue, MessageSid, WhatsAppAddress},
     envelope::{Button, InboundMessage, Location, Media, TwilioFields},
 };

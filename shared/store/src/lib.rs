@@ -14,12 +14,13 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{
+use twilio::status::{MessageStatus, StatusUpdate};
+use wagate_core::{
     agent::{Agent, WhatsAppChannel},
     crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
     envelope::OutboundReply,
-    twilio::status::{MessageStatus, StatusUpdate},
+    window::WindowClocks,
 };
 
 pub use pacing::{Pace, Slot};
@@ -47,7 +48,7 @@ pub enum StoreError {
     },
     /// The embedded database failed.
     #[error("store: {0}")]
-    Embedded(#[from] crate::embedded::DbError),
+    Embedded(#[from] wagate_embedded::DbError),
     /// A record did not encode, or a stored one did not decode.
     #[error("store: {context}: {source}")]
     Json {
@@ -61,6 +62,13 @@ pub enum StoreError {
     /// of several sessions): a bug or data of another version, not an outage.
     #[error("store: {0}")]
     Invalid(String),
+}
+
+/// The store not answering is an outage, not a property of the message.
+impl From<StoreError> for wagate_core::failure::Failure {
+    fn from(e: StoreError) -> Self {
+        Self::transient(e)
+    }
 }
 
 impl StoreError {
@@ -175,7 +183,7 @@ pub struct Lead {
 
 impl Lead {
     /// `opted_out` and `opted_out_at` from the lead's opt-out and opt-in times (ms), as
-    /// [`crate::window::opted_out`] reads the clocks.
+    /// [`wagate_core::window::opted_out`] reads the clocks.
     pub(crate) fn consent(&mut self, optout: Option<i64>, optin: Option<i64>) {
         let at =
             |ms: i64| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok();
@@ -184,7 +192,7 @@ impl Lead {
             opted_out_at: optout.and_then(at),
             opted_in_at: optin.and_then(at),
         };
-        self.opted_out = crate::window::opted_out(clocks);
+        self.opted_out = wagate_core::window::opted_out(clocks);
         self.opted_out_at = clocks.opted_out_at.filter(|_| self.opted_out);
     }
 }
@@ -298,15 +306,21 @@ pub struct TurnStart {
     pub new_lead: bool,
 }
 
-/// The clocks of WhatsApp's rules for what may be sent to a user ([`crate::window`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WindowClocks {
-    /// When the user last wrote.
-    pub last_inbound: Option<OffsetDateTime>,
-    /// When the user last opted out.
-    pub opted_out_at: Option<OffsetDateTime>,
-    /// When the user last opted back in (START, YES, UNSTOP).
-    pub opted_in_at: Option<OffsetDateTime>,
+/// The window clocks of `session`, read at once.
+pub async fn window_clocks(
+    store: &dyn Store,
+    session: &SessionId,
+) -> Result<WindowClocks, StoreError> {
+    let (last_inbound, opted_out_at, opted_in_at) = futures::try_join!(
+        store.last_inbound(session),
+        store.opted_out_at(session),
+        store.opted_in_at(session)
+    )?;
+    Ok(WindowClocks {
+        last_inbound,
+        opted_out_at,
+        opted_in_at,
+    })
 }
 
 /// A change to an agent's settings, for caches.
@@ -506,7 +520,7 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets the failures of `key` once it succeeded or became a dead letter.
     async fn clear_failures(&self, key: &str) -> Result<(), StoreError>;
 
-    /// The master key check ([`crate::key_check`]): stores `fresh` unless a check is stored
+    /// The master key check (`shared::key_check`): stores `fresh` unless a check is stored
     /// already, atomically, and returns the check that stands (`fresh`, or the stored one).
     /// Processes starting together on new data thus all test their keys against one check.
     async fn key_check(&self, fresh: &SealedSecret) -> Result<SealedSecret, StoreError>;

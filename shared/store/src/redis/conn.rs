@@ -29,7 +29,7 @@ use redis::{
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
 
-use crate::config::RedisTopology;
+use super::RedisTopology;
 
 /// Time to open a TCP connection to a Redis server.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

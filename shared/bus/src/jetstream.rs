@@ -19,7 +19,7 @@ use futures::StreamExt;
 use secrecy::ExposeSecret;
 
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
-use crate::{envelope::DeadLetter, redact};
+use wagate_core::{envelope::DeadLetter, redact};
 
 /// How long a delivery may stay unacknowledged before JetStream gives it to another consumer;
 /// consumers send keep-alives while they work.
@@ -425,7 +425,7 @@ impl Bus for JetStreamBus {
                     .payload(payload.clone())
                     .message_id(dedupe_id);
                 if let Some(traceparent) = traceparent {
-                    message = message.header(crate::trace::TRACEPARENT, traceparent);
+                    message = message.header(wagate_core::trace::TRACEPARENT, traceparent);
                 }
                 self.js.send_publish(subject.clone(), message).await?.await
             };

@@ -39,7 +39,7 @@ pub struct Agent {
     /// which also marks their message read). Agents saved before it existed show it.
     #[serde(default = "default_typing_indicator")]
     pub typing_indicator: bool,
-    /// Where its events go ([`crate::events`]), if anywhere.
+    /// Where its events go (`shared::events`), if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<EventsEndpoint>,
     /// When it was first saved.

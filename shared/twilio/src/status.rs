@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::form::first;
-use crate::domain::{InvalidValue, MessageSid};
+use wagate_core::domain::{InvalidValue, MessageSid};
 
 /// The life of an outbound message, as Twilio reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -117,7 +117,7 @@ pub fn parse_status(fields: &[(String, String)]) -> Result<StatusUpdate, Invalid
     let status = MessageStatus::parse(raw);
     if status == MessageStatus::Other {
         tracing::info!(
-            status = ?crate::domain::truncate_for_message(raw),
+            status = ?wagate_core::domain::truncate_for_message(raw),
             "a status callback with a status this version does not know; recorded as other"
         );
     }

@@ -2,7 +2,7 @@
 //! tables of the data file; which message is ready, delivered or waiting out a retry delay is
 //! kept in memory, because a restart ends every delivery anyway: on open, every stored message
 //! is ready again. Semantics follow the JetStream bus as the pipeline uses it: a publish returns
-//! once durable (group commit, see [`crate::embedded`]), duplicates are dropped within the
+//! once durable (group commit, see [`wagate_embedded`]), duplicates are dropped within the
 //! duplicate window, an ack deletes the message durably, and a conversation's oldest unfinished
 //! message is the one whose turn it is. Unlike JetStream there is no ack wait: a consumer that
 //! gives a delivery up without settling it (drops it) hands it back at once, and a consumer
@@ -28,10 +28,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use tokio::{sync::Notify, time::Instant};
 
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
-use crate::{
-    embedded::{Db, DbError, now_ms},
-    envelope::DeadLetter,
-};
+use wagate_core::envelope::DeadLetter;
+use wagate_embedded::{Db, DbError, now_ms};
 
 const MESSAGES: TableDefinition<(u8, u64), (&str, &[u8])> = TableDefinition::new("bus_messages");
 const DEDUPE: TableDefinition<(u8, &str), u64> = TableDefinition::new("bus_dedupe");
@@ -243,9 +241,9 @@ impl Queue {
 }
 
 /// What [`EmbeddedBus::recover`] found in the file: the unfinished messages of each topic.
-pub(crate) struct Recovered(Vec<(u8, u64, String)>);
+pub struct Recovered(Vec<(u8, u64, String)>);
 
-/// The bus of embedded mode (one process, no NATS), from [`crate::embedded::Embedded::open`].
+/// The bus of embedded mode (one process, no NATS), from `shared::embedded::Embedded::open`.
 /// Clones share the queues.
 #[derive(Clone)]
 pub struct EmbeddedBus {
@@ -256,7 +254,7 @@ pub struct EmbeddedBus {
 }
 
 impl EmbeddedBus {
-    pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
+    pub fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
         txn.open_table(MESSAGES)?;
         txn.open_table(DEDUPE)?;
         txn.open_table(DEDUPE_BY_TIME)?;
@@ -266,7 +264,7 @@ impl EmbeddedBus {
     }
 
     /// Reads every stored message: none is delivered before the process starts.
-    pub(crate) fn recover(database: &Database) -> Result<Recovered, DbError> {
+    pub fn recover(database: &Database) -> Result<Recovered, DbError> {
         let txn = database.begin_read()?;
         let table = txn.open_table(MESSAGES)?;
         let mut found = Vec::new();
@@ -278,7 +276,7 @@ impl EmbeddedBus {
         Ok(Recovered(found))
     }
 
-    pub(crate) fn new(db: Db, recovered: Recovered, duplicate_window: Duration) -> Self {
+    pub fn new(db: Db, recovered: Recovered, duplicate_window: Duration) -> Self {
         let queues: [Arc<Queue>; 4] = Default::default();
         for (topic, seq, conversation) in recovered.0 {
             if let Some(queue) = queues.get(usize::from(topic)) {

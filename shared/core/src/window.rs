@@ -7,12 +7,23 @@
 
 use time::{Duration, OffsetDateTime};
 
-use crate::{
-    agent::Consent,
-    domain::SessionId,
-    store::{Store, StoreError, WindowClocks},
-    twilio::rest::{OUTSIDE_WINDOW, UNSUBSCRIBED},
-};
+use crate::agent::Consent;
+
+/// Twilio's code of a send refused because the 24-hour window is closed.
+pub const OUTSIDE_WINDOW: u32 = 63016;
+/// Twilio's code of a send refused because the user opted out (sent STOP).
+pub const UNSUBSCRIBED: u32 = 21610;
+
+/// The clocks of WhatsApp's rules for what may be sent to a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowClocks {
+    /// When the user last wrote.
+    pub last_inbound: Option<OffsetDateTime>,
+    /// When the user last opted out.
+    pub opted_out_at: Option<OffsetDateTime>,
+    /// When the user last opted back in (START, YES, UNSTOP).
+    pub opted_in_at: Option<OffsetDateTime>,
+}
 
 /// WhatsApp's customer-service window.
 pub const CUSTOMER_SERVICE_WINDOW: Duration = Duration::hours(24);
@@ -112,20 +123,6 @@ impl Refusal {
             }
         }
     }
-}
-
-/// The window clocks of `session`, read at once.
-pub async fn clocks(store: &dyn Store, session: &SessionId) -> Result<WindowClocks, StoreError> {
-    let (last_inbound, opted_out_at, opted_in_at) = futures::try_join!(
-        store.last_inbound(session),
-        store.opted_out_at(session),
-        store.opted_in_at(session)
-    )?;
-    Ok(WindowClocks {
-        last_inbound,
-        opted_out_at,
-        opted_in_at,
-    })
 }
 
 /// Whether the user opted out and has not opted back in since. An opt-in at the very same

@@ -11,9 +11,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::{
+use wagate_core::{
     domain::SessionId,
     envelope::{DeadLetter, InboundMessage, OutboundReply},
+    events::Event,
+    failure::Failure,
 };
 
 /// A kind of message that travels on the bus. Where it goes and how it is keyed are said here,
@@ -26,7 +28,7 @@ pub trait Envelope: serde::Serialize + serde::de::DeserializeOwned + Send + 'sta
     /// Its id for the bus's duplicate detection: a second message with the same id within the
     /// duplicate window is dropped.
     fn dedupe_id(&self) -> String;
-    /// The W3C `traceparent` it carries (`crate::trace`), which NATS also gets as a header.
+    /// The W3C `traceparent` it carries (`wagate_core::trace`), which NATS also gets as a header.
     fn traceparent(&self) -> Option<&str>;
     /// The queue this one travels on: [`Self::TOPIC`], unless the kind has several.
     fn topic(&self) -> Topic {
@@ -74,6 +76,19 @@ impl Envelope for OutboundReply {
     }
 }
 
+impl Envelope for Event {
+    const TOPIC: Topic = Topic::Events;
+    fn session_id(&self) -> SessionId {
+        SessionId::new(&self.agent_id, &self.user)
+    }
+    fn dedupe_id(&self) -> String {
+        self.id.clone()
+    }
+    fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
+    }
+}
+
 /// Publishes `message` on its topic, in its conversation, under its dedupe id.
 pub async fn publish<E: Envelope>(bus: &dyn Bus, message: &E) -> Result<Published, BusError> {
     publish_as(bus, message, &message.dedupe_id()).await
@@ -106,7 +121,7 @@ pub enum Topic {
     Inbound,
     /// Replies, worker/admin → sender.
     Outbound,
-    /// Events for the agents' event webhooks, every role → sender ([`crate::events`]).
+    /// Events for the agents' event webhooks, every role → sender (`shared::events`).
     Events,
     /// Bulk sends (admin messages and templates), admin → sender: replies too, queued apart
     /// so that live replies never wait behind them.
@@ -148,7 +163,7 @@ pub enum BusError {
     },
     /// The embedded database failed.
     #[error("bus: {0}")]
-    Embedded(#[from] crate::embedded::DbError),
+    Embedded(#[from] wagate_embedded::DbError),
     /// A message did not encode, or a stored one did not decode.
     #[error("bus: {context}: {source}")]
     Json {
@@ -162,6 +177,13 @@ pub enum BusError {
     /// spool full): a refusal that says what to do, not an outage.
     #[error("bus: {0}")]
     Refused(String),
+}
+
+/// The bus not answering is an outage, not a property of the message.
+impl From<BusError> for Failure {
+    fn from(e: BusError) -> Self {
+        Self::transient(e)
+    }
 }
 
 impl BusError {

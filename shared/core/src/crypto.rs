@@ -7,7 +7,7 @@
 //! (`v1.<key id>.<nonce>.<ciphertext>`), so keys can rotate: the keyring opens values of every
 //! key it holds and seals with the newest. A key check, a known text sealed the same way under
 //! a label of its own, lets a process tell at start whether its keyring is the one the stored
-//! data was sealed with ([`crate::key_check`]).
+//! data was sealed with (`shared::key_check`).
 
 use aes_siv::{KeyInit, siv::Aes256Siv};
 use base64::{Engine, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};

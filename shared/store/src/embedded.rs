@@ -1,6 +1,6 @@
 //! The store on the embedded database, for one process. Every method that can race is one
 //! write transaction, committed through the database's single writer (see
-//! [`crate::embedded`]), so the methods are atomic as the Redis store's Lua scripts are, with the
+//! [`wagate_embedded`]), so the methods are atomic as the Redis store's Lua scripts are, with the
 //! same results. Records that Redis keeps with a TTL are stored with their expiry time, read as
 //! absent once it has passed, and purged a few at a time by later writes.
 //!
@@ -11,7 +11,7 @@
 //! (and each session's index of them, `sentto`), statuses, failure counts, cached Content API
 //! sids and each agent's latest signature failure (`sigfail`), with its expiry index
 //! `store_expiries`, and `store_meta` (name → text) for the master key check
-//! ([`crate::key_check`]). The senders' paces are kept in memory, not in the file
+//! (`shared::key_check`). The senders' paces are kept in memory, not in the file
 //! ([`super::pacing`]): a restart forgets at most one burst.
 
 use std::time::Duration;
@@ -26,16 +26,17 @@ use tokio::sync::broadcast;
 use super::{
     Change, CompletedTurn, GUARD_TTL, GuardState, Hold, Lead, LeadSighting, Pace, Pause,
     SentMessage, SignatureFailure, SimulatedMessage, Slot, Store, StoreError, Turn, TurnStart,
-    WindowClocks, pacing::LocalPaces,
+    pacing::LocalPaces,
 };
-use crate::{
+use twilio::status::{MessageStatus, StatusUpdate};
+use wagate_core::{
     agent::{Agent, WhatsAppChannel},
     crypto::SealedSecret,
     domain::{AgentId, MessageSid, SessionId},
-    embedded::{Db, DbError, now_ms},
     envelope::OutboundReply,
-    twilio::status::{MessageStatus, StatusUpdate},
+    window::WindowClocks,
 };
+use wagate_embedded::{Db, DbError, now_ms};
 
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_agents");
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("store_channels");
@@ -385,7 +386,7 @@ fn count_lead(
 }
 
 /// The store of embedded mode (one process, no Redis), from
-/// [`crate::embedded::Embedded::open`]. Clones share the change notifications.
+/// `shared::embedded::Embedded::open`. Clones share the change notifications.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Db,
@@ -395,7 +396,7 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
+    pub fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
         txn.open_table(AGENTS)?;
         txn.open_table(CHANNELS)?;
         txn.open_table(TURNS)?;
@@ -409,7 +410,7 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    pub(crate) fn new(db: Db) -> Self {
+    pub fn new(db: Db) -> Self {
         Self {
             db,
             changes: broadcast::channel(CHANGES_BUFFER).0,
