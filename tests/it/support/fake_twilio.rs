@@ -32,8 +32,9 @@
 //!   [`FakeTwilio::push_content_error`] scripts a refusal. A message sent with the `ContentSid` of
 //!   such a content shows the content's body in the list, as Twilio renders it.
 //!
-//! This module is longer than most because it carries its own small date and pattern code
-//! (the test crate has no regex or time crate) to stay a single self-contained file.
+//! This module is longer than most because it carries its own small pattern code (the test
+//! crate has no regex crate) to stay a single self-contained file; dates are the `time`
+//! crate's.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -41,7 +42,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -53,6 +54,11 @@ use axum::serve::{IncomingStream, Listener};
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use time::{
+    Date, OffsetDateTime, PrimitiveDateTime,
+    format_description::well_known::{Rfc2822, Rfc3339},
+    macros::format_description,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -1878,156 +1884,45 @@ impl Atom {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dates (UTC, proleptic Gregorian; days since 1970-01-01)
+// Dates (UTC), with the `time` crate
 
 fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    OffsetDateTime::from(t).unix_timestamp()
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+fn at(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// A valid calendar date as days since the epoch.
-fn checked_days(y: i64, m: u32, d: u32) -> Option<i64> {
-    if !(1..=12).contains(&m) || d == 0 {
-        return None;
-    }
-    let days = days_from_civil(y, m, d);
-    (civil_from_days(days) == (y, m, d)).then_some(days)
-}
-
-const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-
-/// `Thu, 24 Aug 2023 05:01:45 +0000`, Twilio's date format.
 /// `secs` as the Content API writes times, ISO 8601 in UTC (`2024-05-01T12:00:00Z`).
 fn iso8601(secs: i64) -> String {
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let t = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        t / 3600,
-        t / 60 % 60,
-        t % 60
-    )
+    at(secs).format(&Rfc3339).unwrap_or_default()
 }
 
+/// `Thu, 24 Aug 2023 05:01:45 +0000`, Twilio's date format.
 fn rfc2822(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let tod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} +0000",
-        WEEKDAYS[days.rem_euclid(7) as usize],
-        MONTHS[m as usize - 1],
-        tod / 3600,
-        tod % 3600 / 60,
-        tod % 60
-    )
+    at(secs).format(&Rfc2822).unwrap_or_default()
 }
 
-fn num<T: std::str::FromStr>(s: &str, len: usize) -> Option<T> {
-    (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| s.parse().ok())
-        .flatten()
+/// An ISO 8601 date-time: RFC 3339, or without an offset (then UTC), `T` or a space between.
+fn parse_iso8601(s: &str) -> Option<OffsetDateTime> {
+    let local = format_description!(
+        "[year]-[month]-[day][first [T][t][ ]][hour]:[minute]:[second][optional [.[subsecond]]]"
+    );
+    OffsetDateTime::parse(s, &Rfc3339)
+        .or_else(|_| PrimitiveDateTime::parse(s, local).map(PrimitiveDateTime::assume_utc))
+        .ok()
 }
 
-fn parse_ymd(s: &str) -> Option<i64> {
-    let mut it = s.splitn(3, '-');
-    let (y, m, d) = (it.next()?, it.next()?, it.next()?);
-    checked_days(num(y, 4)?, num(m, 2)?, num(d, 2)?)
-}
-
-fn parse_hms(s: &str) -> Option<i64> {
-    let mut it = s.splitn(3, ':');
-    let (h, m, sec) = (it.next()?, it.next()?, it.next()?);
-    let (h, m, sec): (i64, i64, i64) = (num(h, 2)?, num(m, 2)?, num(sec, 2)?);
-    (h < 24 && m < 60 && sec < 61).then_some(h * 3600 + m * 60 + sec)
-}
-
-/// `+HH:MM`, `+HHMM`, `-HH`, `Z`, `GMT`, `UT`: offset east of UTC in seconds.
-fn parse_offset(s: &str) -> Option<i64> {
-    if matches!(s, "Z" | "z" | "GMT" | "UT" | "UTC") {
-        return Some(0);
-    }
-    let sign = match s.as_bytes().first()? {
-        b'+' => 1,
-        b'-' => -1,
-        _ => return None,
-    };
-    let digits: String = s[1..].chars().filter(|&c| c != ':').collect();
-    let (h, m): (i64, i64) = match digits.len() {
-        2 => (num(&digits, 2)?, 0),
-        4 => (num(&digits[..2], 2)?, num(&digits[2..], 2)?),
-        _ => return None,
-    };
-    Some(sign * (h * 3600 + m * 60))
-}
-
-/// ISO 8601 / RFC 3339 date-time (`T` or space; fraction and offset optional, UTC if absent).
-fn parse_iso8601(s: &str) -> Option<i64> {
-    let (date, rest) = s.split_at_checked(10)?;
-    let days = parse_ymd(date)?;
-    let rest = rest.strip_prefix(['T', 't', ' '])?;
-    let (hms, mut rest) = rest.split_at_checked(8)?;
-    let tod = parse_hms(hms)?;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &frac[digits..];
-    }
-    let offset = if rest.is_empty() {
-        0
-    } else {
-        parse_offset(rest)?
-    };
-    Some(days * 86_400 + tod - offset)
-}
-
-/// `Wed, 19 Jun 2019 22:04:00 -0000` (the weekday is optional).
-fn parse_rfc2822(s: &str) -> Option<i64> {
-    let s = s.split_once(", ").map_or(s, |(_, rest)| rest);
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [d, mon, y, hms, zone] = parts.as_slice() else {
-        return None;
-    };
-    let m = MONTHS.iter().position(|x| x.eq_ignore_ascii_case(mon))? as u32 + 1;
-    let d: u32 = d.parse().ok().filter(|_| d.len() <= 2)?;
-    let days = checked_days(num(y, 4)?, m, d)?;
-    Some(days * 86_400 + parse_hms(hms)? - parse_offset(zone)?)
-}
-
-/// The UTC day a `DateSent` filter names.
+/// The UTC day (days since 1970-01-01) a `DateSent` filter names: a date (`2024-05-01`), an
+/// ISO 8601 date-time (offset optional, UTC if absent) or an RFC 2822 one.
 fn parse_filter_day(s: &str) -> Option<i64> {
-    parse_ymd(s)
-        .or_else(|| parse_iso8601(s).map(|t| t.div_euclid(86_400)))
-        .or_else(|| parse_rfc2822(s).map(|t| t.div_euclid(86_400)))
+    Date::parse(s, format_description!("[year]-[month]-[day]"))
+        .ok()
+        .map(|d| d.midnight().assume_utc())
+        .or_else(|| parse_iso8601(s))
+        .or_else(|| OffsetDateTime::parse(s, &Rfc2822).ok())
+        .map(|t| t.unix_timestamp().div_euclid(86_400))
 }
 
 fn truncate(s: &str, max: usize) -> String {
