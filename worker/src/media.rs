@@ -94,7 +94,7 @@ pub struct Medium {
     /// The medium, or why the agent gets a notice instead.
     pub fetched: Result<Fetched, MediaError>,
     /// For audio, once transcribed: the words, or why there are none.
-    pub transcript: Option<Result<String, String>>,
+    pub transcript: Option<Result<String, wagate_core::failure::Failure>>,
 }
 
 impl Medium {

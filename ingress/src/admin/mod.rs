@@ -11,6 +11,7 @@ pub(crate) mod messages;
 pub mod openapi;
 pub(crate) mod page;
 pub(crate) mod sessions;
+pub(crate) mod simulated;
 pub(crate) mod whatsapp;
 
 use axum::{
@@ -38,7 +39,7 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(whatsapp::put, whatsapp::get))
         .routes(routes!(whatsapp::enable))
         .routes(routes!(whatsapp::disable))
-        .routes(routes!(whatsapp::simulated))
+        .routes(routes!(simulated::simulated))
         .routes(routes!(leads::list))
         .routes(routes!(lifecycle::erase_lead))
         .routes(routes!(sessions::get, lifecycle::forget_session))

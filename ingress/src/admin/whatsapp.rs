@@ -4,13 +4,13 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, header},
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use wagate_core::{
     agent::{Consent, WhatsAppChannel},
     crypto::SecretPurpose,
@@ -18,7 +18,7 @@ use wagate_core::{
     window::{self, Keyword, MAX_KEYWORD_CHARS},
 };
 
-use super::{AgentPath, ApiError, ErrorBody, PersonPath, load_agent, parse_json};
+use super::{AgentPath, ApiError, ErrorBody, load_agent, parse_json};
 use crate::AppState;
 
 /// What `PUT /v1/agents/{agent_id}/whatsapp` (and the console's Deploy form) asks for. An Auth
@@ -510,86 +510,6 @@ pub async fn get(
         })?;
     let view = ChannelView::new(&state, &agent.id, &channel, host(&headers));
     Ok(Json(with_last_errors(&state, &agent.id, view).await?))
-}
-
-/// Query of the simulated outbox.
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct OutboxQuery {
-    /// Only the messages after this index (0: all).
-    #[serde(default)]
-    after: u64,
-}
-
-/// The simulated outbox of a user.
-#[derive(Serialize, ToSchema)]
-pub struct Outbox {
-    messages: Vec<SimulatedView>,
-}
-
-/// A message the sender recorded instead of posting it to Twilio.
-#[derive(Serialize, ToSchema)]
-pub struct SimulatedView {
-    /// Its position in the conversation's outbox, from 1.
-    index: u64,
-    /// What would have been posted as `Body` (or a template's sid and variables).
-    body: String,
-    /// When it was recorded.
-    #[serde(with = "time::serde::rfc3339")]
-    at: OffsetDateTime,
-}
-
-impl From<store::SimulatedMessage> for SimulatedView {
-    /// Every field named, as [`super::leads::LeadView`] does.
-    fn from(m: store::SimulatedMessage) -> Self {
-        let store::SimulatedMessage { index, body, at } = m;
-        Self { index, body, at }
-    }
-}
-
-/// The replies recorded for a user instead of being posted (simulation mode)
-#[utoipa::path(
-    get,
-    path = "/v1/agents/{agent_id}/whatsapp/simulated/{phone}",
-    tag = "whatsapp",
-    operation_id = "simulated_outbox",
-    params(PersonPath, OutboxQuery),
-    responses(
-        (status = 200, description = "The replies after index `after`", body = Outbox),
-        (status = 404, description = "Unknown agent", body = ErrorBody),
-        (status = 422, description = "`phone` is not a phone number", body = ErrorBody),
-    ),
-)]
-pub async fn simulated(
-    State(state): State<AppState>,
-    Path(PersonPath {
-        agent_id: raw,
-        phone: raw_phone,
-    }): Path<PersonPath>,
-    Query(q): Query<OutboxQuery>,
-) -> Result<Json<Outbox>, ApiError> {
-    let messages = simulated_after(&state, &raw, &raw_phone, q.after).await?;
-    Ok(Json(Outbox {
-        messages: messages.into_iter().map(SimulatedView::from).collect(),
-    }))
-}
-
-/// The replies recorded for a simulated user after index `after`: the API's outbox and the
-/// console's Test chat.
-pub(crate) async fn simulated_after(
-    state: &AppState,
-    raw: &str,
-    raw_phone: &str,
-    after: u64,
-) -> Result<Vec<store::SimulatedMessage>, ApiError> {
-    let agent = load_agent(state, raw).await?;
-    let phone = parse_phone(&raw_phone.replace(' ', "+"))?;
-    let session = wagate_core::domain::SessionId::for_phone(&agent.id, &phone);
-    state
-        .store
-        .simulated(&session, after)
-        .await
-        .map_err(ApiError::unavailable)
 }
 
 /// Switches an agent's channel on or off: the API's enable/disable and the console's Disable.

@@ -26,7 +26,7 @@ use wagate_core::agent::Agent;
 use super::{Layout, SignedIn, error_page, page};
 use crate::{
     AppState,
-    admin::{ApiError, load_agent, sessions, whatsapp},
+    admin::{ApiError, load_agent, sessions, simulated, whatsapp},
 };
 
 /// The WhatsApp user that Test chat plays (a number of the range reserved for fiction).
@@ -79,7 +79,7 @@ async fn chat_page(state: &AppState, who: &SignedIn, raw: &str) -> Result<Respon
     let after = if posts_to_twilio {
         0
     } else {
-        whatsapp::simulated_after(state, raw, TEST_USER, 0)
+        simulated::simulated_after(state, raw, TEST_USER, 0)
             .await?
             .last()
             .map_or(0, |m| m.index)
@@ -209,7 +209,7 @@ async fn replies(
     Path(raw): Path<String>,
     Query(q): Query<RepliesQuery>,
 ) -> Response {
-    match whatsapp::simulated_after(&state, &raw, TEST_USER, q.after).await {
+    match simulated::simulated_after(&state, &raw, TEST_USER, q.after).await {
         Ok(messages) => Json(serde_json::json!({
             "messages": messages.iter().map(|m| serde_json::json!({
                 "index": m.index, "body": m.body, "at": super::shown_time(m.at),

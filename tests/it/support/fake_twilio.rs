@@ -181,6 +181,7 @@ impl FakeTwilio {
             state: Mutex::new(FakeState::default()),
             sent_changed: Notify::new(),
             sid_seed: format!("{addr}-{:?}", SystemTime::now()),
+            callbacks: reqwest::Client::new(),
         });
         let app = Router::new()
             .fallback(handle)
@@ -350,6 +351,8 @@ struct Shared {
     state: Mutex<FakeState>,
     sent_changed: Notify,
     sid_seed: String,
+    /// Posts the status callbacks, over kept-alive connections as Twilio's do.
+    callbacks: reqwest::Client,
 }
 
 impl Shared {
@@ -887,7 +890,6 @@ fn report_statuses(shared: &Arc<Shared>, message: &SentMessage) {
     let message = message.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        let http = reqwest::Client::new();
         for status in ["sent", "delivered"] {
             if shared.state().withhold_statuses {
                 return;
@@ -912,7 +914,8 @@ fn report_statuses(shared: &Arc<Shared>, message: &SentMessage) {
                     m.status = status;
                 }
             }
-            let answer = http
+            let answer = shared
+                .callbacks
                 .post(&url)
                 .header("content-type", "application/x-www-form-urlencoded")
                 .header("x-twilio-signature", signature)

@@ -242,7 +242,7 @@ impl AgentRunner {
             let authorization = match &authorization {
                 Ok(a) => a.as_ref(),
                 Err(e) => {
-                    medium.transcript = Some(Err(e.reason.clone()));
+                    medium.transcript = Some(Err(e.clone()));
                     continue;
                 }
             };

@@ -362,8 +362,9 @@ pub struct Transcription<'a> {
 }
 
 impl Transcription<'_> {
-    /// The words of `audio`, or why there are none (said to the agent, so no secrets).
-    pub async fn text(&self, audio: &Fetched) -> Result<String, String> {
+    /// The words of `audio`, or why there are none (said to the agent, so no secrets; the
+    /// turn goes on either way, so whether trying again could help is only informative).
+    pub async fn text(&self, audio: &Fetched) -> Result<String, Failure> {
         let extension = audio
             .content_type
             .split('/')
@@ -374,7 +375,7 @@ impl Transcription<'_> {
         let file = reqwest::multipart::Part::bytes(audio.bytes.to_vec())
             .file_name(format!("voice-note.{extension}"))
             .mime_str(&audio.content_type)
-            .map_err(|_| "its content type is not a MIME type".to_owned())?;
+            .map_err(|_| Failure::permanent("its content type is not a MIME type"))?;
         let form = reqwest::multipart::Form::new()
             .text("model", self.model.to_owned())
             .part("file", file);
@@ -384,31 +385,28 @@ impl Transcription<'_> {
             .multipart(form)
             .timeout(self.timeout);
         if let Some(authorization) = self.authorization {
-            request = request.header(
-                AUTHORIZATION,
-                super::sensitive_header(authorization).map_err(|f| f.reason)?,
-            );
+            request = request.header(AUTHORIZATION, super::sensitive_header(authorization)?);
         }
         let answer = request.send().await.map_err(|e| {
-            if e.is_timeout() {
-                "the transcription endpoint did not answer in time".to_owned()
+            Failure::transient(if e.is_timeout() {
+                "the transcription endpoint did not answer in time"
             } else {
-                "the transcription endpoint could not be reached".to_owned()
-            }
+                "the transcription endpoint could not be reached"
+            })
         })?;
         let status = answer.status();
         if !status.is_success() {
-            return Err(format!(
+            return Err(Failure::permanent(format!(
                 "the transcription endpoint answered HTTP {}",
                 status.as_u16()
-            ));
+            )));
         }
         let v: Value = answer.json().await.map_err(|_| {
-            "the transcription endpoint answered something that is not JSON".to_owned()
+            Failure::permanent("the transcription endpoint answered something that is not JSON")
         })?;
         v.get("text")
             .and_then(Value::as_str)
             .map(|t| t.trim().to_owned())
-            .ok_or_else(|| "the transcription endpoint's answer has no text".to_owned())
+            .ok_or_else(|| Failure::permanent("the transcription endpoint's answer has no text"))
     }
 }

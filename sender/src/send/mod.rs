@@ -10,13 +10,16 @@
 //! looked up or made once the part's guard is held, so a part already sent costs nothing; a
 //! content the Content API refuses is sent as text with the choices listed, so the user still
 //! gets the question.
+//!
+//! Here is the flow of one reply and its parts' guards; `plan` says what messages a reply
+//! goes out as, `order` makes a part wait for the one before it, and `post` posts a part
+//! and settles an ambiguous answer.
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use backon::{ExponentialBuilder, Retryable};
 use bus::{Bus, Delivery};
 use shared::{
     directory::{ChannelDirectory, Lookup, ResolvedChannel},
@@ -26,12 +29,8 @@ use shared::{
 use store::{GuardState, Hold, Store};
 use time::OffsetDateTime;
 use tracing::Instrument;
-use twilio::{
-    rest::{FailureClass, UNSUBSCRIBED, advice},
-    status::MessageStatus,
-};
+use twilio::rest::{FailureClass, UNSUBSCRIBED, advice};
 use wagate_core::{
-    domain::MessageSid,
     envelope::{DeadLetter, OutboundReply, ReplyContent},
     events::{Event, Kind},
     failure::Failure,
@@ -40,10 +39,18 @@ use wagate_core::{
 };
 
 use crate::{
-    content::{Choices, ContentClient},
+    content::ContentClient,
     pacing::{Pacer, Priority},
     twilio_client::{SendError, TwilioClient},
 };
+
+mod order;
+mod plan;
+mod post;
+
+use order::wait_until_sent;
+use plan::{Post, Resolved, field, resolve_choices, single_part, text_posts};
+use post::{Search, Sender, post, settle_ambiguous, simulate};
 
 /// Longest `Retry-After` waited for inside one attempt; longer ones go back to the queue.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
@@ -283,127 +290,6 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
         previous = Some(renewing(ctx, &key, &hold, work).await?);
     }
     Ok(())
-}
-
-/// How often a waiting part looks for its predecessor's status at first, and at most: the
-/// report usually comes within a second, and the wait doubles so that parts waiting on a
-/// report that never comes cost the store a few reads a second each.
-const FIRST_STATUS_POLL: Duration = Duration::from_millis(25);
-const LAST_STATUS_POLL: Duration = Duration::from_millis(400);
-
-/// Waits until Twilio reports the message `sid` sent, or any status after that (a failure
-/// ends the wait too: nothing more will come before it), or for `part_sent_timeout`.
-/// WhatsApp may deliver messages posted in quick succession out of order; Twilio hands them
-/// to WhatsApp in order once each is `sent`. A store that cannot be read ends the wait only
-/// at the timeout, as a lost report would.
-async fn wait_until_sent(ctx: &SendContext, sid: &str) {
-    let started = Instant::now();
-    let deadline = started + ctx.part_sent_timeout;
-    let mut poll = FIRST_STATUS_POLL;
-    let reported = loop {
-        match MessageSid::parse(sid) {
-            Ok(parsed) => match ctx.store.status(&parsed).await {
-                Ok(Some((status, _))) if status.rank() >= MessageStatus::Sent.rank() => break true,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(sid, error = %e, "could not read a part's status"),
-            },
-            // Not Twilio's: no report will name it.
-            Err(_) => break false,
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            tracing::info!(
-                sid,
-                "no report that the previous part was sent; sending the next one"
-            );
-            break false;
-        }
-        tokio::time::sleep(poll.min(left)).await;
-        poll = (poll * 2).min(LAST_STATUS_POLL);
-    };
-    let outcome = if reported { "reported" } else { "timeout" };
-    metrics::histogram!("wagate_part_order_wait_seconds", "outcome" => outcome)
-        .record(started.elapsed().as_secs_f64());
-}
-
-/// One message of a reply, as planned before its guard is taken.
-enum Post<'a> {
-    /// Sent with these form fields (`Body`, `MediaUrl`, a template's).
-    Fields(Vec<(&'static str, &'a str)>),
-    /// The reply's last text with its choices, sent as a content ([`resolve_choices`]).
-    Choices(Choices<'a>),
-}
-
-/// What the last message of a reply with choices goes out as.
-enum Resolved {
-    /// The content of its text and choices (`ContentSid`).
-    Content(String),
-    /// Text with the choices listed, when no content can be had.
-    Text(String),
-}
-
-/// The content of `choices` in the channel's account: the cached one, else one made now and
-/// cached. A refusal of the Content API (a 4xx: Twilio will not make this content) falls back
-/// to text, logged; anything else fails the part for another attempt, as a failed post does.
-/// In simulation mode there is no account, and the choices are recorded as text.
-async fn resolve_choices(
-    ctx: &SendContext,
-    reply: &OutboundReply,
-    channel: &ResolvedChannel,
-    choices: &Choices<'_>,
-) -> Result<Resolved, Failure> {
-    if channel.channel.simulation {
-        return Ok(Resolved::Text(choices.as_text()));
-    }
-    let account = &channel.channel.account_sid;
-    let cache_key = choices.cache_key(account);
-    if let Some(sid) = ctx
-        .store
-        .content_sid(&cache_key)
-        .await
-        .map_err(Failure::transient)?
-    {
-        return Ok(Resolved::Content(sid));
-    }
-    let attempt = || async {
-        ctx.content
-            .create(account, &channel.auth_token, choices, &cache_key)
-            .await
-    };
-    let created = attempt
-        .retry(inline_retries(ctx))
-        .when(|e: &SendError| {
-            e.class == FailureClass::RetryLater
-                && e.retry_after.is_none_or(|d| d <= ctx.inline_wait_cap())
-        })
-        .adjust(|e: &SendError, planned| e.retry_after.or(planned))
-        .await;
-    match created {
-        Ok(sid) => {
-            tracing::info!(id = %reply.id, kind = choices.kind().as_str(), sid = %sid.as_str(), "made a content for the reply's choices");
-            match ctx.store.cache_content_sid(&cache_key, sid.as_str()).await {
-                Ok(stands) => Ok(Resolved::Content(stands)),
-                Err(e) => {
-                    // The content exists; the next reply with these choices makes another.
-                    tracing::warn!(id = %reply.id, error = %e, "could not cache the content sid");
-                    Ok(Resolved::Content(sid.as_str().to_owned()))
-                }
-            }
-        }
-        Err(e) if e.class == FailureClass::Permanent => {
-            tracing::warn!(id = %reply.id, error = %e, "the Content API refused the reply's choices; sending them as text");
-            Ok(Resolved::Text(choices.as_text()))
-        }
-        // A content made twice is only a duplicate, so an ambiguous answer is tried again too.
-        Err(e) => {
-            Err(Failure::transient(format!("Content API: {e}")).with_retry_after(e.retry_after))
-        }
-    }
-}
-
-/// The value of form field `name`.
-fn field<'a>(fields: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
-    fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
 }
 
 /// Gives the guard `key` back, if this sender still holds it.
@@ -670,240 +556,4 @@ async fn record_sent(
         .mark_sent(key, sid, part)
         .await
         .map_err(Failure::transient)
-}
-
-/// The messages of a text reply: one per medium (WhatsApp takes one medium a message), the first
-/// with the reply's first part as its caption, then the remaining parts as text. With choices,
-/// the last part goes last of all, as the content that carries them (a content has no medium,
-/// so the choices are on the last message whatever came before).
-fn text_posts<'a>(
-    parts: &'a [String],
-    media: &'a [String],
-    choices: &'a [String],
-) -> Vec<Post<'a>> {
-    let (text, last) = match parts.split_last() {
-        Some((last, before)) if !choices.is_empty() => (before, Some(last)),
-        _ => (parts, None),
-    };
-    let mut posts: Vec<Vec<(&'static str, &'a str)>> = media
-        .iter()
-        .map(|url| vec![("MediaUrl", url.as_str())])
-        .collect();
-    let mut text = text.iter();
-    if let Some(first) = posts.first_mut()
-        && let Some(caption) = text.next()
-    {
-        first.insert(0, ("Body", caption.as_str()));
-    }
-    posts.extend(text.map(|p| vec![("Body", p.as_str())]));
-    let mut posts: Vec<Post<'a>> = posts.into_iter().map(Post::Fields).collect();
-    if let Some(body) = last {
-        posts.push(Post::Choices(Choices { body, choices }));
-    }
-    posts
-}
-
-/// Part `index` of `reply` as a reply of its own, with an id of its own so that replaying it
-/// (after Twilio reported it failed) is not stopped by the original part's send guard.
-fn single_part(reply: &OutboundReply, index: usize) -> OutboundReply {
-    let (content, media, quick_replies) = match &reply.content {
-        ReplyContent::Text { parts } => {
-            match text_posts(parts, &reply.media, &reply.quick_replies)
-                .into_iter()
-                .nth(index)
-            {
-                Some(Post::Choices(choices)) => (
-                    ReplyContent::Text {
-                        parts: vec![choices.body.to_owned()],
-                    },
-                    Vec::new(),
-                    choices.choices.to_vec(),
-                ),
-                post => {
-                    let post = match post {
-                        Some(Post::Fields(fields)) => fields,
-                        _ => Vec::new(),
-                    };
-                    let field = |name: &str| {
-                        post.iter()
-                            .filter(|(k, _)| *k == name)
-                            .map(|(_, v)| (*v).to_owned())
-                            .collect::<Vec<String>>()
-                    };
-                    (
-                        ReplyContent::Text {
-                            parts: field("Body"),
-                        },
-                        field("MediaUrl"),
-                        Vec::new(),
-                    )
-                }
-            }
-        }
-        template @ ReplyContent::Template { .. } => (template.clone(), Vec::new(), Vec::new()),
-    };
-    OutboundReply {
-        id: format!("{}-p{index}", reply.id),
-        content,
-        media,
-        quick_replies,
-        ..reply.clone()
-    }
-}
-
-/// Simulation mode: records the part in the conversation's outbox instead of posting it, and
-/// answers like Twilio would, with a message sid, so the rest of the send path is the same.
-async fn simulate(
-    ctx: &SendContext,
-    reply: &OutboundReply,
-    content: &[(&str, &str)],
-) -> Result<String, SendError> {
-    let text = match content {
-        [("Body", body)] => (*body).to_owned(),
-        fields => fields
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-    };
-    ctx.store
-        .record_simulated(&reply.session_id(), &text, OffsetDateTime::now_utc())
-        .await
-        .map_err(|e| SendError {
-            class: FailureClass::RetryLater,
-            http_status: None,
-            code: None,
-            message: e.to_string(),
-            retry_after: None,
-        })?;
-    Ok(format!("SM{}", uuid::Uuid::new_v4().simple()))
-}
-
-/// Posts one message, retrying rate limits in place (honouring `Retry-After`) a few times.
-async fn post(
-    ctx: &SendContext,
-    channel: &ResolvedChannel,
-    form: &[(&str, &str)],
-) -> Result<String, SendError> {
-    let attempt = || async {
-        let started = Instant::now();
-        let answer = ctx
-            .client
-            .create(&channel.channel.account_sid, &channel.auth_token, form)
-            .await;
-        metrics::histogram!("wagate_twilio_request_seconds")
-            .record(started.elapsed().as_secs_f64());
-        answer
-    };
-    attempt
-        .retry(inline_retries(ctx))
-        .when(|e: &SendError| {
-            e.class == FailureClass::RetryLater
-                && e.retry_after.is_none_or(|d| d <= ctx.inline_wait_cap())
-        })
-        .adjust(|e: &SendError, planned| e.retry_after.or(planned))
-        .notify(|e: &SendError, wait| {
-            metrics::counter!("wagate_twilio_rate_limited_total").increment(1);
-            tracing::info!(error = %e, ?wait, "Twilio asks to slow down");
-        })
-        .await
-        .map(|m| m.sid)
-}
-
-/// How a Twilio call is retried in place after a rate limit.
-fn inline_retries(ctx: &SendContext) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(ctx.inline_wait_cap())
-        .with_max_times(INLINE_POSTS as usize - 1)
-        .with_jitter()
-}
-
-/// Where and since when to look for a part in Twilio's list.
-struct Search<'a> {
-    /// The number it was sent from, or the Messaging Service that chose one.
-    from: &'a Sender,
-    to: &'a str,
-    /// The earliest the part can have been posted.
-    since: OffsetDateTime,
-}
-
-/// Whom a message is sent from: the channel's number, or its Messaging Service
-/// (`MessagingServiceSid` instead of `From`).
-enum Sender {
-    Number(String),
-    Service(String),
-}
-
-impl Sender {
-    /// Its field of the Messages API's create.
-    fn field(&self) -> (&'static str, &str) {
-        match self {
-            Self::Number(from) => ("From", from),
-            Self::Service(sid) => ("MessagingServiceSid", sid),
-        }
-    }
-}
-
-/// After an answer that does not say whether Twilio created the part, looks for it among the
-/// conversation's recent messages, and records the one found as this part's. Only a message
-/// that is evidence of this very part counts: from and to the same numbers, with the part's
-/// text, created since the attempt began, and not recorded as another part (a reply that says
-/// "OK" twice must not settle its second "OK" on the first). Twilio's `date_created` has
-/// whole seconds, so the attempt's start is truncated to its second; a message of another part
-/// in that same second is told apart by its record. `None` when there is no such message or it
-/// cannot be told (a template's text is not in the list). An error when a message was found
-/// but could not be recorded: then the guard is kept, to lapse, and whoever takes the part
-/// next looks again rather than posting it.
-async fn settle_ambiguous(
-    ctx: &SendContext,
-    channel: &ResolvedChannel,
-    search: &Search<'_>,
-    part: &Part<'_>,
-    single: &OutboundReply,
-) -> Result<Option<String>, Failure> {
-    if part.shown.is_empty() {
-        return Ok(None);
-    }
-    let since = search.since.replace_nanosecond(0).unwrap_or(search.since);
-    let list = match ctx
-        .client
-        .recent(
-            &channel.channel.account_sid,
-            &channel.auth_token,
-            match search.from {
-                Sender::Number(from) => Some(from.as_str()),
-                Sender::Service(_) => None,
-            },
-            search.to,
-        )
-        .await
-    {
-        Ok(list) => list,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not list messages to settle an ambiguous send");
-            return Ok(None);
-        }
-    };
-    // Newest first from Twilio; the oldest match is the one nearest the attempt.
-    let candidates = list.into_iter().rev().filter(|m| {
-        m.body.as_deref().is_some_and(|b| part.shown.contains(&b))
-            && m.to.as_deref() == Some(search.to)
-            && match search.from {
-                Sender::Number(from) => m.from.as_deref() == Some(from.as_str()),
-                Sender::Service(sid) => m.messaging_service_sid.as_deref() == Some(sid.as_str()),
-            }
-            && m.created().is_some_and(|at| at >= since)
-    });
-    for m in candidates {
-        let ours = ctx
-            .store
-            .settle_sent(part.key, &m.sid, single)
-            .await
-            .map_err(Failure::transient)?;
-        if ours {
-            return Ok(Some(m.sid));
-        }
-    }
-    Ok(None)
 }

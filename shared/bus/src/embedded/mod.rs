@@ -13,9 +13,8 @@
 //! `bus_dead_letters` (id → JSON), `bus_counters` (last sequence and dead-letter id).
 
 use std::{
-    collections::{BTreeSet, HashMap},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -25,11 +24,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use tokio::{sync::Notify, time::Instant};
+use tokio::time::Instant;
 
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
 use wagate_core::envelope::DeadLetter;
 use wagate_embedded::{Db, DbError, now_ms};
+
+mod queue;
+
+use queue::Queue;
 
 const MESSAGES: TableDefinition<(u8, u64), (&str, &[u8])> = TableDefinition::new("bus_messages");
 const DEDUPE: TableDefinition<(u8, &str), u64> = TableDefinition::new("bus_dedupe");
@@ -53,190 +56,6 @@ fn topic_code(topic: Topic) -> u8 {
         Topic::Outbound => 1,
         Topic::Events => 2,
         Topic::Bulk => 3,
-    }
-}
-
-/// Where one unfinished message is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Waiting for a consumer.
-    Ready,
-    /// Held by the delivery with this token.
-    Delivered(u64),
-    /// Handed back; ready again at this time.
-    Delayed(Instant),
-}
-
-struct Entry {
-    conversation: Arc<str>,
-    state: State,
-    /// Deliveries since the process started.
-    deliveries: u64,
-}
-
-/// The unfinished messages of one topic.
-#[derive(Default)]
-struct QueueState {
-    entries: HashMap<u64, Entry>,
-    ready: BTreeSet<u64>,
-    delayed: BTreeSet<(Instant, u64)>,
-    /// Unfinished messages of each conversation, oldest first.
-    conversations: HashMap<Arc<str>, BTreeSet<u64>>,
-    next_token: u64,
-}
-
-struct Claim {
-    seq: u64,
-    token: u64,
-    conversation: Arc<str>,
-    attempt: u64,
-}
-
-impl QueueState {
-    fn add(&mut self, seq: u64, conversation: &str) {
-        let conversation = match self.conversations.get_key_value(conversation) {
-            Some((key, _)) => key.clone(),
-            None => Arc::from(conversation),
-        };
-        self.conversations
-            .entry(conversation.clone())
-            .or_default()
-            .insert(seq);
-        self.entries.insert(
-            seq,
-            Entry {
-                conversation,
-                state: State::Ready,
-                deliveries: 0,
-            },
-        );
-        self.ready.insert(seq);
-    }
-
-    fn remove(&mut self, seq: u64) {
-        let Some(entry) = self.entries.remove(&seq) else {
-            return;
-        };
-        match entry.state {
-            State::Ready => {
-                self.ready.remove(&seq);
-            }
-            State::Delayed(at) => {
-                self.delayed.remove(&(at, seq));
-            }
-            State::Delivered(_) => {}
-        }
-        if let Some(seqs) = self.conversations.get_mut(&entry.conversation) {
-            seqs.remove(&seq);
-            if seqs.is_empty() {
-                self.conversations.remove(&entry.conversation);
-            }
-        }
-    }
-
-    /// Makes the messages whose delay has passed ready; returns when the next one will be.
-    fn promote_due(&mut self, now: Instant) -> Option<Instant> {
-        while let Some(&(at, seq)) = self.delayed.first() {
-            if at > now {
-                return Some(at);
-            }
-            self.delayed.pop_first();
-            if let Some(entry) = self.entries.get_mut(&seq) {
-                entry.state = State::Ready;
-                self.ready.insert(seq);
-            }
-        }
-        None
-    }
-
-    fn claim(&mut self) -> Option<Claim> {
-        let seq = self.ready.pop_first()?;
-        let entry = self.entries.get_mut(&seq)?;
-        self.next_token += 1;
-        entry.state = State::Delivered(self.next_token);
-        entry.deliveries += 1;
-        Some(Claim {
-            seq,
-            token: self.next_token,
-            conversation: entry.conversation.clone(),
-            attempt: entry.deliveries,
-        })
-    }
-
-    /// Hands a message back from the delivery `token`, ready at `at` (now if `None`); nothing
-    /// if that delivery no longer holds it.
-    fn release(&mut self, seq: u64, token: u64, at: Option<Instant>) {
-        let Some(entry) = self.entries.get_mut(&seq) else {
-            return;
-        };
-        if entry.state != State::Delivered(token) {
-            return;
-        }
-        match at {
-            Some(at) => {
-                entry.state = State::Delayed(at);
-                self.delayed.insert((at, seq));
-            }
-            None => {
-                entry.state = State::Ready;
-                self.ready.insert(seq);
-            }
-        }
-    }
-
-    fn is_next_after(&self, seq: u64, position: u64, conversation: &str) -> bool {
-        self.conversations
-            .get(conversation)
-            .and_then(|seqs| seqs.range(position.saturating_add(1)..).next())
-            .is_none_or(|&between| between >= seq)
-    }
-
-    fn is_next(&self, seq: u64, conversation: &str) -> bool {
-        self.conversations
-            .get(conversation)
-            .and_then(BTreeSet::first)
-            .is_none_or(|&oldest| oldest >= seq)
-    }
-}
-
-/// One topic's queue and the consumers waiting on it.
-#[derive(Default)]
-struct Queue {
-    state: Mutex<QueueState>,
-    changed: Notify,
-}
-
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits for a ready message and takes it.
-    async fn claim(&self) -> Claim {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let next_due = {
-                let mut state = self.lock();
-                let next_due = state.promote_due(Instant::now());
-                if let Some(claim) = state.claim() {
-                    return claim;
-                }
-                next_due
-            };
-            match next_due {
-                Some(at) => {
-                    let _ = tokio::time::timeout_at(at, changed).await;
-                }
-                None => changed.await,
-            }
-        }
-    }
-
-    fn update(&self, change: impl FnOnce(&mut QueueState)) {
-        change(&mut self.lock());
-        self.changed.notify_waiters();
     }
 }
 
