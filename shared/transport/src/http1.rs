@@ -2,11 +2,11 @@
 //! a connection per call in flight, so a worker holding 10,000 calls holds 10,000 connections,
 //! and what each costs is most of its memory. Under reqwest each call also carries its layers
 //! (redirects, retries, proxies, a boxed future per layer, a copy of the headers for each):
-//! 10,000 calls at once took 295 MiB through reqwest and 262 MiB through hyper-util (T1 over
-//! plain HTTP/1.1, docs/benchmarks.md). What hyper itself keeps per connection (an 8 KiB write
-//! buffer, the 9 KB block of its request channel, an 8 KiB read buffer) stays: a read buffer of
-//! an exact 1 KiB saved another 25 MiB, but hyper then refuses an answer whose head is longer,
-//! and one of 4 KiB saved nothing.
+//! 10,000 calls at once took 294 MiB through reqwest and 269 MiB through hyper-util (T1 over
+//! plain HTTP/1.1, docs/benchmarks.md, "P3 on default settings"). What hyper itself keeps per
+//! connection (an 8 KiB write buffer, the 9 KB block of its request channel, an 8 KiB read
+//! buffer) stays: a read buffer of an exact 1 KiB saved another 25 MiB, but hyper then refuses
+//! an answer whose head is longer, and one of 4 KiB saved nothing.
 
 use std::time::Duration;
 
