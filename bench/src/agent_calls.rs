@@ -4,7 +4,8 @@
 //! over them, so that each client's one HTTP/2 connection per host carries a share of them.
 //!
 //! Each way makes 10,000 calls at once, as P3's first round does, to the fake agent that
-//! answers after 2 s over HTTPS offering HTTP/2, in a child process of its own
+//! answers after 2 s over HTTPS offering HTTP/2 (or, with `--t1-agents http1`, over plain
+//! HTTP/1.1, through wagate-transport alone), in a child process of its own
 //! (`wagate-bench calls`), which reports its own CPU time and peak RSS; the fake agent counts
 //! the connections it accepted. The ways take turns, so the machine's noise falls on both.
 
@@ -194,7 +195,16 @@ struct Run {
 async fn child(dir: &Path, via: Via, url: &str, run: usize) -> Result<Run> {
     let name = format!("calls-{}-{run}", via.name());
     let log = dir.join(format!("{name}.log"));
-    let mut cmd = Command::new(std::env::current_exe()?);
+    // WAGATE_BENCH_WRAP_CALLS runs the client under a profiler, as WAGATE_BENCH_WRAP_<ROLE>
+    // does a wagate role (e.g. heaptrack, whose output lands in the current folder).
+    let mut cmd = match std::env::var("WAGATE_BENCH_WRAP_CALLS") {
+        Ok(wrapper) => {
+            let mut c = Command::new(wrapper);
+            c.arg(std::env::current_exe()?);
+            c
+        }
+        Err(_) => Command::new(std::env::current_exe()?),
+    };
     cmd.arg("calls")
         .args(["--via", via.name()])
         .args(["--url", url])
@@ -240,11 +250,10 @@ async fn child(dir: &Path, via: Via, url: &str, run: usize) -> Result<Run> {
 
 pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let hosts = [250, 50];
     report.section(
         "T1 agent calls: wagate-transport against sharded reqwest clients",
         &format!(
-            "{CALLS} calls at once, from a process of their own, to a fake agent that answers each after {} s, over HTTPS offering HTTP/2 with the stream cap in the first column (250 is Go's default; 50 stands for a host that allows fewer than RFC 9113's 100). `pool` is wagate-transport as a worker uses it; `reqwest` is {} reqwest 0.13 clients sharing one TLS configuration, {CALLS_PER_CLIENT} calls on each, offering HTTP/2 and HTTP/1.1 as the pool does; `reqwest-h2` the same speaking HTTP/2 only (`http2_prior_knowledge`), which a worker could not do, since many agent hosts speak only HTTP/1.1. {} runs each, taking turns; medians. The bound is {CALLS} calls ÷ {} s.",
+            "{CALLS} calls at once, from a process of their own, to a fake agent that answers each after {} s, over HTTPS offering HTTP/2 with the stream cap in the first column (250 is Go's default; 50 stands for a host that allows fewer than RFC 9113's 100). `pool` is wagate-transport as a worker uses it; `reqwest` is {} reqwest 0.13 clients sharing one TLS configuration, {CALLS_PER_CLIENT} calls on each, offering HTTP/2 and HTTP/1.1 as the pool does; `reqwest-h2` the same speaking HTTP/2 only (`http2_prior_knowledge`), which a worker could not do, since many agent hosts speak only HTTP/1.1. A plain HTTP/1.1 host (`--t1-agents http1`) is called through `pool` alone, which takes a connection per call in flight there. {} runs each, taking turns; medians. The bound is {CALLS} calls ÷ {} s.",
             LATENCY.as_secs(),
             CALLS.div_ceil(CALLS_PER_CLIENT),
             options.rounds,
@@ -252,7 +261,7 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
         ),
     );
     report.header(&[
-        "host's streams per connection",
+        "host's streams per connection (HTTP/2)",
         "via",
         "calls/s",
         "of the bound",
@@ -261,19 +270,37 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
         "client CPU µs/call",
         "client peak RSS MiB",
     ]);
-    for streams in hosts {
-        let (url, accepted) = fakes::https_agent(LATENCY, streams).await?;
-        let mut runs: Vec<(Via, Vec<Run>)> = [Via::Pool, Via::Reqwest, Via::ReqwestH2]
-            .into_iter()
-            .map(|via| (via, vec![]))
-            .collect();
+    for agent in &options.t1_agents {
+        // Over plain HTTP/1.1 every client takes a connection per call in flight; only
+        // wagate-transport's use of memory and CPU there is of interest.
+        let (streams, (url, accepted), vias) = match agent.as_str() {
+            "http1" => (
+                "plain HTTP/1.1".to_owned(),
+                fakes::plain_agent(LATENCY).await?,
+                &[Via::Pool][..],
+            ),
+            _ => {
+                let streams: u32 = agent
+                    .strip_prefix("h2-")
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| {
+                        format!("--t1-agents: no agent host {agent:?} (h2-<streams>, http1)")
+                    })?;
+                (
+                    streams.to_string(),
+                    fakes::https_agent(LATENCY, streams).await?,
+                    &[Via::Pool, Via::Reqwest, Via::ReqwestH2][..],
+                )
+            }
+        };
+        let mut runs: Vec<(Via, Vec<Run>)> = vias.iter().map(|via| (*via, vec![])).collect();
         for run in 0..options.rounds {
             for (via, results) in &mut runs {
                 let before = accepted.load(Ordering::Relaxed);
                 let mut r = child(dir, *via, &url, run).await?;
                 r.connections = accepted.load(Ordering::Relaxed) - before;
                 eprintln!(
-                    "T1 {streams} streams, {via:?} run {run}: {:.2} s, {} failed, {} connections, {:.0} µs/call, {:.0} MiB",
+                    "T1 {agent}, {via:?} run {run}: {:.2} s, {} failed, {} connections, {:.0} µs/call, {:.0} MiB",
                     r.seconds, r.failed, r.connections, r.cpu_us, r.rss_mib
                 );
                 results.push(r);
@@ -284,7 +311,7 @@ pub async fn t1(dir: &Path, options: &Options, report: &mut Report) -> Result<()
             let figure = |f: fn(&Run) -> f64| median(&results.iter().map(f).collect::<Vec<_>>());
             let rate = figure(|r| CALLS as f64 / r.seconds);
             report.row(vec![
-                streams.to_string(),
+                streams.clone(),
                 via.name().to_owned(),
                 format!("{rate:.0}"),
                 format!("{:.0}%", rate / bound * 100.0),

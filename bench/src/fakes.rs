@@ -170,6 +170,35 @@ pub async fn https_agent(latency: Duration, h2_streams: u32) -> Result<(String, 
     Ok((format!("https://{addr}/agent"), accepted))
 }
 
+/// [`slow_agent`] over plain HTTP/1.1, with the count of the connections it accepted.
+pub async fn plain_agent(latency: Duration) -> Result<(String, Arc<AtomicU64>)> {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let app = Router::new()
+        .route("/agent", post(think))
+        .with_state(latency);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .http1_only()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    Ok((format!("http://{addr}/agent"), accepted))
+}
+
 async fn serve_tls(app: Router, h2_streams: u32, accepted: Arc<AtomicU64>) -> Result<SocketAddr> {
     use hyper_util::{
         rt::{TokioExecutor, TokioIo},

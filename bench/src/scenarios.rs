@@ -41,6 +41,24 @@ pub struct Options {
         default_value = "serve,serve-cores,split,embedded"
     )]
     layouts: Vec<String>,
+    /// P3's agent hosts, comma-separated: https (HTTPS offering HTTP/2), http1 (plain
+    /// HTTP/1.1). The goals are read off https; `--p3-agents http1` alone halves the run for
+    /// trying a change to the HTTP/1.1 side.
+    #[arg(
+        long = "p3-agents",
+        value_delimiter = ',',
+        default_value = "https,http1"
+    )]
+    pub p3_agents: Vec<String>,
+    /// T1's agent hosts, comma-separated: h2-250 and h2-50 (HTTPS offering HTTP/2 with that
+    /// many streams per connection, against sharded reqwest clients), http1 (plain HTTP/1.1,
+    /// wagate-transport alone: a connection per call in flight).
+    #[arg(
+        long = "t1-agents",
+        value_delimiter = ',',
+        default_value = "h2-250,h2-50"
+    )]
+    pub t1_agents: Vec<String>,
     /// Extra settings for every wagate process, e.g. `--wagate-env WAGATE_COALESCE_MS=50`.
     #[arg(long = "wagate-env", value_parser = parse_setting)]
     wagate_env: Vec<(String, String)>,

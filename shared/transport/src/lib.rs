@@ -12,13 +12,17 @@
 //! and a new connection is opened only when every one is full. Calls that find every one full
 //! wait in line and are handed, oldest first, the streams that calls give back and those of new
 //! connections: a connection that opens wakes only the calls it can carry, however many wait.
-//! Plain `http://` hosts, hosts that answer ALPN with HTTP/1.1, and every host when a proxy is
-//! configured go through reqwest over HTTP/1.1, a connection per call in flight.
+//! Plain `http://` hosts go through hyper-util's client over HTTP/1.1, a connection per call
+//! in flight, without reqwest's layers around each call (`http1`). Hosts that answer ALPN with
+//! HTTP/1.1, URLs with credentials, and every host of a scheme for which a proxy is configured
+//! go through reqwest.
 //!
-//! Layout: this file is the transport and its HTTP/1.1 side; `pool` the HTTP/2 pool, per host;
-//! `connect` the TCP connections it opens; `tests` a scripted HTTP/2 host and the pool against it.
+//! Layout: this file is the transport and its reqwest side; `http1` the plain HTTP/1.1 client;
+//! `pool` the HTTP/2 pool, per host; `connect` the TCP connections it opens; `tests` a scripted
+//! HTTP/2 host and the pool against it.
 
 mod connect;
+mod http1;
 mod pool;
 
 use std::{sync::Arc, time::Duration};
@@ -28,7 +32,10 @@ use http::{HeaderName, HeaderValue, StatusCode};
 #[cfg(test)]
 use tokio_rustls::rustls;
 
-use crate::pool::{Exchange, Http2Pool, Route};
+use crate::{
+    http1::PlainHttp1,
+    pool::{Exchange, Http2Pool, Route},
+};
 
 /// The most an agent's answer may hold; a reply longer than this is no WhatsApp reply.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -72,9 +79,10 @@ pub enum CallError {
 }
 
 /// The agent client of a worker: HTTP/2 connections pooled per host where the host offers
-/// HTTP/2 over TLS, reqwest over HTTP/1.1 everywhere else.
+/// HTTP/2 over TLS, hyper-util over HTTP/1.1 for plain `http://` hosts, reqwest for the rest.
 pub struct Transport {
     http1: reqwest::Client,
+    plain: Option<PlainHttp1>,
     http2: Option<Arc<Http2Pool>>,
 }
 
@@ -84,8 +92,16 @@ impl Transport {
     /// the next turn, paying a TCP (and TLS) handshake per call.
     pub fn new(concurrency: usize, connect_timeout: Duration) -> Result<Self, reqwest::Error> {
         let http1 = http1_client(concurrency, connect_timeout).build()?;
-        let http2 = if proxy_configured() {
-            tracing::info!("a proxy is configured: agent calls go through it over HTTP/1.1");
+        let plain = if proxy_configured(&["HTTP_PROXY", "http_proxy"]) {
+            tracing::info!("a proxy is configured: plain http:// agent calls go through it");
+            None
+        } else {
+            Some(PlainHttp1::new(concurrency, connect_timeout))
+        };
+        let http2 = if proxy_configured(&["HTTPS_PROXY", "https_proxy"]) {
+            tracing::info!(
+                "a proxy is configured: https:// agent calls go through it over HTTP/1.1"
+            );
             None
         } else {
             match Http2Pool::new(connect_timeout) {
@@ -96,7 +112,11 @@ impl Transport {
                 }
             }
         };
-        Ok(Self { http1, http2 })
+        Ok(Self {
+            http1,
+            plain,
+            http2,
+        })
     }
 
     /// A transport that trusts only `roots`, on both sides, whatever the platform trusts or a
@@ -122,6 +142,7 @@ impl Transport {
         let pool = Http2Pool::with_roots(connect_timeout, store).expect("a TLS configuration");
         Self {
             http1,
+            plain: Some(PlainHttp1::new(concurrency, connect_timeout)),
             http2: Some(Arc::new(pool)),
         }
     }
@@ -157,6 +178,13 @@ impl Transport {
                     Ok(answer) => return Ok(answer),
                 }
             }
+        }
+        if let Some(plain) = &self.plain
+            && let Some(uri) = PlainHttp1::uri(post.url)
+        {
+            // Boxed, so that the future of every call, HTTP/2 ones included, does not grow by
+            // the room this one needs (184 bytes per call in flight, in a test build).
+            return Box::pin(plain.exchange(uri, post)).await;
         }
         self.exchange_http1(post).await
     }
@@ -209,11 +237,13 @@ fn reqwest_failure(e: reqwest::Error) -> CallError {
     CallError::Unreachable(text)
 }
 
-/// reqwest sends calls through a proxy named in these; the HTTP/2 pool does not speak to
-/// proxies, so with one configured every call goes through reqwest.
-fn proxy_configured() -> bool {
-    ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+/// Whether reqwest would send calls through a proxy named in `names` (the scheme's variables)
+/// or in `ALL_PROXY`. Neither the HTTP/2 pool nor the plain HTTP/1.1 client speaks to proxies,
+/// so with one configured for a scheme, that scheme's calls go through reqwest.
+fn proxy_configured(names: &[&str]) -> bool {
+    names
         .iter()
+        .chain(&["ALL_PROXY", "all_proxy"])
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 

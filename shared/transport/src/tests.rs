@@ -1125,3 +1125,143 @@ async fn when_no_address_answers_the_last_failure_is_told() {
     assert!(e.starts_with("connect: "), "{e}");
     assert_eq!(connect_any(&[]).await.unwrap_err(), "resolve: no address");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plain `http://` hosts, reached through hyper-util (`http1`), and reqwest where it stays.
+
+/// A plain HTTP/1.1 host that answers each request on a connection with `answer` (`None`: it
+/// reads the request and never answers), keeping connections open. Returns its URL, with
+/// `userinfo@` before the address when given, the connections it accepted and the request
+/// heads it read.
+async fn plain_host(
+    userinfo: &str,
+    answer: fn(&[u8]) -> Option<Vec<u8>>,
+) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{userinfo}{}/agent", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (counted, seen) = (accepted.clone(), heads.clone());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let body_len = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + body_len {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..end + 4 + body_len).skip(end + 4).collect();
+                    seen.lock().unwrap().push(head);
+                    let Some(reply) = answer(&body) else {
+                        std::future::pending::<()>().await;
+                        return;
+                    };
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", reply.len());
+                    if tcp.write_all(head.as_bytes()).await.is_err()
+                        || tcp.write_all(&reply).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_host_is_called_on_a_connection_kept_open_between_calls() {
+    let (url, accepted, heads) = plain_host("", |body| Some(body.to_vec())).await;
+    let transport = transport();
+
+    for _ in 0..3 {
+        assert_eq!(answered(call(&transport, &url, PATIENT).await).body, BODY);
+    }
+
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 3);
+    assert!(heads[0].starts_with("post /agent http/1.1"), "{}", heads[0]);
+    assert!(
+        heads[0].contains("content-type: application/json"),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0].contains(&format!("content-length: {}", BODY.len())),
+        "{}",
+        heads[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_answer_longer_than_the_limit_is_too_large() {
+    let (url, _, _) = plain_host("", |_| Some(vec![b'x'; MAX_ANSWER_BYTES + 1])).await;
+
+    let e = failed(call(&transport(), &url, PATIENT).await);
+
+    assert!(matches!(e, CallError::TooLarge), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_host_that_never_answers_times_out() {
+    let (url, _, heads) = plain_host("", |_| None).await;
+
+    let started = Instant::now();
+    let e = failed(call(&transport(), &url, Duration::from_millis(300)).await);
+
+    assert!(matches!(e, CallError::Timeout), "{e:?}");
+    assert!(started.elapsed() < PATIENT, "took {:?}", started.elapsed());
+    assert_eq!(heads.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_port_nobody_listens_on_is_unreachable_without_the_url() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/agent?key=secret", listener.local_addr().unwrap());
+    drop(listener);
+
+    let e = failed(call(&transport(), &url, PATIENT).await);
+
+    let CallError::Unreachable(text) = e else {
+        panic!("expected unreachable, got {e:?}");
+    };
+    assert!(text.contains("onnect"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+}
+
+/// Credentials in a URL are left to reqwest, which sends them as Basic authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_a_plain_http_url_are_sent_as_basic_authentication() {
+    let (url, _, heads) = plain_host("bot%40acme:pw@", |body| Some(body.to_vec())).await;
+
+    answered(call(&transport(), &url, PATIENT).await);
+
+    let heads = heads.lock().unwrap();
+    // base64("bot@acme:pw"), lowercased with the rest of the head.
+    assert!(
+        heads[0].contains("authorization: basic ym90qgfjbwu6chc="),
+        "{}",
+        heads[0]
+    );
+}
