@@ -1,16 +1,52 @@
 //! Opening a TCP connection to an agent host: the addresses in the order of Happy Eyeballs
 //! (RFC 8305), and the socket options that find a host gone silent.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream::FuturesUnordered};
 use tokio::net::TcpStream;
 
+/// Why a connection to an agent host was not opened. It is `Clone` because every call waiting
+/// for the connection is told (the I/O errors are shared for that).
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// The host's name did not resolve.
+    #[error("resolve: {0}")]
+    Resolve(#[source] Arc<io::Error>),
+    /// The name resolved to no address.
+    #[error("resolve: no address")]
+    NoAddress,
+    /// No address took the connection; the last one's refusal.
+    #[error("connect: {0}")]
+    Connect(#[source] Arc<io::Error>),
+    /// The connect timeout ran out.
+    #[error("connect: timed out")]
+    TimedOut,
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] Arc<io::Error>),
+    /// The HTTP/2 handshake, or the settings that follow it, failed.
+    #[error("HTTP/2 {step}: {source}")]
+    Http2 {
+        /// Which step: `handshake` or `settings`.
+        step: &'static str,
+        /// h2's error.
+        #[source]
+        source: Arc<h2::Error>,
+    },
+    /// The host said GOAWAY to every new connection.
+    #[error("HTTP/2: the host sent every new connection away (GOAWAY)")]
+    SentAway,
+    /// The host allows no stream at all for now.
+    #[error("HTTP/2: the host allows no request at the moment (SETTINGS_MAX_CONCURRENT_STREAMS 0)")]
+    NoStreams,
+}
+
 /// Resolves `host` and connects to the first of its addresses that answers.
-pub(crate) async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+pub(crate) async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, OpenError> {
     let addrs = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("resolve: {e}"))?
+        .map_err(|e| OpenError::Resolve(Arc::new(e)))?
         .collect();
     let tcp = connect_any(&interleave_families(addrs)).await?;
     // Requests are written whole; waiting to coalesce them only adds latency.
@@ -47,10 +83,10 @@ pub(crate) fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// the next address when the one before fails or has not answered within [`ATTEMPT_DELAY`],
 /// the earlier ones going on beside it. Trying them one after another, an address that drops
 /// packets would hold the connection until its timeout, whatever the next address could do.
-pub(crate) async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+pub(crate) async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, OpenError> {
     let mut untried = addrs.iter();
     let mut attempts = FuturesUnordered::new();
-    let mut last_error = "resolve: no address".to_owned();
+    let mut last_error = OpenError::NoAddress;
     loop {
         if attempts.is_empty() {
             match untried.next() {
@@ -62,7 +98,7 @@ pub(crate) async fn connect_any(addrs: &[SocketAddr]) -> Result<TcpStream, Strin
             Some(attempt) = attempts.next() => match attempt {
                 Ok(tcp) => return Ok(tcp),
                 Err(e) => {
-                    last_error = format!("connect: {e}");
+                    last_error = OpenError::Connect(Arc::new(e));
                     if let Some(addr) = untried.next() {
                         attempts.push(TcpStream::connect(*addr));
                     }

@@ -20,7 +20,10 @@ use tokio_rustls::{
     rustls::{self, pki_types::ServerName},
 };
 
-use crate::{ATTEMPTS, Answer, CallError, Post, append, connect::connect_tcp};
+use crate::{
+    ATTEMPTS, Answer, CallError, Post, append,
+    connect::{OpenError, connect_tcp},
+};
 
 /// Streams put on one HTTP/2 connection even when the host allows more, so that a burst is
 /// spread over a few connections (and the host's threads) rather than queued on one socket.
@@ -196,7 +199,7 @@ impl Http2Pool {
     /// once the host's settings (its stream cap) are in, which its answer to a PING proves.
     /// A host that is shutting down may send a new connection away at once; another attempt
     /// may well reach one that is not, so that is tried a few times within the timeout.
-    async fn open(&self, host: &Host) -> Result<Option<Arc<Conn>>, String> {
+    async fn open(&self, host: &Host) -> Result<Option<Arc<Conn>>, OpenError> {
         let attempts = async {
             for _ in 0..ATTEMPTS {
                 match self.open_within(host).await {
@@ -207,11 +210,11 @@ impl Http2Pool {
                     Ok(conn) => return Ok(conn),
                 }
             }
-            Err("HTTP/2: the host sent every new connection away (GOAWAY)".to_owned())
+            Err(OpenError::SentAway)
         };
         tokio::time::timeout(self.connect_timeout, attempts)
             .await
-            .unwrap_or_else(|_| Err("connect: timed out".to_owned()))
+            .unwrap_or(Err(OpenError::TimedOut))
     }
 
     async fn open_within(&self, host: &Host) -> Result<Option<Arc<Conn>>, Opening> {
@@ -222,7 +225,7 @@ impl Http2Pool {
             .tls
             .connect(host.server.clone(), tcp)
             .await
-            .map_err(|e| Opening::Failed(format!("TLS: {e}")))?;
+            .map_err(|e| Opening::Failed(OpenError::Tls(Arc::new(e))))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Ok(None);
         }
@@ -232,7 +235,12 @@ impl Http2Pool {
             .max_header_list_size(MAX_HEADER_LIST)
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|e| Opening::Failed(format!("HTTP/2 handshake: {e}")))?;
+            .map_err(|e| {
+                Opening::Failed(OpenError::Http2 {
+                    step: "handshake",
+                    source: Arc::new(e),
+                })
+            })?;
         let ping = connection.ping_pong();
         let conn = Arc::new(Conn {
             send,
@@ -256,16 +264,16 @@ impl Http2Pool {
             // why the PING failed; the connection's own error tells whether that happened.
             return Err(match conn.send.clone().ready().await {
                 Err(e) if sent_away(&e) => Opening::SentAway,
-                _ => Opening::Failed(format!("HTTP/2 settings: {e}")),
+                _ => Opening::Failed(OpenError::Http2 {
+                    step: "settings",
+                    source: Arc::new(e),
+                }),
             });
         }
         if conn.send.current_max_send_streams() == 0 {
             // Legal, and said by servers under load; opening more would only add connections
             // that take no call either.
-            return Err(Opening::Failed(
-                "HTTP/2: the host allows no request at the moment (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
-                    .to_owned(),
-            ));
+            return Err(Opening::Failed(OpenError::NoStreams));
         }
         Ok(Some(conn))
     }
@@ -273,7 +281,7 @@ impl Http2Pool {
 
 /// Why a connection was not opened.
 pub(crate) enum Opening {
-    Failed(String),
+    Failed(OpenError),
     /// The host said GOAWAY before any call went out on the connection.
     SentAway,
 }
@@ -295,7 +303,7 @@ pub(crate) struct Host {
 }
 
 /// What a waiting call is handed: a route, or why the host could not be reached.
-pub(crate) type Grant = Result<Route, String>;
+pub(crate) type Grant = Result<Route, OpenError>;
 
 #[derive(Default)]
 pub(crate) struct HostState {
@@ -349,7 +357,7 @@ impl Host {
         drop(spare);
         match granted.await {
             Ok(Ok(route)) => Ok(route),
-            Ok(Err(e)) => Err(CallError::Unreachable(e)),
+            Ok(Err(e)) => Err(CallError::Unreachable(e.to_string())),
             Err(_) => Err(CallError::Unreachable(
                 "the connection pool let go of the call".to_owned(),
             )),
@@ -408,7 +416,7 @@ impl Host {
     fn opened_with(
         self: &Arc<Self>,
         pool: &Arc<Http2Pool>,
-        result: Result<Option<Arc<Conn>>, String>,
+        result: Result<Option<Arc<Conn>>, OpenError>,
     ) {
         let spare = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
