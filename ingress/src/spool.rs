@@ -323,17 +323,6 @@ async fn drain(inner: Arc<dyn Bus>, spool: Arc<Spool>, wake: Arc<Notify>, shutdo
 
 #[async_trait]
 impl Bus for SpooledBus {
-    async fn publish(
-        &self,
-        topic: Topic,
-        conversation: &str,
-        dedupe_id: &str,
-        payload: Bytes,
-    ) -> Result<Published, BusError> {
-        self.publish_traced(topic, conversation, dedupe_id, payload, None)
-            .await
-    }
-
     /// A spooled message is later published without the `traceparent` header; its envelope
     /// still carries it.
     async fn publish_traced(

@@ -390,17 +390,6 @@ impl Delivery for JetStreamDelivery {
 
 #[async_trait]
 impl Bus for JetStreamBus {
-    async fn publish(
-        &self,
-        topic: Topic,
-        conversation: &str,
-        dedupe_id: &str,
-        payload: Bytes,
-    ) -> Result<Published, BusError> {
-        self.publish_traced(topic, conversation, dedupe_id, payload, None)
-            .await
-    }
-
     async fn publish_traced(
         &self,
         topic: Topic,

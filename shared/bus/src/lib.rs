@@ -254,17 +254,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Stores `payload` on `topic` for the conversation named by `conversation` (a subject-safe
     /// token). Returns only once the message is durable. A publish whose `dedupe_id` was seen
     /// within the duplicate window is dropped and reported as [`Published::Duplicate`].
-    async fn publish(
-        &self,
-        topic: Topic,
-        conversation: &str,
-        dedupe_id: &str,
-        payload: Bytes,
-    ) -> Result<Published, BusError>;
-
-    /// [`Bus::publish`], with the message's `traceparent` for a bus that carries headers
-    /// (JetStream's `traceparent` header, for tools that follow traces through NATS). The
-    /// envelope carries it in any case, so a bus without headers loses nothing.
+    /// `traceparent` is the message's, for a bus that carries headers (JetStream's
+    /// `traceparent` header, for tools that follow traces through NATS); the envelope carries
+    /// it in any case, so a bus without headers loses nothing.
     async fn publish_traced(
         &self,
         topic: Topic,
@@ -272,9 +264,18 @@ pub trait Bus: Send + Sync + 'static {
         dedupe_id: &str,
         payload: Bytes,
         traceparent: Option<&str>,
+    ) -> Result<Published, BusError>;
+
+    /// [`Bus::publish_traced`] without a trace.
+    async fn publish(
+        &self,
+        topic: Topic,
+        conversation: &str,
+        dedupe_id: &str,
+        payload: Bytes,
     ) -> Result<Published, BusError> {
-        let _ = traceparent;
-        self.publish(topic, conversation, dedupe_id, payload).await
+        self.publish_traced(topic, conversation, dedupe_id, payload, None)
+            .await
     }
 
     /// Consumes `topic` as one member of its shared consumer group.

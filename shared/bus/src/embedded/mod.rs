@@ -194,12 +194,14 @@ enum Stored {
 
 #[async_trait]
 impl Bus for EmbeddedBus {
-    async fn publish(
+    /// The trace rides in the envelope only: the data file has no headers.
+    async fn publish_traced(
         &self,
         topic: Topic,
         conversation: &str,
         dedupe_id: &str,
         payload: Bytes,
+        _traceparent: Option<&str>,
     ) -> Result<Published, BusError> {
         let code = topic_code(topic);
         let window_ms = self.window_ms;
