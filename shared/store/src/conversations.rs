@@ -165,7 +165,7 @@ pub struct SimulatedMessage {
 /// The outcome of a completed turn, recorded under each inbound message it answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompletedTurn {
-    /// The id of the reply that answers the turn ([`OutboundReply::id`]).
+    /// The id of the reply that answers the turn ([`wagate_core::envelope::OutboundReply::id`]).
     pub reply_id: String,
     /// The agent's reply text (may be empty: nothing to send).
     pub reply: String,

@@ -138,8 +138,8 @@ impl Sighting {
 }
 
 /// Counts one message toward the lead of `user` of `agent`, creating the lead on first
-/// contact; a message already counted (its "seen" mark is live) changes nothing.
-/// Counts one message toward its user's lead; true when this made the lead.
+/// contact; a message already counted (its "seen" mark is live) changes nothing. True when this
+/// made the lead.
 fn count_lead(
     txn: &WriteTransaction,
     seen: &mut Expiring<'_>,

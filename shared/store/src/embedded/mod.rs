@@ -2,19 +2,19 @@
 //! write transaction, committed through the database's single writer (see
 //! [`wagate_embedded`]), so the methods are atomic as the Redis store's Lua scripts are, with the
 //! same results. Records that Redis keeps with a TTL are stored with their expiry time, read as
-//! absent once it has passed, and purged a few at a time by later writes ([`expiring`]).
+//! absent once it has passed, and purged a few at a time by later writes (`expiring.rs`).
 //!
 //! Tables, by concern:
 //!
-//! - [`agents`]: `store_agents` and `store_channels` (id → JSON), `store_meta` (name → text)
+//! - `agents.rs`: `store_agents` and `store_channels` (id → JSON), `store_meta` (name → text)
 //!   for the master key check (`shared::key_check`).
-//! - [`conversations`]: `store_turns` ((session, n) → JSON turn), `store_outbox` ((session, n)
+//! - `conversations.rs`: `store_turns` ((session, n) → JSON turn), `store_outbox` ((session, n)
 //!   → simulated send), `store_leads` ((agent, user) → JSON), `store_pauses` (session → JSON),
 //!   `store_clocks` ((`window`|`optout`|`optin`, session) → ms).
-//! - [`expiring`]: `store_expiring` ((kind, scope, key) → (expires at, bytes)) with its expiry
+//! - `expiring.rs`: `store_expiring` ((kind, scope, key) → (expires at, bytes)) with its expiry
 //!   index `store_expiries`, for turn records and seen message sids (conversations), send
 //!   guards, sent parts (and each session's index of them, `sentto`), statuses, failure counts
-//!   and cached Content API sids ([`ledger`]), and each agent's latest signature failure
+//!   and cached Content API sids (`ledger.rs`), and each agent's latest signature failure
 //!   (`sigfail`).
 //!
 //! The senders' paces are kept in memory, not in the file ([`crate::pacing`]): a restart

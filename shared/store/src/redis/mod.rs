@@ -11,15 +11,15 @@
 //!
 //! Layout (`P` = prefix), by concern:
 //!
-//! - [`agents`]: `P:agent:<id>` and `P:channel:<id>` (JSON), `P:agents` (set), `P:changes`
+//! - `agents.rs`: `P:agent:<id>` and `P:channel:<id>` (JSON), `P:agents` (set), `P:changes`
 //!   (pub/sub), `P:sigfail:<agent>` (the latest webhook refused for its signature),
 //!   `P:meta:key-check` (the master key check, `shared::key_check`).
-//! - [`conversations`]: `P:session:{<session>}` (list of JSON turns), `P:turn:{<session>}:<key>`
+//! - `conversations.rs`: `P:session:{<session>}` (list of JSON turns), `P:turn:{<session>}:<key>`
 //!   (record of a completed turn), `P:lead:{<agent>}:<user>` (hash), `P:leads:{<agent>}`
 //!   (sorted set by first contact), `P:leadseen:{<agent>}:<sid>`, `P:pause:{<session>}`
 //!   (JSON), `P:window:{<session>}`, `P:optout:{<session>}` and `P:optin:{<session>}` (ms),
 //!   `P:outbox:{<session>}` (list: simulated sends).
-//! - [`ledger`]: `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>`
+//! - `ledger.rs`: `P:guard:<key>`, `P:sent:<twilio sid>` (the part sent), `P:status:<sid>`
 //!   (hash), `P:failures:<key>`, `P:content:<hash>` (a cached Content API sid),
 //!   `P:pace:{<sender>}` (a sender number's pace, [`crate::pacing`]).
 //!
