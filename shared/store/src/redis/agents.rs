@@ -19,27 +19,30 @@ use crate::{Agents, Change, GUARD_TTL, SignatureFailure, StoreError};
 
 // KEYS[1] = the key check; ARGV[1] = a fresh check, stored unless one is. Returns the one that
 // stands.
-static KEY_CHECK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const KEY_CHECK: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then return cur end
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = the key check; replaced by ARGV[2] only while it is still ARGV[1].
-static REPLACE_KEY_CHECK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const REPLACE_KEY_CHECK: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
-"#,
-    )
+"#;
+
+/// This module's scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    key_check: Script::new(KEY_CHECK),
+    replace_key_check: Script::new(REPLACE_KEY_CHECK),
 });
+
+struct Scripts {
+    key_check: Script,
+    replace_key_check: Script,
+}
 
 impl RedisStore {
     async fn notify(&self, id: &AgentId) -> Result<(), StoreError> {
@@ -198,7 +201,8 @@ impl Agents for RedisStore {
     }
 
     async fn key_check(&self, fresh: &SealedSecret) -> Result<SealedSecret, StoreError> {
-        let stands: String = KEY_CHECK
+        let stands: String = SCRIPTS
+            .key_check
             .key(self.key("meta:key-check"))
             .arg(fresh.as_str())
             .invoke_async(&mut self.conn())
@@ -212,7 +216,8 @@ impl Agents for RedisStore {
         old: &SealedSecret,
         new: &SealedSecret,
     ) -> Result<bool, StoreError> {
-        let replaced: i64 = REPLACE_KEY_CHECK
+        let replaced: i64 = SCRIPTS
+            .replace_key_check
             .key(self.key("meta:key-check"))
             .arg(old.as_str())
             .arg(new.as_str())

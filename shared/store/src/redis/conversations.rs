@@ -18,9 +18,7 @@ use crate::{
 // KEYS[1] = lead hash, KEYS[2] = leads by first contact, KEYS[3..] = one "seen" mark per
 // message; ARGV[1] = user, ARGV[2] = ttl (s), then per message its profile name and time (ms).
 // Returns the messages counted, plus 1,000,000 when this call made the lead.
-static RECORD_LEAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RECORD_LEAD: &str = r#"
 local counted = 0
 local created = 0
 for i = 3, #KEYS do
@@ -47,17 +45,13 @@ for i = 3, #KEYS do
   end
 end
 return counted + created
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = window clock, KEYS[2] = session list, KEYS[3] = pause, KEYS[4..] = turn records of
 // the messages; ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as
 // digits (a Lua number would lose digits, and LRANGE takes no exponent). A missing pause is
 // Lua's false, which reaches the client as nil.
-static BEGIN_TURN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const BEGIN_TURN: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 local done = {}
@@ -70,18 +64,14 @@ end
 local history = {}
 if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. ARGV[2], -1) end
 return {done, history, redis.call('GET', KEYS[3])}
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
 // user finds them without a SCAN), KEYS[3..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
 // ARGV[3] = number of turns n, ARGV[4..3+n] = turns, ARGV[4+n] = how long history is kept (s),
 // ARGV[5+n] = the retention cutoff (`retention_cutoff`), ARGV[6+n] = turns to drop at most.
 // Returns the earlier record, or nil when this one was stored.
-static COMPLETE_TURN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const COMPLETE_TURN: &str = r#"
 local prev = redis.call('GET', KEYS[3])
 if prev then return prev end
 local n = tonumber(ARGV[3])
@@ -102,33 +92,40 @@ for _ = 1, tonumber(ARGV[6 + n]) do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4 + n])
 return false
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = a lead hash; ARGV[1] = field, ARGV[2] = time (ms): the field moves forward to it,
 // on a lead that exists only.
-static STAMP_LEAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const STAMP_LEAD: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = a clock (ms); ARGV[1] = a time (ms): the clock moves forward to it, never back.
-static STAMP_MAX: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const STAMP_MAX: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
 return 1
-"#,
-    )
+"#;
+
+/// This module's scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    record_lead: Script::new(RECORD_LEAD),
+    begin_turn: Script::new(BEGIN_TURN),
+    complete_turn: Script::new(COMPLETE_TURN),
+    stamp_lead: Script::new(STAMP_LEAD),
+    stamp_max: Script::new(STAMP_MAX),
 });
+
+struct Scripts {
+    record_lead: Script,
+    begin_turn: Script,
+    complete_turn: Script,
+    stamp_lead: Script,
+    stamp_max: Script,
+}
 
 /// The keys of the lead of `session`'s user and of the "seen" marks of `sids`, in the order
 /// [`RECORD_LEAD`] takes them.
@@ -167,7 +164,8 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let agent = session.agent();
         let user = session.user();
-        let _: i64 = STAMP_LEAD
+        let _: i64 = SCRIPTS
+            .stamp_lead
             .key(key!(self, "lead:{{{agent}}}:{user}"))
             .arg(field)
             .arg(ms(at))
@@ -278,10 +276,10 @@ impl Conversations for RedisStore {
                 .iter()
                 .map(|s| key!(self, "turn:{{{session}}}:{}", s.message_sid)),
         );
-        let mut begin = evalsha(&BEGIN_TURN, &keys);
+        let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
         begin.arg(ms(latest)).arg(history.min(i64::MAX as usize));
         let mut lead = evalsha(
-            &RECORD_LEAD,
+            &SCRIPTS.record_lead,
             &lead_keys(self, session, sightings.iter().map(|s| s.message_sid)),
         );
         lead_args(&mut lead, session, sightings);
@@ -292,8 +290,8 @@ impl Conversations for RedisStore {
         let lead = redis::pipe().add_command(lead).clone();
         type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
         let (begun, counted) = tokio::join!(
-            self.scripted::<Begun>(&begin, &BEGIN_TURN),
-            self.scripted::<(i64,)>(&lead, &RECORD_LEAD)
+            self.scripted::<Begun>(&begin, &SCRIPTS.begin_turn),
+            self.scripted::<(i64,)>(&lead, &SCRIPTS.record_lead)
         );
         let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
         let (counted,) = counted.map_err(err("begin turn"))?;
@@ -342,7 +340,9 @@ impl Conversations for RedisStore {
                 "complete_turn needs at least one turn key".into(),
             ));
         }
-        let mut inv = COMPLETE_TURN.key(key!(self, "session:{{{session}}}"));
+        let mut inv = SCRIPTS
+            .complete_turn
+            .key(key!(self, "session:{{{session}}}"));
         inv.key(key!(self, "turns:{{{session}}}"));
         for k in turn_keys {
             inv.key(key!(self, "turn:{{{session}}}:{k}"));
@@ -447,7 +447,8 @@ impl Conversations for RedisStore {
     }
 
     async fn opt_out(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
-        let _: i64 = STAMP_MAX
+        let _: i64 = SCRIPTS
+            .stamp_max
             .key(key!(self, "optout:{{{session}}}"))
             .arg(ms(at))
             .invoke_async(&mut self.conn())
@@ -472,7 +473,8 @@ impl Conversations for RedisStore {
     }
 
     async fn opt_in(&self, session: &SessionId, at: OffsetDateTime) -> Result<(), StoreError> {
-        let _: i64 = STAMP_MAX
+        let _: i64 = SCRIPTS
+            .stamp_max
             .key(key!(self, "optin:{{{session}}}"))
             .arg(ms(at))
             .invoke_async(&mut self.conn())

@@ -21,9 +21,7 @@ use crate::{GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, St
 // The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
 // ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s). A claim answers with the
 // deadline it wrote, the holder's token for renewing ([`RENEW_SEND`]).
-static CLAIM_SEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const CLAIM_SEND: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
 local state = 'claimed:'
@@ -35,28 +33,20 @@ if cur then
 end
 redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
 return state .. deadline
-"#,
-    )
-});
+"#;
 
 // Extends the guard only while it still holds the deadline its holder wrote.
 // ARGV[1] = that deadline, ARGV[2] = now (ms), ARGV[3] = lease (ms), ARGV[4] = ttl (s).
-static RENEW_SEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RENEW_SEND: &str = r#"
 if redis.call('GET', KEYS[1]) ~= 'pending:' .. ARGV[1] then return false end
 local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
 redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[4])
 return tostring(deadline)
-"#,
-    )
-});
+"#;
 
 // Records the part (JSON, ARGV[1]) as the one sent as this message unless another part (a
 // different id, ARGV[2]) already is. ARGV[3] = ttl (s). 1 when the message is this part's.
-static SETTLE_SENT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const SETTLE_SENT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, part = pcall(cjson.decode, cur)
@@ -65,47 +55,51 @@ if cur then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
-"#,
-    )
-});
+"#;
 
 // Deletes the guard only while it still holds the deadline its holder wrote (ARGV[1]).
-static RELEASE_SEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RELEASE_SEND: &str = r#"
 if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
-"#,
-    )
-});
+"#;
 
-static RECORD_STATUS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const RECORD_STATUS: &str = r#"
 local cur = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
 if tonumber(ARGV[2]) <= cur then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'error_code', ARGV[3], 'updated_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
-"#,
-    )
-});
+"#;
 
 // KEYS[1] = a cached content sid; ARGV[1] = a fresh sid, stored for ARGV[2] seconds unless one
 // is. Returns the one that stands.
-static CACHE_CONTENT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+const CACHE_CONTENT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
-"#,
-    )
+"#;
+
+/// This module's scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    claim_send: Script::new(CLAIM_SEND),
+    renew_send: Script::new(RENEW_SEND),
+    settle_sent: Script::new(SETTLE_SENT),
+    release_send: Script::new(RELEASE_SEND),
+    record_status: Script::new(RECORD_STATUS),
+    cache_content: Script::new(CACHE_CONTENT),
+    take_slot: Script::new(crate::pacing::TAKE_SLOT),
 });
 
-/// A sender number's pace ([`crate::pacing`]).
-static TAKE_SLOT: LazyLock<Script> = LazyLock::new(|| Script::new(crate::pacing::TAKE_SLOT));
+struct Scripts {
+    claim_send: Script,
+    renew_send: Script,
+    settle_sent: Script,
+    release_send: Script,
+    record_status: Script,
+    cache_content: Script,
+    take_slot: Script,
+}
 
 /// What [`CLAIM_SEND`] answered.
 fn guard_state(answer: &str) -> Result<GuardState, StoreError> {
@@ -130,7 +124,7 @@ fn guard_state(answer: &str) -> Result<GuardState, StoreError> {
 impl RedisStore {
     /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
     fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
-        let mut cmd = evalsha(&CLAIM_SEND, &[key!(self, "guard:{key}")]);
+        let mut cmd = evalsha(&SCRIPTS.claim_send, &[key!(self, "guard:{key}")]);
         cmd.arg(ms(OffsetDateTime::now_utc()))
             .arg(lease_ms(lease))
             .arg(GUARD_TTL.as_secs());
@@ -179,7 +173,7 @@ impl SendLedger for RedisStore {
         let (answer,): (String,) = self
             .scripted(
                 redis::pipe().add_command(self.claim_cmd(key, lease)),
-                &CLAIM_SEND,
+                &SCRIPTS.claim_send,
             )
             .await
             .map_err(err("claim send"))?;
@@ -206,7 +200,7 @@ impl SendLedger for RedisStore {
         let mut conn = self.conn();
         let (clocks, claimed) = tokio::join!(
             clocks.query_async::<Clocks>(&mut conn),
-            self.scripted::<(String,)>(&claim, &CLAIM_SEND)
+            self.scripted::<(String,)>(&claim, &SCRIPTS.claim_send)
         );
         let (last_inbound, opted_out_at, opted_in_at) = clocks.map_err(err("claim send"))?;
         let (answer,) = claimed.map_err(err("claim send"))?;
@@ -259,7 +253,8 @@ impl SendLedger for RedisStore {
         // The claim of the message and the guard are keys of different slots on a cluster, so
         // they are written in two steps: a sender that dies between them leaves the guard to
         // lapse, and whoever takes the part next finds the message already this part's.
-        let ours: i64 = SETTLE_SENT
+        let ours: i64 = SCRIPTS
+            .settle_sent
             .key(key!(self, "sent:{message_sid}"))
             .arg(to_json(part)?)
             .arg(&part.id)
@@ -291,7 +286,8 @@ impl SendLedger for RedisStore {
         hold: Hold,
         lease: Duration,
     ) -> Result<Option<Hold>, StoreError> {
-        let renewed: Option<String> = RENEW_SEND
+        let renewed: Option<String> = SCRIPTS
+            .renew_send
             .key(key!(self, "guard:{key}"))
             .arg(hold.0)
             .arg(ms(OffsetDateTime::now_utc()))
@@ -312,7 +308,8 @@ impl SendLedger for RedisStore {
     }
 
     async fn release_send(&self, key: &str, hold: Hold) -> Result<(), StoreError> {
-        let _: i64 = RELEASE_SEND
+        let _: i64 = SCRIPTS
+            .release_send
             .key(key!(self, "guard:{key}"))
             .arg(hold.0)
             .invoke_async(&mut self.conn())
@@ -322,7 +319,8 @@ impl SendLedger for RedisStore {
     }
 
     async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
-        let applied: i64 = RECORD_STATUS
+        let applied: i64 = SCRIPTS
+            .record_status
             .key(key!(self, "status:{}", u.message_sid))
             .arg(u.status.as_str())
             .arg(u.status.rank())
@@ -392,7 +390,8 @@ impl SendLedger for RedisStore {
     }
 
     async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
-        CACHE_CONTENT
+        SCRIPTS
+            .cache_content
             .key(key!(self, "content:{key}"))
             .arg(sid)
             .arg(crate::CONTENT_TTL.as_secs())
@@ -402,7 +401,8 @@ impl SendLedger for RedisStore {
     }
 
     async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
-        let wait: u64 = TAKE_SLOT
+        let wait: u64 = SCRIPTS
+            .take_slot
             .key(key!(self, "pace:{{{sender}}}"))
             .arg(crate::pacing::micros(pace.interval))
             .arg(crate::pacing::micros(pace.tolerance))
