@@ -221,8 +221,6 @@ on_both!(
     a_leads_opt_out_shows_in_the_list,
 );
 
-/// A lead shows whether its user opted out, and when, as the conversation's clocks say; an
-/// opt-out of someone who is no lead makes none.
 /// A sender's pace (a GCRA): a send with the tolerance of one interval (a live reply) gets one
 /// message of burst and the slot before a send with less (bulk); senders are paced apart; and
 /// sends racing for one sender from several tasks get no more than the rate.
@@ -326,19 +324,22 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
     );
 }
 
+/// A lead shows whether its user opted out, and when, as the conversation's clocks say; an
+/// opt-out of someone who is no lead makes none.
 async fn a_leads_opt_out_shows_in_the_list(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let s = session("a1", "+14155550100");
     let message = msid(1);
-    store
-        .record_lead(&LeadSighting {
+    sight(
+        &store,
+        &LeadSighting {
             session: &s,
             message_sid: &message,
             profile_name: None,
             at: at(10),
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let lead = || async { store.leads(&agent_id("a1")).await.unwrap().remove(0) };
     assert_eq!(
         (lead().await.opted_out, lead().await.opted_out_at),
@@ -448,11 +449,7 @@ async fn a_completed_turn_keeps_its_quick_replies(rig: Rig) {
         .await
         .unwrap();
     assert_eq!(stands, record, "{n}");
-    assert_eq!(
-        store.completed_turn(&s, &key).await.unwrap(),
-        Some(record),
-        "{n}"
-    );
+    assert_eq!(answered(&store, &s, &key).await, Some(record), "{n}");
 }
 
 /// Turns older than the retention are dropped at the next completion (the new ones stay,
@@ -606,6 +603,41 @@ const KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
 fn at(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(1_700_000_000_000 + ms) * 1_000_000)
         .unwrap()
+}
+
+/// A message seen as the worker sees it: a turn begun over it alone, which counts it toward its
+/// user's lead and moves the window clock (the store's one way to do either).
+async fn sight(store: &Arc<dyn Store>, sighting: &LeadSighting<'_>) -> TurnStart {
+    store
+        .begin_turn(sighting.session, std::slice::from_ref(sighting), 0)
+        .await
+        .unwrap()
+}
+
+/// The message `n` of `s`, written at `ms`, seen as the worker sees it ([`sight`]).
+async fn message_at(store: &Arc<dyn Store>, s: &SessionId, n: u64, ms: i64) {
+    let message = msid(n);
+    let sighting = LeadSighting {
+        session: s,
+        message_sid: &message,
+        profile_name: None,
+        at: at(ms),
+    };
+    sight(store, &sighting).await;
+}
+
+/// The record of the turn that answered the message `key` of `s`, as a redelivery of that
+/// message finds it. Seen at the epoch, so that asking moves no window clock; a message never
+/// seen before becomes a lead's, so a test that counts leads asks after counting.
+async fn answered(store: &Arc<dyn Store>, s: &SessionId, key: &str) -> Option<CompletedTurn> {
+    let message = MessageSid::parse(key).unwrap();
+    let sighting = LeadSighting {
+        session: s,
+        message_sid: &message,
+        profile_name: None,
+        at: OffsetDateTime::UNIX_EPOCH,
+    };
+    sight(store, &sighting).await.completed.remove(0)
 }
 
 fn agent(id: &str, name: &str) -> Agent {
@@ -856,10 +888,7 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
     let s = session("a1", "+14155550100");
     let first = sid(1);
-    assert!(
-        store.completed_turn(&s, &first).await.unwrap().is_none(),
-        "{n}"
-    );
+    assert!(answered(&store, &s, &first).await.is_none(), "{n}");
     let calls = (0..20).map(|i| {
         let (store, s, first) = (store.clone(), s.clone(), first.clone());
         tokio::spawn(async move {
@@ -903,27 +932,19 @@ async fn a_turn_completes_once_under_concurrency(rig: Rig) {
     );
     for key in [first, sid(1000 + i), sid(2000 + i)] {
         assert_eq!(
-            store.completed_turn(&s, &key).await.unwrap(),
+            answered(&store, &s, &key).await,
             Some(winner.clone()),
             "{n}: every key of the winner resolves"
         );
     }
     let loser = if i == 0 { 1 } else { 0 };
     assert!(
-        store
-            .completed_turn(&s, &sid(1000 + loser))
-            .await
-            .unwrap()
-            .is_none(),
+        answered(&store, &s, &sid(1000 + loser)).await.is_none(),
         "{n}: a loser's keys are not recorded"
     );
     let other = session("a1", "+14155550101");
     assert!(
-        store
-            .completed_turn(&other, &sid(1))
-            .await
-            .unwrap()
-            .is_none(),
+        answered(&store, &other, &sid(1)).await.is_none(),
         "{n}: per session"
     );
     let none: [String; 0] = [];
@@ -1072,15 +1093,16 @@ async fn leads_count_each_message_once(rig: Rig) {
                 _ => i as i64 * 100,
             };
             let name = (i == 7).then_some("Ada");
-            store
-                .record_lead(&LeadSighting {
+            sight(
+                &store,
+                &LeadSighting {
                     session: &s,
                     message_sid: &message_sid,
                     profile_name: name,
                     at: at(ms),
-                })
-                .await
-                .unwrap();
+                },
+            )
+            .await;
         })
     });
     for t in futures::future::join_all(sightings).await {
@@ -1107,30 +1129,32 @@ async fn leads_count_each_message_once(rig: Rig) {
 
     // The same message again (a redelivery) is not counted.
     for _ in 0..2 {
-        store
-            .record_lead(&LeadSighting {
+        sight(
+            &store,
+            &LeadSighting {
                 session: &s,
                 message_sid: &msid(3),
                 profile_name: Some("Ignored"),
                 at: at(200_000),
-            })
-            .await
-            .unwrap();
+            },
+        )
+        .await;
     }
     let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
     assert_eq!(lead.message_count, 50, "{n}: counted once per sid");
     assert_eq!(lead.last_seen, at(90_000), "{n}: a repeat changes nothing");
     assert_eq!(lead.profile_name.as_deref(), Some("Ada"), "{n}");
 
-    store
-        .record_lead(&LeadSighting {
+    sight(
+        &store,
+        &LeadSighting {
             session: &s,
             message_sid: &msid(60),
             profile_name: Some("Ada L."),
             at: at(100_000),
-        })
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
     assert_eq!(
         (
@@ -1149,26 +1173,27 @@ async fn leads_count_each_message_once(rig: Rig) {
 
 async fn leads_are_listed_by_first_contact(rig: Rig) {
     let (store, n) = (rig.store(), rig.name);
-    let sight = |phone: &'static str, sid_n: u64, ms: i64, agent: &'static str| {
+    let see = |phone: &'static str, sid_n: u64, ms: i64, agent: &'static str| {
         let store = store.clone();
         async move {
-            store
-                .record_lead(&LeadSighting {
+            sight(
+                &store,
+                &LeadSighting {
                     session: &session(agent, phone),
                     message_sid: &msid(sid_n),
                     profile_name: None,
                     at: at(ms),
-                })
-                .await
-                .unwrap();
+                },
+            )
+            .await;
         }
     };
-    sight("+14155550103", 1, 300, "a1").await;
-    sight("+14155550101", 2, 100, "a1").await;
-    sight("+14155550102", 3, 200, "a1").await;
-    sight("+14155550109", 4, 50, "a10").await;
+    see("+14155550103", 1, 300, "a1").await;
+    see("+14155550101", 2, 100, "a1").await;
+    see("+14155550102", 3, 200, "a1").await;
+    see("+14155550109", 4, 50, "a10").await;
     // An earlier message recorded late moves the lead to the front.
-    sight("+14155550103", 5, 10, "a1").await;
+    see("+14155550103", 5, 10, "a1").await;
     let phones: Vec<String> = store
         .leads(&agent_id("a1"))
         .await
@@ -1198,14 +1223,14 @@ async fn window_and_opt_out_never_go_back(rig: Rig) {
     let s = session("a1", "+14155550100");
     assert_eq!(store.last_inbound(&s).await.unwrap(), None, "{n}");
     assert_eq!(store.opted_out_at(&s).await.unwrap(), None, "{n}");
-    store.stamp_inbound(&s, at(1_000)).await.unwrap();
-    store.stamp_inbound(&s, at(500)).await.unwrap();
+    message_at(&store, &s, 1, 1_000).await;
+    message_at(&store, &s, 2, 500).await;
     assert_eq!(
         store.last_inbound(&s).await.unwrap(),
         Some(at(1_000)),
         "{n}: not back"
     );
-    store.stamp_inbound(&s, at(2_000)).await.unwrap();
+    message_at(&store, &s, 3, 2_000).await;
     assert_eq!(
         store.last_inbound(&s).await.unwrap(),
         Some(at(2_000)),
@@ -1529,7 +1554,7 @@ async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
         WindowClocks::default(),
         "{n}: a user who never wrote has no clocks"
     );
-    store.stamp_inbound(&s, at(1_000)).await.unwrap();
+    message_at(&store, &s, 1, 1_000).await;
     store.opt_out(&s, at(500)).await.unwrap();
     store.opt_in(&s, at(700)).await.unwrap();
     let clocks = WindowClocks {
@@ -1820,8 +1845,7 @@ async fn everything_survives_reopen(mut rig: Rig) {
         profile_name: Some("Ada"),
         at: at(0),
     };
-    store.record_lead(&sighting).await.unwrap();
-    store.stamp_inbound(&s, at(0)).await.unwrap();
+    sight(&store, &sighting).await;
     store.opt_out(&s, at(1)).await.unwrap();
     store.opt_in(&s, at(2)).await.unwrap();
     store
@@ -1853,12 +1877,12 @@ async fn everything_survives_reopen(mut rig: Rig) {
         "{n}"
     );
     assert_eq!(store.history(&s, 10).await.unwrap(), turns, "{n}");
+    let again = sight(&store, &sighting).await;
     assert_eq!(
-        store.completed_turn(&s, &sid(1)).await.unwrap(),
-        Some(record),
-        "{n}"
+        (again.completed, again.new_lead),
+        (vec![Some(record)], false),
+        "{n}: the turn record and the lead are remembered"
     );
-    store.record_lead(&sighting).await.unwrap();
     let lead = store.leads(&agent_id("a1")).await.unwrap().remove(0);
     assert_eq!(lead.message_count, 1, "{n}: the seen sid is remembered");
     assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(0)), "{n}");
@@ -1977,7 +2001,7 @@ async fn forgetting_a_session_keeps_what_is_not_the_conversation(rig: Rig) {
     );
     assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     assert!(
-        store.completed_turn(&s, &key).await.unwrap().is_some(),
+        answered(&store, &s, &key).await.is_some(),
         "{n}: a redelivered message is still known as answered"
     );
     assert_eq!(store.last_inbound(&s).await.unwrap(), Some(at(10)), "{n}");
@@ -2017,7 +2041,6 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
         "{n}"
     );
     assert!(store.simulated(&s, 0).await.unwrap().is_empty(), "{n}");
-    assert_eq!(store.completed_turn(&s, &key).await.unwrap(), None, "{n}");
     assert_eq!(store.pause(&s).await.unwrap(), None, "{n}");
     assert!(store.pause(&other).await.unwrap().is_some(), "{n}");
     for (clock, value) in [
@@ -2039,16 +2062,10 @@ async fn erasing_a_user_removes_everything_of_theirs_and_nothing_else(rig: Rig) 
         .map(|l| l.phone)
         .collect();
     assert_eq!(leads, ["+14155550111"], "{n}");
+    assert_eq!(answered(&store, &s, &key).await, None, "{n}");
 
     assert_eq!(store.history(&other, 10).await.unwrap().len(), 2, "{n}");
-    assert!(
-        store
-            .completed_turn(&other, &other_key)
-            .await
-            .unwrap()
-            .is_some(),
-        "{n}"
-    );
+    assert!(answered(&store, &other, &other_key).await.is_some(), "{n}");
     assert!(store.last_inbound(&other).await.unwrap().is_some(), "{n}");
     assert!(store.sent_part(&sid(1002)).await.unwrap().is_some(), "{n}");
     assert!(store.sent_part(&sid(2002)).await.unwrap().is_some(), "{n}");

@@ -7,7 +7,7 @@ use crate::support;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use store::{GuardState, Store, redis::RedisStore};
+use store::{GuardState, SendLedger, redis::RedisStore};
 use support::{
     fake_openai::FakeOpenAi,
     fake_twilio::ScriptedResponse,

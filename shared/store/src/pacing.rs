@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// How a send of one sender number is paced ([`super::Store::take_send_slot`]).
+/// How a send of one sender number is paced ([`crate::SendLedger::take_send_slot`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pace {
     /// One message's share of time: a second divided by the messages per second.
@@ -36,7 +36,7 @@ pub struct Pace {
     pub grace: Duration,
 }
 
-/// What [`super::Store::take_send_slot`] answered.
+/// What [`crate::SendLedger::take_send_slot`] answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// Send now: the slot is taken.
@@ -106,7 +106,7 @@ impl Default for LocalPaces {
 }
 
 impl LocalPaces {
-    /// [`super::Store::take_send_slot`] in this process.
+    /// [`crate::SendLedger::take_send_slot`] in this process.
     pub(crate) fn take(&self, sender: &str, pace: Pace) -> Slot {
         let now = CLOCK_START.saturating_add(micros(self.origin.elapsed()));
         let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);

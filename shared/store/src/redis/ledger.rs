@@ -1,0 +1,418 @@
+//! [`SendLedger`] on Redis: a reply part's guard, the part sent as each Twilio message, the
+//! message's status, failure counts and cached content sids, each its own key (and slot on a
+//! cluster); a sender's pace is one key per sender number ([`crate::pacing`]).
+
+use std::{sync::LazyLock, time::Duration};
+
+use async_trait::async_trait;
+use redis::{AsyncCommands, Script};
+use time::OffsetDateTime;
+
+use twilio::status::{MessageStatus, StatusUpdate};
+use wagate_core::{
+    domain::{MessageSid, SessionId},
+    envelope::OutboundReply,
+    window::WindowClocks,
+};
+
+use super::{RedisStore, err, evalsha, from_ms, lease_ms, ms, to_json};
+use crate::{GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError};
+
+// The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
+// ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s). A claim answers with the
+// deadline it wrote, the holder's token for renewing ([`RENEW_SEND`]).
+const CLAIM_SEND: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
+local state = 'claimed:'
+if cur then
+  if string.sub(cur, 1, 5) == 'sent:' then return cur end
+  local held_until = tonumber(string.sub(cur, 9))
+  if held_until and held_until > tonumber(ARGV[1]) then return 'busy' end
+  state = 'reclaimed:'
+end
+redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
+return state .. deadline
+"#;
+
+// Extends the guard only while it still holds the deadline its holder wrote.
+// ARGV[1] = that deadline, ARGV[2] = now (ms), ARGV[3] = lease (ms), ARGV[4] = ttl (s).
+const RENEW_SEND: &str = r#"
+if redis.call('GET', KEYS[1]) ~= 'pending:' .. ARGV[1] then return false end
+local deadline = tonumber(ARGV[2]) + tonumber(ARGV[3])
+redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[4])
+return tostring(deadline)
+"#;
+
+// Records the part (JSON, ARGV[1]) as the one sent as this message unless another part (a
+// different id, ARGV[2]) already is. ARGV[3] = ttl (s). 1 when the message is this part's.
+const SETTLE_SENT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, part = pcall(cjson.decode, cur)
+  if ok and type(part) == 'table' and part['id'] == ARGV[2] then return 1 end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"#;
+
+// Deletes the guard only while it still holds the deadline its holder wrote (ARGV[1]).
+const RELEASE_SEND: &str = r#"
+if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+const RECORD_STATUS: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
+if tonumber(ARGV[2]) <= cur then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'error_code', ARGV[3], 'updated_at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
+// KEYS[1] = a cached content sid; ARGV[1] = a fresh sid, stored for ARGV[2] seconds unless one
+// is. Returns the one that stands.
+const CACHE_CONTENT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"#;
+
+/// This module's scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    claim_send: Script::new(CLAIM_SEND),
+    renew_send: Script::new(RENEW_SEND),
+    settle_sent: Script::new(SETTLE_SENT),
+    release_send: Script::new(RELEASE_SEND),
+    record_status: Script::new(RECORD_STATUS),
+    cache_content: Script::new(CACHE_CONTENT),
+    take_slot: Script::new(crate::pacing::TAKE_SLOT),
+});
+
+struct Scripts {
+    claim_send: Script,
+    renew_send: Script,
+    settle_sent: Script,
+    release_send: Script,
+    record_status: Script,
+    cache_content: Script,
+    take_slot: Script,
+}
+
+/// What [`CLAIM_SEND`] answered.
+fn guard_state(answer: &str) -> Result<GuardState, StoreError> {
+    let hold = |deadline: &str| {
+        deadline.parse().map(Hold).map_err(|_| {
+            StoreError::Invalid(format!(
+                "claim send: a guard deadline that is not a number: {deadline:?}"
+            ))
+        })
+    };
+    Ok(if answer == "busy" {
+        GuardState::Busy
+    } else if let Some(deadline) = answer.strip_prefix("claimed:") {
+        GuardState::Claimed(hold(deadline)?)
+    } else if let Some(deadline) = answer.strip_prefix("reclaimed:") {
+        GuardState::Reclaimed(hold(deadline)?)
+    } else {
+        GuardState::Sent(answer.trim_start_matches("sent:").to_owned())
+    })
+}
+
+impl RedisStore {
+    /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
+    fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
+        let mut cmd = evalsha(&SCRIPTS.claim_send, &[key!(self, "guard:{key}")]);
+        cmd.arg(ms(OffsetDateTime::now_utc()))
+            .arg(lease_ms(lease))
+            .arg(GUARD_TTL.as_secs());
+        cmd
+    }
+
+    /// Adds `message_sid` to the sids of parts sent to `part`'s user, so that erasing the user
+    /// finds the sent parts and statuses, which are keyed by the sid alone. Written after the
+    /// part: a crash between leaves one record unindexed, which lapses after [`GUARD_TTL`].
+    async fn index_sent(&self, part: &OutboundReply, message_sid: &str) -> Result<(), StoreError> {
+        let session = part.session_id();
+        let index = key!(self, "sentto:{{{session}}}");
+        let _: () = redis::pipe()
+            .atomic()
+            .sadd(&index, message_sid)
+            .ignore()
+            .expire(
+                &index,
+                i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
+            )
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("index sent part"))?;
+        Ok(())
+    }
+
+    async fn status_of(
+        &self,
+        sid: &str,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        let h: std::collections::HashMap<String, String> = self
+            .conn()
+            .hgetall(key!(self, "status:{sid}"))
+            .await
+            .map_err(err("status"))?;
+        Ok(h.get("status")
+            .map(|s| MessageStatus::parse(s))
+            .map(|s| (s, h.get("error_code").and_then(|c| c.parse().ok()))))
+    }
+}
+
+#[async_trait]
+impl SendLedger for RedisStore {
+    async fn claim_send(&self, key: &str, lease: Duration) -> Result<GuardState, StoreError> {
+        let (answer,): (String,) = self
+            .scripted(
+                redis::pipe().add_command(self.claim_cmd(key, lease)),
+                &SCRIPTS.claim_send,
+            )
+            .await
+            .map_err(err("claim send"))?;
+        guard_state(&answer)
+    }
+
+    async fn claim_send_with_clocks(
+        &self,
+        session: &SessionId,
+        key: &str,
+        lease: Duration,
+    ) -> Result<(GuardState, WindowClocks), StoreError> {
+        let clocks = redis::cmd("MGET")
+            .arg(key!(self, "window:{{{session}}}"))
+            .arg(key!(self, "optout:{{{session}}}"))
+            .arg(key!(self, "optin:{{{session}}}"))
+            .clone();
+        // The clocks are the conversation's keys, the guard the part's: two slots on a cluster,
+        // so two requests sent together (the pipeline they were is not atomic either).
+        type Clocks = (Option<i64>, Option<i64>, Option<i64>);
+        let claim = redis::pipe()
+            .add_command(self.claim_cmd(key, lease))
+            .clone();
+        let mut conn = self.conn();
+        let (clocks, claimed) = tokio::join!(
+            clocks.query_async::<Clocks>(&mut conn),
+            self.scripted::<(String,)>(&claim, &SCRIPTS.claim_send)
+        );
+        let (last_inbound, opted_out_at, opted_in_at) = clocks.map_err(err("claim send"))?;
+        let (answer,) = claimed.map_err(err("claim send"))?;
+        Ok((
+            guard_state(&answer)?,
+            WindowClocks {
+                last_inbound: last_inbound.map(from_ms),
+                opted_out_at: opted_out_at.map(from_ms),
+                opted_in_at: opted_in_at.map(from_ms),
+            },
+        ))
+    }
+
+    async fn mark_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<(), StoreError> {
+        // The part sent as the message, then the guard: keys of two slots on a cluster. A guard
+        // that says `sent:` always has its message's part recorded; a sender that dies between
+        // the steps leaves the guard pending, to lapse, and whoever takes the part next finds
+        // the message in Twilio's list and settles on it ([`Self::settle_sent`]) as this part's.
+        let guard = key!(self, "guard:{key}");
+        let _: () = self
+            .conn()
+            .set_ex(
+                key!(self, "sent:{message_sid}"),
+                to_json(part)?,
+                GUARD_TTL.as_secs(),
+            )
+            .await
+            .map_err(err("mark sent"))?;
+        let _: () = self
+            .conn()
+            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
+            .await
+            .map_err(err("mark sent"))?;
+        // The send ledger: a guard lost in a failover would send the part again.
+        self.replicated(&guard, "mark sent").await;
+        self.index_sent(part, message_sid).await
+    }
+
+    async fn settle_sent(
+        &self,
+        key: &str,
+        message_sid: &str,
+        part: &OutboundReply,
+    ) -> Result<bool, StoreError> {
+        // The claim of the message and the guard are keys of different slots on a cluster, so
+        // they are written in two steps: a sender that dies between them leaves the guard to
+        // lapse, and whoever takes the part next finds the message already this part's.
+        let ours: i64 = SCRIPTS
+            .settle_sent
+            .key(key!(self, "sent:{message_sid}"))
+            .arg(to_json(part)?)
+            .arg(&part.id)
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("settle sent"))?;
+        if ours != 1 {
+            return Ok(false);
+        }
+        let guard = key!(self, "guard:{key}");
+        let _: () = self
+            .conn()
+            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
+            .await
+            .map_err(err("settle sent"))?;
+        self.replicated(&guard, "settle sent").await;
+        self.index_sent(part, message_sid).await?;
+        Ok(true)
+    }
+
+    async fn sent_part(&self, message_sid: &str) -> Result<Option<OutboundReply>, StoreError> {
+        self.get_json(key!(self, "sent:{message_sid}")).await
+    }
+
+    async fn renew_send(
+        &self,
+        key: &str,
+        hold: Hold,
+        lease: Duration,
+    ) -> Result<Option<Hold>, StoreError> {
+        let renewed: Option<String> = SCRIPTS
+            .renew_send
+            .key(key!(self, "guard:{key}"))
+            .arg(hold.0)
+            .arg(ms(OffsetDateTime::now_utc()))
+            .arg(lease_ms(lease))
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("renew send"))?;
+        renewed
+            .map(|deadline| {
+                deadline.parse().map(Hold).map_err(|_| {
+                    StoreError::Invalid(format!(
+                        "renew send: a guard deadline that is not a number: {deadline:?}"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    async fn release_send(&self, key: &str, hold: Hold) -> Result<(), StoreError> {
+        let _: i64 = SCRIPTS
+            .release_send
+            .key(key!(self, "guard:{key}"))
+            .arg(hold.0)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("release send"))?;
+        Ok(())
+    }
+
+    async fn record_status(&self, u: &StatusUpdate) -> Result<bool, StoreError> {
+        let applied: i64 = SCRIPTS
+            .record_status
+            .key(key!(self, "status:{}", u.message_sid))
+            .arg(u.status.as_str())
+            .arg(u.status.rank())
+            .arg(u.error_code.map(|c| c.to_string()).unwrap_or_default())
+            .arg(ms(OffsetDateTime::now_utc()))
+            .arg(GUARD_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("record status"))?;
+        Ok(applied == 1)
+    }
+
+    async fn status(
+        &self,
+        sid: &MessageSid,
+    ) -> Result<Option<(MessageStatus, Option<u32>)>, StoreError> {
+        self.status_of(sid.as_str()).await
+    }
+
+    async fn sent_messages(&self, session: &SessionId) -> Result<Vec<SentMessage>, StoreError> {
+        let sids: Vec<String> = self
+            .conn()
+            .smembers(key!(self, "sentto:{{{session}}}"))
+            .await
+            .map_err(err("sent messages"))?;
+        // Each part's records are keys of their own slots: the reads go out together over the
+        // multiplexed connection, one round trip in all rather than one per part.
+        let reads = sids.into_iter().map(|sid| async move {
+            let (part, status) = tokio::try_join!(
+                self.get_json::<OutboundReply>(key!(self, "sent:{sid}")),
+                self.status_of(&sid)
+            )?;
+            Ok::<_, StoreError>(part.map(|part| SentMessage { sid, part, status }))
+        });
+        let found = futures::future::try_join_all(reads).await?;
+        // A part whose record lapsed before the index is no longer known.
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    async fn count_failure(&self, key: &str) -> Result<u64, StoreError> {
+        let k = key!(self, "failures:{key}");
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&k, 1)
+            .expire(&k, i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX))
+            .ignore()
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("count failure"))?;
+        Ok(n)
+    }
+
+    async fn clear_failures(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .conn()
+            .del(key!(self, "failures:{key}"))
+            .await
+            .map_err(err("clear failures"))?;
+        Ok(())
+    }
+
+    async fn content_sid(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .get(key!(self, "content:{key}"))
+            .await
+            .map_err(err("read content sid"))
+    }
+
+    async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError> {
+        SCRIPTS
+            .cache_content
+            .key(key!(self, "content:{key}"))
+            .arg(sid)
+            .arg(crate::CONTENT_TTL.as_secs())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("cache content sid"))
+    }
+
+    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
+        let wait: u64 = SCRIPTS
+            .take_slot
+            .key(key!(self, "pace:{{{sender}}}"))
+            .arg(crate::pacing::micros(pace.interval))
+            .arg(crate::pacing::micros(pace.tolerance))
+            .arg(crate::pacing::micros(pace.grace))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("take send slot"))?;
+        Ok(match wait {
+            0 => Slot::Go,
+            micros => Slot::Wait(Duration::from_micros(micros)),
+        })
+    }
+}
