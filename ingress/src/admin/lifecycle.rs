@@ -4,8 +4,8 @@
 //! delete (an agent that is gone: 204 while anything of it was left), so that a call repeated
 //! after a timeout or a crash finishes the job.
 //!
-//! What each keeps and why is said at [`store::Store::forget_session`] and
-//! [`store::Store::erase_user`]. Messages still queued on the bus when the call is made
+//! What each keeps and why is said at [`store::Conversations::forget_session`] and
+//! [`store::Conversations::erase_user`]. Messages still queued on the bus when the call is made
 //! (a reply being sent, a turn being run) are not reached: they may store a little again once
 //! handled, and a second call erases that. JetStream erases a removed dead letter securely
 //! (overwritten on disk); the work queues drop acknowledged messages as soon as they are acked.
