@@ -177,6 +177,15 @@ async fn under_traffic(
         outcome.recovery.as_secs_f64(),
         outcome.worst_latency.as_secs_f64()
     );
+    if !problems.is_empty() {
+        // What wagate said is the only account of a stall: the last of each process's log.
+        for (n, w) in ingress.iter().enumerate() {
+            let logs = w.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let tail = lines[lines.len().saturating_sub(120)..].join("\n");
+            eprintln!("--- wagate process {n}, last lines of its log:\n{tail}");
+        }
+    }
     assert!(
         problems.is_empty(),
         "{name}: {outcome:?}\n{}",

@@ -35,6 +35,11 @@ use super::RedisTopology;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a Redis server has to answer one request.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the Sentinels have to name the master. The Sentinel client sets no time limit of its
+/// own, and every request that finds no master connection waits for this question (one at a
+/// time), so a Sentinel that does not answer would hold the whole store; past this, the
+/// request fails and the next one asks again.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a write whose loss matters waits for a replica to have it ([`Redis::replicate`]).
 pub(super) const REPLICA_WAIT: Duration = Duration::from_millis(200);
 
@@ -217,6 +222,18 @@ struct SentinelInner {
     generation: AtomicU64,
 }
 
+/// The master's client, as the Sentinels name it within [`SENTINEL_TIMEOUT`].
+async fn ask_sentinels(sentinel: &mut SentinelClient) -> RedisResult<Client> {
+    tokio::time::timeout(SENTINEL_TIMEOUT, sentinel.async_get_client())
+        .await
+        .unwrap_or_else(|_| {
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the Sentinels did not name the master in time",
+            )))
+        })
+}
+
 impl SentinelConn {
     fn new(url: &str, sentinels: &[String], master: &str) -> RedisResult<SentinelConn> {
         // The URL gives the password and db of the master (its host is not used).
@@ -243,7 +260,8 @@ impl SentinelConn {
 
     /// A client of the master Sentinel names now (checked to call itself master).
     async fn master(&self) -> RedisResult<Client> {
-        self.inner.sentinel.lock().await.async_get_client().await
+        let mut sentinel = self.inner.sentinel.lock().await;
+        ask_sentinels(&mut sentinel).await
     }
 
     fn current(&self) -> Option<(u64, MultiplexedConnection)> {
@@ -267,8 +285,7 @@ impl SentinelConn {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let conn = sentinel
-            .async_get_client()
+        let conn = ask_sentinels(&mut sentinel)
             .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
