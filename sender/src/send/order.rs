@@ -20,22 +20,24 @@ pub(super) const LAST_STATUS_POLL: Duration = Duration::from_millis(400);
 /// to WhatsApp in order once each is `sent`. A store that cannot be read ends the wait only
 /// at the timeout, as a lost report would.
 pub(super) async fn wait_until_sent(ctx: &SendContext, sid: &str) {
+    // Not Twilio's: no report will name it.
+    let Ok(parsed) = MessageSid::parse(sid) else {
+        return;
+    };
     let started = Instant::now();
     let deadline = started + ctx.part_sent_timeout;
     let mut poll = FIRST_STATUS_POLL;
     let reported = loop {
-        match MessageSid::parse(sid) {
-            Ok(parsed) => match ctx.store.status(&parsed).await {
-                Ok(Some((status, _))) if status.rank() >= MessageStatus::Sent.rank() => break true,
-                Ok(_) => {}
-                Err(e) => tracing::debug!(sid, error = %e, "could not read a part's status"),
-            },
-            // Not Twilio's: no report will name it.
-            Err(_) => break false,
+        match ctx.store.status(&parsed).await {
+            Ok(Some((status, _))) if status.rank() >= MessageStatus::Sent.rank() => break true,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(sid, error = %e, "could not read a part's status"),
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            tracing::info!(
+            // Counted in the metric below; a log line per part would flood where callbacks
+            // cannot reach wagate.
+            tracing::debug!(
                 sid,
                 "no report that the previous part was sent; sending the next one"
             );
