@@ -52,10 +52,36 @@ impl Embedded {
         EmbeddedStore::create_tables(&txn).map_err(failed)?;
         txn.commit().map_err(DbError::from).map_err(failed)?;
         let recovered = EmbeddedBus::recover(&database).map_err(failed)?;
-        let db = Db::start(database).map_err(failed)?;
+        let tables = [EmbeddedBus::TABLES, EmbeddedStore::TABLES].concat();
+        let db = Db::start(database, &path, tables).map_err(failed)?;
         Ok(Self {
             bus: EmbeddedBus::new(db.clone(), recovered, options.duplicate_window),
             store: EmbeddedStore::new(db),
         })
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use store::Conversations;
+
+    use super::*;
+
+    /// Every table the bus and the store make is registered for the rewrite that ends an
+    /// erasure: one that is not fails it (every erasure would answer 503).
+    #[tokio::test]
+    async fn an_erasure_rewrites_the_file_with_every_table_of_the_bus_and_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions {
+            duplicate_window: Duration::from_secs(60),
+        };
+        let embedded = Embedded::open(dir.path(), options).unwrap();
+        let file = dir.path().join(FILE_NAME);
+        let inode = || std::fs::metadata(&file).unwrap().ino();
+        let before = inode();
+        embedded.store.purge_erased().await.unwrap();
+        assert_ne!(inode(), before, "the file was rewritten");
     }
 }

@@ -9,6 +9,9 @@
 //! (a reply being sent, a turn being run) are not reached: they may store a little again once
 //! handled, and a second call erases that. JetStream erases a removed dead letter securely
 //! (overwritten on disk); the work queues drop acknowledged messages as soon as they are acked.
+//! An erasure or deletion ends, once all of its deletions are made, with one
+//! [`store::Conversations::purge_erased`], which in embedded mode rewrites the data file (redb
+//! leaves deleted bytes in it otherwise): the call answers once that is durable.
 
 use axum::{
     extract::{Path, State},
@@ -119,6 +122,7 @@ pub async fn delete_agent(
     if sweep(&state, &id).await? == 0 {
         return Err(ApiError::not_found("Unknown agent"));
     }
+    purge(&state).await?;
     tracing::info!(agent = %id, "what was left of a deleted agent was erased");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -133,14 +137,31 @@ pub(crate) fn session_of(agent: &Agent, raw_phone: &str) -> Result<SessionId, Ap
     Ok(SessionId::for_phone(&agent.id, &phone))
 }
 
-/// Erases the user of `session`: their dead letters first (the bus), then everything the
-/// store holds about them. A dead letter is the person's when the message it keeps came from
-/// them or was going to them.
+/// Erases the user of `session` ([`erase_records`]) and leaves nothing of what was deleted in
+/// the store's files ([`purge`]).
 pub(crate) async fn erase_person(state: &AppState, session: &SessionId) -> Result<(), ApiError> {
+    erase_records(state, session).await?;
+    purge(state).await
+}
+
+/// Deletes what is stored about the user of `session`: their dead letters first (the bus),
+/// then everything the store holds about them. A dead letter is the person's when the message
+/// it keeps came from them or was going to them.
+async fn erase_records(state: &AppState, session: &SessionId) -> Result<(), ApiError> {
     remove_dead_letters(state, |d| dead_letter_session(d) == *session).await?;
     state
         .store
         .erase_user(session)
+        .await
+        .map_err(ApiError::unavailable)
+}
+
+/// Makes what was deleted unreadable from the store's files; once per call, after all of its
+/// deletions, because in embedded mode it rewrites the whole file.
+async fn purge(state: &AppState) -> Result<(), ApiError> {
+    state
+        .store
+        .purge_erased()
         .await
         .map_err(ApiError::unavailable)
 }
@@ -157,6 +178,7 @@ pub(crate) async fn delete(state: &AppState, agent: &Agent) -> Result<(), ApiErr
         .await
         .map_err(ApiError::unavailable)?;
     erase_leads(state, &agent.id).await?;
+    purge(state).await?;
     tracing::info!(agent = %agent.id, "agent deleted");
     Ok(())
 }
@@ -168,7 +190,7 @@ async fn sweep(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
     Ok(leads + letters)
 }
 
-/// Erases every lead of the agent `id` ([`erase_person`]); how many there were.
+/// Erases every lead of the agent `id` ([`erase_records`]); how many there were.
 async fn erase_leads(state: &AppState, id: &AgentId) -> Result<usize, ApiError> {
     let leads = state.store.leads(id).await.map_err(ApiError::unavailable)?;
     let found = leads.len();
@@ -179,7 +201,7 @@ async fn erase_leads(state: &AppState, id: &AgentId) -> Result<usize, ApiError> 
             tracing::warn!(agent = %id, "a lead whose number is not an address was kept");
             continue;
         };
-        erase_person(state, &SessionId::new(id, &address)).await?;
+        erase_records(state, &SessionId::new(id, &address)).await?;
     }
     Ok(found)
 }

@@ -4,11 +4,17 @@
 //! was being synced and commits them in one transaction (group commit), so a burst of publishes
 //! costs a few fsyncs instead of one each, while every caller still returns only once its own
 //! change is durable.
+//!
+//! redb frees the pages of deleted records without overwriting them, and leaves the old bytes in
+//! the unused tail of the pages it reuses, so a deleted record can be read back from the file
+//! long after (even after `Database::compact`). An erasure therefore ends with
+//! [`Db::rewrite`]: every live record is copied into a fresh file, which replaces the old one
+//! (see [`rewrite`]).
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -20,6 +26,9 @@ use tokio::sync::oneshot;
 use crate::data_dir::DataFileError;
 
 pub mod data_dir;
+pub mod rewrite;
+
+pub use rewrite::{CopyTable, copy_table};
 
 /// The name of the database file inside the data folder.
 pub const FILE_NAME: &str = "wagate.redb";
@@ -77,6 +86,26 @@ pub enum DbError {
     /// A stored value is not what it should be.
     #[error("{0} is malformed")]
     Malformed(&'static str),
+    /// A file operation of a rewrite failed (making, renaming or syncing the copy, or removing
+    /// a copy left over); [`Db::rewrite`] says which file then holds the data.
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Rewrite {
+        /// What was being done.
+        action: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The file holds a table that no user of it registered to be copied by a rewrite: copying
+    /// the others would drop it, so the rewrite was refused and the file left as it was. A bug
+    /// of wagate (a table without its [`CopyTable`]), or a table of another version.
+    #[error(
+        "the data file has the table {0:?}, which no part of wagate registered to be copied; \
+         it was not rewritten"
+    )]
+    Unregistered(String),
 }
 
 macro_rules! db_error_from {
@@ -95,6 +124,7 @@ db_error_from!(
     redb::TableError,
     redb::TransactionError,
     redb::CommitError,
+    redb::DatabaseError,
 );
 
 impl From<serde_json::Error> for DbError {
@@ -150,6 +180,14 @@ where
     }
 }
 
+/// What the writer is given: a change, or a request to rewrite the file.
+enum Work {
+    /// A change, committed in the next group.
+    Change(Box<dyn Job>),
+    /// A rewrite of the file ([`Db::rewrite`]), answered once the new file is in place.
+    Rewrite(oneshot::Sender<Result<(), DbError>>),
+}
+
 /// A handle on the open database: reads on blocking threads, writes through the writer thread.
 #[derive(Clone)]
 pub struct Db {
@@ -157,9 +195,11 @@ pub struct Db {
 }
 
 struct Inner {
-    database: Arc<Database>,
+    /// The database in use. A rewrite replaces it (on the writer thread, between two groups);
+    /// a read takes its own clone, so one begun on the old file finishes there.
+    database: Arc<RwLock<Arc<Database>>>,
     /// Always set until dropped: taking it closes the queue, which stops the writer.
-    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    jobs: Option<mpsc::Sender<Work>>,
     writer: Option<std::thread::JoinHandle<()>>,
     writer_alive: Arc<AtomicBool>,
 }
@@ -178,16 +218,35 @@ impl Drop for Inner {
     }
 }
 
+/// The database a lock holds. Nothing panics while holding it (it is only cloned or replaced),
+/// so a poisoned lock still holds a whole value.
+fn current(database: &RwLock<Arc<Database>>) -> Arc<Database> {
+    database
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
 impl Db {
-    pub fn start(database: Database) -> Result<Self, DbError> {
-        let database = Arc::new(database);
+    /// Starts the writer on `database`, the file at `path`. `tables` are the copies of every
+    /// table its users keep ([`CopyTable`]), which a rewrite runs. A copy left over from a
+    /// rewrite that was cut short (`<path>.rewrite`) is removed: the old file is whole, and
+    /// `database` being open means this process holds the file's lock, so no other process
+    /// can be writing that copy.
+    pub fn start(database: Database, path: &Path, tables: Vec<CopyTable>) -> Result<Self, DbError> {
+        rewrite::remove_leftover(path)?;
+        let database = Arc::new(RwLock::new(Arc::new(database)));
         let (jobs, queue) = mpsc::channel();
         let writer_alive = Arc::new(AtomicBool::new(true));
         let alive = writer_alive.clone();
-        let db = database.clone();
+        let shared = database.clone();
+        let file = rewrite::Rewriter {
+            path: path.to_owned(),
+            tables,
+        };
         let writer = std::thread::Builder::new()
             .name("wagate-db-writer".into())
-            .spawn(move || write_loop(&db, &queue, &alive))
+            .spawn(move || write_loop(&shared, &file, &queue, &alive))
             .map_err(|e| DbError::Writer(Arc::new(e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -218,18 +277,34 @@ impl Db {
         C: FnOnce(&R) + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        self.submit(Work::Change(Box::new(Call {
+            step,
+            on_commit,
+            result: None,
+            reply,
+        })))?;
+        answer.await.map_err(|_| writer_stopped())?
+    }
+
+    /// Rewrites the file so that nothing deleted from it can be read back: every live record
+    /// is copied into a new file, which then replaces the old one, and returns once that is
+    /// durable. Writes wait meanwhile (the writer runs the copy), for a time that grows with the
+    /// file's size. Requests that arrive while other work is queued share one rewrite, which
+    /// starts after all of them were made. On an error the data is where it was: in the old file
+    /// if the rewrite failed before the replacement, else in the new one.
+    pub async fn rewrite(&self) -> Result<(), DbError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Work::Rewrite(reply))?;
+        answer.await.map_err(|_| writer_stopped())?
+    }
+
+    fn submit(&self, work: Work) -> Result<(), DbError> {
         self.inner
             .jobs
             .as_ref()
             .ok_or_else(writer_stopped)?
-            .send(Box::new(Call {
-                step,
-                on_commit,
-                result: None,
-                reply,
-            }))
-            .map_err(|_| writer_stopped())?;
-        answer.await.map_err(|_| writer_stopped())?
+            .send(work)
+            .map_err(|_| writer_stopped())
     }
 
     /// Runs `read` on a consistent snapshot, on a blocking thread.
@@ -238,7 +313,7 @@ impl Db {
         R: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<R, DbError> + Send + 'static,
     {
-        let database = self.inner.database.clone();
+        let database = current(&self.inner.database);
         tokio::task::spawn_blocking(move || read(&database.begin_read()?))
             .await
             .map_err(|e| DbError::Read(Arc::new(e)))?
@@ -257,8 +332,14 @@ fn writer_stopped() -> DbError {
     DbError::Stopped
 }
 
-/// Commits queued changes in groups until every handle is gone.
-fn write_loop(database: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, alive: &AtomicBool) {
+/// Commits queued changes in groups, and rewrites the file when asked, until every handle is
+/// gone.
+fn write_loop(
+    shared: &RwLock<Arc<Database>>,
+    file: &rewrite::Rewriter,
+    queue: &mpsc::Receiver<Work>,
+    alive: &AtomicBool,
+) {
     struct Alive<'a>(&'a AtomicBool);
     impl Drop for Alive<'_> {
         fn drop(&mut self) {
@@ -266,11 +347,41 @@ fn write_loop(database: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, alive: 
         }
     }
     let _alive = Alive(alive);
+    let mut database = current(shared);
     while let Ok(first) = queue.recv() {
         let mut batch = Vec::with_capacity(64);
-        batch.push(first);
-        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
-        commit_batch(database, batch);
+        let mut rewrites = Vec::new();
+        let mut taken = 0;
+        let mut next = Some(first);
+        while let Some(work) = next {
+            match work {
+                Work::Change(job) => batch.push(job),
+                Work::Rewrite(reply) => rewrites.push(reply),
+            }
+            taken += 1;
+            next = if taken < MAX_BATCH {
+                queue.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() {
+            commit_batch(&database, batch);
+        }
+        if rewrites.is_empty() {
+            continue;
+        }
+        // Every request taken was made before this rewrite starts, so it serves them all.
+        let (fresh, outcome) = file.run(&database);
+        if let Some(fresh) = fresh {
+            let fresh = Arc::new(fresh);
+            *shared.write().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+            database = fresh;
+        }
+        for reply in rewrites {
+            // The caller may have gone away; the rewrite stands either way.
+            let _ = reply.send(outcome.clone());
+        }
     }
 }
 

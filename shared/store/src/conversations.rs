@@ -237,6 +237,14 @@ pub trait Conversations: Send + Sync {
     /// keyed by message ids, hold no number, and lapse after [`crate::GUARD_TTL`]. Dead letters
     /// live on the bus and are the caller's to remove. Erasing nothing does nothing.
     async fn erase_user(&self, session: &SessionId) -> Result<(), StoreError>;
+    /// Makes what an erasure deleted unreadable from the store's own files: called once per
+    /// erasure request, after all of its deletions ([`Self::erase_user`] for each person, and
+    /// the removal of their dead letters), because it can cost far more than they do. The
+    /// embedded store rewrites its file ([`wagate_embedded::Db::rewrite`]: redb leaves deleted
+    /// bytes in it otherwise), which it shares with the embedded bus, so the removed dead
+    /// letters go too; writes wait meanwhile. Redis has nothing to do: a deleted key is gone
+    /// from its memory, and its RDB and AOF files are rewritten on their own schedule.
+    async fn purge_erased(&self) -> Result<(), StoreError>;
 
     /// Starts a turn over `sightings`, the messages of one conversation, oldest first: finds
     /// which were answered before, counts each toward its user's lead, moves the 24-hour window

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::{Bus, BusError, Deliveries, Delivery, Published, Topic};
 use wagate_core::envelope::DeadLetter;
-use wagate_embedded::{Db, DbError, now_ms};
+use wagate_embedded::{CopyTable, Db, DbError, copy_table, now_ms};
 
 mod queue;
 
@@ -73,6 +73,16 @@ pub struct EmbeddedBus {
 }
 
 impl EmbeddedBus {
+    /// How a rewrite of the file copies each table of the bus ([`wagate_embedded::rewrite`]):
+    /// every table [`Self::create_tables`] makes.
+    pub const TABLES: &[CopyTable] = &[
+        |from, to| copy_table(MESSAGES, from, to),
+        |from, to| copy_table(DEDUPE, from, to),
+        |from, to| copy_table(DEDUPE_BY_TIME, from, to),
+        |from, to| copy_table(DEAD_LETTERS, from, to),
+        |from, to| copy_table(COUNTERS, from, to),
+    ];
+
     pub fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
         txn.open_table(MESSAGES)?;
         txn.open_table(DEDUPE)?;

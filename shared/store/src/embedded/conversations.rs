@@ -256,6 +256,10 @@ impl Conversations for EmbeddedStore {
             .await?)
     }
 
+    async fn purge_erased(&self) -> Result<(), StoreError> {
+        Ok(self.db.rewrite().await?)
+    }
+
     async fn erase_user(&self, session: &SessionId) -> Result<(), StoreError> {
         let agent = session.agent().clone();
         let user = session.user().to_owned();

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use wagate_core::domain::AgentId;
-use wagate_embedded::{Db, DbError, now_ms};
+use wagate_embedded::{CopyTable, Db, DbError, copy_table, now_ms};
 
 use crate::{Store, StoreError, pacing::LocalPaces};
 
@@ -76,6 +76,21 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// How a rewrite of the file copies each table of the store ([`wagate_embedded::rewrite`]):
+    /// every table [`Self::create_tables`] makes.
+    pub const TABLES: &[CopyTable] = &[
+        |from, to| copy_table(agents::AGENTS, from, to),
+        |from, to| copy_table(agents::CHANNELS, from, to),
+        |from, to| copy_table(agents::META, from, to),
+        |from, to| copy_table(conversations::TURNS, from, to),
+        |from, to| copy_table(conversations::OUTBOX, from, to),
+        |from, to| copy_table(conversations::LEADS, from, to),
+        |from, to| copy_table(conversations::PAUSES, from, to),
+        |from, to| copy_table(conversations::CLOCKS, from, to),
+        |from, to| copy_table(expiring::EXPIRING, from, to),
+        |from, to| copy_table(expiring::EXPIRIES, from, to),
+    ];
+
     pub fn create_tables(txn: &WriteTransaction) -> Result<(), DbError> {
         txn.open_table(agents::AGENTS)?;
         txn.open_table(agents::CHANNELS)?;
