@@ -210,9 +210,10 @@ async fn act_on_failure(state: &AppState, update: &StatusUpdate) -> Result<(), A
     };
     let letter = DeadLetter::send(part, reason, update.error_code, 1);
     let id = state.bus.put_dead_letter(&letter).await?;
-    if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
-        events::emit(&*state.bus, &state.directory, event).await;
-    }
+    events::emit(&*state.bus, &state.directory, &letter.agent_id, || {
+        wagate_core::events::dead_letter_created(&letter, &id)
+    })
+    .await;
     Ok(())
 }
 
@@ -232,12 +233,14 @@ async fn status_event(state: &AppState, agent_id: &AgentId, update: &StatusUpdat
     else {
         return;
     };
-    let data = serde_json::json!({
-        "sid": update.message_sid.as_str(), "phone": to.user(),
-        "status": update.status.as_str(), "error_code": update.error_code,
-    });
-    let event = Event::new(kind, agent_id, &to, update.message_sid.as_str(), data);
-    events::emit(&*state.bus, &state.directory, event).await;
+    events::emit(&*state.bus, &state.directory, agent_id, || {
+        let data = serde_json::json!({
+            "sid": update.message_sid.as_str(), "phone": to.user(),
+            "status": update.status.as_str(), "error_code": update.error_code,
+        });
+        Event::new(kind, agent_id, &to, update.message_sid.as_str(), data)
+    })
+    .await;
 }
 
 /// Whether the request says it carries a form (`application/x-www-form-urlencoded`, any

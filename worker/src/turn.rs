@@ -97,18 +97,20 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
         }
     };
     if new_lead {
-        let data = serde_json::json!({
-            "session_id": session.to_string(), "phone": first.from.user(),
-            "profile_name": first.profile_name, "first_seen": first.received_at.unix_timestamp(),
-        });
-        let event = Event::new(
-            Kind::LeadCreated,
-            &first.agent_id,
-            &first.from,
-            first.from.user(),
-            data,
-        );
-        events::emit(&*ctx.bus, &ctx.directory, event).await;
+        events::emit(&*ctx.bus, &ctx.directory, &first.agent_id, || {
+            let data = serde_json::json!({
+                "session_id": session.to_string(), "phone": first.from.user(),
+                "profile_name": first.profile_name, "first_seen": first.received_at.unix_timestamp(),
+            });
+            Event::new(
+                Kind::LeadCreated,
+                &first.agent_id,
+                &first.from,
+                first.from.user(),
+                data,
+            )
+        })
+        .await;
     }
     // Messages whose turn was completed before (they were delivered again) only republish
     // their stored reply; the rest make the new turn.
@@ -280,18 +282,20 @@ async fn consent(
             ctx.store.opt_in(session, msg.received_at).await?;
         }
     }
-    let data = serde_json::json!({
-        "session_id": session.to_string(), "phone": msg.from.user(),
-        "opted_out": keyword == Keyword::OptOut, "by": "keyword",
-    });
-    let event = Event::new(
-        Kind::OptoutChanged,
-        &msg.agent_id,
-        &msg.from,
-        msg.message_sid.as_str(),
-        data,
-    );
-    events::emit(&*ctx.bus, &ctx.directory, event).await;
+    events::emit(&*ctx.bus, &ctx.directory, &msg.agent_id, || {
+        let data = serde_json::json!({
+            "session_id": session.to_string(), "phone": msg.from.user(),
+            "opted_out": keyword == Keyword::OptOut, "by": "keyword",
+        });
+        Event::new(
+            Kind::OptoutChanged,
+            &msg.agent_id,
+            &msg.from,
+            msg.message_sid.as_str(),
+            data,
+        )
+    })
+    .await;
     if let Some(text) = keyword.confirmation(settings) {
         let confirmation = OutboundReply {
             id: OutboundReply::id_for_confirmation(&msg.message_sid),
@@ -339,9 +343,10 @@ async fn dead_letter(
         let letter = DeadLetter::agent(msg.clone(), reason.clone(), attempts);
         match ctx.bus.put_dead_letter(&letter).await {
             Ok(id) => {
-                if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
-                    events::emit(&*ctx.bus, &ctx.directory, event).await;
-                }
+                events::emit(&*ctx.bus, &ctx.directory, &letter.agent_id, || {
+                    wagate_core::events::dead_letter_created(&letter, &id)
+                })
+                .await;
                 ack(delivery.as_ref(), msg).await;
             }
             Err(e) => {
@@ -389,19 +394,21 @@ async fn process(
         Err(e) => return Err(Failure::transient(e)),
     };
     for m in msgs {
-        let data = serde_json::json!({
-            "session_id": session.to_string(), "phone": m.from.user(),
-            "message_sid": m.message_sid.as_str(), "body": m.body,
-            "profile_name": m.profile_name, "media": m.media.len(),
-        });
-        let event = Event::new(
-            Kind::MessageReceived,
-            &m.agent_id,
-            &m.from,
-            m.message_sid.as_str(),
-            data,
-        );
-        events::emit(&*ctx.bus, &ctx.directory, event).await;
+        events::emit(&*ctx.bus, &ctx.directory, &m.agent_id, || {
+            let data = serde_json::json!({
+                "session_id": session.to_string(), "phone": m.from.user(),
+                "message_sid": m.message_sid.as_str(), "body": m.body,
+                "profile_name": m.profile_name, "media": m.media.len(),
+            });
+            Event::new(
+                Kind::MessageReceived,
+                &m.agent_id,
+                &m.from,
+                m.message_sid.as_str(),
+                data,
+            )
+        })
+        .await;
     }
     if let Some(pause) = pause
         && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
@@ -528,17 +535,19 @@ async fn publish_reply(
             .await?;
         tracing::info!(session = %session, sid = %msg.message_sid, "the agent handed the conversation to a person; it stays paused until resumed or idle for the agent's handoff_resume_after_s");
         metrics::counter!("wagate_handoffs_total", "by" => "agent").increment(1);
-        let data = serde_json::json!({
-            "session_id": session.to_string(), "phone": msg.from.user(), "by": "agent",
-        });
-        let event = Event::new(
-            Kind::ConversationHandoff,
-            &msg.agent_id,
-            &msg.from,
-            &done.reply_id,
-            data,
-        );
-        events::emit(&*ctx.bus, &ctx.directory, event).await;
+        events::emit(&*ctx.bus, &ctx.directory, &msg.agent_id, || {
+            let data = serde_json::json!({
+                "session_id": session.to_string(), "phone": msg.from.user(), "by": "agent",
+            });
+            Event::new(
+                Kind::ConversationHandoff,
+                &msg.agent_id,
+                &msg.from,
+                &done.reply_id,
+                data,
+            )
+        })
+        .await;
     }
     let capped = cap_reply(&done.reply, MAX_REPLY_CHARS);
     if capped.is_some() {

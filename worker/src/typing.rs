@@ -7,7 +7,7 @@
 //! shows none, which saves a Twilio request per message for fast agents (the benchmark's echo
 //! agent, every turn).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use shared::directory::ResolvedChannel;
@@ -56,20 +56,24 @@ impl Typing {
     /// [`SHOW_AFTER`], in the background, until the returned guard is dropped. Not for a
     /// channel in simulation mode, which has no Twilio behind it.
     #[must_use = "the indicator is cancelled when the guard is dropped"]
-    pub fn show(&self, channel: &ResolvedChannel, message_sid: &str) -> Option<Pending> {
+    pub fn show(&self, channel: &Arc<ResolvedChannel>, message_sid: &str) -> Option<Pending> {
         if channel.channel.simulation || !channel.agent.typing_indicator {
             return None;
         }
-        let request = self
-            .client
-            .post(&self.url)
-            .basic_auth(
-                channel.channel.account_sid.as_str(),
-                Some(channel.auth_token.expose_secret()),
-            )
-            .form(&[("channel", "whatsapp"), ("messageId", message_sid)]);
+        // The request is made only once it is due: most turns end before that, and building
+        // it (the URL, the form, the credentials) cost more than the wait itself.
+        let (typing, channel, message_sid) =
+            (self.clone(), channel.clone(), message_sid.to_owned());
         let task = tokio::spawn(async move {
             tokio::time::sleep(SHOW_AFTER).await;
+            let request = typing
+                .client
+                .post(&typing.url)
+                .basic_auth(
+                    channel.channel.account_sid.as_str(),
+                    Some(channel.auth_token.expose_secret()),
+                )
+                .form(&[("channel", "whatsapp"), ("messageId", message_sid.as_str())]);
             match request.send().await {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => tracing::info!(

@@ -119,12 +119,14 @@ pub(crate) async fn pause_for(
         let user =
             wagate_core::domain::WhatsAppAddress::parse(&format!("whatsapp:{}", session.user()))
                 .map_err(|e| ApiError::invalid(e.0))?;
-        let data = serde_json::json!({
-            "session_id": session.to_string(), "phone": session.user(), "by": by,
-        });
-        let about = format!("{}_{}", session.user(), now.unix_timestamp_nanos());
-        let event = Event::new(Kind::ConversationHandoff, &agent.id, &user, &about, data);
-        events::emit(&*state.bus, &state.directory, event).await;
+        events::emit(&*state.bus, &state.directory, &agent.id, || {
+            let data = serde_json::json!({
+                "session_id": session.to_string(), "phone": session.user(), "by": by,
+            });
+            let about = format!("{}_{}", session.user(), now.unix_timestamp_nanos());
+            Event::new(Kind::ConversationHandoff, &agent.id, &user, &about, data)
+        })
+        .await;
     }
     Ok(pause)
 }

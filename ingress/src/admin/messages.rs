@@ -140,16 +140,7 @@ pub(crate) async fn queue(
     }
     let raw_to = req.to.strip_prefix("whatsapp:").unwrap_or(&req.to);
     let to = PhoneNumber::parse(raw_to).map_err(|e| ApiError::invalid(format!("to: {}", e.0)))?;
-    let channel = state
-        .store
-        .channel(&agent.id)
-        .await
-        .map_err(ApiError::unavailable)?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "this agent has no WhatsApp channel: PUT /v1/agents/{agent_id}/whatsapp first",
-            )
-        })?;
+    let channel = super::whatsapp::existing_channel(state, &agent.id).await?;
     if !channel.enabled {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -498,18 +498,26 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Json<ChannelView>, ApiError> {
     let agent = load_agent(&state, &raw).await?;
-    let channel = state
+    let channel = existing_channel(&state, &agent.id).await?;
+    let view = ChannelView::new(&state, &agent.id, &channel, host(&headers));
+    Ok(Json(with_last_errors(&state, &agent.id, view).await?))
+}
+
+/// The agent's channel, or the 404 that tells the caller to set one up first.
+pub(crate) async fn existing_channel(
+    state: &AppState,
+    agent: &AgentId,
+) -> Result<WhatsAppChannel, ApiError> {
+    state
         .store
-        .channel(&agent.id)
+        .channel(agent)
         .await
         .map_err(ApiError::unavailable)?
         .ok_or_else(|| {
             ApiError::not_found(
                 "this agent has no WhatsApp channel: PUT /v1/agents/{agent_id}/whatsapp first",
             )
-        })?;
-    let view = ChannelView::new(&state, &agent.id, &channel, host(&headers));
-    Ok(Json(with_last_errors(&state, &agent.id, view).await?))
+        })
 }
 
 /// Switches an agent's channel on or off: the API's enable/disable and the console's Disable.
@@ -520,16 +528,7 @@ pub(crate) async fn set_enabled(
     enabled: bool,
 ) -> Result<ChannelView, ApiError> {
     let agent = load_agent(state, raw).await?;
-    let mut channel = state
-        .store
-        .channel(&agent.id)
-        .await
-        .map_err(ApiError::unavailable)?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "this agent has no WhatsApp channel: PUT /v1/agents/{agent_id}/whatsapp first",
-            )
-        })?;
+    let mut channel = existing_channel(state, &agent.id).await?;
     channel.enabled = enabled;
     channel.updated_at = OffsetDateTime::now_utc();
     state

@@ -183,9 +183,10 @@ async fn dead_letter(
     let letter = DeadLetter::send(reply.clone(), reason, code, attempts);
     match ctx.bus.put_dead_letter(&letter).await {
         Ok(id) => {
-            if let Some(event) = wagate_core::events::dead_letter_created(&letter, &id) {
-                events::emit(&*ctx.bus, &ctx.directory, event).await;
-            }
+            events::emit(&*ctx.bus, &ctx.directory, &letter.agent_id, || {
+                wagate_core::events::dead_letter_created(&letter, &id)
+            })
+            .await;
             let _ = delivery.ack().await;
             "dead_letter"
         }
@@ -421,12 +422,14 @@ async fn send_part(
 /// Raises `message.sent` for part `index` of `reply`, which Twilio has as `sid` (its id: the
 /// same message found again raises the same event).
 async fn sent_event(ctx: &SendContext, reply: &OutboundReply, index: usize, sid: &str) {
-    let data = serde_json::json!({
-        "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
-        "sid": sid, "reply_id": reply.id, "part": index,
-    });
-    let event = Event::new(Kind::MessageSent, &reply.agent_id, &reply.to, sid, data);
-    events::emit(&*ctx.bus, &ctx.directory, event).await;
+    events::emit(&*ctx.bus, &ctx.directory, &reply.agent_id, || {
+        let data = serde_json::json!({
+            "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
+            "sid": sid, "reply_id": reply.id, "part": index,
+        });
+        Event::new(Kind::MessageSent, &reply.agent_id, &reply.to, sid, data)
+    })
+    .await;
 }
 
 /// Twilio refused the part because the user opted out (21610): records the opt-out, so nothing
@@ -443,18 +446,20 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
             "{e}; and the opt-out could not be recorded: {store}"
         ));
     }
-    let data = serde_json::json!({
-        "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
-        "opted_out": true, "by": "twilio",
-    });
-    let event = Event::new(
-        Kind::OptoutChanged,
-        &reply.agent_id,
-        &reply.to,
-        &reply.id,
-        data,
-    );
-    events::emit(&*ctx.bus, &ctx.directory, event).await;
+    events::emit(&*ctx.bus, &ctx.directory, &reply.agent_id, || {
+        let data = serde_json::json!({
+            "session_id": reply.session_id().to_string(), "phone": reply.to.user(),
+            "opted_out": true, "by": "twilio",
+        });
+        Event::new(
+            Kind::OptoutChanged,
+            &reply.agent_id,
+            &reply.to,
+            &reply.id,
+            data,
+        )
+    })
+    .await;
     Failure::permanent(format!("{e}: {}", Refusal::OptedOut.explain()))
         .with_code(Some(UNSUBSCRIBED))
 }

@@ -10,10 +10,8 @@
 //! The ids come from the OpenTelemetry layer the binary installs; without it (unit tests, a
 //! library user) these functions do nothing and messages carry no `traceparent`.
 
-use std::collections::HashMap;
-
 use opentelemetry::{
-    propagation::TextMapPropagator,
+    propagation::{Extractor, Injector, TextMapPropagator},
     trace::{TraceContextExt, TraceId},
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -30,9 +28,32 @@ pub fn traceparent(span: &Span) -> Option<String> {
     if !cx.span().span_context().is_valid() {
         return None;
     }
-    let mut carrier = HashMap::new();
+    let mut carrier = Traceparent(None);
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    carrier.remove(TRACEPARENT)
+    carrier.0
+}
+
+/// The one header of the W3C propagator that a message carries, in and out: a map for the
+/// propagator to write its headers into and read them from would cost an allocation per
+/// message and role for nothing (`tracestate` is not carried).
+struct Traceparent<T>(Option<T>);
+
+impl Injector for Traceparent<String> {
+    fn set(&mut self, key: &str, value: String) {
+        if key == TRACEPARENT {
+            self.0 = Some(value);
+        }
+    }
+}
+
+impl Extractor for Traceparent<&str> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.filter(|_| key == TRACEPARENT)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
 }
 
 /// Makes `span` (just created, not yet entered) a child of the span `traceparent` names, and
@@ -40,8 +61,7 @@ pub fn traceparent(span: &Span) -> Option<String> {
 /// or bytes from outside) starts a new trace instead: tracing never refuses a message.
 pub fn continue_trace(span: &Span, traceparent: Option<&str>) {
     if let Some(value) = traceparent {
-        let carrier = HashMap::from([(TRACEPARENT.to_owned(), value.to_owned())]);
-        let parent = TraceContextPropagator::new().extract(&carrier);
+        let parent = TraceContextPropagator::new().extract(&Traceparent(Some(value)));
         if parent.span().span_context().is_valid() {
             // Fails only for a span already started, which the caller's order rules out, or
             // without the layer, where there is no trace to continue.

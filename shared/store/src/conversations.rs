@@ -124,13 +124,7 @@ impl Lead {
     /// `opted_out` and `opted_out_at` from the lead's opt-out and opt-in times (ms), as
     /// [`wagate_core::window::opted_out`] reads the clocks.
     pub(crate) fn consent(&mut self, optout: Option<i64>, optin: Option<i64>) {
-        let at =
-            |ms: i64| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok();
-        let clocks = WindowClocks {
-            last_inbound: None,
-            opted_out_at: optout.and_then(at),
-            opted_in_at: optin.and_then(at),
-        };
+        let clocks = crate::clocks_from_ms(None, optout, optin);
         self.opted_out = wagate_core::window::opted_out(clocks);
         self.opted_out_at = clocks.opted_out_at.filter(|_| self.opted_out);
     }

@@ -33,6 +33,8 @@ pub mod redis;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
+use wagate_core::window::WindowClocks;
 
 pub use agents::{Agents, Change, SignatureFailure};
 pub use conversations::{
@@ -41,6 +43,32 @@ pub use conversations::{
 };
 pub use ledger::{CONTENT_TTL, GuardState, Hold, SendLedger, SentMessage};
 pub use pacing::{Pace, Slot};
+
+/// A time as both backends store it: milliseconds since the Unix epoch, which sort as redb
+/// keys and Redis scores and which Lua can compare.
+pub(crate) fn ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// The time of a stored [`ms`]; one out of `time`'s range (only a damaged record) reads as the
+/// epoch, long past, rather than failing the whole read.
+pub(crate) fn from_ms(v: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A conversation's window clocks from their stored milliseconds.
+pub(crate) fn clocks_from_ms(
+    last_inbound: Option<i64>,
+    opted_out_at: Option<i64>,
+    opted_in_at: Option<i64>,
+) -> WindowClocks {
+    WindowClocks {
+        last_inbound: last_inbound.map(from_ms),
+        opted_out_at: opted_out_at.map(from_ms),
+        opted_in_at: opted_in_at.map(from_ms),
+    }
+}
 
 /// A failure of the store. The text is safe to log: it says what was being done and why it
 /// failed, never a stored value or a secret.

@@ -18,9 +18,11 @@ use wagate_embedded::{DbError, now_ms};
 
 use super::{
     EmbeddedStore, Expiring, conversations::CLOCKS, decode, duration_ms, encode,
-    expiring::EXPIRING, from_ms, live,
+    expiring::EXPIRING, live,
 };
-use crate::{GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError};
+use crate::{
+    GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError, clocks_from_ms,
+};
 
 #[derive(Serialize, Deserialize)]
 struct StatusRecord {
@@ -114,11 +116,7 @@ impl SendLedger for EmbeddedStore {
             .await?;
         Ok((
             state,
-            WindowClocks {
-                last_inbound: last_inbound.map(from_ms),
-                opted_out_at: opted_out_at.map(from_ms),
-                opted_in_at: opted_in_at.map(from_ms),
-            },
+            clocks_from_ms(last_inbound, opted_out_at, opted_in_at),
         ))
     }
 

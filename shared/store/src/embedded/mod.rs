@@ -25,13 +25,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{TableDefinition, WriteTransaction};
 use serde::Serialize;
-use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
 use wagate_core::domain::AgentId;
 use wagate_embedded::{CopyTable, Db, DbError, copy_table, now_ms};
 
-use crate::{Store, StoreError, pacing::LocalPaces};
+use crate::{Store, StoreError, from_ms, ms, pacing::LocalPaces};
 
 mod agents;
 mod conversations;
@@ -43,15 +42,6 @@ use expiring::{Expiring, Key, live};
 /// Change notifications buffered per subscriber; one that falls further behind is told to drop
 /// everything it cached ([`Change::All`]).
 const CHANGES_BUFFER: usize = 1024;
-
-fn ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
-fn from_ms(v: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

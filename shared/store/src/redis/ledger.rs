@@ -15,8 +15,10 @@ use wagate_core::{
     window::WindowClocks,
 };
 
-use super::{RedisStore, err, evalsha, from_ms, lease_ms, ms, to_json};
-use crate::{GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError};
+use super::{RedisStore, err, evalsha, lease_ms, ms, to_json};
+use crate::{
+    GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError, clocks_from_ms,
+};
 
 // The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
 // ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s). A claim answers with the
@@ -206,11 +208,7 @@ impl SendLedger for RedisStore {
         let (answer,) = claimed.map_err(err("claim send"))?;
         Ok((
             guard_state(&answer)?,
-            WindowClocks {
-                last_inbound: last_inbound.map(from_ms),
-                opted_out_at: opted_out_at.map(from_ms),
-                opted_in_at: opted_in_at.map(from_ms),
-            },
+            clocks_from_ms(last_inbound, opted_out_at, opted_in_at),
         ))
     }
 

@@ -31,11 +31,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
-use time::OffsetDateTime;
 
 use wagate_core::redact;
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, from_ms, ms};
 
 /// How the Redis of `WAGATE_REDIS_URL` is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,18 +196,9 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(StoreError::json("encode"))
 }
 
-fn ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
 /// A lease in ms, at least 1: a lease of 0 would be taken over at once.
 fn lease_ms(lease: Duration) -> u64 {
     u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-fn from_ms(v: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 #[async_trait]
