@@ -127,6 +127,13 @@ impl Redis {
         !matches!(self.conn, Conn::Single(_))
     }
 
+    /// Whether every key is on one server (one server, or Sentinel's master): then writes to
+    /// keys of different slots can go in one pipeline, which Redis runs in the order sent, so
+    /// an operation that a cluster needs in ordered steps costs one round trip here.
+    pub(super) fn one_server(&self) -> bool {
+        !matches!(self.conn, Conn::Cluster(_))
+    }
+
     /// Waits (at most [`REPLICA_WAIT`]) until a replica has every write this connection made to
     /// `key`'s server so far: `WAIT 1 <ms>`. Returns how many replicas acknowledged; 0 means the
     /// write stands on the master alone and a failover now could lose it (docs/operations.md).

@@ -133,25 +133,69 @@ impl RedisStore {
         cmd
     }
 
-    /// Adds `message_sid` to the sids of parts sent to `part`'s user, so that erasing the user
-    /// finds the sent parts and statuses, which are keyed by the sid alone. Written after the
-    /// part: a crash between leaves one record unindexed, which lapses after [`GUARD_TTL`].
-    async fn index_sent(&self, part: &OutboundReply, message_sid: &str) -> Result<(), StoreError> {
+    /// Adds to `pipe` the guard's mark that its part went out as `message_sid`.
+    fn mark_guard(pipe: &mut redis::Pipeline, guard: &str, message_sid: &str) {
+        pipe.set_ex(guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
+            .ignore();
+    }
+
+    /// Adds to `pipe` `message_sid` to the sids of parts sent to `part`'s user, so that erasing
+    /// the user finds the sent parts and statuses, which are keyed by the sid alone. It comes
+    /// after the part: a crash between leaves one record unindexed, which lapses after
+    /// [`GUARD_TTL`].
+    fn index_sent(&self, pipe: &mut redis::Pipeline, part: &OutboundReply, message_sid: &str) {
         let session = part.session_id();
         let index = key!(self, "sentto:{{{session}}}");
-        let _: () = redis::pipe()
-            .atomic()
-            .sadd(&index, message_sid)
-            .ignore()
-            .expire(
-                &index,
-                i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
-            )
-            .ignore()
-            .query_async(&mut self.conn())
-            .await
-            .map_err(err("index sent part"))?;
-        Ok(())
+        pipe.sadd(&index, message_sid).ignore().expire(
+            &index,
+            i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
+        );
+        pipe.ignore();
+    }
+
+    /// Writes `record` (the part sent as `message_sid`, unless already written), marks the
+    /// guard and indexes the part, in that order. A guard that says `sent:` must always have
+    /// its part recorded, and the guard is waited on by a replica (lost in a failover, the part
+    /// would be sent again). On one server the steps go in one pipeline: Redis runs a
+    /// connection's commands in the order sent, so a sender that dies part way leaves the same
+    /// prefix of them as it would between round trips. On a cluster each is in a slot of its
+    /// own, so each is a round trip.
+    async fn record_guard_index(
+        &self,
+        record: Option<(String, Vec<u8>)>,
+        guard: &str,
+        part: &OutboundReply,
+        message_sid: &str,
+        what: &'static str,
+    ) -> Result<(), StoreError> {
+        let run = |pipe: redis::Pipeline| async move {
+            let _: () = pipe
+                .query_async(&mut self.conn())
+                .await
+                .map_err(err(what))?;
+            Ok::<_, StoreError>(())
+        };
+        let mut pipe = redis::pipe();
+        if let Some((key, value)) = record {
+            pipe.set_ex(key, value, GUARD_TTL.as_secs()).ignore();
+        }
+        if self.redis.one_server() {
+            Self::mark_guard(&mut pipe, guard, message_sid);
+            self.index_sent(&mut pipe, part, message_sid);
+            run(pipe).await?;
+            self.replicated(guard, what).await;
+            return Ok(());
+        }
+        if pipe.cmd_iter().next().is_some() {
+            run(pipe).await?;
+        }
+        let mut mark = redis::pipe();
+        Self::mark_guard(&mut mark, guard, message_sid);
+        run(mark).await?;
+        self.replicated(guard, what).await;
+        let mut index = redis::pipe();
+        self.index_sent(&mut index, part, message_sid);
+        run(index).await
     }
 
     async fn status_of(
@@ -223,23 +267,9 @@ impl SendLedger for RedisStore {
         // the steps leaves the guard pending, to lapse, and whoever takes the part next finds
         // the message in Twilio's list and settles on it ([`Self::settle_sent`]) as this part's.
         let guard = key!(self, "guard:{key}");
-        let _: () = self
-            .conn()
-            .set_ex(
-                key!(self, "sent:{message_sid}"),
-                to_json(part)?,
-                GUARD_TTL.as_secs(),
-            )
+        let record = (key!(self, "sent:{message_sid}"), to_json(part)?);
+        self.record_guard_index(Some(record), &guard, part, message_sid, "mark sent")
             .await
-            .map_err(err("mark sent"))?;
-        let _: () = self
-            .conn()
-            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
-            .await
-            .map_err(err("mark sent"))?;
-        // The send ledger: a guard lost in a failover would send the part again.
-        self.replicated(&guard, "mark sent").await;
-        self.index_sent(part, message_sid).await
     }
 
     async fn settle_sent(
@@ -264,13 +294,8 @@ impl SendLedger for RedisStore {
             return Ok(false);
         }
         let guard = key!(self, "guard:{key}");
-        let _: () = self
-            .conn()
-            .set_ex(&guard, format!("sent:{message_sid}"), GUARD_TTL.as_secs())
-            .await
-            .map_err(err("settle sent"))?;
-        self.replicated(&guard, "settle sent").await;
-        self.index_sent(part, message_sid).await?;
+        self.record_guard_index(None, &guard, part, message_sid, "settle sent")
+            .await?;
         Ok(true)
     }
 
