@@ -4,14 +4,19 @@
 //! default, the Sandbox about one every 3 s).
 //!
 //! Live replies go first: a live reply may go while the sender's schedule is up to one
-//! interval ahead of now (a burst of one message beyond the rate), a bulk send (an admin's
-//! message or template) only while it is at most half an interval ahead. So whenever both
-//! wait, the next free slot goes to the live reply. Bulk sends also travel on a queue of their
+//! window ahead of now, a bulk send (an admin's message or template) only while it is at most
+//! half a window ahead. So whenever both wait, the next free slot goes to the live reply. The
+//! window is one interval (a burst of one message beyond the rate) or [`MIN_WINDOW`],
+//! whichever is longer: a waiter sleeps on the runtime's timer, which counts whole
+//! milliseconds and wakes later still on a busy machine, so at 10,000 messages a second a
+//! burst of one would let through one message per wake-up, about a thousand a second. With
+//! the window, a sender at a high rate sends what the wake-up's delay let build up, and the
+//! rate over any second still holds. Bulk sends also travel on a queue of their
 //! own ([`bus::Topic::Bulk`]), so a backlog of them never stands between a live reply
 //! and the sender. Bulk sends are the ones that wait in line for slots, so they also get a
 //! grace of half an interval ([`Pace::grace`]): a waiter woken up to an interval after it was
 //! told to come back (timers, the round trip, a busy machine) still takes the slot it waited
-//! for, and the rate holds. Tolerance and grace together stay one interval: a burst of one.
+//! for, and the rate holds. Tolerance and grace together stay one window.
 //!
 //! In one process, the sends of one sender and priority wait in line (first come, first
 //! served) and only the first of the line asks the store, so a backlog costs about one store
@@ -32,6 +37,10 @@ use wagate_core::{
 };
 
 /// Which sends go first when a sender number's slots are scarce.
+/// The least burst a sender may send ahead of its rate, in time: at 80 messages a second (a
+/// WhatsApp number's default) one interval is longer, so there the burst stays one message.
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Priority {
     /// A reply in a conversation: the agent's, an operator's, an opt-out's confirmation.
@@ -48,16 +57,17 @@ impl Priority {
 
     /// How a send of this priority is paced, `interval` apart.
     fn pace(self, interval: Duration) -> Pace {
+        let window = interval.max(MIN_WINDOW);
         match self {
             Self::Live => Pace {
                 interval,
-                tolerance: interval,
+                tolerance: window,
                 grace: Duration::ZERO,
             },
             Self::Bulk => Pace {
                 interval,
-                tolerance: interval / 2,
-                grace: interval / 2,
+                tolerance: window / 2,
+                grace: window / 2,
             },
         }
     }
@@ -196,6 +206,7 @@ fn sender_key(channel: &WhatsAppChannel) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use store::SendLedger;
 
     #[test]
     fn the_interval_is_a_second_shared_out_and_never_zero() {
@@ -204,5 +215,42 @@ mod tests {
         assert_eq!(interval(1e9), Duration::from_micros(100));
         assert_eq!(interval(f64::NAN), interval(wagate_core::agent::MIN_MPS));
         assert_eq!(interval(0.0), interval(wagate_core::agent::MIN_MPS));
+    }
+
+    /// At a number's default rate a burst is one message; at a high rate it is what the window
+    /// holds, so that slots freed while a waiter sleeps on a millisecond timer are not lost.
+    #[test]
+    fn the_burst_is_one_interval_or_the_window() {
+        let slow = Priority::Live.pace(interval(80.0));
+        assert_eq!(slow.tolerance, Duration::from_micros(12_500));
+        let fast = Priority::Live.pace(interval(10_000.0));
+        assert_eq!(fast.tolerance, MIN_WINDOW);
+        let bulk = Priority::Bulk.pace(interval(10_000.0));
+        assert_eq!(bulk.tolerance + bulk.grace, MIN_WINDOW);
+        assert!(bulk.tolerance < fast.tolerance, "live replies go first");
+    }
+
+    /// A burst arriving at once at 10,000 a second goes without waiting for the timer: the
+    /// window holds 100 slots. Time passing only frees more, so this holds on a slow machine.
+    #[tokio::test]
+    async fn a_burst_at_a_high_rate_goes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = shared::embedded::EmbeddedOptions {
+            duplicate_window: Duration::from_secs(120),
+        };
+        let store = shared::embedded::Embedded::open(dir.path(), options)
+            .unwrap()
+            .store;
+        let pace = Priority::Live.pace(interval(10_000.0));
+        for n in 0..50 {
+            assert_eq!(
+                store
+                    .take_send_slot("AC1:+15550001111", pace)
+                    .await
+                    .unwrap(),
+                Slot::Go,
+                "send {n}"
+            );
+        }
     }
 }
