@@ -19,8 +19,10 @@
 //! for, and the rate holds. Tolerance and grace together stay one window.
 //!
 //! In one process, the sends of one sender and priority wait in line (first come, first
-//! served) and only the first of the line asks the store, so a backlog costs about one store
-//! call per send rather than one per waiting send and slot. Waiting holds no other
+//! served) and only the first of the line asks the store, for as many slots as the line has
+//! sends (as many as the pace allows at once), and hands the rest to those behind it: a
+//! backlog costs a store call per window of the pace rather than one per send, one after the
+//! other. Waiting holds no other
 //! conversation: the dispatcher runs conversations in parallel, and the part's send guard is
 //! renewed while it waits (the wait runs inside the send's `renewing`).
 
@@ -36,11 +38,11 @@ use wagate_core::{
     envelope::OutboundReply,
 };
 
-/// Which sends go first when a sender number's slots are scarce.
 /// The least burst a sender may send ahead of its rate, in time: at 80 messages a second (a
 /// WhatsApp number's default) one interval is longer, so there the burst stays one message.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 
+/// Which sends go first when a sender number's slots are scarce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Priority {
     /// A reply in a conversation: the agent's, an operator's, an opt-out's confirmation.
@@ -81,8 +83,9 @@ impl Priority {
     }
 }
 
-/// A line of sends waiting in this process for one sender's slots.
-type Line = Arc<tokio::sync::Mutex<()>>;
+/// A line of sends waiting in this process for one sender's slots, with the slots that its
+/// head took for those behind it and that are not used yet.
+type Line = Arc<tokio::sync::Mutex<u32>>;
 
 /// Paces the posts of this process's sends, with every other sender process.
 pub struct Pacer {
@@ -117,14 +120,14 @@ impl Pacer {
         let taken = match self.line(&sender, priority) {
             // Nobody of this process waits for the sender: ask at once, and join a line only
             // to wait, so that a sender under its rate pays one store call and no hand-off.
-            None => match self.store.take_send_slot(&sender, pace).await {
-                Ok(Slot::Go) => Ok(()),
+            None => match self.store.take_send_slot(&sender, pace, 1).await {
+                Ok(Slot::Go(_)) => Ok(()),
                 Ok(Slot::Wait(wait)) => {
                     let line = self.join(&sender, priority);
                     let taken = {
-                        let _first = line.lock().await;
+                        let mut spare = line.lock().await;
                         tokio::time::sleep(wait).await;
-                        self.take(&sender, pace).await
+                        self.take(&sender, pace, &line, &mut spare).await
                     };
                     self.leave(&sender, priority, line);
                     taken
@@ -133,8 +136,8 @@ impl Pacer {
             },
             Some(line) => {
                 let taken = {
-                    let _first = line.lock().await;
-                    self.take(&sender, pace).await
+                    let mut spare = line.lock().await;
+                    self.take(&sender, pace, &line, &mut spare).await
                 };
                 self.leave(&sender, priority, line);
                 taken
@@ -145,11 +148,33 @@ impl Pacer {
         taken
     }
 
-    /// Asks the store for a slot until it gives one.
-    async fn take(&self, sender: &str, pace: Pace) -> Result<(), StoreError> {
+    /// Takes a slot for the head of `line` (the caller, holding its lock): one that an earlier
+    /// head took for those behind it, else as many from the store as there are sends in the
+    /// line now, asking until the store gives some. One store call thus serves the whole line;
+    /// a call per send, one after the other, was what held a fast sender's rate down. Slots left
+    /// over when the line empties are not used: the sender posts a little under its rate then,
+    /// never over it.
+    async fn take(
+        &self,
+        sender: &str,
+        pace: Pace,
+        line: &Line,
+        spare: &mut u32,
+    ) -> Result<(), StoreError> {
+        if *spare > 0 {
+            *spare -= 1;
+            return Ok(());
+        }
         loop {
-            match self.store.take_send_slot(sender, pace).await? {
-                Slot::Go => return Ok(()),
+            // Every holder of the line but the table: this send and those behind it.
+            let waiting = u32::try_from(Arc::strong_count(line).saturating_sub(1))
+                .unwrap_or(u32::MAX)
+                .max(1);
+            match self.store.take_send_slot(sender, pace, waiting).await? {
+                Slot::Go(granted) => {
+                    *spare = granted.saturating_sub(1);
+                    return Ok(());
+                }
                 Slot::Wait(wait) => tokio::time::sleep(wait).await,
             }
         }
@@ -245,10 +270,10 @@ mod tests {
         for n in 0..50 {
             assert_eq!(
                 store
-                    .take_send_slot("AC1:+15550001111", pace)
+                    .take_send_slot("AC1:+15550001111", pace, 1)
                     .await
                     .unwrap(),
-                Slot::Go,
+                Slot::Go(1),
                 "send {n}"
             );
         }

@@ -240,9 +240,9 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
     };
     let take = |sender: &'static str, pace: Pace| {
         let store = store.clone();
-        async move { store.take_send_slot(sender, pace).await.unwrap() }
+        async move { store.take_send_slot(sender, pace, 1).await.unwrap() }
     };
-    assert_eq!(take("AC1:+1555", bulk).await, Slot::Go, "{name}: idle");
+    assert_eq!(take("AC1:+1555", bulk).await, Slot::Go(1), "{name}: idle");
     // The next bulk send waits until the schedule is half an interval ahead; a live one may
     // go now, once (the burst of one message), and then waits less than the bulk one.
     let Slot::Wait(bulk_wait) = take("AC1:+1555", bulk).await else {
@@ -252,7 +252,11 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
         bulk_wait > Duration::ZERO && bulk_wait <= interval / 2,
         "{name}: {bulk_wait:?}"
     );
-    assert_eq!(take("AC1:+1555", live).await, Slot::Go, "{name}: the burst");
+    assert_eq!(
+        take("AC1:+1555", live).await,
+        Slot::Go(1),
+        "{name}: the burst"
+    );
     let (Slot::Wait(live_wait), Slot::Wait(bulk_wait)) =
         (take("AC1:+1555", live).await, take("AC1:+1555", bulk).await)
     else {
@@ -265,7 +269,7 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
     // Another sender has a pace of its own.
     assert_eq!(
         take("AC1:+1666", bulk).await,
-        Slot::Go,
+        Slot::Go(1),
         "{name}: another sender"
     );
     // A grace of one interval is a burst of one as a tolerance is: two at once, then the rate.
@@ -274,11 +278,39 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
         tolerance: Duration::ZERO,
         grace: interval,
     };
-    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: idle");
-    assert_eq!(take("AC1:+1888", graced).await, Slot::Go, "{name}: grace");
+    assert_eq!(take("AC1:+1888", graced).await, Slot::Go(1), "{name}: idle");
+    assert_eq!(
+        take("AC1:+1888", graced).await,
+        Slot::Go(1),
+        "{name}: grace"
+    );
     assert!(
         matches!(take("AC1:+1888", graced).await, Slot::Wait(_)),
         "{name}: beyond the burst"
+    );
+
+    // A line of sends takes what the tolerance holds in one call, no more, and then waits.
+    let window = Pace {
+        interval: Duration::from_secs(1),
+        tolerance: Duration::from_secs(4),
+        grace: Duration::ZERO,
+    };
+    assert_eq!(
+        store.take_send_slot("AC1:+1999", window, 10).await.unwrap(),
+        Slot::Go(5),
+        "{name}: the window's slots at once"
+    );
+    assert!(
+        matches!(
+            store.take_send_slot("AC1:+1999", window, 10).await.unwrap(),
+            Slot::Wait(_)
+        ),
+        "{name}: nothing beyond the window"
+    );
+    assert_eq!(
+        store.take_send_slot("AC1:+2000", window, 2).await.unwrap(),
+        Slot::Go(2),
+        "{name}: no more than wanted"
     );
 
     // Four tasks racing for one sender for a while get the rate, and no more.
@@ -294,8 +326,8 @@ async fn a_senders_pace_holds_its_rate_and_lets_live_sends_first(rig: Rig) {
         tokio::spawn(async move {
             let mut sent = Vec::new();
             while started.elapsed() < run_for {
-                match store.take_send_slot("AC1:+1777", fast).await.unwrap() {
-                    Slot::Go => sent.push(started.elapsed()),
+                match store.take_send_slot("AC1:+1777", fast, 1).await.unwrap() {
+                    Slot::Go(_) => sent.push(started.elapsed()),
                     Slot::Wait(wait) => tokio::time::sleep(wait).await,
                 }
             }

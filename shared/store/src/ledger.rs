@@ -136,11 +136,13 @@ pub trait SendLedger: Send + Sync {
     /// that stands, so that both senders go on with one content.
     async fn cache_content_sid(&self, key: &str, sid: &str) -> Result<String, StoreError>;
 
-    /// Takes a slot of the pace of the sender `sender` (a Twilio number or Messaging Service
-    /// with its account), shared by every sender process: [`Slot::Go`] when the message may be
-    /// posted now, else how long to wait before asking again. Atomic, with the store's clock
-    /// (Redis's `TIME`), so that senders on hosts whose clocks differ share one pace.
-    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError>;
+    /// Takes up to `want` slots of the pace of the sender `sender` (a Twilio number or
+    /// Messaging Service with its account), shared by every sender process: [`Slot::Go`] with
+    /// how many were taken (as many messages may be posted now), else how long to wait before
+    /// asking again. Atomic, with the store's clock (Redis's `TIME`), so that senders on hosts
+    /// whose clocks differ share one pace.
+    async fn take_send_slot(&self, sender: &str, pace: Pace, want: u32)
+    -> Result<Slot, StoreError>;
 }
 
 /// How long a cached Content API sid is kept ([`SendLedger::cache_content_sid`]): a content is

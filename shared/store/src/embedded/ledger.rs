@@ -350,7 +350,12 @@ impl SendLedger for EmbeddedStore {
         Ok(String::from_utf8_lossy(&stands).into_owned())
     }
 
-    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
-        Ok(self.paces.take(sender, pace))
+    async fn take_send_slot(
+        &self,
+        sender: &str,
+        pace: Pace,
+        want: u32,
+    ) -> Result<Slot, StoreError> {
+        Ok(self.paces.take(sender, pace, want))
     }
 }

@@ -423,19 +423,25 @@ impl SendLedger for RedisStore {
             .map_err(err("cache content sid"))
     }
 
-    async fn take_send_slot(&self, sender: &str, pace: Pace) -> Result<Slot, StoreError> {
-        let wait: u64 = SCRIPTS
+    async fn take_send_slot(
+        &self,
+        sender: &str,
+        pace: Pace,
+        want: u32,
+    ) -> Result<Slot, StoreError> {
+        let (granted, wait): (u32, u64) = SCRIPTS
             .take_slot
             .key(key!(self, "pace:{{{sender}}}"))
             .arg(crate::pacing::micros(pace.interval))
             .arg(crate::pacing::micros(pace.tolerance))
             .arg(crate::pacing::micros(pace.grace))
+            .arg(want)
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("take send slot"))?;
-        Ok(match wait {
-            0 => Slot::Go,
-            micros => Slot::Wait(Duration::from_micros(micros)),
+        Ok(match granted {
+            0 => Slot::Wait(Duration::from_micros(wait)),
+            granted => Slot::Go(granted),
         })
     }
 }
