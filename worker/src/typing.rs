@@ -11,11 +11,18 @@ use std::{sync::Arc, time::Duration};
 
 use secrecy::ExposeSecret;
 use shared::directory::ResolvedChannel;
+use tokio::sync::Semaphore;
 
 /// How long one indicator request may take; the indicator means nothing once the reply is out.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a turn runs before its user is shown the indicator.
 pub const SHOW_AFTER: Duration = Duration::from_secs(1);
+/// Most indicator requests in flight at once; more wait for one of them to finish. A worker
+/// holding 10,000 slow turns would otherwise open 10,000 connections to Twilio at the same
+/// second, for a courtesy (a connection's state is about 25 KB of the worker's memory, and
+/// Twilio refuses an account's requests beyond its concurrency limit anyway). Waiting costs
+/// nothing: a turn that ends first drops its indicator unsent.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// An indicator waiting for [`SHOW_AFTER`]; dropped when the turn ends, it is not sent (or, if
 /// its request is under way, that request is dropped: either way harmless).
@@ -32,6 +39,7 @@ impl Drop for Pending {
 pub struct Typing {
     client: reqwest::Client,
     url: String,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Typing {
@@ -49,6 +57,7 @@ impl Typing {
                 "{}/v2/Indicators/Typing.json",
                 messaging_base.trim_end_matches('/')
             ),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -66,6 +75,10 @@ impl Typing {
             (self.clone(), channel.clone(), message_sid.to_owned());
         let task = tokio::spawn(async move {
             tokio::time::sleep(SHOW_AFTER).await;
+            // The semaphore is never closed.
+            let Ok(_permit) = typing.in_flight.acquire().await else {
+                return;
+            };
             let request = typing
                 .client
                 .post(&typing.url)
