@@ -38,7 +38,8 @@ impl Drop for Pending {
 #[derive(Clone)]
 pub struct Typing {
     client: reqwest::Client,
-    url: String,
+    /// Shared, so that handing the client to a turn's indicator task copies no string.
+    url: Arc<str>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -56,7 +57,8 @@ impl Typing {
             url: format!(
                 "{}/v2/Indicators/Typing.json",
                 messaging_base.trim_end_matches('/')
-            ),
+            )
+            .into(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
@@ -81,7 +83,7 @@ impl Typing {
             };
             let request = typing
                 .client
-                .post(&typing.url)
+                .post(&*typing.url)
                 .basic_auth(
                     channel.channel.account_sid.as_str(),
                     Some(channel.auth_token.expose_secret()),

@@ -146,20 +146,22 @@ impl RedisStore {
     fn index_sent(&self, pipe: &mut redis::Pipeline, part: &OutboundReply, message_sid: &str) {
         let session = part.session_id();
         let index = key!(self, "sentto:{{{session}}}");
-        pipe.sadd(&index, message_sid).ignore().expire(
-            &index,
-            i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
-        );
-        pipe.ignore();
+        pipe.sadd(&index, message_sid)
+            .ignore()
+            .expire(
+                &index,
+                i64::try_from(GUARD_TTL.as_secs()).unwrap_or(i64::MAX),
+            )
+            .ignore();
     }
 
     /// Writes `record` (the part sent as `message_sid`, unless already written), marks the
     /// guard and indexes the part, in that order. A guard that says `sent:` must always have
     /// its part recorded, and the guard is waited on by a replica (lost in a failover, the part
-    /// would be sent again). On one server the steps go in one pipeline: Redis runs a
-    /// connection's commands in the order sent, so a sender that dies part way leaves the same
-    /// prefix of them as it would between round trips. On a cluster each is in a slot of its
-    /// own, so each is a round trip.
+    /// would be sent again). On one server the steps go in one transaction (`MULTI`/`EXEC`:
+    /// all of them or none). On a cluster each is in a slot of its own, so each is a round
+    /// trip, the index's two commands in a transaction of their own (an index is never left
+    /// without its expiry).
     async fn record_guard_index(
         &self,
         record: Option<(String, Vec<u8>)>,
@@ -176,6 +178,7 @@ impl RedisStore {
             Ok::<_, StoreError>(())
         };
         let mut pipe = redis::pipe();
+        pipe.atomic();
         if let Some((key, value)) = record {
             pipe.set_ex(key, value, GUARD_TTL.as_secs()).ignore();
         }
@@ -194,6 +197,7 @@ impl RedisStore {
         run(mark).await?;
         self.replicated(guard, what).await;
         let mut index = redis::pipe();
+        index.atomic();
         self.index_sent(&mut index, part, message_sid);
         run(index).await
     }
