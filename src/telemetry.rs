@@ -3,7 +3,8 @@
 //! level: so every line about a message carries its `trace_id` (wagate_core::trace). Spans are
 //! always given W3C ids, so that logs can be joined across processes; they are exported over
 //! OTLP (http/protobuf, or http/json) only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, under
-//! the role's `service.name`.
+//! the role's `service.name`, by OpenTelemetry's layer. Otherwise wagate_core's `IdsLayer`
+//! gives the ids alone, at a fraction of the cost per span.
 
 use anyhow::{Context, bail};
 use opentelemetry::trace::TracerProvider as _;
@@ -13,15 +14,16 @@ use opentelemetry_sdk::{
     trace::{BatchSpanProcessor, Sampler, SdkTracerProvider},
 };
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use wagate_core::trace::IdsLayer;
 
-/// Keeps the exporter running; dropping it sends the spans still queued.
+/// Keeps the exporter running, if spans are exported; dropping it sends the spans still queued.
 pub struct Telemetry {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        if let Err(e) = self.provider.shutdown() {
+        if let Some(Err(e)) = self.provider.as_ref().map(SdkTracerProvider::shutdown) {
             eprintln!("wagate: could not send the last spans: {e}");
         }
     }
@@ -52,9 +54,13 @@ pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
             .with_writer(std::io::stderr)
             .boxed()
     };
-    let spans = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("wagate"))
-        .with_threads(false);
+    let spans = match &provider {
+        Some(provider) => tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("wagate"))
+            .with_threads(false)
+            .boxed(),
+        None => IdsLayer.boxed(),
+    };
     tracing_subscriber::registry()
         .with(filter)
         .with(logs)
@@ -64,16 +70,15 @@ pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
     Ok(Telemetry { provider })
 }
 
-/// Samples every trace and exports it in batches when a collector is configured; otherwise
-/// gives spans their ids and records nothing (a non-sampled span costs next to nothing).
-fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
-    let resource = Resource::builder().with_service_name(service).build();
-    let builder = SdkTracerProvider::builder().with_resource(resource);
+/// Samples every trace and exports it in batches when a collector is configured; `None`
+/// otherwise, as there is nothing to export.
+fn tracer_provider(service: &'static str) -> anyhow::Result<Option<SdkTracerProvider>> {
     let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
     let traces_endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").unwrap_or_default();
     if endpoint.is_empty() && traces_endpoint.is_empty() {
-        return Ok(builder.with_sampler(Sampler::AlwaysOff).build());
+        return Ok(None);
     }
+    let resource = Resource::builder().with_service_name(service).build();
     // Chosen here, not left to the exporter: with both encodings built in, its default would
     // be JSON, and OTLP's (and INTERFACE.md's) is protobuf.
     let protocol = match std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
@@ -90,8 +95,11 @@ fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
         .with_protocol(protocol)
         .build()
         .context("configuring the OTLP span exporter (OTEL_EXPORTER_OTLP_*)")?;
-    Ok(builder
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-        .with_span_processor(BatchSpanProcessor::builder(exporter).build())
-        .build())
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+            .with_span_processor(BatchSpanProcessor::builder(exporter).build())
+            .build(),
+    ))
 }

@@ -2,7 +2,8 @@
 //! spans over OTLP (http/protobuf, to a collector stand-in that decodes OpenTelemetry's own
 //! protobuf messages) under their `service.name`, all under the trace id ingress started; the
 //! message on NATS carries it in its `traceparent` header; and each process's JSON log lines
-//! about the message carry that `trace_id`.
+//! about the message carry that `trace_id`. Without a collector, nothing is exported but the
+//! ids are the same: one trace per message, in its `traceparent` and every role's logs.
 
 use crate::support;
 
@@ -155,22 +156,86 @@ async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
         "{header}"
     );
 
-    // Each process logged about the message with its trace id, and the lines that name the
-    // message or its reply all carry it.
-    for (role, process) in [
-        ("ingress", &ingress),
-        ("worker", &worker),
-        ("sender", &sender),
-    ] {
+    assert_logged_under(&[&ingress, &worker, &sender], &message_sid, &trace_id);
+}
+
+/// Without a collector, spans are not exported but messages are still traced: each message's
+/// `traceparent` on NATS names a trace of its own, and the JSON log lines of every role about
+/// that message carry its id.
+#[tokio::test]
+async fn without_a_collector_each_message_still_has_one_trace_id_in_every_roles_logs() {
+    let servers = Servers::start().await;
+    let twilio = FakeTwilio::start().await;
+    twilio.add_account(support::harness::ACCOUNT_SID, support::harness::AUTH_TOKEN);
+    let env = [
+        ("WAGATE_LOG_FORMAT", "json"),
+        (
+            "RUST_LOG",
+            "info,wagate_ingress=debug,wagate_worker=debug,wagate_sender=debug,async_nats=warn",
+        ),
+    ];
+    let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &env).await;
+    ingress.echo_agent("demo").await;
+    let worker = Wagate::start_role("worker", &servers, &twilio.base_url, &env).await;
+    let sender = Wagate::start_role("sender", &servers, &twilio.base_url, &env).await;
+    let nats = async_nats::connect(&servers.nats_url).await.unwrap();
+    let mut published = nats.subscribe("wagate.inbound.>").await.unwrap();
+
+    let mut traces = Vec::new();
+    for (n, from) in [(1, "+14155550100"), (2, "+14155550101")] {
+        let message_sid = sid(n);
+        let answer = ingress
+            .inbound("demo", &message_sid, from, "trace me")
+            .await;
+        assert_eq!(answer.status(), 200);
+        twilio
+            .wait_for_sent(n as usize, Duration::from_secs(20))
+            .await;
+        let on_nats = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut published),
+        )
+        .await
+        .expect("ingress's publish seen on NATS")
+        .expect("a message");
+        let header = on_nats
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_owned())
+            .expect("a traceparent header");
+        let trace_id = header.split('-').nth(1).expect("a trace id").to_owned();
+        assert_eq!(trace_id.len(), 32, "{header}");
+        assert_ne!(trace_id, "0".repeat(32));
+        traces.push((message_sid, trace_id));
+    }
+    assert_ne!(traces[0].1, traces[1].1, "two messages, two traces");
+
+    // The sender logs a message's send when it has sent it, which may be after Twilio got it.
+    for (message_sid, trace_id) in &traces {
+        eventually(
+            Duration::from_secs(10),
+            "the sender's log lines of the message",
+            || async { (!lines_of_trace(&sender.logs(), trace_id).is_empty()).then_some(()) },
+        )
+        .await;
+        assert_logged_under(&[&ingress, &worker, &sender], message_sid, trace_id);
+    }
+}
+
+/// Each of `processes` (ingress, worker and sender, in that order) logged about the message
+/// `message_sid` with `trace_id`, and its lines that name the message or its reply all carry it.
+fn assert_logged_under(processes: &[&Wagate; 3], message_sid: &str, trace_id: &str) {
+    for (role, process) in ["ingress", "worker", "sender"].into_iter().zip(processes) {
         let logs = process.logs();
-        let traced = lines_of_trace(&logs, &trace_id);
+        let traced = lines_of_trace(&logs, trace_id);
         assert!(
             !traced.is_empty(),
             "{role}: no log line with trace_id {trace_id}:\n{logs}"
         );
         for line in logs.lines().filter(|l| l.contains(&message_sid[2..])) {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(v["trace_id"], trace_id.as_str(), "{role}: {line}");
+            assert_eq!(v["trace_id"], trace_id, "{role}: {line}");
         }
     }
 }
