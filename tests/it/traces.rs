@@ -81,30 +81,62 @@ fn lines_of_trace(logs: &str, trace_id: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// NATS, Redis, a fake Twilio and the three roles, with JSON logs at debug for wagate's crates.
+struct Traced {
+    /// Kept for the test's length: dropping them stops NATS and Redis.
+    _servers: Servers,
+    twilio: FakeTwilio,
+    /// Ingress (serving the echo agent `demo`), worker and sender.
+    roles: [Wagate; 3],
+    /// What ingress publishes on NATS.
+    published: async_nats::Subscriber,
+}
+
+impl Traced {
+    /// Starts it all, with `extra` in the roles' environment.
+    async fn deploy(extra: &[(&str, &str)]) -> Self {
+        let servers = Servers::start().await;
+        let twilio = FakeTwilio::start().await;
+        twilio.add_account(support::harness::ACCOUNT_SID, support::harness::AUTH_TOKEN);
+        let mut env = vec![
+            ("WAGATE_LOG_FORMAT", "json"),
+            (
+                "RUST_LOG",
+                "info,wagate_ingress=debug,wagate_worker=debug,wagate_sender=debug,async_nats=warn",
+            ),
+        ];
+        env.extend_from_slice(extra);
+        let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &env).await;
+        ingress.echo_agent("demo").await;
+        let worker = Wagate::start_role("worker", &servers, &twilio.base_url, &env).await;
+        let sender = Wagate::start_role("sender", &servers, &twilio.base_url, &env).await;
+        let nats = async_nats::connect(&servers.nats_url).await.unwrap();
+        let published = nats.subscribe("wagate.inbound.>").await.unwrap();
+        Traced {
+            _servers: servers,
+            twilio,
+            roles: [ingress, worker, sender],
+            published,
+        }
+    }
+}
+
 #[tokio::test]
 async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
-    let servers = Servers::start().await;
-    let twilio = FakeTwilio::start().await;
-    twilio.add_account(support::harness::ACCOUNT_SID, support::harness::AUTH_TOKEN);
     let (endpoint, spans) = collector().await;
-    let env = [
+    // JetStream's messages carry the traceparent as a header too, for tools that follow traces
+    // through NATS: `published` sees what ingress published.
+    let Traced {
+        twilio,
+        roles,
+        mut published,
+        _servers,
+    } = Traced::deploy(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ("WAGATE_LOG_FORMAT", "json"),
-        (
-            "RUST_LOG",
-            "info,wagate_ingress=debug,wagate_worker=debug,wagate_sender=debug,async_nats=warn",
-        ),
-    ];
-    let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &env).await;
-    ingress.echo_agent("demo").await;
-    let worker = Wagate::start_role("worker", &servers, &twilio.base_url, &env).await;
-    let sender = Wagate::start_role("sender", &servers, &twilio.base_url, &env).await;
-
-    // JetStream's messages carry the traceparent as a header too, for tools that follow traces
-    // through NATS: a plain subscriber sees what ingress published.
-    let nats = async_nats::connect(&servers.nats_url).await.unwrap();
-    let mut published = nats.subscribe("wagate.inbound.>").await.unwrap();
+    ])
+    .await;
+    let [ingress, ..] = &roles;
     let message_sid = sid(1);
     let answer = ingress
         .inbound("demo", &message_sid, "+14155550100", "trace me")
@@ -137,26 +169,14 @@ async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
         "{services:?}"
     );
     assert_ne!(trace_id, "0".repeat(32));
-    let on_nats = tokio::time::timeout(
-        Duration::from_secs(5),
-        futures::StreamExt::next(&mut published),
-    )
-    .await
-    .expect("ingress's publish seen on NATS")
-    .expect("a message");
-    let header = on_nats
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("traceparent"))
-        .map(|v| v.as_str().to_owned())
-        .expect("a traceparent header");
+    let header = next_traceparent(&mut published).await;
     assert_eq!(
         header.split('-').nth(1),
         Some(trace_id.as_str()),
         "{header}"
     );
 
-    assert_logged_under(&[&ingress, &worker, &sender], &message_sid, &trace_id);
+    assert_logged_under(&roles, &message_sid, &trace_id);
 }
 
 /// Without a collector, spans are not exported but messages are still traced: each message's
@@ -164,22 +184,13 @@ async fn one_message_is_one_trace_across_ingress_worker_and_sender() {
 /// that message carry its id.
 #[tokio::test]
 async fn without_a_collector_each_message_still_has_one_trace_id_in_every_roles_logs() {
-    let servers = Servers::start().await;
-    let twilio = FakeTwilio::start().await;
-    twilio.add_account(support::harness::ACCOUNT_SID, support::harness::AUTH_TOKEN);
-    let env = [
-        ("WAGATE_LOG_FORMAT", "json"),
-        (
-            "RUST_LOG",
-            "info,wagate_ingress=debug,wagate_worker=debug,wagate_sender=debug,async_nats=warn",
-        ),
-    ];
-    let ingress = Wagate::start_role("ingress", &servers, &twilio.base_url, &env).await;
-    ingress.echo_agent("demo").await;
-    let worker = Wagate::start_role("worker", &servers, &twilio.base_url, &env).await;
-    let sender = Wagate::start_role("sender", &servers, &twilio.base_url, &env).await;
-    let nats = async_nats::connect(&servers.nats_url).await.unwrap();
-    let mut published = nats.subscribe("wagate.inbound.>").await.unwrap();
+    let Traced {
+        twilio,
+        roles,
+        mut published,
+        _servers,
+    } = Traced::deploy(&[]).await;
+    let [ingress, _, sender] = &roles;
 
     let mut traces = Vec::new();
     for (n, from) in [(1, "+14155550100"), (2, "+14155550101")] {
@@ -191,19 +202,7 @@ async fn without_a_collector_each_message_still_has_one_trace_id_in_every_roles_
         twilio
             .wait_for_sent(n as usize, Duration::from_secs(20))
             .await;
-        let on_nats = tokio::time::timeout(
-            Duration::from_secs(5),
-            futures::StreamExt::next(&mut published),
-        )
-        .await
-        .expect("ingress's publish seen on NATS")
-        .expect("a message");
-        let header = on_nats
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("traceparent"))
-            .map(|v| v.as_str().to_owned())
-            .expect("a traceparent header");
+        let header = next_traceparent(&mut published).await;
         let trace_id = header.split('-').nth(1).expect("a trace id").to_owned();
         assert_eq!(trace_id.len(), 32, "{header}");
         assert_ne!(trace_id, "0".repeat(32));
@@ -219,13 +218,27 @@ async fn without_a_collector_each_message_still_has_one_trace_id_in_every_roles_
             || async { (!lines_of_trace(&sender.logs(), trace_id).is_empty()).then_some(()) },
         )
         .await;
-        assert_logged_under(&[&ingress, &worker, &sender], message_sid, trace_id);
+        assert_logged_under(&roles, message_sid, trace_id);
     }
+}
+
+/// The `traceparent` header of the next message ingress published on NATS.
+async fn next_traceparent(published: &mut async_nats::Subscriber) -> String {
+    let on_nats = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(published))
+        .await
+        .expect("ingress's publish seen on NATS")
+        .expect("a message");
+    on_nats
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("traceparent"))
+        .map(|v| v.as_str().to_owned())
+        .expect("a traceparent header")
 }
 
 /// Each of `processes` (ingress, worker and sender, in that order) logged about the message
 /// `message_sid` with `trace_id`, and its lines that name the message or its reply all carry it.
-fn assert_logged_under(processes: &[&Wagate; 3], message_sid: &str, trace_id: &str) {
+fn assert_logged_under(processes: &[Wagate; 3], message_sid: &str, trace_id: &str) {
     for (role, process) in ["ingress", "worker", "sender"].into_iter().zip(processes) {
         let logs = process.logs();
         let traced = lines_of_trace(&logs, trace_id);
