@@ -301,19 +301,21 @@ fn order_wait() -> Duration {
     Duration::from_millis(rand::rng().random_range(50..150))
 }
 
-/// Handles a conversation's queued messages in order until its queue is empty. `finished` is
-/// the position of the conversation's last message this process finished, if that was just now.
+/// Handles a conversation's queued messages in order, from `item`, until its queue is empty.
+/// `finished` is the position of the conversation's last message this process finished, if
+/// that was just now. The task is held for as long as the handler runs (a worker's agent
+/// call, seconds), at the size of its largest state: the message in hand takes one place in
+/// it, and what is awaited besides the handler is boxed.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
     queues: Queues<T>,
     key: String,
-    first: Item<T>,
+    mut item: Item<T>,
     mut finished: Option<u64>,
     coalesce: Option<Coalesce>,
     shutdown: Shutdown,
 ) {
-    let mut next = Some(first);
-    while let Some(item) = next {
+    loop {
         if shutdown.is_cancelled() {
             // Not started: hand it back at once so another process takes it.
             let _ = item.delivery.retry_in(Duration::ZERO).await;
@@ -327,7 +329,7 @@ async fn drain<T, H: Handler<T>>(
             match turn {
                 Ok(true) => {
                     let batch = match coalesce {
-                        Some(c) => gather(handler.as_ref(), &queues, &key, item, c).await,
+                        Some(c) => Box::pin(gather(handler.as_ref(), &queues, &key, item, c)).await,
                         None => vec![item],
                     };
                     if batch.len() > 1 {
@@ -360,13 +362,13 @@ async fn drain<T, H: Handler<T>>(
             }
         }
         let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-        next = match q.queued.get_mut(&key).and_then(VecDeque::pop_front) {
-            Some(item) => Some(item),
+        match q.queued.get_mut(&key).and_then(VecDeque::pop_front) {
+            Some(next) => item = next,
             None => {
                 q.end(&key, finished);
-                None
+                return;
             }
-        };
+        }
     }
 }
 

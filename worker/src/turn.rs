@@ -11,6 +11,13 @@
 //!
 //! A conversation handed to a person (paused) runs no agent either: its messages are recorded
 //! for the person. An agent's answer may hand the conversation over itself (`handoff`).
+//!
+//! A turn's future is as large as its largest state, and it is held for the whole turn, the
+//! agent's seconds included: a worker holding 10,000 slow turns holds 10,000 of them. So the
+//! steps a turn awaits that need more room than a few pointers (its beginning, media, events,
+//! the reply's publication, dead letters, and each backend's call in [`AgentRunner::reply`])
+//! are boxed: each takes its room only while it runs, and the agent call, the one step that
+//! lasts, takes only its own.
 
 use std::{sync::Arc, time::Instant};
 
@@ -61,8 +68,98 @@ pub type Item = (Box<dyn Delivery>, InboundMessage);
 /// delivery: ack, retry later, or dead letter then ack. True when every message was acked.
 pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
     let started = Instant::now();
+    let Begun {
+        session,
+        deliveries,
+        msgs,
+        history,
+        pause,
+        mut acked,
+    } = match Box::pin(begin(ctx, batch)).await {
+        Ok(begun) => begun,
+        Err(acked) => return acked,
+    };
+    let (Some(first_delivery), Some(first)) = (deliveries.first(), msgs.first()) else {
+        return acked;
+    };
+    let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
+    metrics::gauge!("wagate_turns_in_flight").increment(1.0);
+    let turn = NewTurn {
+        session: &session,
+        msgs: &msgs,
+        history: &history,
+        pause: pause.as_ref(),
+    };
+    let result = process(ctx, first_delivery.as_ref(), &turn).await;
+    metrics::gauge!("wagate_turns_in_flight").decrement(1.0);
+    let attempt = match &result {
+        Ok(_) => 0,
+        Err(_) => ctx
+            .store
+            .count_failure(&failures_key)
+            .await
+            .unwrap_or_else(|_| first_delivery.attempt()),
+    };
+    let outcome = match result {
+        Ok(outcome) => {
+            for (delivery, msg) in deliveries.iter().zip(&msgs) {
+                acked &= ack(delivery.as_ref(), msg).await;
+            }
+            outcome
+        }
+        Err(failure) => match failure.retry_delay(&ctx.retry, attempt) {
+            Some(delay) => {
+                let reason = &failure.reason;
+                tracing::warn!(sid = %first.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
+                for delivery in &deliveries {
+                    if let Err(e) = delivery.retry_in(delay).await {
+                        tracing::warn!(error = %e, "could not schedule the retry; it comes back after the ack wait");
+                    }
+                }
+                "retry"
+            }
+            None => {
+                Box::pin(dead_letter(
+                    ctx,
+                    &deliveries,
+                    &msgs,
+                    failure.reason,
+                    attempt,
+                ))
+                .await
+            }
+        },
+    };
+    // Failures are only ever counted before a redelivery, so a first attempt has none to clear.
+    if outcome != "retry" && deliveries.iter().any(|d| d.attempt() > 1) {
+        let _ = ctx.store.clear_failures(&failures_key).await;
+    }
+    tracing::debug!(sid = %first.message_sid, messages = msgs.len(), outcome, "turn finished");
+    metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
+    acked && outcome != "retry"
+}
+
+/// A turn once begun: the messages that make it (none answered before, none a consent
+/// keyword) with their deliveries, and the history and pause it begins with. Only this is held
+/// while the agent thinks; [`begin`]'s own state is not.
+struct Begun {
+    session: SessionId,
+    deliveries: Vec<Box<dyn Delivery>>,
+    msgs: Vec<InboundMessage>,
+    history: Vec<Turn>,
+    pause: Option<Pause>,
+    /// Whether every message settled in [`begin`] was acked.
+    acked: bool,
+}
+
+/// Begins the turn of `batch`: records the lead's sightings and reads the session, republishes
+/// the stored reply of messages answered before and settles consent keywords, acking those.
+/// `Err` says whether every message was acked when no turn is left to run: `false` when the
+/// session could not be read (every message comes back soon).
+async fn begin(ctx: &TurnContext, batch: Vec<Item>) -> Result<Begun, bool> {
     let Some((_, first)) = batch.first() else {
-        return true;
+        return Err(true);
     };
     let session = first.session_id();
     record_queue_wait(&batch);
@@ -93,7 +190,7 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             for (delivery, _) in &batch {
                 let _ = delivery.retry_in(RETRY_SOON).await;
             }
-            return false;
+            return Err(false);
         }
     };
     if new_lead {
@@ -141,56 +238,14 @@ pub async fn handle(ctx: &TurnContext, batch: Vec<Item>) -> bool {
             },
         }
     }
-    let (Some(first_delivery), Some(first)) = (deliveries.first(), msgs.first()) else {
-        return acked;
-    };
-    let failures_key = format!("turn:{}:{}", first.agent_id, first.message_sid);
-    metrics::gauge!("wagate_turns_in_flight").increment(1.0);
-    let turn = NewTurn {
-        session: &session,
-        msgs: &msgs,
-        history: &history,
-        pause: pause.as_ref(),
-    };
-    let result = process(ctx, first_delivery.as_ref(), &turn).await;
-    metrics::gauge!("wagate_turns_in_flight").decrement(1.0);
-    let attempt = match &result {
-        Ok(_) => 0,
-        Err(_) => ctx
-            .store
-            .count_failure(&failures_key)
-            .await
-            .unwrap_or_else(|_| first_delivery.attempt()),
-    };
-    let outcome = match result {
-        Ok(outcome) => {
-            for (delivery, msg) in deliveries.iter().zip(&msgs) {
-                acked &= ack(delivery.as_ref(), msg).await;
-            }
-            outcome
-        }
-        Err(failure) => match failure.retry_delay(&ctx.retry, attempt) {
-            Some(delay) => {
-                let reason = &failure.reason;
-                tracing::warn!(sid = %first.message_sid, attempt, ?delay, %reason, "turn failed, will retry");
-                for delivery in &deliveries {
-                    if let Err(e) = delivery.retry_in(delay).await {
-                        tracing::warn!(error = %e, "could not schedule the retry; it comes back after the ack wait");
-                    }
-                }
-                "retry"
-            }
-            None => dead_letter(ctx, &deliveries, &msgs, failure.reason, attempt).await,
-        },
-    };
-    // Failures are only ever counted before a redelivery, so a first attempt has none to clear.
-    if outcome != "retry" && deliveries.iter().any(|d| d.attempt() > 1) {
-        let _ = ctx.store.clear_failures(&failures_key).await;
-    }
-    tracing::debug!(sid = %first.message_sid, messages = msgs.len(), outcome, "turn finished");
-    metrics::counter!("wagate_turns_total", "outcome" => outcome).increment(1);
-    metrics::histogram!("wagate_turn_seconds").record(started.elapsed().as_secs_f64());
-    acked && outcome != "retry"
+    Ok(Begun {
+        session,
+        deliveries,
+        msgs,
+        history,
+        pause,
+        acked,
+    })
 }
 
 /// Turns of history the agent of `agent_id` sees: its own limit, else the process's. The
@@ -394,7 +449,7 @@ async fn process(
         Err(e) => return Err(Failure::transient(e)),
     };
     for m in msgs {
-        events::emit(&*ctx.bus, &ctx.directory, &m.agent_id, || {
+        Box::pin(events::emit(&*ctx.bus, &ctx.directory, &m.agent_id, || {
             let data = serde_json::json!({
                 "session_id": session.to_string(), "phone": m.from.user(),
                 "message_sid": m.message_sid.as_str(), "body": m.body,
@@ -407,24 +462,31 @@ async fn process(
                 m.message_sid.as_str(),
                 data,
             )
-        })
+        }))
         .await;
     }
     if let Some(pause) = pause
         && pause.holds(OffsetDateTime::now_utc(), channel.agent.handoff_idle())
     {
-        record_for_the_person(ctx, session, msgs, pause, channel.agent.retention()).await?;
+        Box::pin(record_for_the_person(
+            ctx,
+            session,
+            msgs,
+            pause,
+            channel.agent.retention(),
+        ))
+        .await?;
         return Ok("paused");
     }
     // Held to the end of the turn: a turn done sooner shows no indicator.
     let _typing = ctx.typing.show(&channel, last.message_sid.as_str());
     let session_text = session.to_string();
-    let mut media = ctx.media.fetch_for(&channel, msgs).await;
-    ctx.runner.transcribe(&channel.agent, &mut media).await;
+    let mut media = Box::pin(ctx.media.fetch_for(&channel, msgs)).await;
+    Box::pin(ctx.runner.transcribe(&channel.agent, &mut media)).await;
     let history = within_tokens(history, channel.agent.history_tokens);
     let earlier = match channel.agent.backend {
         wagate_core::agent::Backend::Openai { .. } => {
-            ctx.media.earlier_images(&channel, history).await
+            Box::pin(ctx.media.earlier_images(&channel, history)).await
         }
         _ => Vec::new(),
     };
@@ -437,6 +499,7 @@ async fn process(
         earlier: &earlier,
     };
     let started = Instant::now();
+    // The backend's call inside is boxed (`AgentRunner::reply`).
     let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;
     metrics::histogram!("wagate_agent_seconds").record(started.elapsed().as_secs_f64());
     let reply = reply?;
@@ -484,7 +547,7 @@ async fn process(
             channel.agent.retention(),
         )
         .await?;
-    publish_reply(ctx, last, &stored).await?;
+    Box::pin(publish_reply(ctx, last, &stored)).await?;
     Ok("replied")
 }
 

@@ -149,7 +149,9 @@ impl AgentRunner {
         })
     }
 
-    /// Produces the reply of one turn.
+    /// Produces the reply of one turn. Each backend's call is boxed: a turn holds it for the
+    /// agent's seconds, and boxed it takes its own backend's room only, not that of the largest
+    /// (a webhook call does not carry room for an OpenAI call's tool rounds), nor the turn's.
     pub async fn reply(&self, input: &TurnInput<'_>) -> Result<AgentReply, Failure> {
         let id = &input.agent.id;
         match &input.agent.backend {
@@ -175,7 +177,7 @@ impl AgentRunner {
                     timeout: self.timeout(*timeout_ms),
                     tools: *tools,
                 };
-                call.reply(input).await
+                Box::pin(call.reply(input)).await
             }
             Backend::Webhook {
                 url,
@@ -195,7 +197,7 @@ impl AgentRunner {
                     authorization: authorization.as_ref(),
                     timeout: self.timeout(*timeout_ms),
                 };
-                webhook::reply(&self.http, &endpoint, input).await
+                Box::pin(webhook::reply(&self.http, &endpoint, input)).await
             }
         }
     }
