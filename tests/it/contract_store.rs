@@ -12,8 +12,8 @@ use futures::{StreamExt, stream::BoxStream};
 use shared::embedded::Embedded;
 use shared::embedded::EmbeddedOptions;
 use store::{
-    Change, CompletedTurn, GuardState, Hold, LeadSighting, Pace, Pause, Role, SentMessage,
-    SignatureFailure, Slot, Store, Turn, TurnStart,
+    Change, CompletedTurn, GuardState, Hold, LeadSighting, Pace, Pause, Role, SendLedger,
+    SentMessage, SignatureFailure, Slot, Store, Turn, TurnStart,
     redis::{RedisStore, RedisTopology},
 };
 use support::{
@@ -1623,6 +1623,44 @@ async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
         clocks,
         WindowClocks::default(),
         "{n}: clocks are per conversation"
+    );
+}
+
+/// A first part's claim and its clocks are two requests; when only the claim goes through (the
+/// connection broke between them), the part is given back, so that its retry takes it at once
+/// instead of waiting out the lease behind its own claim. A Redis user barred from `MGET` makes
+/// the clocks fail every time.
+#[tokio::test]
+async fn a_claim_whose_clocks_failed_is_given_back() {
+    let servers = Servers::start().await;
+    let store = connect_redis(&servers).await;
+    let mut admin = servers.redis().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "noclocks",
+            "on",
+            ">noclocks-pass",
+            "~*",
+            "&*",
+            "+@all",
+            "-mget",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = servers
+        .redis_url
+        .replacen("redis://", "redis://noclocks:noclocks-pass@", 1);
+    let barred = RedisStore::connect(&url, "wagate").await.unwrap();
+    let s = session("a1", "+14155550100");
+    let lease = Duration::from_secs(60);
+    let refused = barred.claim_send_with_clocks(&s, "c1", lease).await;
+    assert!(refused.is_err(), "the clocks cannot be read: {refused:?}");
+    assert_state(
+        store.claim_send("c1", lease).await.unwrap(),
+        State::Claimed,
+        "the part given back",
     );
 }
 

@@ -252,10 +252,23 @@ impl SendLedger for RedisStore {
             clocks.query_async::<Clocks>(&mut conn),
             self.scripted::<(String,)>(&claim, &SCRIPTS.claim_send)
         );
-        let (last_inbound, opted_out_at, opted_in_at) = clocks.map_err(err("claim send"))?;
         let (answer,) = claimed.map_err(err("claim send"))?;
+        let state = guard_state(&answer)?;
+        let (last_inbound, opted_out_at, opted_in_at) = match clocks {
+            Ok(clocks) => clocks,
+            Err(e) => {
+                // The claim went through without its clocks (the connection broke between the
+                // two, as in a Redis restart): give the part back, or its retry would wait out
+                // the lease behind its own claim. A reclaimed guard stays, so that whoever takes
+                // the part next still looks in Twilio's list first.
+                if let GuardState::Claimed(hold) = state {
+                    let _ = self.release_send(key, hold).await;
+                }
+                return Err(err("claim send")(e));
+            }
+        };
         Ok((
-            guard_state(&answer)?,
+            state,
             clocks_from_ms(last_inbound, opted_out_at, opted_in_at),
         ))
     }
