@@ -1626,41 +1626,67 @@ async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
     );
 }
 
-/// A first part's claim and its clocks are two requests; when only the claim goes through (the
-/// connection broke between them), the part is given back, so that its retry takes it at once
-/// instead of waiting out the lease behind its own claim. A Redis user barred from `MGET` makes
-/// the clocks fail every time.
+/// A first part's claim and its clocks go together: one script on one server, two requests
+/// on a cluster. When only the claim goes through (a connection broke between the two), the
+/// part is given back, so that its retry takes it at once instead of waiting out the lease
+/// behind its own claim. A Redis user barred from `MGET` makes the clocks fail every time.
 #[tokio::test]
 async fn a_claim_whose_clocks_failed_is_given_back() {
     let servers = Servers::start().await;
     let store = connect_redis(&servers).await;
-    let mut admin = servers.redis().await;
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "noclocks",
-            "on",
-            ">noclocks-pass",
-            "~*",
-            "&*",
-            "+@all",
-            "-mget",
-        ])
-        .query_async(&mut admin)
+    let barred = bar_mget(std::slice::from_ref(&servers.redis_url)).await;
+    let barred = RedisStore::connect(&barred[0], "wagate").await.unwrap();
+    claim_without_clocks(&*store, &barred, "redis").await;
+
+    let cluster = RedisCluster::shared().await;
+    let prefix = fresh_prefix();
+    let store = connect_kind(&Kind::Cluster(cluster, prefix.clone())).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let barred = bar_mget(&urls).await.join(",");
+    let barred = RedisStore::connect_to(&barred, &RedisTopology::Cluster, &prefix)
         .await
         .unwrap();
-    let url = servers
-        .redis_url
-        .replacen("redis://", "redis://noclocks:noclocks-pass@", 1);
-    let barred = RedisStore::connect(&url, "wagate").await.unwrap();
+    claim_without_clocks(&*store, &barred, "redis cluster").await;
+}
+
+/// Makes a Redis user that may run anything but `MGET` on each server of `urls`; returns the
+/// URLs that log in as that user.
+async fn bar_mget(urls: &[String]) -> Vec<String> {
+    let mut barred = Vec::new();
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "noclocks",
+                "on",
+                ">noclocks-pass",
+                "~*",
+                "&*",
+                "+@all",
+                "-mget",
+            ])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        barred.push(url.replacen("redis://", "redis://noclocks:noclocks-pass@", 1));
+    }
+    barred
+}
+
+async fn claim_without_clocks(store: &dyn Store, barred: &RedisStore, n: &str) {
     let s = session("a1", "+14155550100");
     let lease = Duration::from_secs(60);
     let refused = barred.claim_send_with_clocks(&s, "c1", lease).await;
-    assert!(refused.is_err(), "the clocks cannot be read: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "{n}: the clocks cannot be read: {refused:?}"
+    );
     assert_state(
         store.claim_send("c1", lease).await.unwrap(),
         State::Claimed,
-        "the part given back",
+        &format!("{n}: the part given back"),
     );
 }
 

@@ -15,56 +15,102 @@ use crate::{
     StoreError, Turn, TurnStart,
 };
 
-// KEYS[1] = lead hash, KEYS[2] = leads by first contact, KEYS[3..] = one "seen" mark per
-// message; ARGV[1] = user, ARGV[2] = ttl (s), then per message its profile name and time (ms).
-// Returns the messages counted, plus 1,000,000 when this call made the lead.
-const RECORD_LEAD: &str = r#"
-local counted = 0
-local created = 0
-for i = 3, #KEYS do
-  local profile = ARGV[2 * i - 3]
-  local at_text = ARGV[2 * i - 2]
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ARGV[2]) then
-    local at = tonumber(at_text)
-    if redis.call('HSETNX', KEYS[1], 'first_seen', at_text) == 1 then
-      created = 1000000
-      redis.call('HSET', KEYS[1], 'phone', ARGV[1], 'last_seen', at_text)
-      redis.call('ZADD', KEYS[2], at, ARGV[1])
-    else
-      local first = tonumber(redis.call('HGET', KEYS[1], 'first_seen'))
-      if at < first then
-        redis.call('HSET', KEYS[1], 'first_seen', at_text)
-        redis.call('ZADD', KEYS[2], at, ARGV[1])
+/// The lead step, as a Lua function of its keys `K` and arguments `A`, so that one server can
+/// run it in the same script as the turn's begin ([`BEGIN_TURN_AND_LEAD`]) and a cluster, where
+/// its keys are in another slot, in a script of its own ([`RECORD_LEAD`]). K[1] = lead hash,
+/// K[2] = leads by first contact, K[3..] = one "seen" mark per message; A[1] = user, A[2] = ttl
+/// (s), then per message its profile name and time (ms). Returns the messages counted, plus
+/// 1,000,000 when this call made the lead. Each `redis.call` costs a script a few µs of
+/// Redis's time whatever it does, so fields are read and written together.
+macro_rules! record_lead_fn {
+    () => {
+        r#"
+local function record_lead(K, A)
+  local counted = 0
+  local created = 0
+  for i = 3, #K do
+    local profile = A[2 * i - 3]
+    local at_text = A[2 * i - 2]
+    if redis.call('SET', K[i], '1', 'NX', 'EX', A[2]) then
+      local at = tonumber(at_text)
+      local seen = redis.call('HMGET', K[1], 'first_seen', 'last_seen')
+      local fields = {}
+      if not seen[1] then
+        created = 1000000
+        fields = {'phone', A[1], 'first_seen', at_text, 'last_seen', at_text}
+        redis.call('ZADD', K[2], at, A[1])
+      else
+        if at < tonumber(seen[1]) then
+          fields = {'first_seen', at_text}
+          redis.call('ZADD', K[2], at, A[1])
+        end
+        if at > tonumber(seen[2] or '0') then
+          fields[#fields + 1] = 'last_seen'
+          fields[#fields + 1] = at_text
+        end
       end
-      local last = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '0')
-      if at > last then redis.call('HSET', KEYS[1], 'last_seen', at_text) end
+      if profile ~= '' then
+        fields[#fields + 1] = 'profile_name'
+        fields[#fields + 1] = profile
+      end
+      if #fields > 0 then redis.call('HSET', K[1], unpack(fields)) end
+      redis.call('HINCRBY', K[1], 'message_count', 1)
+      counted = counted + 1
     end
-    if profile ~= '' then redis.call('HSET', KEYS[1], 'profile_name', profile) end
-    redis.call('HINCRBY', KEYS[1], 'message_count', 1)
-    counted = counted + 1
   end
+  return counted + created
 end
-return counted + created
-"#;
+"#
+    };
+}
 
-// KEYS[1] = window clock, KEYS[2] = session list, KEYS[3] = pause, KEYS[4..] = turn records of
-// the messages; ARGV[1] = latest message time (ms), ARGV[2] = turns of history wanted, as
-// digits (a Lua number would lose digits, and LRANGE takes no exponent). A missing pause is
-// Lua's false, which reaches the client as nil.
-const BEGIN_TURN: &str = r#"
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
-local done = {}
-local fresh = false
-for i = 4, #KEYS do
-  local record = redis.call('GET', KEYS[i])
-  done[i - 3] = record
-  if not record then fresh = true end
+/// The begin step, as a Lua function (see [`record_lead_fn`]). K[1] = window clock, K[2] =
+/// session list, K[3] = pause, K[4..] = turn records of the messages; A[1] = latest message
+/// time (ms), A[2] = turns of history wanted, as digits (a Lua number would lose digits, and
+/// LRANGE takes no exponent). The clock, the pause and the records are read in one `MGET`. A
+/// missing pause is Lua's false, which reaches the client as nil.
+macro_rules! begin_turn_fn {
+    () => {
+        r#"
+local function begin_turn(K, A)
+  local got = redis.call('MGET', unpack(K, 1, #K))
+  if tonumber(A[1]) > tonumber(got[1] or '0') then redis.call('SET', K[1], A[1]) end
+  local done = {}
+  local fresh = false
+  for i = 4, #K do
+    done[i - 3] = got[i]
+    if not got[i] then fresh = true end
+  end
+  local history = {}
+  if fresh and A[2] ~= '0' then history = redis.call('LRANGE', K[2], '-' .. A[2], -1) end
+  return {done, history, got[3]}
 end
-local history = {}
-if fresh and ARGV[2] ~= '0' then history = redis.call('LRANGE', KEYS[2], '-' .. ARGV[2], -1) end
-return {done, history, redis.call('GET', KEYS[3])}
-"#;
+"#
+    };
+}
+
+const RECORD_LEAD: &str = concat!(record_lead_fn!(), "return record_lead(KEYS, ARGV)");
+
+const BEGIN_TURN: &str = concat!(begin_turn_fn!(), "return begin_turn(KEYS, ARGV)");
+
+// Both steps in one script, for one server (or Sentinel's master), where keys of any slots may
+// go together. ARGV[1] = how many of the keys are the begin's; then the begin's two arguments,
+// then the lead's; the keys are the begin's, then the lead's. Returns the begin's answer with
+// the lead's appended.
+const BEGIN_TURN_AND_LEAD: &str = concat!(
+    begin_turn_fn!(),
+    record_lead_fn!(),
+    r#"
+local n = tonumber(ARGV[1])
+local bk, lk, la = {}, {}, {}
+for i = 1, n do bk[i] = KEYS[i] end
+for i = n + 1, #KEYS do lk[i - n] = KEYS[i] end
+for i = 4, #ARGV do la[i - 3] = ARGV[i] end
+local begun = begin_turn(bk, {ARGV[2], ARGV[3]})
+begun[4] = record_lead(lk, la)
+return begun
+"#
+);
 
 // KEYS[1] = session list, KEYS[2] = the session's set of turn record keys (so that erasing the
 // user finds them without a SCAN), KEYS[3..] = turn records; ARGV[1] = record, ARGV[2] = ttl,
@@ -75,11 +121,9 @@ const COMPLETE_TURN: &str = r#"
 local prev = redis.call('GET', KEYS[3])
 if prev then return prev end
 local n = tonumber(ARGV[3])
-for i = 4, 3 + n do redis.call('RPUSH', KEYS[1], ARGV[i]) end
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2])
-  redis.call('SADD', KEYS[2], KEYS[i])
-end
+if n > 0 then redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n)) end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'EX', ARGV[2]) end
+redis.call('SADD', KEYS[2], unpack(KEYS, 3, #KEYS))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 local cutoff = ARGV[5 + n]
 for _ = 1, tonumber(ARGV[6 + n]) do
@@ -114,6 +158,7 @@ return 1
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     record_lead: Script::new(RECORD_LEAD),
     begin_turn: Script::new(BEGIN_TURN),
+    begin_turn_and_lead: Script::new(BEGIN_TURN_AND_LEAD),
     complete_turn: Script::new(COMPLETE_TURN),
     stamp_lead: Script::new(STAMP_LEAD),
     stamp_max: Script::new(STAMP_MAX),
@@ -122,6 +167,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 struct Scripts {
     record_lead: Script,
     begin_turn: Script,
+    begin_turn_and_lead: Script,
     complete_turn: Script,
     stamp_lead: Script,
     stamp_max: Script,
@@ -280,25 +326,41 @@ impl Conversations for RedisStore {
                 .iter()
                 .map(|s| key!(self, "turn:{{{session}}}:{}", s.message_sid)),
         );
-        let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
-        begin.arg(ms(latest)).arg(history.min(i64::MAX as usize));
-        let mut lead = evalsha(
-            &SCRIPTS.record_lead,
-            &lead_keys(self, session, sightings.iter().map(|s| s.message_sid)),
-        );
-        lead_args(&mut lead, session, sightings);
-        // The conversation's keys and the agent's leads are two slots on a cluster: two
-        // scripts, sent together. Both are idempotent (the lead counts each message once by its
-        // "seen" mark), so when either fails the whole begin is simply done again.
-        let begin = redis::pipe().add_command(begin).clone();
-        let lead = redis::pipe().add_command(lead).clone();
-        type Begun = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
-        let (begun, counted) = tokio::join!(
-            self.scripted::<Begun>(&begin, &SCRIPTS.begin_turn),
-            self.scripted::<(i64,)>(&lead, &SCRIPTS.record_lead)
-        );
-        let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
-        let (counted,) = counted.map_err(err("begin turn"))?;
+        let lead_keys = lead_keys(self, session, sightings.iter().map(|s| s.message_sid));
+        let history = history.min(i64::MAX as usize);
+        type Begun = (Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>, i64);
+        let (completed, turns, pause, counted) = if self.redis.one_server() {
+            // One script for both steps: the keys of two slots may go together here.
+            let mut both = evalsha(&SCRIPTS.begin_turn_and_lead, &[keys, lead_keys].concat());
+            both.arg(3 + sightings.len()).arg(ms(latest)).arg(history);
+            lead_args(&mut both, session, sightings);
+            let (begun,): (Begun,) = self
+                .scripted(
+                    redis::pipe().add_command(both),
+                    &SCRIPTS.begin_turn_and_lead,
+                )
+                .await
+                .map_err(err("begin turn"))?;
+            begun
+        } else {
+            let mut begin = evalsha(&SCRIPTS.begin_turn, &keys);
+            begin.arg(ms(latest)).arg(history);
+            let mut lead = evalsha(&SCRIPTS.record_lead, &lead_keys);
+            lead_args(&mut lead, session, sightings);
+            // The conversation's keys and the agent's leads are two slots on a cluster: two
+            // scripts, sent together. Both are idempotent (the lead counts each message once
+            // by its "seen" mark), so when either fails the whole begin is simply done again.
+            let begin = redis::pipe().add_command(begin).clone();
+            let lead = redis::pipe().add_command(lead).clone();
+            type Started = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
+            let (begun, counted) = tokio::join!(
+                self.scripted::<Started>(&begin, &SCRIPTS.begin_turn),
+                self.scripted::<(i64,)>(&lead, &SCRIPTS.record_lead)
+            );
+            let ((completed, turns, pause),) = begun.map_err(err("begin turn"))?;
+            let (counted,) = counted.map_err(err("begin turn"))?;
+            (completed, turns, pause, counted)
+        };
         Ok(TurnStart {
             completed: completed
                 .iter()

@@ -20,22 +20,43 @@ use crate::{
     GUARD_TTL, GuardState, Hold, Pace, SendLedger, SentMessage, Slot, StoreError, clocks_from_ms,
 };
 
-// The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
-// ARGV[1] = now (ms), ARGV[2] = lease (ms), ARGV[3] = ttl (s). A claim answers with the
-// deadline it wrote, the holder's token for renewing ([`RENEW_SEND`]).
-const CLAIM_SEND: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-local deadline = tonumber(ARGV[1]) + tonumber(ARGV[2])
-local state = 'claimed:'
-if cur then
-  if string.sub(cur, 1, 5) == 'sent:' then return cur end
-  local held_until = tonumber(string.sub(cur, 9))
-  if held_until and held_until > tonumber(ARGV[1]) then return 'busy' end
-  state = 'reclaimed:'
+/// The claim, as a Lua function of the guard's key and the arguments, so that one server can
+/// run it in the same script as the read of the window clocks ([`CLAIM_SEND_WITH_CLOCKS`]).
+/// The guard is `pending:<deadline ms>` while a sender holds it, `sent:<sid>` once posted.
+/// A[1] = now (ms), A[2] = lease (ms), A[3] = ttl (s). A claim answers with the deadline it
+/// wrote, the holder's token for renewing ([`RENEW_SEND`]).
+macro_rules! claim_send_fn {
+    () => {
+        r#"
+local function claim_send(guard, A)
+  local cur = redis.call('GET', guard)
+  local deadline = tonumber(A[1]) + tonumber(A[2])
+  local state = 'claimed:'
+  if cur then
+    if string.sub(cur, 1, 5) == 'sent:' then return cur end
+    local held_until = tonumber(string.sub(cur, 9))
+    if held_until and held_until > tonumber(A[1]) then return 'busy' end
+    state = 'reclaimed:'
+  end
+  redis.call('SET', guard, 'pending:' .. deadline, 'EX', A[3])
+  return state .. deadline
 end
-redis.call('SET', KEYS[1], 'pending:' .. deadline, 'EX', ARGV[3])
-return state .. deadline
-"#;
+"#
+    };
+}
+
+const CLAIM_SEND: &str = concat!(claim_send_fn!(), "return claim_send(KEYS[1], ARGV)");
+
+// The claim and the conversation's window clocks (KEYS[2..4]: window, opt-out, opt-in) in one
+// script, for one server (or Sentinel's master), where keys of any slots may go together: the
+// claim's answer, then the three clocks.
+const CLAIM_SEND_WITH_CLOCKS: &str = concat!(
+    claim_send_fn!(),
+    r#"
+local clocks = redis.call('MGET', KEYS[2], KEYS[3], KEYS[4])
+return {claim_send(KEYS[1], ARGV), clocks[1], clocks[2], clocks[3]}
+"#
+);
 
 // Extends the guard only while it still holds the deadline its holder wrote.
 // ARGV[1] = that deadline, ARGV[2] = now (ms), ARGV[3] = lease (ms), ARGV[4] = ttl (s).
@@ -85,6 +106,7 @@ return ARGV[1]
 /// This module's scripts, hashed once: `EVALSHA` needs the SHA-1 of the script's text.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     claim_send: Script::new(CLAIM_SEND),
+    claim_send_with_clocks: Script::new(CLAIM_SEND_WITH_CLOCKS),
     renew_send: Script::new(RENEW_SEND),
     settle_sent: Script::new(SETTLE_SENT),
     release_send: Script::new(RELEASE_SEND),
@@ -95,6 +117,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 
 struct Scripts {
     claim_send: Script,
+    claim_send_with_clocks: Script,
     renew_send: Script,
     settle_sent: Script,
     release_send: Script,
@@ -127,10 +150,15 @@ impl RedisStore {
     /// [`CLAIM_SEND`] of the guard `key` for `lease`, for [`Self::scripted`].
     fn claim_cmd(&self, key: &str, lease: Duration) -> redis::Cmd {
         let mut cmd = evalsha(&SCRIPTS.claim_send, &[key!(self, "guard:{key}")]);
+        Self::claim_args(&mut cmd, lease);
+        cmd
+    }
+
+    /// The arguments of a claim ([`claim_send_fn`]) of `lease`.
+    fn claim_args(cmd: &mut redis::Cmd, lease: Duration) {
         cmd.arg(ms(OffsetDateTime::now_utc()))
             .arg(lease_ms(lease))
             .arg(GUARD_TTL.as_secs());
-        cmd
     }
 
     /// Adds to `pipe` the guard's mark that its part went out as `message_sid`.
@@ -236,14 +264,38 @@ impl SendLedger for RedisStore {
         key: &str,
         lease: Duration,
     ) -> Result<(GuardState, WindowClocks), StoreError> {
-        let clocks = redis::cmd("MGET")
-            .arg(key!(self, "window:{{{session}}}"))
-            .arg(key!(self, "optout:{{{session}}}"))
-            .arg(key!(self, "optin:{{{session}}}"))
-            .clone();
-        // The clocks are the conversation's keys, the guard the part's: two slots on a cluster,
-        // so two requests sent together (the pipeline they were is not atomic either).
+        let clock_keys = [
+            key!(self, "window:{{{session}}}"),
+            key!(self, "optout:{{{session}}}"),
+            key!(self, "optin:{{{session}}}"),
+        ];
         type Clocks = (Option<i64>, Option<i64>, Option<i64>);
+        if self.redis.one_server() {
+            let mut both = evalsha(
+                &SCRIPTS.claim_send_with_clocks,
+                &[&[key!(self, "guard:{key}")][..], &clock_keys].concat(),
+            );
+            Self::claim_args(&mut both, lease);
+            let ((answer, last_inbound, opted_out_at, opted_in_at),): ((
+                String,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+            ),) = self
+                .scripted(
+                    redis::pipe().add_command(both),
+                    &SCRIPTS.claim_send_with_clocks,
+                )
+                .await
+                .map_err(err("claim send"))?;
+            return Ok((
+                guard_state(&answer)?,
+                clocks_from_ms(last_inbound, opted_out_at, opted_in_at),
+            ));
+        }
+        // The clocks are the conversation's keys, the guard the part's: two slots on a cluster,
+        // so two requests sent together.
+        let clocks = redis::cmd("MGET").arg(&clock_keys).clone();
         let claim = redis::pipe()
             .add_command(self.claim_cmd(key, lease))
             .clone();
