@@ -109,7 +109,7 @@ async fn redis_cluster(dir: &Path) -> Result<(Vec<Proc>, String)> {
     let mut nodes = Vec::new();
     for i in 1..=REDIS_NODES {
         let port = free_port()?;
-        let proc = redis_server(dir, port, &format!("redis-{i}"), &cluster_args(i))?;
+        let proc = redis_server(dir, port, &format!("redis-{i}"), &cluster_args(i), &[])?;
         nodes.push((proc, port));
     }
     for (p, port) in &mut nodes {

@@ -12,7 +12,7 @@ use crate::{
     fakes::{self, AgentHost, Replies},
     load::Target,
     pipeline::{self, Driven},
-    procs::{self, Servers},
+    procs::{self, Proc, Servers},
     wagate::{AGENT, Deployment, Wagate},
 };
 
@@ -36,7 +36,8 @@ pub struct PipelineSpec {
     pub rounds: usize,
     pub runs: usize,
     pub warmup: usize,
-    /// Runs every wagate process under callgrind and counts the instructions of each run.
+    /// Runs every wagate process, and redis-server, under callgrind and counts the
+    /// instructions of each run.
     pub count_instructions: bool,
     /// On a 3-node JetStream cluster and a Redis Cluster instead of one server of each.
     pub clustered: bool,
@@ -56,6 +57,8 @@ pub struct PipelineFigures {
     pub rss: Vec<(String, f64)>,
     /// Instructions of all wagate processes per reply, per run, when they were counted.
     pub instructions: Vec<f64>,
+    /// Instructions of redis-server per reply, per run, when they were counted.
+    pub redis_instructions: Vec<f64>,
 }
 
 impl PipelineFigures {
@@ -110,6 +113,9 @@ pub async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures
     let servers = match spec.layout {
         Layout::Embedded => None,
         _ if spec.clustered => Some(clusters::start(dir).await?),
+        _ if spec.count_instructions => {
+            Some(Servers::start_wrapped(dir, &callgrind::wrapper(dir)).await?)
+        }
         _ => Some(Servers::start(dir).await?),
     };
     let conversations = spec.conversations * spec.runs + spec.warmup;
@@ -164,6 +170,7 @@ pub async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures
         process_cpu_us: vec![],
         rss: vec![],
         instructions: vec![],
+        redis_instructions: vec![],
     };
     let cpu = |procs: &[Wagate]| -> Result<Vec<f64>> {
         procs.iter().map(|w| w.proc.cpu_seconds()).collect()
@@ -176,9 +183,13 @@ pub async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures
     };
     for run in 0..spec.runs {
         let batch: Vec<_> = inboxes.drain(..spec.conversations).collect();
+        let redis_pid = servers
+            .as_ref()
+            .and_then(|s| s.redis.first())
+            .map(Proc::pid);
         if spec.count_instructions {
-            for w in &procs {
-                callgrind::zero(w.proc.pid())?;
+            for pid in procs.iter().map(|w| w.proc.pid()).chain(redis_pid) {
+                callgrind::zero(pid)?;
             }
         }
         let (w0, s0, b0) = (cpu(&procs)?, servers_cpu()?, procs::own_cpu_seconds()?);
@@ -191,8 +202,15 @@ pub async fn pipeline(dir: &Path, spec: &PipelineSpec) -> Result<PipelineFigures
                 .map(|w| callgrind::dump(w.proc.pid(), dir))
                 .sum::<Result<u64>>()?;
             let each = counted as f64 / replies;
-            eprintln!("  run {run}: {each:.0} instructions per reply, counted by callgrind");
             figures.instructions.push(each);
+            let redis = match redis_pid {
+                Some(pid) => callgrind::dump(pid, dir)? as f64 / replies,
+                None => 0.0,
+            };
+            figures.redis_instructions.push(redis);
+            eprintln!(
+                "  run {run}: {each:.0} instructions per reply in wagate, {redis:.0} in redis-server, counted by callgrind"
+            );
         }
         let each: Vec<f64> = w1
             .iter()

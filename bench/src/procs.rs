@@ -212,6 +212,12 @@ impl Servers {
     /// Starts one of each: JetStream on disk with nats-server's defaults, Redis with its AOF
     /// fsync'd every second (Redis's recommended durability for AOF).
     pub async fn start(dir: &Path) -> Result<Servers> {
+        Self::start_wrapped(dir, &[]).await
+    }
+
+    /// [`Self::start`] with redis-server run by `redis_wrapper` (callgrind, for P5), when it is
+    /// not empty.
+    pub async fn start_wrapped(dir: &Path, redis_wrapper: &[String]) -> Result<Servers> {
         std::fs::create_dir_all(dir)?;
         let nats_port = free_port()?;
         let mut nats_cmd = Command::new(nats_binary());
@@ -228,7 +234,7 @@ impl Servers {
         let mut nats = Proc::spawn("nats-server", nats_cmd, &dir.join("nats.log"))?;
         nats.wait_port(nats_port).await?;
         let redis_port = free_port()?;
-        let mut redis = redis_server(dir, redis_port, "redis-aof", &[])?;
+        let mut redis = redis_server(dir, redis_port, "redis-aof", &[], redis_wrapper)?;
         redis.wait_port(redis_port).await?;
         Ok(Servers {
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
@@ -252,9 +258,22 @@ impl Servers {
 }
 
 /// A redis-server on `port` keeping its AOF (fsync'd every second) in `dir/aof`, logging to
-/// `dir/redis-<port>.log`, with `extra` arguments.
-pub fn redis_server(dir: &Path, port: u16, aof: &str, extra: &[String]) -> Result<Proc> {
-    let mut cmd = Command::new("redis-server");
+/// `dir/redis-<port>.log`, with `extra` arguments, run by `wrapper` when it is not empty.
+pub fn redis_server(
+    dir: &Path,
+    port: u16,
+    aof: &str,
+    extra: &[String],
+    wrapper: &[String],
+) -> Result<Proc> {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg("redis-server");
+            cmd
+        }
+        None => Command::new("redis-server"),
+    };
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args([
             "--save",

@@ -1626,9 +1626,8 @@ async fn a_first_part_is_claimed_with_the_window_clocks(rig: Rig) {
     );
 }
 
-/// A first part's claim and its clocks go together: one script on one server, two requests
-/// on a cluster. When only the claim goes through (a connection broke between the two), the
-/// part is given back, so that its retry takes it at once instead of waiting out the lease
+/// A first part's claim and its clocks are two requests, sent together. When only the claim
+/// goes through (a connection broke between the two), the part is given back, so that its retry takes it at once instead of waiting out the lease
 /// behind its own claim. A Redis user barred from `MGET` makes the clocks fail every time.
 #[tokio::test]
 async fn a_claim_whose_clocks_failed_is_given_back() {

@@ -15,46 +15,45 @@ use crate::{
     StoreError, Turn, TurnStart,
 };
 
-/// The lead step, as a Lua function of its keys `K` and arguments `A`, so that one server can
-/// run it in the same script as the turn's begin ([`BEGIN_TURN_AND_LEAD`]) and a cluster, where
-/// its keys are in another slot, in a script of its own ([`RECORD_LEAD`]). K[1] = lead hash,
-/// K[2] = leads by first contact, K[3..] = one "seen" mark per message; A[1] = user, A[2] = ttl
-/// (s), then per message its profile name and time (ms). Returns the messages counted, plus
-/// 1,000,000 when this call made the lead. Each `redis.call` costs a script a few µs of
-/// Redis's time whatever it does, so fields are read and written together.
+/// The lead step, as a Lua function of its keys (`K` from `K[ko + 1]`) and arguments (`A`
+/// from `A[ao + 1]`), so that one server can run it in the same script as the turn's begin
+/// ([`BEGIN_TURN_AND_LEAD`]) and a cluster, where its keys are in another slot, in a script of
+/// its own ([`RECORD_LEAD`]). Keys: lead hash, leads by first contact, then one "seen" mark per
+/// message; arguments: user, ttl (s), then per message its profile name and time (ms). Returns
+/// the messages counted, plus 1,000,000 when this call made the lead. Each `redis.call` costs
+/// Redis a few µs whatever it does, so fields are read and written together; and each Lua
+/// table built costs about as much, so none is (offsets instead of copies of KEYS and ARGV).
 macro_rules! record_lead_fn {
     () => {
         r#"
-local function record_lead(K, A)
+local function record_lead(K, ko, A, ao)
+  local lead = K[ko + 1]
+  local user = A[ao + 1]
   local counted = 0
   local created = 0
-  for i = 3, #K do
-    local profile = A[2 * i - 3]
-    local at_text = A[2 * i - 2]
-    if redis.call('SET', K[i], '1', 'NX', 'EX', A[2]) then
+  for i = 3, #K - ko do
+    local profile = A[ao + 2 * i - 3]
+    local at_text = A[ao + 2 * i - 2]
+    if redis.call('SET', K[ko + i], '1', 'NX', 'EX', A[ao + 2]) then
       local at = tonumber(at_text)
-      local seen = redis.call('HMGET', K[1], 'first_seen', 'last_seen')
-      local fields = {}
+      local seen = redis.call('HMGET', lead, 'first_seen', 'last_seen', 'message_count')
+      local count = tonumber(seen[3] or '0') + 1
       if not seen[1] then
         created = 1000000
-        fields = {'phone', A[1], 'first_seen', at_text, 'last_seen', at_text}
-        redis.call('ZADD', K[2], at, A[1])
+        redis.call('ZADD', K[ko + 2], at, user)
+        redis.call('HSET', lead, 'phone', user, 'first_seen', at_text, 'last_seen', at_text, 'message_count', count)
       else
         if at < tonumber(seen[1]) then
-          fields = {'first_seen', at_text}
-          redis.call('ZADD', K[2], at, A[1])
+          redis.call('ZADD', K[ko + 2], at, user)
+          redis.call('HSET', lead, 'first_seen', at_text)
         end
         if at > tonumber(seen[2] or '0') then
-          fields[#fields + 1] = 'last_seen'
-          fields[#fields + 1] = at_text
+          redis.call('HSET', lead, 'last_seen', at_text, 'message_count', count)
+        else
+          redis.call('HSET', lead, 'message_count', count)
         end
       end
-      if profile ~= '' then
-        fields[#fields + 1] = 'profile_name'
-        fields[#fields + 1] = profile
-      end
-      if #fields > 0 then redis.call('HSET', K[1], unpack(fields)) end
-      redis.call('HINCRBY', K[1], 'message_count', 1)
+      if profile ~= '' then redis.call('HSET', lead, 'profile_name', profile) end
       counted = counted + 1
     end
   end
@@ -64,34 +63,41 @@ end
     };
 }
 
-/// The begin step, as a Lua function (see [`record_lead_fn`]). K[1] = window clock, K[2] =
-/// session list, K[3] = pause, K[4..] = turn records of the messages; A[1] = latest message
-/// time (ms), A[2] = turns of history wanted, as digits (a Lua number would lose digits, and
-/// LRANGE takes no exponent). The clock, the pause and the records are read in one `MGET`. A
-/// missing pause is Lua's false, which reaches the client as nil.
+/// The begin step, as a Lua function (see [`record_lead_fn`]). Keys: window clock, session
+/// list, pause, then the turn records of the messages; arguments: latest message time (ms),
+/// turns of history wanted, as digits (a Lua number would lose digits, and LRANGE takes no
+/// exponent). The clock, the pause and the records are read in one `MGET` (which answers nil
+/// for the list). Returns the records (false for none), the history and the pause (false for
+/// none), which reach the client as nil.
 macro_rules! begin_turn_fn {
     () => {
         r#"
-local function begin_turn(K, A)
-  local got = redis.call('MGET', unpack(K, 1, #K))
-  if tonumber(A[1]) > tonumber(got[1] or '0') then redis.call('SET', K[1], A[1]) end
+local function begin_turn(K, n, A, ao)
+  local got = redis.call('MGET', unpack(K, 1, n))
+  if tonumber(A[ao + 1]) > tonumber(got[1] or '0') then redis.call('SET', K[1], A[ao + 1]) end
   local done = {}
   local fresh = false
-  for i = 4, #K do
+  for i = 4, n do
     done[i - 3] = got[i]
     if not got[i] then fresh = true end
   end
   local history = {}
-  if fresh and A[2] ~= '0' then history = redis.call('LRANGE', K[2], '-' .. A[2], -1) end
-  return {done, history, got[3]}
+  if fresh and A[ao + 2] ~= '0' then history = redis.call('LRANGE', K[2], '-' .. A[ao + 2], -1) end
+  return done, history, got[3]
 end
 "#
     };
 }
 
-const RECORD_LEAD: &str = concat!(record_lead_fn!(), "return record_lead(KEYS, ARGV)");
+const RECORD_LEAD: &str = concat!(record_lead_fn!(), "return record_lead(KEYS, 0, ARGV, 0)");
 
-const BEGIN_TURN: &str = concat!(begin_turn_fn!(), "return begin_turn(KEYS, ARGV)");
+const BEGIN_TURN: &str = concat!(
+    begin_turn_fn!(),
+    r#"
+local done, history, pause = begin_turn(KEYS, #KEYS, ARGV, 0)
+return {done, history, pause}
+"#
+);
 
 // Both steps in one script, for one server (or Sentinel's master), where keys of any slots may
 // go together. ARGV[1] = how many of the keys are the begin's; then the begin's two arguments,
@@ -102,13 +108,8 @@ const BEGIN_TURN_AND_LEAD: &str = concat!(
     record_lead_fn!(),
     r#"
 local n = tonumber(ARGV[1])
-local bk, lk, la = {}, {}, {}
-for i = 1, n do bk[i] = KEYS[i] end
-for i = n + 1, #KEYS do lk[i - n] = KEYS[i] end
-for i = 4, #ARGV do la[i - 3] = ARGV[i] end
-local begun = begin_turn(bk, {ARGV[2], ARGV[3]})
-begun[4] = record_lead(lk, la)
-return begun
+local done, history, pause = begin_turn(KEYS, n, ARGV, 1)
+return {done, history, pause, record_lead(KEYS, n, ARGV, 3)}
 "#
 );
 
