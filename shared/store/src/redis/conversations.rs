@@ -38,22 +38,24 @@ local function record_lead(K, ko, A, ao)
       local at = tonumber(at_text)
       local seen = redis.call('HMGET', lead, 'first_seen', 'last_seen', 'message_count')
       local count = tonumber(seen[3] or '0') + 1
-      if not seen[1] then
-        created = 1000000
-        redis.call('ZADD', K[ko + 2], at, user)
-        redis.call('HSET', lead, 'phone', user, 'first_seen', at_text, 'last_seen', at_text, 'message_count', count)
-      else
+      -- The fields to write, as one HSET: a later time moves last_seen, a name replaces it.
+      local last = at_text
+      if seen[1] then
         if at < tonumber(seen[1]) then
           redis.call('ZADD', K[ko + 2], at, user)
           redis.call('HSET', lead, 'first_seen', at_text)
         end
-        if at > tonumber(seen[2] or '0') then
-          redis.call('HSET', lead, 'last_seen', at_text, 'message_count', count)
-        else
-          redis.call('HSET', lead, 'message_count', count)
-        end
+        if at <= tonumber(seen[2] or '0') then last = seen[2] end
+      else
+        created = 1000000
+        redis.call('ZADD', K[ko + 2], at, user)
+        redis.call('HSET', lead, 'phone', user, 'first_seen', at_text)
       end
-      if profile ~= '' then redis.call('HSET', lead, 'profile_name', profile) end
+      if profile ~= '' then
+        redis.call('HSET', lead, 'last_seen', last, 'message_count', count, 'profile_name', profile)
+      else
+        redis.call('HSET', lead, 'last_seen', last, 'message_count', count)
+      end
       counted = counted + 1
     end
   end
