@@ -70,7 +70,10 @@ end
 /// turns of history wanted, as digits (a Lua number would lose digits, and LRANGE takes no
 /// exponent). The clock, the pause and the records are read in one `MGET` (which answers nil
 /// for the list). Returns the records (false for none), the history and the pause (false for
-/// none), which reach the client as nil.
+/// none), which reach the client as nil. The history goes back as one JSON array, its turns
+/// joined in Lua, rather than a bulk string per turn: each element of an answer costs Redis
+/// (turned into Lua and back) and the client (the redis crate parses byte by byte) far more
+/// than its share of one string that serde_json reads at once.
 macro_rules! begin_turn_fn {
     () => {
         r#"
@@ -83,8 +86,10 @@ local function begin_turn(K, n, A, ao)
     done[i - 3] = got[i]
     if not got[i] then fresh = true end
   end
-  local history = {}
-  if fresh and A[ao + 2] ~= '0' then history = redis.call('LRANGE', K[2], '-' .. A[ao + 2], -1) end
+  local history = '[]'
+  if fresh and A[ao + 2] ~= '0' then
+    history = '[' .. table.concat(redis.call('LRANGE', K[2], '-' .. A[ao + 2], -1), ',') .. ']'
+  end
   return done, history, got[3]
 end
 "#
@@ -331,7 +336,7 @@ impl Conversations for RedisStore {
         );
         let lead_keys = lead_keys(self, session, sightings.iter().map(|s| s.message_sid));
         let history = history.min(i64::MAX as usize);
-        type Begun = (Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>, i64);
+        type Begun = (Vec<Option<Vec<u8>>>, Vec<u8>, Option<Vec<u8>>, i64);
         let (completed, turns, pause, counted) = if self.redis.one_server() {
             // One script for both steps: the keys of two slots may go together here.
             let mut both = evalsha(&SCRIPTS.begin_turn_and_lead, &[keys, lead_keys].concat());
@@ -355,7 +360,7 @@ impl Conversations for RedisStore {
             // by its "seen" mark), so when either fails the whole begin is simply done again.
             let begin = redis::pipe().add_command(begin).clone();
             let lead = redis::pipe().add_command(lead).clone();
-            type Started = ((Vec<Option<Vec<u8>>>, Vec<Vec<u8>>, Option<Vec<u8>>),);
+            type Started = ((Vec<Option<Vec<u8>>>, Vec<u8>, Option<Vec<u8>>),);
             let (begun, counted) = tokio::join!(
                 self.scripted::<Started>(&begin, &SCRIPTS.begin_turn),
                 self.scripted::<(i64,)>(&lead, &SCRIPTS.record_lead)
@@ -373,10 +378,7 @@ impl Conversations for RedisStore {
                         .transpose()
                 })
                 .collect::<Result<_, _>>()?,
-            history: turns
-                .iter()
-                .map(|r| from_json(r, "decode turn"))
-                .collect::<Result<_, _>>()?,
+            history: from_json(&turns, "decode turns")?,
             pause: pause.map(|p| from_json(&p, "decode pause")).transpose()?,
             new_lead: counted >= 1_000_000,
         })
