@@ -13,6 +13,7 @@
 //! - [`typing`]: the WhatsApp typing indicator shown while a turn runs.
 
 pub mod agent;
+mod consent;
 pub mod consumer;
 pub mod media;
 pub mod turn;
