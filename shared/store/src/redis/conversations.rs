@@ -177,8 +177,9 @@ impl Conversations for RedisStore {
         type Begun = (Vec<Option<Vec<u8>>>, Vec<u8>, Option<Vec<u8>>, i64);
         let (completed, turns, pause, counted) = if self.redis.one_server() {
             // One script for both steps: the keys of two slots may go together here.
+            let begin_keys = keys.len();
             let mut both = evalsha(&SCRIPTS.begin_turn_and_lead, &[keys, lead_keys].concat());
-            both.arg(3 + sightings.len()).arg(ms(latest)).arg(history);
+            both.arg(begin_keys).arg(ms(latest)).arg(history);
             lead_args(&mut both, session, sightings);
             let (begun,): (Begun,) = self
                 .scripted(
