@@ -356,7 +356,7 @@ impl Bus for SpooledBus {
         let spool = self.spool.clone();
         tokio::task::spawn_blocking(move || spool.append(&entry))
             .await
-            .map_err(|e| db_err(DbError::Read(std::sync::Arc::new(e))))??;
+            .map_err(|e| db_err(DbError::Blocking(std::sync::Arc::new(e))))??;
         metrics::counter!("wagate_spooled_total").increment(1);
         self.wake.notify_one();
         Ok(Published::Stored)

@@ -80,9 +80,9 @@ pub enum DbError {
     /// A change was dropped without being made (its group failed before it ran).
     #[error("the change was not made")]
     NotMade,
-    /// A read on the blocking pool did not finish.
-    #[error("a database read did not finish: {0}")]
-    Read(#[source] Arc<tokio::task::JoinError>),
+    /// Work handed to the blocking pool (the ingress spool's append) did not finish.
+    #[error("a database task did not finish: {0}")]
+    Blocking(#[source] Arc<tokio::task::JoinError>),
     /// A stored value is not what it should be.
     #[error("{0} is malformed")]
     Malformed(&'static str),
@@ -188,7 +188,7 @@ enum Work {
     Rewrite(oneshot::Sender<Result<(), DbError>>),
 }
 
-/// A handle on the open database: reads on blocking threads, writes through the writer thread.
+/// A handle on the open database: reads on the caller's thread, writes through the writer thread.
 #[derive(Clone)]
 pub struct Db {
     inner: Arc<Inner>,
@@ -307,16 +307,17 @@ impl Db {
             .map_err(|_| writer_stopped())
     }
 
-    /// Runs `read` on a consistent snapshot, on a blocking thread.
+    /// Runs `read` on a consistent snapshot, on the calling thread. A read is a few B-tree
+    /// lookups in pages that redb caches (or the kernel's page cache holds): microseconds.
+    /// Handing it to the blocking pool cost a switch to a pool thread and one back, more CPU
+    /// than the read: with reads inline, P2 on the embedded store went from 2,867-2,880 to
+    /// 3,064-3,414 replies/s (docs/benchmarks.md, "Before and after", item 8).
     pub async fn read<R, F>(&self, read: F) -> Result<R, DbError>
     where
-        R: Send + 'static,
-        F: FnOnce(&ReadTransaction) -> Result<R, DbError> + Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<R, DbError>,
     {
         let database = current(&self.inner.database);
-        tokio::task::spawn_blocking(move || read(&database.begin_read()?))
-            .await
-            .map_err(|e| DbError::Read(Arc::new(e)))?
+        read(&database.begin_read()?)
     }
 
     /// Whether the file can be read and the writer is running.
