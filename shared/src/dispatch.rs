@@ -218,7 +218,7 @@ where
             _ = shutdown.cancelled() => break,
             n = deliveries.next() => n,
         };
-        let delivery = match next {
+        let mut delivery = match next {
             Some(Ok(d)) => d,
             failed => {
                 // A subscription whose pull failed is not read again but replaced: async-nats
@@ -243,7 +243,7 @@ where
                 continue;
             }
         };
-        let (key, message) = match serde_json::from_slice::<T>(delivery.payload()) {
+        let (key, message) = match serde_json::from_slice::<T>(&delivery.take_payload()) {
             Ok(message) => (message.session_id().to_string(), message),
             Err(e) => {
                 tracing::error!(error = %e, topic = topic.as_str(), "dropping a payload that is not a message of this pipeline");

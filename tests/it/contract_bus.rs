@@ -154,13 +154,13 @@ async fn next(sub: &mut Deliveries, backend: &str) -> Box<dyn Delivery> {
 /// Fails if anything is delivered within `within`.
 async fn assert_quiet(sub: &mut Deliveries, backend: &str, within: Duration, why: &str) {
     if let Ok(Some(d)) = tokio::time::timeout(within, sub.next()).await {
-        let payload = d.map(|d| String::from_utf8_lossy(d.payload()).into_owned());
+        let payload = d.map(|mut d| String::from_utf8_lossy(&d.take_payload()).into_owned());
         panic!("{backend}: {why}, but got {payload:?}");
     }
 }
 
-fn text(d: &dyn Delivery) -> String {
-    String::from_utf8_lossy(d.payload()).into_owned()
+fn text(d: &mut dyn Delivery) -> String {
+    String::from_utf8_lossy(&d.take_payload()).into_owned()
 }
 
 async fn publish(bus: &dyn Bus, topic: Topic, conv: &str, id: &str, body: &str) -> Published {
@@ -178,8 +178,12 @@ async fn publish_consume_ack(rig: Rig) {
     assert_eq!(published, Published::Stored, "{n}");
     let mut inbound = bus.subscribe(Topic::Inbound).await.unwrap();
     let mut outbound = bus.subscribe(Topic::Outbound).await.unwrap();
-    let d = next(&mut inbound, n).await;
-    assert_eq!(text(d.as_ref()), "hello", "{n}");
+    let mut d = next(&mut inbound, n).await;
+    assert_eq!(text(d.as_mut()), "hello", "{n}");
+    assert!(
+        d.take_payload().is_empty(),
+        "{n}: the payload was handed over and is not held"
+    );
     assert_eq!(d.attempt(), 1, "{n}: first delivery");
     d.keep_alive().await.unwrap();
     d.ack().await.unwrap();
@@ -236,8 +240,8 @@ async fn delivery_follows_publish_order(rig: Rig) {
     let mut sub = bus.subscribe(Topic::Outbound).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..20 {
-        let d = next(&mut sub, n).await;
-        got.push(text(d.as_ref()).parse::<u32>().unwrap());
+        let mut d = next(&mut sub, n).await;
+        got.push(text(d.as_mut()).parse::<u32>().unwrap());
         d.ack().await.unwrap();
     }
     assert_eq!(
@@ -260,8 +264,8 @@ async fn duplicates_are_dropped(rig: Rig) {
     let other = publish(bus.as_ref(), Topic::Outbound, "a1.100", "dup-1", "three").await;
     assert_eq!(other, Published::Stored, "{n}: another topic");
     let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
-    let d = next(&mut sub, n).await;
-    assert_eq!(text(d.as_ref()), "one", "{n}: the first publish stands");
+    let mut d = next(&mut sub, n).await;
+    assert_eq!(text(d.as_mut()), "one", "{n}: the first publish stands");
     d.ack().await.unwrap();
     assert_quiet(&mut sub, n, QUIET, "the duplicate was not stored").await;
     // Still a duplicate once the original is acked: the window, not the queue, decides.
@@ -310,8 +314,8 @@ async fn dedupe_ids_are_forgotten_after_the_window(rig: Rig) {
     }
     let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
     for expected in ["one", "later"] {
-        let d = next(&mut sub, n).await;
-        assert_eq!(text(d.as_ref()), expected, "{n}");
+        let mut d = next(&mut sub, n).await;
+        assert_eq!(text(d.as_mut()), expected, "{n}");
         d.ack().await.unwrap();
     }
 }
@@ -332,14 +336,14 @@ async fn retry_in_redelivers_after_the_delay(rig: Rig) {
         "not before the delay",
     )
     .await;
-    let d = next(&mut sub, n).await;
+    let mut d = next(&mut sub, n).await;
     assert!(
         handed_back.elapsed() >= Duration::from_millis(1400),
         "{n}: redelivered after {:?}",
         handed_back.elapsed()
     );
     assert_eq!(
-        (text(d.as_ref()).as_str(), d.attempt()),
+        (text(d.as_mut()).as_str(), d.attempt()),
         ("again", 2),
         "{n}"
     );
@@ -372,8 +376,8 @@ async fn subscribers_share_the_queue(rig: Rig) {
     let mut both: Deliveries = futures::stream::select(first, second).boxed();
     let mut seen = Vec::new();
     for _ in 0..COUNT {
-        let d = next(&mut both, n).await;
-        seen.push(text(d.as_ref()).parse::<usize>().unwrap());
+        let mut d = next(&mut both, n).await;
+        seen.push(text(d.as_mut()).parse::<usize>().unwrap());
         d.ack().await.unwrap();
     }
     assert_quiet(&mut both, n, QUIET, "each message goes to one subscriber").await;
@@ -390,8 +394,8 @@ async fn only_the_oldest_of_a_conversation_is_next(rig: Rig) {
     let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
     let mut by_text = HashMap::new();
     for _ in 0..3 {
-        let d = next(&mut sub, n).await;
-        by_text.insert(text(d.as_ref()), d);
+        let mut d = next(&mut sub, n).await;
+        by_text.insert(text(d.as_mut()), d);
     }
     assert!(is_next(&by_text, "first").await, "{n}: the oldest is next");
     assert!(
@@ -410,8 +414,8 @@ async fn only_the_oldest_of_a_conversation_is_next(rig: Rig) {
         !is_next(&by_text, "second").await,
         "{n}: the older one is in a retry delay"
     );
-    let first = next(&mut sub, n).await;
-    assert_eq!(text(first.as_ref()), "first", "{n}");
+    let mut first = next(&mut sub, n).await;
+    assert_eq!(text(first.as_mut()), "first", "{n}");
     assert!(first.is_next_in_conversation().await.unwrap(), "{n}");
     assert!(
         !is_next(&by_text, "second").await,
@@ -450,8 +454,8 @@ async fn adjacent_messages_of_a_conversation_can_be_taken_together(rig: Rig) {
     let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
     let mut by_text = HashMap::new();
     for _ in 0..4 {
-        let d = next(&mut sub, n).await;
-        by_text.insert(text(d.as_ref()), d);
+        let mut d = next(&mut sub, n).await;
+        by_text.insert(text(d.as_mut()), d);
     }
     let (one, two, three) = (
         by_text["one"].position(),
@@ -504,8 +508,8 @@ async fn published_messages_survive_reopen(mut rig: Rig) {
     let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
-        let d = next(&mut sub, n).await;
-        got.push(text(d.as_ref()));
+        let mut d = next(&mut sub, n).await;
+        got.push(text(d.as_mut()));
         d.ack().await.unwrap();
     }
     assert_eq!(got, ["kept-1", "kept-2"], "{n}: in order after reopen");
@@ -623,10 +627,10 @@ mod embedded_only {
         let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
         let d = next(&mut sub, rig.name).await;
         drop(d);
-        let d = tokio::time::timeout(Duration::from_secs(1), next(&mut sub, rig.name))
+        let mut d = tokio::time::timeout(Duration::from_secs(1), next(&mut sub, rig.name))
             .await
             .expect("redelivered at once");
-        assert_eq!((text(d.as_ref()).as_str(), d.attempt()), ("dropped", 2));
+        assert_eq!((text(d.as_mut()).as_str(), d.attempt()), ("dropped", 2));
         d.ack().await.unwrap();
     }
 
@@ -639,15 +643,15 @@ mod embedded_only {
         let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
         let delayed = next(&mut sub, rig.name).await;
         delayed.retry_in(Duration::from_secs(3600)).await.unwrap();
-        let held = next(&mut sub, rig.name).await;
-        assert_eq!(text(held.as_ref()), "held");
+        let mut held = next(&mut sub, rig.name).await;
+        assert_eq!(text(held.as_mut()), "held");
         // A restart ends every delivery and delay; attempts count from the new process.
         drop((delayed, held, sub, bus));
         let bus = rig.reopen().await;
         let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
         for expected in ["delayed", "held"] {
-            let d = next(&mut sub, rig.name).await;
-            assert_eq!((text(d.as_ref()).as_str(), d.attempt()), (expected, 1));
+            let mut d = next(&mut sub, rig.name).await;
+            assert_eq!((text(d.as_mut()).as_str(), d.attempt()), (expected, 1));
             d.ack().await.unwrap();
         }
     }
@@ -746,8 +750,8 @@ mod embedded_only {
         let mut sub = bus.subscribe(Topic::Inbound).await.unwrap();
         let mut stored = BTreeSet::new();
         while let Ok(Some(d)) = tokio::time::timeout(QUIET, sub.next()).await {
-            let d = d.unwrap();
-            stored.insert(text(d.as_ref()).parse::<u64>().unwrap());
+            let mut d = d.unwrap();
+            stored.insert(text(d.as_mut()).parse::<u64>().unwrap());
             d.ack().await.unwrap();
         }
         let lost: Vec<_> = acked.difference(&stored).collect();

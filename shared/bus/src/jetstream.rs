@@ -284,8 +284,8 @@ struct JetStreamDelivery {
 
 #[async_trait]
 impl Delivery for JetStreamDelivery {
-    fn payload(&self) -> &[u8] {
-        &self.message.payload
+    fn take_payload(&mut self) -> Bytes {
+        std::mem::take(&mut self.message.message.payload)
     }
 
     fn attempt(&self) -> u64 {

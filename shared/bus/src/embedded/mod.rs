@@ -377,8 +377,8 @@ struct EmbeddedDelivery {
 
 #[async_trait]
 impl Delivery for EmbeddedDelivery {
-    fn payload(&self) -> &[u8] {
-        &self.payload
+    fn take_payload(&mut self) -> Bytes {
+        std::mem::take(&mut self.payload)
     }
 
     fn attempt(&self) -> u64 {
