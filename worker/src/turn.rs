@@ -61,7 +61,17 @@ pub struct TurnContext {
     pub media: crate::media::MediaFetcher,
     /// Shows the user that a reply is being written.
     pub typing: crate::typing::Typing,
+    /// Leaves for [`BEGINS_AT_ONCE`] turns' begins at the store.
+    pub begins: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many turns' begins (the session, its history and the lead, one store call) may be at
+/// the store at once. A worker holding 10,000 conversations may start them all in the same
+/// second, and each call waiting on the store's one connection holds its keys, arguments and
+/// encoded command, about 3 KB: 256 at once keep that connection's pipeline full, while the
+/// others wait for a leave holding only what they hold anyway (P3 over HTTP/1.1: worker peak
+/// RSS 355-368 -> 337-356 MiB, docs/benchmarks.md).
+pub const BEGINS_AT_ONCE: usize = 256;
 
 /// One inbound message of a turn and its delivery.
 pub type Item = (Box<dyn Delivery>, InboundMessage);
@@ -175,10 +185,13 @@ async fn begin(ctx: &TurnContext, batch: Vec<Item>) -> Result<Begun, bool> {
         })
         .collect();
     let history_turns = history_turns(ctx, &first.agent_id).await;
+    // The semaphore is never closed.
+    let leave = ctx.begins.acquire().await;
     let start = ctx
         .store
         .begin_turn(&session, &sightings, history_turns)
         .await;
+    drop(leave);
     drop(sightings);
     let TurnStart {
         completed,
