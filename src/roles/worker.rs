@@ -37,9 +37,7 @@ pub(super) async fn worker_role(launch: Launch) -> Result<()> {
                 retry: settings.agent_retry.clone(),
                 media,
                 typing,
-                begins: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                    worker::turn::BEGINS_AT_ONCE,
-                )),
+                begins: Default::default(),
             };
             let coalesce = Coalesce {
                 window: std::time::Duration::from_millis(settings.coalesce_ms),

@@ -61,17 +61,26 @@ pub struct TurnContext {
     pub media: crate::media::MediaFetcher,
     /// Shows the user that a reply is being written.
     pub typing: crate::typing::Typing,
-    /// Leaves for [`BEGINS_AT_ONCE`] turns' begins at the store.
-    pub begins: Arc<tokio::sync::Semaphore>,
+    /// Bounds the turns whose begin is at the store at once.
+    pub begins: BeginSlots,
 }
 
 /// How many turns' begins (the session, its history and the lead, one store call) may be at
 /// the store at once. A worker holding 10,000 conversations may start them all in the same
 /// second, and each call waiting on the store's one connection holds its keys, arguments and
 /// encoded command, about 3 KB: 256 at once keep that connection's pipeline full, while the
-/// others wait for a leave holding only what they hold anyway (P3 over HTTP/1.1: worker peak
+/// others wait for a slot holding only what they hold anyway (P3 over HTTP/1.1: worker peak
 /// RSS 355-368 -> 337-356 MiB, docs/benchmarks.md).
-pub const BEGINS_AT_ONCE: usize = 256;
+const BEGINS_AT_ONCE: usize = 256;
+
+/// The slots of [`BEGINS_AT_ONCE`] begins.
+pub struct BeginSlots(tokio::sync::Semaphore);
+
+impl Default for BeginSlots {
+    fn default() -> Self {
+        Self(tokio::sync::Semaphore::new(BEGINS_AT_ONCE))
+    }
+}
 
 /// One inbound message of a turn and its delivery.
 pub type Item = (Box<dyn Delivery>, InboundMessage);
@@ -185,13 +194,13 @@ async fn begin(ctx: &TurnContext, batch: Vec<Item>) -> Result<Begun, bool> {
         })
         .collect();
     let history_turns = history_turns(ctx, &first.agent_id).await;
-    // The semaphore is never closed.
-    let leave = ctx.begins.acquire().await;
+    // Never closed, so the slot is always granted.
+    let slot = ctx.begins.0.acquire().await;
     let start = ctx
         .store
         .begin_turn(&session, &sightings, history_turns)
         .await;
-    drop(leave);
+    drop(slot);
     drop(sightings);
     let TurnStart {
         completed,
