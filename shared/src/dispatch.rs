@@ -8,6 +8,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     future::Future,
+    pin::{Pin, pin},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -256,6 +257,9 @@ where
             message,
             permit,
         };
+        // A conversation without a task gets one, which takes this message from the queue:
+        // passed to the task instead, the message would be held in the task twice (an async
+        // fn keeps its arguments apart from its locals), for the whole turn.
         let first = {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
             match q.queued.get_mut(&key) {
@@ -264,17 +268,16 @@ where
                     None
                 }
                 None => {
-                    q.queued.insert(key.clone(), VecDeque::new());
-                    Some((item, q.take_finished(&key)))
+                    q.queued.insert(key.clone(), VecDeque::from([item]));
+                    Some(q.take_finished(&key))
                 }
             }
         };
-        if let Some((first, finished)) = first {
+        if let Some(finished) = first {
             tracker.spawn(drain(
                 handler.clone(),
                 queues.clone(),
                 key,
-                first,
                 finished,
                 config.coalesce,
                 shutdown.clone(),
@@ -301,21 +304,30 @@ fn order_wait() -> Duration {
     Duration::from_millis(rand::rng().random_range(50..150))
 }
 
-/// Handles a conversation's queued messages in order, from `item`, until its queue is empty.
-/// `finished` is the position of the conversation's last message this process finished, if
-/// that was just now. The task is held for as long as the handler runs (a worker's agent
-/// call, seconds), at the size of its largest state: the message in hand takes one place in
-/// it, and what is awaited besides the handler is boxed.
+/// Handles a conversation's queued messages in order until its queue is empty. `finished` is
+/// the position of the conversation's last message this process finished, if that was just
+/// now. The task is held for as long as the handler runs (a worker's agent call, seconds), at
+/// the size of its largest state: the message in hand takes one place in it, and what is
+/// awaited besides the handler is boxed.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
     queues: Queues<T>,
     key: String,
-    mut item: Item<T>,
     mut finished: Option<u64>,
     coalesce: Option<Coalesce>,
     shutdown: Shutdown,
 ) {
     loop {
+        let item = {
+            let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
+            match q.queued.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => next,
+                None => {
+                    q.end(&key, finished);
+                    return;
+                }
+            }
+        };
         if shutdown.is_cancelled() {
             // Not started: hand it back at once so another process takes it.
             let _ = item.delivery.retry_in(Duration::ZERO).await;
@@ -361,14 +373,6 @@ async fn drain<T, H: Handler<T>>(
                 }
             }
         }
-        let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
-        match q.queued.get_mut(&key).and_then(VecDeque::pop_front) {
-            Some(next) => item = next,
-            None => {
-                q.end(&key, finished);
-                return;
-            }
-        }
     }
 }
 
@@ -386,7 +390,7 @@ async fn gather<T, H: Handler<T>>(
         if let Ok(left) =
             Duration::try_from(time::Duration::try_from(coalesce.window).unwrap_or_default() - age)
         {
-            with_keep_alive(first.delivery.as_ref(), tokio::time::sleep(left)).await;
+            with_keep_alive(first.delivery.as_ref(), pin!(tokio::time::sleep(left))).await;
         }
     }
     let mut batch = vec![first];
@@ -412,14 +416,19 @@ async fn gather<T, H: Handler<T>>(
 }
 
 /// Runs `work` while telling the bus every few seconds that this delivery is still being worked
-/// on, so a slow agent does not get its message handed to another worker.
-pub async fn with_keep_alive<T>(delivery: &dyn Delivery, work: impl Future<Output = T>) -> T {
+/// on, so a slow agent does not get its message handed to another worker. `work` is pinned by
+/// the caller and only borrowed here: an async fn keeps a future it is given apart from its
+/// locals, and pinning it moves it once more, so taken by value a send was held three times
+/// (a sender's reply in flight took 16.6 KB, 3.8 KB now: sender/src/send/sizes.rs).
+pub async fn with_keep_alive<F: Future>(
+    delivery: &dyn Delivery,
+    mut work: Pin<&mut F>,
+) -> F::Output {
     let Some(every) = delivery.keep_alive_every() else {
         return work.await;
     };
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
-    tokio::pin!(work);
     loop {
         tokio::select! {
             out = &mut work => return out,

@@ -16,6 +16,8 @@ pub mod agent;
 mod consent;
 pub mod consumer;
 pub mod media;
+#[cfg(test)]
+mod sizes;
 pub mod turn;
 pub mod typing;
 

@@ -14,10 +14,10 @@
 //!
 //! A turn's future is as large as its largest state, and it is held for the whole turn, the
 //! agent's seconds included: a worker holding 10,000 slow turns holds 10,000 of them. So the
-//! steps a turn awaits that need more room than a few pointers (its beginning, media, events,
-//! the reply's publication, dead letters, and each backend's call in [`AgentRunner::reply`])
-//! are boxed: each takes its room only while it runs, and the agent call, the one step that
-//! lasts, takes only its own.
+//! steps a turn awaits that need more room than a few pointers (its beginning, the agent's
+//! look-up, media, events, the reply's publication, dead letters, and each backend's call in
+//! [`AgentRunner::reply`]) are boxed: each takes its room only while it runs, and the agent
+//! call, the one step that lasts, takes only its own (worker/src/sizes.rs).
 
 use std::{sync::Arc, time::Instant};
 
@@ -386,7 +386,7 @@ async fn process(
     let Some(last) = msgs.last() else {
         return Ok("replied");
     };
-    let channel = match ctx.directory.lookup(&last.agent_id).await {
+    let channel = match Box::pin(ctx.directory.lookup(&last.agent_id)).await {
         Ok(Lookup::Found(c)) => c,
         Ok(_) => {
             return Err(Failure::permanent(format!(
@@ -448,7 +448,7 @@ async fn process(
     };
     let started = Instant::now();
     // The backend's call inside is boxed (`AgentRunner::reply`).
-    let reply = with_keep_alive(delivery, ctx.runner.reply(&input)).await;
+    let reply = with_keep_alive(delivery, std::pin::pin!(ctx.runner.reply(&input))).await;
     metrics::histogram!("wagate_agent_seconds").record(started.elapsed().as_secs_f64());
     let reply = reply?;
     let mut turns: Vec<Turn> = msgs

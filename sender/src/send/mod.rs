@@ -16,6 +16,7 @@
 //! and settles an ambiguous answer.
 
 use std::{
+    pin::{Pin, pin},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -47,6 +48,8 @@ use crate::{
 mod order;
 mod plan;
 mod post;
+#[cfg(test)]
+mod sizes;
 
 use order::wait_until_sent;
 use plan::{Post, Resolved, field, resolve_choices, single_part, text_posts};
@@ -123,7 +126,7 @@ impl SendContext {
     /// Sends one reply and settles its delivery; true when it was acknowledged.
     async fn send_one(&self, delivery: Box<dyn Delivery>, reply: OutboundReply) -> bool {
         let failures_key = format!("send:{}", reply.id);
-        let result = with_keep_alive(delivery.as_ref(), send(self, &reply)).await;
+        let result = with_keep_alive(delivery.as_ref(), pin!(send(self, &reply))).await;
         let attempt = match &result {
             Ok(()) | Err(Stop::Wait(_)) => 0,
             Err(_) => self
@@ -249,8 +252,11 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
             GuardState::Reclaimed(hold) => (hold, true),
         };
         let hold = Mutex::new(Some(hold));
-        let work = async {
-            if ordered && let Some(sid) = &previous {
+        // Taken out of `previous`, which is set again from this part's answer while the
+        // attempt, pinned here, still borrows what it read.
+        let before = previous.take();
+        let work = pin!(async {
+            if ordered && let Some(sid) = &before {
                 wait_until_sent(ctx, sid).await;
             }
             let (resolved, as_text);
@@ -287,7 +293,7 @@ async fn send(ctx: &SendContext, reply: &OutboundReply) -> Result<(), Stop> {
                 callback: callback.as_deref(),
             };
             send_part(ctx, reply, &channel, &part).await
-        };
+        });
         previous = Some(renewing(ctx, &key, &hold, work).await?);
     }
     Ok(())
@@ -468,16 +474,16 @@ async fn opted_out_at_twilio(ctx: &SendContext, reply: &OutboundReply, e: &SendE
 /// so that a live sender keeps its part however long Twilio takes. A renewal that finds the
 /// guard taken over (this sender could not reach the store for a whole lease) is logged: the
 /// new holder looks in Twilio's list before posting, which is all that can still be done.
-async fn renewing<T>(
+/// `work` is pinned by the caller, as [`with_keep_alive`]'s is, so that it is held once.
+async fn renewing<F: Future>(
     ctx: &SendContext,
     key: &str,
     held: &Mutex<Option<Hold>>,
-    work: impl Future<Output = T>,
-) -> T {
+    mut work: Pin<&mut F>,
+) -> F::Output {
     let period = ctx.send_lease / 3;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(work);
     loop {
         let hold = *held.lock().unwrap_or_else(PoisonError::into_inner);
         tokio::select! {
