@@ -307,8 +307,8 @@ fn order_wait() -> Duration {
 /// Handles a conversation's queued messages in order until its queue is empty. `finished` is
 /// the position of the conversation's last message this process finished, if that was just
 /// now. The task is held for as long as the handler runs (a worker's agent call, seconds), at
-/// the size of its largest state: the message in hand takes one place in it, and what is
-/// awaited besides the handler is boxed.
+/// the size of its largest state: the message in hand is in its batch on the heap, and what
+/// is awaited besides the handler is boxed.
 async fn drain<T, H: Handler<T>>(
     handler: Arc<H>,
     queues: Queues<T>,
@@ -328,63 +328,66 @@ async fn drain<T, H: Handler<T>>(
                 }
             }
         };
+        // On the heap at once, in the batch of the turn it begins: the task keeps no room for
+        // the message beside the turn's (its cell 1,024 -> 512 bytes for the worker).
+        let mut batch = vec![item];
+        let delivery = batch[0].delivery.as_ref();
         if shutdown.is_cancelled() {
             // Not started: hand it back at once so another process takes it.
-            let _ = item.delivery.retry_in(Duration::ZERO).await;
-        } else {
-            // After a message this process finished, the next one only has to be the first
-            // after it: the finished one may still be stored until its ack is applied.
-            let turn = match finished.take() {
-                Some(position) => item.delivery.is_next_after(position).await,
-                None => item.delivery.is_next_in_conversation().await,
-            };
-            match turn {
-                Ok(true) => {
-                    let batch = match coalesce {
-                        Some(c) => Box::pin(gather(handler.as_ref(), &queues, &key, item, c)).await,
-                        None => vec![item],
-                    };
-                    if batch.len() > 1 {
-                        metrics::counter!("wagate_coalesced_total")
-                            .increment(batch.len() as u64 - 1);
-                    }
-                    // The permits are held until the batch is handled: they are what bounds
-                    // the agent calls (or Twilio posts) running at once.
-                    let last = batch.iter().map(|i| i.delivery.position()).max();
-                    let (permits, batch): (Vec<_>, Vec<_>) = batch
-                        .into_iter()
-                        .map(|i| (i.permit, (i.delivery, i.message)))
-                        .unzip();
-                    // Boxed, the handler's future (a whole turn: store, agent and bus calls)
-                    // is not part of this task's, which tokio copies on every spawn and again
-                    // when the task ends: 8 KB for the worker, moved about a dozen times.
-                    if Box::pin(handler.handle(batch)).await {
-                        finished = last;
-                    }
-                    drop(permits);
+            let _ = delivery.retry_in(Duration::ZERO).await;
+            continue;
+        }
+        // After a message this process finished, the next one only has to be the first after
+        // it: the finished one may still be stored until its ack is applied.
+        let turn = match finished.take() {
+            Some(position) => delivery.is_next_after(position).await,
+            None => delivery.is_next_in_conversation().await,
+        };
+        match turn {
+            Ok(true) => {
+                if let Some(c) = coalesce {
+                    Box::pin(gather(handler.as_ref(), &queues, &key, &mut batch, c)).await;
                 }
-                Ok(false) => {
-                    metrics::counter!("wagate_order_waits_total").increment(1);
-                    let _ = item.delivery.retry_in(order_wait()).await;
+                if batch.len() > 1 {
+                    metrics::counter!("wagate_coalesced_total").increment(batch.len() as u64 - 1);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot tell the conversation's order; trying later");
-                    let _ = item.delivery.retry_in(order_wait()).await;
+                // The permits are held until the batch is handled: they are what bounds
+                // the agent calls (or Twilio posts) running at once.
+                let last = batch.iter().map(|i| i.delivery.position()).max();
+                let (permits, batch): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .map(|i| (i.permit, (i.delivery, i.message)))
+                    .unzip();
+                // Boxed, the handler's future (a whole turn: store, agent and bus calls)
+                // is not part of this task's, which tokio copies on every spawn and again
+                // when the task ends (1.5 KB for the worker's turn).
+                if Box::pin(handler.handle(batch)).await {
+                    finished = last;
                 }
+                drop(permits);
+            }
+            Ok(false) => {
+                metrics::counter!("wagate_order_waits_total").increment(1);
+                let _ = delivery.retry_in(order_wait()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell the conversation's order; trying later");
+                let _ = delivery.retry_in(order_wait()).await;
             }
         }
     }
 }
 
-/// Takes, after `first`, the messages queued behind it that directly follow it in the
-/// conversation (waiting out the window first), up to the batch limit.
+/// Adds to `batch`, after its one message, the messages queued behind it that directly follow
+/// it in the conversation (waiting out the window first), up to the batch limit.
 async fn gather<T, H: Handler<T>>(
     handler: &H,
     queues: &Queues<T>,
     key: &str,
-    first: Item<T>,
+    batch: &mut Vec<Item<T>>,
     coalesce: Coalesce,
-) -> Vec<Item<T>> {
+) {
+    let Some(first) = batch.first() else { return };
     if let Some(received) = handler.received_at(&first.message) {
         let age = time::OffsetDateTime::now_utc() - received;
         if let Ok(left) =
@@ -393,7 +396,6 @@ async fn gather<T, H: Handler<T>>(
             with_keep_alive(first.delivery.as_ref(), pin!(tokio::time::sleep(left))).await;
         }
     }
-    let mut batch = vec![first];
     while batch.len() < coalesce.max {
         let candidate = {
             let mut q = queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -412,7 +414,6 @@ async fn gather<T, H: Handler<T>>(
             break;
         }
     }
-    batch
 }
 
 /// Runs `work` while telling the bus every few seconds that this delivery is still being worked
